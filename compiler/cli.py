@@ -1,0 +1,199 @@
+"""The `moecc` command line: composes argument groups and calls library code; every command has --json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from runtime.errors import MoeccError
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{num_bytes} B"
+        num_bytes /= 1024
+    return str(num_bytes)
+
+
+class _RichObserver:
+    """Progress bars for the build, on stderr so that --json output on stdout stays clean."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[note]}"),
+            console=console,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def stage_started(self, model: str, stage: str) -> None:
+        self.task = self.progress.add_task(f"{model} {stage}", total=None, note="")
+
+    def stage_progress(self, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+
+    def stage_finished(self, record) -> None:
+        note = "cached" if record.cached else f"{record.seconds:.2f}s"
+        total = self.progress.tasks[-1].total or 1
+        self.progress.update(self.task, completed=total, total=total, note=note)
+
+
+def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
+    models = {}
+    for role, entry in manifest.models.items():
+        files = {name: f.size for name, f in manifest.files.items() if name.startswith(f"{role}/")}
+        models[role] = entry.model_dump() | {"bytes": sum(files.values())}
+    return {
+        "artifact": str(artifact),
+        "name": manifest.name,
+        "moecc_version": manifest.moecc_version,
+        "recipe_sha256": manifest.recipe_sha256,
+        "models": models,
+        "total_bytes": sum(f.size for f in manifest.files.values()),
+        "stages": [r.model_dump(include={"model", "stage", "seconds", "cached"}) for r in manifest.stages],
+        "accuracy": [r.result for r in manifest.stages if r.stage == "verify"],
+        "generation": manifest.generation.model_dump(),
+        "tools": manifest.tools,
+    }
+
+
+def _print_summary(console: Console, summary: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    for column in ("model", "architecture", "precision", "parameters", "layers", "size"):
+        table.add_column(column)
+    for role, entry in summary["models"].items():
+        table.add_row(role, entry["architecture"], entry["precision"], f"{entry['parameters']:,}", str(entry["num_layers"]), _size(entry["bytes"]))
+    console.print(table)
+    stages = Table(title="stages")
+    for column in ("model", "stage", "seconds", "cached"):
+        stages.add_column(column)
+    for record in summary["stages"]:
+        stages.add_row(record["model"], record["stage"], f"{record['seconds']:.2f}", "yes" if record["cached"] else "no")
+    console.print(stages)
+    if not summary["accuracy"]:
+        console.print("accuracy: no verify stage in this artifact")
+    console.print(f"artifact: {summary['artifact']} ({_size(summary['total_bytes'])})")
+
+
+def cmd_build(args, out: Console, err: Console) -> dict[str, Any]:
+    from compiler.pipeline import build
+    from compiler.recipe import load_recipe
+
+    loaded = load_recipe(args.recipe)
+    with _RichObserver(err) as observer:
+        report = build(loaded, Path(args.output), observer if not (args.quiet or args.json) else None)
+    summary = _manifest_summary(report.manifest, report.artifact) | {"seconds": round(report.seconds, 3)}
+    if not args.json:
+        _print_summary(out, summary, f"built {report.manifest.name} in {report.seconds:.1f}s")
+    return summary
+
+
+def cmd_inspect(args, out: Console, err: Console) -> dict[str, Any]:
+    from runtime.artifact import verify_artifact
+
+    artifact = Path(args.artifact)
+    summary = _manifest_summary(verify_artifact(artifact), artifact)
+    if not args.json:
+        _print_summary(out, summary, f"{summary['name']}")
+    return summary
+
+
+def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
+    import runtime
+
+    generator = runtime.load(args.artifact, threads=args.threads)
+    sampling = runtime.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    stream = generator.stream(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        draft_length=args.draft_length,
+        speculative=not args.no_speculative,
+        sampling=sampling,
+    )
+    pieces = []
+    if not args.json:
+        out.print(args.prompt, end="", style="bold", highlight=False)
+    for piece in stream:
+        pieces.append(piece)
+        if not args.json:
+            out.print(piece, end="", highlight=False, markup=False)
+    stats = stream.stats.as_dict()
+    if not args.json:
+        out.print()
+        mode = f"speculative, draft length {args.draft_length or generator.manifest.generation.draft_length}" if not args.no_speculative else "main model only"
+        err.print(
+            f"[dim]{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_second']:.1f} tokens/s ({mode}); "
+            f"acceptance {stats['acceptance_rate']:.2f}, mean accepted length {stats['mean_accepted_length']:.2f}, "
+            f"draft {stats['draft_seconds']:.2f}s, verify {stats['verify_seconds']:.2f}s[/dim]"
+        )
+    return {"text": "".join(pieces), "token_ids": stream.token_ids, "stats": stats}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moecc", description="Compile Mixture-of-Experts models and run them with speculative decoding.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str, handler) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--json", action="store_true", help="print one JSON object on stdout (for CI)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    build = command("build", "build an artifact from a YAML recipe", cmd_build)
+    build.add_argument("recipe", help="recipe file, e.g. recipes/tiny-coder.yaml")
+    build.add_argument("--output", default="artifacts", help="folder that receives the artifact (default: artifacts)")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    inspect = command("inspect", "verify an artifact and show what is inside", cmd_inspect)
+    inspect.add_argument("artifact")
+
+    generate = command("generate", "generate text from an artifact", cmd_generate)
+    generate.add_argument("artifact")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=None)
+    generate.add_argument("--draft-length", type=int, default=None, help="draft tokens per verify call (default: the recipe's)")
+    generate.add_argument("--no-speculative", action="store_true", help="decode with the main model alone")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out, err = Console(), Console(stderr=True)
+    try:
+        result = args.handler(args, out, err)
+    except (MoeccError, ValueError) as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        else:
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    if args.json:
+        print(json.dumps({"ok": True} | result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The shared decoder graph builder: one function per building block, weights streamed lazily.
+
+Legend for shape comments: B batch, S new tokens, P cache capacity, T = B*S tokens, H hidden,
+Q query width (heads*D), K key/value width (kv heads*D), D head dim, E experts, I expert width, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.architectures import Architecture, ModelDims
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+WeightSource = Callable[[str], np.ndarray]  # reads one checkpoint tensor as float32
+
+
+@dataclass(frozen=True)
+class IoNames:
+    """Input and output names of an exported decoder (the runtime reads them from the manifest)."""
+
+    input_ids: str = "input_ids"
+    seqlens_k: str = "seqlens_k"
+    total_sequence_length: str = "total_sequence_length"
+    logits: str = "logits"
+
+    @staticmethod
+    def past(layer: int, kind: str) -> str:
+        return f"past_key_values.{layer}.{kind}"
+
+    @staticmethod
+    def present(layer: int, kind: str) -> str:
+        return f"present.{layer}.{kind}"
+
+
+class _Builder:
+    """A tape plus the model's initializers, each a LazyTensor evaluated only when the model is saved."""
+
+    def __init__(self, read: WeightSource):
+        self.tape = ir.tape.Tape()
+        self.read = read
+        self.initializers: list[ir.Value] = []
+
+    def op(self, op_type: str, inputs, attributes=None, *, domain: str = "", outputs: int = 1, name: str | None = None):
+        if outputs == 1:
+            return self.tape.op(op_type, inputs, attributes, domain=domain, name=name)
+        return self.tape.op_multi_out(op_type, inputs, attributes, domain=domain, num_outputs=outputs, name=name)
+
+    def _add(self, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+        value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self.initializers.append(value)
+        return value
+
+    def lazy(self, name: str, shape: tuple[int, ...], produce: Callable[[], np.ndarray]) -> ir.Value:
+        # Each weight is read from the memory-mapped checkpoint and transformed only while it is written out.
+        tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(produce(), dtype=np.float32)), ir.DataType.FLOAT, ir.Shape(shape), name=name)
+        return self._add(name, tensor)
+
+    def weight(self, name: str, shape: tuple[int, ...]) -> ir.Value:
+        return self.lazy(name, shape, lambda: self.read(name))
+
+    def transposed(self, name: str, shape: tuple[int, ...]) -> ir.Value:
+        """A Linear weight [out, in] stored as the MatMul operand [in, out]."""
+        return self.lazy(name + ".T", shape[::-1], lambda: self.read(name).T)
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        return self._add(name, ir.tensor(array, name=name))
+
+
+def _rms_norm(b: _Builder, x: ir.Value, weight: str, dims: ModelDims, size: int) -> ir.Value:
+    return b.op("SimplifiedLayerNormalization", [x, b.weight(weight, (size,))], {"axis": -1, "epsilon": dims.rms_norm_eps})
+
+
+def _rope_caches(b: _Builder, dims: ModelDims, max_positions: int) -> tuple[ir.Value, ir.Value]:
+    inv_freq = 1.0 / dims.rope_theta ** (np.arange(0, dims.head_dim, 2, dtype=np.float64) / dims.head_dim)
+    angles = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)  # [P, D/2]
+    return b.const("rope.cos", np.cos(angles).astype(np.float32)), b.const("rope.sin", np.sin(angles).astype(np.float32))
+
+
+def _attention(b: _Builder, arch: Architecture, dims: ModelDims, h: ir.Value, layer: int, io: dict, rope) -> ir.Value:
+    p = f"model.layers.{layer}.self_attn."
+    d, q_width, kv_width = dims.head_dim, dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
+    q = b.op("MatMul", [h, b.transposed(p + "q_proj.weight", (q_width, dims.hidden_size))])  # [B,S,Q]
+    k = b.op("MatMul", [h, b.transposed(p + "k_proj.weight", (kv_width, dims.hidden_size))])  # [B,S,K]
+    v = b.op("MatMul", [h, b.transposed(p + "v_proj.weight", (kv_width, dims.hidden_size))])  # [B,S,K]
+    if arch.qk_norm:
+        per_head = b.const(f"layers.{layer}.per_head_shape", np.array([0, 0, -1, d], dtype=np.int64))
+        flat = b.const(f"layers.{layer}.flat_shape", np.array([0, 0, -1], dtype=np.int64))
+        q = b.op("Reshape", [_rms_norm(b, b.op("Reshape", [q, per_head]), p + "q_norm.weight", dims, d), flat])  # [B,S,Q]
+        k = b.op("Reshape", [_rms_norm(b, b.op("Reshape", [k, per_head]), p + "k_norm.weight", dims, d), flat])  # [B,S,K]
+    cos, sin = rope
+    past_key, past_value = io["past"][layer]
+    # Past and present share one preallocated buffer [B, kv heads, P, D] when the runtime binds them together;
+    # seqlens_k tells each sequence's valid length, so a rollback only moves that length.
+    attn, present_key, present_value = b.op(
+        "GroupQueryAttention",
+        [q, k, v, past_key, past_value, io["seqlens_k"], io["total_sequence_length"], cos, sin],
+        {"num_heads": dims.num_heads, "kv_num_heads": dims.num_kv_heads, "do_rotary": 1, "rotary_interleaved": 0},
+        domain=MS_DOMAIN,
+        outputs=3,
+    )  # [B,S,Q]
+    present_key.name, present_value.name = IoNames.present(layer, "key"), IoNames.present(layer, "value")
+    io["present"].extend([present_key, present_value])
+    return b.op("MatMul", [attn, b.transposed(p + "o_proj.weight", (dims.hidden_size, q_width))])  # [B,S,H]
+
+
+def _dense_mlp(b: _Builder, dims: ModelDims, h: ir.Value, prefix: str) -> ir.Value:
+    shape = (dims.intermediate_size, dims.hidden_size)
+    gate = b.op("MatMul", [h, b.transposed(prefix + "gate_proj.weight", shape)])  # [B,S,I]
+    up = b.op("MatMul", [h, b.transposed(prefix + "up_proj.weight", shape)])  # [B,S,I]
+    silu = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+    return b.op("MatMul", [b.op("Mul", [silu, up]), b.transposed(prefix + "down_proj.weight", shape[::-1])])  # [B,S,H]
+
+
+def _moe_mlp(b: _Builder, dims: ModelDims, h: ir.Value, layer: int) -> ir.Value:
+    p = f"model.layers.{layer}.mlp."
+    e, i, hidden = dims.num_experts, dims.intermediate_size, dims.hidden_size
+
+    def fc1() -> np.ndarray:
+        # ORT's fused SwiGLU reads fc1 rows as gate, up, gate, up, ...: interleave each expert's two projections.
+        stacked = np.empty((e, 2 * i, hidden), dtype=np.float32)  # [E,2I,H]
+        for expert in range(e):
+            stacked[expert, 0::2] = b.read(f"{p}experts.{expert}.gate_proj.weight")
+            stacked[expert, 1::2] = b.read(f"{p}experts.{expert}.up_proj.weight")
+        return stacked
+
+    def fc2() -> np.ndarray:
+        return np.stack([b.read(f"{p}experts.{expert}.down_proj.weight") for expert in range(e)])  # [E,H,I]
+
+    tokens = b.op("Reshape", [h, b.const(f"layers.{layer}.tokens_shape", np.array([-1, hidden], dtype=np.int64))])  # [T,H]
+    router_logits = b.op("MatMul", [tokens, b.transposed(p + "gate.weight", (e, hidden))])  # [T,E]
+    mixed = b.op(
+        "MoE",
+        [tokens, router_logits, b.lazy(p + "experts.fc1", (e, 2 * i, hidden), fc1), None, b.lazy(p + "experts.fc2", (e, hidden, i), fc2)],
+        {
+            "k": dims.experts_per_token,
+            "activation_type": "swiglu",
+            "swiglu_fusion": 1,
+            "activation_alpha": 1.0,
+            "activation_beta": 0.0,
+            # 1: softmax, top-k, renormalise the k weights; 0: top-k of the full softmax.
+            "normalize_routing_weights": int(dims.norm_topk_prob),
+        },
+        domain=MS_DOMAIN,
+    )  # [T,H]
+    return b.op("Reshape", [mixed, b.op("Shape", [h])])  # [B,S,H]
+
+
+def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_sequence_length: int) -> ir.Model:
+    """The decoder with KV cache as an ONNX model whose weights are read from `read` only when saved."""
+    b = _Builder(read)
+    batch, seq, past = ir.SymbolicDim("batch"), ir.SymbolicDim("sequence"), ir.SymbolicDim("past_sequence")
+    names = IoNames()
+    input_ids = ir.Value(name=names.input_ids, shape=ir.Shape([batch, seq]), type=ir.TensorType(ir.DataType.INT64))
+    seqlens_k = ir.Value(name=names.seqlens_k, shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT32))
+    total = ir.Value(name=names.total_sequence_length, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
+    kv_shape = ir.Shape([batch, dims.num_kv_heads, past, dims.head_dim])
+    io = {
+        "seqlens_k": seqlens_k,
+        "total_sequence_length": total,
+        "past": [
+            tuple(ir.Value(name=IoNames.past(layer, kind), shape=kv_shape, type=ir.TensorType(ir.DataType.FLOAT)) for kind in ("key", "value"))
+            for layer in range(dims.num_layers)
+        ],
+        "present": [],
+    }
+    rope = _rope_caches(b, dims, max_sequence_length)
+    x = b.op("Gather", [b.weight("model.embed_tokens.weight", (dims.vocab_size, dims.hidden_size)), input_ids])  # [B,S,H]
+    for layer in range(dims.num_layers):
+        p = f"model.layers.{layer}."
+        x = b.op("Add", [x, _attention(b, arch, dims, _rms_norm(b, x, p + "input_layernorm.weight", dims, dims.hidden_size), layer, io, rope)])
+        h = _rms_norm(b, x, p + "post_attention_layernorm.weight", dims, dims.hidden_size)
+        x = b.op("Add", [x, _moe_mlp(b, dims, h, layer) if arch.moe else _dense_mlp(b, dims, h, p + "mlp.")])
+    head = "model.embed_tokens.weight" if dims.tie_word_embeddings else "lm_head.weight"
+    logits = b.op("MatMul", [_rms_norm(b, x, "model.norm.weight", dims, dims.hidden_size), b.transposed(head, (dims.vocab_size, dims.hidden_size))])
+    logits.name = names.logits  # [B,S,V]
+
+    graph = ir.Graph(
+        inputs=[input_ids, seqlens_k, total, *(value for pair in io["past"] for value in pair)],
+        outputs=[logits, *io["present"]],
+        nodes=b.tape.nodes,
+        initializers=b.initializers,
+        opset_imports={"": OPSET, MS_DOMAIN: 1},
+        name=arch.name,
+    )
+    return ir.Model(graph, ir_version=10, producer_name="moecc")

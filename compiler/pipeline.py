@@ -1,0 +1,255 @@
+"""The build pipeline: a table of stages run per model, cached by content, published by one atomic rename."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from pydantic import BaseModel
+
+from compiler.checkpoint import Checkpoint
+from compiler.errors import BuildError
+from compiler.recipe import LoadedRecipe, recipe_json
+from compiler.stages import export, load
+from runtime.artifact import MANIFEST_NAME, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
+
+ROLES = ("main", "draft")
+TOKENIZER_FILE = "tokenizer.json"
+END_OF_TEXT = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    checkpoint: Checkpoint
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: str  # bump when the stage writes something different for the same inputs
+    run: Callable[..., BaseModel]  # run(checkpoint, config, out_dir, progress) -> result
+    config_for: Callable[[LoadedRecipe], BaseModel]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("load", load.VERSION, lambda ckpt, config, out, progress: load.run(ckpt, config, progress), lambda r: load.LoadConfig()),
+    Stage(
+        "export",
+        export.VERSION,
+        export.run,
+        lambda r: export.ExportConfig(precision=r.recipe.export.precision, max_sequence_length=r.recipe.export.max_sequence_length),
+    ),
+)
+
+
+class BuildObserver(Protocol):
+    """Instruments the caller passes in (progress bars, logs); the stages themselves never print."""
+
+    def stage_started(self, model: str, stage: str) -> None: ...
+    def stage_progress(self, done: int, total: int) -> None: ...
+    def stage_finished(self, record: StageRecord) -> None: ...
+
+
+class _Silent:
+    def stage_started(self, model: str, stage: str) -> None:
+        pass
+
+    def stage_progress(self, done: int, total: int) -> None:
+        pass
+
+    def stage_finished(self, record: StageRecord) -> None:
+        pass
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("moecc", "onnx", "onnx-ir", "onnxruntime", "numpy", "safetensors", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class StageCache:
+    """Finished stage outputs under root/STAGE/KEY; an entry appears by atomic rename once complete."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def lookup(self, stage: str, key: str) -> tuple[Path, dict] | None:
+        folder = self.root / stage / key
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text())
+        # A cached file altered since it was written would poison every later build: check it, else redo the stage.
+        if any(not (folder / name).is_file() or sha256_of(folder / name) != digest for name, digest in meta["files"].items()):
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return folder, meta["result"]
+
+    def store(self, stage: str, key: str, produce: Callable[[Path], BaseModel]) -> tuple[Path, dict]:
+        parent = self.root / stage
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=parent))
+        try:
+            result = json.loads(produce(work).model_dump_json())
+            files = {p.name: sha256_of(p) for p in sorted(work.iterdir())}
+            (work / "meta.json").write_text(json.dumps({"result": result, "files": files}, indent=1))
+            final = parent / key
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(work, final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return final, result
+
+
+def _run_model(role: str, folder: Path, loaded: LoadedRecipe, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], dict[str, Path]]:
+    checkpoint = Checkpoint(folder)
+    upstream = _digest({"checkpoint": checkpoint.digests()})
+    records, outputs = [], {}
+    for stage in STAGES:
+        config = stage.config_for(loaded)
+        config_json = json.loads(config.model_dump_json())
+        key = _digest({"stage": stage.name, "version": stage.version, "config": config_json, "upstream": upstream, "tools": tools})
+        observer.stage_started(role, stage.name)
+        started = time.perf_counter()
+        hit = cache.lookup(stage.name, key)
+        if hit is None:
+            folder_out, result = cache.store(stage.name, key, lambda out: stage.run(checkpoint, config, out, observer.stage_progress))
+        else:
+            folder_out, result = hit
+        record = StageRecord(
+            model=role, stage=stage.name, config=config_json, result=result,
+            seconds=round(time.perf_counter() - started, 4), cached=hit is not None, cache_key=key,
+        )
+        observer.stage_finished(record)
+        records.append(record)
+        outputs[stage.name] = folder_out
+        upstream = key
+    return checkpoint, records, outputs
+
+
+def _eos_token_id(checkpoint: Checkpoint, tokenizer_path: Path) -> int | None:
+    eos = checkpoint.config.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is not None:
+        return int(eos)
+    vocab = json.loads(tokenizer_path.read_text(encoding="utf-8")).get("added_tokens", [])
+    return next((token["id"] for token in vocab if token.get("content") == END_OF_TEXT), None)
+
+
+def _model_entry(role: str, checkpoint: Checkpoint, records: list[StageRecord]) -> ModelEntry:
+    loaded, exported = (next(r.result for r in records if r.stage == name) for name in ("load", "export"))
+    dims = checkpoint.dims
+    return ModelEntry(
+        path=f"{role}/{export.MODEL_FILE}",
+        architecture=loaded["architecture"],
+        precision=exported["precision"],
+        num_layers=dims.num_layers,
+        num_kv_heads=dims.num_kv_heads,
+        head_dim=dims.head_dim,
+        vocab_size=dims.vocab_size,
+        max_sequence_length=exported["max_sequence_length"],
+        parameters=loaded["parameters"],
+    )
+
+
+def _tokenizer(loaded: LoadedRecipe) -> Path:
+    paths = [folder / TOKENIZER_FILE for folder in (loaded.main_checkpoint, loaded.draft_checkpoint)]
+    for path in paths:
+        if not path.is_file():
+            raise BuildError(f"{path.parent}: no {TOKENIZER_FILE}", hint="the checkpoint folder must hold its tokenizer")
+    if sha256_of(paths[0]) != sha256_of(paths[1]):
+        raise BuildError("the main and draft checkpoints have different tokenizers", hint="speculative decoding needs one shared vocabulary")
+    return paths[0]
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Replace `final` with `staging` by renames, so a reader never sees a half-written artifact."""
+    retired = None
+    if final.exists():
+        retired = final.with_name(f".retired-{final.name}-{os.getpid()}")
+        os.rename(final, retired)
+    os.rename(staging, final)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    artifact: Path
+    manifest: Manifest
+    seconds: float
+
+
+def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | None = None, cache_root: Path | None = None) -> BuildReport:
+    """Run every stage for the main and draft models, then assemble and publish the artifact."""
+    observer = observer or _Silent()
+    started = time.perf_counter()
+    tools = tool_versions()
+    cache = StageCache(cache_root or output_root / ".cache")
+    tokenizer = _tokenizer(loaded)
+    results = {role: _run_model(role, getattr(loaded, f"{role}_checkpoint"), loaded, cache, observer, tools) for role in ROLES}
+    main_dims, draft_dims = results["main"][0].dims, results["draft"][0].dims
+    if main_dims.vocab_size != draft_dims.vocab_size:
+        raise BuildError(f"main vocabulary {main_dims.vocab_size} differs from draft vocabulary {draft_dims.vocab_size}")
+
+    output_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.recipe.name}-", dir=output_root))
+    try:
+        for role, (_, _, outputs) in results.items():
+            (staging / role).mkdir()
+            for name in (export.MODEL_FILE, export.DATA_FILE):
+                shutil.copyfile(outputs["export"] / name, staging / role / name)
+        shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
+        files = {
+            path.relative_to(staging).as_posix(): FileEntry(sha256=sha256_of(path), size=path.stat().st_size)
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
+        }
+        recipe = loaded.recipe
+        manifest = Manifest(
+            schema_version=1,
+            name=recipe.name,
+            moecc_version=tools["moecc"],
+            recipe=recipe_json(recipe),
+            recipe_sha256=loaded.sha256,
+            inputs={role: checkpoint.digests() for role, (checkpoint, _, _) in results.items()},
+            tools=tools,
+            stages=[record for _, records, _ in results.values() for record in records],
+            models={role: _model_entry(role, checkpoint, records) for role, (checkpoint, records, _) in results.items()},
+            tokenizer=TOKENIZER_FILE,
+            generation=GenerationEntry(
+                draft_length=recipe.generation.draft_length,
+                max_new_tokens=recipe.generation.max_new_tokens,
+                temperature=recipe.generation.temperature,
+                eos_token_id=_eos_token_id(results["main"][0], tokenizer),
+            ),
+            files=files,
+        )
+        # The manifest is written last: a folder without it is never taken for an artifact.
+        (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
+        final = output_root / recipe.name
+        _publish(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildReport(artifact=final, manifest=manifest, seconds=time.perf_counter() - started)

@@ -1,0 +1,137 @@
+"""Build recipes: YAML loaded safely into frozen, typed objects; errors name the field and the line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compiler.errors import RecipeError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class ModelSource(_Frozen):
+    """Where one model of the pair comes from."""
+
+    checkpoint: str = Field(description="checkpoint folder, relative to the recipe file")
+
+
+class ExportConfig(_Frozen):
+    precision: Literal["fp32"] = "fp32"
+    max_sequence_length: int = Field(default=2048, gt=0, le=1 << 20)
+
+
+class GenerationDefaults(_Frozen):
+    draft_length: int = Field(default=4, ge=1, le=32)
+    max_new_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+
+
+class Recipe(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    main: ModelSource
+    draft: ModelSource
+    targets: tuple[Literal["cpu"], ...] = ("cpu",)
+    export: ExportConfig = ExportConfig()
+    generation: GenerationDefaults = GenerationDefaults()
+
+
+class LoadedRecipe(_Frozen):
+    """A validated recipe with its checkpoint folders resolved and the hash of its text."""
+
+    recipe: Recipe
+    path: Path
+    sha256: str
+    main_checkpoint: Path
+    draft_checkpoint: Path
+
+
+def _line_of(root: yaml.Node | None, location: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at a pydantic error location (deepest node that exists)."""
+    node, line = root, None
+    for key in location:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            matches = [(k, v) for k, v in node.value if k.value == key]
+            node = matches[0][1] if matches else None
+            if matches:
+                line = matches[0][0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            node = None
+    return line if line is not None or root is None else root.start_mark.line + 1
+
+
+def _describe(error: dict[str, Any], root: yaml.Node | None, source: Path) -> str:
+    location = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+    field = ".".join(str(part) for part in location) or "(top level)"
+    line = _line_of(root, location)
+    where = f"{source}:{line}" if line else str(source)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key '{field}'"
+    if kind == "missing":
+        return f"{where}: missing required key '{field}'"
+    return f"{where}: field '{field}': {error['msg']}"
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Parse and validate a recipe file; every failure is a RecipeError naming the field and line."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {source}", hint="check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {source}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)  # refuses python/* tags and any other unsafe construction
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # the node tree keeps line numbers
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{source}{line}: invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of keys to values, got {type(data).__name__}")
+    try:
+        # JSON mode keeps strict typing (no "4" for 4) while accepting YAML lists for tuples.
+        recipe = Recipe.model_validate_json(json.dumps(data, default=str))
+    except ValidationError as exc:
+        messages = [_describe(error, root, source) for error in exc.errors()]
+        raise RecipeError("; ".join(messages)) from None
+
+    def checkpoint_folder(role: str) -> Path:
+        folder = (source.parent / getattr(recipe, role).checkpoint).resolve()
+        if not folder.is_dir():
+            line = _line_of(root, (role, "checkpoint"))
+            raise RecipeError(
+                f"{source}:{line}: field '{role}.checkpoint': checkpoint folder not found: {folder}",
+                hint="paths are relative to the recipe file",
+            )
+        return folder
+
+    return LoadedRecipe(
+        recipe=recipe,
+        path=source.resolve(),
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        main_checkpoint=checkpoint_folder("main"),
+        draft_checkpoint=checkpoint_folder("draft"),
+    )
+
+
+def recipe_json(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain JSON data, for the manifest and cache keys."""
+    return json.loads(recipe.model_dump_json())

@@ -1,0 +1,154 @@
+"""The artifact format: manifest schema, and the checks that run before anything in an artifact is deserialized."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runtime.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_REBUILD = "rebuild it with `moecc build RECIPE`"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileEntry(_Record):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ModelEntry(_Record):
+    """One exported decoder: where it is and what the runtime needs to drive its KV cache."""
+
+    path: str
+    architecture: str
+    precision: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_sequence_length: int
+    parameters: int
+
+
+class StageRecord(_Record):
+    model: str
+    stage: str
+    config: dict[str, Any]
+    result: dict[str, Any]
+    seconds: float
+    cached: bool
+    cache_key: str
+
+
+class GenerationEntry(_Record):
+    draft_length: int
+    max_new_tokens: int
+    temperature: float
+    eos_token_id: int | None
+
+
+class Manifest(_Record):
+    schema_version: Literal[1]
+    name: str
+    moecc_version: str
+    recipe: dict[str, Any]
+    recipe_sha256: str
+    inputs: dict[str, dict[str, str]]  # model role -> checkpoint file -> sha256
+    tools: dict[str, str]
+    stages: list[StageRecord]
+    models: dict[str, ModelEntry]
+    tokenizer: str
+    generation: GenerationEntry
+    files: dict[str, FileEntry]
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_relative(name: str) -> None:
+    pure = PurePosixPath(name)
+    if not name or "\\" in name or pure.is_absolute() or ".." in pure.parts or name != pure.as_posix():
+        raise ArtifactError(f"manifest lists a path outside the artifact: {name!r}", hint=_REBUILD)
+
+
+def _listing(root: Path) -> set[str]:
+    """Every file under root as a relative POSIX path; a symlink anywhere is refused."""
+    found = set()
+    for folder, subfolders, files in os.walk(root):
+        for entry in (*subfolders, *files):
+            path = Path(folder, entry)
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise ArtifactError(f"{path}: symbolic links are not allowed in an artifact", hint=_REBUILD)
+            if entry in files and not stat.S_ISREG(mode):
+                raise ArtifactError(f"{path}: not a regular file", hint=_REBUILD)
+            if entry in files:
+                found.add(path.relative_to(root).as_posix())
+    return found
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Parse and validate manifest.json without checking the files it lists."""
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: no such artifact directory", hint=_REBUILD)
+    if path.is_symlink() or not path.is_file():
+        raise ArtifactError(f"{root}: no {MANIFEST_NAME}; this is not a finished artifact", hint=_REBUILD)
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest ({exc})", hint=_REBUILD) from None
+    if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: manifest schema version {data.get('schema_version')!r}, this runtime reads {SCHEMA_VERSION}", hint=_REBUILD
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ArtifactError(f"{path}: invalid manifest: field '{field}': {first['msg']}", hint=_REBUILD) from None
+
+
+def verify_artifact(root: str | Path) -> Manifest:
+    """Check schema, paths, symlinks, sizes and digests of every file; raise ArtifactError on the first problem."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    for name in manifest.files:
+        _check_relative(name)
+    present = _listing(root) - {MANIFEST_NAME}
+    missing = sorted(set(manifest.files) - present)
+    if missing:
+        raise ArtifactError(f"{root}: file {missing[0]} listed in the manifest is missing", hint=_REBUILD)
+    unlisted = sorted(present - set(manifest.files))
+    if unlisted:
+        raise ArtifactError(f"{root}: file {unlisted[0]} is not listed in the manifest", hint=_REBUILD)
+    referenced = [model.path for model in manifest.models.values()] + [manifest.tokenizer]
+    for name in referenced:
+        _check_relative(name)
+        if name not in manifest.files:
+            raise ArtifactError(f"{root}: manifest refers to {name}, which it does not list", hint=_REBUILD)
+    for name, entry in sorted(manifest.files.items()):
+        path = root / name
+        size = path.stat().st_size
+        if size != entry.size:
+            raise ArtifactError(f"{path}: size {size} bytes, manifest says {entry.size}; the file is truncated or altered", hint=_REBUILD)
+        if sha256_of(path) != entry.sha256:
+            raise ArtifactError(f"{path}: sha256 does not match the manifest; the file was altered", hint=_REBUILD)
+    return manifest

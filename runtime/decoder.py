@@ -1,0 +1,98 @@
+"""One exported decoder on ONNX Runtime, and its KV cache: preallocated, bound in place, rolled back by length."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from runtime.artifact import ModelEntry
+from runtime.errors import ArtifactError
+
+
+def _check_external_data(model_path: Path, allowed: set[str]) -> None:
+    """Refuse external-data references that leave the artifact or name a file the manifest does not list."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    folder = model_path.parent
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        resolved = (folder / location).resolve()
+        root = folder.parent.resolve()
+        if not resolved.is_relative_to(root) or resolved.relative_to(root).as_posix() not in allowed:
+            raise ArtifactError(f"{model_path}: tensor {tensor.name} points at external data {location!r} outside the artifact")
+
+
+class Decoder:
+    """A stateless ONNX Runtime session; all per-sequence state lives in a KvCache, so threads can share it."""
+
+    def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None):
+        model_path = artifact / entry.path
+        _check_external_data(model_path, allowed_files)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.entry = entry
+
+    def new_cache(self, capacity: int | None = None) -> KvCache:
+        return KvCache(self, capacity or self.entry.max_sequence_length)
+
+
+class KvCache:
+    """Key/value buffers [1, kv heads, capacity, head dim] per layer, bound as both past and present.
+
+    GroupQueryAttention writes the new keys and values in place when past and present share a buffer;
+    `ids` are the tokens whose keys are in the buffer, so a rollback only shortens that list.
+    """
+
+    def __init__(self, decoder: Decoder, capacity: int):
+        entry = decoder.entry
+        self.decoder = decoder
+        self.capacity = capacity
+        self.ids: list[int] = []
+        self.binding = decoder.session.io_binding()
+        self.binding.bind_output("logits", "cpu")  # bound first: get_outputs()[0] is the logits
+        shape = (1, entry.num_kv_heads, capacity, entry.head_dim)
+        self._buffers = []  # keeps the OrtValues alive as long as the binding uses them
+        for layer in range(entry.num_layers):
+            for kind in ("key", "value"):
+                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+                self.binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", buffer)
+                self.binding.bind_ortvalue_output(f"present.{layer}.{kind}", buffer)
+                self._buffers.append(buffer)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def keep(self, length: int) -> None:
+        """Roll back to the first `length` tokens; the stale keys beyond are overwritten by the next call."""
+        del self.ids[length:]
+
+    def sync(self, tokens: list[int]) -> list[int]:
+        """Roll back to the longest prefix shared with `tokens`; return the tokens still to be fed."""
+        shared = 0
+        for cached, wanted in zip(self.ids, tokens):
+            if cached != wanted:
+                break
+            shared += 1
+        self.keep(shared)
+        return tokens[shared:]
+
+    def feed(self, tokens: list[int]) -> np.ndarray:
+        """Run the new tokens through the model after the cached ones; returns their logits [S, V]."""
+        total = len(self.ids) + len(tokens)
+        if total > self.capacity:
+            raise ValueError(f"sequence of {total} tokens exceeds the KV cache capacity of {self.capacity}")
+        self.binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
+        self.binding.bind_cpu_input("seqlens_k", np.asarray([total - 1], dtype=np.int32))
+        self.binding.bind_cpu_input("total_sequence_length", np.asarray(total, dtype=np.int32))
+        self.binding.bind_output("logits", "cpu")  # logits change shape with the number of new tokens
+        self.decoder.session.run_with_iobinding(self.binding)
+        self.ids.extend(tokens)
+        return self.binding.get_outputs()[0].numpy()[0]  # [S,V]

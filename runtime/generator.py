@@ -1,0 +1,103 @@
+"""A loaded artifact: tokenizer, main and draft decoders, and generation with speculative decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tokenizers import Tokenizer
+
+from runtime.artifact import Manifest, verify_artifact
+from runtime.decoder import Decoder
+from runtime.errors import MoeccError
+from runtime.sampling import SamplingParams
+from runtime.speculative import GenerationStats, decode
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+
+
+class Stream:
+    """An iterator of text pieces; `stats` fills in as it runs and `token_ids` holds what was generated."""
+
+    def __init__(self, tokenizer: Tokenizer, steps: Iterator[list[int]], stats: GenerationStats):
+        self._tokenizer = tokenizer
+        self._steps = steps
+        self.stats = stats
+        self.token_ids: list[int] = []
+
+    def __iter__(self) -> Iterator[str]:
+        emitted = ""
+        for new in self._steps:
+            self.token_ids.extend(new)
+            text = self._tokenizer.decode(self.token_ids)
+            # A byte-level token can end inside a UTF-8 character: hold it back until the character is whole.
+            if text.endswith("\ufffd"):
+                continue
+            yield text[len(emitted) :]
+            emitted = text
+        text = self._tokenizer.decode(self.token_ids)
+        if text != emitted:
+            yield text[len(emitted) :]
+
+
+class Generator:
+    """Holds one session per model; each call gets its own KV caches, so threads may share a Generator."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = Path(path)
+        self.manifest: Manifest = verify_artifact(self.path)  # before anything is deserialized
+        allowed = set(self.manifest.files)
+        self.main = Decoder(self.path, self.manifest.models["main"], allowed, threads)
+        self.draft = Decoder(self.path, self.manifest.models["draft"], allowed, threads) if "draft" in self.manifest.models else None
+        self.tokenizer = Tokenizer.from_file(str(self.path / self.manifest.tokenizer))
+        eos = self.manifest.generation.eos_token_id
+        self.stop_tokens = {eos} if eos is not None else set()
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt).ids
+        if not ids:
+            raise MoeccError("the prompt is empty after tokenization", hint="pass at least one character")
+        return ids
+
+    def stream_ids(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int | None = None,
+        draft_length: int | None = None,
+        speculative: bool = True,
+        sampling: SamplingParams | None = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[list[int]]:
+        """The token-level loop: yields the tokens committed at each step."""
+        defaults = self.manifest.generation
+        sampling = sampling or SamplingParams(temperature=defaults.temperature)
+        use_draft = speculative and self.draft is not None
+        main_cache = self.main.new_cache()
+        draft_cache = self.draft.new_cache() if use_draft else None
+        if len(prompt_ids) > main_cache.capacity:
+            raise MoeccError(f"prompt of {len(prompt_ids)} tokens exceeds the maximum sequence length {main_cache.capacity}")
+        return decode(
+            main_cache,
+            draft_cache,
+            prompt_ids,
+            max_new_tokens or defaults.max_new_tokens,
+            draft_length or defaults.draft_length,
+            sampling,
+            self.stop_tokens,
+            stats if stats is not None else GenerationStats(),
+        )
+
+    def stream(self, prompt: str, **options) -> Stream:
+        stats = GenerationStats()
+        return Stream(self.tokenizer, self.stream_ids(self.encode(prompt), stats=stats, **options), stats)
+
+    def generate(self, prompt: str, **options) -> Generation:
+        stream = self.stream(prompt, **options)
+        text = "".join(stream)
+        return Generation(text, stream.token_ids, stream.stats)

@@ -1,0 +1,158 @@
+"""Speculative decoding in three verbs: the draft proposes, the main model scores, the acceptance rule commits.
+
+Main-only decoding is the same loop with no proposals: the main model scores one position per call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from runtime.decoder import KvCache
+from runtime.sampling import SamplingParams, distribution, draw
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    probs: list[np.ndarray]  # q_i: the draft distribution each token was drawn from, [V] each
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    first_token_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    verify_calls: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    draft_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of proposed draft tokens that the main model accepted."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per main-model call (accepted draft tokens plus the main model's own)."""
+        return self.new_tokens / self.verify_calls if self.verify_calls else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "seconds": round(self.seconds, 4),
+            "first_token_seconds": round(self.first_token_seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "draft_seconds": round(self.draft_seconds, 4),
+            "verify_seconds": round(self.verify_seconds, 4),
+            "verify_calls": self.verify_calls,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 3),
+        }
+
+
+def _last_logits(cache: KvCache, tokens: list[int]) -> np.ndarray:
+    pending = cache.sync(tokens)
+    if not pending:  # everything is cached but the logits are not kept: recompute the last position
+        cache.keep(len(tokens) - 1)
+        pending = tokens[-1:]
+    return cache.feed(pending)[-1]
+
+
+def propose(draft: KvCache, tokens: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
+    """Draw `length` tokens from the draft after `tokens`, one draft call each."""
+    proposal = Proposal([], [])
+    logits = _last_logits(draft, tokens)
+    for position in range(length):
+        probs = distribution(logits, params)
+        token = draw(probs, rng)
+        proposal.tokens.append(token)
+        proposal.probs.append(probs)
+        if position + 1 < length:
+            logits = draft.feed([token])[-1]
+    return proposal
+
+
+def score(main: KvCache, tokens: list[int], proposal: Proposal, params: SamplingParams) -> list[np.ndarray]:
+    """The main model's distributions at the k+1 positions after `tokens` and each proposed token, in one call."""
+    pending = main.sync(tokens)
+    logits = main.feed(pending + proposal.tokens)  # [pending + k, V]
+    return [distribution(row, params) for row in logits[len(pending) - 1 :]]
+
+
+def accept(proposal: Proposal, target: list[np.ndarray], rng: np.random.Generator) -> tuple[int, int]:
+    """How many proposed tokens to keep, and the main model's next token after them.
+
+    Speculative sampling: keep draft token x_i with probability min(1, p_i(x_i) / q_i(x_i)); at the
+    first rejection draw the replacement from norm(max(0, p_i - q_i)); if all k are kept, draw a bonus
+    token from p_{k+1}. Every committed token is then distributed exactly as under p alone. With the
+    one-hot distributions of greedy decoding this is "keep while the argmaxes agree, then take the
+    main model's argmax", so greedy output equals the main model's own greedy output.
+    """
+    for i, (token, q) in enumerate(zip(proposal.tokens, proposal.probs)):
+        p = target[i]
+        if rng.random() < min(1.0, p[token] / q[token]):
+            continue
+        residual = np.maximum(p - q, 0.0)
+        return i, draw(residual / residual.sum(), rng)
+    return len(proposal.tokens), draw(target[-1], rng)
+
+
+def decode(
+    main: KvCache,
+    draft: KvCache | None,
+    prompt: list[int],
+    max_new_tokens: int,
+    draft_length: int,
+    params: SamplingParams,
+    stop_tokens: set[int],
+    stats: GenerationStats,
+) -> Iterator[list[int]]:
+    """Yield the committed tokens of each step until a stop token, max_new_tokens or a full cache."""
+    rng = np.random.default_rng(params.seed)
+    tokens = list(prompt)
+    stats.prompt_tokens = len(prompt)
+    started = time.perf_counter()
+    while stats.new_tokens < max_new_tokens:
+        room = main.capacity - len(tokens)  # the main cache must hold the pending token and the proposals
+        if room < 0:
+            break
+        length = min(draft_length, max_new_tokens - stats.new_tokens - 1, room) if draft is not None else 0
+        tick = time.perf_counter()
+        proposal = propose(draft, tokens, length, params, rng) if length > 0 else Proposal([], [])
+        tock = time.perf_counter()
+        target = score(main, tokens, proposal, params)
+        kept, next_token = accept(proposal, target, rng)
+        stats.draft_seconds += tock - tick
+        stats.verify_seconds += time.perf_counter() - tock
+        stats.verify_calls += 1
+        stats.proposed += length
+        stats.accepted += kept
+        stats.draft_lengths.append(length)
+        new = proposal.tokens[:kept] + [next_token]
+        stop_at = next((i for i, token in enumerate(new) if token in stop_tokens), None)
+        if stop_at is not None:
+            new = new[: stop_at + 1]
+        new = new[: max_new_tokens - stats.new_tokens]
+        if stats.new_tokens == 0:
+            stats.first_token_seconds = time.perf_counter() - started
+        tokens.extend(new)
+        stats.new_tokens += len(new)
+        stats.seconds = time.perf_counter() - started
+        yield new
+        if stop_at is not None:
+            break
