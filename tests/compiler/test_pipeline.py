@@ -1,0 +1,120 @@
+"""The pipeline: manifest contents, stage caching, atomic publish, and a killed build that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import runtime
+from compiler.pipeline import build
+from compiler.recipe import load_recipe
+from runtime.artifact import sha256_of
+from tiny_models import write_recipe
+
+
+def test_manifest_lists_every_file_with_digest_and_size(tiny_artifact, tiny_pair):
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    on_disk = {p.relative_to(tiny_artifact).as_posix() for p in tiny_artifact.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk == {
+        "main/model.onnx", "main/model.onnx.data", "draft/model.onnx", "draft/model.onnx.data", "tokenizer.json"
+    }
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_of(tiny_artifact / name)
+        assert entry["size"] == (tiny_artifact / name).stat().st_size
+    assert manifest["recipe_sha256"] == load_recipe(tiny_pair / "tiny.yaml").sha256
+    assert manifest["inputs"]["main"]["model.safetensors"] == sha256_of(tiny_pair / "main" / "model.safetensors")
+    assert {"onnx", "onnxruntime", "onnx-ir", "python"} <= set(manifest["tools"])
+    assert [(s["model"], s["stage"]) for s in manifest["stages"]] == [("main", "load"), ("main", "export"), ("draft", "load"), ("draft", "export")]
+    assert all(s["seconds"] >= 0 and s["result"] for s in manifest["stages"])
+    assert manifest["generation"]["eos_token_id"] == 0
+
+
+def test_rebuild_is_cached_and_a_changed_export_setting_reruns_only_export(tiny_pair, tmp_path):
+    output = tmp_path / "out"
+    first = build(load_recipe(tiny_pair / "tiny.yaml"), output)
+    assert not any(record.cached for record in first.manifest.stages)
+    second = build(load_recipe(tiny_pair / "tiny.yaml"), output)
+    assert all(record.cached for record in second.manifest.stages)
+    assert second.manifest.files == first.manifest.files
+
+    changed = tiny_pair / "changed.yaml"
+    changed.write_text((tiny_pair / "tiny.yaml").read_text().replace("max_sequence_length: 256", "max_sequence_length: 128").replace("name: tiny", "name: changed"))
+    third = build(load_recipe(changed), output)
+    assert {(r.stage, r.cached) for r in third.manifest.stages} == {("load", True), ("export", False)}
+    assert third.manifest.models["main"].max_sequence_length == 128
+
+
+def test_tampered_cache_entry_is_rebuilt(tiny_pair, tmp_path):
+    output = tmp_path / "out"
+    build(load_recipe(tiny_pair / "tiny.yaml"), output)
+    data = next((output / ".cache" / "export").glob("*/model.onnx.data"))
+    content = bytearray(data.read_bytes())
+    content[100] ^= 0xFF
+    data.write_bytes(bytes(content))
+    report = build(load_recipe(tiny_pair / "tiny.yaml"), output)
+    assert not all(record.cached for record in report.manifest.stages if record.stage == "export")
+    runtime.load(report.artifact)  # the digests in the new artifact check out
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "compiler.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_killed_build_leaves_no_artifact_and_rerun_resumes(tiny_pair, tmp_path):
+    output = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "compiler.cli", "build", str(tiny_pair / "tiny.yaml"), "--output", str(output), "--quiet"])
+    # Kill it as soon as the first stage has finished: the build is then in the middle of its later stages.
+    deadline = time.time() + 120
+    while time.time() < deadline and not [p for p in (output / ".cache" / "load").glob("[!.]*/meta.json")]:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with pytest.raises(runtime.ArtifactError):
+        runtime.load(output / "tiny")
+    result = _cli("build", str(tiny_pair / "tiny.yaml"), "--output", str(output), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    stages = json.loads(result.stdout)["stages"]
+    assert stages[0] == {"model": "main", "stage": "load", "seconds": stages[0]["seconds"], "cached": True}
+    runtime.load(output / "tiny")
+    leftovers = [p.name for p in output.iterdir() if p.name.startswith(".staging")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("export:\n  precison: fp32\n", "unknown key 'export.precison'"),
+        ("generation:\n  draft_length: many\n", "field 'generation.draft_length'"),
+        ("export: !!python/object/apply:os.system ['true']\n", "invalid YAML"),
+    ],
+)
+def test_bad_recipe_cli_gives_one_line_and_writes_nothing(tiny_pair, tmp_path, extra, message):
+    recipe = write_recipe(tiny_pair, name="bad", extra=extra)
+    output = tmp_path / "out"
+    result = _cli("build", str(recipe), "--output", str(output))
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not output.exists() or not any(p.name == "bad" for p in output.iterdir())
+
+
+def test_bad_checkpoint_cli_names_tensor(tiny_pair, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    root = tmp_path / "pair"
+    shutil.copytree(tiny_pair, root, ignore=shutil.ignore_patterns("*.yaml"))
+    tensors = load_file(root / "main" / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, root / "main" / "model.safetensors")
+    result = _cli("build", str(write_recipe(root)), "--output", str(tmp_path / "out"), "--json")
+    assert result.returncode != 0
+    assert "missing tensor model.layers.0.self_attn.q_proj.weight" in json.loads(result.stdout)["error"]
+    assert not (tmp_path / "out" / "tiny").exists()

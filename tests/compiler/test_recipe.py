@@ -1,0 +1,73 @@
+"""Recipe parsing: valid recipes load into frozen objects; bad ones name the field and the line."""
+
+from __future__ import annotations
+
+import pytest
+
+from compiler.errors import RecipeError
+from compiler.recipe import load_recipe
+
+GOOD = "name: tiny\nmain:\n  checkpoint: main\ndraft:\n  checkpoint: draft\n"
+
+
+def _write(tmp_path, text):
+    (tmp_path / "main").mkdir(exist_ok=True)
+    (tmp_path / "draft").mkdir(exist_ok=True)
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_recipe_loads_with_defaults_and_is_frozen(tmp_path):
+    loaded = load_recipe(_write(tmp_path, GOOD))
+    assert loaded.recipe.name == "tiny"
+    assert loaded.recipe.export.max_sequence_length == 2048
+    assert loaded.main_checkpoint == (tmp_path / "main").resolve()
+    with pytest.raises(Exception):
+        loaded.recipe.name = "other"
+
+
+def test_unknown_key_names_field_and_line(tmp_path):
+    path = _write(tmp_path, GOOD + "export:\n  precison: fp32\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml:7: unknown key 'export\.precison'"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_field_and_line(tmp_path):
+    path = _write(tmp_path, GOOD + "generation:\n  draft_length: four\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml:7: field 'generation\.draft_length'"):
+        load_recipe(path)
+
+
+def test_string_number_is_a_wrong_type(tmp_path):
+    path = _write(tmp_path, GOOD + "generation:\n  draft_length: '4'\n")
+    with pytest.raises(RecipeError, match=r"generation\.draft_length"):
+        load_recipe(path)
+
+
+def test_missing_key(tmp_path):
+    path = _write(tmp_path, "name: tiny\nmain:\n  checkpoint: main\n")
+    with pytest.raises(RecipeError, match=r"missing required key 'draft'"):
+        load_recipe(path)
+
+
+def test_missing_checkpoint_folder_names_field_and_line(tmp_path):
+    path = _write(tmp_path, GOOD.replace("checkpoint: draft", "checkpoint: nowhere"))
+    with pytest.raises(RecipeError, match=r"r\.yaml:5: field 'draft\.checkpoint': checkpoint folder not found"):
+        load_recipe(path)
+
+
+def test_python_tag_is_refused(tmp_path):
+    path = _write(tmp_path, GOOD + "export: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml:6: invalid YAML"):
+        load_recipe(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(_write(tmp_path, "- a\n- b\n"))

@@ -1,0 +1,42 @@
+"""Shared fixtures: a random-init tiny pair, and the shipped tiny-coder pair, each built once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from compiler.pipeline import build  # noqa: E402
+from compiler.recipe import load_recipe  # noqa: E402
+from tiny_models import make_pair, tiny_tokenizer, write_recipe  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_RECIPE = REPO / "recipes" / "tiny-coder.yaml"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory, tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("pair")
+    make_pair(root, tokenizer)
+    write_recipe(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_pair) -> Path:
+    output = tmp_path_factory.mktemp("artifacts")
+    return build(load_recipe(tiny_pair / "tiny.yaml"), output).artifact
+
+
+@pytest.fixture(scope="session")
+def shipped_artifact(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("shipped")
+    return build(load_recipe(SHIPPED_RECIPE), output).artifact

@@ -1,0 +1,126 @@
+"""Lossless speculation: speculative greedy output equals main-only greedy output, token for token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import runtime
+from compiler import corpus
+from compiler.pipeline import build
+from compiler.recipe import load_recipe
+from runtime.sampling import SamplingParams
+from runtime.speculative import GenerationStats, decode
+
+PROMPTS = corpus.heldout_prompts(20, prompt_chars=120)
+NEW_TOKENS = 32
+
+
+def _greedy(generator, prompt_ids, **options):
+    stats = GenerationStats()
+    tokens = [t for step in generator.stream_ids(prompt_ids, max_new_tokens=NEW_TOKENS, stats=stats, **options) for t in step]
+    return tokens, stats
+
+
+def _check_lossless(generator):
+    acceptance = {}
+    for k in (1, 2, 4, 8):
+        proposed = accepted = 0
+        for prompt in PROMPTS:
+            ids = generator.encode(prompt)
+            reference, _ = _greedy(generator, ids, speculative=False)
+            speculative, stats = _greedy(generator, ids, draft_length=k)
+            assert speculative == reference, f"draft length {k}: prompt {prompt[:40]!r} diverged"
+            proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+        acceptance[k] = accepted / proposed
+    return acceptance
+
+
+def test_tiny_pair_lossless_for_all_draft_lengths(tiny_artifact):
+    _check_lossless(runtime.load(tiny_artifact))
+
+
+def test_shipped_pair_lossless_and_useful(shipped_artifact):
+    acceptance = _check_lossless(runtime.load(shipped_artifact))
+    assert acceptance[4] >= 0.5, acceptance
+
+
+class _ContraryDraft:
+    """A real model's cache whose logits are negated: its greedy pick is the main model's least likely token."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.capacity = cache.capacity
+
+    def sync(self, tokens):
+        return self.cache.sync(tokens)
+
+    def keep(self, length):
+        self.cache.keep(length)
+
+    def feed(self, tokens):
+        return -self.cache.feed(tokens)
+
+
+def test_always_disagreeing_draft_is_still_lossless(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    for prompt in PROMPTS[:5]:
+        ids = generator.encode(prompt)
+        reference, _ = _greedy(generator, ids, speculative=False)
+        stats = GenerationStats()
+        contrary = _ContraryDraft(generator.main.new_cache())
+        steps = decode(generator.main.new_cache(), contrary, ids, NEW_TOKENS, 4, SamplingParams(), set(), stats)
+        assert [t for step in steps for t in step][: len(reference)] == reference
+        assert stats.accepted == 0 and stats.proposed > 0
+        assert stats.mean_accepted_length == 1.0
+
+
+def test_main_model_as_its_own_draft_accepts_everything(tiny_pair, tmp_path):
+    recipe = tiny_pair / "self.yaml"
+    recipe.write_text((tiny_pair / "tiny.yaml").read_text().replace("checkpoint: draft", "checkpoint: main").replace("name: tiny", "name: self"))
+    generator = runtime.load(build(load_recipe(recipe), tmp_path).artifact)
+    for prompt in PROMPTS[:5]:
+        ids = generator.encode(prompt)
+        reference, _ = _greedy(generator, ids, speculative=False)
+        speculative, stats = _greedy(generator, ids, draft_length=4)
+        assert speculative == reference
+        assert stats.acceptance_rate == 1.0
+        assert stats.mean_accepted_length > 4.0  # k accepted plus the bonus token, except where max_new_tokens cut
+
+
+def test_stream_matches_generate_and_reports_stats(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    whole = generator.generate("def parse(text):", max_new_tokens=20)
+    stream = generator.stream("def parse(text):", max_new_tokens=20)
+    assert "".join(stream) == whole.text
+    assert stream.token_ids == whole.token_ids
+    assert whole.stats.new_tokens == len(whole.token_ids) <= 20
+    assert whole.stats.tokens_per_second > 0 and whole.stats.verify_calls >= 1
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=7)
+    first = generator.generate("import os\n", max_new_tokens=24, sampling=params)
+    second = generator.generate("import os\n", max_new_tokens=24, sampling=params)
+    assert first.token_ids == second.token_ids
+
+
+def test_stop_token_ends_generation(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    ids = generator.encode("def f(x):")
+    reference, _ = _greedy(generator, ids, speculative=False)
+    stop = reference[5]
+    generator.stop_tokens = {stop}
+    tokens, _ = _greedy(generator, ids, draft_length=4)
+    assert tokens == reference[: reference.index(stop) + 1]
+
+
+def test_max_sequence_length_is_respected(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    capacity = generator.manifest.models["main"].max_sequence_length
+    ids = list(np.random.default_rng(0).integers(1, 300, size=capacity - 5))
+    tokens, _ = _greedy(generator, [int(t) for t in ids], draft_length=8)
+    assert len(ids) + len(tokens) <= capacity + 1
+    with pytest.raises(runtime.MoeccError, match="exceeds the maximum sequence length"):
+        generator.stream_ids([1] * (capacity + 1))
