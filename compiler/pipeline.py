@@ -28,11 +28,6 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 @dataclass(frozen=True)
-class StageInputs:
-    checkpoint: Checkpoint
-
-
-@dataclass(frozen=True)
 class Stage:
     name: str
     version: str  # bump when the stage writes something different for the same inputs
@@ -41,7 +36,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("load", load.VERSION, lambda ckpt, config, out, progress: load.run(ckpt, config, progress), lambda r: load.LoadConfig()),
+    Stage("load", load.VERSION, load.run, lambda r: load.LoadConfig()),
     Stage(
         "export",
         export.VERSION,

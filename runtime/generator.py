@@ -73,8 +73,12 @@ class Generator:
         speculative: bool = True,
         sampling: SamplingParams | None = None,
         stats: GenerationStats | None = None,
+        stop_tokens: set[int] | None = None,
     ) -> Iterator[list[int]]:
-        """The token-level loop: yields the tokens committed at each step."""
+        """The token-level loop: yields the tokens committed at each step.
+
+        stop_tokens defaults to the artifact's end-of-text token; pass an empty set to ignore it.
+        """
         defaults = self.manifest.generation
         sampling = sampling or SamplingParams(temperature=defaults.temperature)
         use_draft = speculative and self.draft is not None
@@ -89,7 +93,7 @@ class Generator:
             max_new_tokens or defaults.max_new_tokens,
             draft_length or defaults.draft_length,
             sampling,
-            self.stop_tokens,
+            self.stop_tokens if stop_tokens is None else stop_tokens,
             stats if stats is not None else GenerationStats(),
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from compiler.architectures import expected_tensors
@@ -26,7 +27,8 @@ class LoadResult(BaseModel):
     digests: dict[str, str]
 
 
-def run(checkpoint: Checkpoint, config: LoadConfig, progress=None) -> LoadResult:
+def run(checkpoint: Checkpoint, config: LoadConfig, out_dir: Path | None = None, progress=None) -> LoadResult:
+    """Writes nothing to out_dir: its result (identity and sizes) is all later stages need."""
     checkpoint.validate()
     expected = expected_tensors(checkpoint.arch, checkpoint.dims)
     if config.check_values:
