@@ -9,21 +9,42 @@ from compiler.errors import CheckpointError
 
 
 @dataclass(frozen=True)
+class MoeLayout:
+    """Where a family keeps its routed experts and how it routes."""
+
+    block: str  # the MLP module name inside a layer: "mlp" or "block_sparse_moe"
+    gate: str  # projection names inside one expert
+    up: str
+    down: str
+    renormalize: bool | None  # renormalise the top-k weights; None: read `norm_topk_prob` from config.json
+    shared_expert: bool = False  # a dense expert every token uses, scaled by sigmoid(shared_expert_gate)
+
+
+@dataclass(frozen=True)
 class Architecture:
     """What distinguishes one decoder family from another; everything else is shared."""
 
     name: str
     hf_class: str  # the `architectures` entry of config.json
     qk_norm: bool  # RMSNorm over each head of q and k before RoPE
-    moe: bool  # every layer's MLP is a routed mixture of experts
-    norm_topk_prob_default: bool = True
+    attention_bias: bool | None  # bias on q, k, v; None: read `attention_bias` from config.json
+    moe: MoeLayout | None = None
 
+
+_SWIGLU_NAMES = dict(gate="gate_proj", up="up_proj", down="down_proj")
 
 REGISTRY: dict[str, Architecture] = {
     arch.hf_class: arch
     for arch in (
-        Architecture(name="qwen3_moe", hf_class="Qwen3MoeForCausalLM", qk_norm=True, moe=True),
-        Architecture(name="qwen3", hf_class="Qwen3ForCausalLM", qk_norm=True, moe=False),
+        Architecture("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, attention_bias=None, moe=MoeLayout("mlp", renormalize=None, **_SWIGLU_NAMES)),
+        Architecture(
+            "qwen2_moe", "Qwen2MoeForCausalLM", qk_norm=False, attention_bias=True,
+            moe=MoeLayout("mlp", renormalize=None, shared_expert=True, **_SWIGLU_NAMES),
+        ),
+        Architecture("mixtral", "MixtralForCausalLM", qk_norm=False, attention_bias=False, moe=MoeLayout("block_sparse_moe", "w1", "w3", "w2", renormalize=True)),
+        Architecture("qwen3", "Qwen3ForCausalLM", qk_norm=True, attention_bias=None),
+        Architecture("qwen2", "Qwen2ForCausalLM", qk_norm=False, attention_bias=True),
+        Architecture("llama", "LlamaForCausalLM", qk_norm=False, attention_bias=None),
     )
 }
 
@@ -42,6 +63,8 @@ class ModelDims:
     num_experts: int  # 0 on a dense model
     experts_per_token: int
     norm_topk_prob: bool
+    shared_expert_size: int  # 0 without a shared expert
+    attention_bias: bool
     rope_theta: float
     rms_norm_eps: float
     tie_word_embeddings: bool
@@ -59,11 +82,11 @@ def architecture_of(config: dict[str, Any]) -> Architecture:
 
 def _rope_theta(config: dict[str, Any]) -> float:
     # transformers 5 nests RoPE settings under rope_parameters; transformers 4 has rope_theta at the top.
-    parameters = config.get("rope_parameters") or {}
+    parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
     theta = parameters.get("rope_theta", config.get("rope_theta"))
     if theta is None:
         raise CheckpointError("config.json has no rope_theta (nor rope_parameters.rope_theta)")
-    rope_type = parameters.get("rope_type", "default")
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(f"RoPE scaling {rope_type!r} is not supported yet; supported: default")
     return float(theta)
@@ -73,23 +96,34 @@ def dims_of(arch: Architecture, config: dict[str, Any]) -> ModelDims:
     def need(*keys: str) -> Any:
         # The first spelling present wins: transformers 4 and 5 name some fields differently.
         for key in keys:
-            if key in config:
+            if config.get(key) is not None:
                 return config[key]
         raise CheckpointError(f"config.json lacks {keys[0]!r}, which {arch.hf_class} needs")
 
+    moe = arch.moe
+    if moe is not None and (config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1):
+        raise CheckpointError(f"{arch.hf_class} with dense layers between MoE layers (mlp_only_layers, decoder_sparse_step) is not supported yet")
     num_heads = int(need("num_attention_heads"))
     hidden = int(need("hidden_size"))
+    if moe is None:
+        renormalize = False
+    elif moe.renormalize is None:
+        renormalize = bool(config.get("norm_topk_prob", False))
+    else:
+        renormalize = moe.renormalize
     return ModelDims(
         vocab_size=int(need("vocab_size")),
         hidden_size=hidden,
         num_layers=int(need("num_hidden_layers")),
         num_heads=num_heads,
-        num_kv_heads=int(config.get("num_key_value_heads", num_heads)),
+        num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
         head_dim=int(config.get("head_dim") or hidden // num_heads),
-        intermediate_size=int(need("moe_intermediate_size") if arch.moe else need("intermediate_size")),
-        num_experts=int(need("num_experts", "num_local_experts")) if arch.moe else 0,
-        experts_per_token=int(need("num_experts_per_tok")) if arch.moe else 0,
-        norm_topk_prob=bool(config.get("norm_topk_prob", arch.norm_topk_prob_default)),
+        intermediate_size=int(need("moe_intermediate_size", "intermediate_size") if moe else need("intermediate_size")),
+        num_experts=int(need("num_experts", "num_local_experts")) if moe else 0,
+        experts_per_token=int(need("num_experts_per_tok")) if moe else 0,
+        norm_topk_prob=renormalize,
+        shared_expert_size=int(need("shared_expert_intermediate_size")) if moe and moe.shared_expert else 0,
+        attention_bias=arch.attention_bias if arch.attention_bias is not None else bool(config.get("attention_bias", False)),
         rope_theta=_rope_theta(config),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
@@ -97,10 +131,15 @@ def dims_of(arch: Architecture, config: dict[str, Any]) -> ModelDims:
     )
 
 
+def _swiglu(prefix: str, names: MoeLayout | None, width: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    gate, up, down = (names.gate, names.up, names.down) if names else ("gate_proj", "up_proj", "down_proj")
+    return {f"{prefix}{gate}.weight": (width, hidden), f"{prefix}{up}.weight": (width, hidden), f"{prefix}{down}.weight": (hidden, width)}
+
+
 def expected_tensors(arch: Architecture, dims: ModelDims) -> dict[str, tuple[int, ...]]:
     """Every tensor the checkpoint must hold, with its shape (all experts of all layers)."""
     h, d, v = dims.hidden_size, dims.head_dim, dims.vocab_size
-    q, kv, inter = dims.num_heads * d, dims.num_kv_heads * d, dims.intermediate_size
+    q, kv = dims.num_heads * d, dims.num_kv_heads * d
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not dims.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
@@ -114,11 +153,19 @@ def expected_tensors(arch: Architecture, dims: ModelDims) -> dict[str, tuple[int
             p + "self_attn.v_proj.weight": (kv, h),
             p + "self_attn.o_proj.weight": (h, q),
         }
+        if dims.attention_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,)}
         if arch.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
-        mlps = [f"{p}mlp.experts.{e}." for e in range(dims.num_experts)] if arch.moe else [p + "mlp."]
-        if arch.moe:
-            shapes[p + "mlp.gate.weight"] = (dims.num_experts, h)
-        for mlp in mlps:
-            shapes |= {mlp + "gate_proj.weight": (inter, h), mlp + "up_proj.weight": (inter, h), mlp + "down_proj.weight": (h, inter)}
+        moe = arch.moe
+        if moe is None:
+            shapes |= _swiglu(p + "mlp.", None, dims.intermediate_size, h)
+            continue
+        block = f"{p}{moe.block}."
+        shapes[block + "gate.weight"] = (dims.num_experts, h)
+        for expert in range(dims.num_experts):
+            shapes |= _swiglu(f"{block}experts.{expert}.", moe, dims.intermediate_size, h)
+        if moe.shared_expert:
+            shapes |= _swiglu(block + "shared_expert.", None, dims.shared_expert_size, h)
+            shapes[block + "shared_expert_gate.weight"] = (1, h)
     return shapes

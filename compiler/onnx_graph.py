@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from compiler.architectures import Architecture, ModelDims
+from compiler.architectures import Architecture, ModelDims, MoeLayout
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -71,6 +71,12 @@ class _Builder:
         return self._add(name, ir.tensor(array, name=name))
 
 
+def _linear(b: _Builder, x: ir.Value, name: str, shape: tuple[int, int], bias: bool = False) -> ir.Value:
+    """x @ W^T (+ bias) for a Linear weight [out, in]."""
+    y = b.op("MatMul", [x, b.transposed(name + ".weight", shape)])
+    return b.op("Add", [y, b.weight(name + ".bias", shape[:1])]) if bias else y
+
+
 def _rms_norm(b: _Builder, x: ir.Value, weight: str, dims: ModelDims, size: int) -> ir.Value:
     return b.op("SimplifiedLayerNormalization", [x, b.weight(weight, (size,))], {"axis": -1, "epsilon": dims.rms_norm_eps})
 
@@ -84,9 +90,9 @@ def _rope_caches(b: _Builder, dims: ModelDims, max_positions: int) -> tuple[ir.V
 def _attention(b: _Builder, arch: Architecture, dims: ModelDims, h: ir.Value, layer: int, io: dict, rope) -> ir.Value:
     p = f"model.layers.{layer}.self_attn."
     d, q_width, kv_width = dims.head_dim, dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
-    q = b.op("MatMul", [h, b.transposed(p + "q_proj.weight", (q_width, dims.hidden_size))])  # [B,S,Q]
-    k = b.op("MatMul", [h, b.transposed(p + "k_proj.weight", (kv_width, dims.hidden_size))])  # [B,S,K]
-    v = b.op("MatMul", [h, b.transposed(p + "v_proj.weight", (kv_width, dims.hidden_size))])  # [B,S,K]
+    q = _linear(b, h, p + "q_proj", (q_width, dims.hidden_size), dims.attention_bias)  # [B,S,Q]
+    k = _linear(b, h, p + "k_proj", (kv_width, dims.hidden_size), dims.attention_bias)  # [B,S,K]
+    v = _linear(b, h, p + "v_proj", (kv_width, dims.hidden_size), dims.attention_bias)  # [B,S,K]
     if arch.qk_norm:
         per_head = b.const(f"layers.{layer}.per_head_shape", np.array([0, 0, -1, d], dtype=np.int64))
         flat = b.const(f"layers.{layer}.flat_shape", np.array([0, 0, -1], dtype=np.int64))
@@ -108,28 +114,27 @@ def _attention(b: _Builder, arch: Architecture, dims: ModelDims, h: ir.Value, la
     return b.op("MatMul", [attn, b.transposed(p + "o_proj.weight", (dims.hidden_size, q_width))])  # [B,S,H]
 
 
-def _dense_mlp(b: _Builder, dims: ModelDims, h: ir.Value, prefix: str) -> ir.Value:
-    shape = (dims.intermediate_size, dims.hidden_size)
-    gate = b.op("MatMul", [h, b.transposed(prefix + "gate_proj.weight", shape)])  # [B,S,I]
-    up = b.op("MatMul", [h, b.transposed(prefix + "up_proj.weight", shape)])  # [B,S,I]
+def _dense_mlp(b: _Builder, h: ir.Value, prefix: str, width: int, hidden: int) -> ir.Value:
+    gate = _linear(b, h, prefix + "gate_proj", (width, hidden))  # [B,S,I]
+    up = _linear(b, h, prefix + "up_proj", (width, hidden))  # [B,S,I]
     silu = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
-    return b.op("MatMul", [b.op("Mul", [silu, up]), b.transposed(prefix + "down_proj.weight", shape[::-1])])  # [B,S,H]
+    return _linear(b, b.op("Mul", [silu, up]), prefix + "down_proj", (hidden, width))  # [B,S,H]
 
 
-def _moe_mlp(b: _Builder, dims: ModelDims, h: ir.Value, layer: int) -> ir.Value:
-    p = f"model.layers.{layer}.mlp."
+def _moe_mlp(b: _Builder, layout: MoeLayout, dims: ModelDims, h: ir.Value, layer: int) -> ir.Value:
+    p = f"model.layers.{layer}.{layout.block}."
     e, i, hidden = dims.num_experts, dims.intermediate_size, dims.hidden_size
 
     def fc1() -> np.ndarray:
         # ORT's fused SwiGLU reads fc1 rows as gate, up, gate, up, ...: interleave each expert's two projections.
         stacked = np.empty((e, 2 * i, hidden), dtype=np.float32)  # [E,2I,H]
         for expert in range(e):
-            stacked[expert, 0::2] = b.read(f"{p}experts.{expert}.gate_proj.weight")
-            stacked[expert, 1::2] = b.read(f"{p}experts.{expert}.up_proj.weight")
+            stacked[expert, 0::2] = b.read(f"{p}experts.{expert}.{layout.gate}.weight")
+            stacked[expert, 1::2] = b.read(f"{p}experts.{expert}.{layout.up}.weight")
         return stacked
 
     def fc2() -> np.ndarray:
-        return np.stack([b.read(f"{p}experts.{expert}.down_proj.weight") for expert in range(e)])  # [E,H,I]
+        return np.stack([b.read(f"{p}experts.{expert}.{layout.down}.weight") for expert in range(e)])  # [E,H,I]
 
     tokens = b.op("Reshape", [h, b.const(f"layers.{layer}.tokens_shape", np.array([-1, hidden], dtype=np.int64))])  # [T,H]
     router_logits = b.op("MatMul", [tokens, b.transposed(p + "gate.weight", (e, hidden))])  # [T,E]
@@ -147,7 +152,13 @@ def _moe_mlp(b: _Builder, dims: ModelDims, h: ir.Value, layer: int) -> ir.Value:
         },
         domain=MS_DOMAIN,
     )  # [T,H]
-    return b.op("Reshape", [mixed, b.op("Shape", [h])])  # [B,S,H]
+    mixed = b.op("Reshape", [mixed, b.op("Shape", [h])])  # [B,S,H]
+    if not layout.shared_expert:
+        return mixed
+    # Qwen2-MoE: a dense expert for every token, scaled by a sigmoid gate of its own.
+    shared = _dense_mlp(b, h, p + "shared_expert.", dims.shared_expert_size, hidden)  # [B,S,H]
+    scale = b.op("Sigmoid", [_linear(b, h, p + "shared_expert_gate", (1, hidden))])  # [B,S,1]
+    return b.op("Add", [mixed, b.op("Mul", [shared, scale])])
 
 
 def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_sequence_length: int) -> ir.Model:
@@ -174,7 +185,8 @@ def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_s
         p = f"model.layers.{layer}."
         x = b.op("Add", [x, _attention(b, arch, dims, _rms_norm(b, x, p + "input_layernorm.weight", dims, dims.hidden_size), layer, io, rope)])
         h = _rms_norm(b, x, p + "post_attention_layernorm.weight", dims, dims.hidden_size)
-        x = b.op("Add", [x, _moe_mlp(b, dims, h, layer) if arch.moe else _dense_mlp(b, dims, h, p + "mlp.")])
+        mlp = _moe_mlp(b, arch.moe, dims, h, layer) if arch.moe else _dense_mlp(b, h, p + "mlp.", dims.intermediate_size, dims.hidden_size)
+        x = b.op("Add", [x, mlp])
     head = "model.embed_tokens.weight" if dims.tie_word_embeddings else "lm_head.weight"
     logits = b.op("MatMul", [_rms_norm(b, x, "model.norm.weight", dims, dims.hidden_size), b.transposed(head, (dims.vocab_size, dims.hidden_size))])
     logits.name = names.logits  # [B,S,V]
