@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints read lazily from safetensors, tensor by tensor, and checked against their architecture."""
+"""Hugging Face checkpoints read lazily, tensor by tensor, and checked against their architecture."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from compiler.architectures import Architecture, ModelDims, architecture_of, dims_of, expected_tensors
 from compiler.errors import CheckpointError
+from compiler.safetensors_file import SafetensorsFormatError, TensorEntry, read_header, read_tensor
 from runtime.artifact import sha256_of
 
-_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16}
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+_TORCH_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+_INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,16 @@ class TensorInfo:
 
 
 class Checkpoint:
-    """A checkpoint folder: config.json plus one or more safetensors files, opened memory-mapped."""
+    """A checkpoint folder: config.json plus safetensors weights (single or sharded), or opted-in pickle weights."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, allow_pickle: bool = False):
         self.folder = folder
         self.config = self._read_config()
         self.arch: Architecture = architecture_of(self.config)
         self.dims: ModelDims = dims_of(self.arch, self.config)
-        self.files = self._weight_files()
+        self.files = self._weight_files(allow_pickle)
+        self._entries: dict[str, TensorEntry] = {}
+        self._pickled: dict[str, Any] | None = None
         self.tensors = self._index()
 
     def _read_config(self) -> dict[str, Any]:
@@ -48,28 +52,58 @@ class Checkpoint:
             raise CheckpointError(f"{path}: config is not a JSON object")
         return config
 
-    def _weight_files(self) -> list[Path]:
+    def _weight_files(self, allow_pickle: bool) -> list[Path]:
+        index = self.folder / _INDEX
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as exc:
+                raise CheckpointError(f"{index}: malformed shard index ({exc})") from None
+            for shard in shards:
+                if Path(shard).name != shard or not (self.folder / shard).is_file():
+                    raise CheckpointError(f"{index}: shard {shard!r} is missing from {self.folder}")
+            return [self.folder / shard for shard in shards]
         files = sorted(self.folder.glob("*.safetensors"))
         if files:
             return files
-        if list(self.folder.glob("*.bin")):
+        pickled = sorted(self.folder.glob("*.bin"))
+        if pickled and not allow_pickle:
             raise CheckpointError(
                 f"{self.folder}: weights are pickle .bin files, which can run code when loaded",
-                hint="convert the checkpoint to safetensors",
+                hint="convert the checkpoint to safetensors, or set allow_pickle: true for this model in the recipe",
             )
+        if pickled:
+            return pickled
         raise CheckpointError(f"{self.folder}: no *.safetensors weight files")
 
     def _index(self) -> dict[str, TensorInfo]:
         tensors: dict[str, TensorInfo] = {}
         for path in self.files:
+            if path.suffix == ".bin":
+                for name, value in self._load_pickled(path).items():
+                    tensors[name] = TensorInfo(path.name, _TORCH_DTYPES.get(str(value.dtype), str(value.dtype)), tuple(value.shape))
+                continue
             try:
-                with safe_open(path, framework="numpy") as handle:
-                    for name in handle.keys():
-                        piece = handle.get_slice(name)
-                        tensors[name] = TensorInfo(path.name, piece.get_dtype(), tuple(piece.get_shape()))
-            except (SafetensorError, OSError) as exc:
+                header = read_header(path)
+            except (SafetensorsFormatError, OSError) as exc:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({exc})", hint="the file may be truncated; download it again") from None
+            for name, entry in header.items():
+                self._entries[name] = entry
+                tensors[name] = TensorInfo(path.name, entry.dtype, entry.shape)
         return tensors
+
+    def _load_pickled(self, path: Path) -> dict[str, Any]:
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{path}: reading pickle weights needs torch", hint="pip install 'moecc[torch]'") from None
+        # weights_only refuses arbitrary objects; mmap keeps the file out of memory until a tensor is read.
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises several types for a refused or corrupt pickle
+            raise CheckpointError(f"{path}: refused or unreadable pickle checkpoint ({exc})") from None
+        self._pickled = {**(self._pickled or {}), **loaded}
+        return loaded
 
     def validate(self) -> None:
         """Every expected tensor present with the right shape and a float dtype; nothing is read yet."""
@@ -83,16 +117,17 @@ class Checkpoint:
             if info.shape != shape:
                 raise CheckpointError(f"{self.folder}: tensor {name} has shape {list(info.shape)}, expected {list(shape)} from config.json")
             if info.dtype not in _FLOAT_DTYPES:
-                supported = ", ".join(_FLOAT_DTYPES)
-                raise CheckpointError(f"{self.folder}: tensor {name} has dtype {info.dtype}; supported: {supported}")
+                raise CheckpointError(f"{self.folder}: tensor {name} has dtype {info.dtype}; supported: {', '.join(_FLOAT_DTYPES)}")
 
     def read(self, name: str) -> np.ndarray:
         """One tensor as float32, checked for NaN and Inf."""
         info = self.tensors[name]
         try:
-            with safe_open(self.folder / info.file, framework="numpy") as handle:
-                array = handle.get_tensor(name).astype(np.float32, copy=False)
-        except (SafetensorError, OSError, ValueError) as exc:
+            if self._pickled is not None:
+                array = self._pickled[name].float().numpy()
+            else:
+                array = read_tensor(self.folder / info.file, self._entries[name])
+        except (SafetensorsFormatError, OSError) as exc:
             raise CheckpointError(f"{self.folder / info.file}: cannot read tensor {name} ({exc})") from None
         if not np.isfinite(array).all():
             raise CheckpointError(f"{self.folder}: tensor {name} holds NaN or Inf values")
@@ -106,3 +141,4 @@ class Checkpoint:
     def digests(self) -> dict[str, str]:
         """sha256 of config.json and every weight file, the identity of this checkpoint (hashed once)."""
         return dict(self._digests)
+

@@ -17,6 +17,7 @@ from compiler.architectures import Architecture, ModelDims, MoeLayout
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 WeightSource = Callable[[str], np.ndarray]  # reads one checkpoint tensor as float32
+PRECISIONS = {"fp32": (np.float32, ir.DataType.FLOAT), "fp16": (np.float16, ir.DataType.FLOAT16)}
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,10 @@ class IoNames:
 class _Builder:
     """A tape plus the model's initializers, each a LazyTensor evaluated only when the model is saved."""
 
-    def __init__(self, read: WeightSource):
+    def __init__(self, read: WeightSource, precision: str):
         self.tape = ir.tape.Tape()
         self.read = read
+        self.dtype, self.ir_dtype = PRECISIONS[precision]  # of weights and activations
         self.initializers: list[ir.Value] = []
 
     def op(self, op_type: str, inputs, attributes=None, *, domain: str = "", outputs: int = 1, name: str | None = None):
@@ -57,7 +59,7 @@ class _Builder:
 
     def lazy(self, name: str, shape: tuple[int, ...], produce: Callable[[], np.ndarray]) -> ir.Value:
         # Each weight is read from the memory-mapped checkpoint and transformed only while it is written out.
-        tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(produce(), dtype=np.float32)), ir.DataType.FLOAT, ir.Shape(shape), name=name)
+        tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(produce(), dtype=self.dtype)), self.ir_dtype, ir.Shape(shape), name=name)
         return self._add(name, tensor)
 
     def weight(self, name: str, shape: tuple[int, ...]) -> ir.Value:
@@ -84,7 +86,7 @@ def _rms_norm(b: _Builder, x: ir.Value, weight: str, dims: ModelDims, size: int)
 def _rope_caches(b: _Builder, dims: ModelDims, max_positions: int) -> tuple[ir.Value, ir.Value]:
     inv_freq = 1.0 / dims.rope_theta ** (np.arange(0, dims.head_dim, 2, dtype=np.float64) / dims.head_dim)
     angles = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)  # [P, D/2]
-    return b.const("rope.cos", np.cos(angles).astype(np.float32)), b.const("rope.sin", np.sin(angles).astype(np.float32))
+    return b.const("rope.cos", np.cos(angles).astype(b.dtype)), b.const("rope.sin", np.sin(angles).astype(b.dtype))
 
 
 def _attention(b: _Builder, arch: Architecture, dims: ModelDims, h: ir.Value, layer: int, io: dict, rope) -> ir.Value:
@@ -161,9 +163,12 @@ def _moe_mlp(b: _Builder, layout: MoeLayout, dims: ModelDims, h: ir.Value, layer
     return b.op("Add", [mixed, b.op("Mul", [shared, scale])])
 
 
-def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_sequence_length: int) -> ir.Model:
-    """The decoder with KV cache as an ONNX model whose weights are read from `read` only when saved."""
-    b = _Builder(read)
+def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_sequence_length: int, precision: str = "fp32") -> ir.Model:
+    """The decoder with KV cache as an ONNX model whose weights are read from `read` only when saved.
+
+    Weights, activations and the KV cache are in `precision`; logits are always float32.
+    """
+    b = _Builder(read, precision)
     batch, seq, past = ir.SymbolicDim("batch"), ir.SymbolicDim("sequence"), ir.SymbolicDim("past_sequence")
     names = IoNames()
     input_ids = ir.Value(name=names.input_ids, shape=ir.Shape([batch, seq]), type=ir.TensorType(ir.DataType.INT64))
@@ -174,7 +179,7 @@ def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_s
         "seqlens_k": seqlens_k,
         "total_sequence_length": total,
         "past": [
-            tuple(ir.Value(name=IoNames.past(layer, kind), shape=kv_shape, type=ir.TensorType(ir.DataType.FLOAT)) for kind in ("key", "value"))
+            tuple(ir.Value(name=IoNames.past(layer, kind), shape=kv_shape, type=ir.TensorType(b.ir_dtype)) for kind in ("key", "value"))
             for layer in range(dims.num_layers)
         ],
         "present": [],
@@ -189,6 +194,8 @@ def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_s
         x = b.op("Add", [x, mlp])
     head = "model.embed_tokens.weight" if dims.tie_word_embeddings else "lm_head.weight"
     logits = b.op("MatMul", [_rms_norm(b, x, "model.norm.weight", dims, dims.hidden_size), b.transposed(head, (dims.vocab_size, dims.hidden_size))])
+    if b.ir_dtype != ir.DataType.FLOAT:
+        logits = b.op("Cast", [logits], {"to": ir.DataType.FLOAT})
     logits.name = names.logits  # [B,S,V]
 
     graph = ir.Graph(

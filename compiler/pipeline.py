@@ -115,8 +115,8 @@ class StageCache:
         return final, result
 
 
-def _run_model(role: str, folder: Path, loaded: LoadedRecipe, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], dict[str, Path]]:
-    checkpoint = Checkpoint(folder)
+def _run_model(role: str, loaded: LoadedRecipe, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], dict[str, Path]]:
+    checkpoint = Checkpoint(getattr(loaded, f"{role}_checkpoint"), allow_pickle=getattr(loaded.recipe, role).allow_pickle)
     upstream = _digest({"checkpoint": checkpoint.digests()})
     records, outputs = [], {}
     for stage in STAGES:
@@ -202,7 +202,7 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
     tools = tool_versions()
     cache = StageCache(cache_root or output_root / ".cache")
     tokenizer = _tokenizer(loaded)
-    results = {role: _run_model(role, getattr(loaded, f"{role}_checkpoint"), loaded, cache, observer, tools) for role in ROLES}
+    results = {role: _run_model(role, loaded, cache, observer, tools) for role in ROLES}
     main_dims, draft_dims = results["main"][0].dims, results["draft"][0].dims
     if main_dims.vocab_size != draft_dims.vocab_size:
         raise BuildError(f"main vocabulary {main_dims.vocab_size} differs from draft vocabulary {draft_dims.vocab_size}")

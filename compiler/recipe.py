@@ -21,10 +21,11 @@ class ModelSource(_Frozen):
     """Where one model of the pair comes from."""
 
     checkpoint: str = Field(description="checkpoint folder, relative to the recipe file")
+    allow_pickle: bool = Field(default=False, description="accept pickle .bin weights, loaded with torch weights_only")
 
 
 class ExportConfig(_Frozen):
-    precision: Literal["fp32"] = "fp32"
+    precision: Literal["fp32", "fp16"] = Field(default="fp32", description="fp16 halves the size; for GPU targets")
     max_sequence_length: int = Field(default=2048, gt=0, le=1 << 20)
 
 

@@ -11,6 +11,8 @@ import onnxruntime as ort
 from runtime.artifact import ModelEntry
 from runtime.errors import ArtifactError
 
+_KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
 
 def _check_external_data(model_path: Path, allowed: set[str]) -> None:
     """Refuse external-data references that leave the artifact or name a file the manifest does not list."""
@@ -62,7 +64,7 @@ class KvCache:
         self._buffers = []  # keeps the OrtValues alive as long as the binding uses them
         for layer in range(entry.num_layers):
             for kind in ("key", "value"):
-                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=_KV_DTYPES[entry.precision]))
                 self.binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", buffer)
                 self.binding.bind_ortvalue_output(f"present.{layer}.{kind}", buffer)
                 self._buffers.append(buffer)

@@ -19,7 +19,7 @@ DATA_FILE = "model.onnx.data"
 
 class ExportConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    precision: Literal["fp32"] = "fp32"
+    precision: Literal["fp32", "fp16"] = "fp32"
     max_sequence_length: int = 2048
 
 
@@ -33,7 +33,7 @@ class ExportResult(BaseModel):
 
 
 def run(checkpoint: Checkpoint, config: ExportConfig, out_dir: Path, progress=None) -> ExportResult:
-    model = build_decoder(checkpoint.arch, checkpoint.dims, checkpoint.read, config.max_sequence_length)
+    model = build_decoder(checkpoint.arch, checkpoint.dims, checkpoint.read, config.max_sequence_length, config.precision)
     total = len(model.graph.initializers)
 
     def written(tensor, info) -> None:  # called by onnx_ir once per tensor as it streams to disk

@@ -65,7 +65,7 @@ def test_unknown_architecture_lists_supported(main_copy):
     config = json.loads((main_copy / "config.json").read_text())
     config["architectures"] = ["GPTNeoXForCausalLM"]
     (main_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"unsupported architecture \['GPTNeoXForCausalLM'\]; supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
+    with pytest.raises(CheckpointError, match=r"unsupported architecture \['GPTNeoXForCausalLM'\]; supported: LlamaForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
         Checkpoint(main_copy)
 
 
