@@ -84,3 +84,25 @@ def test_every_expert_is_in_the_graph(tiny_artifact):
     assert len(moe_nodes) == 2
     for node in moe_nodes:
         assert shapes[node.input[2]][0] == 8 and shapes[node.input[4]][0] == 8
+
+
+def test_expert_unrouted_by_calibration_input_is_exported_and_correct(tiny_artifact, tiny_pair):
+    """Export does not trace inputs: an expert no calibration-style token reached still computes correctly later."""
+    model = _reference(tiny_pair / "main")
+    top_k = model.config.num_experts_per_tok
+
+    def routed(ids):  # layer 0's chosen experts for each token
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), output_router_logits=True).router_logits[0]
+        return set(torch.topk(logits, top_k, dim=-1).indices.flatten().tolist())
+
+    calibration = [5, 17, 33]
+    unrouted = set(range(model.config.num_experts)) - routed(calibration)
+    assert unrouted, "the calibration input should leave some expert without tokens"
+    later = next(
+        [token] + calibration for token in range(1, 320) if routed([token] + calibration) & unrouted
+    )  # an input whose routing reaches one of them
+    cache = runtime.load(tiny_artifact).main.new_cache()
+    with torch.no_grad():
+        expected = model(torch.tensor([later])).logits[0].numpy()
+    assert np.abs(cache.feed(later) - expected).max() <= TOLERANCE
