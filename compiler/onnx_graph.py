@@ -7,7 +7,7 @@ Q query width (heads*D), K key/value width (kv heads*D), D head dim, E experts, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -38,6 +38,23 @@ class IoNames:
         return f"present.{layer}.{kind}"
 
 
+class _StreamedTensor(ir.LazyTensor):
+    """A weight written to external data block by block (one expert at a time), never whole in memory."""
+
+    def __init__(self, blocks: Callable[[], Iterator[np.ndarray]], dtype: np.dtype, ir_dtype: ir.DataType, shape: tuple[int, ...], name: str):
+        super().__init__(lambda: ir.tensor(np.concatenate(list(self._cast(blocks())))), ir_dtype, ir.Shape(shape), name=name)
+        self._blocks = blocks
+        self._np_dtype = dtype
+
+    def _cast(self, blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        for block in blocks:
+            yield np.ascontiguousarray(block, dtype=self._np_dtype)
+
+    def tofile(self, file) -> None:
+        for block in self._cast(self._blocks()):
+            file.write(block.tobytes())
+
+
 class _Builder:
     """A tape plus the model's initializers, each a LazyTensor evaluated only when the model is saved."""
 
@@ -61,6 +78,10 @@ class _Builder:
         # Each weight is read from the memory-mapped checkpoint and transformed only while it is written out.
         tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(produce(), dtype=self.dtype)), self.ir_dtype, ir.Shape(shape), name=name)
         return self._add(name, tensor)
+
+    def streamed(self, name: str, shape: tuple[int, ...], blocks: Callable[[], Iterator[np.ndarray]]) -> ir.Value:
+        """A weight whose bytes are produced block by block along its first axis."""
+        return self._add(name, _StreamedTensor(blocks, self.dtype, self.ir_dtype, shape, name))
 
     def weight(self, name: str, shape: tuple[int, ...]) -> ir.Value:
         return self.lazy(name, shape, lambda: self.read(name))
@@ -127,22 +148,24 @@ def _moe_mlp(b: _Builder, layout: MoeLayout, dims: ModelDims, h: ir.Value, layer
     p = f"model.layers.{layer}.{layout.block}."
     e, i, hidden = dims.num_experts, dims.intermediate_size, dims.hidden_size
 
-    def fc1() -> np.ndarray:
-        # ORT's fused SwiGLU reads fc1 rows as gate, up, gate, up, ...: interleave each expert's two projections.
-        stacked = np.empty((e, 2 * i, hidden), dtype=np.float32)  # [E,2I,H]
+    # Expert weights stream one expert at a time, so export memory does not grow with the number of experts.
+    def fc1() -> Iterator[np.ndarray]:
         for expert in range(e):
-            stacked[expert, 0::2] = b.read(f"{p}experts.{expert}.{layout.gate}.weight")
-            stacked[expert, 1::2] = b.read(f"{p}experts.{expert}.{layout.up}.weight")
-        return stacked
+            # ORT's fused SwiGLU reads fc1 rows as gate, up, gate, up, ...: interleave the two projections.
+            block = np.empty((1, 2 * i, hidden), dtype=np.float32)  # [1,2I,H] of [E,2I,H]
+            block[0, 0::2] = b.read(f"{p}experts.{expert}.{layout.gate}.weight")
+            block[0, 1::2] = b.read(f"{p}experts.{expert}.{layout.up}.weight")
+            yield block
 
-    def fc2() -> np.ndarray:
-        return np.stack([b.read(f"{p}experts.{expert}.{layout.down}.weight") for expert in range(e)])  # [E,H,I]
+    def fc2() -> Iterator[np.ndarray]:
+        for expert in range(e):
+            yield b.read(f"{p}experts.{expert}.{layout.down}.weight")[None]  # [1,H,I] of [E,H,I]
 
     tokens = b.op("Reshape", [h, b.const(f"layers.{layer}.tokens_shape", np.array([-1, hidden], dtype=np.int64))])  # [T,H]
     router_logits = b.op("MatMul", [tokens, b.transposed(p + "gate.weight", (e, hidden))])  # [T,E]
     mixed = b.op(
         "MoE",
-        [tokens, router_logits, b.lazy(p + "experts.fc1", (e, 2 * i, hidden), fc1), None, b.lazy(p + "experts.fc2", (e, hidden, i), fc2)],
+        [tokens, router_logits, b.streamed(p + "experts.fc1", (e, 2 * i, hidden), fc1), None, b.streamed(p + "experts.fc2", (e, hidden, i), fc2)],
         {
             "k": dims.experts_per_token,
             "activation_type": "swiglu",
