@@ -65,7 +65,7 @@ class ModelDims:
     norm_topk_prob: bool
     shared_expert_size: int  # 0 without a shared expert
     attention_bias: bool
-    rope_theta: float
+    rope: RopeScaling
     rms_norm_eps: float
     tie_word_embeddings: bool
     max_position_embeddings: int
@@ -80,16 +80,39 @@ def architecture_of(config: dict[str, Any]) -> Architecture:
     raise CheckpointError(f"unsupported architecture {names or config.get('model_type')!r}; supported: {supported}")
 
 
-def _rope_theta(config: dict[str, Any]) -> float:
-    # transformers 5 nests RoPE settings under rope_parameters; transformers 4 has rope_theta at the top.
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequencies: the default, or a scaling that stretches them for longer contexts."""
+
+    theta: float
+    kind: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+
+_ROPE_KINDS = ("default", "linear", "llama3")
+
+
+def _rope(config: dict[str, Any]) -> RopeScaling:
+    # transformers 5 nests RoPE settings under rope_parameters; transformers 4 has rope_theta at the top
+    # and the scaling under rope_scaling (with "type" in older files).
     parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
     theta = parameters.get("rope_theta", config.get("rope_theta"))
     if theta is None:
         raise CheckpointError("config.json has no rope_theta (nor rope_parameters.rope_theta)")
-    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
-    if rope_type != "default":
-        raise CheckpointError(f"RoPE scaling {rope_type!r} is not supported yet; supported: default")
-    return float(theta)
+    kind = parameters.get("rope_type", parameters.get("type", "default"))
+    if kind not in _ROPE_KINDS:
+        raise CheckpointError(f"RoPE scaling {kind!r} is not supported yet; supported: {', '.join(_ROPE_KINDS)}")
+    return RopeScaling(
+        theta=float(theta),
+        kind=kind,
+        factor=float(parameters.get("factor", 1.0)),
+        low_freq_factor=float(parameters.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(parameters.get("high_freq_factor", 4.0)),
+        original_max_positions=int(parameters.get("original_max_position_embeddings") or config.get("max_position_embeddings", 8192)),
+    )
 
 
 def dims_of(arch: Architecture, config: dict[str, Any]) -> ModelDims:
@@ -124,7 +147,7 @@ def dims_of(arch: Architecture, config: dict[str, Any]) -> ModelDims:
         norm_topk_prob=renormalize,
         shared_expert_size=int(need("shared_expert_intermediate_size")) if moe and moe.shared_expert else 0,
         attention_bias=arch.attention_bias if arch.attention_bias is not None else bool(config.get("attention_bias", False)),
-        rope_theta=_rope_theta(config),
+        rope=_rope(config),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         max_position_embeddings=int(config.get("max_position_embeddings", 4096)),

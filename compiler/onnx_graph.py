@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 import onnx_ir as ir
 
-from compiler.architectures import Architecture, ModelDims, MoeLayout
+from compiler.architectures import Architecture, ModelDims, MoeLayout, RopeScaling
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -104,8 +104,23 @@ def _rms_norm(b: _Builder, x: ir.Value, weight: str, dims: ModelDims, size: int)
     return b.op("SimplifiedLayerNormalization", [x, b.weight(weight, (size,))], {"axis": -1, "epsilon": dims.rms_norm_eps})
 
 
+def _inverse_frequencies(rope: RopeScaling, head_dim: int) -> np.ndarray:
+    inv_freq = 1.0 / rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        # Llama 3.1: slow the low frequencies by `factor`, keep the high ones, blend the band between.
+        wavelength = 2 * np.pi / inv_freq
+        low_band = rope.original_max_positions / rope.low_freq_factor
+        high_band = rope.original_max_positions / rope.high_freq_factor
+        smooth = (rope.original_max_positions / wavelength - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq
+        return np.where(wavelength > low_band, inv_freq / rope.factor, np.where(wavelength < high_band, inv_freq, blended))
+    return inv_freq
+
+
 def _rope_caches(b: _Builder, dims: ModelDims, max_positions: int) -> tuple[ir.Value, ir.Value]:
-    inv_freq = 1.0 / dims.rope_theta ** (np.arange(0, dims.head_dim, 2, dtype=np.float64) / dims.head_dim)
+    inv_freq = _inverse_frequencies(dims.rope, dims.head_dim)
     angles = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)  # [P, D/2]
     return b.const("rope.cos", np.cos(angles).astype(b.dtype)), b.const("rope.sin", np.sin(angles).astype(b.dtype))
 

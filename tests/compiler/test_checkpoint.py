@@ -79,3 +79,34 @@ def test_missing_config(main_copy):
     (main_copy / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         Checkpoint(main_copy)
+
+
+def test_unsupported_rope_scaling_is_named(main_copy):
+    config = json.loads((main_copy / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (main_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"RoPE scaling 'yarn' is not supported yet; supported: default, linear, llama3"):
+        Checkpoint(main_copy)
+
+
+def test_integer_tensor_is_refused(main_copy):
+    _rewrite(main_copy, lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}))
+    with pytest.raises(CheckpointError, match=r"tensor model\.norm\.weight has dtype I32; supported: F32, F16, BF16"):
+        Checkpoint(main_copy).validate()
+
+
+def test_infinite_value_is_named(main_copy):
+    def poison(tensors):
+        tensors["model.layers.1.mlp.experts.2.down_proj.weight"][3, 3] = np.inf
+
+    _rewrite(main_copy, poison)
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.mlp\.experts\.2\.down_proj\.weight holds NaN or Inf"):
+        load.run(Checkpoint(main_copy), load.LoadConfig())
+
+
+def test_dense_layers_between_moe_layers_are_refused(main_copy):
+    config = json.loads((main_copy / "config.json").read_text())
+    config["mlp_only_layers"] = [1]
+    (main_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="mlp_only_layers"):
+        Checkpoint(main_copy)

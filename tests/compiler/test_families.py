@@ -27,6 +27,11 @@ FAMILIES = {
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**ATTENTION, head_dim=16, intermediate_size=96)),
     "qwen2_tied": lambda: Qwen2ForCausalLM(Qwen2Config(**ATTENTION, intermediate_size=96, tie_word_embeddings=True)),
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**ATTENTION, intermediate_size=96)),
+    "llama_rope_llama3": lambda: LlamaForCausalLM(LlamaConfig(**ATTENTION, intermediate_size=96, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    })),
+    "qwen2_rope_linear": lambda: Qwen2ForCausalLM(Qwen2Config(**ATTENTION, intermediate_size=96, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
 }
 
 
