@@ -106,3 +106,17 @@ def test_expert_unrouted_by_calibration_input_is_exported_and_correct(tiny_artif
     with torch.no_grad():
         expected = model(torch.tensor([later])).logits[0].numpy()
     assert np.abs(cache.feed(later) - expected).max() <= TOLERANCE
+
+
+def test_shipped_main_greedy_continuations_match_transformers(shipped_artifact):
+    from compiler import corpus
+    from conftest import REPO
+
+    generator = runtime.load(shipped_artifact)
+    model = _reference(REPO / "recipes" / "tiny-coder" / "main")
+    for prompt in corpus.heldout_prompts(3):
+        ids = generator.encode(prompt)
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+        ours = [t for step in generator.stream_ids(ids, max_new_tokens=32, speculative=False, stop_tokens=set()) for t in step]
+        assert ours == expected[0, len(ids) :].tolist()
