@@ -39,6 +39,9 @@ class Decoder:
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # The main and draft sessions take turns on the same cores: a pool that spins after its call
+        # steals the cores the other session needs next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.entry = entry
 
