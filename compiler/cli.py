@@ -67,6 +67,7 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "total_bytes": sum(f.size for f in manifest.files.values()),
         "stages": [r.model_dump(include={"model", "stage", "seconds", "cached"}) for r in manifest.stages],
         "accuracy": [r.result for r in manifest.stages if r.stage == "verify"],
+        "routing": {r.model: r.result for r in manifest.stages if r.stage == "calibrate" and r.result.get("moe_layers")},
         "generation": manifest.generation.model_dump(),
         "tools": manifest.tools,
     }
@@ -85,6 +86,14 @@ def _print_summary(console: Console, summary: dict[str, Any], title: str) -> Non
     for record in summary["stages"]:
         stages.add_row(record["model"], record["stage"], f"{record['seconds']:.2f}", "yes" if record["cached"] else "no")
     console.print(stages)
+    for role, routing in summary["routing"].items():
+        table = Table(title=f"{role} routing on {routing['tokens']:,} calibration tokens")
+        for column in ("layer", "tokens per expert (min / max)", "max / mean load", "rarely routed experts"):
+            table.add_column(column)
+        for layer, counts in enumerate(routing["tokens_per_expert"]):
+            rare = [str(r["expert"]) for r in routing["rarely_routed"] if r["layer"] == layer]
+            table.add_row(str(layer), f"{min(counts)} / {max(counts)}", f"{max(counts) * len(counts) / max(1, sum(counts)):.2f}", ", ".join(rare) or "-")
+        console.print(table)
     if not summary["accuracy"]:
         console.print("accuracy: no verify stage in this artifact")
     console.print(f"artifact: {summary['artifact']} ({_size(summary['total_bytes'])})")

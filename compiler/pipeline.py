@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -18,8 +19,8 @@ from pydantic import BaseModel
 
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
-from compiler.recipe import LoadedRecipe, recipe_json
-from compiler.stages import export, load
+from compiler.recipe import LoadedRecipe, calibration_text, recipe_json
+from compiler.stages import calibrate, export, load
 from runtime.artifact import MANIFEST_NAME, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
 
 ROLES = ("main", "draft")
@@ -28,20 +29,53 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 @dataclass(frozen=True)
+class BuildContext:
+    """What stages may read besides their model's checkpoint: the recipe and the calibration text."""
+
+    loaded: LoadedRecipe
+    calibration_text: str
+
+    @functools.cached_property
+    def calibration_sha256(self) -> str:
+        return hashlib.sha256(self.calibration_text.encode()).hexdigest()
+
+
+def _no_inputs(outputs: dict[str, Path], context: BuildContext) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     version: str  # bump when the stage writes something different for the same inputs
-    run: Callable[..., BaseModel]  # run(checkpoint, config, out_dir, progress) -> result
-    config_for: Callable[[LoadedRecipe], BaseModel]
+    run: Callable[..., BaseModel]  # run(checkpoint, config, out_dir, progress, **inputs) -> result
+    config_for: Callable[[BuildContext], BaseModel]
+    inputs_for: Callable[[dict[str, Path], BuildContext], dict[str, Any]] = _no_inputs  # earlier outputs it reads
+
+
+def _calibrate_config(context: BuildContext) -> calibrate.CalibrateConfig:
+    settings, recipe = context.loaded.recipe.calibrate, context.loaded.recipe
+    return calibrate.CalibrateConfig(
+        text_sha256=context.calibration_sha256, max_tokens=settings.max_tokens,
+        window=min(settings.window, recipe.export.max_sequence_length),
+        min_tokens_per_expert=settings.min_tokens_per_expert,
+    )
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("load", load.VERSION, load.run, lambda r: load.LoadConfig()),
+    Stage("load", load.VERSION, load.run, lambda c: load.LoadConfig()),
     Stage(
         "export",
         export.VERSION,
         export.run,
-        lambda r: export.ExportConfig(precision=r.recipe.export.precision, max_sequence_length=r.recipe.export.max_sequence_length),
+        lambda c: export.ExportConfig(precision=c.loaded.recipe.export.precision, max_sequence_length=c.loaded.recipe.export.max_sequence_length),
+    ),
+    Stage(
+        "calibrate",
+        calibrate.VERSION,
+        calibrate.run,
+        _calibrate_config,
+        lambda outputs, c: {"export_dir": outputs["export"], "text": c.calibration_text},
     ),
 )
 
@@ -115,19 +149,20 @@ class StageCache:
         return final, result
 
 
-def _run_model(role: str, loaded: LoadedRecipe, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], dict[str, Path]]:
+def _run_model(role: str, context: BuildContext, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], dict[str, Path]]:
+    loaded = context.loaded
     checkpoint = Checkpoint(getattr(loaded, f"{role}_checkpoint"), allow_pickle=getattr(loaded.recipe, role).allow_pickle)
     upstream = _digest({"checkpoint": checkpoint.digests()})
     records, outputs = [], {}
     for stage in STAGES:
-        config = stage.config_for(loaded)
+        config = stage.config_for(context)
         config_json = json.loads(config.model_dump_json())
         key = _digest({"stage": stage.name, "version": stage.version, "config": config_json, "upstream": upstream, "tools": tools})
         observer.stage_started(role, stage.name)
         started = time.perf_counter()
         hit = cache.lookup(stage.name, key)
         if hit is None:
-            folder_out, result = cache.store(stage.name, key, lambda out: stage.run(checkpoint, config, out, observer.stage_progress))
+            folder_out, result = cache.store(stage.name, key, lambda out: stage.run(checkpoint, config, out, observer.stage_progress, **stage.inputs_for(outputs, context)))
         else:
             folder_out, result = hit
         record = StageRecord(
@@ -202,7 +237,8 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
     tools = tool_versions()
     cache = StageCache(cache_root or output_root / ".cache")
     tokenizer = _tokenizer(loaded)
-    results = {role: _run_model(role, loaded, cache, observer, tools) for role in ROLES}
+    context = BuildContext(loaded, calibration_text(loaded))
+    results = {role: _run_model(role, context, cache, observer, tools) for role in ROLES}
     main_dims, draft_dims = results["main"][0].dims, results["draft"][0].dims
     if main_dims.vocab_size != draft_dims.vocab_size:
         raise BuildError(f"main vocabulary {main_dims.vocab_size} differs from draft vocabulary {draft_dims.vocab_size}")

@@ -10,7 +10,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from compiler import corpus
 from compiler.errors import RecipeError
+
+STDLIB_HELDOUT = "stdlib:heldout"
 
 
 class _Frozen(BaseModel):
@@ -29,6 +32,13 @@ class ExportConfig(_Frozen):
     max_sequence_length: int = Field(default=2048, gt=0, le=1 << 20)
 
 
+class CalibrateSettings(_Frozen):
+    text: str = Field(default="stdlib:heldout", description="a file or folder relative to the recipe, or stdlib:heldout")
+    max_tokens: int = Field(default=16384, gt=0)
+    window: int = Field(default=256, gt=0, le=8192)
+    min_tokens_per_expert: int = Field(default=16, ge=0, description="experts routed fewer tokens are reported")
+
+
 class GenerationDefaults(_Frozen):
     draft_length: int = Field(default=4, ge=1, le=32)
     max_new_tokens: int = Field(default=128, ge=1)
@@ -41,6 +51,7 @@ class Recipe(_Frozen):
     draft: ModelSource
     targets: tuple[Literal["cpu"], ...] = ("cpu",)
     export: ExportConfig = ExportConfig()
+    calibrate: CalibrateSettings = CalibrateSettings()
     generation: GenerationDefaults = GenerationDefaults()
 
 
@@ -124,6 +135,11 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
             )
         return folder
 
+    text = recipe.calibrate.text
+    if text != STDLIB_HELDOUT and not (source.parent / text).exists():
+        line = _line_of(root, ("calibrate", "text"))
+        raise RecipeError(f"{source}:{line}: field 'calibrate.text': calibration text not found: {source.parent / text}")
+
     return LoadedRecipe(
         recipe=recipe,
         path=source.resolve(),
@@ -131,6 +147,17 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         main_checkpoint=checkpoint_folder("main"),
         draft_checkpoint=checkpoint_folder("draft"),
     )
+
+
+def calibration_text(loaded: LoadedRecipe) -> str:
+    """The calibration text a recipe names: the held-out standard library, one file, or every text file of a folder."""
+    text = loaded.recipe.calibrate.text
+    if text == STDLIB_HELDOUT:
+        paths = corpus.stdlib_files("heldout")
+    else:
+        target = loaded.path.parent / text
+        paths = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix in (".py", ".txt", ".md")) if target.is_dir() else [target]
+    return "\n".join(corpus.read_text(path) for path in paths)
 
 
 def recipe_json(recipe: Recipe) -> dict[str, Any]:

@@ -64,5 +64,8 @@ def make_pair(root: Path, tokenizer: Tokenizer | None = None) -> tuple[Path, Pat
 
 def write_recipe(root: Path, name: str = "tiny", extra: str = "") -> Path:
     path = root / f"{name}.yaml"
-    path.write_text(f"name: {name}\nmain:\n  checkpoint: main\ndraft:\n  checkpoint: draft\nexport:\n  max_sequence_length: 256\n{extra}")
+    path.write_text(
+        f"name: {name}\nmain:\n  checkpoint: main\ndraft:\n  checkpoint: draft\nexport:\n  max_sequence_length: 256\n"
+        f"calibrate:\n  max_tokens: 1024\n{extra}"
+    )
     return path

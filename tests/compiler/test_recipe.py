@@ -71,3 +71,20 @@ def test_missing_recipe_file(tmp_path):
 def test_top_level_must_be_a_mapping(tmp_path):
     with pytest.raises(RecipeError, match="mapping"):
         load_recipe(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_missing_calibration_text_names_field_and_line(tmp_path):
+    path = _write(tmp_path, GOOD + "calibrate:\n  text: corpus/absent\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml:7: field 'calibrate\.text': calibration text not found"):
+        load_recipe(path)
+
+
+def test_calibration_text_from_a_folder(tmp_path):
+    from compiler.recipe import calibration_text
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "b.py").write_text("second")
+    (tmp_path / "corpus" / "a.txt").write_text("first")
+    (tmp_path / "corpus" / "skip.bin").write_bytes(b"\0")
+    loaded = load_recipe(_write(tmp_path, GOOD + "calibrate:\n  text: corpus\n"))
+    assert calibration_text(loaded) == "first\nsecond"

@@ -1,0 +1,119 @@
+"""Stage `calibrate`: run calibration text through the exported fp32 model and measure expert routing.
+
+Legend: T tokens of one window, E experts, L MoE layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict
+from tokenizers import Tokenizer
+
+from compiler.checkpoint import Checkpoint
+from compiler.stages.export import MODEL_FILE
+
+VERSION = "1"
+ROUTING_FILE = "routing.json"
+
+
+class CalibrateConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    text_sha256: str  # identity of the calibration text (the text itself comes with the stage inputs)
+    max_tokens: int
+    window: int  # tokens per forward pass, at most the exported maximum sequence length
+    min_tokens_per_expert: int  # experts routed fewer tokens than this are reported as rarely routed
+
+
+class RareExpert(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    layer: int
+    expert: int
+    tokens: int
+
+
+class CalibrateResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    tokens: int
+    moe_layers: int
+    tokens_per_expert: list[list[int]]  # [L][E]: tokens whose top-k included the expert
+    mean_gate_weight: list[list[float]]  # [L][E]: mean routing weight over the tokens routed to it
+    rarely_routed: list[RareExpert]
+
+
+def _router_outputs(model_path: Path) -> tuple[bytes, list[str], list[int]]:
+    """The model with each MoE node's router logits exposed as graph outputs, and each node's top-k."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    names, top_k = [], []
+    for node in proto.graph.node:
+        if node.op_type in ("MoE", "QMoE") and node.domain == "com.microsoft":
+            names.append(node.input[1])
+            top_k.append(next(attr.i for attr in node.attribute if attr.name == "k"))
+            proto.graph.output.append(onnx.ValueInfoProto(name=node.input[1]))  # type inferred: fp32 or fp16
+    return proto.SerializeToString(), names, top_k
+
+
+def _routing_weights(logits: np.ndarray, k: int, renormalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k experts [T,k] and their weights [T,k], as the MoE kernel computes them."""
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)  # [T,E]
+    chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # [T,k]
+    weights = np.take_along_axis(probs, chosen, axis=-1)  # [T,k]
+    if renormalize:
+        weights /= weights.sum(axis=-1, keepdims=True)
+    return chosen, weights
+
+
+def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress=None, *, export_dir: Path, text: str) -> CalibrateResult:
+    dims = checkpoint.dims
+    if dims.num_experts == 0:
+        result = CalibrateResult(tokens=0, moe_layers=0, tokens_per_expert=[], mean_gate_weight=[], rarely_routed=[])
+        (out_dir / ROUTING_FILE).write_text(result.model_dump_json(indent=1))
+        return result
+    tokenizer = Tokenizer.from_file(str(checkpoint.folder / "tokenizer.json"))
+    ids = tokenizer.encode(text).ids[: config.max_tokens]
+    model_bytes, router_names, top_ks = _router_outputs(export_dir / MODEL_FILE)
+    options = ort.SessionOptions()
+    # The model comes from memory; its weights stay in the export stage's external-data file.
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export_dir))
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    kv_dtype = np.float16 if "float16" in session.get_inputs()[-1].type else np.float32
+    empty_past = {
+        value.name: np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), kv_dtype)
+        for value in session.get_inputs()
+        if value.name.startswith("past_key_values.")
+    }
+    layers, experts = len(router_names), dims.num_experts
+    counts = np.zeros((layers, experts), np.int64)
+    weight_sums = np.zeros((layers, experts), np.float64)
+    windows = range(0, len(ids), config.window)
+    for done, start in enumerate(windows, start=1):
+        chunk = ids[start : start + config.window]
+        feeds = {"input_ids": np.asarray([chunk]), "seqlens_k": np.asarray([len(chunk) - 1], np.int32),
+                 "total_sequence_length": np.asarray(len(chunk), np.int32)} | empty_past
+        for layer, logits in enumerate(session.run(router_names, feeds)):  # [T,E] per MoE layer
+            chosen, weights = _routing_weights(logits.astype(np.float32), top_ks[layer], dims.norm_topk_prob)
+            np.add.at(counts[layer], chosen.ravel(), 1)
+            np.add.at(weight_sums[layer], chosen.ravel(), weights.ravel())
+        if progress:
+            progress(done, len(windows))
+    mean_gate = np.divide(weight_sums, counts, out=np.zeros_like(weight_sums), where=counts > 0)
+    rare = [
+        RareExpert(layer=layer, expert=expert, tokens=int(counts[layer, expert]))
+        for layer in range(layers)
+        for expert in range(experts)
+        if counts[layer, expert] < config.min_tokens_per_expert
+    ]
+    result = CalibrateResult(
+        tokens=len(ids),
+        moe_layers=layers,
+        tokens_per_expert=counts.tolist(),
+        mean_gate_weight=np.round(mean_gate, 6).tolist(),
+        rarely_routed=rare,
+    )
+    (out_dir / ROUTING_FILE).write_text(json.dumps(json.loads(result.model_dump_json()), indent=1))
+    return result
