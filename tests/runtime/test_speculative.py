@@ -124,3 +124,14 @@ def test_max_sequence_length_is_respected(tiny_artifact):
     assert len(ids) + len(tokens) <= capacity + 1
     with pytest.raises(runtime.MoeccError, match="exceeds the maximum sequence length"):
         generator.stream_ids([1] * (capacity + 1))
+
+
+def test_one_generator_serves_several_threads(tiny_artifact):
+    from concurrent.futures import ThreadPoolExecutor
+
+    generator = runtime.load(tiny_artifact)
+    prompts = PROMPTS[:6]
+    alone = [generator.generate(p, max_new_tokens=24, draft_length=3).token_ids for p in prompts]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        together = list(pool.map(lambda p: generator.generate(p, max_new_tokens=24, draft_length=3).token_ids, prompts))
+    assert together == alone
