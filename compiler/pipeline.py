@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, calibration_text, recipe_json
-from compiler.stages import calibrate, export, load
+from compiler.stages import calibrate, export, load, quantize
 from runtime.artifact import MANIFEST_NAME, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
 
 ROLES = ("main", "draft")
@@ -77,7 +77,15 @@ STAGES: tuple[Stage, ...] = (
         _calibrate_config,
         lambda outputs, c: {"export_dir": outputs["export"], "text": c.calibration_text},
     ),
+    Stage(
+        "quantize",
+        quantize.VERSION,
+        quantize.run,
+        lambda c: quantize.QuantizeConfig(weights=c.loaded.recipe.quantize.weights, block_size=c.loaded.recipe.quantize.block_size),
+        lambda outputs, c: {"export_dir": outputs["export"]},
+    ),
 )
+MODEL_STAGE = "quantize"  # the stage whose output files are the artifact's model
 
 
 class BuildObserver(Protocol):
@@ -187,12 +195,13 @@ def _eos_token_id(checkpoint: Checkpoint, tokenizer_path: Path) -> int | None:
 
 
 def _model_entry(role: str, checkpoint: Checkpoint, records: list[StageRecord]) -> ModelEntry:
-    loaded, exported = (next(r.result for r in records if r.stage == name) for name in ("load", "export"))
+    loaded, exported, quantized = (next(r.result for r in records if r.stage == name) for name in ("load", "export", "quantize"))
     dims = checkpoint.dims
     return ModelEntry(
         path=f"{role}/{export.MODEL_FILE}",
         architecture=loaded["architecture"],
-        precision=exported["precision"],
+        precision=quantized["precision"] if quantized["precision"] != "fp32" else exported["precision"],
+        activations=exported["precision"],
         num_layers=dims.num_layers,
         num_kv_heads=dims.num_kv_heads,
         head_dim=dims.head_dim,
@@ -249,7 +258,7 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
         for role, (_, _, outputs) in results.items():
             (staging / role).mkdir()
             for name in (export.MODEL_FILE, export.DATA_FILE):
-                shutil.copyfile(outputs["export"] / name, staging / role / name)
+                shutil.copyfile(outputs[MODEL_STAGE] / name, staging / role / name)
         shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         files = {
             path.relative_to(staging).as_posix(): FileEntry(sha256=sha256_of(path), size=path.stat().st_size)

@@ -39,6 +39,11 @@ class CalibrateSettings(_Frozen):
     min_tokens_per_expert: int = Field(default=16, ge=0, description="experts routed fewer tokens are reported")
 
 
+class QuantizeSettings(_Frozen):
+    weights: Literal["fp32", "int4"] = Field(default="fp32", description="int4: block-wise round-to-nearest, router kept in float")
+    block_size: Literal[16, 32, 64, 128] = 32
+
+
 class GenerationDefaults(_Frozen):
     draft_length: int = Field(default=4, ge=1, le=32)
     max_new_tokens: int = Field(default=128, ge=1)
@@ -52,6 +57,7 @@ class Recipe(_Frozen):
     targets: tuple[Literal["cpu"], ...] = ("cpu",)
     export: ExportConfig = ExportConfig()
     calibrate: CalibrateSettings = CalibrateSettings()
+    quantize: QuantizeSettings = QuantizeSettings()
     generation: GenerationDefaults = GenerationDefaults()
 
 

@@ -32,7 +32,8 @@ class ModelEntry(_Record):
 
     path: str
     architecture: str
-    precision: str
+    precision: str  # of the weights, e.g. fp32, fp16, int4-rtn-b32
+    activations: Literal["fp32", "fp16"]  # dtype of activations and the KV cache
     num_layers: int
     num_kv_heads: int
     head_dim: int

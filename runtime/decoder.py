@@ -67,7 +67,7 @@ class KvCache:
         self._buffers = []  # keeps the OrtValues alive as long as the binding uses them
         for layer in range(entry.num_layers):
             for kind in ("key", "value"):
-                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=_KV_DTYPES[entry.precision]))
+                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=_KV_DTYPES[entry.activations]))
                 self.binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", buffer)
                 self.binding.bind_ortvalue_output(f"present.{layer}.{kind}", buffer)
                 self._buffers.append(buffer)

@@ -1,0 +1,76 @@
+"""INT4 weight-only quantization: exact kernels for the packed format, small accuracy loss, still lossless speculation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import runtime
+from compiler import corpus
+from compiler.pipeline import build
+from compiler.recipe import load_recipe
+from compiler.stages.quantize import quantize_blocks
+from conftest import REPO
+from runtime.evaluate import perplexity
+
+
+def _dequantize(packed, scales, block_size):
+    levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.float32) - 8
+    return (levels.reshape(*scales.shape, block_size) * scales[..., None]).reshape(levels.shape)
+
+
+def _run(op, initializers, attributes, x, router):
+    names = [value.name if value is not None else "" for value in initializers]
+    node = helper.make_node(op, ["x", "r", *names], ["y"], domain="com.microsoft", **attributes)
+    hidden, experts = x.shape[1], router.shape[1]
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", hidden]), helper.make_tensor_value_info("r", TensorProto.FLOAT, ["T", experts])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", hidden])],
+        [value for value in initializers if value is not None],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x, "r": router})[0]
+
+
+def test_qmoe_with_our_packing_equals_moe_with_dequantized_weights():
+    rng = np.random.default_rng(0)
+    experts, inner, hidden, block = 4, 32, 64, 32
+    fc1 = rng.standard_normal((experts, 2 * inner, hidden), dtype=np.float32) * 0.1
+    fc2 = rng.standard_normal((experts, hidden, inner), dtype=np.float32) * 0.1
+    (w1, s1), (w2, s2) = quantize_blocks(fc1, block), quantize_blocks(fc2, block)
+    d1, d2 = _dequantize(w1, s1, block), _dequantize(w2, s2, block)
+    assert np.abs(d1 - fc1).max() <= s1.max() / 2 + 1e-7  # round to nearest: at most half a step per weight
+    common = dict(k=2, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1)
+    x, router = rng.standard_normal((5, hidden), dtype=np.float32), rng.standard_normal((5, experts), dtype=np.float32)
+    expected = _run("MoE", [numpy_helper.from_array(d1, "f1"), None, numpy_helper.from_array(d2, "f2")], common, x, router)
+    quantized = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (s1, "s1"))] + [None] + [numpy_helper.from_array(a, n) for a, n in ((w2, "w2"), (s2, "s2"))]
+    actual = _run("QMoE", quantized, common | dict(expert_weight_bits=4, block_size=block), x, router)
+    assert np.abs(actual - expected).max() <= 1e-5
+
+
+def test_int4_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped_artifact):
+    artifact = build(load_recipe(REPO / "recipes" / "tiny-coder-int4.yaml"), tmp_path).artifact
+    generator, reference = runtime.load(artifact), runtime.load(shipped_artifact)
+    assert generator.manifest.models["main"].precision == "int4-rtn-b32"
+    size = sum(f.size for f in generator.manifest.files.values())
+    assert size <= 0.3 * sum(f.size for f in reference.manifest.files.values())
+
+    ops = {node.op_type for node in onnx.load(str(artifact / "main" / "model.onnx"), load_external_data=False).graph.node}
+    assert {"QMoE", "MatMulNBits", "MatMul"} <= ops and "MoE" not in ops  # MatMul left: the routers
+
+    tokens = []
+    for path in corpus.stdlib_files("heldout")[:4]:
+        tokens.extend(generator.encode(corpus.read_text(path)))
+    tokens = tokens[:8192]
+    for role in ("main", "draft"):
+        quantized, full = perplexity(getattr(generator, role), tokens), perplexity(getattr(reference, role), tokens)
+        assert quantized <= 1.05 * full, (role, quantized, full)
+
+    for prompt in corpus.heldout_prompts(5):
+        ids = generator.encode(prompt)
+        alone = [t for step in generator.stream_ids(ids, max_new_tokens=32, speculative=False) for t in step]
+        speculative = [t for step in generator.stream_ids(ids, max_new_tokens=32, draft_length=4) for t in step]
+        assert speculative == alone
