@@ -66,7 +66,7 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "models": models,
         "total_bytes": sum(f.size for f in manifest.files.values()),
         "stages": [r.model_dump(include={"model", "stage", "seconds", "cached"}) for r in manifest.stages],
-        "accuracy": [r.result for r in manifest.stages if r.stage == "verify"],
+        "accuracy": {r.model: r.result for r in manifest.stages if r.stage == "verify"},
         "routing": {r.model: r.result for r in manifest.stages if r.stage == "calibrate" and r.result.get("moe_layers")},
         "generation": manifest.generation.model_dump(),
         "tools": manifest.tools,
@@ -94,7 +94,17 @@ def _print_summary(console: Console, summary: dict[str, Any], title: str) -> Non
             rare = [str(r["expert"]) for r in routing["rarely_routed"] if r["layer"] == layer]
             table.add_row(str(layer), f"{min(counts)} / {max(counts)}", f"{max(counts) * len(counts) / max(1, sum(counts)):.2f}", ", ".join(rare) or "-")
         console.print(table)
-    if not summary["accuracy"]:
+    if summary["accuracy"]:
+        table = Table(title="accuracy against the exported reference (held-out text)")
+        for column in ("model", "tokens", "reference ppl", "ppl", "change", "top-1 agreement", "gate"):
+            table.add_column(column)
+        for role, gate in summary["accuracy"].items():
+            table.add_row(
+                role, str(gate["tokens"]), f"{gate['reference_perplexity']:.3f}", f"{gate['perplexity']:.3f}",
+                f"{gate['perplexity_increase']:+.2%}", f"{gate['top1_agreement']:.3f}", "passed" if gate["passed"] else "FAILED",
+            )
+        console.print(table)
+    else:
         console.print("accuracy: no verify stage in this artifact")
     console.print(f"artifact: {summary['artifact']} ({_size(summary['total_bytes'])})")
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, calibration_text, recipe_json
-from compiler.stages import calibrate, export, load, quantize
+from compiler.stages import calibrate, export, load, quantize, verify
 from runtime.artifact import MANIFEST_NAME, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
 
 ROLES = ("main", "draft")
@@ -83,6 +83,17 @@ STAGES: tuple[Stage, ...] = (
         quantize.run,
         lambda c: quantize.QuantizeConfig(weights=c.loaded.recipe.quantize.weights, block_size=c.loaded.recipe.quantize.block_size),
         lambda outputs, c: {"export_dir": outputs["export"]},
+    ),
+    Stage(
+        "verify",
+        verify.VERSION,
+        verify.run,
+        lambda c: verify.VerifyConfig(
+            text_sha256=c.calibration_sha256, tokens=c.loaded.recipe.verify.tokens,
+            window=min(c.loaded.recipe.calibrate.window, c.loaded.recipe.export.max_sequence_length),
+            max_perplexity_increase=c.loaded.recipe.verify.max_perplexity_increase, min_top1_agreement=c.loaded.recipe.verify.min_top1_agreement,
+        ),
+        lambda outputs, c: {"export_dir": outputs["export"], "candidate_dir": outputs["quantize"], "text": c.calibration_text},
     ),
 )
 MODEL_STAGE = "quantize"  # the stage whose output files are the artifact's model

@@ -44,6 +44,12 @@ class QuantizeSettings(_Frozen):
     block_size: Literal[16, 32, 64, 128] = 32
 
 
+class VerifySettings(_Frozen):
+    tokens: int = Field(default=8192, gt=1, description="held-out tokens, from the end of the calibrate text")
+    max_perplexity_increase: float = Field(default=0.05, ge=0.0)
+    min_top1_agreement: float = Field(default=0.8, ge=0.0, le=1.0)
+
+
 class GenerationDefaults(_Frozen):
     draft_length: int = Field(default=4, ge=1, le=32)
     max_new_tokens: int = Field(default=128, ge=1)
@@ -58,6 +64,7 @@ class Recipe(_Frozen):
     export: ExportConfig = ExportConfig()
     calibrate: CalibrateSettings = CalibrateSettings()
     quantize: QuantizeSettings = QuantizeSettings()
+    verify: VerifySettings = VerifySettings()
     generation: GenerationDefaults = GenerationDefaults()
 
 

@@ -66,6 +66,6 @@ def write_recipe(root: Path, name: str = "tiny", extra: str = "") -> Path:
     path = root / f"{name}.yaml"
     path.write_text(
         f"name: {name}\nmain:\n  checkpoint: main\ndraft:\n  checkpoint: draft\nexport:\n  max_sequence_length: 256\n"
-        f"calibrate:\n  max_tokens: 1024\n{extra}"
+        f"calibrate:\n  max_tokens: 1024\nverify:\n  tokens: 512\n{extra}"
     )
     return path

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer
 
 from compiler.checkpoint import Checkpoint
+from compiler.ort_windows import run_windows
 from compiler.stages.export import MODEL_FILE
 
 VERSION = "1"
@@ -81,26 +82,17 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
     # The model comes from memory; its weights stay in the export stage's external-data file.
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export_dir))
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    kv_dtype = np.float16 if "float16" in session.get_inputs()[-1].type else np.float32
-    empty_past = {
-        value.name: np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), kv_dtype)
-        for value in session.get_inputs()
-        if value.name.startswith("past_key_values.")
-    }
     layers, experts = len(router_names), dims.num_experts
     counts = np.zeros((layers, experts), np.int64)
     weight_sums = np.zeros((layers, experts), np.float64)
-    windows = range(0, len(ids), config.window)
-    for done, start in enumerate(windows, start=1):
-        chunk = ids[start : start + config.window]
-        feeds = {"input_ids": np.asarray([chunk]), "seqlens_k": np.asarray([len(chunk) - 1], np.int32),
-                 "total_sequence_length": np.asarray(len(chunk), np.int32)} | empty_past
-        for layer, logits in enumerate(session.run(router_names, feeds)):  # [T,E] per MoE layer
+    total = -(-len(ids) // config.window)
+    for done, router_logits in enumerate(run_windows(session, ids, config.window, router_names), start=1):
+        for layer, logits in enumerate(router_logits):  # [T,E] per MoE layer
             chosen, weights = _routing_weights(logits.astype(np.float32), top_ks[layer], dims.norm_topk_prob)
             np.add.at(counts[layer], chosen.ravel(), 1)
             np.add.at(weight_sums[layer], chosen.ravel(), weights.ravel())
         if progress:
-            progress(done, len(windows))
+            progress(done, total)
     mean_gate = np.divide(weight_sums, counts, out=np.zeros_like(weight_sums), where=counts > 0)
     rare = [
         RareExpert(layer=layer, expert=expert, tokens=int(counts[layer, expert]))

@@ -74,3 +74,25 @@ def test_int4_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped_arti
         alone = [t for step in generator.stream_ids(ids, max_new_tokens=32, speculative=False) for t in step]
         speculative = [t for step in generator.stream_ids(ids, max_new_tokens=32, draft_length=4) for t in step]
         assert speculative == alone
+
+
+def test_full_precision_build_passes_its_gate_exactly(shipped_artifact):
+    gates = {r.model: r.result for r in runtime.load(shipped_artifact).manifest.stages if r.stage == "verify"}
+    assert set(gates) == {"main", "draft"}
+    assert all(g["passed"] and g["perplexity_increase"] == 0 and g["top1_agreement"] == 1.0 for g in gates.values())
+
+
+def test_failing_accuracy_gate_fails_the_build_with_figures(tmp_path):
+    import shutil
+
+    import pytest
+
+    from compiler.errors import BuildError
+
+    recipe = tmp_path / "strict.yaml"
+    text = (REPO / "recipes" / "tiny-coder-int4.yaml").read_text().replace("name: tiny-coder-int4", "name: strict")
+    recipe.write_text(text + "verify:\n  tokens: 1024\n  max_perplexity_increase: 0.0\n  min_top1_agreement: 1.0\n")
+    shutil.copytree(REPO / "recipes" / "tiny-coder", tmp_path / "tiny-coder")
+    with pytest.raises(BuildError, match=r"accuracy gate failed for main: perplexity [\d.]+ vs [\d.]+ \(\+[\d.]+%, allowed \+0\.00%\), top-1 agreement"):
+        build(load_recipe(recipe), tmp_path / "out")
+    assert not (tmp_path / "out" / "strict").exists()

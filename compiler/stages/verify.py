@@ -1,0 +1,80 @@
+"""Stage `verify`: accuracy gates of the final model against the exported reference on held-out text.
+
+The reference is the export stage's model (fp32 unless the recipe exports fp16); the candidate is what
+goes into the artifact. A failed gate raises BuildError with the figures, so no artifact is published.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict
+from tokenizers import Tokenizer
+
+from compiler.checkpoint import Checkpoint
+from compiler.errors import BuildError
+from compiler.ort_windows import run_windows
+from compiler.stages.export import MODEL_FILE
+
+VERSION = "1"
+
+
+class VerifyConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    text_sha256: str
+    tokens: int  # taken from the end of the text, away from the calibration tokens taken from its start
+    window: int
+    max_perplexity_increase: float  # relative: 0.05 allows +5 %
+    min_top1_agreement: float
+
+
+class VerifyResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    tokens: int
+    reference_perplexity: float
+    perplexity: float
+    perplexity_increase: float
+    top1_agreement: float
+    finite: bool
+    passed: bool
+
+
+def _scores(model_dir: Path, ids: list[int], window: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per window: the negative log-likelihood of each next token and the argmax before it; and whether all logits were finite."""
+    session = ort.InferenceSession(str(model_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
+    losses, predictions, finite = [], [], True
+    starts = range(0, len(ids), window)
+    for start, (logits,) in zip(starts, run_windows(session, ids, window, ["logits"])):
+        logits = logits[0, :-1].astype(np.float64)  # [T-1,V]: each position predicts the next token of its window
+        targets = np.asarray(ids[start + 1 : start + window])
+        finite &= bool(np.isfinite(logits).all())
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        losses.append(-log_probs[np.arange(len(targets)), targets])
+        predictions.append(np.argmax(logits, axis=-1))
+    return np.concatenate(losses), np.concatenate(predictions), finite
+
+
+def run(checkpoint: Checkpoint, config: VerifyConfig, out_dir: Path, progress=None, *, export_dir: Path, candidate_dir: Path, text: str) -> VerifyResult:
+    ids = Tokenizer.from_file(str(checkpoint.folder / "tokenizer.json")).encode(text).ids[-config.tokens :]
+    reference_nll, reference_top1, _ = _scores(export_dir, ids, config.window)
+    nll, top1, finite = _scores(candidate_dir, ids, config.window)
+    reference_ppl, ppl = math.exp(reference_nll.mean()), math.exp(nll.mean()) if finite else math.inf
+    increase = ppl / reference_ppl - 1
+    agreement = float((top1 == reference_top1).mean())
+    passed = finite and increase <= config.max_perplexity_increase and agreement >= config.min_top1_agreement
+    result = VerifyResult(
+        tokens=len(ids), reference_perplexity=round(reference_ppl, 4), perplexity=round(ppl, 4),
+        perplexity_increase=round(increase, 5), top1_agreement=round(agreement, 5), finite=finite, passed=passed,
+    )
+    if not passed:
+        raise BuildError(
+            f"accuracy gate failed for {checkpoint.folder.name}: perplexity {ppl:.3f} vs {reference_ppl:.3f} "
+            f"({increase:+.2%}, allowed +{config.max_perplexity_increase:.2%}), top-1 agreement {agreement:.3f} "
+            f"(required {config.min_top1_agreement:.3f}), finite logits: {finite}",
+            hint="relax the gate in the recipe's verify block or choose a gentler quantization",
+        )
+    return result
