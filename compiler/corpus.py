@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 
@@ -20,19 +22,25 @@ def _is_held_out(relative: str) -> bool:
     return hashlib.sha256(relative.encode()).digest()[0] % _HELD_OUT_BUCKETS == 0
 
 
+@functools.lru_cache(maxsize=2)
+def _stdlib_files(split: str) -> tuple[Path, ...]:
+    root = stdlib_root()
+    chosen = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in _SKIPPED_PARTS)  # prune site-packages and tests early
+        for name in files:
+            if name.endswith(".py"):
+                relative = Path(folder, name).relative_to(root).as_posix()
+                if _is_held_out(relative) == (split == "heldout"):
+                    chosen.append(Path(folder, name))
+    return tuple(sorted(chosen))
+
+
 def stdlib_files(split: str) -> list[Path]:
     """Source files of the standard library in a stable order; split is "train" or "heldout"."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
-    root = stdlib_root()
-    chosen = []
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root).as_posix()
-        if _SKIPPED_PARTS.intersection(path.relative_to(root).parts):
-            continue
-        if _is_held_out(relative) == (split == "heldout"):
-            chosen.append(path)
-    return chosen
+    return list(_stdlib_files(split))
 
 
 def read_text(path: Path) -> str:

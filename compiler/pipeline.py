@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel
+from tokenizers import Tokenizer
 
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
@@ -34,10 +35,16 @@ class BuildContext:
 
     loaded: LoadedRecipe
     calibration_text: str
+    tokenizer: Path  # shared by main and draft
 
     @functools.cached_property
     def calibration_sha256(self) -> str:
         return hashlib.sha256(self.calibration_text.encode()).hexdigest()
+
+    @functools.cached_property
+    def calibration_ids(self) -> list[int]:
+        """The calibration text tokenized once per build; calibrate reads its start, verify its end."""
+        return Tokenizer.from_file(str(self.tokenizer)).encode(self.calibration_text).ids
 
 
 def _no_inputs(outputs: dict[str, Path], context: BuildContext) -> dict[str, Any]:
@@ -75,7 +82,7 @@ STAGES: tuple[Stage, ...] = (
         calibrate.VERSION,
         calibrate.run,
         _calibrate_config,
-        lambda outputs, c: {"export_dir": outputs["export"], "text": c.calibration_text},
+        lambda outputs, c: {"export_dir": outputs["export"], "ids": c.calibration_ids},
     ),
     Stage(
         "quantize",
@@ -93,7 +100,7 @@ STAGES: tuple[Stage, ...] = (
             window=min(c.loaded.recipe.calibrate.window, c.loaded.recipe.export.max_sequence_length),
             max_perplexity_increase=c.loaded.recipe.verify.max_perplexity_increase, min_top1_agreement=c.loaded.recipe.verify.min_top1_agreement,
         ),
-        lambda outputs, c: {"export_dir": outputs["export"], "candidate_dir": outputs["quantize"], "text": c.calibration_text},
+        lambda outputs, c: {"export_dir": outputs["export"], "candidate_dir": outputs["quantize"], "ids": c.calibration_ids},
     ),
 )
 MODEL_STAGE = "quantize"  # the stage whose output files are the artifact's model
@@ -257,7 +264,7 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
     tools = tool_versions()
     cache = StageCache(cache_root or output_root / ".cache")
     tokenizer = _tokenizer(loaded)
-    context = BuildContext(loaded, calibration_text(loaded))
+    context = BuildContext(loaded, calibration_text(loaded), tokenizer)
     results = {role: _run_model(role, context, cache, observer, tools) for role in ROLES}
     main_dims, draft_dims = results["main"][0].dims, results["draft"][0].dims
     if main_dims.vocab_size != draft_dims.vocab_size:

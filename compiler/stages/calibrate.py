@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
-from tokenizers import Tokenizer
 
 from compiler.checkpoint import Checkpoint
 from compiler.ort_windows import run_windows
@@ -69,14 +68,13 @@ def _routing_weights(logits: np.ndarray, k: int, renormalize: bool) -> tuple[np.
     return chosen, weights
 
 
-def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress=None, *, export_dir: Path, text: str) -> CalibrateResult:
+def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress=None, *, export_dir: Path, ids: list[int]) -> CalibrateResult:
     dims = checkpoint.dims
     if dims.num_experts == 0:
         result = CalibrateResult(tokens=0, moe_layers=0, tokens_per_expert=[], mean_gate_weight=[], rarely_routed=[])
         (out_dir / ROUTING_FILE).write_text(result.model_dump_json(indent=1))
         return result
-    tokenizer = Tokenizer.from_file(str(checkpoint.folder / "tokenizer.json"))
-    ids = tokenizer.encode(text).ids[: config.max_tokens]
+    ids = ids[: config.max_tokens]
     model_bytes, router_names, top_ks = _router_outputs(export_dir / MODEL_FILE)
     options = ort.SessionOptions()
     # The model comes from memory; its weights stay in the export stage's external-data file.

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
-from tokenizers import Tokenizer
 
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
@@ -58,8 +57,8 @@ def _scores(model_dir: Path, ids: list[int], window: int) -> tuple[np.ndarray, n
     return np.concatenate(losses), np.concatenate(predictions), finite
 
 
-def run(checkpoint: Checkpoint, config: VerifyConfig, out_dir: Path, progress=None, *, export_dir: Path, candidate_dir: Path, text: str) -> VerifyResult:
-    ids = Tokenizer.from_file(str(checkpoint.folder / "tokenizer.json")).encode(text).ids[-config.tokens :]
+def run(checkpoint: Checkpoint, config: VerifyConfig, out_dir: Path, progress=None, *, export_dir: Path, candidate_dir: Path, ids: list[int]) -> VerifyResult:
+    ids = ids[-config.tokens :]
     reference_nll, reference_top1, _ = _scores(export_dir, ids, config.window)
     nll, top1, finite = _scores(candidate_dir, ids, config.window)
     reference_ppl, ppl = math.exp(reference_nll.mean()), math.exp(nll.mean()) if finite else math.inf

@@ -47,7 +47,8 @@ def test_rarely_routed_experts_are_reported(tiny_pair, tmp_path):
     config = calibrate.CalibrateConfig(text_sha256="x", max_tokens=3, window=64, min_tokens_per_expert=1)
     out = tmp_path / "calibrate"
     out.mkdir()
-    result = calibrate.run(checkpoint, config, out, export_dir=export_dir, text="def f(x): return x")
+    ids = Tokenizer.from_file(str(tiny_pair / "main" / "tokenizer.json")).encode("def f(x): return x").ids
+    result = calibrate.run(checkpoint, config, out, export_dir=export_dir, ids=ids)
     assert result.tokens == 3
     unrouted = [(r.layer, r.expert) for r in result.rarely_routed]
     counts = np.array(result.tokens_per_expert)
