@@ -40,7 +40,7 @@ class CalibrateSettings(_Frozen):
 
 
 class QuantizeSettings(_Frozen):
-    weights: Literal["fp32", "int4"] = Field(default="fp32", description="int4: block-wise round-to-nearest, router kept in float")
+    weights: Literal["fp32", "int8", "int4"] = Field(default="fp32", description="weight-only, round to nearest; routers stay in float")
     block_size: Literal[16, 32, 64, 128] = 32
 
 
