@@ -60,11 +60,21 @@ class Stage:
     inputs_for: Callable[[dict[str, Path], BuildContext], dict[str, Any]] = _no_inputs  # earlier outputs it reads
 
 
+def _window(context: BuildContext) -> int:
+    """Tokens per forward pass over the calibration text: no more than the exported model can hold."""
+    recipe = context.loaded.recipe
+    return min(recipe.calibrate.window, recipe.export.max_sequence_length)
+
+
+def _model_dir(outputs: dict[str, Path]) -> Path:
+    """The folder holding the artifact's model: the quantized one, or the export when nothing was quantized."""
+    return outputs["quantize"] if (outputs["quantize"] / export.MODEL_FILE).is_file() else outputs["export"]
+
+
 def _calibrate_config(context: BuildContext) -> calibrate.CalibrateConfig:
-    settings, recipe = context.loaded.recipe.calibrate, context.loaded.recipe
+    settings = context.loaded.recipe.calibrate
     return calibrate.CalibrateConfig(
-        text_sha256=context.calibration_sha256, max_tokens=settings.max_tokens,
-        window=min(settings.window, recipe.export.max_sequence_length),
+        text_sha256=context.calibration_sha256, max_tokens=settings.max_tokens, window=_window(context),
         min_tokens_per_expert=settings.min_tokens_per_expert,
     )
 
@@ -97,13 +107,12 @@ STAGES: tuple[Stage, ...] = (
         verify.run,
         lambda c: verify.VerifyConfig(
             text_sha256=c.calibration_sha256, tokens=c.loaded.recipe.verify.tokens,
-            window=min(c.loaded.recipe.calibrate.window, c.loaded.recipe.export.max_sequence_length),
+            window=_window(c),
             max_perplexity_increase=c.loaded.recipe.verify.max_perplexity_increase, min_top1_agreement=c.loaded.recipe.verify.min_top1_agreement,
         ),
-        lambda outputs, c: {"export_dir": outputs["export"], "candidate_dir": outputs["quantize"], "ids": c.calibration_ids},
+        lambda outputs, c: {"export_dir": outputs["export"], "candidate_dir": _model_dir(outputs), "ids": c.calibration_ids},
     ),
 )
-MODEL_STAGE = "quantize"  # the stage whose output files are the artifact's model
 
 
 class BuildObserver(Protocol):
@@ -276,7 +285,7 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
         for role, (_, _, outputs) in results.items():
             (staging / role).mkdir()
             for name in (export.MODEL_FILE, export.DATA_FILE):
-                shutil.copyfile(outputs[MODEL_STAGE] / name, staging / role / name)
+                shutil.copyfile(_model_dir(outputs) / name, staging / role / name)
         shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         files = {
             path.relative_to(staging).as_posix(): FileEntry(sha256=sha256_of(path), size=path.stat().st_size)

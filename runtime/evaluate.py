@@ -9,9 +9,11 @@ import numpy as np
 from runtime.decoder import Decoder
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def next_token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(target) at each position, from logits [S,V] and the S tokens that follow them."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return -log_probs[np.arange(len(targets)), targets]
 
 
 def token_nll(decoder: Decoder, token_ids: list[int], window: int = 256) -> np.ndarray:
@@ -22,8 +24,7 @@ def token_nll(decoder: Decoder, token_ids: list[int], window: int = 256) -> np.n
         if len(chunk) < 2:
             break
         cache = decoder.new_cache(capacity=len(chunk))
-        log_probs = _log_softmax(cache.feed(chunk[:-1]))  # [S,V]
-        losses.append(-log_probs[np.arange(len(chunk) - 1), chunk[1:]])
+        losses.append(next_token_nll(cache.feed(chunk[:-1]), np.asarray(chunk[1:])))  # logits [S,V]
     return np.concatenate(losses)
 
 

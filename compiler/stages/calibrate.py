@@ -5,7 +5,6 @@ Legend: T tokens of one window, E experts, L MoE layers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -105,5 +104,5 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
         mean_gate_weight=np.round(mean_gate, 6).tolist(),
         rarely_routed=rare,
     )
-    (out_dir / ROUTING_FILE).write_text(json.dumps(json.loads(result.model_dump_json()), indent=1))
+    (out_dir / ROUTING_FILE).write_text(result.model_dump_json(indent=1))
     return result

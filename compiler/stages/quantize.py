@@ -23,12 +23,12 @@ from pydantic import BaseModel, ConfigDict
 from compiler.checkpoint import Checkpoint
 from compiler.stages.export import DATA_FILE, MODEL_FILE
 
-VERSION = "2"
+VERSION = "3"
 
 
 class QuantizeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    weights: Literal["fp32", "int8", "int4"] = "fp32"  # fp32: the stage passes the exported model through unchanged
+    weights: Literal["fp32", "int8", "int4"] = "fp32"  # fp32: nothing to do, the exported model is the artifact's
     block_size: int = 32
 
 
@@ -88,11 +88,8 @@ def _quantize_experts(model: ir.Model, bits: int, block_size: int) -> int:
 
 
 def run(checkpoint: Checkpoint, config: QuantizeConfig, out_dir: Path, progress=None, *, export_dir: Path) -> QuantizeResult:
-    if config.weights == "fp32":
-        model = ir.load(export_dir / MODEL_FILE)
-        ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
-        ops = dict(sorted(Counter(n.op_type for n in model.graph).items()))
-        return QuantizeResult(precision="fp32", quantized_experts=0, expert_scales="none", quantized_matmuls=0, op_counts=ops)
+    if config.weights == "fp32":  # writes no model: the pipeline then takes the export stage's
+        return QuantizeResult(precision="fp32", quantized_experts=0, expert_scales="none", quantized_matmuls=0, op_counts={})
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     # The quantizer logs every node at INFO; the pipeline reports progress itself.

@@ -17,6 +17,7 @@ from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.ort_windows import run_windows
 from compiler.stages.export import MODEL_FILE
+from runtime.evaluate import next_token_nll
 
 VERSION = "1"
 
@@ -47,20 +48,20 @@ def _scores(model_dir: Path, ids: list[int], window: int) -> tuple[np.ndarray, n
     losses, predictions, finite = [], [], True
     starts = range(0, len(ids), window)
     for start, (logits,) in zip(starts, run_windows(session, ids, window, ["logits"])):
-        logits = logits[0, :-1].astype(np.float64)  # [T-1,V]: each position predicts the next token of its window
-        targets = np.asarray(ids[start + 1 : start + window])
+        logits = logits[0, :-1]  # [T-1,V]: each position predicts the next token of its window
         finite &= bool(np.isfinite(logits).all())
-        log_probs = logits - logits.max(-1, keepdims=True)
-        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-        losses.append(-log_probs[np.arange(len(targets)), targets])
+        losses.append(next_token_nll(logits, np.asarray(ids[start + 1 : start + window])))
         predictions.append(np.argmax(logits, axis=-1))
     return np.concatenate(losses), np.concatenate(predictions), finite
 
 
 def run(checkpoint: Checkpoint, config: VerifyConfig, out_dir: Path, progress=None, *, export_dir: Path, candidate_dir: Path, ids: list[int]) -> VerifyResult:
     ids = ids[-config.tokens :]
-    reference_nll, reference_top1, _ = _scores(export_dir, ids, config.window)
-    nll, top1, finite = _scores(candidate_dir, ids, config.window)
+    reference_nll, reference_top1, reference_finite = _scores(export_dir, ids, config.window)
+    if candidate_dir == export_dir:  # nothing was quantized: the artifact's model is the reference itself
+        nll, top1, finite = reference_nll, reference_top1, reference_finite
+    else:
+        nll, top1, finite = _scores(candidate_dir, ids, config.window)
     reference_ppl, ppl = math.exp(reference_nll.mean()), math.exp(nll.mean()) if finite else math.inf
     increase = ppl / reference_ppl - 1
     agreement = float((top1 == reference_top1).mean())

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from compiler.checkpoint import Checkpoint
 from compiler.pipeline import build
 from compiler.recipe import calibration_text, load_recipe
-from compiler.stages import calibrate
+from compiler.stages import calibrate, export
 
 
 def _stage_result(manifest, model="main"):
@@ -39,8 +39,6 @@ def test_routing_counts_match_transformers(tiny_pair, tmp_path):
 def test_rarely_routed_experts_are_reported(tiny_pair, tmp_path):
     """Three tokens of text cannot reach all 8 experts with top-2: the unrouted ones are named with 0 tokens."""
     checkpoint = Checkpoint(tiny_pair / "main")
-    from compiler.stages import export
-
     export_dir = tmp_path / "export"
     export_dir.mkdir()
     export.run(checkpoint, export.ExportConfig(max_sequence_length=64), export_dir)
