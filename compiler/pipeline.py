@@ -75,7 +75,17 @@ def _calibrate_config(context: BuildContext) -> calibrate.CalibrateConfig:
     settings = context.loaded.recipe.calibrate
     return calibrate.CalibrateConfig(
         text_sha256=context.calibration_sha256, max_tokens=settings.max_tokens, window=_window(context),
-        min_tokens_per_expert=settings.min_tokens_per_expert,
+        min_tokens_per_expert=settings.min_tokens_per_expert, rare_experts=settings.rare_experts,
+    )
+
+
+def _quantize_config(context: BuildContext) -> quantize.QuantizeConfig:
+    settings = context.loaded.recipe.quantize
+    return quantize.QuantizeConfig(
+        weights=settings.weights, method=settings.method, block_size=settings.block_size,
+        classes=settings.classes.model_dump(exclude_none=True),
+        hot_experts=settings.hot_experts.model_dump() if settings.hot_experts else None,
+        activations=settings.activations, activation_range=settings.activation_range,
     )
 
 
@@ -98,8 +108,8 @@ STAGES: tuple[Stage, ...] = (
         "quantize",
         quantize.VERSION,
         quantize.run,
-        lambda c: quantize.QuantizeConfig(weights=c.loaded.recipe.quantize.weights, block_size=c.loaded.recipe.quantize.block_size),
-        lambda outputs, c: {"export_dir": outputs["export"]},
+        _quantize_config,
+        lambda outputs, c: {"export_dir": outputs["export"], "calibrate_dir": outputs["calibrate"]},
     ),
     Stage(
         "verify",

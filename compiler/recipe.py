@@ -37,11 +37,38 @@ class CalibrateSettings(_Frozen):
     max_tokens: int = Field(default=16384, gt=0)
     window: int = Field(default=256, gt=0, le=8192)
     min_tokens_per_expert: int = Field(default=16, ge=0, description="experts routed fewer tokens are reported")
+    rare_experts: Literal["all_tokens", "routed_only"] = Field(
+        default="all_tokens", description="what rarely routed experts are calibrated on: every token of their layer, or only theirs"
+    )
+
+
+Precision = Literal["fp32", "int8", "int4"]
+
+
+class ClassRules(_Frozen):
+    """Weight precision by tensor class, overriding `weights`; the router defaults to fp32."""
+
+    attention: Precision | None = None
+    router: Precision | None = None
+    shared_expert: Precision | None = None
+    mlp: Precision | None = Field(default=None, description="dense MLP of dense models (drafts)")
+    lm_head: Precision | None = None
+    experts: Precision | None = None
+
+
+class HotExperts(_Frozen):
+    min_share: float = Field(gt=0.0, le=1.0, description="share of a layer's routed tokens that makes an expert hot")
+    weights: Literal["int8", "int4"]
 
 
 class QuantizeSettings(_Frozen):
-    weights: Literal["fp32", "int8", "int4"] = Field(default="fp32", description="weight-only, round to nearest; routers stay in float")
+    weights: Precision = Field(default="fp32", description="precision of every weight not ruled otherwise; routers stay in float")
+    method: Literal["rtn", "gptq"] = Field(default="rtn", description="round to nearest, or GPTQ with calibrated second moments")
     block_size: Literal[16, 32, 64, 128] = 32
+    classes: ClassRules = ClassRules()
+    hot_experts: HotExperts | None = None
+    activations: Literal["fp32", "int8"] = Field(default="fp32", description="int8: static activation scales for INT8 dense weights (W8A8)")
+    activation_range: Literal["minmax", "percentile", "entropy"] = "percentile"
 
 
 class VerifySettings(_Frozen):
@@ -148,10 +175,10 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
             )
         return folder
 
-    text = recipe.calibrate.text
-    if text != STDLIB_HELDOUT and not (source.parent / text).exists():
+    calibration = recipe.calibrate.text
+    if calibration != STDLIB_HELDOUT and not (source.parent / calibration).exists():
         line = _line_of(root, ("calibrate", "text"))
-        raise RecipeError(f"{source}:{line}: field 'calibrate.text': calibration text not found: {source.parent / text}")
+        raise RecipeError(f"{source}:{line}: field 'calibrate.text': calibration text not found: {source.parent / calibration}")
 
     return LoadedRecipe(
         recipe=recipe,

@@ -1,23 +1,41 @@
-"""Stage `calibrate`: run calibration text through the exported fp32 model and measure expert routing.
+"""Stage `calibrate`: run calibration text through the exported model and measure what quantization needs.
 
-Legend: T tokens of one window, E experts, L MoE layers.
+Measured with ONNX Runtime on the export stage's model, one pass over the text:
+- routing per MoE layer and expert: tokens routed, mean gate weight; experts routed fewer tokens than the
+  recipe's threshold are reported, and the rare-expert policy says what their statistics come from;
+- second moments (x^T x, GPTQ's Hessian) of the input of every dense weight, of each expert's fc1 input
+  (the tokens routed to it) and of its fc2 input (its SwiGLU output on those tokens);
+- activation ranges of every dense weight's input, as min-max, percentile and entropy thresholds
+  (onnxruntime's histogram collector), for static INT8 activation scales.
+
+Legend: T tokens of one window, E experts, L MoE layers, H hidden size, I expert width.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
 
 from compiler.checkpoint import Checkpoint
 from compiler.ort_windows import run_windows
 from compiler.stages.export import MODEL_FILE
+from compiler.weight_sites import MoeSite, dense_sites, moe_sites
 
-VERSION = "1"
+VERSION = "2"
 ROUTING_FILE = "routing.json"
+HESSIANS_FILE = "hessians.npz"  # plain arrays, read back with allow_pickle=False
+RANGES_FILE = "activation_ranges.json"
+RANGE_METHODS = ("minmax", "percentile", "entropy")
+RarePolicy = Literal["all_tokens", "routed_only"]
 
 
 class CalibrateConfig(BaseModel):
@@ -25,7 +43,8 @@ class CalibrateConfig(BaseModel):
     text_sha256: str  # identity of the calibration text (the text itself comes with the stage inputs)
     max_tokens: int
     window: int  # tokens per forward pass, at most the exported maximum sequence length
-    min_tokens_per_expert: int  # experts routed fewer tokens than this are reported as rarely routed
+    min_tokens_per_expert: int  # experts routed fewer tokens than this are rarely routed
+    rare_experts: RarePolicy = "all_tokens"  # all_tokens: their statistics come from every token of the layer
 
 
 class RareExpert(BaseModel):
@@ -42,18 +61,13 @@ class CalibrateResult(BaseModel):
     tokens_per_expert: list[list[int]]  # [L][E]: tokens whose top-k included the expert
     mean_gate_weight: list[list[float]]  # [L][E]: mean routing weight over the tokens routed to it
     rarely_routed: list[RareExpert]
+    rare_expert_policy: str
+    measured_inputs: int  # dense weight inputs with second moments and ranges
 
 
-def _router_outputs(model_path: Path) -> tuple[bytes, list[str], list[int]]:
-    """The model with each MoE node's router logits exposed as graph outputs, and each node's top-k."""
-    proto = onnx.load(str(model_path), load_external_data=False)
-    names, top_k = [], []
-    for node in proto.graph.node:
-        if node.op_type in ("MoE", "QMoE") and node.domain == "com.microsoft":
-            names.append(node.input[1])
-            top_k.append(next(attr.i for attr in node.attribute if attr.name == "k"))
-            proto.graph.output.append(onnx.ValueInfoProto(name=node.input[1]))  # type inferred: fp32 or fp16
-    return proto.SerializeToString(), names, top_k
+def hessian_key(kind: str, name: str) -> str:
+    """Key in HESSIANS_FILE: ('dense', input tensor name) or ('fc1' | 'fc2', MoE layer ordinal)."""
+    return f"{kind}:{name}"
 
 
 def _routing_weights(logits: np.ndarray, k: int, renormalize: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -67,42 +81,138 @@ def _routing_weights(logits: np.ndarray, k: int, renormalize: bool) -> tuple[np.
     return chosen, weights
 
 
+def swiglu(tokens: np.ndarray, fc1: np.ndarray) -> np.ndarray:
+    """An expert's fc2 input: tokens [T,H] through fc1 [2I,H] with gate and up rows interleaved -> [T,I]."""
+    projected = tokens @ fc1.T  # [T,2I]
+    gate, up = projected[:, 0::2], projected[:, 1::2]
+    return gate / (1 + np.exp(-gate)) * up
+
+
+class _ExpertMoments:
+    """Per MoE layer: second moments of each expert's fc1 and fc2 inputs, over the tokens routed to it."""
+
+    def __init__(self, site: MoeSite):
+        experts, inner2, hidden = site.fc1.shape.numpy()
+        self.fc1_weight = site.fc1.const_value.numpy().astype(np.float32)  # [E,2I,H]
+        self.fc1 = np.zeros((experts, hidden, hidden))
+        self.fc2 = np.zeros((experts, inner2 // 2, inner2 // 2))
+        self.all_tokens = np.zeros((hidden, hidden))
+
+    def add(self, tokens: np.ndarray, chosen: np.ndarray) -> None:
+        tokens = tokens.astype(np.float64)
+        self.all_tokens += tokens.T @ tokens
+        for expert in np.unique(chosen):
+            routed = tokens[(chosen == expert).any(axis=-1)]
+            inner = swiglu(routed, self.fc1_weight[expert])
+            self.fc1[expert] += routed.T @ routed
+            self.fc2[expert] += inner.T @ inner
+
+    def add_all_tokens_fc2(self, expert: int, tokens: np.ndarray) -> None:
+        inner = swiglu(tokens.astype(np.float64), self.fc1_weight[expert])
+        self.fc2[expert] += inner.T @ inner
+
+
+def _session_with_outputs(export_dir: Path, names: list[str]) -> ort.InferenceSession:
+    """The exported model with `names` exposed as graph outputs, its weights read from the export folder."""
+    proto = onnx.load(str(export_dir / MODEL_FILE), load_external_data=False)
+    for name in names:
+        proto.graph.output.append(onnx.ValueInfoProto(name=name))  # type inferred: fp32 or fp16
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export_dir))
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class _Ranges:
+    """Symmetric |x| thresholds per tensor by each method of RANGE_METHODS, gathered window by window."""
+
+    def __init__(self):
+        from onnxruntime.quantization.calibrate import HistogramCollector
+
+        self.largest: dict[str, float] = {}
+        # Entropy's threshold search is quadratic in bins in onnxruntime's Python: 512 bins keep it to seconds.
+        self.collectors = {
+            method: HistogramCollector(method=method, symmetric=True, num_bins=bins, num_quantized_bins=128, percentile=99.999, scenario="same")
+            for method, bins in (("percentile", 2048), ("entropy", 512))
+        }
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        self.largest[name] = max(self.largest.get(name, 0.0), float(np.abs(values).max()))
+        with contextlib.redirect_stdout(io.StringIO()):  # the collectors print progress; stdout may carry --json
+            for collector in self.collectors.values():
+                collector.collect({name: values.reshape(-1)})
+
+    def thresholds(self) -> dict[str, dict[str, float]]:
+        ranges = {name: {"minmax": value} for name, value in self.largest.items()}
+        with contextlib.redirect_stdout(io.StringIO()):
+            for method, collector in self.collectors.items():
+                for name, bounds in (collector.compute_collection_result() if self.largest else {}).items():
+                    ranges[name][method] = max(abs(float(bounds[0])), abs(float(bounds[1])))
+        return ranges
+
+
 def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress=None, *, export_dir: Path, ids: list[int]) -> CalibrateResult:
     dims = checkpoint.dims
-    if dims.num_experts == 0:
-        result = CalibrateResult(tokens=0, moe_layers=0, tokens_per_expert=[], mean_gate_weight=[], rarely_routed=[])
-        (out_dir / ROUTING_FILE).write_text(result.model_dump_json(indent=1))
-        return result
     ids = ids[: config.max_tokens]
-    model_bytes, router_names, top_ks = _router_outputs(export_dir / MODEL_FILE)
-    options = ort.SessionOptions()
-    # The model comes from memory; its weights stay in the export stage's external-data file.
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export_dir))
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    layers, experts = len(router_names), dims.num_experts
-    counts = np.zeros((layers, experts), np.int64)
-    weight_sums = np.zeros((layers, experts), np.float64)
+    model = ir.load(export_dir / MODEL_FILE)
+    moes = moe_sites(model)
+    inputs = sorted({site.input.name for site in dense_sites(model)})
+    moe_taps = [name for site in moes for name in (site.tokens.name, site.router_logits.name)]
+    session = _session_with_outputs(export_dir, inputs + moe_taps)
+
+    experts = dims.num_experts
+    counts = np.zeros((len(moes), experts), np.int64)
+    weight_sums = np.zeros((len(moes), experts), np.float64)
+    dense_moments = {name: 0.0 for name in inputs}
+    expert_moments = [_ExpertMoments(site) for site in moes]
+    ranges = _Ranges()
+    windows = []  # MoE layer inputs, kept for the rare-expert policy's second pass
     total = -(-len(ids) // config.window)
-    for done, router_logits in enumerate(run_windows(session, ids, config.window, router_names), start=1):
-        for layer, logits in enumerate(router_logits):  # [T,E] per MoE layer
-            chosen, weights = _routing_weights(logits.astype(np.float32), top_ks[layer], dims.norm_topk_prob)
+    for done, outputs in enumerate(run_windows(session, ids, config.window, inputs + moe_taps), start=1):
+        for name, value in zip(inputs, outputs):
+            flat = value.reshape(-1, value.shape[-1]).astype(np.float32)  # [T,K]
+            dense_moments[name] = dense_moments[name] + flat.T.astype(np.float64) @ flat
+            ranges.add(name, flat)
+        tokens_and_logits = outputs[len(inputs) :]
+        windows.append(tokens_and_logits[0::2])
+        for layer, site in enumerate(moes):
+            tokens, logits = tokens_and_logits[2 * layer], tokens_and_logits[2 * layer + 1]  # [T,H], [T,E]
+            chosen, weights = _routing_weights(logits.astype(np.float32), dims.experts_per_token, dims.norm_topk_prob)
             np.add.at(counts[layer], chosen.ravel(), 1)
             np.add.at(weight_sums[layer], chosen.ravel(), weights.ravel())
+            expert_moments[layer].add(tokens, chosen)
         if progress:
             progress(done, total)
-    mean_gate = np.divide(weight_sums, counts, out=np.zeros_like(weight_sums), where=counts > 0)
+
     rare = [
         RareExpert(layer=layer, expert=expert, tokens=int(counts[layer, expert]))
-        for layer in range(layers)
+        for layer in range(len(moes))
         for expert in range(experts)
         if counts[layer, expert] < config.min_tokens_per_expert
     ]
+    if config.rare_experts == "all_tokens":  # too few routed tokens to measure from: use every token of the layer
+        for expert in rare:
+            moments = expert_moments[expert.layer]
+            moments.fc1[expert.expert] = moments.all_tokens
+            moments.fc2[expert.expert] = 0
+            for layer_inputs in windows:
+                moments.add_all_tokens_fc2(expert.expert, layer_inputs[expert.layer])
+
+    hessians = {hessian_key("dense", name): moment for name, moment in dense_moments.items()}
+    for layer, moments in enumerate(expert_moments):
+        hessians[hessian_key("fc1", str(layer))] = moments.fc1
+        hessians[hessian_key("fc2", str(layer))] = moments.fc2
+    np.savez(out_dir / HESSIANS_FILE, **{key: np.asarray(value, np.float32) for key, value in hessians.items()})
+    (out_dir / RANGES_FILE).write_text(json.dumps(ranges.thresholds(), indent=1, sort_keys=True))
+
+    mean_gate = np.divide(weight_sums, counts, out=np.zeros_like(weight_sums), where=counts > 0)
     result = CalibrateResult(
         tokens=len(ids),
-        moe_layers=layers,
+        moe_layers=len(moes),
         tokens_per_expert=counts.tolist(),
         mean_gate_weight=np.round(mean_gate, 6).tolist(),
         rarely_routed=rare,
+        rare_expert_policy=config.rare_experts,
+        measured_inputs=len(inputs),
     )
     (out_dir / ROUTING_FILE).write_text(result.model_dump_json(indent=1))
     return result

@@ -1,118 +1,297 @@
-"""Stage `quantize`: INT4 or INT8 weight-only quantization (symmetric, round to nearest) for the CPU target.
+"""Stage `quantize`: weight precision per tensor class and per expert, lowered to ONNX Runtime's CPU kernels.
 
-Expert weights become ONNX Runtime `QMoE`, stored unsigned with an offset of half the range: INT4 in
-blocks along the input dimension (low nibble first), INT8 with one scale per output row (ONNX Runtime's
-block-wise 8-bit QMoE did not match its own MoE on the dequantized weights, per-row did, to 1e-7).
-Dense MatMul weights become `MatMulNBits` through onnxruntime's own quantizer. Routers, norms and the
-embedding stay in float. Legend: E experts, N output rows, K input features.
+Each weight gets a precision from the recipe's rules: a tensor class (attention, router, shared expert,
+dense mlp, lm_head, experts) and, for experts, their measured routing share (hot experts may get a
+different precision than cold ones). Every choice is recorded with its reason.
+
+Lowering on `cpu`:
+- experts: `QMoE`; INT4 block-wise, INT8 with one scale per output row (onnxruntime's block-wise 8-bit
+  QMoE quantizes activations on the fly, per-row keeps them in float). A layer whose experts differ in
+  precision becomes one QMoE per precision: each selects among its own experts by the router logits and
+  mixes with the routing weights of the full top-k (`router_weights`), which are zero for experts the full
+  top-k did not pick, so the kernel skips them.
+- dense weights: `MatMulNBits` (weight-only), or with INT8 activations (W8A8) a QuantizeLinear /
+  DequantizeLinear pair on the input with a static scale from calibration and a per-channel INT8 weight,
+  which onnxruntime fuses into an integer MatMul.
+Weights are rounded to nearest or by GPTQ with the second moments measured by the calibrate stage.
+Norms and the embedding stay in float. Legend: E experts, N output rows, K input features, T tokens.
 """
 
 from __future__ import annotations
 
-import logging
-import tempfile
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
+from compiler import quantization
 from compiler.checkpoint import Checkpoint
+from compiler.stages import calibrate
 from compiler.stages.export import DATA_FILE, MODEL_FILE
+from compiler.weight_sites import MS_DOMAIN, DenseSite, MoeSite, dense_sites, moe_sites
 
-VERSION = "3"
+VERSION = "4"
+Precision = Literal["fp32", "int8", "int4"]
+BITS = {"int8": 8, "int4": 4}
+
+
+class HotExperts(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    min_share: float  # experts taking at least this share of their layer's routed tokens are hot
+    weights: Precision
 
 
 class QuantizeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    weights: Literal["fp32", "int8", "int4"] = "fp32"  # fp32: nothing to do, the exported model is the artifact's
+    weights: Precision = "fp32"  # every class not named in `classes`, except the router
+    method: Literal["rtn", "gptq"] = "rtn"
     block_size: int = 32
+    classes: dict[str, Precision] = {}  # attention, router, shared_expert, mlp, lm_head, experts
+    hot_experts: HotExperts | None = None
+    activations: Literal["fp32", "int8"] = "fp32"  # int8: static scales on the inputs of INT8 dense weights
+    activation_range: Literal["minmax", "percentile", "entropy"] = "percentile"
+
+
+class TensorChoice(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    tensor_class: str
+    precision: str
+    reason: str
+
+
+class ExpertChoice(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    layer: int
+    expert: int
+    precision: str
+    routed_share: float
+    reason: str
 
 
 class QuantizeResult(BaseModel):
     model_config = ConfigDict(frozen=True)
     precision: str
-    quantized_experts: int
-    expert_scales: str  # "per block of N" or "per row"
-    quantized_matmuls: int
+    method: str
+    dense: list[TensorChoice]
+    experts: list[ExpertChoice]
     op_counts: dict[str, int]
 
 
-def quantize_blocks(weight: np.ndarray, block_size: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """[E,N,K] float -> unsigned levels [E,N,K*bits/8] and scales [E,N,K/block] (symmetric, round to nearest)."""
-    experts, rows, columns = weight.shape
-    blocks = weight.reshape(experts, rows, columns // block_size, block_size)
-    top = 2 ** (bits - 1) - 1  # 7 or 127: the grid stays symmetric, the lowest level is unused
-    scales = np.abs(blocks).max(axis=-1, keepdims=True) / top
-    scales[scales == 0] = 1.0
-    levels = np.clip(np.round(blocks / scales), -top - 1, top).astype(np.int16) + top + 1  # unsigned with offset
-    levels = levels.reshape(experts, rows, columns).astype(np.uint8)
-    if bits == 4:
-        levels = levels[..., 0::2] | (levels[..., 1::2] << 4)  # low nibble first
-    return levels.astype(np.uint8), scales[..., 0].astype(np.float32)
+def precision_label(config: QuantizeConfig) -> str:
+    if config.weights == "fp32" and not config.classes and config.hot_experts is None:
+        return "fp32"
+    label = f"{config.weights}-{config.method}-b{config.block_size}"
+    if config.activations == "int8":
+        label += f"-a8-{config.activation_range}"
+    if config.classes or (config.hot_experts and config.hot_experts.weights != config.classes.get("experts", config.weights)):
+        label += "-mixed"
+    return label
 
 
-def _quantize_experts(model: ir.Model, bits: int, block_size: int) -> int:
-    count = 0
-    for node in list(model.graph):
-        if node.op_type != "MoE" or node.domain != "com.microsoft":
-            continue
-        x, router, fc1, _, fc2 = node.inputs[:5]
-        new_inputs: list[ir.Value | None] = [x, router]
-        for weight in (fc1, fc2):
-            array = weight.const_value.numpy().astype(np.float32)
-            packed, scales = quantize_blocks(array, block_size if bits == 4 else array.shape[-1], bits)
-            if bits == 8:
-                scales = scales[..., 0]  # one scale per row: [E,N]
-            values = []
-            for suffix, array in ((f"q{bits}", packed), ("scales", scales)):
-                value = ir.Value(name=f"{weight.name}.{suffix}", shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                                 const_value=ir.tensor(array, name=f"{weight.name}.{suffix}"))
-                model.graph.register_initializer(value)
-                values.append(value)
-            new_inputs += [*values, None]  # weights, scales, no bias
-        attributes = {name: attr.value for name, attr in node.attributes.items()}
-        attributes |= {"expert_weight_bits": bits} | ({"block_size": block_size} if bits == 4 else {})
-        qmoe = ir.node("QMoE", new_inputs[:-1], attributes, domain="com.microsoft", name=node.name)
-        model.graph.insert_before(node, qmoe)
-        node.outputs[0].replace_all_uses_with(qmoe.outputs[0])
-        model.graph.remove(node, safe=True)
-        for weight in (fc1, fc2):
-            if not weight.uses():
-                model.graph.initializers.pop(weight.name)
-        count += 1
-    return count
+def _dense_choice(site: DenseSite, config: QuantizeConfig) -> TensorChoice:
+    if site.tensor_class in config.classes:
+        precision, reason = config.classes[site.tensor_class], f"recipe rule for class {site.tensor_class}"
+    elif site.tensor_class == "router":
+        precision, reason = "fp32", "router stays in float: its errors change which experts run"
+    else:
+        precision, reason = config.weights, "recipe default"
+    return TensorChoice(name=site.weight.name, tensor_class=site.tensor_class, precision=precision, reason=reason)
 
 
-def run(checkpoint: Checkpoint, config: QuantizeConfig, out_dir: Path, progress=None, *, export_dir: Path) -> QuantizeResult:
-    if config.weights == "fp32":  # writes no model: the pipeline then takes the export stage's
-        return QuantizeResult(precision="fp32", quantized_experts=0, expert_scales="none", quantized_matmuls=0, op_counts={})
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def expert_choices(tokens_per_expert: list[list[int]], rare: set[tuple[int, int]], policy: str, config: QuantizeConfig) -> list[ExpertChoice]:
+    cold = config.classes.get("experts", config.weights)
+    choices = []
+    for layer, counts in enumerate(tokens_per_expert):
+        total = max(1, sum(counts))
+        for expert, count in enumerate(counts):
+            share = count / total
+            hot = config.hot_experts
+            if hot and share >= hot.min_share:
+                precision, reason = hot.weights, f"hot: {share:.1%} of routed tokens >= {hot.min_share:.1%}"
+            elif hot:
+                precision, reason = cold, f"cold: {share:.1%} of routed tokens < {hot.min_share:.1%}"
+            else:
+                precision, reason = cold, "recipe rule for class experts" if "experts" in config.classes else "recipe default"
+            if (layer, expert) in rare and precision != "fp32" and config.method == "gptq":
+                reason += f"; rarely routed ({count} tokens), calibrated on " + ("all tokens of the layer" if policy == "all_tokens" else "its routed tokens only")
+            choices.append(ExpertChoice(layer=layer, expert=expert, precision=precision, routed_share=round(share, 5), reason=reason))
+    return choices
 
-    # The quantizer logs every node at INFO; the pipeline reports progress itself.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
-    bits = {"int8": 8, "int4": 4}[config.weights]
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _replace(graph: ir.Graph, node: ir.Node, replacement: list[ir.Node], output: ir.Value) -> None:
+    """Put `replacement` where `node` was; `output` takes over its single output, including its name."""
+    graph.insert_before(node, replacement)
+    name = node.outputs[0].name
+    node.outputs[0].replace_all_uses_with(output, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    output.name = name  # a graph output keeps the name the runtime binds
+
+
+class _Quantizer:
+    """Rounds weights [..., N, K] by the configured method; GPTQ reads the calibrated second moments [..., K, K]."""
+
+    def __init__(self, config: QuantizeConfig, hessians: dict[str, np.ndarray]):
+        self.method, self.hessians = config.method, hessians
+
+    def __call__(self, weight: np.ndarray, bits: int, block_size: int, hessian_key: str, experts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if self.method == "gptq":
+            hessian = self.hessians[hessian_key]
+            return quantization.gptq(weight, hessian if experts is None else hessian[experts], block_size, bits)
+        return quantization.round_to_nearest(weight, block_size, bits)
+
+
+def _lower_dense(graph: ir.Graph, site: DenseSite, precision: str, quantize: _Quantizer, config: QuantizeConfig, ranges: dict) -> None:
+    bits = BITS[precision]
+    weight = site.weight.const_value.numpy()  # [K,N]
+    dtype = weight.dtype
+    rows, features = weight.shape[1], weight.shape[0]
+    key = calibrate.hessian_key("dense", site.input.name)
+    name = site.weight.name
+    if config.activations == "int8" and precision == "int8":
+        levels, scales = quantize(weight.T.astype(np.float32), 8, features, key)  # one scale per output channel
+        activation_scale = np.asarray(ranges[site.input.name][config.activation_range] / 127, dtype)
+        zero = np.zeros((), np.int8)
+        x_scale, x_zero = _constant(graph, f"{name}.input_scale", activation_scale), _constant(graph, f"{name}.input_zero", zero)
+        x = ir.node("QuantizeLinear", [site.input, x_scale, x_zero])
+        x_dq = ir.node("DequantizeLinear", [x.outputs[0], x_scale, x_zero])
+        w_dq = ir.node(
+            "DequantizeLinear",
+            [_constant(graph, f"{name}.q8", np.ascontiguousarray(levels.T.astype(np.int8))), _constant(graph, f"{name}.scales", scales[:, 0].astype(dtype)),
+             _constant(graph, f"{name}.zero", np.zeros(rows, np.int8))],
+            {"axis": 1},
+        )
+        replacement = [x, x_dq, w_dq, ir.node("MatMul", [x_dq.outputs[0], w_dq.outputs[0]])]
+    else:
+        block = config.block_size
+        levels, scales = quantize(weight.T.astype(np.float32), bits, block, key)  # [N,K], [N,K/block]
+        packed = quantization.pack(levels, bits).reshape(rows, features // block, block * bits // 8)
+        replacement = [ir.node(
+            "MatMulNBits",
+            [site.input, _constant(graph, f"{name}.q{bits}", packed), _constant(graph, f"{name}.scales", scales.reshape(-1).astype(dtype))],
+            {"K": features, "N": rows, "bits": bits, "block_size": block},
+            domain=MS_DOMAIN,
+        )]
+    _replace(graph, site.node, replacement, replacement[-1].outputs[0])
+    graph.initializers.pop(site.weight.name)
+
+
+def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], precision: str, quantize: _Quantizer, block_size: int) -> list[ir.Value]:
+    """QMoE weight inputs for `experts` of one MoE layer: fc1 weights, scales, no bias, fc2 weights, scales."""
+    bits = BITS[precision]
+    inputs: list[ir.Value | None] = []
+    tag = f"{precision}" + (f".e{'-'.join(map(str, experts))}" if len(experts) < site.fc1.shape[0] else "")
+    for weight, kind in ((site.fc1, "fc1"), (site.fc2, "fc2")):
+        array = weight.const_value.numpy()[experts].astype(np.float32)  # [E',N,K]
+        key = calibrate.hessian_key(kind, str(site.layer))
+        levels, scales = quantize(array, bits, block_size if bits == 4 else array.shape[-1], key, experts)
+        if bits == 8:
+            scales = scales[..., 0]  # one scale per row: [E',N]
+        dtype = weight.const_value.numpy().dtype
+        inputs += [_constant(graph, f"{weight.name}.{tag}.q{bits}", quantization.pack(levels, bits)), _constant(graph, f"{weight.name}.{tag}.scales", scales.astype(dtype))]
+        if kind == "fc1":
+            inputs.append(None)  # no bias
+    return inputs
+
+
+def _routing_weights(graph: ir.Graph, site: MoeSite, top_k: int, renormalize: bool) -> list[ir.Node]:
+    """Nodes computing the full top-k's mixing weights [T,E], zero outside the top-k, as the MoE kernel would."""
+    probs = ir.node("Softmax", [site.router_logits], {"axis": -1})
+    top = ir.node("TopK", [probs.outputs[0], _constant(graph, f"moe.{site.layer}.k", np.array([top_k], np.int64))], {"axis": -1}, num_outputs=2)
+    values, indices = top.outputs  # [T,k]
+    nodes = [probs, top]
+    if renormalize:
+        total = ir.node("ReduceSum", [values, _constant(graph, f"moe.{site.layer}.last_axis", np.array([-1], np.int64))], {"keepdims": 1})
+        values_node = ir.node("Div", [values, total.outputs[0]])
+        nodes += [total, values_node]
+        values = values_node.outputs[0]
+    shape = ir.node("Shape", [probs.outputs[0]])
+    float_type = site.fc1.const_value.dtype.numpy()  # activations share the weights' float type
+    zeros = ir.node("ConstantOfShape", [shape.outputs[0]], {"value": ir.tensor(np.zeros(1, float_type))})
+    scatter = ir.node("ScatterElements", [zeros.outputs[0], indices, values], {"axis": -1})
+    return nodes + [shape, zeros, scatter]
+
+
+def _lower_moe(graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quantize: _Quantizer, block_size: int) -> None:
+    groups: dict[str, list[int]] = {}
+    for choice in choices:
+        groups.setdefault(choice.precision, []).append(choice.expert)
+    if set(groups) == {"fp32"}:
+        return
+    if "fp32" in groups:
+        raise ValueError(f"MoE layer {site.layer}: experts must all be quantized or all stay fp32 (got {sorted(groups)})")
+    attributes = {name: attr.value for name, attr in site.node.attributes.items()}
+    top_k, renormalize = attributes["k"], bool(attributes["normalize_routing_weights"])
+    nodes: list[ir.Node] = []
+    mixing = None
+    if len(groups) > 1:
+        nodes += _routing_weights(graph, site, top_k, renormalize)
+        mixing = nodes[-1].outputs[0]
+    partials = []
+    for precision, experts in sorted(groups.items()):
+        bits = BITS[precision]
+        weights = _expert_group(graph, site, experts, precision, quantize, block_size)
+        group_attributes = attributes | {"expert_weight_bits": bits} | ({"block_size": block_size} if bits == 4 else {})
+        inputs = [site.tokens, site.router_logits, *weights]
+        if mixing is not None:
+            index = _constant(graph, f"moe.{site.layer}.{precision}.experts", np.array(experts, np.int64))
+            logits = ir.node("Gather", [site.router_logits, index], {"axis": 1})
+            mix = ir.node("Gather", [mixing, index], {"axis": 1})
+            nodes += [logits, mix]
+            # Inputs 7-13 (fc2 bias, fc3, zero points) are absent; 14 is router_weights.
+            inputs = [site.tokens, logits.outputs[0], *weights, *([None] * 7), mix.outputs[0]]
+            group_attributes |= {"k": min(top_k, len(experts)), "normalize_routing_weights": 0}
+        qmoe = ir.node("QMoE", inputs, group_attributes, domain=MS_DOMAIN, name=f"{site.node.name}.{precision}")
+        nodes.append(qmoe)
+        partials.append(qmoe.outputs[0])
+    while len(partials) > 1:
+        total = ir.node("Add", partials[:2])
+        nodes.append(total)
+        partials = [total.outputs[0], *partials[2:]]
+    _replace(graph, site.node, nodes, partials[0])
+    for weight in (site.fc1, site.fc2):
+        graph.initializers.pop(weight.name)
+
+
+def run(checkpoint: Checkpoint, config: QuantizeConfig, out_dir: Path, progress=None, *, export_dir: Path, calibrate_dir: Path) -> QuantizeResult:
+    routing = calibrate.CalibrateResult.model_validate_json((calibrate_dir / calibrate.ROUTING_FILE).read_text())
+    rare = {(r.layer, r.expert) for r in routing.rarely_routed}
+    experts = expert_choices(routing.tokens_per_expert, rare, routing.rare_expert_policy, config)
+    label = precision_label(config)
+    if label == "fp32":  # writes no model: the pipeline then takes the export stage's
+        return QuantizeResult(precision="fp32", method="none", dense=[], experts=experts, op_counts={})
+
     model = ir.load(export_dir / MODEL_FILE)
-    experts = _quantize_experts(model, bits, config.block_size)
-    # Routers decide which experts run: a quantization error there changes the computation, not just its precision.
-    routers = [n.name for n in model.graph if n.op_type == "MatMul" and any(u.node.op_type == "QMoE" and u.idx == 1 for u in n.outputs[0].uses())]
-    with tempfile.TemporaryDirectory() as scratch:
-        ir.save(model, Path(scratch) / MODEL_FILE, external_data=DATA_FILE)
-        proto = onnx.load(str(Path(scratch) / MODEL_FILE))
-    quantizer = MatMulNBitsQuantizer(
-        proto, nodes_to_exclude=routers,
-        algo_config=DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=True, bits=bits),
-    )
-    quantizer.process()
-    quantized = ir.from_proto(quantizer.model.model)
-    ir.save(quantized, out_dir / MODEL_FILE, external_data=DATA_FILE)
-    ops = Counter(n.op_type for n in quantized.graph)
-    return QuantizeResult(
-        precision=f"{config.weights}-rtn-b{config.block_size}", quantized_experts=experts,
-        expert_scales=f"per block of {config.block_size}" if bits == 4 else "per row",
-        quantized_matmuls=ops["MatMulNBits"], op_counts=dict(sorted(ops.items())),
-    )
+    hessians = {}
+    if config.method == "gptq":
+        with np.load(calibrate_dir / calibrate.HESSIANS_FILE, allow_pickle=False) as stored:
+            hessians = {key: stored[key] for key in stored.files}
+    ranges = json.loads((calibrate_dir / calibrate.RANGES_FILE).read_text()) if config.activations == "int8" else {}
+    quantize = _Quantizer(config, hessians)
+    moes, denses = moe_sites(model), dense_sites(model)
+    choices = [_dense_choice(site, config) for site in denses]
+    total, done = len(moes) + len(denses), 0
+    for site in moes:
+        _lower_moe(model.graph, site, [c for c in experts if c.layer == site.layer], quantize, config.block_size)
+        done += 1
+        if progress:
+            progress(done, total)
+    for site, choice in zip(denses, choices):
+        if choice.precision != "fp32":
+            _lower_dense(model.graph, site, choice.precision, quantize, config, ranges)
+        done += 1
+        if progress:
+            progress(done, total)
+    ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
+    ops = Counter(node.op_type for node in model.graph)
+    return QuantizeResult(precision=label, method=config.method, dense=choices, experts=experts, op_counts=dict(sorted(ops.items())))

@@ -12,17 +12,20 @@ import runtime
 from compiler import corpus
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
-from compiler.stages.quantize import quantize_blocks
+from compiler import quantization
 from conftest import REPO
 from runtime.evaluate import perplexity
 
 
-def _dequantize(packed, scales, block_size, bits):
+def _quantize(weight, block_size, bits):
+    """Packed bytes and scales, and the weights they stand for, unpacked independently of our packing code."""
+    levels, scales = quantization.round_to_nearest(weight, block_size, bits)
+    packed = quantization.pack(levels, bits)
     if bits == 4:
-        levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.float32) - 8
+        unpacked = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.float32) - 8
     else:
-        levels = packed.astype(np.float32) - 128
-    return (levels.reshape(*scales.shape, block_size) * scales[..., None]).reshape(levels.shape)
+        unpacked = packed.astype(np.float32) - 128
+    return packed, scales, (unpacked.reshape(*scales.shape, block_size) * scales[..., None]).reshape(unpacked.shape)
 
 
 def _run(op, initializers, attributes, x, router):
@@ -46,8 +49,7 @@ def test_qmoe_with_our_packing_equals_moe_with_dequantized_weights(bits):
     fc1 = rng.standard_normal((experts, 2 * inner, hidden), dtype=np.float32) * 0.1
     fc2 = rng.standard_normal((experts, hidden, inner), dtype=np.float32) * 0.1
     block1, block2 = (32, 32) if bits == 4 else (hidden, inner)  # INT8: one scale per row
-    (w1, s1), (w2, s2) = quantize_blocks(fc1, block1, bits), quantize_blocks(fc2, block2, bits)
-    d1, d2 = _dequantize(w1, s1, block1, bits), _dequantize(w2, s2, block2, bits)
+    (w1, s1, d1), (w2, s2, d2) = _quantize(fc1, block1, bits), _quantize(fc2, block2, bits)
     assert np.abs(d1 - fc1).max() <= s1.max() / 2 + 1e-7  # round to nearest: at most half a step per weight
     if bits == 8:
         s1, s2 = s1[..., 0], s2[..., 0]
@@ -60,11 +62,11 @@ def test_qmoe_with_our_packing_equals_moe_with_dequantized_weights(bits):
     assert np.abs(actual - expected).max() <= 1e-5
 
 
-@pytest.mark.parametrize("weights, max_size, max_perplexity", [("int4", 0.3, 1.05), ("int8", 0.35, 1.015)])
-def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped_artifact, weights, max_size, max_perplexity):
+@pytest.mark.parametrize("weights, precision, max_size, max_perplexity", [("int4", "int4-gptq-b32", 0.3, 1.05), ("int8", "int8-rtn-b32", 0.35, 1.015)])
+def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped_artifact, weights, precision, max_size, max_perplexity):
     artifact = build(load_recipe(REPO / "recipes" / f"tiny-coder-{weights}.yaml"), tmp_path).artifact
     generator, reference = runtime.load(artifact), runtime.load(shipped_artifact)
-    assert generator.manifest.models["main"].precision == f"{weights}-rtn-b32"
+    assert generator.manifest.models["main"].precision == precision
     size = sum(f.size for f in generator.manifest.files.values())
     assert size <= max_size * sum(f.size for f in reference.manifest.files.values())
 
