@@ -68,6 +68,7 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "stages": [r.model_dump(include={"model", "stage", "seconds", "cached"}) for r in manifest.stages],
         "accuracy": {r.model: r.result for r in manifest.stages if r.stage == "verify"},
         "routing": {r.model: r.result for r in manifest.stages if r.stage == "calibrate" and r.result.get("moe_layers")},
+        "experts": {r.model: r.result["experts"] for r in manifest.stages if r.stage == "quantize" and r.result.get("experts")},
         "generation": manifest.generation.model_dump(),
         "tools": manifest.tools,
     }
@@ -93,6 +94,15 @@ def _print_summary(console: Console, summary: dict[str, Any], title: str) -> Non
         for layer, counts in enumerate(routing["tokens_per_expert"]):
             rare = [str(r["expert"]) for r in routing["rarely_routed"] if r["layer"] == layer]
             table.add_row(str(layer), f"{min(counts)} / {max(counts)}", f"{max(counts) * len(counts) / max(1, sum(counts)):.2f}", ", ".join(rare) or "-")
+        console.print(table)
+    for role, experts in summary["experts"].items():
+        table = Table(title=f"{role} expert precision (reasons in the manifest's quantize record)")
+        precisions = sorted({e["precision"] for e in experts})
+        for column in ("layer", *precisions):
+            table.add_column(column)
+        for layer in sorted({e["layer"] for e in experts}):
+            chosen = [e for e in experts if e["layer"] == layer]
+            table.add_row(str(layer), *(", ".join(str(e["expert"]) for e in chosen if e["precision"] == p) or "-" for p in precisions))
         console.print(table)
     if summary["accuracy"]:
         table = Table(title="accuracy against the exported reference (held-out text)")

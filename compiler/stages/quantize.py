@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 from compiler import quantization
 from compiler.checkpoint import Checkpoint
+from compiler.errors import BuildError
 from compiler.stages import calibrate
 from compiler.stages.export import DATA_FILE, MODEL_FILE
 from compiler.weight_sites import MS_DOMAIN, DenseSite, MoeSite, dense_sites, moe_sites
@@ -145,6 +146,11 @@ class _Quantizer:
         self.method, self.hessians = config.method, hessians
 
     def __call__(self, weight: np.ndarray, bits: int, block_size: int, hessian_key: str, experts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if weight.shape[-1] % block_size:
+            raise BuildError(
+                f"quantize: block size {block_size} does not divide the input width {weight.shape[-1]} of a {hessian_key.split(':')[0]} weight",
+                hint="choose a quantize.block_size that divides every hidden and expert width",
+            )
         if self.method == "gptq":
             hessian = self.hessians[hessian_key]
             return quantization.gptq(weight, hessian if experts is None else hessian[experts], block_size, bits)
