@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--heldout-tokens", type=int, default=32768)
     parser.add_argument("--json-out", type=Path, default=Path("artifacts/bench-quantization.json"))
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)  # the table is wide; keep it whole in logs
 
     rows, reference = [], None
     for label, recipe_name, changes in VARIANTS:

@@ -71,7 +71,8 @@ def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped
     assert size <= max_size * sum(f.size for f in reference.manifest.files.values())
 
     ops = {node.op_type for node in onnx.load(str(artifact / "main" / "model.onnx"), load_external_data=False).graph.node}
-    assert {"QMoE", "MatMulNBits", "MatMul"} <= ops and "MoE" not in ops  # MatMul left: the routers
+    dense_op = {"int4": "MatMulNBits", "int8": "DequantizeLinear"}[weights]
+    assert {"QMoE", dense_op, "MatMul"} <= ops and "MoE" not in ops  # MatMul left: the routers
 
     tokens = []
     for path in corpus.stdlib_files("heldout")[:4]:
