@@ -85,7 +85,7 @@ def _quantize_config(context: BuildContext) -> quantize.QuantizeConfig:
         weights=settings.weights, method=settings.method, block_size=settings.block_size,
         classes=settings.classes.model_dump(exclude_none=True),
         hot_experts=settings.hot_experts.model_dump() if settings.hot_experts else None,
-        activations=settings.activations, activation_range=settings.activation_range,
+        activations=settings.activations, activation_range=settings.activation_range, smoothquant=settings.smoothquant,
     )
 
 
@@ -239,6 +239,7 @@ def _model_entry(role: str, checkpoint: Checkpoint, records: list[StageRecord]) 
         architecture=loaded["architecture"],
         precision=quantized["precision"] if quantized["precision"] != "fp32" else exported["precision"],
         activations=exported["precision"],
+        session_options=quantized.get("session_options", {}),
         num_layers=dims.num_layers,
         num_kv_heads=dims.num_kv_heads,
         head_dim=dims.head_dim,

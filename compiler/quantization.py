@@ -80,3 +80,14 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, block_size: int, bits: int, da
         error = (w[..., i] - q * scale) / upper[..., i, i][..., None]  # [..., N]
         w[..., i + 1 :] -= error[..., None] * upper[..., i, None, i + 1 :]
     return levels, scales
+
+
+def smoothing_scales(activation_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant (Xiao et al., 2022): per input channel, s = max|x|^alpha / max|w|^(1-alpha).
+
+    Dividing the activations by s and multiplying the weights' input rows by s leaves the product
+    unchanged and moves activation outliers into the weights, which quantize per channel.
+    """
+    scales = activation_max.astype(np.float64) ** alpha / np.maximum(weight_max.astype(np.float64), 1e-8) ** (1 - alpha)
+    scales[~np.isfinite(scales) | (scales <= 0)] = 1.0  # channels never active: leave them alone
+    return np.clip(scales, 1e-4, 1e4)

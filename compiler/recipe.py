@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compiler import corpus
 from compiler.errors import RecipeError
@@ -69,6 +69,14 @@ class QuantizeSettings(_Frozen):
     hot_experts: HotExperts | None = None
     activations: Literal["fp32", "int8"] = Field(default="fp32", description="int8: static activation scales for INT8 dense weights (W8A8)")
     activation_range: Literal["minmax", "percentile", "entropy"] = "percentile"
+    smoothquant: float | None = Field(default=None, gt=0.0, lt=1.0, description="SmoothQuant alpha; with activations: int8 and activation_range: minmax")
+
+    @model_validator(mode="after")
+    def _smoothquant_needs_minmax_int8_activations(self) -> "QuantizeSettings":
+        if self.smoothquant is not None and (self.activations != "int8" or self.activation_range != "minmax"):
+            # Only the min-max range of a smoothed input follows from per-channel maxima; the others need the data again.
+            raise ValueError("smoothquant needs activations: int8 and activation_range: minmax")
+        return self
 
 
 class VerifySettings(_Frozen):
@@ -135,7 +143,7 @@ def _describe(error: dict[str, Any], root: yaml.Node | None, source: Path) -> st
         return f"{where}: unknown key '{field}'"
     if kind == "missing":
         return f"{where}: missing required key '{field}'"
-    return f"{where}: field '{field}': {error['msg']}"
+    return f"{where}: field '{field}': {error['msg'].removeprefix('Value error, ')}"  # a validator's own message reads alone
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:

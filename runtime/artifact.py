@@ -9,7 +9,7 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime.errors import ArtifactError
 
@@ -27,6 +27,14 @@ class FileEntry(_Record):
     size: int = Field(ge=0)
 
 
+# ONNX Runtime session settings an artifact may ask for, and their allowed values: nothing else is applied.
+SESSION_OPTIONS = {
+    # Keep DequantizeLinear -> MatMul in float: the fused integer kernel's results for a token change with
+    # how many tokens share the call, which would make speculative verification differ from plain decoding.
+    "session.disable_quant_qdq": {"1"},
+}
+
+
 class ModelEntry(_Record):
     """One exported decoder: where it is and what the runtime needs to drive its KV cache."""
 
@@ -40,6 +48,15 @@ class ModelEntry(_Record):
     vocab_size: int
     max_sequence_length: int
     parameters: int
+    session_options: dict[str, str] = {}  # keys and values from SESSION_OPTIONS
+
+    @field_validator("session_options")
+    @classmethod
+    def _known_session_options(cls, options: dict[str, str]) -> dict[str, str]:
+        for key, value in options.items():
+            if value not in SESSION_OPTIONS.get(key, set()):
+                raise ValueError(f"session option {key}={value!r} is not one moecc applies")
+        return options
 
 
 class StageRecord(_Record):

@@ -28,20 +28,28 @@ def _check_external_data(model_path: Path, allowed: set[str]) -> None:
             raise ArtifactError(f"{model_path}: tensor {tensor.name} points at external data {location!r} outside the artifact")
 
 
+def session_options(entries: dict[str, str], threads: int | None = None) -> ort.SessionOptions:
+    """How every session of an artifact's model is created, by the runtime and by the build's verify stage."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # The main and draft sessions take turns on the same cores: a pool that spins after its call
+    # steals the cores the other session needs next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in entries.items():  # validated against the allowed set when the manifest was read
+        options.add_session_config_entry(key, value)
+    return options
+
+
 class Decoder:
     """A stateless ONNX Runtime session; all per-sequence state lives in a KvCache, so threads can share it."""
 
     def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None):
         model_path = artifact / entry.path
         _check_external_data(model_path, allowed_files)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # The main and draft sessions take turns on the same cores: a pool that spins after its call
-        # steals the cores the other session needs next.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(entry.session_options, threads)
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.entry = entry
 

@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/bench_quantization.py
 
-Builds fp32, INT8 weight-only, W8A8, INT4 round-to-nearest, INT4 GPTQ and mixed INT8/INT4 from the
-shipped recipes (the RTN variant is the INT4 recipe with `method: rtn`), then measures for each: artifact
+Builds fp32, INT8 weight-only, W8A8 (percentile; min-max with SmoothQuant), INT4 round-to-nearest, INT4
+GPTQ and mixed INT8/INT4 from the shipped recipes (variants change the recipe's quantize block), then measures for each: artifact
 size against fp32, the main model's held-out perplexity and top-1 agreement with the fp32 main model
 (standard-library files no recipe calibrates on), main-only greedy decode tokens/s and speculative
 acceptance. Writes JSON next to the artifacts.
@@ -31,6 +31,7 @@ VARIANTS = (  # label, recipe, quantize settings changed for the benchmark
     ("fp32", "tiny-coder", {}),
     ("INT8 weight-only", "tiny-coder-int8", {}),
     ("INT8 W8A8 (static, percentile)", "tiny-coder-w8a8", {}),
+    ("INT8 W8A8 (static, min-max, SmoothQuant 0.5)", "tiny-coder-w8a8", {"activation_range": "minmax", "smoothquant": 0.5}),
     ("INT4 RTN", "tiny-coder-int4", {"method": "rtn"}),
     ("INT4 GPTQ", "tiny-coder-int4", {}),
     ("mixed: hot experts INT8, rest INT4 GPTQ", "tiny-coder-mixed", {}),

@@ -4,7 +4,8 @@ Measured with ONNX Runtime on the export stage's model, one pass over the text:
 - routing per MoE layer and expert: tokens routed, mean gate weight; experts routed fewer tokens than the
   recipe's threshold are reported, and the rare-expert policy says what their statistics come from;
 - second moments (x^T x, GPTQ's Hessian) of the input of every dense weight, of each expert's fc1 input
-  (the tokens routed to it) and of its fc2 input (its SwiGLU output on those tokens);
+  (the tokens routed to it) and of its fc2 input (its SwiGLU output on those tokens); the largest
+  magnitude per channel of every dense weight's input (for SmoothQuant);
 - activation ranges of every dense weight's input, as min-max, percentile and entropy thresholds
   (onnxruntime's histogram collector), for static INT8 activation scales.
 
@@ -30,9 +31,9 @@ from compiler.ort_windows import run_windows
 from compiler.stages.export import MODEL_FILE
 from compiler.weight_sites import MoeSite, dense_sites, moe_sites
 
-VERSION = "2"
+VERSION = "3"
 ROUTING_FILE = "routing.json"
-HESSIANS_FILE = "hessians.npz"  # plain arrays, read back with allow_pickle=False
+STATISTICS_FILE = "statistics.npz"  # plain arrays, read back with allow_pickle=False
 RANGES_FILE = "activation_ranges.json"
 RANGE_METHODS = ("minmax", "percentile", "entropy")
 RarePolicy = Literal["all_tokens", "routed_only"]
@@ -65,8 +66,9 @@ class CalibrateResult(BaseModel):
     measured_inputs: int  # dense weight inputs with second moments and ranges
 
 
-def hessian_key(kind: str, name: str) -> str:
-    """Key in HESSIANS_FILE: ('dense', input tensor name) or ('fc1' | 'fc2', MoE layer ordinal)."""
+def statistics_key(kind: str, name: str) -> str:
+    """Key in STATISTICS_FILE. Second moments: ('dense', input tensor name) or ('fc1' | 'fc2', MoE layer
+    ordinal); per-channel largest magnitude of a dense weight's input: ('absmax', input tensor name)."""
     return f"{kind}:{name}"
 
 
@@ -163,6 +165,7 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
     counts = np.zeros((len(moes), experts), np.int64)
     weight_sums = np.zeros((len(moes), experts), np.float64)
     dense_moments = {name: 0.0 for name in inputs}
+    channel_max = {name: 0.0 for name in inputs}
     expert_moments = [_ExpertMoments(site) for site in moes]
     ranges = _Ranges()
     windows = []  # MoE layer inputs, kept for the rare-expert policy's second pass
@@ -171,6 +174,7 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
         for name, value in zip(inputs, outputs):
             flat = value.reshape(-1, value.shape[-1]).astype(np.float32)  # [T,K]
             dense_moments[name] = dense_moments[name] + flat.T.astype(np.float64) @ flat
+            channel_max[name] = np.maximum(channel_max[name], np.abs(flat).max(axis=0))
             ranges.add(name, flat)
         tokens_and_logits = outputs[len(inputs) :]
         windows.append(tokens_and_logits[0::2])
@@ -197,11 +201,12 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
             for layer_inputs in windows:
                 moments.add_all_tokens_fc2(expert.expert, layer_inputs[expert.layer])
 
-    hessians = {hessian_key("dense", name): moment for name, moment in dense_moments.items()}
+    statistics = {statistics_key("dense", name): moment for name, moment in dense_moments.items()}
+    statistics |= {statistics_key("absmax", name): largest for name, largest in channel_max.items()}
     for layer, moments in enumerate(expert_moments):
-        hessians[hessian_key("fc1", str(layer))] = moments.fc1
-        hessians[hessian_key("fc2", str(layer))] = moments.fc2
-    np.savez(out_dir / HESSIANS_FILE, **{key: np.asarray(value, np.float32) for key, value in hessians.items()})
+        statistics[statistics_key("fc1", str(layer))] = moments.fc1
+        statistics[statistics_key("fc2", str(layer))] = moments.fc2
+    np.savez(out_dir / STATISTICS_FILE, **{key: np.asarray(value, np.float32) for key, value in statistics.items()})
     (out_dir / RANGES_FILE).write_text(json.dumps(ranges.thresholds(), indent=1, sort_keys=True))
 
     mean_gate = np.divide(weight_sums, counts, out=np.zeros_like(weight_sums), where=counts > 0)

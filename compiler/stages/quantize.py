@@ -35,7 +35,8 @@ from compiler.stages import calibrate
 from compiler.stages.export import DATA_FILE, MODEL_FILE
 from compiler.weight_sites import MS_DOMAIN, DenseSite, MoeSite, dense_sites, moe_sites
 
-VERSION = "5"
+VERSION = "6"
+SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
 Precision = Literal["fp32", "int8", "int4"]
 BITS = {"int8": 8, "int4": 4}
 
@@ -55,6 +56,7 @@ class QuantizeConfig(BaseModel):
     hot_experts: HotExperts | None = None
     activations: Literal["fp32", "int8"] = "fp32"  # int8: static scales on the inputs of INT8 dense weights
     activation_range: Literal["minmax", "percentile", "entropy"] = "percentile"
+    smoothquant: float | None = None  # alpha; needs activation_range minmax
 
 
 class TensorChoice(BaseModel):
@@ -80,6 +82,8 @@ class QuantizeResult(BaseModel):
     method: str
     dense: list[TensorChoice]
     experts: list[ExpertChoice]
+    smoothed: list[str]  # norms whose weights absorbed SmoothQuant's scales
+    session_options: dict[str, str]
     op_counts: dict[str, int]
 
 
@@ -88,7 +92,7 @@ def precision_label(config: QuantizeConfig) -> str:
         return "fp32"
     label = f"{config.weights}-{config.method}-b{config.block_size}"
     if config.activations == "int8":
-        label += f"-a8-{config.activation_range}"
+        label += f"-a8-{config.activation_range}" + (f"-sq{config.smoothquant:g}" if config.smoothquant else "")
     if config.classes or (config.hot_experts and config.hot_experts.weights != config.classes.get("experts", config.weights)):
         label += "-mixed"
     return label
@@ -124,6 +128,35 @@ def expert_choices(tokens_per_expert: list[list[int]], rare: set[tuple[int, int]
     return choices
 
 
+def _smooth(denses: list[DenseSite], choices: list[TensorChoice], statistics: dict[str, np.ndarray], ranges: dict, alpha: float) -> list[str]:
+    """SmoothQuant where a norm feeds only W8A8 weights: its weight absorbs 1/s, theirs s.
+
+    The second moments and the min-max range of the smoothed input are rescaled to match; a norm with any
+    other consumer (a router, an MoE block) is left alone, since that consumer would see the change.
+    """
+    groups: dict[str, list[DenseSite]] = {}
+    for site, choice in zip(denses, choices):
+        if choice.precision == "int8":
+            groups.setdefault(site.input.name, []).append(site)
+    smoothed = []
+    for name, sites in groups.items():
+        norm = sites[0].input.producer()
+        if norm is None or norm.op_type != "SimplifiedLayerNormalization" or {u.node for u in sites[0].input.uses()} != {s.node for s in sites}:
+            continue
+        weights = [site.weight.const_value.numpy() for site in sites]  # [K,N] each
+        activation_max = statistics[calibrate.statistics_key("absmax", name)]
+        scales = quantization.smoothing_scales(activation_max, np.max([np.abs(w).max(axis=1) for w in weights], axis=0), alpha)  # [K]
+        gamma = norm.inputs[1]
+        gamma.const_value = ir.tensor((gamma.const_value.numpy() / scales).astype(weights[0].dtype), name=gamma.name)
+        for site, weight in zip(sites, weights):
+            site.weight.const_value = ir.tensor((weight * scales[:, None]).astype(weight.dtype), name=site.weight.name)
+        key = calibrate.statistics_key("dense", name)
+        statistics[key] = statistics[key] / np.outer(scales, scales)
+        ranges[name]["minmax"] = float((activation_max / scales).max())
+        smoothed.append(gamma.name)
+    return smoothed
+
+
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
@@ -142,17 +175,17 @@ def _replace(graph: ir.Graph, node: ir.Node, replacement: list[ir.Node], output:
 class _Quantizer:
     """Rounds weights [..., N, K] by the configured method; GPTQ reads the calibrated second moments [..., K, K]."""
 
-    def __init__(self, config: QuantizeConfig, hessians: dict[str, np.ndarray]):
-        self.method, self.hessians = config.method, hessians
+    def __init__(self, config: QuantizeConfig, statistics: dict[str, np.ndarray]):
+        self.method, self.statistics = config.method, statistics
 
-    def __call__(self, weight: np.ndarray, bits: int, block_size: int, hessian_key: str, experts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, weight: np.ndarray, bits: int, block_size: int, moments_key: str, experts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         if weight.shape[-1] % block_size:
             raise BuildError(
-                f"quantize: block size {block_size} does not divide the input width {weight.shape[-1]} of a {hessian_key.split(':')[0]} weight",
+                f"quantize: block size {block_size} does not divide the input width {weight.shape[-1]} of a {moments_key.split(':')[0]} weight",
                 hint="choose a quantize.block_size that divides every hidden and expert width",
             )
         if self.method == "gptq":
-            hessian = self.hessians[hessian_key]
+            hessian = self.statistics[moments_key]
             return quantization.gptq(weight, hessian if experts is None else hessian[experts], block_size, bits)
         return quantization.round_to_nearest(weight, block_size, bits)
 
@@ -162,7 +195,7 @@ def _lower_dense(graph: ir.Graph, site: DenseSite, precision: str, quantize: _Qu
     weight = site.weight.const_value.numpy()  # [K,N]
     dtype = weight.dtype
     rows, features = weight.shape[1], weight.shape[0]
-    key = calibrate.hessian_key("dense", site.input.name)
+    key = calibrate.statistics_key("dense", site.input.name)
     name = site.weight.name
     if config.activations == "int8" and precision == "int8":
         levels, scales = quantize(weight.T.astype(np.float32), 8, features, key)  # one scale per output channel
@@ -208,7 +241,7 @@ def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], precision:
     tag = f"{precision}" + (f".e{'-'.join(map(str, experts))}" if len(experts) < site.fc1.shape[0] else "")
     for weight, kind in ((site.fc1, "fc1"), (site.fc2, "fc2")):
         array = weight.const_value.numpy()[experts].astype(np.float32)  # [E',N,K]
-        key = calibrate.hessian_key(kind, str(site.layer))
+        key = calibrate.statistics_key(kind, str(site.layer))
         levels, scales = quantize(array, bits, block_size if bits == 4 else array.shape[-1], key, experts)
         if bits == 8:
             scales = scales[..., 0]  # one scale per row: [E',N]
@@ -284,17 +317,16 @@ def run(checkpoint: Checkpoint, config: QuantizeConfig, out_dir: Path, progress=
     experts = expert_choices(routing.tokens_per_expert, rare, routing.rare_expert_policy, config)
     label = precision_label(config)
     if label == "fp32":  # writes no model: the pipeline then takes the export stage's
-        return QuantizeResult(precision="fp32", method="none", dense=[], experts=experts, op_counts={})
+        return QuantizeResult(precision="fp32", method="none", dense=[], experts=experts, smoothed=[], session_options={}, op_counts={})
 
     model = ir.load(export_dir / MODEL_FILE)
-    hessians = {}
-    if config.method == "gptq":
-        with np.load(calibrate_dir / calibrate.HESSIANS_FILE, allow_pickle=False) as stored:
-            hessians = {key: stored[key] for key in stored.files}
-    ranges = json.loads((calibrate_dir / calibrate.RANGES_FILE).read_text()) if config.activations == "int8" else {}
-    quantize = _Quantizer(config, hessians)
+    with np.load(calibrate_dir / calibrate.STATISTICS_FILE, allow_pickle=False) as stored:
+        statistics = {key: stored[key] for key in stored.files}
+    ranges = json.loads((calibrate_dir / calibrate.RANGES_FILE).read_text())
     moes, denses = moe_sites(model), dense_sites(model)
     choices = [_dense_choice(site, config) for site in denses]
+    smoothed = _smooth(denses, choices, statistics, ranges, config.smoothquant) if config.activations == "int8" and config.smoothquant else []
+    quantize = _Quantizer(config, statistics)
     total, done = len(moes) + len(denses), 0
     for site in moes:
         _lower_moe(model.graph, site, [c for c in experts if c.layer == site.layer], quantize, config.block_size)
@@ -308,5 +340,21 @@ def run(checkpoint: Checkpoint, config: QuantizeConfig, out_dir: Path, progress=
         if progress:
             progress(done, total)
     ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
+    options = {}
+    if config.activations == "fp32" and any(c.precision == "int8" for c in choices):
+        # onnxruntime would fuse the INT8 DequantizeLinear + MatMul into an int8-activation kernel whose result
+        # for a token depends on how many tokens share the call (measured: logits 8e-3 apart), which breaks
+        # lossless speculation; unfused, the weights are dequantized per call and the MatMul stays in float.
+        options["session.disable_quant_qdq"] = "1"
+        (out_dir / SESSION_OPTIONS_FILE).write_text(json.dumps(options))
     ops = Counter(node.op_type for node in model.graph)
-    return QuantizeResult(precision=label, method=config.method, dense=choices, experts=experts, op_counts=dict(sorted(ops.items())))
+    return QuantizeResult(
+        precision=label, method=config.method, dense=choices, experts=experts, smoothed=smoothed, session_options=options,
+        op_counts=dict(sorted(ops.items())),
+    )
+
+
+def session_options_of(model_dir: Path) -> dict[str, str]:
+    """The session settings a model folder written by this stage needs (none for the export stage's)."""
+    path = model_dir / SESSION_OPTIONS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -16,10 +16,12 @@ from pydantic import BaseModel, ConfigDict
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.ort_windows import run_windows
+from compiler.stages import quantize
 from compiler.stages.export import MODEL_FILE
+from runtime.decoder import session_options
 from runtime.evaluate import next_token_nll
 
-VERSION = "1"
+VERSION = "2"
 
 
 class VerifyConfig(BaseModel):
@@ -44,7 +46,8 @@ class VerifyResult(BaseModel):
 
 def _scores(model_dir: Path, ids: list[int], window: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Per window: the negative log-likelihood of each next token and the argmax before it; and whether all logits were finite."""
-    session = ort.InferenceSession(str(model_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
+    # The candidate runs as the runtime will run it: same session settings, so the gate measures what users get.
+    session = ort.InferenceSession(str(model_dir / MODEL_FILE), session_options(quantize.session_options_of(model_dir)), providers=["CPUExecutionProvider"])
     losses, predictions, finite = [], [], True
     starts = range(0, len(ids), window)
     for start, (logits,) in zip(starts, run_windows(session, ids, window, ["logits"])):

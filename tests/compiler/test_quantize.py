@@ -82,6 +82,16 @@ def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped
         quantized, full = perplexity(getattr(generator, role), tokens), perplexity(getattr(reference, role), tokens)
         assert quantized <= max_perplexity * full, (role, quantized, full)
 
+    # Lossless speculation needs a token's logits not to depend on how many tokens share the call.
+    prefix = tokens[:40]
+    whole = generator.main.new_cache(capacity=48).feed(prefix)
+    cache = generator.main.new_cache(capacity=48)
+    cache.feed(prefix[:8])
+    one_by_one = np.stack([cache.feed([token])[-1] for token in prefix[8:]])
+    assert np.abs(one_by_one - whole[8:]).max() <= 1e-4
+    expected_options = {"session.disable_quant_qdq": "1"} if weights == "int8" else {}
+    assert generator.manifest.models["main"].session_options == expected_options
+
     for prompt in corpus.heldout_prompts(5):
         ids = generator.encode(prompt)
         alone = [t for step in generator.stream_ids(ids, max_new_tokens=32, speculative=False) for t in step]

@@ -111,9 +111,9 @@ def test_unrouted_experts_get_valid_scales_and_the_report_names_them(three_token
     checkpoint, root, results = three_token_calibration
     unrouted = {(r.layer, r.expert) for r in results[policy].rarely_routed}
     assert unrouted and all(r.tokens == 0 for r in results[policy].rarely_routed)
-    with np.load(root / policy / calibrate.HESSIANS_FILE, allow_pickle=False) as hessians:
+    with np.load(root / policy / calibrate.STATISTICS_FILE, allow_pickle=False) as hessians:
         for layer, expert in unrouted:
-            moment = hessians[calibrate.hessian_key("fc1", str(layer))][expert]
+            moment = hessians[calibrate.statistics_key("fc1", str(layer))][expert]
             assert (np.abs(moment).max() > 0) == (policy == "all_tokens")  # all_tokens: measured on every token
 
     config = quantize.QuantizeConfig(weights="int4", method="gptq", block_size=16)
@@ -168,3 +168,32 @@ def test_block_size_that_does_not_divide_a_width_is_refused(tiny_pair, tmp_path)
     with pytest.raises(BuildError, match="block size 32 does not divide the input width 48"):
         build(load_recipe(write_recipe(tiny_pair, "odd", extra)), tmp_path)
     assert not (tmp_path / "odd").exists()
+
+
+def test_smoothquant_rescaling_alone_leaves_the_model_unchanged(three_token_calibration, tmp_path):
+    """Before rounding, moving scales from activations into weights is exact; only norms feeding nothing but W8A8 weights move."""
+    checkpoint, root, _ = three_token_calibration
+    model = ir.load(root / "export" / "model.onnx")
+    denses = quantize.dense_sites(model)
+    choices = [quantize._dense_choice(site, quantize.QuantizeConfig(weights="int8")) for site in denses]
+    with np.load(root / "all_tokens" / calibrate.STATISTICS_FILE, allow_pickle=False) as stored:
+        statistics = {key: stored[key] for key in stored.files}
+    ranges = json.loads((root / "all_tokens" / calibrate.RANGES_FILE).read_text())
+    smoothed = quantize._smooth(denses, choices, statistics, ranges, 0.5)
+    assert smoothed == ["model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight", "model.norm.weight"]
+    ir.save(model, tmp_path / "model.onnx", external_data="model.onnx.data")
+
+    tokens = list(range(1, 41))
+    outputs = []
+    for path in (root / "export" / "model.onnx", tmp_path / "model.onnx"):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs.append(next(iter(run_windows(session, tokens, 40, ["logits"])))[0])
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1e-4
+
+
+def test_smoothquant_build_records_the_smoothed_norms(tiny_pair, tmp_path):
+    extra = "quantize:\n  weights: int8\n  block_size: 16\n  activations: int8\n  activation_range: minmax\n  smoothquant: 0.5\n" + LOOSE_GATE
+    report = build(load_recipe(write_recipe(tiny_pair, "sq", extra)), tmp_path)
+    assert report.manifest.models["draft"].precision == "int8-rtn-b16-a8-minmax-sq0.5"
+    smoothed = next(r.result["smoothed"] for r in report.manifest.stages if r.stage == "quantize" and r.model == "draft")
+    assert smoothed == ["model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight", "model.norm.weight"]

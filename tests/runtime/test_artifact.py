@@ -83,6 +83,12 @@ def test_unknown_schema_version(artifact):
         runtime.load(artifact)
 
 
+def test_session_option_outside_the_allowed_set_is_refused(artifact):
+    _edit_manifest(artifact, lambda m: m["models"]["main"].__setitem__("session_options", {"session.load_model_format": "ORT"}))
+    with pytest.raises(runtime.ArtifactError, match="session option session.load_model_format='ORT' is not one moecc applies"):
+        runtime.load(artifact)
+
+
 def test_external_data_escaping_the_artifact_is_refused(artifact, tmp_path):
     """A model whose external data points outside the artifact is refused even if the manifest matches it."""
     import onnx
