@@ -164,13 +164,22 @@ def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
     stats = stream.stats.as_dict()
     if not args.json:
         out.print()
-        mode = f"speculative, draft length {args.draft_length or generator.manifest.generation.draft_length}" if not args.no_speculative else "main model only"
+        setting = args.draft_length or generator.manifest.generation.draft_length
+        mode = f"speculative, draft length {setting} (mean {stats['mean_draft_length']:.1f})" if not args.no_speculative else "main model only"
         err.print(
             f"[dim]{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_second']:.1f} tokens/s ({mode}); "
             f"acceptance {stats['acceptance_rate']:.2f}, mean accepted length {stats['mean_accepted_length']:.2f}, "
             f"draft {stats['draft_seconds']:.2f}s, verify {stats['verify_seconds']:.2f}s[/dim]"
         )
     return {"text": "".join(pieces), "token_ids": stream.token_ids, "stats": stats}
+
+
+def _draft_length(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -195,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("artifact")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=None)
-    generate.add_argument("--draft-length", type=int, default=None, help="draft tokens per verify call (default: the recipe's)")
+    generate.add_argument("--draft-length", type=_draft_length, default=None, help="draft tokens per verify call, or auto (default: the recipe's)")
     generate.add_argument("--no-speculative", action="store_true", help="decode with the main model alone")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.add_argument("--top-k", type=int, default=0)

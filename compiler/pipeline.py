@@ -316,7 +316,7 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
             models={role: _model_entry(role, checkpoint, records) for role, (checkpoint, records, _) in results.items()},
             tokenizer=TOKENIZER_FILE,
             generation=GenerationEntry(
-                draft_length=recipe.generation.draft_length,
+                draft_length=recipe.generation.draft_length, max_draft_length=recipe.generation.max_draft_length,
                 max_new_tokens=recipe.generation.max_new_tokens,
                 temperature=recipe.generation.temperature,
                 eos_token_id=_eos_token_id(results["main"][0], tokenizer),

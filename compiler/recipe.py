@@ -86,7 +86,8 @@ class VerifySettings(_Frozen):
 
 
 class GenerationDefaults(_Frozen):
-    draft_length: int = Field(default=4, ge=1, le=32)
+    draft_length: int | Literal["auto"] = Field(default="auto", description="proposals per step, or auto: chosen per step from measured acceptance and costs")
+    max_draft_length: int = Field(default=8, ge=1, le=32, description="the longest an automatic draft length may be")
     max_new_tokens: int = Field(default=128, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
 
@@ -133,17 +134,34 @@ def _line_of(root: yaml.Node | None, location: tuple[Any, ...]) -> int | None:
     return line if line is not None or root is None else root.start_mark.line + 1
 
 
-def _describe(error: dict[str, Any], root: yaml.Node | None, source: Path) -> str:
-    location = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+_UNION_MEMBER_TAGS = {"int", "float", "str", "bool"}  # pydantic names the member of a union a value failed
+
+
+def _is_field(part: Any) -> bool:
+    return not (isinstance(part, str) and (part.startswith("function-") or "[" in part or part in _UNION_MEMBER_TAGS))
+
+
+def _describe(error: dict[str, Any], root: yaml.Node | None, source: Path) -> tuple[str, str]:
+    """Where and what: ("r.yaml:7: field 'generation.draft_length'", "Input should be a valid integer")."""
+    location = tuple(part for part in error["loc"] if _is_field(part))
     field = ".".join(str(part) for part in location) or "(top level)"
     line = _line_of(root, location)
     where = f"{source}:{line}" if line else str(source)
     kind = error["type"]
     if kind == "extra_forbidden":
-        return f"{where}: unknown key '{field}'"
+        return f"{where}: unknown key '{field}'", ""
     if kind == "missing":
-        return f"{where}: missing required key '{field}'"
-    return f"{where}: field '{field}': {error['msg'].removeprefix('Value error, ')}"  # a validator's own message reads alone
+        return f"{where}: missing required key '{field}'", ""
+    return f"{where}: field '{field}'", error["msg"].removeprefix("Value error, ")  # a validator's own message reads alone
+
+
+def _messages(errors: list[dict[str, Any]], root: yaml.Node | None, source: Path) -> str:
+    """One message per field; a value that fits no member of a union lists what each member wanted."""
+    details: dict[str, list[str]] = {}
+    for error in errors:
+        head, detail = _describe(error, root, source)
+        details.setdefault(head, []).append(detail)
+    return "; ".join(head + (": " + " or ".join(d for d in parts if d) if any(parts) else "") for head, parts in details.items())
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:
@@ -170,8 +188,7 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         # JSON mode keeps strict typing (no "4" for 4) while accepting YAML lists for tuples.
         recipe = Recipe.model_validate_json(json.dumps(data, default=str))
     except ValidationError as exc:
-        messages = [_describe(error, root, source) for error in exc.errors()]
-        raise RecipeError("; ".join(messages)) from None
+        raise RecipeError(_messages(exc.errors(), root, source)) from None
 
     def checkpoint_folder(role: str) -> Path:
         folder = (source.parent / getattr(recipe, role).checkpoint).resolve()

@@ -70,7 +70,8 @@ class StageRecord(_Record):
 
 
 class GenerationEntry(_Record):
-    draft_length: int
+    draft_length: int | Literal["auto"]  # auto: chosen per step from measured acceptance and call costs
+    max_draft_length: int = 8  # the longest an automatic draft length may be
     max_new_tokens: int
     temperature: float
     eos_token_id: int | None

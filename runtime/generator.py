@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from tokenizers import Tokenizer
 
@@ -12,7 +12,7 @@ from runtime.artifact import Manifest, verify_artifact
 from runtime.decoder import Decoder
 from runtime.errors import MoeccError
 from runtime.sampling import SamplingParams
-from runtime.speculative import GenerationStats, decode
+from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,14 @@ class Stream:
             yield text[len(emitted) :]
 
 
+def _draft_policy(draft_length: int | str, max_draft_length: int) -> FixedDraftLength | AdaptiveDraftLength:
+    if draft_length == "auto":
+        return AdaptiveDraftLength(max_draft_length)
+    if not isinstance(draft_length, int) or isinstance(draft_length, bool) or draft_length < 1:
+        raise MoeccError(f"draft_length must be a positive integer or 'auto', not {draft_length!r}")
+    return FixedDraftLength(draft_length)
+
+
 class Generator:
     """Holds one session per model; each call gets its own KV caches, so threads may share a Generator."""
 
@@ -69,7 +77,7 @@ class Generator:
         self,
         prompt_ids: list[int],
         max_new_tokens: int | None = None,
-        draft_length: int | None = None,
+        draft_length: int | Literal["auto"] | None = None,
         speculative: bool = True,
         sampling: SamplingParams | None = None,
         stats: GenerationStats | None = None,
@@ -91,7 +99,7 @@ class Generator:
             draft_cache,
             prompt_ids,
             max_new_tokens or defaults.max_new_tokens,
-            draft_length or defaults.draft_length,
+            _draft_policy(draft_length or defaults.draft_length, defaults.max_draft_length),
             sampling,
             self.stop_tokens if stop_tokens is None else stop_tokens,
             stats if stats is not None else GenerationStats(),

@@ -62,7 +62,82 @@ class GenerationStats:
             "accepted": self.accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "mean_accepted_length": round(self.mean_accepted_length, 3),
+            "mean_draft_length": round(sum(self.draft_lengths) / len(self.draft_lengths), 3) if self.draft_lengths else 0.0,
         }
+
+
+class FixedDraftLength:
+    """The same number of proposals every step."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def choose(self) -> int:
+        return self.length
+
+    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float) -> None:
+        pass
+
+
+class AdaptiveDraftLength:
+    """The draft length, per step, that maximizes expected committed tokens per second.
+
+    With a per-token acceptance rate a, k proposals commit E(k) = (1 - a^(k+1)) / (1 - a) tokens in one
+    main call, at the cost of k draft calls and one verify call over k + 1 positions (on an MoE a longer
+    verify touches more experts, so its cost is measured per length, not assumed). Rates and costs are
+    measured as generation runs, with decay so they follow the text. A length whose verify cost was never
+    measured is assumed as cheap as the nearest measured one below it: it gets tried, then judged by its
+    own cost. k = 0 (main model alone) is a candidate; while it wins, a 1-token probe every
+    PROBE_EVERY steps keeps the acceptance estimate current.
+    """
+
+    DECAY = 0.9
+    PROBE_EVERY = 16
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.accepted = 0.0  # decayed count of accepted proposals
+        self.rejected = 0.0  # decayed count of steps that ended with a rejection
+        self.draft_cost: float | None = None  # seconds per draft call
+        self.verify_cost: dict[int, float] = {}  # positions verified -> seconds per call
+        self.idle_steps = 0
+
+    @property
+    def acceptance(self) -> float:
+        return (self.accepted + 1) / (self.accepted + self.rejected + 2)  # Laplace prior: 0.5 before any step
+
+    def _verify_seconds(self, positions: int) -> float:
+        below = [n for n in self.verify_cost if n <= positions]
+        return self.verify_cost[max(below) if below else min(self.verify_cost)]
+
+    def tokens_per_second(self, length: int) -> float:
+        a = min(self.acceptance, 0.999)
+        expected = (1 - a ** (length + 1)) / (1 - a)
+        return expected / (length * (self.draft_cost or 0.0) + self._verify_seconds(length + 1))
+
+    def choose(self) -> int:
+        if self.draft_cost is None or not self.verify_cost:
+            return self.max_length  # nothing measured yet: measure the draft and a long verify first
+        best = max(range(self.max_length + 1), key=self.tokens_per_second)
+        if best == 0:
+            self.idle_steps += 1
+            if self.idle_steps >= self.PROBE_EVERY:
+                self.idle_steps = 0
+                return 1
+        return best
+
+    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float) -> None:
+        previous = self.verify_cost.get(length + 1)
+        self.verify_cost[length + 1] = verify_seconds if previous is None else self.DECAY * previous + (1 - self.DECAY) * verify_seconds
+        if length == 0:
+            return
+        per_call = draft_seconds / length
+        self.draft_cost = per_call if self.draft_cost is None else self.DECAY * self.draft_cost + (1 - self.DECAY) * per_call
+        self.accepted = self.DECAY * self.accepted + kept
+        self.rejected = self.DECAY * self.rejected + (kept < length)
+
+
+DraftLengthPolicy = FixedDraftLength | AdaptiveDraftLength
 
 
 def _last_logits(cache: KvCache, tokens: list[int]) -> np.ndarray:
@@ -117,7 +192,7 @@ def decode(
     draft: KvCache | None,
     prompt: list[int],
     max_new_tokens: int,
-    draft_length: int,
+    draft_length: DraftLengthPolicy,
     params: SamplingParams,
     stop_tokens: set[int],
     stats: GenerationStats,
@@ -131,14 +206,16 @@ def decode(
         room = main.capacity - len(tokens)  # the main cache must hold the pending token and the proposals
         if room < 0:
             break
-        length = min(draft_length, max_new_tokens - stats.new_tokens - 1, room) if draft is not None else 0
+        length = min(draft_length.choose(), max_new_tokens - stats.new_tokens - 1, room) if draft is not None else 0
         tick = time.perf_counter()
         proposal = propose(draft, tokens, length, params, rng) if length > 0 else Proposal([], [])
         tock = time.perf_counter()
         target = score(main, tokens, proposal, params)
         kept, next_token = accept(proposal, target, rng)
+        verified = time.perf_counter()
+        draft_length.update(length, kept, tock - tick, verified - tock)
         stats.draft_seconds += tock - tick
-        stats.verify_seconds += time.perf_counter() - tock
+        stats.verify_seconds += verified - tock
         stats.verify_calls += 1
         stats.proposed += length
         stats.accepted += kept

@@ -10,7 +10,7 @@ from compiler import corpus
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.sampling import SamplingParams
-from runtime.speculative import GenerationStats, decode
+from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode
 
 PROMPTS = corpus.heldout_prompts(20, prompt_chars=120)
 NEW_TOKENS = 32
@@ -24,7 +24,7 @@ def _greedy(generator, prompt_ids, **options):
 
 def _check_lossless(generator):
     acceptance = {}
-    for k in (1, 2, 4, 8):
+    for k in (1, 2, 4, 8, "auto"):
         proposed = accepted = 0
         for prompt in PROMPTS:
             ids = generator.encode(prompt)
@@ -32,7 +32,7 @@ def _check_lossless(generator):
             speculative, stats = _greedy(generator, ids, draft_length=k)
             assert speculative == reference, f"draft length {k}: prompt {prompt[:40]!r} diverged"
             proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
-        acceptance[k] = accepted / proposed
+        acceptance[k] = accepted / proposed if proposed else 0.0
     return acceptance
 
 
@@ -69,7 +69,7 @@ def test_always_disagreeing_draft_is_still_lossless(tiny_artifact):
         reference, _ = _greedy(generator, ids, speculative=False)
         stats = GenerationStats()
         contrary = _ContraryDraft(generator.main.new_cache())
-        steps = decode(generator.main.new_cache(), contrary, ids, NEW_TOKENS, 4, SamplingParams(), set(), stats)
+        steps = decode(generator.main.new_cache(), contrary, ids, NEW_TOKENS, FixedDraftLength(4), SamplingParams(), set(), stats)
         assert [t for step in steps for t in step][: len(reference)] == reference
         assert stats.accepted == 0 and stats.proposed > 0
         assert stats.mean_accepted_length == 1.0
@@ -135,3 +135,39 @@ def test_one_generator_serves_several_threads(tiny_artifact):
     with ThreadPoolExecutor(max_workers=3) as pool:
         together = list(pool.map(lambda p: generator.generate(p, max_new_tokens=24, draft_length=3).token_ids, prompts))
     assert together == alone
+
+
+def _policy(acceptance: float, draft_cost: float, verify_cost) -> AdaptiveDraftLength:
+    """A policy that has already measured: `acceptance` per token, `draft_cost` per call, verify_cost(positions)."""
+    policy = AdaptiveDraftLength(max_length=8)
+    for _ in range(200):
+        for length in range(9):
+            kept = sum(1 for _ in range(length))  # every proposal accepted ...
+            policy.update(length, kept, draft_cost * length, verify_cost(length + 1))
+    policy.accepted, policy.rejected = 1000 * acceptance, 1000 * (1 - acceptance)  # ... then the rate we want
+    return policy
+
+
+def test_adaptive_draft_length_follows_acceptance_and_costs():
+    assert _policy(0.9, 0.1, lambda n: 1.0).choose() == 8  # cheap draft, flat verify cost: propose the most
+    assert _policy(0.1, 0.5, lambda n: n).choose() == 0  # poor draft, verify cost grows: main model alone
+    middle = _policy(0.8, 0.2, lambda n: 1.0 + 0.5 * n).choose()
+    assert 1 <= middle < 8
+    rates = [_policy(0.8, 0.2, lambda n: 1.0 + 0.5 * n).tokens_per_second(k) for k in range(9)]
+    assert rates[middle] == max(rates)
+
+
+def test_adaptive_draft_length_probes_while_the_draft_sits_idle():
+    policy = _policy(0.1, 0.5, lambda n: n)
+    choices = [policy.choose() for _ in range(AdaptiveDraftLength.PROBE_EVERY)]
+    assert choices[:-1] == [0] * (AdaptiveDraftLength.PROBE_EVERY - 1) and choices[-1] == 1
+
+
+def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
+    policy = AdaptiveDraftLength(max_length=4)
+    assert policy.choose() == 4  # nothing measured: measure the longest first
+    policy.update(4, 4, 0.4, 1.0)
+    policy.update(0, 0, 0.0, 1.0)
+    assert policy._verify_seconds(3) == 1.0  # unmeasured 3 positions: as cheap as the nearest below
+    policy.update(4, 0, 0.4, 50.0)  # the long verify turns out costly
+    assert policy.choose() < 4
