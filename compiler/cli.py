@@ -174,6 +174,74 @@ def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
     return {"text": "".join(pieces), "token_ids": stream.token_ids, "stats": stats}
 
 
+def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
+    import runtime
+    from compiler import corpus
+    from runtime import benchmark
+
+    generator = runtime.load(args.artifact, threads=args.threads)
+    default = generator.manifest.generation.draft_length
+    fixed = args.draft_length or (default if isinstance(default, int) else 4)
+    heldout = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:50]))
+    cases = []
+    for prompt_tokens in args.prompt_tokens:
+        if prompt_tokens + args.new_tokens > generator.main.entry.max_sequence_length:
+            raise MoeccError(f"{prompt_tokens} prompt + {args.new_tokens} new tokens exceed the maximum sequence length {generator.main.entry.max_sequence_length}")
+        for mode in benchmark.modes_for(generator, fixed):
+            if not args.json:
+                err.print(f"[dim]{mode.name}, prompt {prompt_tokens} tokens ...[/dim]")
+            cases.append(benchmark.run_case(generator, mode, heldout[:prompt_tokens], args.new_tokens, args.runs))
+    name = generator.manifest.name
+    report = {
+        "artifact": str(args.artifact), "name": name, "threads": args.threads, "runs": args.runs,
+        "peak_rss_bytes": benchmark.peak_rss_bytes(), "cases": [benchmark.as_json(case) for case in cases],
+    }
+    json_out = Path(args.json_out or Path(args.artifact).parent / f"bench-{name}.json")
+    json_out.write_text(json.dumps(report, indent=1))
+    chart = Path(args.chart or json_out.with_suffix(".png"))
+    _bench_chart(cases, chart, f"{name}: decode tokens/s, batch 1, median of {args.runs} (bars: min-max)")
+    report |= {"json": str(json_out), "chart": str(chart)}
+    if not args.json:
+        table = Table(title=f"{name}: {args.runs} runs each after a warm-up, batch 1, threads {args.threads or 'default'}")
+        for column in ("mode", "prompt", "new", "prefill tok/s", "decode tok/s (min-max)", "ms/token", "acceptance", "tokens/call", "mean k"):
+            table.add_column(column, justify="left" if column == "mode" else "right")
+        for case in cases:
+            decode = case.decode_tokens_per_second
+            table.add_row(
+                case.mode, str(case.prompt_tokens), str(case.new_tokens), f"{case.prefill_tokens_per_second.median:,.0f}",
+                f"{decode.median:,.0f} ({decode.low:,.0f}-{decode.high:,.0f})", f"{case.milliseconds_per_token.median:.2f}",
+                f"{case.acceptance_rate:.3f}" if case.mode != "main only" else "-", f"{case.mean_accepted_length:.2f}",
+                f"{case.mean_draft_length:.2f}" if case.mode != "main only" else "-",
+            )
+        out.print(table)
+        out.print(f"peak RSS {_size(report['peak_rss_bytes'])}; wrote {json_out} and {chart}")
+    return report
+
+
+def _bench_chart(cases, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(case.mode for case in cases))
+    prompts = sorted({case.prompt_tokens for case in cases})
+    figure, axes = plt.subplots(figsize=(2 + 2.2 * len(prompts), 4))
+    width = 0.8 / len(modes)
+    for index, mode in enumerate(modes):
+        chosen = [next(c for c in cases if c.mode == mode and c.prompt_tokens == p) for p in prompts]
+        medians = [c.decode_tokens_per_second.median for c in chosen]
+        errors = [[m - c.decode_tokens_per_second.low for m, c in zip(medians, chosen)], [c.decode_tokens_per_second.high - m for m, c in zip(medians, chosen)]]
+        axes.bar([p + index * width for p in range(len(prompts))], medians, width, yerr=errors, capsize=3, label=mode)
+    axes.set_xticks([p + width * (len(modes) - 1) / 2 for p in range(len(prompts))], [f"prompt {p}" for p in prompts])
+    axes.set_ylabel("decode tokens/s")
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def _draft_length(text: str) -> int | str:
     if text == "auto":
         return text
@@ -211,6 +279,16 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+
+    bench = command("bench", "time an artifact: prefill, decode, speculative acceptance, memory", cmd_bench)
+    bench.add_argument("artifact")
+    bench.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths, from held-out text")
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--runs", type=int, default=3, help="timed runs per case, after one warm-up")
+    bench.add_argument("--draft-length", type=int, default=None, help="the fixed draft length to compare with auto (default: the recipe's, else 4)")
+    bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    bench.add_argument("--json-out", default=None, help="default: bench-NAME.json next to the artifact")
+    bench.add_argument("--chart", default=None, help="PNG chart; default: the JSON path with .png")
     return parser
 
 

@@ -46,14 +46,6 @@ class Stream:
             yield text[len(emitted) :]
 
 
-def _draft_policy(draft_length: int | str, max_draft_length: int) -> FixedDraftLength | AdaptiveDraftLength:
-    if draft_length == "auto":
-        return AdaptiveDraftLength(max_draft_length)
-    if not isinstance(draft_length, int) or isinstance(draft_length, bool) or draft_length < 1:
-        raise MoeccError(f"draft_length must be a positive integer or 'auto', not {draft_length!r}")
-    return FixedDraftLength(draft_length)
-
-
 class Generator:
     """Holds one session per model; each call gets its own KV caches, so threads may share a Generator."""
 
@@ -66,6 +58,14 @@ class Generator:
         self.tokenizer = Tokenizer.from_file(str(self.path / self.manifest.tokenizer))
         eos = self.manifest.generation.eos_token_id
         self.stop_tokens = {eos} if eos is not None else set()
+        self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)  # shared by all generations
+
+    def _draft_policy(self, draft_length: int | str) -> FixedDraftLength | AdaptiveDraftLength:
+        if draft_length == "auto":
+            return self.adaptive_draft_length
+        if not isinstance(draft_length, int) or isinstance(draft_length, bool) or draft_length < 1:
+            raise MoeccError(f"draft_length must be a positive integer or 'auto', not {draft_length!r}")
+        return FixedDraftLength(draft_length)
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids
@@ -99,7 +99,7 @@ class Generator:
             draft_cache,
             prompt_ids,
             max_new_tokens or defaults.max_new_tokens,
-            _draft_policy(draft_length or defaults.draft_length, defaults.max_draft_length),
+            self._draft_policy(draft_length or defaults.draft_length),
             sampling,
             self.stop_tokens if stop_tokens is None else stop_tokens,
             stats if stats is not None else GenerationStats(),

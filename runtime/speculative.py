@@ -5,6 +5,7 @@ Main-only decoding is the same loop with no proposals: the main model scores one
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -25,7 +26,8 @@ class Proposal:
 class GenerationStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # prefill included
+    prefill_seconds: float = 0.0
     first_token_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -37,6 +39,16 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """New tokens over the time after the prompt was read."""
+        decoding = self.seconds - self.prefill_seconds
+        return self.new_tokens / decoding if decoding > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -53,8 +65,11 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "seconds": round(self.seconds, 4),
+            "prefill_seconds": round(self.prefill_seconds, 4),
             "first_token_seconds": round(self.first_token_seconds, 4),
             "tokens_per_second": round(self.tokens_per_second, 2),
+            "prefill_tokens_per_second": round(self.prefill_tokens_per_second, 2),
+            "decode_tokens_per_second": round(self.decode_tokens_per_second, 2),
             "draft_seconds": round(self.draft_seconds, 4),
             "verify_seconds": round(self.verify_seconds, 4),
             "verify_calls": self.verify_calls,
@@ -89,6 +104,10 @@ class AdaptiveDraftLength:
     measured is assumed as cheap as the nearest measured one below it: it gets tried, then judged by its
     own cost. k = 0 (main model alone) is a candidate; while it wins, a 1-token probe every
     PROBE_EVERY steps keeps the acceptance estimate current.
+
+    A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
+    keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
+    committed tokens' distribution).
     """
 
     DECAY = 0.9
@@ -101,6 +120,7 @@ class AdaptiveDraftLength:
         self.draft_cost: float | None = None  # seconds per draft call
         self.verify_cost: dict[int, float] = {}  # positions verified -> seconds per call
         self.idle_steps = 0
+        self._lock = threading.Lock()
 
     @property
     def acceptance(self) -> float:
@@ -116,6 +136,10 @@ class AdaptiveDraftLength:
         return expected / (length * (self.draft_cost or 0.0) + self._verify_seconds(length + 1))
 
     def choose(self) -> int:
+        with self._lock:
+            return self._choose()
+
+    def _choose(self) -> int:
         if self.draft_cost is None or not self.verify_cost:
             return self.max_length  # nothing measured yet: measure the draft and a long verify first
         best = max(range(self.max_length + 1), key=self.tokens_per_second)
@@ -127,6 +151,10 @@ class AdaptiveDraftLength:
         return best
 
     def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float) -> None:
+        with self._lock:
+            self._update(length, kept, draft_seconds, verify_seconds)
+
+    def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float) -> None:
         previous = self.verify_cost.get(length + 1)
         self.verify_cost[length + 1] = verify_seconds if previous is None else self.DECAY * previous + (1 - self.DECAY) * verify_seconds
         if length == 0:
@@ -202,6 +230,11 @@ def decode(
     tokens = list(prompt)
     stats.prompt_tokens = len(prompt)
     started = time.perf_counter()
+    # Prefill: every prompt token but the last goes into the caches; the last is scored by the first step.
+    for cache in (main, draft) if draft is not None else (main,):
+        if len(prompt) > 1:
+            cache.feed(cache.sync(prompt[:-1]))
+    stats.prefill_seconds = time.perf_counter() - started
     while stats.new_tokens < max_new_tokens:
         room = main.capacity - len(tokens)  # the main cache must hold the pending token and the proposals
         if room < 0:
