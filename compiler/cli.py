@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "stages": [r.model_dump(include={"model", "stage", "seconds", "cached"}) for r in manifest.stages],
         "accuracy": {r.model: r.result for r in manifest.stages if r.stage == "verify"},
         "routing": {r.model: r.result for r in manifest.stages if r.stage == "calibrate" and r.result.get("moe_layers")},
-        "experts": {r.model: r.result["experts"] for r in manifest.stages if r.stage == "quantize" and r.result.get("experts")},
+        "experts": {r.model: r.result["experts"] for r in manifest.stages if r.stage == "quantize" and any(e["precision"] != "fp32" for e in r.result.get("experts", []))},
         "generation": manifest.generation.model_dump(),
         "tools": manifest.tools,
     }
@@ -192,9 +193,16 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
                 err.print(f"[dim]{mode.name}, prompt {prompt_tokens} tokens ...[/dim]")
             cases.append(benchmark.run_case(generator, mode, heldout[:prompt_tokens], args.new_tokens, args.runs))
     name = generator.manifest.name
+    threads = args.threads or os.cpu_count() or 1
+    active = benchmark.active_weight_bytes(Path(args.artifact) / generator.main.entry.path)
+    bandwidth = benchmark.read_bandwidth(threads)
+    # How close main-only decoding runs to the memory limit: weight bytes read per second over what the machine reads.
+    limit = {case.prompt_tokens: active * case.decode_tokens_per_second.median / bandwidth for case in cases if case.mode == "main only"}
     report = {
-        "artifact": str(args.artifact), "name": name, "threads": args.threads, "runs": args.runs,
-        "peak_rss_bytes": benchmark.peak_rss_bytes(), "cases": [benchmark.as_json(case) for case in cases],
+        "artifact": str(args.artifact), "name": name, "threads": threads, "runs": args.runs,
+        "peak_rss_bytes": benchmark.peak_rss_bytes(), "main_active_weight_bytes_per_token": active,
+        "read_bandwidth_bytes_per_second": bandwidth, "main_only_bandwidth_fraction": limit,
+        "cases": [benchmark.as_json(case) for case in cases],
     }
     json_out = Path(args.json_out or Path(args.artifact).parent / f"bench-{name}.json")
     json_out.write_text(json.dumps(report, indent=1))
@@ -202,7 +210,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     _bench_chart(cases, chart, f"{name}: decode tokens/s, batch 1, median of {args.runs} (bars: min-max)")
     report |= {"json": str(json_out), "chart": str(chart)}
     if not args.json:
-        table = Table(title=f"{name}: {args.runs} runs each after a warm-up, batch 1, threads {args.threads or 'default'}")
+        table = Table(title=f"{name}: {args.runs} runs each after a warm-up, batch 1, {threads} threads")
         for column in ("mode", "prompt", "new", "prefill tok/s", "decode tok/s (min-max)", "ms/token", "acceptance", "tokens/call", "mean k"):
             table.add_column(column, justify="left" if column == "mode" else "right")
         for case in cases:
@@ -214,6 +222,11 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
                 f"{case.mean_draft_length:.2f}" if case.mode != "main only" else "-",
             )
         out.print(table)
+        fractions = ", ".join(f"{fraction:.2f} (prompt {prompt})" for prompt, fraction in limit.items())
+        out.print(
+            f"main model reads {_size(active)} of weights per token; this machine reads {bandwidth / 1e9:.1f} GB/s with {threads} threads; "
+            f"main-only decode uses {fractions} of it"
+        )
         out.print(f"peak RSS {_size(report['peak_rss_bytes'])}; wrote {json_out} and {chart}")
     return report
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 from pydantic import BaseModel
 from tokenizers import Tokenizer
 
+from compiler import random_init
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, calibration_text, recipe_json
@@ -277,12 +278,23 @@ class BuildReport:
     seconds: float
 
 
+def _with_generated_weights(loaded: LoadedRecipe, cache_root: Path) -> LoadedRecipe:
+    """Point models whose recipe asks for random weights at their generated checkpoint."""
+    folders = {}
+    for role in ROLES:
+        seed = getattr(loaded.recipe, role).random_init_seed
+        if seed is not None:
+            folders[f"{role}_checkpoint"] = random_init.materialize(getattr(loaded, f"{role}_checkpoint"), seed, cache_root)
+    return loaded.model_copy(update=folders)
+
+
 def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | None = None, cache_root: Path | None = None) -> BuildReport:
     """Run every stage for the main and draft models, then assemble and publish the artifact."""
     observer = observer or _Silent()
     started = time.perf_counter()
     tools = tool_versions()
     cache = StageCache(cache_root or output_root / ".cache")
+    loaded = _with_generated_weights(loaded, cache.root)
     tokenizer = _tokenizer(loaded)
     context = BuildContext(loaded, calibration_text(loaded), tokenizer)
     results = {role: _run_model(role, context, cache, observer, tools) for role in ROLES}

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import resource
 import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
 
 from runtime.generator import Generator
 from runtime.speculative import GenerationStats
@@ -81,6 +87,42 @@ def run_case(generator: Generator, mode: Mode, prompt: list[int], new_tokens: in
 def peak_rss_bytes() -> int:
     """The process's peak resident set so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def active_weight_bytes(model_path: Path) -> int:
+    """Bytes of weights one decode step reads: all of them, except that an MoE layer reads k of its E
+    experts and a table (embedding, rotary cos/sin) one row (read from the graph, not the weights)."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    experts_read: dict[str, int] = {}  # expert weight -> top-k of its MoE node
+    tables: set[str] = set()
+    for node in graph.node:
+        if node.op_type in ("MoE", "QMoE") and node.domain == "com.microsoft":
+            top_k = next(a.i for a in node.attribute if a.name == "k")
+            experts_read |= {name: top_k for name in node.input[2:8] if name}
+        elif node.op_type == "Gather":
+            tables.add(node.input[0])
+        elif node.op_type == "GroupQueryAttention":
+            tables |= set(node.input[7:9])  # cos and sin caches
+    total = 0.0
+    for tensor in graph.initializer:
+        size = int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if tensor.name in tables:
+            continue
+        total += size * experts_read[tensor.name] / tensor.dims[0] if tensor.name in experts_read else size
+    return int(total)
+
+
+def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second that `threads` threads read from memory (numpy sums over an array far beyond cache)."""
+    data = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
+    chunks = np.array_split(data, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            list(pool.map(np.sum, chunks))  # numpy releases the GIL while it sums
+            best = max(best, data.nbytes / (time.perf_counter() - started))
+    return best
 
 
 def as_json(result: CaseResult) -> dict:

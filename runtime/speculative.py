@@ -102,8 +102,9 @@ class AdaptiveDraftLength:
     verify touches more experts, so its cost is measured per length, not assumed). Rates and costs are
     measured as generation runs, with decay so they follow the text. A length whose verify cost was never
     measured is assumed as cheap as the nearest measured one below it: it gets tried, then judged by its
-    own cost. k = 0 (main model alone) is a candidate; while it wins, a 1-token probe every
-    PROBE_EVERY steps keeps the acceptance estimate current.
+    own cost. k = 0 (main model alone) is a candidate; while it wins, a 1-token probe keeps the acceptance
+    estimate current: after PROBE_EVERY idle steps, twice as long after each probe that is rejected (a
+    probe costs the draft's catch-up on every token since its last call), back to PROBE_EVERY on acceptance.
 
     A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
     keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
@@ -112,6 +113,7 @@ class AdaptiveDraftLength:
 
     DECAY = 0.9
     PROBE_EVERY = 16
+    MAX_PROBE_INTERVAL = 1024
 
     def __init__(self, max_length: int):
         self.max_length = max_length
@@ -120,6 +122,8 @@ class AdaptiveDraftLength:
         self.draft_cost: float | None = None  # seconds per draft call
         self.verify_cost: dict[int, float] = {}  # positions verified -> seconds per call
         self.idle_steps = 0
+        self.probe_interval = self.PROBE_EVERY
+        self._probing = False
         self._lock = threading.Lock()
 
     @property
@@ -145,8 +149,8 @@ class AdaptiveDraftLength:
         best = max(range(self.max_length + 1), key=self.tokens_per_second)
         if best == 0:
             self.idle_steps += 1
-            if self.idle_steps >= self.PROBE_EVERY:
-                self.idle_steps = 0
+            if self.idle_steps >= self.probe_interval:
+                self.idle_steps, self._probing = 0, True
                 return 1
         return best
 
@@ -159,6 +163,9 @@ class AdaptiveDraftLength:
         self.verify_cost[length + 1] = verify_seconds if previous is None else self.DECAY * previous + (1 - self.DECAY) * verify_seconds
         if length == 0:
             return
+        if self._probing:
+            self._probing = False
+            self.probe_interval = self.PROBE_EVERY if kept else min(2 * self.probe_interval, self.MAX_PROBE_INTERVAL)
         per_call = draft_seconds / length
         self.draft_cost = per_call if self.draft_cost is None else self.DECAY * self.draft_cost + (1 - self.DECAY) * per_call
         self.accepted = self.DECAY * self.accepted + kept

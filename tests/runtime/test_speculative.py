@@ -157,10 +157,16 @@ def test_adaptive_draft_length_follows_acceptance_and_costs():
     assert rates[middle] == max(rates)
 
 
-def test_adaptive_draft_length_probes_while_the_draft_sits_idle():
+def test_adaptive_draft_length_probes_while_the_draft_sits_idle_and_backs_off():
     policy = _policy(0.1, 0.5, lambda n: n)
-    choices = [policy.choose() for _ in range(AdaptiveDraftLength.PROBE_EVERY)]
-    assert choices[:-1] == [0] * (AdaptiveDraftLength.PROBE_EVERY - 1) and choices[-1] == 1
+    every = AdaptiveDraftLength.PROBE_EVERY
+    choices = [policy.choose() for _ in range(every)]
+    assert choices[:-1] == [0] * (every - 1) and choices[-1] == 1
+    policy.update(1, 0, 0.5, 2.0)  # the probe was rejected: wait twice as long for the next
+    choices = [policy.choose() for _ in range(2 * every)]
+    assert choices.index(1) == 2 * every - 1
+    policy.update(1, 1, 0.5, 2.0)  # accepted: back to the short interval
+    assert policy.probe_interval == every
 
 
 def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
