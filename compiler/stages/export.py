@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from compiler.checkpoint import Checkpoint
 from compiler.onnx_graph import build_decoder
 
-VERSION = "1"
+VERSION = "2"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 

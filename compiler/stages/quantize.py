@@ -39,6 +39,7 @@ VERSION = "6"
 SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
 Precision = Literal["fp32", "int8", "int4"]
 BITS = {"int8": 8, "int4": 4}
+NORM_WEIGHT_INPUT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}  # which input is the scale
 
 
 class HotExperts(BaseModel):
@@ -141,12 +142,12 @@ def _smooth(denses: list[DenseSite], choices: list[TensorChoice], statistics: di
     smoothed = []
     for name, sites in groups.items():
         norm = sites[0].input.producer()
-        if norm is None or norm.op_type != "SimplifiedLayerNormalization" or {u.node for u in sites[0].input.uses()} != {s.node for s in sites}:
+        if norm is None or norm.op_type not in NORM_WEIGHT_INPUT or {u.node for u in sites[0].input.uses()} != {s.node for s in sites}:
             continue
         weights = [site.weight.const_value.numpy() for site in sites]  # [K,N] each
         activation_max = statistics[calibrate.statistics_key("absmax", name)]
         scales = quantization.smoothing_scales(activation_max, np.max([np.abs(w).max(axis=1) for w in weights], axis=0), alpha)  # [K]
-        gamma = norm.inputs[1]
+        gamma = norm.inputs[NORM_WEIGHT_INPUT[norm.op_type]]
         gamma.const_value = ir.tensor((gamma.const_value.numpy() / scales).astype(weights[0].dtype), name=gamma.name)
         for site, weight in zip(sites, weights):
             site.weight.const_value = ir.tensor((weight * scales[:, None]).astype(weight.dtype), name=site.weight.name)
