@@ -30,9 +30,12 @@ class TensorInfo:
 class Checkpoint:
     """A checkpoint folder: config.json plus safetensors weights (single or sharded), or opted-in pickle weights."""
 
-    def __init__(self, folder: Path, allow_pickle: bool = False):
+    def __init__(self, folder: Path, allow_pickle: bool = False, layers: int | None = None):
         self.folder = folder
+        self.layers = layers
         self.config = self._read_config()
+        if layers is not None:
+            self.config = self._first_layers(layers)
         self.arch: Architecture = architecture_of(self.config)
         self.dims: ModelDims = dims_of(self.arch, self.config)
         self.files = self._weight_files(allow_pickle)
@@ -50,6 +53,16 @@ class Checkpoint:
             raise CheckpointError(f"{path}: cannot read config: {exc}") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: config is not a JSON object")
+        return config
+
+    def _first_layers(self, layers: int) -> dict[str, Any]:
+        """The config of the model cut after `layers` layers, keeping its embedding, final norm and head."""
+        total = self.config.get("num_hidden_layers")
+        if not isinstance(total, int) or not 1 <= layers <= total:
+            raise CheckpointError(f"{self.folder}: cannot keep the first {layers} layers of a model with {total}")
+        config = dict(self.config, num_hidden_layers=layers)
+        if isinstance(config.get("layer_types"), list):
+            config["layer_types"] = config["layer_types"][:layers]
         return config
 
     def _weight_files(self, allow_pickle: bool) -> list[Path]:
@@ -139,6 +152,7 @@ class Checkpoint:
         return {path.name: sha256_of(path) for path in paths}
 
     def digests(self) -> dict[str, str]:
-        """sha256 of config.json and every weight file, the identity of this checkpoint (hashed once)."""
-        return dict(self._digests)
+        """sha256 of config.json and every weight file, the identity of this checkpoint (hashed once);
+        a model cut to its first layers says so, since its files are the full model's."""
+        return dict(self._digests) | ({"first_layers": str(self.layers)} if self.layers is not None else {})
 

@@ -197,7 +197,8 @@ class StageCache:
 
 def _run_model(role: str, context: BuildContext, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], dict[str, Path]]:
     loaded = context.loaded
-    checkpoint = Checkpoint(getattr(loaded, f"{role}_checkpoint"), allow_pickle=getattr(loaded.recipe, role).allow_pickle)
+    source = getattr(loaded.recipe, role)
+    checkpoint = Checkpoint(getattr(loaded, f"{role}_checkpoint"), allow_pickle=source.allow_pickle, layers=source.layers)
     upstream = _digest({"checkpoint": checkpoint.digests()})
     records, outputs = [], {}
     for stage in STAGES:

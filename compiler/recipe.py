@@ -25,6 +25,9 @@ class ModelSource(_Frozen):
 
     checkpoint: str = Field(description="checkpoint folder, relative to the recipe file")
     allow_pickle: bool = Field(default=False, description="accept pickle .bin weights, loaded with torch weights_only")
+    layers: int | None = Field(
+        default=None, ge=1, description="keep only the first N layers (with the final norm and head): a draft derived from the main model"
+    )
     random_init_seed: int | None = Field(
         default=None, ge=0, description="generate random weights from the folder's config.json with this seed (speed and size work)"
     )
