@@ -279,7 +279,7 @@ class BuildReport:
     seconds: float
 
 
-def _with_generated_weights(loaded: LoadedRecipe, cache_root: Path) -> LoadedRecipe:
+def with_generated_weights(loaded: LoadedRecipe, cache_root: Path) -> LoadedRecipe:
     """Point models whose recipe asks for random weights at their generated checkpoint."""
     folders = {}
     for role in ROLES:
@@ -295,7 +295,7 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
     started = time.perf_counter()
     tools = tool_versions()
     cache = StageCache(cache_root or output_root / ".cache")
-    loaded = _with_generated_weights(loaded, cache.root)
+    loaded = with_generated_weights(loaded, cache.root)
     tokenizer = _tokenizer(loaded)
     context = BuildContext(loaded, calibration_text(loaded), tokenizer)
     results = {role: _run_model(role, context, cache, observer, tools) for role in ROLES}

@@ -46,6 +46,9 @@ class Stream:
             yield text[len(emitted) :]
 
 
+SEEDED_DRAFT_LENGTH = 4  # what "auto" means for seeded sampling, which must repeat itself
+
+
 class Generator:
     """Holds one session per model; each call gets its own KV caches, so threads may share a Generator."""
 
@@ -60,8 +63,11 @@ class Generator:
         self.stop_tokens = {eos} if eos is not None else set()
         self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)  # shared by all generations
 
-    def _draft_policy(self, draft_length: int | str) -> FixedDraftLength | AdaptiveDraftLength:
+    def _draft_policy(self, draft_length: int | str, sampling: SamplingParams) -> FixedDraftLength | AdaptiveDraftLength:
         if draft_length == "auto":
+            if sampling.temperature > 0 and sampling.seed is not None:
+                # Which tokens a seed draws depends on the draft lengths; measured timings would make them vary.
+                return FixedDraftLength(min(SEEDED_DRAFT_LENGTH, self.manifest.generation.max_draft_length))
             return self.adaptive_draft_length
         if not isinstance(draft_length, int) or isinstance(draft_length, bool) or draft_length < 1:
             raise MoeccError(f"draft_length must be a positive integer or 'auto', not {draft_length!r}")
@@ -85,6 +91,8 @@ class Generator:
     ) -> Iterator[list[int]]:
         """The token-level loop: yields the tokens committed at each step.
 
+        draft_length "auto" adapts the number of proposals per step to measured acceptance and costs; seeded
+        sampling uses a fixed SEEDED_DRAFT_LENGTH instead, so that the same seed gives the same tokens.
         stop_tokens defaults to the artifact's end-of-text token; pass an empty set to ignore it.
         """
         defaults = self.manifest.generation
@@ -99,7 +107,7 @@ class Generator:
             draft_cache,
             prompt_ids,
             max_new_tokens or defaults.max_new_tokens,
-            self._draft_policy(draft_length or defaults.draft_length),
+            self._draft_policy(draft_length or defaults.draft_length, sampling),
             sampling,
             self.stop_tokens if stop_tokens is None else stop_tokens,
             stats if stats is not None else GenerationStats(),

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from bench_tiny_coder import ours  # scripts/ is on the path when this file runs as a script
+from bench_vs_transformers import ours  # scripts/ is on the path when this file runs as a script
 from rich.console import Console
 from rich.table import Table
 

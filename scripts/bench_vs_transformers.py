@@ -1,6 +1,8 @@
 """Benchmark a built pair side by side: our runtime against transformers, speculative against main-only.
 
-    .venv/bin/python scripts/bench_tiny_coder.py --recipe recipes/tiny-coder.yaml --artifact artifacts/tiny-coder
+    .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/tiny-coder.yaml --artifact artifacts/tiny-coder
+    .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/bench-moe.yaml --artifact artifacts/bench-moe \
+        --prompts 4 --new-tokens 64 --heldout-tokens 0 --draft-lengths 4 auto
 
 Prints one table and writes JSON. Decode figures are tokens/s over held-out prompts with the
 end-of-text token ignored, so every run produces the same number of tokens; ratios are what
@@ -23,6 +25,7 @@ from transformers import AutoModelForCausalLM
 
 import runtime
 from compiler import corpus
+from compiler.pipeline import with_generated_weights
 from compiler.recipe import load_recipe
 from runtime.evaluate import perplexity
 from runtime.speculative import GenerationStats
@@ -67,13 +70,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--heldout-tokens", type=int, default=65536, help="held-out tokens for perplexity")
-    parser.add_argument("--json-out", type=Path, default=Path("artifacts/bench-tiny-coder.json"))
+    parser.add_argument("--heldout-tokens", type=int, default=65536, help="held-out tokens for perplexity (0: skip)")
+    parser.add_argument("--draft-lengths", nargs="+", default=["1", "2", "4", "8", "auto"], help="speculative settings to measure")
+    parser.add_argument("--json-out", type=Path, default=None, help="default: artifacts/bench-NAME-vs-transformers.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=160)
 
-    loaded = load_recipe(args.recipe)
+    loaded = with_generated_weights(load_recipe(args.recipe), Path("artifacts/.cache"))  # random-init recipes: their generated weights
     generator = runtime.load(args.artifact, threads=args.threads)
     prompts = [generator.encode(text) for text in corpus.heldout_prompts(args.prompts)]
     results: dict = {"threads": args.threads, "prompts": len(prompts), "new_tokens": args.new_tokens}
@@ -85,12 +89,13 @@ def main() -> None:
         if len(heldout) >= args.heldout_tokens:
             break
     heldout = heldout[: args.heldout_tokens]
-    results["perplexity"] = {role: round(perplexity(getattr(generator, role), heldout), 3) for role in ("main", "draft")}
+    if heldout:
+        results["perplexity"] = {role: round(perplexity(getattr(generator, role), heldout), 3) for role in ("main", "draft")}
 
     main_only, reference = ours(generator, prompts, args.new_tokens, speculative=False)
     results["ours_main_only_tps"] = round(main_only.tokens_per_second, 1)
     results["speculative"] = {}
-    for k in (1, 2, 4, 8):
+    for k in (int(k) if k.isdigit() else k for k in args.draft_lengths):
         spec, outputs = ours(generator, prompts, args.new_tokens, draft_length=k)
         assert outputs == reference, f"speculative greedy diverged from main-only greedy at draft length {k}"
         sampled, _ = ours(generator, prompts, args.new_tokens, draft_length=k, sampling=runtime.SamplingParams(temperature=0.8, seed=0))
@@ -104,11 +109,15 @@ def main() -> None:
         }
 
     main_model = AutoModelForCausalLM.from_pretrained(loaded.main_checkpoint, dtype=torch.float32).eval()
-    draft_model = AutoModelForCausalLM.from_pretrained(loaded.draft_checkpoint, dtype=torch.float32).eval()
+    layers = loaded.recipe.draft.layers  # a derived draft: the same checkpoint cut after its first layers
+    overrides = {"num_hidden_layers": layers} if layers else {}
+    draft_model = AutoModelForCausalLM.from_pretrained(loaded.draft_checkpoint, dtype=torch.float32, **overrides).eval()
     hf_tps, hf_outputs = theirs(main_model, prompts, args.new_tokens)
     hf_assisted_tps, _ = theirs(main_model, prompts, args.new_tokens, assistant=draft_model)
     agreement = statistics.mean(float(np.mean(np.array(a) == np.array(b))) for a, b in zip(hf_outputs, reference))
     default_k = generator.manifest.generation.draft_length
+    if default_k not in results["speculative"]:
+        default_k = next(iter(results["speculative"]))
     best = results["speculative"][default_k]
     results |= {
         "transformers_main_only_tps": round(hf_tps, 1),
@@ -121,8 +130,8 @@ def main() -> None:
     table = Table(title=f"{generator.manifest.name}: {len(prompts)} held-out prompts x {args.new_tokens} tokens, {args.threads} threads")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    rows = [
-        ("held-out perplexity main / draft", f"{results['perplexity']['main']} / {results['perplexity']['draft']}"),
+    rows = [("held-out perplexity main / draft", f"{results['perplexity']['main']} / {results['perplexity']['draft']}")] if heldout else []
+    rows += [
         ("ours main-only tokens/s", results["ours_main_only_tps"]),
         ("transformers generate tokens/s", results["transformers_main_only_tps"]),
         ("ratio main-only ours / transformers", results["ratio_main_only_vs_transformers"]),
@@ -138,9 +147,10 @@ def main() -> None:
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(results, indent=2))
-    console.print(f"wrote {args.json_out}")
+    json_out = args.json_out or Path("artifacts") / f"bench-{generator.manifest.name}-vs-transformers.json"
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {json_out}")
 
 
 if __name__ == "__main__":
