@@ -87,13 +87,18 @@ class KvCache:
         """Roll back to the first `length` tokens; the stale keys beyond are overwritten by the next call."""
         del self.ids[length:]
 
-    def sync(self, tokens: list[int]) -> list[int]:
-        """Roll back to the longest prefix shared with `tokens`; return the tokens still to be fed."""
+    def shared_prefix(self, tokens: list[int]) -> int:
+        """How many leading `tokens` are already cached."""
         shared = 0
         for cached, wanted in zip(self.ids, tokens):
             if cached != wanted:
                 break
             shared += 1
+        return shared
+
+    def sync(self, tokens: list[int]) -> list[int]:
+        """Roll back to the longest prefix shared with `tokens`; return the tokens still to be fed."""
+        shared = self.shared_prefix(tokens)
         self.keep(shared)
         return tokens[shared:]
 

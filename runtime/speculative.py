@@ -90,7 +90,7 @@ class FixedDraftLength:
     def choose(self) -> int:
         return self.length
 
-    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float) -> None:
+    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1) -> None:
         pass
 
 
@@ -154,11 +154,12 @@ class AdaptiveDraftLength:
                 return 1
         return best
 
-    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float) -> None:
+    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1) -> None:
+        """One step's outcome; draft_backlog is how many tokens the draft had to read before proposing."""
         with self._lock:
-            self._update(length, kept, draft_seconds, verify_seconds)
+            self._update(length, kept, draft_seconds, verify_seconds, draft_backlog)
 
-    def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float) -> None:
+    def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int) -> None:
         previous = self.verify_cost.get(length + 1)
         self.verify_cost[length + 1] = verify_seconds if previous is None else self.DECAY * previous + (1 - self.DECAY) * verify_seconds
         if length == 0:
@@ -166,8 +167,11 @@ class AdaptiveDraftLength:
         if self._probing:
             self._probing = False
             self.probe_interval = self.PROBE_EVERY if kept else min(2 * self.probe_interval, self.MAX_PROBE_INTERVAL)
-        per_call = draft_seconds / length
-        self.draft_cost = per_call if self.draft_cost is None else self.DECAY * self.draft_cost + (1 - self.DECAY) * per_call
+        # After idle steps the draft first reads every token since (a backlog of 1 or 2 is the usual step): not
+        # its cost per proposal.
+        if draft_backlog <= 2:
+            per_call = draft_seconds / length
+            self.draft_cost = per_call if self.draft_cost is None else self.DECAY * self.draft_cost + (1 - self.DECAY) * per_call
         self.accepted = self.DECAY * self.accepted + kept
         self.rejected = self.DECAY * self.rejected + (kept < length)
 
@@ -247,13 +251,14 @@ def decode(
         if room < 0:
             break
         length = min(draft_length.choose(), max_new_tokens - stats.new_tokens - 1, room) if draft is not None else 0
+        backlog = len(tokens) - draft.shared_prefix(tokens) if length > 0 else 0
         tick = time.perf_counter()
         proposal = propose(draft, tokens, length, params, rng) if length > 0 else Proposal([], [])
         tock = time.perf_counter()
         target = score(main, tokens, proposal, params)
         kept, next_token = accept(proposal, target, rng)
         verified = time.perf_counter()
-        draft_length.update(length, kept, tock - tick, verified - tock)
+        draft_length.update(length, kept, tock - tick, verified - tock, backlog)
         stats.draft_seconds += tock - tick
         stats.verify_seconds += verified - tock
         stats.verify_calls += 1

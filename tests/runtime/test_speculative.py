@@ -177,3 +177,10 @@ def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
     assert policy._verify_seconds(3) == 1.0  # unmeasured 3 positions: as cheap as the nearest below
     policy.update(4, 0, 0.4, 50.0)  # the long verify turns out costly
     assert policy.choose() < 4
+
+
+def test_adaptive_draft_length_ignores_the_drafts_catch_up_in_its_cost():
+    policy = AdaptiveDraftLength(max_length=4)
+    policy.update(2, 2, 0.2, 1.0)  # 0.1 s per proposal
+    policy.update(2, 2, 5.0, 1.0, draft_backlog=40)  # first read 40 tokens it had skipped while idle
+    assert policy.draft_cost == pytest.approx(0.1)
