@@ -50,13 +50,9 @@ class _ContraryDraft:
 
     def __init__(self, cache):
         self.cache = cache
-        self.capacity = cache.capacity
 
-    def sync(self, tokens):
-        return self.cache.sync(tokens)
-
-    def keep(self, length):
-        self.cache.keep(length)
+    def __getattr__(self, name):  # everything but feed is the real cache's
+        return getattr(self.cache, name)
 
     def feed(self, tokens):
         return -self.cache.feed(tokens)
