@@ -63,7 +63,8 @@ def test_bench_writes_table_json_and_chart(tiny_artifact, tmp_path):
         assert case["runs"] == 2 and case["new_tokens"] == 12 and case["batch_size"] == 1
         assert 0 < decode["low"] <= decode["median"] <= decode["high"]
         assert case["prefill_tokens_per_second"]["median"] > 0
-        assert (case["mean_draft_length"] == 0) == (case["mode"] == "main only")
+        if case["mode"] != "speculative auto":  # auto may rightly settle on the main model alone
+            assert (case["mean_draft_length"] == 0) == (case["mode"] == "main only")
     assert report["peak_rss_bytes"] > 50 * 2**20
 
     code, out, _ = _moecc("bench", str(tiny_artifact), "--prompt-tokens", "100000", "--json")
