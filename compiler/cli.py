@@ -192,6 +192,11 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
             if not args.json:
                 err.print(f"[dim]{mode.name}, prompt {prompt_tokens} tokens ...[/dim]")
             cases.append(benchmark.run_case(generator, mode, heldout[:prompt_tokens], args.new_tokens, args.runs))
+        for batch in args.batch_sizes:  # different prompts of the same length, one batch
+            prompts = [heldout[row * prompt_tokens : (row + 1) * prompt_tokens] for row in range(batch)]
+            if not args.json:
+                err.print(f"[dim]main only, batch {batch}, prompt {prompt_tokens} tokens ...[/dim]")
+            cases.append(benchmark.run_batch_case(generator, prompts, args.new_tokens, args.runs))
     name = generator.manifest.name
     threads = args.threads or os.cpu_count() or 1
     active = benchmark.active_weight_bytes(Path(args.artifact) / generator.main.entry.path)
@@ -207,10 +212,10 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     json_out = Path(args.json_out or Path(args.artifact).parent / f"bench-{name}.json")
     json_out.write_text(json.dumps(report, indent=1))
     chart = Path(args.chart or json_out.with_suffix(".png"))
-    _bench_chart(cases, chart, f"{name}: decode tokens/s, batch 1, median of {args.runs} (bars: min-max)")
+    _bench_chart(cases, chart, f"{name}: decode tokens/s (all rows of a batch), median of {args.runs} (bars: min-max)")
     report |= {"json": str(json_out), "chart": str(chart)}
     if not args.json:
-        table = Table(title=f"{name}: {args.runs} runs each after a warm-up, batch 1, {threads} threads")
+        table = Table(title=f"{name}: {args.runs} runs each after a warm-up, {threads} threads; batch tokens/s count every row")
         for column in ("mode", "prompt", "new", "prefill tok/s", "decode tok/s (min-max)", "ms/token", "acceptance", "tokens/call", "mean k"):
             table.add_column(column, justify="left" if column == "mode" else "right")
         for case in cases:
@@ -298,6 +303,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths, from held-out text")
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--runs", type=int, default=3, help="timed runs per case, after one warm-up")
+    bench.add_argument("--batch-sizes", type=int, nargs="*", default=[], help="also decode this many prompts in one batch (main model)")
     bench.add_argument("--draft-length", type=int, default=None, help="the fixed draft length to compare with auto (default: the recipe's, else 4)")
     bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     bench.add_argument("--json-out", default=None, help="default: bench-NAME.json next to the artifact")

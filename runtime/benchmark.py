@@ -84,6 +84,24 @@ def run_case(generator: Generator, mode: Mode, prompt: list[int], new_tokens: in
     )
 
 
+def run_batch_case(generator: Generator, prompts: list[list[int]], new_tokens: int, runs: int) -> CaseResult:
+    """Main-only decoding of len(prompts) sequences in one batch: tokens/s counts every row's tokens."""
+    records = []
+    texts = [generator.tokenizer.decode(prompt) for prompt in prompts]
+    for run in range(runs + 1):
+        stats = generator.generate_batch(texts, max_new_tokens=new_tokens, stop_tokens=set())[0].stats
+        if run:
+            records.append(stats)
+    return CaseResult(
+        mode=f"main only, batch {len(prompts)}", prompt_tokens=records[0].prompt_tokens // len(prompts), new_tokens=new_tokens,
+        batch_size=len(prompts), runs=runs,
+        prefill_tokens_per_second=Spread.of([s.prefill_tokens_per_second for s in records]),
+        decode_tokens_per_second=Spread.of([s.decode_tokens_per_second for s in records]),
+        milliseconds_per_token=Spread.of([1000 / s.decode_tokens_per_second for s in records]),
+        acceptance_rate=0.0, mean_accepted_length=1.0, mean_draft_length=0.0,
+    )
+
+
 def peak_rss_bytes() -> int:
     """The process's peak resident set so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

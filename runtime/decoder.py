@@ -57,21 +57,20 @@ class Decoder:
         return KvCache(self, capacity or self.entry.max_sequence_length)
 
 
-class KvCache:
-    """Key/value buffers [1, kv heads, capacity, head dim] per layer, bound as both past and present.
+class _BoundBuffers:
+    """An IO binding whose key/value buffers [B, kv heads, capacity, D] per layer are both past and present.
 
-    GroupQueryAttention writes the new keys and values in place when past and present share a buffer;
-    `ids` are the tokens whose keys are in the buffer, so a rollback only shortens that list.
+    GroupQueryAttention writes the new keys and values in place when past and present share a buffer, and
+    reads each row's valid length from seqlens_k.
     """
 
-    def __init__(self, decoder: Decoder, capacity: int):
+    def __init__(self, decoder: Decoder, batch: int, capacity: int):
         entry = decoder.entry
         self.decoder = decoder
         self.capacity = capacity
-        self.ids: list[int] = []
         self.binding = decoder.session.io_binding()
         self.binding.bind_output("logits", "cpu")  # bound first: get_outputs()[0] is the logits
-        shape = (1, entry.num_kv_heads, capacity, entry.head_dim)
+        shape = (batch, entry.num_kv_heads, capacity, entry.head_dim)
         self._buffers = []  # keeps the OrtValues alive as long as the binding uses them
         for layer in range(entry.num_layers):
             for kind in ("key", "value"):
@@ -79,6 +78,28 @@ class KvCache:
                 self.binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", buffer)
                 self.binding.bind_ortvalue_output(f"present.{layer}.{kind}", buffer)
                 self._buffers.append(buffer)
+
+    def _run(self, input_ids: np.ndarray, seqlens_k: list[int], total: int) -> np.ndarray:
+        """One call: input_ids [B,S] after each row's cached tokens; returns logits [B,S,V]."""
+        if total > self.capacity:
+            raise ValueError(f"sequence of {total} tokens exceeds the KV cache capacity of {self.capacity}")
+        self.binding.bind_cpu_input("input_ids", input_ids)
+        self.binding.bind_cpu_input("seqlens_k", np.asarray(seqlens_k, dtype=np.int32))
+        self.binding.bind_cpu_input("total_sequence_length", np.asarray(total, dtype=np.int32))
+        self.binding.bind_output("logits", "cpu")  # logits change shape with the number of new tokens
+        self.decoder.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()
+
+
+class KvCache(_BoundBuffers):
+    """One sequence's cache [1, kv heads, capacity, head dim] per layer.
+
+    `ids` are the tokens whose keys are in the buffer, so a rollback only shortens that list.
+    """
+
+    def __init__(self, decoder: Decoder, capacity: int):
+        super().__init__(decoder, 1, capacity)
+        self.ids: list[int] = []
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -105,12 +126,38 @@ class KvCache:
     def feed(self, tokens: list[int]) -> np.ndarray:
         """Run the new tokens through the model after the cached ones; returns their logits [S, V]."""
         total = len(self.ids) + len(tokens)
-        if total > self.capacity:
-            raise ValueError(f"sequence of {total} tokens exceeds the KV cache capacity of {self.capacity}")
-        self.binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
-        self.binding.bind_cpu_input("seqlens_k", np.asarray([total - 1], dtype=np.int32))
-        self.binding.bind_cpu_input("total_sequence_length", np.asarray(total, dtype=np.int32))
-        self.binding.bind_output("logits", "cpu")  # logits change shape with the number of new tokens
-        self.decoder.session.run_with_iobinding(self.binding)
+        logits = self._run(np.asarray([tokens], dtype=np.int64), [total - 1], total)
         self.ids.extend(tokens)
-        return self.binding.get_outputs()[0].numpy()[0]  # [S,V]
+        return logits[0]  # [S,V]
+
+
+class BatchKvCache(_BoundBuffers):
+    """Key/value buffers [B, kv heads, capacity, D] for B sequences of different lengths, decoded together.
+
+    GroupQueryAttention reads each row's length from seqlens_k, so rows need not line up: the prompts are
+    read in one right-padded call (the padding's keys are overwritten by the row's next tokens), then each
+    step feeds one token per row. Several new tokens per row on top of a past is refused by onnxruntime's
+    CPU kernel for batches, so speculative verification stays per sequence (KvCache).
+    """
+
+    def __init__(self, decoder: Decoder, batch: int, capacity: int):
+        super().__init__(decoder, batch, capacity)
+        self.lengths = [0] * batch
+
+    def prefill(self, prompts: list[list[int]]) -> np.ndarray:
+        """Read every row's prompt into an empty cache; returns the logits after each prompt [B, V]."""
+        if any(self.lengths) or len(prompts) != len(self.lengths) or not all(prompts):
+            raise ValueError("prefill needs an empty cache and one non-empty prompt per row")
+        width = max(len(prompt) for prompt in prompts)
+        input_ids = np.zeros((len(prompts), width), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, : len(prompt)] = prompt
+        logits = self._run(input_ids, [len(prompt) - 1 for prompt in prompts], width)
+        self.lengths = [len(prompt) for prompt in prompts]
+        return logits[np.arange(len(prompts)), [length - 1 for length in self.lengths]]
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        """Feed one token per row; returns each row's next-token logits [B, V]."""
+        logits = self._run(np.asarray(tokens, dtype=np.int64)[:, None], list(self.lengths), max(self.lengths) + 1)
+        self.lengths = [length + 1 for length in self.lengths]
+        return logits[:, 0]

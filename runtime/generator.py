@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.artifact import Manifest, verify_artifact
-from runtime.decoder import Decoder
+from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
-from runtime.sampling import SamplingParams
+from runtime.sampling import SamplingParams, distribution, draw
 from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode
 
 
@@ -121,3 +123,46 @@ class Generator:
         stream = self.stream(prompt, **options)
         text = "".join(stream)
         return Generation(text, stream.token_ids, stream.stats)
+
+    def generate_batch(
+        self,
+        prompts: list[str],
+        max_new_tokens: int | None = None,
+        sampling: SamplingParams | None = None,
+        stop_tokens: set[int] | None = None,
+    ) -> list[Generation]:
+        """Several prompts of different lengths decoded together by the main model, each to its own stop.
+
+        Rows share every main-model call (one token each per step), which reads the weights once for the
+        whole batch. Each row samples with its own generator, seeded from the sampling seed and its index.
+        """
+        defaults = self.manifest.generation
+        sampling = sampling or SamplingParams(temperature=defaults.temperature)
+        limit = max_new_tokens or defaults.max_new_tokens
+        stops = self.stop_tokens if stop_tokens is None else stop_tokens
+        ids = [self.encode(prompt) for prompt in prompts]
+        capacity = max(len(row) for row in ids) + limit
+        if capacity > self.main.entry.max_sequence_length:
+            raise MoeccError(f"prompt and new tokens need {capacity} positions; the maximum sequence length is {self.main.entry.max_sequence_length}")
+        rngs = [np.random.default_rng(None if sampling.seed is None else [sampling.seed, row]) for row in range(len(ids))]
+        stats = GenerationStats(prompt_tokens=sum(len(row) for row in ids))
+        started = time.perf_counter()
+        cache = BatchKvCache(self.main, len(ids), capacity)
+        logits = cache.prefill(ids)
+        stats.prefill_seconds = time.perf_counter() - started
+        outputs: list[list[int]] = [[] for _ in ids]
+        active = set(range(len(ids)))
+        while active:
+            step = [0] * len(ids)  # finished rows feed a placeholder whose result is ignored
+            for row in sorted(active):
+                token = draw(distribution(logits[row], sampling), rngs[row])
+                outputs[row].append(token)
+                step[row] = token
+                if token in stops or len(outputs[row]) >= limit:
+                    active.discard(row)
+            stats.verify_calls += 1
+            if active:
+                logits = cache.step(step)
+        stats.new_tokens = sum(len(row) for row in outputs)
+        stats.seconds = time.perf_counter() - started
+        return [Generation(self.tokenizer.decode(row), row, stats) for row in outputs]

@@ -180,3 +180,16 @@ def test_adaptive_draft_length_ignores_the_drafts_catch_up_in_its_cost():
     policy.update(2, 2, 0.2, 1.0)  # 0.1 s per proposal
     policy.update(2, 2, 5.0, 1.0, draft_backlog=40)  # first read 40 tokens it had skipped while idle
     assert policy.draft_cost == pytest.approx(0.1)
+
+
+def test_batch_of_prompts_of_different_lengths_gives_each_its_own_output(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    prompts = [p[:length] for p, length in zip(PROMPTS, (120, 15, 60, 3, 90))]
+    batch = generator.generate_batch(prompts, max_new_tokens=20, stop_tokens=set())
+    for prompt, result in zip(prompts, batch):
+        assert result.token_ids == _greedy(generator, generator.encode(prompt), speculative=False, stop_tokens=set())[0][:20]
+    # Each row stops on its own: the first token a row produces, used as a stop token, ends that row only.
+    first = {result.token_ids[0] for result in batch}
+    stopped = generator.generate_batch(prompts, max_new_tokens=20, stop_tokens={batch[0].token_ids[0]})
+    assert stopped[0].token_ids == batch[0].token_ids[:1]
+    assert any(len(result.token_ids) > 1 for result in stopped) or len(first) == 1
