@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -92,7 +92,9 @@ class VerifySettings(_Frozen):
 
 
 class GenerationDefaults(_Frozen):
-    draft_length: int | Literal["auto"] = Field(default="auto", description="proposals per step, or auto: chosen per step from measured acceptance and costs")
+    draft_length: Annotated[int, Field(ge=1, le=32)] | Literal["auto"] = Field(
+        default="auto", description="proposals per step, or auto: chosen per step from measured acceptance and costs"
+    )
     max_draft_length: int = Field(default=8, ge=1, le=32, description="the longest an automatic draft length may be")
     max_new_tokens: int = Field(default=128, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
@@ -140,7 +142,7 @@ def _line_of(root: yaml.Node | None, location: tuple[Any, ...]) -> int | None:
     return line if line is not None or root is None else root.start_mark.line + 1
 
 
-_UNION_MEMBER_TAGS = {"int", "float", "str", "bool"}  # pydantic names the member of a union a value failed
+_UNION_MEMBER_TAGS = {"int", "constrained-int", "float", "str", "bool"}  # pydantic names the union member a value failed
 
 
 def _is_field(part: Any) -> bool:

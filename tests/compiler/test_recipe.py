@@ -98,3 +98,9 @@ def test_quantize_rules_parse_and_inconsistent_ones_name_the_field(tmp_path):
         load_recipe(_write(tmp_path, GOOD + "quantize:\n  weights: int4\n  classes: {atention: int8}\n"))
     with pytest.raises(RecipeError, match=r"r\.yaml:6: field 'quantize': smoothquant needs activations: int8 and activation_range: minmax"):
         load_recipe(_write(tmp_path, GOOD + "quantize:\n  weights: int8\n  smoothquant: 0.5\n"))
+
+
+def test_draft_length_is_bounded_or_auto(tmp_path):
+    assert load_recipe(_write(tmp_path, GOOD + "generation:\n  draft_length: auto\n")).recipe.generation.draft_length == "auto"
+    with pytest.raises(RecipeError, match=r"r\.yaml:7: field 'generation\.draft_length': Input should be greater than or equal to 1 or Input should be 'auto'$"):
+        load_recipe(_write(tmp_path, GOOD + "generation:\n  draft_length: 0\n"))
