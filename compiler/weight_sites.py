@@ -11,7 +11,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
-MS_DOMAIN = "com.microsoft"
+from compiler.onnx_graph import MS_DOMAIN
 TensorClass = Literal["attention", "router", "shared_expert", "mlp", "lm_head"]
 
 

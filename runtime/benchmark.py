@@ -87,9 +87,8 @@ def run_case(generator: Generator, mode: Mode, prompt: list[int], new_tokens: in
 def run_batch_case(generator: Generator, prompts: list[list[int]], new_tokens: int, runs: int) -> CaseResult:
     """Main-only decoding of len(prompts) sequences in one batch: tokens/s counts every row's tokens."""
     records = []
-    texts = [generator.tokenizer.decode(prompt) for prompt in prompts]
     for run in range(runs + 1):
-        stats = generator.generate_batch(texts, max_new_tokens=new_tokens, stop_tokens=set())[0].stats
+        _, stats = generator.generate_batch_ids(prompts, max_new_tokens=new_tokens, stop_tokens=set())
         if run:
             records.append(stats)
     return CaseResult(

@@ -131,7 +131,18 @@ class Generator:
         sampling: SamplingParams | None = None,
         stop_tokens: set[int] | None = None,
     ) -> list[Generation]:
-        """Several prompts of different lengths decoded together by the main model, each to its own stop.
+        """Several prompts of different lengths decoded together by the main model, each to its own stop."""
+        rows, stats = self.generate_batch_ids([self.encode(prompt) for prompt in prompts], max_new_tokens, sampling, stop_tokens)
+        return [Generation(self.tokenizer.decode(row), row, stats) for row in rows]
+
+    def generate_batch_ids(
+        self,
+        prompt_ids: list[list[int]],
+        max_new_tokens: int | None = None,
+        sampling: SamplingParams | None = None,
+        stop_tokens: set[int] | None = None,
+    ) -> tuple[list[list[int]], GenerationStats]:
+        """The token-level batch: each row's new tokens, and the stats of the whole batch.
 
         Rows share every main-model call (one token each per step), which reads the weights once for the
         whole batch. Each row samples with its own generator, seeded from the sampling seed and its index.
@@ -140,20 +151,19 @@ class Generator:
         sampling = sampling or SamplingParams(temperature=defaults.temperature)
         limit = max_new_tokens or defaults.max_new_tokens
         stops = self.stop_tokens if stop_tokens is None else stop_tokens
-        ids = [self.encode(prompt) for prompt in prompts]
-        capacity = max(len(row) for row in ids) + limit
+        capacity = max(len(row) for row in prompt_ids) + limit
         if capacity > self.main.entry.max_sequence_length:
             raise MoeccError(f"prompt and new tokens need {capacity} positions; the maximum sequence length is {self.main.entry.max_sequence_length}")
-        rngs = [np.random.default_rng(None if sampling.seed is None else [sampling.seed, row]) for row in range(len(ids))]
-        stats = GenerationStats(prompt_tokens=sum(len(row) for row in ids))
+        rngs = [np.random.default_rng(None if sampling.seed is None else [sampling.seed, row]) for row in range(len(prompt_ids))]
+        stats = GenerationStats(prompt_tokens=sum(len(row) for row in prompt_ids))
         started = time.perf_counter()
-        cache = BatchKvCache(self.main, len(ids), capacity)
-        logits = cache.prefill(ids)
+        cache = BatchKvCache(self.main, len(prompt_ids), capacity)
+        logits = cache.prefill(prompt_ids)
         stats.prefill_seconds = time.perf_counter() - started
-        outputs: list[list[int]] = [[] for _ in ids]
-        active = set(range(len(ids)))
+        outputs: list[list[int]] = [[] for _ in prompt_ids]
+        active = set(range(len(prompt_ids)))
         while active:
-            step = [0] * len(ids)  # finished rows feed a placeholder whose result is ignored
+            step = [0] * len(prompt_ids)  # finished rows feed a placeholder whose result is ignored
             for row in sorted(active):
                 token = draw(distribution(logits[row], sampling), rngs[row])
                 outputs[row].append(token)
@@ -165,4 +175,4 @@ class Generator:
                 logits = cache.step(step)
         stats.new_tokens = sum(len(row) for row in outputs)
         stats.seconds = time.perf_counter() - started
-        return [Generation(self.tokenizer.decode(row), row, stats) for row in outputs]
+        return outputs, stats

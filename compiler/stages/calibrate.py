@@ -35,7 +35,6 @@ VERSION = "3"
 ROUTING_FILE = "routing.json"
 STATISTICS_FILE = "statistics.npz"  # plain arrays, read back with allow_pickle=False
 RANGES_FILE = "activation_ranges.json"
-RANGE_METHODS = ("minmax", "percentile", "entropy")
 RarePolicy = Literal["all_tokens", "routed_only"]
 
 
@@ -98,11 +97,9 @@ class _ExpertMoments:
         self.fc1_weight = site.fc1.const_value.numpy().astype(np.float32)  # [E,2I,H]
         self.fc1 = np.zeros((experts, hidden, hidden))
         self.fc2 = np.zeros((experts, inner2 // 2, inner2 // 2))
-        self.all_tokens = np.zeros((hidden, hidden))
 
     def add(self, tokens: np.ndarray, chosen: np.ndarray) -> None:
         tokens = tokens.astype(np.float64)
-        self.all_tokens += tokens.T @ tokens
         for expert in np.unique(chosen):
             routed = tokens[(chosen == expert).any(axis=-1)]
             inner = swiglu(routed, self.fc1_weight[expert])
@@ -125,7 +122,7 @@ def _session_with_outputs(export_dir: Path, names: list[str]) -> ort.InferenceSe
 
 
 class _Ranges:
-    """Symmetric |x| thresholds per tensor by each method of RANGE_METHODS, gathered window by window."""
+    """Symmetric |x| thresholds per tensor by min-max, percentile and entropy, gathered window by window."""
 
     def __init__(self):
         from onnxruntime.quantization.calibrate import HistogramCollector
@@ -157,33 +154,35 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
     ids = ids[: config.max_tokens]
     model = ir.load(export_dir / MODEL_FILE)
     moes = moe_sites(model)
-    inputs = sorted({site.input.name for site in dense_sites(model)})
-    moe_taps = [name for site in moes for name in (site.tokens.name, site.router_logits.name)]
-    session = _session_with_outputs(export_dir, inputs + moe_taps)
+    # Every dense weight's input, and each MoE block's tokens (in this export also its router's input).
+    inputs = sorted({site.input.name for site in dense_sites(model)} | {site.tokens.name for site in moes})
+    taps = inputs + [site.router_logits.name for site in moes]
+    session = _session_with_outputs(export_dir, taps)
 
     experts = dims.num_experts
     counts = np.zeros((len(moes), experts), np.int64)
     weight_sums = np.zeros((len(moes), experts), np.float64)
-    dense_moments = {name: 0.0 for name in inputs}
+    moments = {name: 0.0 for name in inputs}
     channel_max = {name: 0.0 for name in inputs}
     expert_moments = [_ExpertMoments(site) for site in moes]
     ranges = _Ranges()
     windows = []  # MoE layer inputs, kept for the rare-expert policy's second pass
     total = -(-len(ids) // config.window)
-    for done, outputs in enumerate(run_windows(session, ids, config.window, inputs + moe_taps), start=1):
-        for name, value in zip(inputs, outputs):
-            flat = value.reshape(-1, value.shape[-1]).astype(np.float32)  # [T,K]
-            dense_moments[name] = dense_moments[name] + flat.T.astype(np.float64) @ flat
+    for done, outputs in enumerate(run_windows(session, ids, config.window, taps), start=1):
+        values = dict(zip(taps, outputs))
+        for name in inputs:
+            flat = values[name].reshape(-1, values[name].shape[-1]).astype(np.float32)  # [T,K]
+            moments[name] = moments[name] + flat.T.astype(np.float64) @ flat
             channel_max[name] = np.maximum(channel_max[name], np.abs(flat).max(axis=0))
             ranges.add(name, flat)
-        tokens_and_logits = outputs[len(inputs) :]
-        windows.append(tokens_and_logits[0::2])
+        if config.rare_experts == "all_tokens":
+            windows.append([values[site.tokens.name] for site in moes])
         for layer, site in enumerate(moes):
-            tokens, logits = tokens_and_logits[2 * layer], tokens_and_logits[2 * layer + 1]  # [T,H], [T,E]
-            chosen, weights = _routing_weights(logits.astype(np.float32), dims.experts_per_token, dims.norm_topk_prob)
+            logits = values[site.router_logits.name].astype(np.float32)  # [T,E]
+            chosen, weights = _routing_weights(logits, dims.experts_per_token, dims.norm_topk_prob)
             np.add.at(counts[layer], chosen.ravel(), 1)
             np.add.at(weight_sums[layer], chosen.ravel(), weights.ravel())
-            expert_moments[layer].add(tokens, chosen)
+            expert_moments[layer].add(values[site.tokens.name], chosen)
         if progress:
             progress(done, total)
 
@@ -195,13 +194,13 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
     ]
     if config.rare_experts == "all_tokens":  # too few routed tokens to measure from: use every token of the layer
         for expert in rare:
-            moments = expert_moments[expert.layer]
-            moments.fc1[expert.expert] = moments.all_tokens
-            moments.fc2[expert.expert] = 0
+            layer = expert_moments[expert.layer]
+            layer.fc1[expert.expert] = moments[moes[expert.layer].tokens.name]
+            layer.fc2[expert.expert] = 0
             for layer_inputs in windows:
-                moments.add_all_tokens_fc2(expert.expert, layer_inputs[expert.layer])
+                layer.add_all_tokens_fc2(expert.expert, layer_inputs[expert.layer])
 
-    statistics = {statistics_key("dense", name): moment for name, moment in dense_moments.items()}
+    statistics = {statistics_key("dense", name): moment for name, moment in moments.items()}
     statistics |= {statistics_key("absmax", name): largest for name, largest in channel_max.items()}
     for layer, moments in enumerate(expert_moments):
         statistics[statistics_key("fc1", str(layer))] = moments.fc1

@@ -33,7 +33,8 @@ from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.stages import calibrate
 from compiler.stages.export import DATA_FILE, MODEL_FILE
-from compiler.weight_sites import MS_DOMAIN, DenseSite, MoeSite, dense_sites, moe_sites
+from compiler.onnx_graph import MS_DOMAIN
+from compiler.weight_sites import DenseSite, MoeSite, dense_sites, moe_sites
 
 VERSION = "6"
 SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
@@ -241,12 +242,12 @@ def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], precision:
     inputs: list[ir.Value | None] = []
     tag = f"{precision}" + (f".e{'-'.join(map(str, experts))}" if len(experts) < site.fc1.shape[0] else "")
     for weight, kind in ((site.fc1, "fc1"), (site.fc2, "fc2")):
-        array = weight.const_value.numpy()[experts].astype(np.float32)  # [E',N,K]
+        stored = weight.const_value.numpy()[experts]  # [E',N,K]
         key = calibrate.statistics_key(kind, str(site.layer))
-        levels, scales = quantize(array, bits, block_size if bits == 4 else array.shape[-1], key, experts)
+        levels, scales = quantize(stored.astype(np.float32), bits, block_size if bits == 4 else stored.shape[-1], key, experts)
         if bits == 8:
             scales = scales[..., 0]  # one scale per row: [E',N]
-        dtype = weight.const_value.numpy().dtype
+        dtype = stored.dtype
         inputs += [_constant(graph, f"{weight.name}.{tag}.q{bits}", quantization.pack(levels, bits)), _constant(graph, f"{weight.name}.{tag}.scales", scales.astype(dtype))]
         if kind == "fc1":
             inputs.append(None)  # no bias
@@ -321,12 +322,15 @@ def run(checkpoint: Checkpoint, config: QuantizeConfig, out_dir: Path, progress=
         return QuantizeResult(precision="fp32", method="none", dense=[], experts=experts, smoothed=[], session_options={}, op_counts={})
 
     model = ir.load(export_dir / MODEL_FILE)
-    with np.load(calibrate_dir / calibrate.STATISTICS_FILE, allow_pickle=False) as stored:
-        statistics = {key: stored[key] for key in stored.files}
+    smoothing = config.activations == "int8" and config.smoothquant is not None
+    statistics = {}
+    if config.method == "gptq" or smoothing:  # round to nearest alone needs no calibrated statistics
+        with np.load(calibrate_dir / calibrate.STATISTICS_FILE, allow_pickle=False) as stored:
+            statistics = {key: stored[key] for key in stored.files}
     ranges = json.loads((calibrate_dir / calibrate.RANGES_FILE).read_text())
     moes, denses = moe_sites(model), dense_sites(model)
     choices = [_dense_choice(site, config) for site in denses]
-    smoothed = _smooth(denses, choices, statistics, ranges, config.smoothquant) if config.activations == "int8" and config.smoothquant else []
+    smoothed = _smooth(denses, choices, statistics, ranges, config.smoothquant) if smoothing else []
     quantize = _Quantizer(config, statistics)
     total, done = len(moes) + len(denses), 0
     for site in moes:
