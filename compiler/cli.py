@@ -188,15 +188,12 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     for prompt_tokens in args.prompt_tokens:
         if prompt_tokens + args.new_tokens > generator.main.entry.max_sequence_length:
             raise MoeccError(f"{prompt_tokens} prompt + {args.new_tokens} new tokens exceed the maximum sequence length {generator.main.entry.max_sequence_length}")
-        for mode in benchmark.modes_for(generator, fixed):
-            if not args.json:
-                err.print(f"[dim]{mode.name}, prompt {prompt_tokens} tokens ...[/dim]")
-            cases.append(benchmark.run_case(generator, mode, heldout[:prompt_tokens], args.new_tokens, args.runs))
-        for batch in args.batch_sizes:  # different prompts of the same length, one batch
+        for batch in args.batch_sizes:  # different prompts of the same length
             prompts = [heldout[row * prompt_tokens : (row + 1) * prompt_tokens] for row in range(batch)]
-            if not args.json:
-                err.print(f"[dim]main only, batch {batch}, prompt {prompt_tokens} tokens ...[/dim]")
-            cases.append(benchmark.run_batch_case(generator, prompts, args.new_tokens, args.runs))
+            for mode in benchmark.modes_for(generator, fixed):
+                if not args.json:
+                    err.print(f"[dim]{mode.name}, batch {batch}, prompt {prompt_tokens} tokens ...[/dim]")
+                cases.append(benchmark.run_case(generator, mode, prompts, args.new_tokens, args.runs))
     name = generator.manifest.name
     threads = args.threads or os.cpu_count() or 1
     active = benchmark.active_weight_bytes(Path(args.artifact) / generator.main.entry.path)
@@ -223,8 +220,8 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
             table.add_row(
                 case.mode, str(case.prompt_tokens), str(case.new_tokens), f"{case.prefill_tokens_per_second.median:,.0f}",
                 f"{decode.median:,.0f} ({decode.low:,.0f}-{decode.high:,.0f})", f"{case.milliseconds_per_token.median:.2f}",
-                f"{case.acceptance_rate:.3f}" if case.mode != "main only" else "-", f"{case.mean_accepted_length:.2f}",
-                f"{case.mean_draft_length:.2f}" if case.mode != "main only" else "-",
+                f"{case.acceptance_rate:.3f}" if not case.mode.startswith("main only") else "-", f"{case.mean_accepted_length:.2f}",
+                f"{case.mean_draft_length:.2f}" if not case.mode.startswith("main only") else "-",
             )
         out.print(table)
         fractions = ", ".join(f"{fraction:.2f} (prompt {prompt})" for prompt, fraction in limit.items())
@@ -303,7 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths, from held-out text")
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--runs", type=int, default=3, help="timed runs per case, after one warm-up")
-    bench.add_argument("--batch-sizes", type=int, nargs="*", default=[], help="also decode this many prompts in one batch (main model)")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="prompts decoded together, each size in every mode")
     bench.add_argument("--draft-length", type=int, default=None, help="the fixed draft length to compare with auto (default: the recipe's, else 4)")
     bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     bench.add_argument("--json-out", default=None, help="default: bench-NAME.json next to the artifact")

@@ -60,20 +60,28 @@ def modes_for(generator: Generator, draft_length: int) -> list[Mode]:
     return modes
 
 
-def run_case(generator: Generator, mode: Mode, prompt: list[int], new_tokens: int, runs: int) -> CaseResult:
-    """`runs` generations of exactly `new_tokens` (end-of-text ignored) after `prompt`, after one warm-up."""
+def run_case(generator: Generator, mode: Mode, prompts: list[list[int]], new_tokens: int, runs: int) -> CaseResult:
+    """`runs` generations of exactly `new_tokens` per prompt (end-of-text ignored), after one warm-up.
+
+    One prompt goes through the single-sequence loop; several are decoded together as one batch, and
+    tokens/s then counts every row's tokens.
+    """
     records: list[GenerationStats] = []
+    options = {"draft_length": mode.draft_length} if mode.speculative else {}
     for run in range(runs + 1):
-        stats = GenerationStats()
-        options = {"draft_length": mode.draft_length} if mode.speculative else {}
-        for _ in generator.stream_ids(prompt, max_new_tokens=new_tokens, speculative=mode.speculative, stats=stats, stop_tokens=set(), **options):
-            pass
+        if len(prompts) == 1:
+            stats = GenerationStats()
+            for _ in generator.stream_ids(prompts[0], max_new_tokens=new_tokens, speculative=mode.speculative, stats=stats, stop_tokens=set(), **options):
+                pass
+        else:
+            _, stats = generator.generate_batch_ids(prompts, max_new_tokens=new_tokens, stop_tokens=set(), speculative=mode.speculative, **options)
         if run:  # the first run warms caches and ONNX Runtime's allocations
             records.append(stats)
     proposed, accepted = sum(s.proposed for s in records), sum(s.accepted for s in records)
     calls, lengths = sum(s.verify_calls for s in records), [k for s in records for k in s.draft_lengths]
     return CaseResult(
-        mode=mode.name, prompt_tokens=len(prompt), new_tokens=new_tokens, batch_size=1, runs=runs,
+        mode=mode.name if len(prompts) == 1 else f"{mode.name}, batch {len(prompts)}",
+        prompt_tokens=len(prompts[0]), new_tokens=new_tokens, batch_size=len(prompts), runs=runs,
         prefill_tokens_per_second=Spread.of([s.prefill_tokens_per_second for s in records]),
         decode_tokens_per_second=Spread.of([s.decode_tokens_per_second for s in records]),
         milliseconds_per_token=Spread.of([1000 / s.decode_tokens_per_second for s in records]),
@@ -81,23 +89,6 @@ def run_case(generator: Generator, mode: Mode, prompt: list[int], new_tokens: in
         mean_accepted_length=sum(s.new_tokens for s in records) / calls if calls else 0.0,
         mean_draft_length=sum(lengths) / len(lengths) if lengths else 0.0,
         draft_lengths={k: lengths.count(k) for k in sorted(set(lengths))} if mode.speculative else {},
-    )
-
-
-def run_batch_case(generator: Generator, prompts: list[list[int]], new_tokens: int, runs: int) -> CaseResult:
-    """Main-only decoding of len(prompts) sequences in one batch: tokens/s counts every row's tokens."""
-    records = []
-    for run in range(runs + 1):
-        _, stats = generator.generate_batch_ids(prompts, max_new_tokens=new_tokens, stop_tokens=set())
-        if run:
-            records.append(stats)
-    return CaseResult(
-        mode=f"main only, batch {len(prompts)}", prompt_tokens=records[0].prompt_tokens // len(prompts), new_tokens=new_tokens,
-        batch_size=len(prompts), runs=runs,
-        prefill_tokens_per_second=Spread.of([s.prefill_tokens_per_second for s in records]),
-        decode_tokens_per_second=Spread.of([s.decode_tokens_per_second for s in records]),
-        milliseconds_per_token=Spread.of([1000 / s.decode_tokens_per_second for s in records]),
-        acceptance_rate=0.0, mean_accepted_length=1.0, mean_draft_length=0.0,
     )
 
 

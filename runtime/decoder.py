@@ -91,6 +91,10 @@ class _BoundBuffers:
         return self.binding.get_outputs()[0].numpy()
 
 
+def shared_prefix_length(cached: list[int], tokens: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
+
+
 class KvCache(_BoundBuffers):
     """One sequence's cache [1, kv heads, capacity, head dim] per layer.
 
@@ -110,12 +114,7 @@ class KvCache(_BoundBuffers):
 
     def shared_prefix(self, tokens: list[int]) -> int:
         """How many leading `tokens` are already cached."""
-        shared = 0
-        for cached, wanted in zip(self.ids, tokens):
-            if cached != wanted:
-                break
-            shared += 1
-        return shared
+        return shared_prefix_length(self.ids, tokens)
 
     def sync(self, tokens: list[int]) -> list[int]:
         """Roll back to the longest prefix shared with `tokens`; return the tokens still to be fed."""
@@ -136,28 +135,43 @@ class BatchKvCache(_BoundBuffers):
 
     GroupQueryAttention reads each row's length from seqlens_k, so rows need not line up: the prompts are
     read in one right-padded call (the padding's keys are overwritten by the row's next tokens), then each
-    step feeds one token per row. Several new tokens per row on top of a past is refused by onnxruntime's
-    CPU kernel for batches, so speculative verification stays per sequence (KvCache).
+    call feeds one token per row; a row with nothing to feed writes a placeholder at its end and does not
+    advance. `ids[row]` are the row's cached tokens, so a row rolls back by length as in KvCache. Several new
+    tokens per row on top of a past is refused by onnxruntime's CPU kernel for batches, so speculative
+    verification stays per sequence (KvCache).
     """
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int):
         super().__init__(decoder, batch, capacity)
-        self.lengths = [0] * batch
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
         """Read every row's prompt into an empty cache; returns the logits after each prompt [B, V]."""
-        if any(self.lengths) or len(prompts) != len(self.lengths) or not all(prompts):
+        if any(self.ids) or len(prompts) != len(self.ids) or not all(prompts):
             raise ValueError("prefill needs an empty cache and one non-empty prompt per row")
         width = max(len(prompt) for prompt in prompts)
         input_ids = np.zeros((len(prompts), width), dtype=np.int64)
         for row, prompt in enumerate(prompts):
             input_ids[row, : len(prompt)] = prompt
         logits = self._run(input_ids, [len(prompt) - 1 for prompt in prompts], width)
-        self.lengths = [len(prompt) for prompt in prompts]
-        return logits[np.arange(len(prompts)), [length - 1 for length in self.lengths]]
+        self.ids = [list(prompt) for prompt in prompts]
+        return logits[np.arange(len(prompts)), [len(prompt) - 1 for prompt in prompts]]
 
-    def step(self, tokens: list[int]) -> np.ndarray:
-        """Feed one token per row; returns each row's next-token logits [B, V]."""
-        logits = self._run(np.asarray(tokens, dtype=np.int64)[:, None], list(self.lengths), max(self.lengths) + 1)
-        self.lengths = [length + 1 for length in self.lengths]
-        return logits[:, 0]
+    def sync(self, row: int, tokens: list[int]) -> list[int]:
+        """Roll the row back to its longest prefix shared with `tokens`; return the tokens still to be fed."""
+        shared = shared_prefix_length(self.ids[row], tokens)
+        del self.ids[row][shared:]
+        return tokens[shared:]
+
+    def feed(self, rows: dict[int, list[int]]) -> dict[int, np.ndarray]:
+        """Feed each listed row its tokens, one batched call per position; returns each row's last logits [V]."""
+        last: dict[int, np.ndarray] = {}
+        for position in range(max((len(tokens) for tokens in rows.values()), default=0)):
+            feeding = {row: tokens[position] for row, tokens in rows.items() if position < len(tokens)}
+            step = [feeding.get(row, 0) for row in range(len(self.ids))]
+            lengths = [len(ids) for ids in self.ids]
+            logits = self._run(np.asarray(step, dtype=np.int64)[:, None], lengths, max(lengths) + 1)
+            for row, token in feeding.items():
+                self.ids[row].append(token)
+                last[row] = logits[row, 0]
+        return last

@@ -11,10 +11,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.artifact import Manifest, verify_artifact
-from runtime.decoder import BatchKvCache, Decoder
+from runtime.decoder import BatchKvCache, Decoder, KvCache
 from runtime.errors import MoeccError
 from runtime.sampling import SamplingParams, distribution, draw
-from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode
+from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode, decode_batch
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,13 @@ class Generator:
         max_new_tokens: int | None = None,
         sampling: SamplingParams | None = None,
         stop_tokens: set[int] | None = None,
+        speculative: bool = True,
+        draft_length: int | Literal["auto"] | None = None,
     ) -> list[Generation]:
-        """Several prompts of different lengths decoded together by the main model, each to its own stop."""
-        rows, stats = self.generate_batch_ids([self.encode(prompt) for prompt in prompts], max_new_tokens, sampling, stop_tokens)
+        """Several prompts of different lengths decoded together, each to its own stop."""
+        rows, stats = self.generate_batch_ids(
+            [self.encode(prompt) for prompt in prompts], max_new_tokens, sampling, stop_tokens, speculative, draft_length
+        )
         return [Generation(self.tokenizer.decode(row), row, stats) for row in rows]
 
     def generate_batch_ids(
@@ -141,11 +145,15 @@ class Generator:
         max_new_tokens: int | None = None,
         sampling: SamplingParams | None = None,
         stop_tokens: set[int] | None = None,
+        speculative: bool = True,
+        draft_length: int | Literal["auto"] | None = None,
     ) -> tuple[list[list[int]], GenerationStats]:
         """The token-level batch: each row's new tokens, and the stats of the whole batch.
 
-        Rows share every main-model call (one token each per step), which reads the weights once for the
-        whole batch. Each row samples with its own generator, seeded from the sampling seed and its index.
+        Each row samples with its own generator, seeded from the sampling seed and its index. Speculative:
+        the draft proposes for all rows in one call per position and the main model verifies each row (see
+        BatchKvCache); "auto" adapts the draft length for this batch alone, from its own measured costs.
+        Main only: every row's next token in one main-model call, which reads the weights once for the batch.
         """
         defaults = self.manifest.generation
         sampling = sampling or SamplingParams(temperature=defaults.temperature)
@@ -155,24 +163,34 @@ class Generator:
         if capacity > self.main.entry.max_sequence_length:
             raise MoeccError(f"prompt and new tokens need {capacity} positions; the maximum sequence length is {self.main.entry.max_sequence_length}")
         rngs = [np.random.default_rng(None if sampling.seed is None else [sampling.seed, row]) for row in range(len(prompt_ids))]
-        stats = GenerationStats(prompt_tokens=sum(len(row) for row in prompt_ids))
+        stats = GenerationStats()
+        if speculative and self.draft is not None:
+            length = draft_length or defaults.draft_length
+            policy = AdaptiveDraftLength(defaults.max_draft_length) if length == "auto" else self._draft_policy(length, sampling)
+            main = [KvCache(self.main, capacity) for _ in prompt_ids]
+            draft = BatchKvCache(self.draft, len(prompt_ids), capacity)
+            return decode_batch(main, draft, prompt_ids, limit, policy, sampling, rngs, stops, stats), stats
+        return self._main_only_batch(prompt_ids, limit, sampling, rngs, stops, capacity, stats), stats
+
+    def _main_only_batch(self, prompt_ids, limit, sampling, rngs, stops, capacity, stats) -> list[list[int]]:
+        stats.prompt_tokens = sum(len(row) for row in prompt_ids)
         started = time.perf_counter()
         cache = BatchKvCache(self.main, len(prompt_ids), capacity)
-        logits = cache.prefill(prompt_ids)
+        logits = dict(enumerate(cache.prefill(prompt_ids)))
         stats.prefill_seconds = time.perf_counter() - started
         outputs: list[list[int]] = [[] for _ in prompt_ids]
         active = set(range(len(prompt_ids)))
         while active:
-            step = [0] * len(prompt_ids)  # finished rows feed a placeholder whose result is ignored
+            step = {}
             for row in sorted(active):
                 token = draw(distribution(logits[row], sampling), rngs[row])
                 outputs[row].append(token)
-                step[row] = token
                 if token in stops or len(outputs[row]) >= limit:
                     active.discard(row)
+                else:
+                    step[row] = [token]
             stats.verify_calls += 1
-            if active:
-                logits = cache.step(step)
+            logits = cache.feed(step)
         stats.new_tokens = sum(len(row) for row in outputs)
         stats.seconds = time.perf_counter() - started
-        return outputs, stats
+        return outputs

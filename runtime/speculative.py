@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from runtime.decoder import KvCache
+from runtime.decoder import BatchKvCache, KvCache, shared_prefix_length
 from runtime.sampling import SamplingParams, distribution, draw
 
 
@@ -201,6 +201,30 @@ def propose(draft: KvCache, tokens: list[int], length: int, params: SamplingPara
     return proposal
 
 
+def propose_batch(draft: BatchKvCache, histories: list[list[int]], lengths: dict[int, int], params: SamplingParams, rngs: list[np.random.Generator]) -> dict[int, Proposal]:
+    """Draw lengths[row] tokens after each listed row's history, one batched draft call per position."""
+    pending = {}
+    for row in lengths:
+        pending[row] = draft.sync(row, histories[row])
+        if not pending[row]:  # everything is cached but the logits are not kept: read the last token again
+            draft.sync(row, histories[row][:-1])
+            pending[row] = histories[row][-1:]
+    logits = draft.feed(pending)
+    proposals = {row: Proposal([], []) for row in lengths}
+    for position in range(max(lengths.values())):
+        drawn = {}
+        for row, length in lengths.items():
+            if position < length:
+                probs = distribution(logits[row], params)
+                token = draw(probs, rngs[row])
+                proposals[row].tokens.append(token)
+                proposals[row].probs.append(probs)
+                if position + 1 < length:
+                    drawn[row] = [token]
+        logits |= draft.feed(drawn)
+    return proposals
+
+
 def score(main: KvCache, tokens: list[int], proposal: Proposal, params: SamplingParams) -> list[np.ndarray]:
     """The main model's distributions at the k+1 positions after `tokens` and each proposed token, in one call."""
     pending = main.sync(tokens)
@@ -224,6 +248,15 @@ def accept(proposal: Proposal, target: list[np.ndarray], rng: np.random.Generato
         residual = np.maximum(p - q, 0.0)
         return i, draw(residual / residual.sum(), rng)
     return len(proposal.tokens), draw(target[-1], rng)
+
+
+def _commit(proposal: Proposal, kept: int, next_token: int, stop_tokens: set[int], room: int) -> tuple[list[int], bool]:
+    """The tokens a step commits, cut after a stop token and at `room`; and whether a stop token ended them."""
+    new = proposal.tokens[:kept] + [next_token]
+    stop_at = next((i for i, token in enumerate(new) if token in stop_tokens), None)
+    if stop_at is not None:
+        new = new[: stop_at + 1]
+    return new[:room], stop_at is not None and stop_at < room
 
 
 def decode(
@@ -265,16 +298,66 @@ def decode(
         stats.proposed += length
         stats.accepted += kept
         stats.draft_lengths.append(length)
-        new = proposal.tokens[:kept] + [next_token]
-        stop_at = next((i for i, token in enumerate(new) if token in stop_tokens), None)
-        if stop_at is not None:
-            new = new[: stop_at + 1]
-        new = new[: max_new_tokens - stats.new_tokens]
+        new, stopped = _commit(proposal, kept, next_token, stop_tokens, max_new_tokens - stats.new_tokens)
         if stats.new_tokens == 0:
             stats.first_token_seconds = time.perf_counter() - started
         tokens.extend(new)
         stats.new_tokens += len(new)
         stats.seconds = time.perf_counter() - started
         yield new
-        if stop_at is not None:
+        if stopped:
             break
+
+
+def decode_batch(
+    main: list[KvCache],
+    draft: BatchKvCache,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    draft_length: DraftLengthPolicy,
+    params: SamplingParams,
+    rngs: list[np.random.Generator],
+    stop_tokens: set[int],
+    stats: GenerationStats,
+) -> list[list[int]]:
+    """Speculative decoding of several sequences, each to its own stop: the draft proposes for every row in
+    one call per position; the main model verifies each row on its own cache (see BatchKvCache); each row
+    commits by the same acceptance rule as decode(), with its own random generator."""
+    started = time.perf_counter()
+    stats.prompt_tokens = sum(len(prompt) for prompt in prompts)
+    draft.prefill(prompts)
+    for cache, prompt in zip(main, prompts):
+        if len(prompt) > 1:
+            cache.feed(prompt[:-1])
+    stats.prefill_seconds = time.perf_counter() - started
+    histories = [list(prompt) for prompt in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = set(range(len(prompts)))
+    while active:
+        chosen = draft_length.choose()
+        lengths = {row: min(chosen, max_new_tokens - len(outputs[row]) - 1) for row in sorted(active)}
+        proposing = {row: length for row, length in lengths.items() if length > 0}
+        backlogs = {row: len(histories[row]) - shared_prefix_length(draft.ids[row], histories[row]) for row in proposing}
+        tick = time.perf_counter()
+        proposals = propose_batch(draft, histories, proposing, params, rngs) if proposing else {}
+        draft_seconds = (time.perf_counter() - tick) / max(len(proposing), 1)  # one row's share of the batched calls
+        for row, length in lengths.items():
+            proposal = proposals.get(row, Proposal([], []))
+            tock = time.perf_counter()
+            kept, next_token = accept(proposal, score(main[row], histories[row], proposal, params), rngs[row])
+            verify_seconds = time.perf_counter() - tock
+            draft_length.update(length, kept, draft_seconds if length else 0.0, verify_seconds, backlogs.get(row, 1))
+            stats.draft_seconds += draft_seconds if length else 0.0
+            stats.verify_seconds += verify_seconds
+            stats.verify_calls += 1
+            stats.proposed += length
+            stats.accepted += kept
+            stats.draft_lengths.append(length)
+            new, stopped = _commit(proposal, kept, next_token, stop_tokens, max_new_tokens - len(outputs[row]))
+            histories[row].extend(new)
+            outputs[row].extend(new)
+            if stopped or len(outputs[row]) >= max_new_tokens:
+                active.discard(row)
+    stats.new_tokens = sum(len(row) for row in outputs)
+    stats.seconds = time.perf_counter() - started
+    return outputs

@@ -182,14 +182,27 @@ def test_adaptive_draft_length_ignores_the_drafts_catch_up_in_its_cost():
     assert policy.draft_cost == pytest.approx(0.1)
 
 
-def test_batch_of_prompts_of_different_lengths_gives_each_its_own_output(tiny_artifact):
+@pytest.mark.parametrize("options", [{"speculative": False}, {"draft_length": 3}, {"draft_length": "auto"}], ids=["main only", "k=3", "auto"])
+def test_batch_of_prompts_of_different_lengths_gives_each_its_own_output(tiny_artifact, options):
     generator = runtime.load(tiny_artifact)
     prompts = [p[:length] for p, length in zip(PROMPTS, (120, 15, 60, 3, 90))]
-    batch = generator.generate_batch(prompts, max_new_tokens=20, stop_tokens=set())
+    batch = generator.generate_batch(prompts, max_new_tokens=20, stop_tokens=set(), **options)
     for prompt, result in zip(prompts, batch):
         assert result.token_ids == _greedy(generator, generator.encode(prompt), speculative=False, stop_tokens=set())[0][:20]
     # Each row stops on its own: the first token a row produces, used as a stop token, ends that row only.
     first = {result.token_ids[0] for result in batch}
-    stopped = generator.generate_batch(prompts, max_new_tokens=20, stop_tokens={batch[0].token_ids[0]})
+    stopped = generator.generate_batch(prompts, max_new_tokens=20, stop_tokens={batch[0].token_ids[0]}, **options)
     assert stopped[0].token_ids == batch[0].token_ids[:1]
     assert any(len(result.token_ids) > 1 for result in stopped) or len(first) == 1
+    if "draft_length" in options and options["draft_length"] != "auto":  # auto may rightly keep to the main model
+        assert batch[0].stats.accepted > 0  # the rows went through the draft
+
+
+def test_seeded_speculative_batch_repeats_itself(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    prompts = [p[:length] for p, length in zip(PROMPTS, (80, 20, 50))]
+    sampling = SamplingParams(temperature=0.8, top_p=0.95, seed=7)
+    first = generator.generate_batch(prompts, max_new_tokens=24, sampling=sampling, draft_length=4)
+    again = generator.generate_batch(prompts, max_new_tokens=24, sampling=sampling, draft_length=4)
+    assert [r.token_ids for r in first] == [r.token_ids for r in again]
+    assert len({tuple(r.token_ids) for r in first}) == len(prompts)

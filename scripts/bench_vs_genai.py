@@ -1,0 +1,129 @@
+"""Benchmark one model of a built artifact against onnxruntime-genai on the same checkpoint, same precision.
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python scripts/bench_vs_genai.py --recipe recipes/tiny-coder.yaml --artifact artifacts/tiny-coder --model draft
+
+onnxruntime-genai's own model builder converts the Hugging Face checkpoint (fp32, CPU) into its cache
+folder; both runtimes then decode the same held-out prompts greedily for the same number of new tokens
+(end-of-text ignored), on the same threads, in alternating rounds so that the machine's drift hits both
+alike. Prints a table and writes JSON; the ratio of medians is the figure to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime_genai as og
+from rich.console import Console
+from rich.table import Table
+
+import runtime
+from compiler import corpus
+from compiler.pipeline import with_generated_weights
+from compiler.recipe import load_recipe
+from runtime.sampling import SamplingParams
+from runtime.speculative import FixedDraftLength, GenerationStats, decode
+
+
+def build_genai_model(checkpoint: Path, folder: Path) -> Path:
+    """onnxruntime-genai's builder, once per checkpoint (fp32 weights and activations on CPU, as ours)."""
+    if not (folder / "genai_config.json").exists():
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(folder),
+                   "-p", "fp32", "-e", "cpu", "-c", str(folder / "cache")]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return folder
+
+
+def genai_decode(model: og.Model, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+    """Greedy tokens, prefill seconds (the prompt and the first logits), decode seconds."""
+    params = og.GeneratorParams(model)
+    length = len(prompt) + new_tokens
+    params.set_search_options(do_sample=False, max_length=length, min_length=length)  # min_length: end-of-text ignored
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(prompt)
+    prefilled = time.perf_counter()
+    while not generator.is_done():
+        generator.generate_next_token()
+    finished = time.perf_counter()
+    return list(generator.get_sequence(0)[len(prompt) :]), prefilled - started, finished - prefilled
+
+
+def ours_decode(decoder, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+    """The same greedy loop as main-only generation, on the chosen model's own KV cache."""
+    stats = GenerationStats()
+    steps = decode(decoder.new_cache(), None, prompt, new_tokens, FixedDraftLength(1), SamplingParams(), set(), stats)
+    tokens = [token for step in steps for token in step]
+    return tokens, stats.prefill_seconds, stats.seconds - stats.prefill_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny-coder.yaml"))
+    parser.add_argument("--artifact", type=Path, default=Path("artifacts/tiny-coder"))
+    parser.add_argument("--model", choices=("main", "draft"), default="draft", help="the genai builder covers dense models")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json-out", type=Path, default=None, help="default: artifacts/bench-NAME-vs-genai.json")
+    args = parser.parse_args()
+    console = Console(width=140)
+
+    loaded = with_generated_weights(load_recipe(args.recipe), Path("artifacts/.cache"))
+    checkpoint = loaded.main_checkpoint if args.model == "main" else loaded.draft_checkpoint
+    generator = runtime.load(args.artifact, threads=args.threads)
+    decoder = getattr(generator, args.model)
+    config = og.Config(str(build_genai_model(checkpoint, Path("artifacts/.cache/genai") / f"{loaded.recipe.name}-{args.model}")))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
+    genai = og.Model(config)
+    prompts = [generator.encode(text) for text in corpus.heldout_prompts(args.prompts)]
+
+    sides = {"moecc": lambda p: ours_decode(decoder, p, args.new_tokens), "onnxruntime-genai": lambda p: genai_decode(genai, p, args.new_tokens)}
+    rates: dict[str, dict[str, list[float]]] = {side: {"decode": [], "end_to_end": []} for side in sides}
+    outputs: dict[str, list[list[int]]] = {}
+    for round_index in range(args.rounds + 1):  # round 0 warms both up and is not counted
+        for side, run in sides.items():
+            tokens = prefill = decoding = 0.0
+            outputs[side] = []
+            for prompt in prompts:
+                generated, prefill_seconds, decode_seconds = run(prompt)
+                outputs[side].append(generated)
+                tokens, prefill, decoding = tokens + len(generated), prefill + prefill_seconds, decoding + decode_seconds
+            if round_index:
+                rates[side]["decode"].append(tokens / decoding)
+                rates[side]["end_to_end"].append(tokens / (prefill + decoding))
+    agreement = statistics.mean(float(np.mean(np.array(a) == np.array(b))) for a, b in zip(outputs["moecc"], outputs["onnxruntime-genai"]))
+
+    results = {
+        "model": args.model, "checkpoint": str(checkpoint), "threads": args.threads, "prompts": len(prompts),
+        "new_tokens": args.new_tokens, "rounds": args.rounds, "onnxruntime_genai_version": og.__version__,
+        "greedy_token_agreement": round(agreement, 4),
+    }
+    table = Table(title=f"{loaded.recipe.name} {args.model}: {len(prompts)} held-out prompts x {args.new_tokens} tokens, "
+                        f"{args.threads} threads, median of {args.rounds} rounds")
+    for column in ("measure", "moecc", "onnxruntime-genai", "ratio"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    for kind in ("decode", "end_to_end"):
+        ours, theirs = (statistics.median(rates[side][kind]) for side in sides)
+        results[kind] = {
+            "moecc_tokens_per_second": round(ours, 1), "genai_tokens_per_second": round(theirs, 1), "ratio": round(ours / theirs, 2),
+            "moecc_rounds": [round(r, 1) for r in rates["moecc"][kind]], "genai_rounds": [round(r, 1) for r in rates["onnxruntime-genai"][kind]],
+        }
+        table.add_row(f"{kind.replace('_', '-')} tokens/s", f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x")
+    table.add_row("greedy token agreement", "", "", f"{agreement:.4f}")
+    console.print(table)
+    json_out = args.json_out or Path("artifacts") / f"bench-{loaded.recipe.name}-{args.model}-vs-genai.json"
+    json_out.write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {json_out}")
+
+
+if __name__ == "__main__":
+    main()
