@@ -30,12 +30,15 @@ class TensorInfo:
 class Checkpoint:
     """A checkpoint folder: config.json plus safetensors weights (single or sharded), or opted-in pickle weights."""
 
-    def __init__(self, folder: Path, allow_pickle: bool = False, layers: int | None = None):
+    def __init__(self, folder: Path, allow_pickle: bool = False, layers: int | None = None, experts_per_token: int | None = None):
         self.folder = folder
         self.layers = layers
+        self.experts_per_token = experts_per_token
         self.config = self._read_config()
         if layers is not None:
             self.config = self._first_layers(layers)
+        if experts_per_token is not None:
+            self.config = self._routed_to(experts_per_token)
         self.arch: Architecture = architecture_of(self.config)
         self.dims: ModelDims = dims_of(self.arch, self.config)
         self.files = self._weight_files(allow_pickle)
@@ -64,6 +67,13 @@ class Checkpoint:
         if isinstance(config.get("layer_types"), list):
             config["layer_types"] = config["layer_types"][:layers]
         return config
+
+    def _routed_to(self, experts: int) -> dict[str, Any]:
+        """The config of the model routing each token to its top `experts` experts (same weights)."""
+        total = self.config.get("num_local_experts", self.config.get("num_experts"))
+        if not isinstance(total, int) or not 1 <= experts <= total:
+            raise CheckpointError(f"{self.folder}: cannot route to {experts} experts in a model with {total or 'no'} experts per layer")
+        return dict(self.config, num_experts_per_tok=experts)
 
     def _weight_files(self, allow_pickle: bool) -> list[Path]:
         index = self.folder / _INDEX
@@ -153,6 +163,8 @@ class Checkpoint:
 
     def digests(self) -> dict[str, str]:
         """sha256 of config.json and every weight file, the identity of this checkpoint (hashed once);
-        a model cut to its first layers says so, since its files are the full model's."""
-        return dict(self._digests) | ({"first_layers": str(self.layers)} if self.layers is not None else {})
+        a model derived from them (cut to its first layers, routed to fewer experts) says so, since its
+        files are the full model's."""
+        derived = {"first_layers": self.layers, "experts_per_token": self.experts_per_token}
+        return dict(self._digests) | {key: str(value) for key, value in derived.items() if value is not None}
 

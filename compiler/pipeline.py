@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from compiler import random_init
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
-from compiler.recipe import LoadedRecipe, calibration_text, recipe_json
+from compiler.recipe import LoadedRecipe, ModelSource, calibration_text, recipe_json
 from compiler.stages import calibrate, export, load, quantize, verify
 from runtime.artifact import MANIFEST_NAME, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
 
@@ -57,7 +57,7 @@ class Stage:
     name: str
     version: str  # bump when the stage writes something different for the same inputs
     run: Callable[..., BaseModel]  # run(checkpoint, config, out_dir, progress, **inputs) -> result
-    config_for: Callable[[BuildContext], BaseModel]
+    config_for: Callable[[BuildContext, ModelSource], BaseModel]  # the model's own source may override recipe-wide settings
     inputs_for: Callable[[dict[str, Path], BuildContext], dict[str, Any]] = _no_inputs  # earlier outputs it reads
 
 
@@ -72,7 +72,7 @@ def _model_dir(outputs: dict[str, Path]) -> Path:
     return outputs["quantize"] if (outputs["quantize"] / export.MODEL_FILE).is_file() else outputs["export"]
 
 
-def _calibrate_config(context: BuildContext) -> calibrate.CalibrateConfig:
+def _calibrate_config(context: BuildContext, source: ModelSource) -> calibrate.CalibrateConfig:
     settings = context.loaded.recipe.calibrate
     return calibrate.CalibrateConfig(
         text_sha256=context.calibration_sha256, max_tokens=settings.max_tokens, window=_window(context),
@@ -80,8 +80,8 @@ def _calibrate_config(context: BuildContext) -> calibrate.CalibrateConfig:
     )
 
 
-def _quantize_config(context: BuildContext) -> quantize.QuantizeConfig:
-    settings = context.loaded.recipe.quantize
+def _quantize_config(context: BuildContext, source: ModelSource) -> quantize.QuantizeConfig:
+    settings = source.quantize or context.loaded.recipe.quantize
     return quantize.QuantizeConfig(
         weights=settings.weights, method=settings.method, block_size=settings.block_size,
         classes=settings.classes.model_dump(exclude_none=True),
@@ -91,12 +91,12 @@ def _quantize_config(context: BuildContext) -> quantize.QuantizeConfig:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("load", load.VERSION, load.run, lambda c: load.LoadConfig()),
+    Stage("load", load.VERSION, load.run, lambda c, source: load.LoadConfig()),
     Stage(
         "export",
         export.VERSION,
         export.run,
-        lambda c: export.ExportConfig(precision=c.loaded.recipe.export.precision, max_sequence_length=c.loaded.recipe.export.max_sequence_length),
+        lambda c, source: export.ExportConfig(precision=c.loaded.recipe.export.precision, max_sequence_length=c.loaded.recipe.export.max_sequence_length),
     ),
     Stage(
         "calibrate",
@@ -116,7 +116,7 @@ STAGES: tuple[Stage, ...] = (
         "verify",
         verify.VERSION,
         verify.run,
-        lambda c: verify.VerifyConfig(
+        lambda c, source: verify.VerifyConfig(
             text_sha256=c.calibration_sha256, tokens=c.loaded.recipe.verify.tokens,
             window=_window(c),
             max_perplexity_increase=c.loaded.recipe.verify.max_perplexity_increase, min_top1_agreement=c.loaded.recipe.verify.min_top1_agreement,
@@ -198,18 +198,23 @@ class StageCache:
 def _run_model(role: str, context: BuildContext, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], dict[str, Path]]:
     loaded = context.loaded
     source = getattr(loaded.recipe, role)
-    checkpoint = Checkpoint(getattr(loaded, f"{role}_checkpoint"), allow_pickle=source.allow_pickle, layers=source.layers)
+    checkpoint = Checkpoint(
+        getattr(loaded, f"{role}_checkpoint"), allow_pickle=source.allow_pickle, layers=source.layers, experts_per_token=source.experts_per_token
+    )
     upstream = _digest({"checkpoint": checkpoint.digests()})
     records, outputs = [], {}
     for stage in STAGES:
-        config = stage.config_for(context)
+        config = stage.config_for(context, source)
         config_json = json.loads(config.model_dump_json())
         key = _digest({"stage": stage.name, "version": stage.version, "config": config_json, "upstream": upstream, "tools": tools})
         observer.stage_started(role, stage.name)
         started = time.perf_counter()
         hit = cache.lookup(stage.name, key)
         if hit is None:
-            folder_out, result = cache.store(stage.name, key, lambda out: stage.run(checkpoint, config, out, observer.stage_progress, **stage.inputs_for(outputs, context)))
+            try:
+                folder_out, result = cache.store(stage.name, key, lambda out: stage.run(checkpoint, config, out, observer.stage_progress, **stage.inputs_for(outputs, context)))
+            except BuildError as exc:  # name the role: a derived draft's checkpoint folder is the main model's
+                raise BuildError(f"{role} model, {stage.name} stage: {exc.message}", hint=exc.hint) from None
         else:
             folder_out, result = hit
         record = StageRecord(

@@ -20,19 +20,6 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-class ModelSource(_Frozen):
-    """Where one model of the pair comes from."""
-
-    checkpoint: str = Field(description="checkpoint folder, relative to the recipe file")
-    allow_pickle: bool = Field(default=False, description="accept pickle .bin weights, loaded with torch weights_only")
-    layers: int | None = Field(
-        default=None, ge=1, description="keep only the first N layers (with the final norm and head): a draft derived from the main model"
-    )
-    random_init_seed: int | None = Field(
-        default=None, ge=0, description="generate random weights from the folder's config.json with this seed (speed and size work)"
-    )
-
-
 class ExportConfig(_Frozen):
     precision: Literal["fp32", "fp16"] = Field(default="fp32", description="fp16 halves the size; for GPU targets")
     max_sequence_length: int = Field(default=2048, gt=0, le=1 << 20)
@@ -83,6 +70,23 @@ class QuantizeSettings(_Frozen):
             # Only the min-max range of a smoothed input follows from per-channel maxima; the others need the data again.
             raise ValueError("smoothquant needs activations: int8 and activation_range: minmax")
         return self
+
+
+class ModelSource(_Frozen):
+    """Where one model of the pair comes from."""
+
+    checkpoint: str = Field(description="checkpoint folder, relative to the recipe file")
+    allow_pickle: bool = Field(default=False, description="accept pickle .bin weights, loaded with torch weights_only")
+    layers: int | None = Field(
+        default=None, ge=1, description="keep only the first N layers (with the final norm and head): a draft derived from the main model"
+    )
+    random_init_seed: int | None = Field(
+        default=None, ge=0, description="generate random weights from the folder's config.json with this seed (speed and size work)"
+    )
+    experts_per_token: int | None = Field(
+        default=None, ge=1, description="route each token to this many experts instead of the checkpoint's: a cheaper derived draft"
+    )
+    quantize: QuantizeSettings | None = Field(default=None, description="this model's own quantization, instead of the recipe's")
 
 
 class VerifySettings(_Frozen):

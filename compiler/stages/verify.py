@@ -75,7 +75,7 @@ def run(checkpoint: Checkpoint, config: VerifyConfig, out_dir: Path, progress=No
     )
     if not passed:
         raise BuildError(
-            f"accuracy gate failed for {checkpoint.folder.name}: perplexity {ppl:.3f} vs {reference_ppl:.3f} "
+            f"accuracy gate failed: perplexity {ppl:.3f} vs {reference_ppl:.3f} "
             f"({increase:+.2%}, allowed +{config.max_perplexity_increase:.2%}), top-1 agreement {agreement:.3f} "
             f"(required {config.min_top1_agreement:.3f}), finite logits: {finite}",
             hint="relax the gate in the recipe's verify block or choose a gentler quantization",

@@ -116,6 +116,6 @@ def test_failing_accuracy_gate_fails_the_build_with_figures(tmp_path):
     text = (REPO / "recipes" / "tiny-coder-int4.yaml").read_text().replace("name: tiny-coder-int4", "name: strict")
     recipe.write_text(text + "verify:\n  tokens: 1024\n  max_perplexity_increase: 0.0\n  min_top1_agreement: 1.0\n")
     shutil.copytree(REPO / "recipes" / "tiny-coder", tmp_path / "tiny-coder")
-    with pytest.raises(BuildError, match=r"accuracy gate failed for main: perplexity [\d.]+ vs [\d.]+ \(\+[\d.]+%, allowed \+0\.00%\), top-1 agreement"):
+    with pytest.raises(BuildError, match=r"main model, verify stage: accuracy gate failed: perplexity [\d.]+ vs [\d.]+ \(\+[\d.]+%, allowed \+0\.00%\), top-1 agreement"):
         build(load_recipe(recipe), tmp_path / "out")
     assert not (tmp_path / "out" / "strict").exists()
