@@ -35,9 +35,11 @@ def session_options(entries: dict[str, str], threads: int | None = None) -> ort.
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # The main and draft sessions take turns on the same cores: a pool that spins after its call
-    # steals the cores the other session needs next.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Workers spin between the nodes of one call (waking a sleeping thread per node costs more than many
+    # small nodes take), and stop spinning when the call returns: the main and draft sessions take turns on
+    # the same cores, and a pool spinning after its call would steal them from the other.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     for key, value in entries.items():  # validated against the allowed set when the manifest was read
         options.add_session_config_entry(key, value)
     return options
@@ -57,42 +59,79 @@ class Decoder:
         return KvCache(self, capacity or self.entry.max_sequence_length)
 
 
+SMALL_CALL = 16  # new tokens per row up to which a call's ids and logits live in preallocated, bound buffers
+
+
 class _BoundBuffers:
     """An IO binding whose key/value buffers [B, kv heads, capacity, D] per layer are both past and present.
 
     GroupQueryAttention writes the new keys and values in place when past and present share a buffer, and
-    reads each row's valid length from seqlens_k.
+    reads each row's valid length from seqlens_k. Decode and verify calls (a few new tokens per row) also
+    keep their inputs and logits in buffers bound once per width and refilled in place: no per-call
+    allocation, and no wrapping of every output on the way back.
     """
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int):
         entry = decoder.entry
         self.decoder = decoder
         self.capacity = capacity
+        self.batch = batch
         self.binding = decoder.session.io_binding()
         self.binding.bind_output("logits", "cpu")  # bound first: get_outputs()[0] is the logits
         shape = (batch, entry.num_kv_heads, capacity, entry.head_dim)
-        self._buffers = []  # keeps the OrtValues alive as long as the binding uses them
+        self._values = []  # keeps the OrtValues alive as long as the binding uses them
         for layer in range(entry.num_layers):
             for kind in ("key", "value"):
-                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=_KV_DTYPES[entry.activations]))
+                buffer = self._keep(np.zeros(shape, dtype=_KV_DTYPES[entry.activations]))
                 self.binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", buffer)
                 self.binding.bind_ortvalue_output(f"present.{layer}.{kind}", buffer)
-                self._buffers.append(buffer)
+        self._seqlens_k, self._total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
+        self.binding.bind_ortvalue_input("seqlens_k", self._keep(self._seqlens_k))
+        self.binding.bind_ortvalue_input("total_sequence_length", self._keep(self._total))
+        self._by_width: dict[int, tuple] = {}  # width -> ((input ids, logits), their bound OrtValues)
+        self._bound_width: int | None = None
+
+    def _keep(self, array: np.ndarray) -> ort.OrtValue:
+        value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the array's memory
+        self._values.append(value)
+        return value
+
+    def _bind_width(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if width not in self._by_width:
+            ids = np.zeros((self.batch, width), dtype=np.int64)
+            logits = np.zeros((self.batch, width, self.decoder.entry.vocab_size), dtype=np.float32)
+            self._by_width[width] = (ids, logits), (self._keep(ids), self._keep(logits))
+        (ids, logits), (ids_value, logits_value) = self._by_width[width]
+        if self._bound_width != width:
+            self.binding.bind_ortvalue_input("input_ids", ids_value)
+            self.binding.bind_ortvalue_output("logits", logits_value)
+            self._bound_width = width
+        return ids, logits
 
     def _run(self, input_ids: np.ndarray, seqlens_k: list[int], total: int) -> np.ndarray:
-        """One call: input_ids [B,S] after each row's cached tokens; returns logits [B,S,V]."""
+        """One call: input_ids [B,S] after each row's cached tokens; returns logits [B,S,V] (the caller's to keep)."""
         if total > self.capacity:
             raise ValueError(f"sequence of {total} tokens exceeds the KV cache capacity of {self.capacity}")
+        self._seqlens_k[:] = seqlens_k
+        self._total[...] = total
+        width = input_ids.shape[1]
+        if width <= SMALL_CALL:
+            ids, logits = self._bind_width(width)
+            ids[:] = input_ids
+            self.decoder.session.run_with_iobinding(self.binding)
+            return logits.copy()  # the buffer is refilled by the next call
+        self._bound_width = None  # a prompt: ORT allocates its logits
         self.binding.bind_cpu_input("input_ids", input_ids)
-        self.binding.bind_cpu_input("seqlens_k", np.asarray(seqlens_k, dtype=np.int32))
-        self.binding.bind_cpu_input("total_sequence_length", np.asarray(total, dtype=np.int32))
-        self.binding.bind_output("logits", "cpu")  # logits change shape with the number of new tokens
+        self.binding.bind_output("logits", "cpu")
         self.decoder.session.run_with_iobinding(self.binding)
         return self.binding.get_outputs()[0].numpy()
 
 
 def shared_prefix_length(cached: list[int], tokens: list[int]) -> int:
-    return next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
+    common = min(len(cached), len(tokens))
+    if cached[:common] == tokens[:common]:  # the usual case, compared in C
+        return common
+    return next(i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b)
 
 
 class KvCache(_BoundBuffers):
