@@ -5,8 +5,9 @@
         --prompts 4 --new-tokens 64 --heldout-tokens 0 --draft-lengths 4 auto
 
 Prints one table and writes JSON. Decode figures are tokens/s over held-out prompts with the
-end-of-text token ignored, so every run produces the same number of tokens; ratios are what
-matter on a shared machine, so both sides run in this process, one after the other, on the same threads.
+end-of-text token ignored, so every run produces the same number of tokens. Ratios are what matter on
+a shared machine: both sides run in this process on the same threads, in alternating rounds after a
+warm-up round, and each ratio is the median of the rounds' own ratios.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="counted rounds after the warm-up round")
     parser.add_argument("--heldout-tokens", type=int, default=65536, help="held-out tokens for perplexity (0: skip)")
     parser.add_argument("--draft-lengths", nargs="+", default=["1", "2", "4", "8", "auto"], help="speculative settings to measure")
     parser.add_argument("--json-out", type=Path, default=None, help="default: artifacts/bench-NAME-vs-transformers.json")
@@ -92,42 +94,66 @@ def main() -> None:
     if heldout:
         results["perplexity"] = {role: round(perplexity(getattr(generator, role), heldout), 3) for role in ("main", "draft")}
 
-    main_only, reference = ours(generator, prompts, args.new_tokens, speculative=False)
-    results["ours_main_only_tps"] = round(main_only.tokens_per_second, 1)
-    results["speculative"] = {}
-    for k in (int(k) if k.isdigit() else k for k in args.draft_lengths):
-        spec, outputs = ours(generator, prompts, args.new_tokens, draft_length=k)
-        assert outputs == reference, f"speculative greedy diverged from main-only greedy at draft length {k}"
-        sampled, _ = ours(generator, prompts, args.new_tokens, draft_length=k, sampling=runtime.SamplingParams(temperature=0.8, seed=0))
-        results["speculative"][k] = {
-            "tokens_per_second": round(spec.tokens_per_second, 1),
-            "speedup_vs_main_only": round(spec.tokens_per_second / main_only.tokens_per_second, 2),
-            "acceptance_greedy": round(spec.acceptance_rate, 3),
-            "mean_accepted_length": round(spec.mean_accepted_length, 2),
-            "acceptance_sampled_t0.8": round(sampled.acceptance_rate, 3),
-            "draft_share_of_time": round(spec.draft_seconds / spec.seconds, 2),
-        }
-
     main_model = AutoModelForCausalLM.from_pretrained(loaded.main_checkpoint, dtype=torch.float32).eval()
     layers = loaded.recipe.draft.layers  # a derived draft: the same checkpoint cut after its first layers
     overrides = {"num_hidden_layers": layers} if layers else {}
+    if loaded.recipe.draft.experts_per_token:  # or routed to fewer experts (its quantization is not reproduced)
+        overrides["num_experts_per_tok"] = loaded.recipe.draft.experts_per_token
     draft_model = AutoModelForCausalLM.from_pretrained(loaded.draft_checkpoint, dtype=torch.float32, **overrides).eval()
-    hf_tps, hf_outputs = theirs(main_model, prompts, args.new_tokens)
-    hf_assisted_tps, _ = theirs(main_model, prompts, args.new_tokens, assistant=draft_model)
-    agreement = statistics.mean(float(np.mean(np.array(a) == np.array(b))) for a, b in zip(hf_outputs, reference))
+    lengths = [int(k) if k.isdigit() else k for k in args.draft_lengths]
+
+    rounds: dict[str, list[float]] = {}  # measure -> tokens/s per counted round
+    for round_index in range(args.rounds + 1):  # round 0 warms both sides up
+        measured = {}
+        main_only, reference = ours(generator, prompts, args.new_tokens, speculative=False)
+        measured["ours main only"] = main_only.tokens_per_second
+        measured["transformers generate"], hf_outputs = theirs(main_model, prompts, args.new_tokens)
+        for k in lengths:
+            spec, outputs = ours(generator, prompts, args.new_tokens, draft_length=k)
+            assert outputs == reference, f"speculative greedy diverged from main-only greedy at draft length {k}"
+            measured[f"ours speculative {k}"] = spec.tokens_per_second
+            spec_stats = results.setdefault("speculative", {}).setdefault(k, {"acceptance": [], "accepted_length": [], "draft_share": []})
+            if round_index:
+                spec_stats["acceptance"].append(spec.acceptance_rate)
+                spec_stats["accepted_length"].append(spec.mean_accepted_length)
+                spec_stats["draft_share"].append(spec.draft_seconds / spec.seconds)
+        measured["transformers assisted"], _ = theirs(main_model, prompts, args.new_tokens, assistant=draft_model)
+        if round_index:
+            for name, value in measured.items():
+                rounds.setdefault(name, []).append(value)
+
+    def paired(numerator: str, denominator: str) -> float:
+        return round(statistics.median(a / b for a, b in zip(rounds[numerator], rounds[denominator])), 2)
+
     default_k = generator.manifest.generation.draft_length
-    if default_k not in results["speculative"]:
-        default_k = next(iter(results["speculative"]))
+    if default_k not in lengths:
+        default_k = lengths[0]
+    for k in lengths:
+        collected = results["speculative"][k]
+        sampled, _ = ours(generator, prompts, args.new_tokens, draft_length=k, sampling=runtime.SamplingParams(temperature=0.8, seed=0))
+        results["speculative"][k] = {
+            "tokens_per_second": round(statistics.median(rounds[f"ours speculative {k}"]), 1),
+            "speedup_vs_main_only": paired(f"ours speculative {k}", "ours main only"),
+            "acceptance_greedy": round(statistics.mean(collected["acceptance"]), 3),
+            "mean_accepted_length": round(statistics.mean(collected["accepted_length"]), 2),
+            "acceptance_sampled_t0.8": round(sampled.acceptance_rate, 3),
+            "draft_share_of_time": round(statistics.mean(collected["draft_share"]), 2),
+        }
+    agreement = statistics.mean(float(np.mean(np.array(a) == np.array(b))) for a, b in zip(hf_outputs, reference))
     best = results["speculative"][default_k]
     results |= {
-        "transformers_main_only_tps": round(hf_tps, 1),
-        "transformers_assisted_tps": round(hf_assisted_tps, 1),
-        "ratio_main_only_vs_transformers": round(main_only.tokens_per_second / hf_tps, 2),
-        "ratio_speculative_vs_transformers_assisted": round(best["tokens_per_second"] / hf_assisted_tps, 2),
+        "rounds": args.rounds,
+        "ours_main_only_tps": round(statistics.median(rounds["ours main only"]), 1),
+        "transformers_main_only_tps": round(statistics.median(rounds["transformers generate"]), 1),
+        "transformers_assisted_tps": round(statistics.median(rounds["transformers assisted"]), 1),
+        "ratio_main_only_vs_transformers": paired("ours main only", "transformers generate"),
+        "ratio_speculative_vs_transformers_assisted": paired(f"ours speculative {default_k}", "transformers assisted"),
         "greedy_token_agreement_with_transformers": round(agreement, 4),
+        "tokens_per_second_by_round": {name: [round(v, 1) for v in values] for name, values in rounds.items()},
     }
 
-    table = Table(title=f"{generator.manifest.name}: {len(prompts)} held-out prompts x {args.new_tokens} tokens, {args.threads} threads")
+    table = Table(title=f"{generator.manifest.name}: {len(prompts)} held-out prompts x {args.new_tokens} tokens, {args.threads} threads, "
+                        f"medians of {args.rounds} rounds")
     table.add_column("measure")
     table.add_column("value", justify="right")
     rows = [("held-out perplexity main / draft", f"{results['perplexity']['main']} / {results['perplexity']['draft']}")] if heldout else []
