@@ -22,7 +22,7 @@ from compiler import random_init
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, ModelSource, calibration_text, recipe_json
-from compiler.stages import calibrate, export, load, quantize, verify
+from compiler.stages import calibrate, export, load, lower, quantize, verify
 from runtime.artifact import MANIFEST_NAME, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
 
 ROLES = ("main", "draft")
@@ -68,8 +68,8 @@ def _window(context: BuildContext) -> int:
 
 
 def _model_dir(outputs: dict[str, Path]) -> Path:
-    """The folder holding the artifact's model: the quantized one, or the export when nothing was quantized."""
-    return outputs["quantize"] if (outputs["quantize"] / export.MODEL_FILE).is_file() else outputs["export"]
+    """The folder holding the latest model: lowered, quantized, or the export when neither rewrote it."""
+    return next(outputs[stage] for stage in ("lower", "quantize", "export") if stage in outputs and (outputs[stage] / export.MODEL_FILE).is_file())
 
 
 def _calibrate_config(context: BuildContext, source: ModelSource) -> calibrate.CalibrateConfig:
@@ -111,6 +111,13 @@ STAGES: tuple[Stage, ...] = (
         quantize.run,
         _quantize_config,
         lambda outputs, c: {"export_dir": outputs["export"], "calibrate_dir": outputs["calibrate"]},
+    ),
+    Stage(
+        "lower",
+        lower.VERSION,
+        lower.run,
+        lambda c, source: lower.LowerConfig(expert_parts=c.loaded.recipe.cpu.expert_parts),
+        lambda outputs, c: {"model_dir": _model_dir(outputs)},
     ),
     Stage(
         "verify",

@@ -25,6 +25,14 @@ class ExportConfig(_Frozen):
     max_sequence_length: int = Field(default=2048, gt=0, le=1 << 20)
 
 
+class CpuSettings(_Frozen):
+    """Lowering for onnxruntime's CPU kernels."""
+
+    expert_parts: Literal[1, 2, 4] = Field(
+        default=2, description="split every expert's intermediate width into this many sub-experts, so one token's experts spread over the threads"
+    )
+
+
 class CalibrateSettings(_Frozen):
     text: str = Field(default="stdlib:heldout", description="a file or folder relative to the recipe, or stdlib:heldout")
     max_tokens: int = Field(default=16384, gt=0)
@@ -110,6 +118,7 @@ class Recipe(_Frozen):
     draft: ModelSource
     targets: tuple[Literal["cpu"], ...] = ("cpu",)
     export: ExportConfig = ExportConfig()
+    cpu: CpuSettings = CpuSettings()
     calibrate: CalibrateSettings = CalibrateSettings()
     quantize: QuantizeSettings = QuantizeSettings()
     verify: VerifySettings = VerifySettings()

@@ -23,7 +23,7 @@ def test_build_inspect_generate_json(tiny_pair, tmp_path):
     inspected = json.loads(out)
     assert inspected["models"]["draft"]["precision"] == "fp32"
     assert inspected["total_bytes"] == built["total_bytes"]
-    assert [s["stage"] for s in inspected["stages"]] == ["load", "export", "calibrate", "quantize", "verify"] * 2
+    assert [s["stage"] for s in inspected["stages"]] == ["load", "export", "calibrate", "quantize", "lower", "verify"] * 2
 
     code, out, err = _moecc("generate", built["artifact"], "--prompt", "def f(x):", "--max-new-tokens", "12", "--json")
     assert code == 0, err

@@ -82,8 +82,8 @@ def test_every_expert_is_in_the_graph(tiny_artifact):
     moe_nodes = [node for node in proto.graph.node if node.op_type == "MoE"]
     shapes = {init.name: list(init.dims) for init in proto.graph.initializer}
     assert len(moe_nodes) == 2
-    for node in moe_nodes:
-        assert shapes[node.input[2]][0] == 8 and shapes[node.input[4]][0] == 8
+    for node in moe_nodes:  # 8 experts, each split in 2 sub-experts for the CPU kernel's threads (cpu.expert_parts)
+        assert shapes[node.input[2]][0] == 16 and shapes[node.input[4]][0] == 16
 
 
 def test_expert_unrouted_by_calibration_input_is_exported_and_correct(tiny_artifact, tiny_pair):

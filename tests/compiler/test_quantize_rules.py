@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 from tokenizers import Tokenizer
 
 import runtime
@@ -21,6 +21,7 @@ from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from compiler.stages import calibrate, export, quantize
 from compiler.weight_sites import moe_sites
+from onnx_models import moe_model as _moe_model, run_moe as _run
 from tiny_models import write_recipe
 
 LOOSE_GATE = "verify:\n  tokens: 512\n  max_perplexity_increase: 1.0\n  min_top1_agreement: 0.0\n"
@@ -40,26 +41,6 @@ def test_gptq_has_lower_output_error_than_round_to_nearest():
     rtn, ours = quantization.round_to_nearest(weight, 32, 4), quantization.gptq(weight, hessian, 32, 4)
     assert ours[0].min() >= -8 and ours[0].max() <= 7
     assert output_error(*ours) < 0.7 * output_error(*rtn)
-
-
-def _moe_model(fc1: np.ndarray, fc2: np.ndarray, top_k: int, renormalize: bool) -> ir.Model:
-    experts, hidden = fc1.shape[0], fc1.shape[2]
-    node = helper.make_node(
-        "MoE", ["x", "r", "fc1", "", "fc2"], ["y"], domain="com.microsoft", k=top_k, activation_type="swiglu", swiglu_fusion=1,
-        activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=int(renormalize),
-    )
-    graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", hidden]), helper.make_tensor_value_info("r", TensorProto.FLOAT, ["T", experts])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", hidden])],
-        [numpy_helper.from_array(fc1, "fc1"), numpy_helper.from_array(fc2, "fc2")],
-    )
-    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]))
-
-
-def _run(model: ir.Model, x: np.ndarray, router: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x, "r": router})[0]
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
