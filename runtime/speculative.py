@@ -103,8 +103,9 @@ class AdaptiveDraftLength:
     measured as generation runs, with decay so they follow the text. A length whose verify cost was never
     measured is assumed as cheap as the nearest measured one below it: it gets tried, then judged by its
     own cost. k = 0 (main model alone) is a candidate; while it wins, a 1-token probe keeps the acceptance
-    estimate current: after PROBE_EVERY idle steps, twice as long after each probe that is rejected (a
-    probe costs the draft's catch-up on every token since its last call), back to PROBE_EVERY on acceptance.
+    estimate current: after PROBE_EVERY idle steps, then twice as long after each probe that leaves the main
+    model alone the better choice (a probe costs the draft's catch-up on every token since its last call),
+    back to PROBE_EVERY once a probe makes speculation pay.
 
     A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
     keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
@@ -164,9 +165,6 @@ class AdaptiveDraftLength:
         self.verify_cost[length + 1] = verify_seconds if previous is None else self.DECAY * previous + (1 - self.DECAY) * verify_seconds
         if length == 0:
             return
-        if self._probing:
-            self._probing = False
-            self.probe_interval = self.PROBE_EVERY if kept else min(2 * self.probe_interval, self.MAX_PROBE_INTERVAL)
         # After idle steps the draft first reads every token since (a backlog of 1 or 2 is the usual step): not
         # its cost per proposal.
         if draft_backlog <= 2:
@@ -174,6 +172,10 @@ class AdaptiveDraftLength:
             self.draft_cost = per_call if self.draft_cost is None else self.DECAY * self.draft_cost + (1 - self.DECAY) * per_call
         self.accepted = self.DECAY * self.accepted + kept
         self.rejected = self.DECAY * self.rejected + (kept < length)
+        if self._probing:
+            self._probing = False
+            still_idle = max(range(self.max_length + 1), key=self.tokens_per_second) == 0
+            self.probe_interval = min(2 * self.probe_interval, self.MAX_PROBE_INTERVAL) if still_idle else self.PROBE_EVERY
 
 
 DraftLengthPolicy = FixedDraftLength | AdaptiveDraftLength

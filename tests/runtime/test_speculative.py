@@ -161,8 +161,20 @@ def test_adaptive_draft_length_probes_while_the_draft_sits_idle_and_backs_off():
     policy.update(1, 0, 0.5, 2.0)  # the probe was rejected: wait twice as long for the next
     choices = [policy.choose() for _ in range(2 * every)]
     assert choices.index(1) == 2 * every - 1
-    policy.update(1, 1, 0.5, 2.0)  # accepted: back to the short interval
-    assert policy.probe_interval == every
+    policy.update(1, 1, 0.5, 2.0)  # accepted, but one token does not make speculation pay here: longer still
+    assert policy.probe_interval == 4 * every
+
+
+def test_a_probe_that_makes_speculation_pay_ends_the_idle_spell():
+    policy = AdaptiveDraftLength(max_length=4)
+    policy.update(0, 0, 0.0, 1.0)
+    policy.update(1, 0, 0.3, 1.0)
+    policy.update(1, 0, 0.3, 1.0)  # two rejections: at these costs the main model alone is better
+    policy.probe_interval = 64
+    choices = [policy.choose() for _ in range(64)]
+    assert choices[:-1] == [0] * 63 and choices[-1] == 1
+    policy.update(1, 1, 0.3, 1.0)  # the probe is accepted and tips the balance
+    assert policy.probe_interval == AdaptiveDraftLength.PROBE_EVERY and policy.choose() == 1
 
 
 def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
