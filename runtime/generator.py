@@ -172,7 +172,10 @@ class Generator:
             return decode_batch(main, draft, prompt_ids, limit, policy, sampling, rngs, stops, stats), stats
         return self._main_only_batch(prompt_ids, limit, sampling, rngs, stops, capacity, stats), stats
 
-    def _main_only_batch(self, prompt_ids, limit, sampling, rngs, stops, capacity, stats) -> list[list[int]]:
+    def _main_only_batch(
+        self, prompt_ids: list[list[int]], limit: int, sampling: SamplingParams, rngs: list[np.random.Generator],
+        stops: set[int], capacity: int, stats: GenerationStats,
+    ) -> list[list[int]]:
         stats.prompt_tokens = sum(len(row) for row in prompt_ids)
         started = time.perf_counter()
         cache = BatchKvCache(self.main, len(prompt_ids), capacity)
