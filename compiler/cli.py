@@ -70,6 +70,7 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "accuracy": {r.model: r.result for r in manifest.stages if r.stage == "verify"},
         "routing": {r.model: r.result for r in manifest.stages if r.stage == "calibrate" and r.result.get("moe_layers")},
         "experts": {r.model: r.result["experts"] for r in manifest.stages if r.stage == "quantize" and any(e["precision"] != "fp32" for e in r.result.get("experts", []))},
+        "lowering": {r.model: r.result for r in manifest.stages if r.stage == "lower" and (r.result["split_nodes"] or r.result["kept_whole"])},
         "generation": manifest.generation.model_dump(),
         "tools": manifest.tools,
     }
@@ -105,6 +106,12 @@ def _print_summary(console: Console, summary: dict[str, Any], title: str) -> Non
             chosen = [e for e in experts if e["layer"] == layer]
             table.add_row(str(layer), *(", ".join(str(e["expert"]) for e in chosen if e["precision"] == p) or "-" for p in precisions))
         console.print(table)
+    for role, lowering in summary["lowering"].items():
+        kept = "; ".join(f"{node} kept whole: {why}" for node, why in lowering["kept_whole"].items())
+        console.print(
+            f"{role}: experts split into {lowering['expert_parts']} sub-experts in {len(lowering['split_nodes'])} MoE nodes "
+            f"(spreads one token's experts over the CPU threads){'; ' + kept if kept else ''}"
+        )
     if summary["accuracy"]:
         table = Table(title="accuracy against the exported reference (held-out text)")
         for column in ("model", "tokens", "reference ppl", "ppl", "change", "top-1 agreement", "gate"):

@@ -24,6 +24,8 @@ def test_build_inspect_generate_json(tiny_pair, tmp_path):
     assert inspected["models"]["draft"]["precision"] == "fp32"
     assert inspected["total_bytes"] == built["total_bytes"]
     assert [s["stage"] for s in inspected["stages"]] == ["load", "export", "calibrate", "quantize", "lower", "verify"] * 2
+    assert inspected["lowering"]["main"]["expert_parts"] == 2 and len(inspected["lowering"]["main"]["split_nodes"]) == 2
+    assert "draft" not in inspected["lowering"]  # a dense model has no experts to split
 
     code, out, err = _moecc("generate", built["artifact"], "--prompt", "def f(x):", "--max-new-tokens", "12", "--json")
     assert code == 0, err
