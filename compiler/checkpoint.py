@@ -70,7 +70,7 @@ class Checkpoint:
 
     def _routed_to(self, experts: int) -> dict[str, Any]:
         """The config of the model routing each token to its top `experts` experts (same weights)."""
-        total = self.config.get("num_local_experts", self.config.get("num_experts"))
+        total = self.config.get("num_experts") or self.config.get("num_local_experts")  # as architectures.dims_of reads it
         if not isinstance(total, int) or not 1 <= experts <= total:
             raise CheckpointError(f"{self.folder}: cannot route to {experts} experts in a model with {total or 'no'} experts per layer")
         return dict(self.config, num_experts_per_tok=experts)

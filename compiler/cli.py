@@ -232,10 +232,8 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
             )
         out.print(table)
         fractions = ", ".join(f"{fraction:.2f} (prompt {prompt})" for prompt, fraction in limit.items())
-        out.print(
-            f"main model reads {_size(active)} of weights per token; this machine reads {bandwidth / 1e9:.1f} GB/s with {threads} threads; "
-            f"main-only decode uses {fractions} of it"
-        )
+        usage = f"; main-only decode at batch 1 uses {fractions} of it" if limit else ""
+        out.print(f"main model reads {_size(active)} of weights per token; this machine reads {bandwidth / 1e9:.1f} GB/s with {threads} threads{usage}")
         out.print(f"peak RSS {_size(report['peak_rss_bytes'])}; wrote {json_out} and {chart}")
     return report
 

@@ -24,6 +24,7 @@ from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, ModelSource, calibration_text, recipe_json
 from compiler.stages import calibrate, export, load, lower, quantize, verify
 from runtime.artifact import MANIFEST_NAME, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
+from runtime.errors import MoeccError
 
 ROLES = ("main", "draft")
 TOKENIZER_FILE = "tokenizer.json"
@@ -205,9 +206,12 @@ class StageCache:
 def _run_model(role: str, context: BuildContext, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], dict[str, Path]]:
     loaded = context.loaded
     source = getattr(loaded.recipe, role)
-    checkpoint = Checkpoint(
-        getattr(loaded, f"{role}_checkpoint"), allow_pickle=source.allow_pickle, layers=source.layers, experts_per_token=source.experts_per_token
-    )
+    try:
+        checkpoint = Checkpoint(
+            getattr(loaded, f"{role}_checkpoint"), allow_pickle=source.allow_pickle, layers=source.layers, experts_per_token=source.experts_per_token
+        )
+    except MoeccError as exc:  # name the role: a derived draft's checkpoint folder is the main model's
+        raise type(exc)(f"{role} model: {exc.message}", hint=exc.hint) from None
     upstream = _digest({"checkpoint": checkpoint.digests()})
     records, outputs = [], {}
     for stage in STAGES:
@@ -220,8 +224,8 @@ def _run_model(role: str, context: BuildContext, cache: StageCache, observer: Bu
         if hit is None:
             try:
                 folder_out, result = cache.store(stage.name, key, lambda out: stage.run(checkpoint, config, out, observer.stage_progress, **stage.inputs_for(outputs, context)))
-            except BuildError as exc:  # name the role: a derived draft's checkpoint folder is the main model's
-                raise BuildError(f"{role} model, {stage.name} stage: {exc.message}", hint=exc.hint) from None
+            except MoeccError as exc:
+                raise type(exc)(f"{role} model, {stage.name} stage: {exc.message}", hint=exc.hint) from None
         else:
             folder_out, result = hit
         record = StageRecord(

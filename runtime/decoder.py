@@ -66,9 +66,10 @@ class _BoundBuffers:
     """An IO binding whose key/value buffers [B, kv heads, capacity, D] per layer are both past and present.
 
     GroupQueryAttention writes the new keys and values in place when past and present share a buffer, and
-    reads each row's valid length from seqlens_k. Decode and verify calls (a few new tokens per row) also
-    keep their inputs and logits in buffers bound once per width and refilled in place: no per-call
-    allocation, and no wrapping of every output on the way back.
+    reads each row's valid length from seqlens_k. Decode and verify calls (up to SMALL_CALL new tokens per
+    row) write their ids and logits into one preallocated buffer each, viewed at the call's width and bound
+    once per width: no OrtValue per call and no wrapping of every output on the way back; the caller gets a
+    copy of the logits.
     """
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int):
@@ -88,7 +89,9 @@ class _BoundBuffers:
         self._seqlens_k, self._total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
         self.binding.bind_ortvalue_input("seqlens_k", self._keep(self._seqlens_k))
         self.binding.bind_ortvalue_input("total_sequence_length", self._keep(self._total))
-        self._by_width: dict[int, tuple] = {}  # width -> ((input ids, logits), their bound OrtValues)
+        self._ids = np.zeros(batch * SMALL_CALL, dtype=np.int64)
+        self._logits = np.zeros(0, dtype=np.float32)  # batch * SMALL_CALL * vocabulary, on the first small call
+        self._by_width: dict[int, tuple] = {}  # width -> ((ids view, logits view), their OrtValues)
         self._bound_width: int | None = None
 
     def _keep(self, array: np.ndarray) -> ort.OrtValue:
@@ -98,8 +101,12 @@ class _BoundBuffers:
 
     def _bind_width(self, width: int) -> tuple[np.ndarray, np.ndarray]:
         if width not in self._by_width:
-            ids = np.zeros((self.batch, width), dtype=np.int64)
-            logits = np.zeros((self.batch, width, self.decoder.entry.vocab_size), dtype=np.float32)
+            vocab = self.decoder.entry.vocab_size
+            if not self._logits.size:
+                self._logits = np.zeros(self.batch * SMALL_CALL * vocab, dtype=np.float32)
+            # Leading slices of the flat buffers are contiguous at every width: one buffer serves them all.
+            ids = self._ids[: self.batch * width].reshape(self.batch, width)
+            logits = self._logits[: self.batch * width * vocab].reshape(self.batch, width, vocab)
             self._by_width[width] = (ids, logits), (self._keep(ids), self._keep(logits))
         (ids, logits), (ids_value, logits_value) = self._by_width[width]
         if self._bound_width != width:

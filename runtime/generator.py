@@ -165,8 +165,9 @@ class Generator:
         rngs = [np.random.default_rng(None if sampling.seed is None else [sampling.seed, row]) for row in range(len(prompt_ids))]
         stats = GenerationStats()
         if speculative and self.draft is not None:
-            length = draft_length or defaults.draft_length
-            policy = AdaptiveDraftLength(defaults.max_draft_length) if length == "auto" else self._draft_policy(length, sampling)
+            policy = self._draft_policy(draft_length or defaults.draft_length, sampling)
+            if policy is self.adaptive_draft_length:  # a batch's costs would mislead single-sequence generation
+                policy = AdaptiveDraftLength(defaults.max_draft_length)
             main = [KvCache(self.main, capacity) for _ in prompt_ids]
             draft = BatchKvCache(self.draft, len(prompt_ids), capacity)
             return decode_batch(main, draft, prompt_ids, limit, policy, sampling, rngs, stops, stats), stats

@@ -9,6 +9,9 @@ elementwise along the intermediate dimension. The router logits are repeated P t
 P, so the top k*P picks the P parts of each of the top k experts; the softmax then gives each part 1/P of
 its expert's weight, which fc2 (or its scales) absorbs by a factor P. Where a QMoE takes its mixing
 weights as router_weights (layers whose experts differ in precision), those are repeated unchanged.
+Two experts whose router logits tie exactly at the k-th place would each get some of their parts (the
+kernel breaks ties by index); in fp32 such a tie has vanishing odds, fp16 logits tie far more easily, so
+fp16 models keep their experts whole.
 Legend: E experts, I intermediate width, H hidden width, P parts.
 """
 
@@ -27,7 +30,7 @@ from compiler.onnx_graph import MS_DOMAIN
 from compiler.stages.export import DATA_FILE, MODEL_FILE
 from compiler.stages.quantize import SESSION_OPTIONS_FILE
 
-VERSION = "1"
+VERSION = "2"
 # Input positions of the expert weights: (fc1, fc1 scales, fc2, fc2 scales, router weights); None: absent.
 _INPUTS = {"MoE": (2, None, 4, None, None), "QMoE": (2, 3, 5, 6, 14)}
 _BIASES = {"MoE": (3, 5, 6, 7), "QMoE": (4, 7, 8, 9, 10, 11, 12, 13)}  # fc biases, fc3, zero points: never written by moecc
@@ -64,11 +67,16 @@ def _parts(array: np.ndarray, axis: int, parts: int) -> np.ndarray:
 
 
 def _why_not(node: ir.Node, parts: int) -> str | None:
-    fc1_at, _, fc2_at, fc2_scales_at, _ = _INPUTS[node.op_type]
+    fc1_at, fc1_scales_at, fc2_at, fc2_scales_at, _ = _INPUTS[node.op_type]
     if any(i < len(node.inputs) and node.inputs[i] is not None for i in _BIASES[node.op_type]):
         return "has biases, fc3 or zero points"
+    activation, fusion = (node.attributes.get(name) for name in ("activation_type", "swiglu_fusion"))
+    if activation is None or activation.value != "swiglu" or fusion is None or fusion.value != 1:
+        return "only interleaved SwiGLU experts are split"  # gate/up row pairs are what keeps a slice whole
     if node.inputs[fc1_at].const_value is None or node.inputs[fc2_at].const_value is None:
         return "expert weights are not initializers"
+    if node.inputs[fc1_scales_at if fc1_scales_at is not None else fc1_at].const_value.dtype == ir.DataType.FLOAT16:
+        return "fp16 router logits can tie exactly, and tied experts would each get some of their parts"
     columns = _array(node.inputs[fc2_at]).shape[2]  # I, or I/2 packed INT4 values
     if columns % parts:
         return f"{columns} fc2 columns do not split into {parts}"

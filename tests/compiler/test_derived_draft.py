@@ -72,9 +72,13 @@ def test_main_model_routed_to_one_expert_makes_a_draft_with_its_own_quantization
     _lossless(runtime.load(int4.artifact))
 
 
-def test_routing_to_more_experts_than_there_are_is_refused(tiny_pair):
+def test_routing_to_more_experts_than_there_are_is_refused_naming_the_role(tiny_pair, tmp_path):
     with pytest.raises(CheckpointError, match="cannot route to 9 experts in a model with 8 experts per layer"):
         Checkpoint(tiny_pair / "main", experts_per_token=9)
+    recipe = tiny_pair / "top9.yaml"
+    recipe.write_text("name: top9\nmain:\n  checkpoint: main\ndraft:\n  checkpoint: main\n  experts_per_token: 9\n")
+    with pytest.raises(CheckpointError, match=r"^draft model: .*main: cannot route to 9 experts"):  # the folder is the main model's
+        build(load_recipe(recipe), tmp_path)
 
 
 def test_more_layers_than_the_model_has_is_refused(tiny_pair):

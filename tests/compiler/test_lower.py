@@ -47,6 +47,20 @@ def test_split_experts_compute_the_same_layer(precision, renormalize, parts):
         assert np.abs(run_moe(model, x[row : row + 1], router[row : row + 1]) - expected[row]).max() <= 1e-5
 
 
+def test_fp16_experts_stay_whole():
+    """fp16 router logits tie far more easily than fp32 ones, and tied experts would each get some of their parts."""
+    rng = np.random.default_rng(4)
+    fc1 = rng.standard_normal((EXPERTS, 2 * INNER, HIDDEN)).astype(np.float16)
+    fc2 = rng.standard_normal((EXPERTS, HIDDEN, INNER)).astype(np.float16)
+    (node,) = [node for node in moe_model(fc1, fc2, TOP_K, True).graph if node.op_type == "MoE"]
+    assert lower._why_not(node, 2) == "fp16 router logits can tie exactly, and tied experts would each get some of their parts"
+
+
+def test_one_part_writes_no_model(tmp_path):
+    result = lower.run(None, lower.LowerConfig(expert_parts=1), tmp_path, model_dir=tmp_path)
+    assert result.split_nodes == [] and not (tmp_path / "model.onnx").exists()
+
+
 def test_experts_whose_blocks_do_not_split_stay_whole():
     model = _layer("int4", True)  # INT4 blocks of 32 along an intermediate width of 128: four blocks
     (node,) = [node for node in model.graph if node.op_type == "QMoE"]

@@ -210,11 +210,20 @@ def test_batch_of_prompts_of_different_lengths_gives_each_its_own_output(tiny_ar
         assert batch[0].stats.accepted > 0  # the rows went through the draft
 
 
-def test_seeded_speculative_batch_repeats_itself(tiny_artifact):
+@pytest.mark.parametrize("draft_length", [4, "auto"])
+def test_seeded_speculative_batch_repeats_itself(tiny_artifact, draft_length):
     generator = runtime.load(tiny_artifact)
     prompts = [p[:length] for p, length in zip(PROMPTS, (80, 20, 50))]
     sampling = SamplingParams(temperature=0.8, top_p=0.95, seed=7)
-    first = generator.generate_batch(prompts, max_new_tokens=24, sampling=sampling, draft_length=4)
-    again = generator.generate_batch(prompts, max_new_tokens=24, sampling=sampling, draft_length=4)
+    first = generator.generate_batch(prompts, max_new_tokens=24, sampling=sampling, draft_length=draft_length)
+    again = generator.generate_batch(prompts, max_new_tokens=24, sampling=sampling, draft_length=draft_length)
     assert [r.token_ids for r in first] == [r.token_ids for r in again]
     assert len({tuple(r.token_ids) for r in first}) == len(prompts)
+
+
+def test_speculative_batch_of_one_token_each(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    prompts = [[7], generator.encode(PROMPTS[0])]  # a one-token prompt has nothing to prefill
+    rows, stats = generator.generate_batch_ids(prompts, max_new_tokens=1, stop_tokens=set(), draft_length=3)
+    assert rows == [_greedy(generator, prompt, speculative=False, stop_tokens=set())[0][:1] for prompt in prompts]
+    assert stats.proposed == 0  # no room for proposals before the only token
