@@ -181,10 +181,10 @@ class BatchKvCache(_BoundBuffers):
 
     GroupQueryAttention reads each row's length from seqlens_k, so rows need not line up: the prompts are
     read in one right-padded call (the padding's keys are overwritten by the row's next tokens), then each
-    call feeds one token per row; a row with nothing to feed writes a placeholder at its end and does not
-    advance. `ids[row]` are the row's cached tokens, so a row rolls back by length as in KvCache. Several new
-    tokens per row on top of a past is refused by onnxruntime's CPU kernel for batches, so speculative
-    verification stays per sequence (KvCache).
+    call feeds one token per row (onnxruntime's CPU kernel refuses several new tokens per row on top of a
+    past for batches, so a row's several tokens take one call per position); a row with nothing to feed
+    writes a placeholder at its end and does not advance. `ids[row]` are the row's cached tokens, so a row
+    rolls back by length as in KvCache.
     """
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int):
@@ -209,9 +209,17 @@ class BatchKvCache(_BoundBuffers):
         del self.ids[row][shared:]
         return tokens[shared:]
 
+    def pending(self, row: int, tokens: list[int]) -> list[int]:
+        """sync, keeping at least the last token to feed: the cache holds keys, not the logits after them."""
+        pending = self.sync(row, tokens)
+        if not pending:
+            self.sync(row, tokens[:-1])
+            pending = tokens[-1:]
+        return pending
+
     def feed(self, rows: dict[int, list[int]]) -> dict[int, np.ndarray]:
-        """Feed each listed row its tokens, one batched call per position; returns each row's last logits [V]."""
-        last: dict[int, np.ndarray] = {}
+        """Feed each listed row its tokens, one batched call per position; returns each row's logits [S_row, V]."""
+        produced: dict[int, list[np.ndarray]] = {row: [] for row in rows}
         for position in range(max((len(tokens) for tokens in rows.values()), default=0)):
             feeding = {row: tokens[position] for row, tokens in rows.items() if position < len(tokens)}
             step = [feeding.get(row, 0) for row in range(len(self.ids))]
@@ -219,5 +227,5 @@ class BatchKvCache(_BoundBuffers):
             logits = self._run(np.asarray(step, dtype=np.int64)[:, None], lengths, max(lengths) + 1)
             for row, token in feeding.items():
                 self.ids[row].append(token)
-                last[row] = logits[row, 0]
-        return last
+                produced[row].append(logits[row, 0])
+        return {row: np.stack(rows_logits) for row, rows_logits in produced.items() if rows_logits}

@@ -11,7 +11,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.artifact import Manifest, verify_artifact
-from runtime.decoder import BatchKvCache, Decoder, KvCache
+from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
 from runtime.sampling import SamplingParams, distribution, draw
 from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode, decode_batch
@@ -150,10 +150,10 @@ class Generator:
     ) -> tuple[list[list[int]], GenerationStats]:
         """The token-level batch: each row's new tokens, and the stats of the whole batch.
 
-        Each row samples with its own generator, seeded from the sampling seed and its index. Speculative:
-        the draft proposes for all rows in one call per position and the main model verifies each row (see
-        BatchKvCache); "auto" adapts the draft length for this batch alone, from its own measured costs.
-        Main only: every row's next token in one main-model call, which reads the weights once for the batch.
+        Each row samples with its own generator, seeded from the sampling seed and its index. Every model call
+        serves all rows, so the weights are read once per position for the whole batch: main only, one token
+        per row per call; speculative, the draft's proposals and the main model's verification one position
+        per call (see BatchKvCache); "auto" adapts the draft length for this batch alone, from its own costs.
         """
         defaults = self.manifest.generation
         sampling = sampling or SamplingParams(temperature=defaults.temperature)
@@ -168,8 +168,7 @@ class Generator:
             policy = self._draft_policy(draft_length or defaults.draft_length, sampling)
             if policy is self.adaptive_draft_length:  # a batch's costs would mislead single-sequence generation
                 policy = AdaptiveDraftLength(defaults.max_draft_length)
-            main = [KvCache(self.main, capacity) for _ in prompt_ids]
-            draft = BatchKvCache(self.draft, len(prompt_ids), capacity)
+            main, draft = BatchKvCache(self.main, len(prompt_ids), capacity), BatchKvCache(self.draft, len(prompt_ids), capacity)
             return decode_batch(main, draft, prompt_ids, limit, policy, sampling, rngs, stops, stats), stats
         return self._main_only_batch(prompt_ids, limit, sampling, rngs, stops, capacity, stats), stats
 
@@ -194,7 +193,7 @@ class Generator:
                 else:
                     step[row] = [token]
             stats.verify_calls += 1
-            logits = cache.feed(step)
+            logits = {row: last[-1] for row, last in cache.feed(step).items()}
         stats.new_tokens = sum(len(row) for row in outputs)
         stats.seconds = time.perf_counter() - started
         return outputs

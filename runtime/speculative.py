@@ -205,13 +205,7 @@ def propose(draft: KvCache, tokens: list[int], length: int, params: SamplingPara
 
 def propose_batch(draft: BatchKvCache, histories: list[list[int]], lengths: dict[int, int], params: SamplingParams, rngs: list[np.random.Generator]) -> dict[int, Proposal]:
     """Draw lengths[row] tokens after each listed row's history, one batched draft call per position."""
-    pending = {}
-    for row in lengths:
-        pending[row] = draft.sync(row, histories[row])
-        if not pending[row]:  # everything is cached but the logits are not kept: read the last token again
-            draft.sync(row, histories[row][:-1])
-            pending[row] = histories[row][-1:]
-    logits = draft.feed(pending)
+    logits = {row: last[-1] for row, last in draft.feed({row: draft.pending(row, histories[row]) for row in lengths}).items()}
     proposals = {row: Proposal([], []) for row in lengths}
     for position in range(max(lengths.values())):
         drawn = {}
@@ -223,8 +217,15 @@ def propose_batch(draft: BatchKvCache, histories: list[list[int]], lengths: dict
                 proposals[row].probs.append(probs)
                 if position + 1 < length:
                     drawn[row] = [token]
-        logits |= draft.feed(drawn)
+        logits |= {row: last[-1] for row, last in draft.feed(drawn).items()}
     return proposals
+
+
+def score_batch(main: BatchKvCache, histories: list[list[int]], proposals: dict[int, Proposal], params: SamplingParams) -> dict[int, list[np.ndarray]]:
+    """score() for several rows: each row's pending tokens and proposals, one batched main call per position."""
+    pending = {row: main.pending(row, histories[row]) for row in proposals}
+    logits = main.feed({row: pending[row] + proposal.tokens for row, proposal in proposals.items()})
+    return {row: [distribution(x, params) for x in logits[row][len(pending[row]) - 1 :]] for row in proposals}
 
 
 def score(main: KvCache, tokens: list[int], proposal: Proposal, params: SamplingParams) -> list[np.ndarray]:
@@ -312,7 +313,7 @@ def decode(
 
 
 def decode_batch(
-    main: list[KvCache],
+    main: BatchKvCache,
     draft: BatchKvCache,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -322,15 +323,13 @@ def decode_batch(
     stop_tokens: set[int],
     stats: GenerationStats,
 ) -> list[list[int]]:
-    """Speculative decoding of several sequences, each to its own stop: the draft proposes for every row in
-    one call per position; the main model verifies each row on its own cache (see BatchKvCache); each row
+    """Speculative decoding of several sequences, each to its own stop: the draft proposes for every row and
+    the main model verifies every row, each in one batched call per position (see BatchKvCache); each row
     commits by the same acceptance rule as decode(), with its own random generator."""
     started = time.perf_counter()
     stats.prompt_tokens = sum(len(prompt) for prompt in prompts)
-    draft.prefill(prompts)
-    for cache, prompt in zip(main, prompts):
-        if len(prompt) > 1:
-            cache.feed(prompt[:-1])
+    for cache in (main, draft):
+        cache.prefill(prompts)
     stats.prefill_seconds = time.perf_counter() - started
     histories = [list(prompt) for prompt in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -343,11 +342,13 @@ def decode_batch(
         tick = time.perf_counter()
         proposals = propose_batch(draft, histories, proposing, params, rngs) if proposing else {}
         draft_seconds = (time.perf_counter() - tick) / max(len(proposing), 1)  # one row's share of the batched calls
+        proposals = {row: proposals.get(row, Proposal([], [])) for row in lengths}
+        tock = time.perf_counter()
+        targets = score_batch(main, histories, proposals, params)
+        verify_seconds = (time.perf_counter() - tock) / len(lengths)  # one row's share
         for row, length in lengths.items():
-            proposal = proposals.get(row, Proposal([], []))
-            tock = time.perf_counter()
-            kept, next_token = accept(proposal, score(main[row], histories[row], proposal, params), rngs[row])
-            verify_seconds = time.perf_counter() - tock
+            proposal = proposals[row]
+            kept, next_token = accept(proposal, targets[row], rngs[row])
             draft_length.update(length, kept, draft_seconds if length else 0.0, verify_seconds, backlogs.get(row, 1))
             stats.draft_seconds += draft_seconds if length else 0.0
             stats.verify_seconds += verify_seconds
