@@ -141,6 +141,21 @@ def shared_prefix_length(cached: list[int], tokens: list[int]) -> int:
     return next(i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b)
 
 
+def _sync(cached: list[int], tokens: list[int]) -> list[int]:
+    """Roll `cached` back (in place) to its longest prefix shared with `tokens`; return the tokens still to feed."""
+    del cached[shared_prefix_length(cached, tokens) :]
+    return tokens[len(cached) :]
+
+
+def _pending(cached: list[int], tokens: list[int]) -> list[int]:
+    """_sync, keeping at least the last token to feed: a cache holds keys, not the logits after them."""
+    pending = _sync(cached, tokens)
+    if not pending:
+        del cached[-1:]
+        pending = tokens[-1:]
+    return pending
+
+
 class KvCache(_BoundBuffers):
     """One sequence's cache [1, kv heads, capacity, head dim] per layer.
 
@@ -164,9 +179,11 @@ class KvCache(_BoundBuffers):
 
     def sync(self, tokens: list[int]) -> list[int]:
         """Roll back to the longest prefix shared with `tokens`; return the tokens still to be fed."""
-        shared = self.shared_prefix(tokens)
-        self.keep(shared)
-        return tokens[shared:]
+        return _sync(self.ids, tokens)
+
+    def pending(self, tokens: list[int]) -> list[int]:
+        """sync, keeping at least the last token to feed, whose logits the next call needs."""
+        return _pending(self.ids, tokens)
 
     def feed(self, tokens: list[int]) -> np.ndarray:
         """Run the new tokens through the model after the cached ones; returns their logits [S, V]."""
@@ -205,17 +222,11 @@ class BatchKvCache(_BoundBuffers):
 
     def sync(self, row: int, tokens: list[int]) -> list[int]:
         """Roll the row back to its longest prefix shared with `tokens`; return the tokens still to be fed."""
-        shared = shared_prefix_length(self.ids[row], tokens)
-        del self.ids[row][shared:]
-        return tokens[shared:]
+        return _sync(self.ids[row], tokens)
 
     def pending(self, row: int, tokens: list[int]) -> list[int]:
-        """sync, keeping at least the last token to feed: the cache holds keys, not the logits after them."""
-        pending = self.sync(row, tokens)
-        if not pending:
-            self.sync(row, tokens[:-1])
-            pending = tokens[-1:]
-        return pending
+        """sync, keeping at least the last token to feed, whose logits the next call needs."""
+        return _pending(self.ids[row], tokens)
 
     def feed(self, rows: dict[int, list[int]]) -> dict[int, np.ndarray]:
         """Feed each listed row its tokens, one batched call per position; returns each row's logits [S_row, V]."""

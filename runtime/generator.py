@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -13,7 +12,7 @@ from tokenizers import Tokenizer
 from runtime.artifact import Manifest, verify_artifact
 from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
-from runtime.sampling import SamplingParams, distribution, draw
+from runtime.sampling import SamplingParams
 from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode, decode_batch
 
 
@@ -163,37 +162,10 @@ class Generator:
         if capacity > self.main.entry.max_sequence_length:
             raise MoeccError(f"prompt and new tokens need {capacity} positions; the maximum sequence length is {self.main.entry.max_sequence_length}")
         rngs = [np.random.default_rng(None if sampling.seed is None else [sampling.seed, row]) for row in range(len(prompt_ids))]
+        policy = self._draft_policy(draft_length or defaults.draft_length, sampling)
+        if policy is self.adaptive_draft_length:  # a batch's costs would mislead single-sequence generation
+            policy = AdaptiveDraftLength(defaults.max_draft_length)
+        main = BatchKvCache(self.main, len(prompt_ids), capacity)
+        draft = BatchKvCache(self.draft, len(prompt_ids), capacity) if speculative and self.draft is not None else None
         stats = GenerationStats()
-        if speculative and self.draft is not None:
-            policy = self._draft_policy(draft_length or defaults.draft_length, sampling)
-            if policy is self.adaptive_draft_length:  # a batch's costs would mislead single-sequence generation
-                policy = AdaptiveDraftLength(defaults.max_draft_length)
-            main, draft = BatchKvCache(self.main, len(prompt_ids), capacity), BatchKvCache(self.draft, len(prompt_ids), capacity)
-            return decode_batch(main, draft, prompt_ids, limit, policy, sampling, rngs, stops, stats), stats
-        return self._main_only_batch(prompt_ids, limit, sampling, rngs, stops, capacity, stats), stats
-
-    def _main_only_batch(
-        self, prompt_ids: list[list[int]], limit: int, sampling: SamplingParams, rngs: list[np.random.Generator],
-        stops: set[int], capacity: int, stats: GenerationStats,
-    ) -> list[list[int]]:
-        stats.prompt_tokens = sum(len(row) for row in prompt_ids)
-        started = time.perf_counter()
-        cache = BatchKvCache(self.main, len(prompt_ids), capacity)
-        logits = dict(enumerate(cache.prefill(prompt_ids)))
-        stats.prefill_seconds = time.perf_counter() - started
-        outputs: list[list[int]] = [[] for _ in prompt_ids]
-        active = set(range(len(prompt_ids)))
-        while active:
-            step = {}
-            for row in sorted(active):
-                token = draw(distribution(logits[row], sampling), rngs[row])
-                outputs[row].append(token)
-                if token in stops or len(outputs[row]) >= limit:
-                    active.discard(row)
-                else:
-                    step[row] = [token]
-            stats.verify_calls += 1
-            logits = {row: last[-1] for row, last in cache.feed(step).items()}
-        stats.new_tokens = sum(len(row) for row in outputs)
-        stats.seconds = time.perf_counter() - started
-        return outputs
+        return decode_batch(main, draft, prompt_ids, limit, policy, sampling, rngs, stops, stats), stats

@@ -181,18 +181,10 @@ class AdaptiveDraftLength:
 DraftLengthPolicy = FixedDraftLength | AdaptiveDraftLength
 
 
-def _last_logits(cache: KvCache, tokens: list[int]) -> np.ndarray:
-    pending = cache.sync(tokens)
-    if not pending:  # everything is cached but the logits are not kept: recompute the last position
-        cache.keep(len(tokens) - 1)
-        pending = tokens[-1:]
-    return cache.feed(pending)[-1]
-
-
 def propose(draft: KvCache, tokens: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
     """Draw `length` tokens from the draft after `tokens`, one draft call each."""
     proposal = Proposal([], [])
-    logits = _last_logits(draft, tokens)
+    logits = draft.feed(draft.pending(tokens))[-1]
     for position in range(length):
         probs = distribution(logits, params)
         token = draw(probs, rng)
@@ -314,7 +306,7 @@ def decode(
 
 def decode_batch(
     main: BatchKvCache,
-    draft: BatchKvCache,
+    draft: BatchKvCache | None,
     prompts: list[list[int]],
     max_new_tokens: int,
     draft_length: DraftLengthPolicy,
@@ -323,19 +315,20 @@ def decode_batch(
     stop_tokens: set[int],
     stats: GenerationStats,
 ) -> list[list[int]]:
-    """Speculative decoding of several sequences, each to its own stop: the draft proposes for every row and
-    the main model verifies every row, each in one batched call per position (see BatchKvCache); each row
-    commits by the same acceptance rule as decode(), with its own random generator."""
+    """decode() for several sequences, each to its own stop: the draft proposes for every row and the main
+    model verifies every row, each in one batched call per position (see BatchKvCache); each row commits by
+    the same acceptance rule, with its own random generator. Without a draft every step is one main call
+    for all rows, one token each."""
     started = time.perf_counter()
     stats.prompt_tokens = sum(len(prompt) for prompt in prompts)
-    for cache in (main, draft):
+    for cache in (main, draft) if draft is not None else (main,):
         cache.prefill(prompts)
     stats.prefill_seconds = time.perf_counter() - started
     histories = [list(prompt) for prompt in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     active = set(range(len(prompts)))
     while active:
-        chosen = draft_length.choose()
+        chosen = draft_length.choose() if draft is not None else 0
         lengths = {row: min(chosen, max_new_tokens - len(outputs[row]) - 1) for row in sorted(active)}
         proposing = {row: length for row, length in lengths.items() if length > 0}
         backlogs = {row: len(histories[row]) - shared_prefix_length(draft.ids[row], histories[row]) for row in proposing}
@@ -347,10 +340,10 @@ def decode_batch(
         targets = score_batch(main, histories, proposals, params)
         verify_seconds = (time.perf_counter() - tock) / len(lengths)  # one row's share
         for row, length in lengths.items():
-            proposal = proposals[row]
+            proposal, row_draft_seconds = proposals[row], draft_seconds if length else 0.0
             kept, next_token = accept(proposal, targets[row], rngs[row])
-            draft_length.update(length, kept, draft_seconds if length else 0.0, verify_seconds, backlogs.get(row, 1))
-            stats.draft_seconds += draft_seconds if length else 0.0
+            draft_length.update(length, kept, row_draft_seconds, verify_seconds, backlogs.get(row, 1))
+            stats.draft_seconds += row_draft_seconds
             stats.verify_seconds += verify_seconds
             stats.verify_calls += 1
             stats.proposed += length
