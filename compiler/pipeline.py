@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from pydantic import BaseModel
 from tokenizers import Tokenizer
@@ -203,15 +204,22 @@ class StageCache:
         return final, result
 
 
+@contextlib.contextmanager
+def _named(where: str) -> Iterator[None]:
+    """Say which model (and stage) an expected error came from: a derived draft's checkpoint folder is the main model's."""
+    try:
+        yield
+    except MoeccError as exc:
+        raise type(exc)(f"{where}: {exc.message}", hint=exc.hint) from None
+
+
 def _run_model(role: str, context: BuildContext, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], dict[str, Path]]:
     loaded = context.loaded
     source = getattr(loaded.recipe, role)
-    try:
+    with _named(f"{role} model"):
         checkpoint = Checkpoint(
             getattr(loaded, f"{role}_checkpoint"), allow_pickle=source.allow_pickle, layers=source.layers, experts_per_token=source.experts_per_token
         )
-    except MoeccError as exc:  # name the role: a derived draft's checkpoint folder is the main model's
-        raise type(exc)(f"{role} model: {exc.message}", hint=exc.hint) from None
     upstream = _digest({"checkpoint": checkpoint.digests()})
     records, outputs = [], {}
     for stage in STAGES:
@@ -222,10 +230,8 @@ def _run_model(role: str, context: BuildContext, cache: StageCache, observer: Bu
         started = time.perf_counter()
         hit = cache.lookup(stage.name, key)
         if hit is None:
-            try:
+            with _named(f"{role} model, {stage.name} stage"):
                 folder_out, result = cache.store(stage.name, key, lambda out: stage.run(checkpoint, config, out, observer.stage_progress, **stage.inputs_for(outputs, context)))
-            except MoeccError as exc:
-                raise type(exc)(f"{role} model, {stage.name} stage: {exc.message}", hint=exc.hint) from None
         else:
             folder_out, result = hit
         record = StageRecord(

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from compiler.checkpoint import Checkpoint
 from compiler.onnx_graph import MS_DOMAIN
 from compiler.stages.export import DATA_FILE, MODEL_FILE
-from compiler.stages.quantize import SESSION_OPTIONS_FILE
+from compiler.stages.quantize import SESSION_OPTIONS_FILE, new_initializer
 
 VERSION = "2"
 # Input positions of the expert weights: (fc1, fc1 scales, fc2, fc2 scales, router weights); None: absent.
@@ -54,11 +54,9 @@ def _array(value: ir.Value) -> np.ndarray:
 
 
 def _replace_initializer(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
-    old = node.inputs[index]
-    value = ir.Value(name=old.name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=old.name))
-    graph.initializers.pop(old.name)
-    graph.register_initializer(value)
-    node.replace_input_with(index, value)
+    name = node.inputs[index].name
+    graph.initializers.pop(name)
+    node.replace_input_with(index, new_initializer(graph, name, array))
 
 
 def _parts(array: np.ndarray, axis: int, parts: int) -> np.ndarray:

@@ -159,7 +159,8 @@ def _smooth(denses: list[DenseSite], choices: list[TensorChoice], statistics: di
     return smoothed
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A constant registered in the graph under `name`."""
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
@@ -203,13 +204,13 @@ def _lower_dense(graph: ir.Graph, site: DenseSite, precision: str, quantize: _Qu
         levels, scales = quantize(weight.T.astype(np.float32), 8, features, key)  # one scale per output channel
         activation_scale = np.asarray(ranges[site.input.name][config.activation_range] / 127, dtype)
         zero = np.zeros((), np.int8)
-        x_scale, x_zero = _constant(graph, f"{name}.input_scale", activation_scale), _constant(graph, f"{name}.input_zero", zero)
+        x_scale, x_zero = new_initializer(graph, f"{name}.input_scale", activation_scale), new_initializer(graph, f"{name}.input_zero", zero)
         x = ir.node("QuantizeLinear", [site.input, x_scale, x_zero])
         x_dq = ir.node("DequantizeLinear", [x.outputs[0], x_scale, x_zero])
         w_dq = ir.node(
             "DequantizeLinear",
-            [_constant(graph, f"{name}.q8", np.ascontiguousarray(levels.T.astype(np.int8))), _constant(graph, f"{name}.scales", scales[:, 0].astype(dtype)),
-             _constant(graph, f"{name}.zero", np.zeros(rows, np.int8))],
+            [new_initializer(graph, f"{name}.q8", np.ascontiguousarray(levels.T.astype(np.int8))), new_initializer(graph, f"{name}.scales", scales[:, 0].astype(dtype)),
+             new_initializer(graph, f"{name}.zero", np.zeros(rows, np.int8))],
             {"axis": 1},
         )
         replacement = [x, x_dq, w_dq, ir.node("MatMul", [x_dq.outputs[0], w_dq.outputs[0]])]
@@ -218,7 +219,7 @@ def _lower_dense(graph: ir.Graph, site: DenseSite, precision: str, quantize: _Qu
         levels, scales = quantize(weight.T.astype(np.float32), 8, block, key)  # [N,K], [N,K/block]
         w_dq = ir.node(
             "DequantizeLinear",
-            [_constant(graph, f"{name}.q8", np.ascontiguousarray(levels.T.astype(np.int8))), _constant(graph, f"{name}.scales", np.ascontiguousarray(scales.T.astype(dtype)))],
+            [new_initializer(graph, f"{name}.q8", np.ascontiguousarray(levels.T.astype(np.int8))), new_initializer(graph, f"{name}.scales", np.ascontiguousarray(scales.T.astype(dtype)))],
             {"axis": 0, "block_size": block},
         )
         replacement = [w_dq, ir.node("MatMul", [site.input, w_dq.outputs[0]])]
@@ -228,7 +229,7 @@ def _lower_dense(graph: ir.Graph, site: DenseSite, precision: str, quantize: _Qu
         packed = quantization.pack(levels, 4).reshape(rows, features // block, block // 2)
         replacement = [ir.node(
             "MatMulNBits",
-            [site.input, _constant(graph, f"{name}.q4", packed), _constant(graph, f"{name}.scales", scales.reshape(-1).astype(dtype))],
+            [site.input, new_initializer(graph, f"{name}.q4", packed), new_initializer(graph, f"{name}.scales", scales.reshape(-1).astype(dtype))],
             {"K": features, "N": rows, "bits": 4, "block_size": block},
             domain=MS_DOMAIN,
         )]
@@ -248,7 +249,7 @@ def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], precision:
         if bits == 8:
             scales = scales[..., 0]  # one scale per row: [E',N]
         dtype = stored.dtype
-        inputs += [_constant(graph, f"{weight.name}.{tag}.q{bits}", quantization.pack(levels, bits)), _constant(graph, f"{weight.name}.{tag}.scales", scales.astype(dtype))]
+        inputs += [new_initializer(graph, f"{weight.name}.{tag}.q{bits}", quantization.pack(levels, bits)), new_initializer(graph, f"{weight.name}.{tag}.scales", scales.astype(dtype))]
         if kind == "fc1":
             inputs.append(None)  # no bias
     return inputs
@@ -257,11 +258,11 @@ def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], precision:
 def _routing_weights(graph: ir.Graph, site: MoeSite, top_k: int, renormalize: bool) -> list[ir.Node]:
     """Nodes computing the full top-k's mixing weights [T,E], zero outside the top-k, as the MoE kernel would."""
     probs = ir.node("Softmax", [site.router_logits], {"axis": -1})
-    top = ir.node("TopK", [probs.outputs[0], _constant(graph, f"moe.{site.layer}.k", np.array([top_k], np.int64))], {"axis": -1}, num_outputs=2)
+    top = ir.node("TopK", [probs.outputs[0], new_initializer(graph, f"moe.{site.layer}.k", np.array([top_k], np.int64))], {"axis": -1}, num_outputs=2)
     values, indices = top.outputs  # [T,k]
     nodes = [probs, top]
     if renormalize:
-        total = ir.node("ReduceSum", [values, _constant(graph, f"moe.{site.layer}.last_axis", np.array([-1], np.int64))], {"keepdims": 1})
+        total = ir.node("ReduceSum", [values, new_initializer(graph, f"moe.{site.layer}.last_axis", np.array([-1], np.int64))], {"keepdims": 1})
         values_node = ir.node("Div", [values, total.outputs[0]])
         nodes += [total, values_node]
         values = values_node.outputs[0]
@@ -294,7 +295,7 @@ def _lower_moe(graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quan
         group_attributes = attributes | {"expert_weight_bits": bits} | ({"block_size": block_size} if bits == 4 else {})
         inputs = [site.tokens, site.router_logits, *weights]
         if mixing is not None:
-            index = _constant(graph, f"moe.{site.layer}.{precision}.experts", np.array(experts, np.int64))
+            index = new_initializer(graph, f"moe.{site.layer}.{precision}.experts", np.array(experts, np.int64))
             logits = ir.node("Gather", [site.router_logits, index], {"axis": 1})
             mix = ir.node("Gather", [mixing, index], {"axis": 1})
             nodes += [logits, mix]
