@@ -22,9 +22,10 @@ from tokenizers import Tokenizer
 from compiler import random_init
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
-from compiler.recipe import LoadedRecipe, ModelSource, calibration_text, recipe_json
-from compiler.stages import calibrate, export, load, lower, quantize, verify
-from runtime.artifact import MANIFEST_NAME, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
+from compiler.recipe import LoadedRecipe, ModelSource, Recipe, calibration_text, recipe_json
+from compiler.stages import build_engine, calibrate, export, load, lower, lower_tensorrt, quantize, verify
+from runtime import tensorrt_library
+from runtime.artifact import MANIFEST_NAME, EngineEntry, EngineProfile, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
 from runtime.errors import MoeccError
 
 ROLES = ("main", "draft")
@@ -61,6 +62,7 @@ class Stage:
     run: Callable[..., BaseModel]  # run(checkpoint, config, out_dir, progress, **inputs) -> result
     config_for: Callable[[BuildContext, ModelSource], BaseModel]  # the model's own source may override recipe-wide settings
     inputs_for: Callable[[dict[str, Path], BuildContext], dict[str, Any]] = _no_inputs  # earlier outputs it reads
+    applies: Callable[[Recipe], bool] = lambda recipe: True  # a stage for a target the recipe does not list is skipped
 
 
 def _window(context: BuildContext) -> int:
@@ -69,9 +71,47 @@ def _window(context: BuildContext) -> int:
     return min(recipe.calibrate.window, recipe.export.max_sequence_length)
 
 
-def _model_dir(outputs: dict[str, Path]) -> Path:
-    """The folder holding the latest model: lowered, quantized, or the export when neither rewrote it."""
-    return next(outputs[stage] for stage in ("lower", "quantize", "export") if stage in outputs and (outputs[stage] / export.MODEL_FILE).is_file())
+def _model_dir(outputs: dict[str, Path], stages: tuple[str, ...] = ("lower", "quantize", "export")) -> Path:
+    """The folder holding the latest model of `stages` (by default the CPU's: lowered, quantized, or the export)."""
+    return next(outputs[stage] for stage in stages if stage in outputs and (outputs[stage] / export.MODEL_FILE).is_file())
+
+
+def _targets_tensorrt(recipe: Recipe) -> bool:
+    return "tensorrt" in recipe.targets
+
+
+def _lower_tensorrt_config(context: BuildContext, source: ModelSource) -> lower_tensorrt.LowerTensorRTConfig:
+    recipe = context.loaded.recipe
+    return lower_tensorrt.LowerTensorRTConfig(
+        precision=recipe.tensorrt.precision, text_sha256=context.calibration_sha256, tokens=min(recipe.verify.tokens, 1024), window=_window(context),
+        max_perplexity_increase=recipe.verify.max_perplexity_increase, min_top1_agreement=recipe.verify.min_top1_agreement,
+    )
+
+
+def engine_profiles(recipe: Recipe) -> list[EngineProfile]:
+    """Prefill (prompt chunks), decode (one token) and verify (a draft's proposals plus one) over the whole context."""
+    longest = recipe.export.max_sequence_length
+    batch = (1, 1, recipe.tensorrt.max_batch_size)
+    past = (0, longest // 2, longest - 1)
+    prefill = min(recipe.tensorrt.prefill_tokens, longest)
+    generation = recipe.generation
+    verify_tokens = 1 + max(generation.max_draft_length, generation.draft_length if isinstance(generation.draft_length, int) else 1)
+    return [
+        EngineProfile(name="prefill", batch=batch, tokens=(1, max(1, prefill // 2), prefill), past=(0, 0, longest - 1)),
+        EngineProfile(name="decode", batch=batch, tokens=(1, 1, 1), past=past),
+        EngineProfile(name="verify", batch=batch, tokens=(2, verify_tokens, verify_tokens), past=past),
+    ]
+
+
+def _build_engine_config(context: BuildContext, source: ModelSource) -> build_engine.BuildEngineConfig:
+    recipe = context.loaded.recipe
+    library = tensorrt_library.load()
+    return build_engine.BuildEngineConfig(
+        flavour=library.flavour, version=library.version,
+        compute_capabilities=list(recipe.tensorrt.compute_capabilities) if library.targets_compute_capabilities else [],
+        precision=recipe.tensorrt.precision, profiles=engine_profiles(recipe),
+        weight_streaming=recipe.tensorrt.weight_streaming, strip_weights=recipe.tensorrt.strip_weights,
+    )
 
 
 def _calibrate_config(context: BuildContext, source: ModelSource) -> calibrate.CalibrateConfig:
@@ -132,6 +172,16 @@ STAGES: tuple[Stage, ...] = (
         ),
         lambda outputs, c: {"export_dir": outputs["export"], "candidate_dir": _model_dir(outputs), "ids": c.calibration_ids},
     ),
+    Stage(
+        "lower_tensorrt",
+        lower_tensorrt.VERSION,
+        lower_tensorrt.run,
+        _lower_tensorrt_config,
+        # From the quantized model, not the CPU lowering: TensorRT gets the experts whole.
+        lambda outputs, c: {"model_dir": _model_dir(outputs, ("quantize", "export")), "export_dir": outputs["export"], "ids": c.calibration_ids},
+        _targets_tensorrt,
+    ),
+    Stage("build", build_engine.VERSION, build_engine.run, _build_engine_config, lambda outputs, c: {"lowered_dir": outputs["lower_tensorrt"]}, _targets_tensorrt),
 )
 
 
@@ -222,7 +272,7 @@ def _run_model(role: str, context: BuildContext, cache: StageCache, observer: Bu
         )
     upstream = _digest({"checkpoint": checkpoint.digests()})
     records, outputs = [], {}
-    for stage in STAGES:
+    for stage in (stage for stage in STAGES if stage.applies(loaded.recipe)):
         config = stage.config_for(context, source)
         config_json = json.loads(config.model_dump_json())
         key = _digest({"stage": stage.name, "version": stage.version, "config": config_json, "upstream": upstream, "tools": tools})
@@ -255,6 +305,20 @@ def _eos_token_id(checkpoint: Checkpoint, tokenizer_path: Path) -> int | None:
     return next((token["id"] for token in vocab if token.get("content") == END_OF_TEXT), None)
 
 
+ENGINE_FOLDER = "tensorrt"
+
+
+def _engine_entry(role: str, records: list[StageRecord]) -> EngineEntry | None:
+    built = next((r.result for r in records if r.stage == "build"), None)
+    if built is None:
+        return None
+    folder = f"{role}/{ENGINE_FOLDER}"
+    return EngineEntry(
+        path=f"{folder}/{build_engine.ENGINE_FILE}", onnx_path=f"{folder}/{export.MODEL_FILE}", layers_path=f"{folder}/{build_engine.LAYERS_FILE}",
+        **{key: built[key] for key in ("flavour", "version", "compute_capabilities", "precision", "profiles", "builder_flags", "build_seconds", "size")},
+    )
+
+
 def _model_entry(role: str, checkpoint: Checkpoint, records: list[StageRecord]) -> ModelEntry:
     loaded, exported, quantized = (next(r.result for r in records if r.stage == name) for name in ("load", "export", "quantize"))
     dims = checkpoint.dims
@@ -270,6 +334,7 @@ def _model_entry(role: str, checkpoint: Checkpoint, records: list[StageRecord]) 
         vocab_size=dims.vocab_size,
         max_sequence_length=exported["max_sequence_length"],
         parameters=loaded["parameters"],
+        engine=_engine_entry(role, records),
     )
 
 
@@ -332,6 +397,12 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
             (staging / role).mkdir()
             for name in (export.MODEL_FILE, export.DATA_FILE):
                 shutil.copyfile(_model_dir(outputs) / name, staging / role / name)
+            if "build" in outputs:
+                engine_folder = staging / role / ENGINE_FOLDER
+                engine_folder.mkdir()
+                for stage, names in (("lower_tensorrt", (export.MODEL_FILE, export.DATA_FILE)), ("build", (build_engine.ENGINE_FILE, build_engine.LAYERS_FILE))):
+                    for name in names:
+                        shutil.copyfile(outputs[stage] / name, engine_folder / name)
         shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         files = {
             path.relative_to(staging).as_posix(): FileEntry(sha256=sha256_of(path), size=path.stat().st_size)

@@ -33,6 +33,19 @@ class CpuSettings(_Frozen):
     )
 
 
+class TensorRTSettings(_Frozen):
+    """Engines for the tensorrt target, built when `targets` lists it."""
+
+    precision: Literal["fp16", "fp32"] = Field(default="fp16", description="activations and KV cache in the engine")
+    compute_capabilities: tuple[Annotated[str, Field(pattern=r"^sm[0-9]{2,3}$")], ...] = Field(
+        default=("sm86", "sm89"), min_length=1, description="GPUs TensorRT-RTX builds for (full TensorRT builds for the GPU it runs on)"
+    )
+    max_batch_size: int = Field(default=1, ge=1, le=256)
+    prefill_tokens: int = Field(default=512, ge=1, description="the longest prompt chunk one call reads")
+    weight_streaming: bool = Field(default=False, description="let the runtime stream weights from host memory")
+    strip_weights: bool = Field(default=False, description="engine without weights, refitted from the artifact's ONNX at load")
+
+
 class CalibrateSettings(_Frozen):
     text: str = Field(default="stdlib:heldout", description="a file or folder relative to the recipe, or stdlib:heldout")
     max_tokens: int = Field(default=16384, gt=0)
@@ -116,9 +129,10 @@ class Recipe(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     main: ModelSource
     draft: ModelSource
-    targets: tuple[Literal["cpu"], ...] = ("cpu",)
+    targets: tuple[Literal["cpu", "tensorrt"], ...] = Field(default=("cpu",), min_length=1)
     export: ExportConfig = ExportConfig()
     cpu: CpuSettings = CpuSettings()
+    tensorrt: TensorRTSettings = TensorRTSettings()
     calibrate: CalibrateSettings = CalibrateSettings()
     quantize: QuantizeSettings = QuantizeSettings()
     verify: VerifySettings = VerifySettings()

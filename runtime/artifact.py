@@ -35,6 +35,34 @@ SESSION_OPTIONS = {
 }
 
 
+Range = tuple[int, int, int]  # min, opt, max
+
+
+class EngineProfile(_Record):
+    """One optimization profile: the shapes an engine is built for; the runtime picks a profile by tokens per call."""
+
+    name: Literal["prefill", "decode", "verify"]
+    batch: Range
+    tokens: Range  # new tokens per row and call
+    past: Range  # cached tokens per row
+
+
+class EngineEntry(_Record):
+    """A serialized TensorRT engine of one model, and what it was built by and for (checked before it is deserialized)."""
+
+    path: str  # the engine file
+    onnx_path: str  # the lowered ONNX model it was built from (appended-KV contract, standard ops)
+    layers_path: str  # the network's layers as parsed, one per line
+    flavour: Literal["tensorrt", "tensorrt_rtx"]
+    version: str
+    compute_capabilities: list[str]  # e.g. sm86; empty: the GPU it was built on (full TensorRT)
+    precision: Literal["fp16", "fp32"]  # of activations and the KV cache
+    profiles: list[EngineProfile]
+    builder_flags: list[str]
+    build_seconds: float
+    size: int
+
+
 class ModelEntry(_Record):
     """One exported decoder: where it is and what the runtime needs to drive its KV cache."""
 
@@ -49,6 +77,7 @@ class ModelEntry(_Record):
     max_sequence_length: int
     parameters: int
     session_options: dict[str, str] = {}  # keys and values from SESSION_OPTIONS
+    engine: EngineEntry | None = None  # the tensorrt target's engine, when the recipe builds one
 
     @field_validator("session_options")
     @classmethod
@@ -158,7 +187,9 @@ def verify_artifact(root: str | Path) -> Manifest:
     unlisted = sorted(present - set(manifest.files))
     if unlisted:
         raise ArtifactError(f"{root}: file {unlisted[0]} is not listed in the manifest", hint=_REBUILD)
+    engines = [model.engine for model in manifest.models.values() if model.engine is not None]
     referenced = [model.path for model in manifest.models.values()] + [manifest.tokenizer]
+    referenced += [path for engine in engines for path in (engine.path, engine.onnx_path, engine.layers_path)]
     for name in referenced:
         _check_relative(name)
         if name not in manifest.files:

@@ -156,14 +156,11 @@ def _pending(cached: list[int], tokens: list[int]) -> list[int]:
     return pending
 
 
-class KvCache(_BoundBuffers):
-    """One sequence's cache [1, kv heads, capacity, head dim] per layer.
+class TokenLedger:
+    """The tokens whose keys and values a single-sequence cache holds; a rollback only shortens the list."""
 
-    `ids` are the tokens whose keys are in the buffer, so a rollback only shortens that list.
-    """
-
-    def __init__(self, decoder: Decoder, capacity: int):
-        super().__init__(decoder, 1, capacity)
+    def __init__(self, capacity: int):
+        self.capacity = capacity
         self.ids: list[int] = []
 
     def __len__(self) -> int:
@@ -184,6 +181,18 @@ class KvCache(_BoundBuffers):
     def pending(self, tokens: list[int]) -> list[int]:
         """sync, keeping at least the last token to feed, whose logits the next call needs."""
         return _pending(self.ids, tokens)
+
+    def _check_room(self, new_tokens: int) -> None:
+        if len(self.ids) + new_tokens > self.capacity:
+            raise ValueError(f"sequence of {len(self.ids) + new_tokens} tokens exceeds the KV cache capacity of {self.capacity}")
+
+
+class KvCache(TokenLedger, _BoundBuffers):
+    """One sequence's cache [1, kv heads, capacity, head dim] per layer."""
+
+    def __init__(self, decoder: Decoder, capacity: int):
+        _BoundBuffers.__init__(self, decoder, 1, capacity)
+        TokenLedger.__init__(self, capacity)
 
     def feed(self, tokens: list[int]) -> np.ndarray:
         """Run the new tokens through the model after the cached ones; returns their logits [S, V]."""

@@ -255,19 +255,18 @@ def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], precision:
     return inputs
 
 
-def _routing_weights(graph: ir.Graph, site: MoeSite, top_k: int, renormalize: bool) -> list[ir.Node]:
+def routing_weights(graph: ir.Graph, prefix: str, router_logits: ir.Value, top_k: int, renormalize: bool, float_type: np.dtype) -> list[ir.Node]:
     """Nodes computing the full top-k's mixing weights [T,E], zero outside the top-k, as the MoE kernel would."""
-    probs = ir.node("Softmax", [site.router_logits], {"axis": -1})
-    top = ir.node("TopK", [probs.outputs[0], new_initializer(graph, f"moe.{site.layer}.k", np.array([top_k], np.int64))], {"axis": -1}, num_outputs=2)
+    probs = ir.node("Softmax", [router_logits], {"axis": -1})
+    top = ir.node("TopK", [probs.outputs[0], new_initializer(graph, f"{prefix}.k", np.array([top_k], np.int64))], {"axis": -1}, num_outputs=2)
     values, indices = top.outputs  # [T,k]
     nodes = [probs, top]
     if renormalize:
-        total = ir.node("ReduceSum", [values, new_initializer(graph, f"moe.{site.layer}.last_axis", np.array([-1], np.int64))], {"keepdims": 1})
+        total = ir.node("ReduceSum", [values, new_initializer(graph, f"{prefix}.last_axis", np.array([-1], np.int64))], {"keepdims": 1})
         values_node = ir.node("Div", [values, total.outputs[0]])
         nodes += [total, values_node]
         values = values_node.outputs[0]
     shape = ir.node("Shape", [probs.outputs[0]])
-    float_type = site.fc1.const_value.dtype.numpy()  # activations share the weights' float type
     zeros = ir.node("ConstantOfShape", [shape.outputs[0]], {"value": ir.tensor(np.zeros(1, float_type))})
     scatter = ir.node("ScatterElements", [zeros.outputs[0], indices, values], {"axis": -1})
     return nodes + [shape, zeros, scatter]
@@ -286,7 +285,8 @@ def _lower_moe(graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quan
     nodes: list[ir.Node] = []
     mixing = None
     if len(groups) > 1:
-        nodes += _routing_weights(graph, site, top_k, renormalize)
+        # activations share the weights' float type
+        nodes += routing_weights(graph, f"moe.{site.layer}", site.router_logits, top_k, renormalize, site.fc1.const_value.dtype.numpy())
         mixing = nodes[-1].outputs[0]
     partials = []
     for precision, experts in sorted(groups.items()):

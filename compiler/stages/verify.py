@@ -44,7 +44,7 @@ class VerifyResult(BaseModel):
     passed: bool
 
 
-def _scores(model_dir: Path, ids: list[int], window: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def scores(model_dir: Path, ids: list[int], window: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Per window: the negative log-likelihood of each next token and the argmax before it; and whether all logits were finite."""
     # The candidate runs as the runtime will run it: same session settings, so the gate measures what users get.
     session = ort.InferenceSession(str(model_dir / MODEL_FILE), session_options(quantize.session_options_of(model_dir)), providers=["CPUExecutionProvider"])
@@ -58,26 +58,36 @@ def _scores(model_dir: Path, ids: list[int], window: int) -> tuple[np.ndarray, n
     return np.concatenate(losses), np.concatenate(predictions), finite
 
 
-def run(checkpoint: Checkpoint, config: VerifyConfig, out_dir: Path, progress=None, *, export_dir: Path, candidate_dir: Path, ids: list[int]) -> VerifyResult:
-    ids = ids[-config.tokens :]
-    reference_nll, reference_top1, reference_finite = _scores(export_dir, ids, config.window)
-    if candidate_dir == export_dir:  # nothing was quantized: the artifact's model is the reference itself
-        nll, top1, finite = reference_nll, reference_top1, reference_finite
-    else:
-        nll, top1, finite = _scores(candidate_dir, ids, config.window)
+Scores = tuple[np.ndarray, np.ndarray, bool]
+
+
+def judge(tokens: int, reference: Scores, candidate: Scores, max_perplexity_increase: float, min_top1_agreement: float, hint: str) -> VerifyResult:
+    """The accuracy gate: the candidate's figures against the reference's; raises BuildError with them when it fails."""
+    (reference_nll, reference_top1, _), (nll, top1, finite) = reference, candidate
     reference_ppl, ppl = math.exp(reference_nll.mean()), math.exp(nll.mean()) if finite else math.inf
     increase = ppl / reference_ppl - 1
     agreement = float((top1 == reference_top1).mean())
-    passed = finite and increase <= config.max_perplexity_increase and agreement >= config.min_top1_agreement
+    passed = finite and increase <= max_perplexity_increase and agreement >= min_top1_agreement
     result = VerifyResult(
-        tokens=len(ids), reference_perplexity=round(reference_ppl, 4), perplexity=round(ppl, 4),
+        tokens=tokens, reference_perplexity=round(reference_ppl, 4), perplexity=round(ppl, 4),
         perplexity_increase=round(increase, 5), top1_agreement=round(agreement, 5), finite=finite, passed=passed,
     )
     if not passed:
         raise BuildError(
             f"accuracy gate failed: perplexity {ppl:.3f} vs {reference_ppl:.3f} "
-            f"({increase:+.2%}, allowed +{config.max_perplexity_increase:.2%}), top-1 agreement {agreement:.3f} "
-            f"(required {config.min_top1_agreement:.3f}), finite logits: {finite}",
-            hint="relax the gate in the recipe's verify block or choose a gentler quantization",
+            f"({increase:+.2%}, allowed +{max_perplexity_increase:.2%}), top-1 agreement {agreement:.3f} "
+            f"(required {min_top1_agreement:.3f}), finite logits: {finite}",
+            hint=hint,
         )
     return result
+
+
+def run(checkpoint: Checkpoint, config: VerifyConfig, out_dir: Path, progress=None, *, export_dir: Path, candidate_dir: Path, ids: list[int]) -> VerifyResult:
+    ids = ids[-config.tokens :]
+    reference = scores(export_dir, ids, config.window)
+    # Nothing quantized: the artifact's model is the reference itself.
+    candidate = reference if candidate_dir == export_dir else scores(candidate_dir, ids, config.window)
+    return judge(
+        len(ids), reference, candidate, config.max_perplexity_increase, config.min_top1_agreement,
+        hint="relax the gate in the recipe's verify block or choose a gentler quantization",
+    )
