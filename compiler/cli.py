@@ -71,12 +71,48 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "routing": {r.model: r.result for r in manifest.stages if r.stage == "calibrate" and r.result.get("moe_layers")},
         "experts": {r.model: r.result["experts"] for r in manifest.stages if r.stage == "quantize" and any(e["precision"] != "fp32" for e in r.result.get("experts", []))},
         "lowering": {r.model: r.result for r in manifest.stages if r.stage == "lower" and (r.result["split_nodes"] or r.result["kept_whole"])},
+        "engines": _engines(manifest),
         "generation": manifest.generation.model_dump(),
         "tools": manifest.tools,
     }
 
 
-def _print_summary(console: Console, summary: dict[str, Any], title: str) -> None:
+def _engines(manifest) -> dict[str, Any]:
+    """Each model's engine: its identity, the network's layers by type, and the lowered graph's accuracy check."""
+    engines = {}
+    for role, entry in manifest.models.items():
+        if entry.engine is None:
+            continue
+        built = next(r.result for r in manifest.stages if r.model == role and r.stage == "build")
+        check = next(r.result["check"] for r in manifest.stages if r.model == role and r.stage == "lower_tensorrt")
+        engines[role] = entry.engine.model_dump() | {"layers": built["layers"], "layer_types": built["layer_types"], "check": check}
+    return engines
+
+
+def _print_engines(console: Console, engines: dict[str, Any], artifact: Path, layers: bool) -> None:
+    table = Table(title="TensorRT engines")
+    for column in ("model", "built with", "GPUs", "precision", "layers", "size", "lowered graph vs reference"):
+        table.add_column(column)
+    for role, engine in engines.items():
+        library = f"{'TensorRT-RTX' if engine['flavour'] == 'tensorrt_rtx' else 'TensorRT'} {engine['version']}"
+        check = engine["check"]
+        table.add_row(
+            role, library, ", ".join(engine["compute_capabilities"]) or "its own", engine["precision"], str(engine["layers"]), _size(engine["size"]),
+            f"ppl {check['perplexity_increase']:+.2%}, top-1 {check['top1_agreement']:.3f}",
+        )
+    console.print(table)
+    for role, engine in engines.items():
+        profiles = ", ".join(f"{p['name']} {p['tokens'][0]}-{p['tokens'][2]} tokens after up to {p['past'][2]}, batch up to {p['batch'][2]}" for p in engine["profiles"])
+        kinds = ", ".join(f"{kind.lower()} {count}" for kind, count in engine["layer_types"].items())
+        flags = f"; flags: {', '.join(engine['builder_flags'])}" if engine["builder_flags"] else ""
+        console.print(f"{role} engine profiles: {profiles}{flags}\n{role} network layers as parsed: {kinds}", highlight=False)
+        if layers:
+            console.print((artifact / engine["layers_path"]).read_text(), end="", markup=False, highlight=False)
+    if not layers:
+        console.print("(moecc inspect --layers lists every layer; the engine inspector itself needs a GPU to deserialize an engine)", highlight=False)
+
+
+def _print_summary(console: Console, summary: dict[str, Any], title: str, layers: bool = False) -> None:
     table = Table(title=title)
     for column in ("model", "architecture", "precision", "parameters", "layers", "size"):
         table.add_column(column)
@@ -112,6 +148,8 @@ def _print_summary(console: Console, summary: dict[str, Any], title: str) -> Non
             f"{role}: experts split into {lowering['expert_parts']} sub-experts in {len(lowering['split_nodes'])} MoE nodes "
             f"(spreads one token's experts over the CPU threads){'; ' + kept if kept else ''}"
         )
+    if summary["engines"]:
+        _print_engines(console, summary["engines"], Path(summary["artifact"]), layers)
     if summary["accuracy"]:
         table = Table(title="accuracy against the exported reference (held-out text)")
         for column in ("model", "tokens", "reference ppl", "ppl", "change", "top-1 agreement", "gate"):
@@ -145,15 +183,18 @@ def cmd_inspect(args, out: Console, err: Console) -> dict[str, Any]:
 
     artifact = Path(args.artifact)
     summary = _manifest_summary(verify_artifact(artifact), artifact)
+    if args.layers:
+        for engine in summary["engines"].values():
+            engine["layer_list"] = [line.split("\t", 1) for line in (artifact / engine["layers_path"]).read_text().splitlines()]
     if not args.json:
-        _print_summary(out, summary, f"{summary['name']}")
+        _print_summary(out, summary, f"{summary['name']}", layers=args.layers)
     return summary
 
 
 def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
     import runtime
 
-    generator = runtime.load(args.artifact, threads=args.threads)
+    generator = runtime.load(args.artifact, target=args.target, threads=args.threads)
     sampling = runtime.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stream = generator.stream(
         args.prompt,
@@ -187,7 +228,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     from compiler import corpus
     from runtime import benchmark
 
-    generator = runtime.load(args.artifact, threads=args.threads)
+    generator = runtime.load(args.artifact, target=args.target, threads=args.threads)
     default = generator.manifest.generation.draft_length
     fixed = args.draft_length or (default if isinstance(default, int) else 4)
     heldout = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:50]))
@@ -287,6 +328,7 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = command("inspect", "verify an artifact and show what is inside", cmd_inspect)
     inspect.add_argument("artifact")
+    inspect.add_argument("--layers", action="store_true", help="list every layer of each TensorRT engine")
 
     generate = command("generate", "generate text from an artifact", cmd_generate)
     generate.add_argument("artifact")
@@ -299,6 +341,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    generate.add_argument("--target", choices=["auto", "cpu", "tensorrt"], default="auto", help="auto: the TensorRT engines where this machine can run them, else cpu")
 
     bench = command("bench", "time an artifact: prefill, decode, speculative acceptance, memory", cmd_bench)
     bench.add_argument("artifact")

@@ -281,23 +281,22 @@ def lower(model: ir.Model, precision: str) -> ir.Model:
     graph = model.graph
     r = _Rewriter(graph, np.dtype(dtype))
     names = IoNames()
-    inputs = {value.name: value for value in graph.inputs}
-    input_ids = inputs[names.input_ids]
-    past_inputs = [value for value in graph.inputs if value.name.startswith("past_key_values.")]
-    if not past_inputs:
-        raise BuildError("tensorrt lowering: the model has no past_key_values inputs; is it a moecc decoder?")
-    # Past keys and values in the appended-KV layout [B, P, kv heads, D].
+    # Past keys and values in the appended-KV layout [B, P, kv heads, D]; GroupQueryAttention's lengths go.
     kv_inputs = {}
-    for old in past_inputs:
-        batch, kv_heads, past, head_dim = old.shape
-        kv_inputs[old.name] = ir.Value(name=old.name, shape=ir.Shape([batch, past, kv_heads, head_dim]), type=ir.TensorType(float_type))
-    first = next(iter(graph))
-    positions = _positions(r, input_ids, kv_inputs[past_inputs[0].name], first)
+    for old in graph.inputs:
+        if old.name.startswith("past_key_values."):
+            batch, kv_heads, past, head_dim = old.shape
+            kv_inputs[old.name] = ir.Value(name=old.name, shape=ir.Shape([batch, past, kv_heads, head_dim]), type=ir.TensorType(float_type))
+    interface = [kv_inputs.get(value.name, value) for value in graph.inputs if value.name not in (names.seqlens_k, names.total_sequence_length)]
+    positions = None
     for node in list(graph):
         if node.domain not in ("", "ai.onnx"):
             if node.domain != MS_DOMAIN:
                 raise BuildError(f"tensorrt lowering: node {node.name} is in domain {node.domain!r}")
             if node.op_type == "GroupQueryAttention":
+                if positions is None:  # shared by every layer, computed once at the top of the graph
+                    input_ids = next(value for value in graph.inputs if value.name == names.input_ids)
+                    positions = _positions(r, input_ids, next(iter(kv_inputs.values())), next(iter(graph)))
                 _attention(r, node, positions, kv_inputs)
             elif node.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
                 _norm(r, node)
@@ -311,23 +310,23 @@ def lower(model: ir.Model, precision: str) -> ir.Model:
             _norm(r, node)
     # The graph's interface: ids and the pasts in, logits and the new keys and values out.
     graph.inputs.clear()
-    graph.inputs.extend([input_ids, *kv_inputs.values()])
-    logits = graph.outputs[0]
-    for present in graph.outputs[1:]:
-        present.type, present.shape = ir.TensorType(float_type), None
+    graph.inputs.extend(interface)
+    for output in graph.outputs:
+        if output.name.startswith("present."):
+            output.type, output.shape = ir.TensorType(float_type), None
     for name, value in list(graph.initializers.items()):
         if not value.uses():  # the fused ops' weights, now held in their rewritten form
             graph.initializers.pop(name)
     _retype_floats(r, float_type)
-    producer = logits.producer()
-    if producer is not None and producer.op_type == "Cast":
-        producer.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT)
-    elif float_type != ir.DataType.FLOAT:
-        cast = ir.node("Cast", [logits], {"to": ir.DataType.FLOAT})
+    for index, logits in enumerate(graph.outputs):
+        producer = logits.producer()
+        if logits.name != names.logits or float_type == ir.DataType.FLOAT or (producer is not None and producer.op_type == "Cast"):
+            continue
+        cast = ir.node("Cast", [logits], {"to": ir.DataType.FLOAT})  # logits stay float32, as on the CPU target
         graph.append(cast)
-        graph.outputs[0] = cast.outputs[0]
+        graph.outputs[index] = cast.outputs[0]
         logits.name, cast.outputs[0].name = names.logits + ".lowered", names.logits
-    graph.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        cast.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     graph.opset_imports.clear()
     graph.opset_imports[""] = OPSET
     model.opset_imports.clear()

@@ -11,11 +11,35 @@ from runtime.speculative import GenerationStats
 
 __all__ = ["load", "Generator", "Generation", "Stream", "SamplingParams", "GenerationStats", "MoeccError", "ArtifactError"]
 
-TARGETS = ("cpu",)
+TARGETS = ("cpu", "tensorrt")
+
+
+def _auto_target(path: str | Path) -> str:
+    """tensorrt where the artifact has engines and the machine has TensorRT and a GPU they were built for; else cpu."""
+    from runtime import tensorrt_library
+    from runtime.artifact import read_manifest
+
+    engines = [model.engine for model in read_manifest(Path(path)).models.values()]
+    if not engines or any(engine is None for engine in engines):
+        return "cpu"
+    try:
+        library = tensorrt_library.load()
+    except MoeccError:
+        return "cpu"
+    gpu = tensorrt_library.current_gpu()
+    fits = all(
+        (engine.flavour, engine.version) == (library.flavour, library.version) and (not engine.compute_capabilities or (gpu and gpu.compute_capability in engine.compute_capabilities))
+        for engine in engines
+    )
+    return "tensorrt" if gpu is not None and fits else "cpu"
 
 
 def load(path: str | Path, target: str = "auto", threads: int | None = None) -> Generator:
-    """Verify the artifact at `path` (digests, paths, no symlinks), then open its main and draft models."""
+    """Verify the artifact at `path` (digests, paths, no symlinks), then open its main and draft models.
+
+    target: cpu (ONNX Runtime), tensorrt (the artifact's engines; refused with the reason when this machine
+    cannot run them), or auto: tensorrt when it can, else cpu.
+    """
     if target not in ("auto", *TARGETS):
         raise MoeccError(f"unknown target {target!r}; available: auto, {', '.join(TARGETS)}")
-    return Generator(path, threads=threads)
+    return Generator(path, threads=threads, target=_auto_target(path) if target == "auto" else target)

@@ -53,16 +53,24 @@ SEEDED_DRAFT_LENGTH = 4  # what "auto" means for seeded sampling, which must rep
 class Generator:
     """Holds one session per model; each call gets its own KV caches, so threads may share a Generator."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, target: str = "cpu"):
         self.path = Path(path)
         self.manifest: Manifest = verify_artifact(self.path)  # before anything is deserialized
-        allowed = set(self.manifest.files)
-        self.main = Decoder(self.path, self.manifest.models["main"], allowed, threads)
-        self.draft = Decoder(self.path, self.manifest.models["draft"], allowed, threads) if "draft" in self.manifest.models else None
+        self.target = target
+        self.main = self._decoder("main", threads)
+        self.draft = self._decoder("draft", threads) if "draft" in self.manifest.models else None
         self.tokenizer = Tokenizer.from_file(str(self.path / self.manifest.tokenizer))
         eos = self.manifest.generation.eos_token_id
         self.stop_tokens = {eos} if eos is not None else set()
         self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)  # shared by all generations
+
+    def _decoder(self, role: str, threads: int | None):
+        entry = self.manifest.models[role]
+        if self.target == "tensorrt":
+            from runtime.tensorrt_backend import TensorRTDecoder  # imports TensorRT: only for this target
+
+            return TensorRTDecoder(self.path, entry)
+        return Decoder(self.path, entry, set(self.manifest.files), threads)
 
     def _draft_policy(self, draft_length: int | str, sampling: SamplingParams) -> FixedDraftLength | AdaptiveDraftLength:
         if draft_length == "auto":
@@ -154,6 +162,8 @@ class Generator:
         per row per call; speculative, the draft's proposals and the main model's verification one position
         per call (see BatchKvCache); "auto" adapts the draft length for this batch alone, from its own costs.
         """
+        if self.target != "cpu":
+            raise MoeccError(f"batched generation runs on the cpu target; this generator runs on {self.target}", hint="load the artifact with target='cpu'")
         defaults = self.manifest.generation
         sampling = sampling or SamplingParams(temperature=defaults.temperature)
         limit = max_new_tokens or defaults.max_new_tokens

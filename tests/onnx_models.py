@@ -7,6 +7,13 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from compiler.stages import quantize
+from compiler.weight_sites import moe_sites
+
+EXPERTS, INNER, HIDDEN, TOP_K = 6, 128, 64, 2
+# Expert precisions of a test layer: all float, all INT4, all INT8, or mixed (two INT8 experts, the rest INT4).
+PRECISIONS = {"fp32": {}, "int4": {e: "int4" for e in range(EXPERTS)}, "int8": {e: "int8" for e in range(EXPERTS)}, "mixed": {0: "int8", 3: "int8"}}
+
 
 def moe_model(fc1: np.ndarray, fc2: np.ndarray, top_k: int, renormalize: bool) -> ir.Model:
     """One float MoE node: tokens x [T,H] and router logits r [T,E] in, y [T,H] out."""
@@ -27,3 +34,17 @@ def moe_model(fc1: np.ndarray, fc2: np.ndarray, top_k: int, renormalize: bool) -
 def run_moe(model: ir.Model, x: np.ndarray, router: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x, "r": router})[0]
+
+
+def moe_layer(precision: str, renormalize: bool) -> ir.Model:
+    """One MoE layer with seeded weights, quantized by the quantize stage's own rewrite unless fp32."""
+    rng = np.random.default_rng(2)
+    fc1 = rng.standard_normal((EXPERTS, 2 * INNER, HIDDEN), dtype=np.float32) * 0.1
+    fc2 = rng.standard_normal((EXPERTS, HIDDEN, INNER), dtype=np.float32) * 0.1
+    model = moe_model(fc1, fc2, TOP_K, renormalize)
+    if precision != "fp32":
+        chosen = PRECISIONS[precision]
+        choices = [quantize.ExpertChoice(layer=0, expert=e, precision=chosen.get(e, "int4"), routed_share=0.0, reason="test") for e in range(EXPERTS)]
+        (site,) = moe_sites(model)
+        quantize._lower_moe(model.graph, site, choices, quantize._Quantizer(quantize.QuantizeConfig(), {}), 32)
+    return model

@@ -6,26 +6,8 @@ import numpy as np
 import pytest
 
 from compiler import quantization
-from compiler.stages import lower, quantize
-from compiler.weight_sites import moe_sites
-from onnx_models import moe_model, run_moe
-
-EXPERTS, INNER, HIDDEN, TOP_K = 6, 128, 64, 2
-PRECISIONS = {"fp32": {}, "int4": {e: "int4" for e in range(EXPERTS)}, "int8": {e: "int8" for e in range(EXPERTS)}, "mixed": {0: "int8", 3: "int8"}}
-
-
-def _layer(precision: str, renormalize: bool):
-    rng = np.random.default_rng(2)
-    fc1 = rng.standard_normal((EXPERTS, 2 * INNER, HIDDEN), dtype=np.float32) * 0.1
-    fc2 = rng.standard_normal((EXPERTS, HIDDEN, INNER), dtype=np.float32) * 0.1
-    model = moe_model(fc1, fc2, TOP_K, renormalize)
-    if precision != "fp32":
-        chosen = PRECISIONS[precision]
-        choices = [quantize.ExpertChoice(layer=0, expert=e, precision=chosen.get(e, "int4"), routed_share=0.0, reason="test") for e in range(EXPERTS)]
-        (site,) = moe_sites(model)
-        quantize._lower_moe(model.graph, site, choices, quantize._Quantizer(quantize.QuantizeConfig(), {}), 32)
-    return model
-
+from compiler.stages import lower
+from onnx_models import EXPERTS, HIDDEN, INNER, PRECISIONS, TOP_K, moe_layer as _layer, moe_model, run_moe
 
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
