@@ -41,6 +41,15 @@ def pack(levels: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(unsigned)
 
 
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned bytes [..., N, K*bits/8] -> signed levels [..., N, K] (the inverse of `pack`)."""
+    if bits == 4:
+        unpacked = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
+        unpacked[..., 0::2], unpacked[..., 1::2] = packed & 0x0F, packed >> 4
+        packed = unpacked
+    return packed.astype(np.int16) - (top_level(bits) + 1)
+
+
 def dequantize(levels: np.ndarray, scales: np.ndarray) -> np.ndarray:
     block_size = levels.shape[-1] // scales.shape[-1]
     return (levels * np.repeat(scales, block_size, axis=-1)).astype(np.float32)

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from compiler import quantization
 from compiler.errors import BuildError
 from compiler.onnx_graph import MS_DOMAIN, IoNames
 from compiler.stages.quantize import new_initializer, routing_weights
 
 OPSET = 23
 PRECISIONS = {"fp16": (np.float16, ir.DataType.FLOAT16), "fp32": (np.float32, ir.DataType.FLOAT)}
-_OFFSETS = {4: 8, 8: 128}  # moecc stores quantized levels unsigned with this offset (compiler.quantization)
 
 
 @dataclass
@@ -149,15 +149,6 @@ def _norm(r: _Rewriter, node: ir.Node) -> None:
 # ---- quantized weights as DequantizeLinear --------------------------------------------------------------------
 
 
-def _levels(packed: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned stored bytes [..., N, K*bits/8] -> signed levels [..., N, K] (inverse of quantization.pack)."""
-    if bits == 4:
-        unpacked = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
-        unpacked[..., 0::2], unpacked[..., 1::2] = packed & 0x0F, packed >> 4
-        packed = unpacked
-    return packed.astype(np.int16) - _OFFSETS[bits]
-
-
 def _dequantize(r: _Rewriter, stem: str, levels: np.ndarray, scales: np.ndarray, bits: int, block: int | None) -> list[ir.Node]:
     """DequantizeLinear of signed `levels` [K, N]; scales [K/block, N] in blocks along K, or [N] per column."""
     if bits == 4:
@@ -177,7 +168,7 @@ def _matmul_nbits(r: _Rewriter, node: ir.Node) -> None:
     if len(node.inputs) > 3 and any(value is not None for value in node.inputs[3:]):
         raise BuildError(f"tensorrt lowering: MatMulNBits {node.name} with zero points, group index or bias is not supported (moecc writes none)")
     k, n, bits, block = (_attribute(node, name) for name in ("K", "N", "bits", "block_size"))
-    levels = _levels(node.inputs[1].const_value.numpy().reshape(n, -1), bits)  # [N,K]
+    levels = quantization.unpack(node.inputs[1].const_value.numpy().reshape(n, -1), bits)  # [N,K]
     scales = node.inputs[2].const_value.numpy().reshape(n, k // block)
     nodes = _dequantize(r, "dense", levels.T, scales.T, bits, block)
     matmul = ir.node("MatMul", [node.inputs[0], nodes[-1].outputs[0]])
@@ -207,7 +198,7 @@ def _expert_weights(r: _Rewriter, node: ir.Node) -> tuple[list[ir.Node], ir.Valu
         w1 = r.const("experts.fc1", np.ascontiguousarray(fc1[:, order].transpose(2, 0, 1).reshape(fc1.shape[2], -1).astype(r.dtype)))
         w2 = r.const("experts.fc2", np.ascontiguousarray(fc2.transpose(0, 2, 1).reshape(-1, fc2.shape[1]).astype(r.dtype)))
         return [], w1, w2, width
-    levels1, levels2 = _levels(fc1, bits)[:, order], _levels(fc2, bits)  # [E,2I,H], [E,H,I]
+    levels1, levels2 = quantization.unpack(fc1, bits)[:, order], quantization.unpack(fc2, bits)  # [E,2I,H], [E,H,I]
     scales1 = node.inputs[fc1_scales_at].const_value.numpy()[:, order]  # [E,2I,H/block] or [E,2I]
     scales2 = node.inputs[fc2_scales_at].const_value.numpy()  # [E,H,I/block] or [E,H]
     hidden, width = levels1.shape[2], levels2.shape[2]

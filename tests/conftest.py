@@ -40,3 +40,24 @@ def tiny_artifact(tmp_path_factory, tiny_pair) -> Path:
 def shipped_artifact(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("shipped")
     return build(load_recipe(SHIPPED_RECIPE), output).artifact
+
+
+@pytest.fixture(scope="session")
+def tiny_tensorrt_artifact(tmp_path_factory, tiny_pair) -> Path:
+    """The tiny pair with TensorRT-RTX engines beside its CPU models."""
+    recipe = write_recipe(tiny_pair, "tiny-tensorrt", "targets: [cpu, tensorrt]\n")
+    return build(load_recipe(recipe), tmp_path_factory.mktemp("tensorrt")).artifact
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run only where TensorRT and an NVIDIA GPU are present; elsewhere they skip and say why."""
+    from runtime.tensorrt_library import current_gpu
+
+    if not any("gpu" in item.keywords for item in items):
+        return
+    gpu = current_gpu()
+    if gpu is None:
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU (no CUDA device found on this machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -36,7 +36,7 @@ from compiler.stages.export import DATA_FILE, MODEL_FILE
 from compiler.onnx_graph import MS_DOMAIN
 from compiler.weight_sites import DenseSite, MoeSite, dense_sites, moe_sites
 
-VERSION = "6"
+VERSION = "7"
 SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
 Precision = Literal["fp32", "int8", "int4"]
 BITS = {"int8": 8, "int4": 4}
@@ -284,7 +284,10 @@ def _lower_moe(graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quan
     top_k, renormalize = attributes["k"], bool(attributes["normalize_routing_weights"])
     nodes: list[ir.Node] = []
     mixing = None
-    if len(groups) > 1:
+    # The mixing weights are computed in the graph and passed as router_weights when the layer's experts
+    # differ in precision (each QMoE holds a subset), and when the top-k weights are not renormalised:
+    # onnxruntime's CPU QMoE (1.32) renormalises them whatever normalize_routing_weights says (measured).
+    if len(groups) > 1 or not renormalize:
         # activations share the weights' float type
         nodes += routing_weights(graph, f"moe.{site.layer}", site.router_logits, top_k, renormalize, site.fc1.const_value.dtype.numpy())
         mixing = nodes[-1].outputs[0]

@@ -14,6 +14,7 @@ from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from compiler import quantization
 from conftest import REPO
+from onnx_models import EXPERTS, HIDDEN, TOP_K, moe_layer, moe_model, run_moe
 from runtime.evaluate import perplexity
 
 
@@ -119,3 +120,21 @@ def test_failing_accuracy_gate_fails_the_build_with_figures(tmp_path):
     with pytest.raises(BuildError, match=r"main model, verify stage: accuracy gate failed: perplexity [\d.]+ vs [\d.]+ \(\+[\d.]+%, allowed \+0\.00%\), top-1 agreement"):
         build(load_recipe(recipe), tmp_path / "out")
     assert not (tmp_path / "out" / "strict").exists()
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_layer_keeps_the_routing_weights(bits, renormalize):
+    """The quantize stage's QMoE layer equals the float MoE kernel on its dequantized weights, renormalised or not
+    (onnxruntime's QMoE alone renormalises the top-k weights either way)."""
+    layer = moe_layer(f"int{bits}", renormalize)
+    (qmoe,) = [node for node in layer.graph if node.op_type == "QMoE"]
+    weights = []
+    for levels_at, scales_at in ((2, 3), (5, 6)):
+        levels = quantization.unpack(qmoe.inputs[levels_at].const_value.numpy(), bits)
+        scales = qmoe.inputs[scales_at].const_value.numpy()
+        weights.append(quantization.dequantize(levels, scales if bits == 4 else scales[..., None]))
+    rng = np.random.default_rng(3)
+    x, router = rng.standard_normal((9, HIDDEN), dtype=np.float32), rng.standard_normal((9, EXPERTS), dtype=np.float32)
+    expected = run_moe(moe_model(*weights, TOP_K, renormalize), x, router)
+    assert np.abs(run_moe(layer, x, router) - expected).max() <= 1e-5
