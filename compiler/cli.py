@@ -351,6 +351,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="prompts decoded together, each size in every mode")
     bench.add_argument("--draft-length", type=int, default=None, help="the fixed draft length to compare with auto (default: the recipe's, else 4)")
     bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    bench.add_argument("--target", choices=["auto", "cpu", "tensorrt"], default="auto", help="auto: the TensorRT engines where this machine can run them, else cpu")
     bench.add_argument("--json-out", default=None, help="default: bench-NAME.json next to the artifact")
     bench.add_argument("--chart", default=None, help="PNG chart; default: the JSON path with .png")
     return parser

@@ -109,6 +109,13 @@ def _profile(builder, network, profile: EngineProfile):
 
 def run(checkpoint: Checkpoint, config: BuildEngineConfig, out_dir: Path, progress=None, *, lowered_dir: Path) -> BuildEngineResult:
     library = tensorrt_library.load()
+    if config.strip_weights and tensorrt_library.current_gpu() is None:
+        # Measured with TensorRT-RTX 1.7: every refittable-weights build (REFIT, REFIT_IDENTICAL, marked weights)
+        # compiles kernels on a device at build time and fails without one; plain builds do not need one.
+        raise BuildError(
+            f"tensorrt.strip_weights needs a GPU at build time with {library.label} (refittable engines are compiled on the device)",
+            hint="build this recipe on a machine with an NVIDIA GPU, or set tensorrt.strip_weights: false",
+        )
     trt = library.module
     logger = _logger(trt)
     builder = trt.Builder(logger)

@@ -40,6 +40,24 @@ def test_engines_are_built_and_recorded(tiny_tensorrt_artifact):
         assert {node.domain for node in lowered.graph} == {""}  # standard ops only
 
 
+def test_builder_options_come_from_the_recipe(tiny_pair, tiny_tensorrt_artifact, tmp_path):
+    options = "targets: [cpu, tensorrt]\ntensorrt:\n  weight_streaming: true\n  max_batch_size: 4\n  prefill_tokens: 64\n  compute_capabilities: [sm89]\n"
+    streamed = build(load_recipe(write_recipe(tiny_pair, "tiny-streamed", options)), tmp_path).manifest.models["main"].engine
+    full = runtime.load(tiny_tensorrt_artifact, target="cpu").manifest.models["main"].engine
+    assert streamed.builder_flags == ["WEIGHT_STREAMING"] and full.builder_flags == []
+    assert streamed.compute_capabilities == ["sm89"]
+    assert all(profile.batch == (1, 1, 4) for profile in streamed.profiles)
+    assert streamed.profiles[0].tokens == (1, 32, 64)
+
+
+def test_weight_stripping_without_a_gpu_says_what_to_do(tiny_pair, tmp_path):
+    if tensorrt_library.current_gpu() is not None:
+        pytest.skip("this machine has a GPU: stripped engines build here")
+    recipe = write_recipe(tiny_pair, "tiny-stripped", "targets: [cpu, tensorrt]\ntensorrt:\n  strip_weights: true\n")
+    with pytest.raises(BuildError, match=r"strip_weights needs a GPU at build time.*set tensorrt.strip_weights: false"):
+        build(load_recipe(recipe), tmp_path)
+
+
 def test_inspect_lists_each_engine(tiny_tensorrt_artifact, capsys):
     assert cli(["inspect", str(tiny_tensorrt_artifact), "--json", "--layers"]) == 0
     summary = json.loads(capsys.readouterr().out)
