@@ -72,6 +72,7 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "experts": {r.model: r.result["experts"] for r in manifest.stages if r.stage == "quantize" and any(e["precision"] != "fp32" for e in r.result.get("experts", []))},
         "lowering": {r.model: r.result for r in manifest.stages if r.stage == "lower" and (r.result["split_nodes"] or r.result["kept_whole"])},
         "engines": _engines(manifest),
+        "partition": {r.model: r.result for r in manifest.stages if r.stage == "partition" and r.result["layers"]},
         "generation": manifest.generation.model_dump(),
         "tools": manifest.tools,
     }
@@ -133,6 +134,18 @@ def _print_summary(console: Console, summary: dict[str, Any], title: str, layers
             rare = [str(r["expert"]) for r in routing["rarely_routed"] if r["layer"] == layer]
             table.add_row(str(layer), f"{min(counts)} / {max(counts)}", f"{max(counts) * len(counts) / max(1, sum(counts)):.2f}", ", ".join(rare) or "-")
         console.print(table)
+    for role, plan in summary["partition"].items():
+        table = Table(title=f"{role} expert plan: {plan['partitions']} partitions, {plan['strategy']} (max/mean load per layer)")
+        for column in ("layer", "tokens per partition", "max / mean", "contiguous", "balanced", "hot experts"):
+            table.add_column(column)
+        for layer in plan["layers"]:
+            hot = [str(e) for e, tier in enumerate(layer["tiers"]) if tier == "hot"]
+            by = layer["imbalance_by_strategy"]
+            table.add_row(
+                str(layer["layer"]), " / ".join(f"{load:,}" for load in layer["partition_loads"]), f"{layer['imbalance']:.3f}",
+                f"{by['contiguous']:.3f}", f"{by['balanced']:.3f}", ", ".join(hot) or "-",
+            )
+        console.print(table)
     for role, experts in summary["experts"].items():
         table = Table(title=f"{role} expert precision (reasons in the manifest's quantize record)")
         precisions = sorted({e["precision"] for e in experts})
@@ -183,6 +196,14 @@ def cmd_inspect(args, out: Console, err: Console) -> dict[str, Any]:
 
     artifact = Path(args.artifact)
     summary = _manifest_summary(verify_artifact(artifact), artifact)
+    if args.heatmap:
+        from compiler.routing_view import heatmap
+
+        plans = summary["partition"]
+        if "main" not in plans:
+            raise MoeccError(f"{artifact}: the main model has no routing statistics to draw", hint="only MoE models have them")
+        heatmap(plans["main"]["layers"], Path(args.heatmap), f"{summary['name']}: routed share per expert, partitions outlined (* hot)")
+        summary["heatmap"] = args.heatmap
     if args.layers:
         for engine in summary["engines"].values():
             engine["layer_list"] = [line.split("\t", 1) for line in (artifact / engine["layers_path"]).read_text().splitlines()]
@@ -303,6 +324,33 @@ def _bench_chart(cases, path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def cmd_plan_sim(args, out: Console, err: Console) -> dict[str, Any]:
+    from compiler import partitioning
+
+    if args.artifact:
+        from runtime.artifact import verify_artifact
+
+        manifest = verify_artifact(Path(args.artifact))
+        routing = next((r.result for r in manifest.stages if r.model == "main" and r.stage == "calibrate" and r.result.get("moe_layers")), None)
+        if routing is None:
+            raise MoeccError(f"{args.artifact}: no routing statistics (the main model is not an MoE)")
+        loads = routing["tokens_per_expert"]
+        top_k = round(sum(loads[0]) / routing["tokens"])  # every token is counted once for each of its k experts
+        source = f"measured routing of {manifest.name} ({routing['tokens']:,} calibration tokens)"
+    else:
+        loads = [(partitioning.zipf_popularity(args.experts, args.skew, seed) * 1e6).round().astype(int).tolist() for seed in range(args.layers)]
+        top_k, source = args.top_k, f"synthetic routing: {args.layers} layers, {args.experts} experts, top-{args.top_k}, Zipf skew {args.skew}"
+    rows = partitioning.simulate(loads, top_k, args.devices, args.tokens)
+    if not args.json:
+        table = Table(title=f"expert placement, {source}")
+        for column in ("devices", "strategy", "max / mean load (worst layer)", "mean over layers", "devices per token and layer"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(str(row["devices"]), row["strategy"], f"{row['max_imbalance']:.3f}", f"{row['mean_imbalance']:.3f}", f"{row['devices_per_token']:.2f}")
+        out.print(table)
+    return {"source": source, "top_k": top_k, "rows": rows}
+
+
 def _draft_length(text: str) -> int | str:
     if text == "auto":
         return text
@@ -329,6 +377,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect = command("inspect", "verify an artifact and show what is inside", cmd_inspect)
     inspect.add_argument("artifact")
     inspect.add_argument("--layers", action="store_true", help="list every layer of each TensorRT engine")
+    inspect.add_argument("--heatmap", default=None, help="write a PNG heat map of the main model's routing and partition plan")
+
+    plan_sim = command("plan-sim", "simulate expert placement on N devices: load imbalance and traffic per strategy", cmd_plan_sim)
+    plan_sim.add_argument("artifact", nargs="?", default=None, help="use this artifact's measured routing (default: synthetic)")
+    plan_sim.add_argument("--devices", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
+    plan_sim.add_argument("--experts", type=int, default=128, help="synthetic routing: experts per layer")
+    plan_sim.add_argument("--layers", type=int, default=4, help="synthetic routing: MoE layers")
+    plan_sim.add_argument("--top-k", type=int, default=8, help="synthetic routing: experts per token")
+    plan_sim.add_argument("--skew", type=float, default=1.0, help="synthetic routing: Zipf exponent of expert popularity (0: uniform)")
+    plan_sim.add_argument("--tokens", type=int, default=4096, help="tokens sampled for the traffic estimate")
 
     generate = command("generate", "generate text from an artifact", cmd_generate)
     generate.add_argument("artifact")

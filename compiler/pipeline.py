@@ -23,7 +23,7 @@ from compiler import random_init
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, ModelSource, Recipe, calibration_text, recipe_json
-from compiler.stages import build_engine, calibrate, export, load, lower, lower_tensorrt, quantize, verify
+from compiler.stages import build_engine, calibrate, export, load, lower, lower_tensorrt, partition, quantize, verify
 from runtime import tensorrt_library
 from runtime.artifact import MANIFEST_NAME, EngineEntry, EngineProfile, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
 from runtime.errors import MoeccError
@@ -127,7 +127,7 @@ def _quantize_config(context: BuildContext, source: ModelSource) -> quantize.Qua
     return quantize.QuantizeConfig(
         weights=settings.weights, method=settings.method, block_size=settings.block_size,
         classes=settings.classes.model_dump(exclude_none=True),
-        hot_experts=settings.hot_experts.model_dump() if settings.hot_experts else None,
+        hot_experts=settings.hot_experts,
         activations=settings.activations, activation_range=settings.activation_range, smoothquant=settings.smoothquant,
     )
 
@@ -148,11 +148,18 @@ STAGES: tuple[Stage, ...] = (
         lambda outputs, c: {"export_dir": outputs["export"], "ids": c.calibration_ids},
     ),
     Stage(
+        "partition",
+        partition.VERSION,
+        partition.run,
+        lambda c, source: partition.PartitionConfig(**c.loaded.recipe.partition.model_dump()),
+        lambda outputs, c: {"calibrate_dir": outputs["calibrate"]},
+    ),
+    Stage(
         "quantize",
         quantize.VERSION,
         quantize.run,
         _quantize_config,
-        lambda outputs, c: {"export_dir": outputs["export"], "calibrate_dir": outputs["calibrate"]},
+        lambda outputs, c: {"export_dir": outputs["export"], "calibrate_dir": outputs["calibrate"], "partition_dir": outputs["partition"]},
     ),
     Stage(
         "lower",

@@ -46,6 +46,21 @@ class TensorRTSettings(_Frozen):
     strip_weights: bool = Field(default=False, description="engine without weights, refitted from the artifact's ONNX at load")
 
 
+class PartitionSettings(_Frozen):
+    """The expert placement plan, from the routing measured on the calibration text."""
+
+    partitions: int = Field(default=1, ge=1, le=4096, description="shards per MoE layer (devices for expert parallelism)")
+    strategy: Literal["contiguous", "balanced"] = Field(default="balanced", description="experts by index, or by measured load")
+    hot_share: float | None = Field(default=None, gt=0.0, le=1.0, description="hot tier: experts with at least this share of their layer's routed tokens")
+    hot_count: int | None = Field(default=None, ge=0, description="hot tier: the most routed experts of each layer")
+
+    @model_validator(mode="after")
+    def _one_tier_rule(self) -> "PartitionSettings":
+        if self.hot_share is not None and self.hot_count is not None:
+            raise ValueError("give hot_share or hot_count, not both")
+        return self
+
+
 class CalibrateSettings(_Frozen):
     text: str = Field(default="stdlib:heldout", description="a file or folder relative to the recipe, or stdlib:heldout")
     max_tokens: int = Field(default=16384, gt=0)
@@ -70,17 +85,12 @@ class ClassRules(_Frozen):
     experts: Precision | None = None
 
 
-class HotExperts(_Frozen):
-    min_share: float = Field(gt=0.0, le=1.0, description="share of a layer's routed tokens that makes an expert hot")
-    weights: Literal["int8", "int4"]
-
-
 class QuantizeSettings(_Frozen):
     weights: Precision = Field(default="fp32", description="precision of every weight not ruled otherwise; routers stay in float")
     method: Literal["rtn", "gptq"] = Field(default="rtn", description="round to nearest, or GPTQ with calibrated second moments")
     block_size: Literal[16, 32, 64, 128] = 32
     classes: ClassRules = ClassRules()
-    hot_experts: HotExperts | None = None
+    hot_experts: Literal["fp32", "int8", "int4"] | None = Field(default=None, description="precision of the experts in the partition plan's hot tier")
     activations: Literal["fp32", "int8"] = Field(default="fp32", description="int8: static activation scales for INT8 dense weights (W8A8)")
     activation_range: Literal["minmax", "percentile", "entropy"] = "percentile"
     smoothquant: float | None = Field(default=None, gt=0.0, lt=1.0, description="SmoothQuant alpha; with activations: int8 and activation_range: minmax")
@@ -134,6 +144,7 @@ class Recipe(_Frozen):
     cpu: CpuSettings = CpuSettings()
     tensorrt: TensorRTSettings = TensorRTSettings()
     calibrate: CalibrateSettings = CalibrateSettings()
+    partition: PartitionSettings = PartitionSettings()
     quantize: QuantizeSettings = QuantizeSettings()
     verify: VerifySettings = VerifySettings()
     generation: GenerationDefaults = GenerationDefaults()
@@ -239,6 +250,15 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     if calibration != STDLIB_HELDOUT and not (source.parent / calibration).exists():
         line = _line_of(root, ("calibrate", "text"))
         raise RecipeError(f"{source}:{line}: field 'calibrate.text': calibration text not found: {source.parent / calibration}")
+
+    tiered = recipe.partition.hot_share is not None or recipe.partition.hot_count is not None
+    for location, settings in (("quantize",), recipe.quantize), (("main", "quantize"), recipe.main.quantize), (("draft", "quantize"), recipe.draft.quantize):
+        if settings is not None and settings.hot_experts is not None and not tiered:
+            line = _line_of(root, (*location, "hot_experts"))
+            raise RecipeError(
+                f"{source}:{line}: field '{'.'.join(location)}.hot_experts': there is no hot tier to apply it to",
+                hint="set partition.hot_share or partition.hot_count",
+            )
 
     return LoadedRecipe(
         recipe=recipe,

@@ -31,22 +31,16 @@ from pydantic import BaseModel, ConfigDict
 from compiler import quantization
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
-from compiler.stages import calibrate
+from compiler.stages import calibrate, partition
 from compiler.stages.export import DATA_FILE, MODEL_FILE
 from compiler.onnx_graph import MS_DOMAIN
 from compiler.weight_sites import DenseSite, MoeSite, dense_sites, moe_sites
 
-VERSION = "7"
+VERSION = "8"
 SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
 Precision = Literal["fp32", "int8", "int4"]
 BITS = {"int8": 8, "int4": 4}
 NORM_WEIGHT_INPUT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}  # which input is the scale
-
-
-class HotExperts(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    min_share: float  # experts taking at least this share of their layer's routed tokens are hot
-    weights: Precision
 
 
 class QuantizeConfig(BaseModel):
@@ -55,7 +49,7 @@ class QuantizeConfig(BaseModel):
     method: Literal["rtn", "gptq"] = "rtn"
     block_size: int = 32
     classes: dict[str, Precision] = {}  # attention, router, shared_expert, mlp, lm_head, experts
-    hot_experts: HotExperts | None = None
+    hot_experts: Precision | None = None  # precision of the partition plan's hot tier
     activations: Literal["fp32", "int8"] = "fp32"  # int8: static scales on the inputs of INT8 dense weights
     activation_range: Literal["minmax", "percentile", "entropy"] = "percentile"
     smoothquant: float | None = None  # alpha; needs activation_range minmax
@@ -95,7 +89,7 @@ def precision_label(config: QuantizeConfig) -> str:
     label = f"{config.weights}-{config.method}-b{config.block_size}"
     if config.activations == "int8":
         label += f"-a8-{config.activation_range}" + (f"-sq{config.smoothquant:g}" if config.smoothquant else "")
-    if config.classes or (config.hot_experts and config.hot_experts.weights != config.classes.get("experts", config.weights)):
+    if config.classes or (config.hot_experts and config.hot_experts != config.classes.get("experts", config.weights)):
         label += "-mixed"
     return label
 
@@ -110,18 +104,18 @@ def _dense_choice(site: DenseSite, config: QuantizeConfig) -> TensorChoice:
     return TensorChoice(name=site.weight.name, tensor_class=site.tensor_class, precision=precision, reason=reason)
 
 
-def expert_choices(tokens_per_expert: list[list[int]], rare: set[tuple[int, int]], policy: str, config: QuantizeConfig) -> list[ExpertChoice]:
+def expert_choices(tokens_per_expert: list[list[int]], tiers: list[list[str]], rare: set[tuple[int, int]], policy: str, config: QuantizeConfig) -> list[ExpertChoice]:
+    """Each expert's precision: the hot tier's when the recipe gives one, else the experts' rule or the default."""
     cold = config.classes.get("experts", config.weights)
     choices = []
-    for layer, counts in enumerate(tokens_per_expert):
+    for layer, (counts, layer_tiers) in enumerate(zip(tokens_per_expert, tiers)):
         total = max(1, sum(counts))
-        for expert, count in enumerate(counts):
+        for expert, (count, tier) in enumerate(zip(counts, layer_tiers)):
             share = count / total
-            hot = config.hot_experts
-            if hot and share >= hot.min_share:
-                precision, reason = hot.weights, f"hot: {share:.1%} of routed tokens >= {hot.min_share:.1%}"
-            elif hot:
-                precision, reason = cold, f"cold: {share:.1%} of routed tokens < {hot.min_share:.1%}"
+            if config.hot_experts and tier == "hot":
+                precision, reason = config.hot_experts, f"hot tier ({share:.1%} of routed tokens)"
+            elif config.hot_experts:
+                precision, reason = cold, f"cold tier ({share:.1%} of routed tokens)"
             else:
                 precision, reason = cold, "recipe rule for class experts" if "experts" in config.classes else "recipe default"
             if (layer, expert) in rare and precision != "fp32" and config.method == "gptq":
@@ -317,10 +311,13 @@ def _lower_moe(graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quan
         graph.initializers.pop(weight.name)
 
 
-def run(checkpoint: Checkpoint, config: QuantizeConfig, out_dir: Path, progress=None, *, export_dir: Path, calibrate_dir: Path) -> QuantizeResult:
+def run(
+    checkpoint: Checkpoint, config: QuantizeConfig, out_dir: Path, progress=None, *, export_dir: Path, calibrate_dir: Path, partition_dir: Path
+) -> QuantizeResult:
     routing = calibrate.CalibrateResult.model_validate_json((calibrate_dir / calibrate.ROUTING_FILE).read_text())
     rare = {(r.layer, r.expert) for r in routing.rarely_routed}
-    experts = expert_choices(routing.tokens_per_expert, rare, routing.rare_expert_policy, config)
+    tiers = [layer.tiers for layer in partition.read_plan(partition_dir).layers]
+    experts = expert_choices(routing.tokens_per_expert, tiers, rare, routing.rare_expert_policy, config)
     label = precision_label(config)
     if label == "fp32":  # writes no model: the pipeline then takes the export stage's
         return QuantizeResult(precision="fp32", method="none", dense=[], experts=experts, smoothed=[], session_options={}, op_counts={})

@@ -19,7 +19,7 @@ from compiler.errors import BuildError
 from compiler.ort_windows import run_windows
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
-from compiler.stages import calibrate, export, quantize
+from compiler.stages import calibrate, export, partition, quantize
 from compiler.weight_sites import moe_sites
 from onnx_models import moe_model as _moe_model, run_moe as _run
 from tiny_models import write_recipe
@@ -97,8 +97,10 @@ def test_unrouted_experts_get_valid_scales_and_the_report_names_them(three_token
             moment = hessians[calibrate.statistics_key("fc1", str(layer))][expert]
             assert (np.abs(moment).max() > 0) == (policy == "all_tokens")  # all_tokens: measured on every token
 
+    (tmp_path / "plan").mkdir()
+    partition.run(checkpoint, partition.PartitionConfig(partitions=1, strategy="balanced", hot_share=None, hot_count=None), tmp_path / "plan", calibrate_dir=root / policy)
     config = quantize.QuantizeConfig(weights="int4", method="gptq", block_size=16)
-    result = quantize.run(checkpoint, config, tmp_path, export_dir=root / "export", calibrate_dir=root / policy)
+    result = quantize.run(checkpoint, config, tmp_path, export_dir=root / "export", calibrate_dir=root / policy, partition_dir=tmp_path / "plan")
     named = {(c.layer, c.expert) for c in result.experts if "rarely routed (0 tokens)" in c.reason}
     assert named == unrouted
     model = onnx.load(str(tmp_path / "model.onnx"))
@@ -110,7 +112,7 @@ def test_unrouted_experts_get_valid_scales_and_the_report_names_them(three_token
 
 
 def test_mixed_precision_recipe_records_each_expert_and_decodes_losslessly(tiny_pair, tmp_path):
-    extra = "quantize:\n  weights: int4\n  method: gptq\n  block_size: 16\n  hot_experts:\n    min_share: 0.13\n    weights: int8\n" + LOOSE_GATE
+    extra = "partition:\n  hot_share: 0.13\nquantize:\n  weights: int4\n  method: gptq\n  block_size: 16\n  hot_experts: int8\n" + LOOSE_GATE
     report = build(load_recipe(write_recipe(tiny_pair, "mixed", extra)), tmp_path)
     record = next(r for r in report.manifest.stages if r.stage == "quantize" and r.model == "main")
     routing = next(r for r in report.manifest.stages if r.stage == "calibrate" and r.model == "main").result
@@ -119,7 +121,7 @@ def test_mixed_precision_recipe_records_each_expert_and_decodes_losslessly(tiny_
         counts = routing["tokens_per_expert"][choice["layer"]]
         share = counts[choice["expert"]] / sum(counts)
         assert choice["precision"] == ("int8" if share >= 0.13 else "int4")
-        assert choice["reason"].startswith("hot: " if share >= 0.13 else "cold: ")
+        assert choice["reason"].startswith("hot tier" if share >= 0.13 else "cold tier")
     assert len({c["precision"] for c in record.result["experts"]}) == 2
 
     generator = runtime.load(report.artifact)

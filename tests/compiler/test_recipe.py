@@ -91,9 +91,9 @@ def test_calibration_text_from_a_folder(tmp_path):
 
 
 def test_quantize_rules_parse_and_inconsistent_ones_name_the_field(tmp_path):
-    rules = "quantize:\n  weights: int4\n  classes: {lm_head: int8}\n  hot_experts: {min_share: 0.2, weights: int8}\n"
+    rules = "partition:\n  hot_share: 0.2\nquantize:\n  weights: int4\n  classes: {lm_head: int8}\n  hot_experts: int8\n"
     quantize = load_recipe(_write(tmp_path, GOOD + rules)).recipe.quantize
-    assert quantize.classes.lm_head == "int8" and quantize.hot_experts.min_share == 0.2
+    assert quantize.classes.lm_head == "int8" and quantize.hot_experts == "int8"
     with pytest.raises(RecipeError, match=r"r\.yaml:8: unknown key 'quantize\.classes\.atention'"):
         load_recipe(_write(tmp_path, GOOD + "quantize:\n  weights: int4\n  classes: {atention: int8}\n"))
     with pytest.raises(RecipeError, match=r"r\.yaml:6: field 'quantize': smoothquant needs activations: int8 and activation_range: minmax"):
