@@ -73,6 +73,7 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "lowering": {r.model: r.result for r in manifest.stages if r.stage == "lower" and (r.result["split_nodes"] or r.result["kept_whole"])},
         "engines": _engines(manifest),
         "partition": {r.model: r.result for r in manifest.stages if r.stage == "partition" and r.result["layers"]},
+        "pruning": [{"model": r.model, "pruned_bytes": r.result.get("pruned_bytes", 0)} for r in manifest.stages if r.stage == "quantize"],
         "generation": manifest.generation.model_dump(),
         "tools": manifest.tools,
     }
@@ -136,16 +137,19 @@ def _print_summary(console: Console, summary: dict[str, Any], title: str, layers
         console.print(table)
     for role, plan in summary["partition"].items():
         table = Table(title=f"{role} expert plan: {plan['partitions']} partitions, {plan['strategy']} (max/mean load per layer)")
-        for column in ("layer", "tokens per partition", "max / mean", "contiguous", "balanced", "hot experts"):
+        for column in ("layer", "tokens per partition", "max / mean", "contiguous", "balanced", "hot experts", "pruned"):
             table.add_column(column)
         for layer in plan["layers"]:
             hot = [str(e) for e, tier in enumerate(layer["tiers"]) if tier == "hot"]
             by = layer["imbalance_by_strategy"]
             table.add_row(
                 str(layer["layer"]), " / ".join(f"{load:,}" for load in layer["partition_loads"]), f"{layer['imbalance']:.3f}",
-                f"{by['contiguous']:.3f}", f"{by['balanced']:.3f}", ", ".join(hot) or "-",
+                f"{by['contiguous']:.3f}", f"{by['balanced']:.3f}", ", ".join(hot) or "-", ", ".join(map(str, layer["pruned"])) or "-",
             )
         console.print(table)
+        if plan["pruned_experts"]:
+            saved = next(r["pruned_bytes"] for r in summary["pruning"] if r["model"] == role)
+            console.print(f"{role}: {plan['pruned_experts']} experts pruned (routed < {plan['prune_below_share']:.2%} of their layer's tokens), {_size(saved)} of weights removed")
     for role, experts in summary["experts"].items():
         table = Table(title=f"{role} expert precision (reasons in the manifest's quantize record)")
         precisions = sorted({e["precision"] for e in experts})

@@ -53,6 +53,9 @@ class PartitionSettings(_Frozen):
     strategy: Literal["contiguous", "balanced"] = Field(default="balanced", description="experts by index, or by measured load")
     hot_share: float | None = Field(default=None, gt=0.0, le=1.0, description="hot tier: experts with at least this share of their layer's routed tokens")
     hot_count: int | None = Field(default=None, ge=0, description="hot tier: the most routed experts of each layer")
+    prune_below_share: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="opt-in: drop experts routed less than this share of their layer's tokens (the verify gate decides)"
+    )
 
     @model_validator(mode="after")
     def _one_tier_rule(self) -> "PartitionSettings":

@@ -21,8 +21,11 @@ def heatmap(layers: list[dict], path: Path, title: str) -> None:
     image = axes.imshow(shares, cmap="viridis", aspect="auto")
     figure.colorbar(image, ax=axes, label="share of the layer's routed tokens")
     for row, layer in enumerate(layers):
-        # Experts in the same partition share an outline colour; hot experts get a star.
+        # Experts in the same partition share an outline colour; hot experts get a star, pruned ones an x.
         for expert, part in enumerate(layer["partition_of_expert"]):
+            if part < 0:
+                axes.text(expert, row, "x", ha="center", va="center", fontsize=9, color="red")
+                continue
             axes.add_patch(Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, lw=2, edgecolor=plt.cm.tab10(part % 10)))
             axes.text(expert, row, f"p{part}" + ("*" if layer["tiers"][expert] == "hot" else ""), ha="center", va="center", fontsize=7, color="white")
     axes.set_xticks(range(experts))

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
-from compiler import quantization
+from compiler import pruning, quantization
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.stages import calibrate, partition
@@ -81,6 +81,8 @@ class QuantizeResult(BaseModel):
     smoothed: list[str]  # norms whose weights absorbed SmoothQuant's scales
     session_options: dict[str, str]
     op_counts: dict[str, int]
+    pruned: list[ExpertChoice] = []  # experts dropped by the partition plan (their choice records the routed share)
+    pruned_bytes: int = 0  # their weights and router columns, before quantization
 
 
 def precision_label(config: QuantizeConfig) -> str:
@@ -231,15 +233,16 @@ def _lower_dense(graph: ir.Graph, site: DenseSite, precision: str, quantize: _Qu
     graph.initializers.pop(site.weight.name)
 
 
-def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], precision: str, quantize: _Quantizer, block_size: int) -> list[ir.Value]:
-    """QMoE weight inputs for `experts` of one MoE layer: fc1 weights, scales, no bias, fc2 weights, scales."""
+def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], originals: list[int], precision: str, quantize: _Quantizer, block_size: int) -> list[ir.Value]:
+    """QMoE weight inputs for `experts` (positions in the node; `originals`: their ids in the calibration
+    statistics, which differ once experts were pruned) of one MoE layer: fc1 weights, scales, no bias, fc2 weights, scales."""
     bits = BITS[precision]
     inputs: list[ir.Value | None] = []
     tag = f"{precision}" + (f".e{'-'.join(map(str, experts))}" if len(experts) < site.fc1.shape[0] else "")
     for weight, kind in ((site.fc1, "fc1"), (site.fc2, "fc2")):
         stored = weight.const_value.numpy()[experts]  # [E',N,K]
         key = calibrate.statistics_key(kind, str(site.layer))
-        levels, scales = quantize(stored.astype(np.float32), bits, block_size if bits == 4 else stored.shape[-1], key, experts)
+        levels, scales = quantize(stored.astype(np.float32), bits, block_size if bits == 4 else stored.shape[-1], key, originals)
         if bits == 8:
             scales = scales[..., 0]  # one scale per row: [E',N]
         dtype = stored.dtype
@@ -266,7 +269,9 @@ def routing_weights(graph: ir.Graph, prefix: str, router_logits: ir.Value, top_k
     return nodes + [shape, zeros, scatter]
 
 
-def _lower_moe(graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quantize: _Quantizer, block_size: int) -> None:
+def _lower_moe(graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quantize: _Quantizer, block_size: int, kept: list[int] | None = None) -> None:
+    """The layer's experts as QMoE nodes, one per precision; `kept`: the original ids of the experts left after pruning."""
+    kept = kept if kept is not None else [choice.expert for choice in choices]
     groups: dict[str, list[int]] = {}
     for choice in choices:
         groups.setdefault(choice.precision, []).append(choice.expert)
@@ -288,7 +293,8 @@ def _lower_moe(graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quan
     partials = []
     for precision, experts in sorted(groups.items()):
         bits = BITS[precision]
-        weights = _expert_group(graph, site, experts, precision, quantize, block_size)
+        originals, experts = experts, [kept.index(expert) for expert in experts]  # positions in the (pruned) node
+        weights = _expert_group(graph, site, experts, originals, precision, quantize, block_size)
         group_attributes = attributes | {"expert_weight_bits": bits} | ({"block_size": block_size} if bits == 4 else {})
         inputs = [site.tokens, site.router_logits, *weights]
         if mixing is not None:
@@ -316,13 +322,18 @@ def run(
 ) -> QuantizeResult:
     routing = calibrate.CalibrateResult.model_validate_json((calibrate_dir / calibrate.ROUTING_FILE).read_text())
     rare = {(r.layer, r.expert) for r in routing.rarely_routed}
-    tiers = [layer.tiers for layer in partition.read_plan(partition_dir).layers]
-    experts = expert_choices(routing.tokens_per_expert, tiers, rare, routing.rare_expert_policy, config)
+    plan = partition.read_plan(partition_dir)
+    experts = expert_choices(routing.tokens_per_expert, [layer.tiers for layer in plan.layers], rare, routing.rare_expert_policy, config)
+    dropped = {(layer.layer, expert) for layer in plan.layers for expert in layer.pruned}
+    pruned = [choice.model_copy(update={"reason": f"pruned: {choice.routed_share:.2%} of routed tokens"}) for choice in experts if (choice.layer, choice.expert) in dropped]
+    experts = [choice for choice in experts if (choice.layer, choice.expert) not in dropped]
     label = precision_label(config)
-    if label == "fp32":  # writes no model: the pipeline then takes the export stage's
+    if label == "fp32" and not pruned:  # writes no model: the pipeline then takes the export stage's
         return QuantizeResult(precision="fp32", method="none", dense=[], experts=experts, smoothed=[], session_options={}, op_counts={})
 
     model = ir.load(export_dir / MODEL_FILE)
+    kept = {layer.layer: [e for e in range(len(layer.tiers)) if e not in layer.pruned] for layer in plan.layers}
+    pruned_bytes = sum(pruning.prune_experts(model.graph, site, kept[site.layer]) for site in moe_sites(model) if plan.layers[site.layer].pruned)
     smoothing = config.activations == "int8" and config.smoothquant is not None
     statistics = {}
     if config.method == "gptq" or smoothing:  # round to nearest alone needs no calibrated statistics
@@ -335,7 +346,7 @@ def run(
     quantize = _Quantizer(config, statistics)
     total, done = len(moes) + len(denses), 0
     for site in moes:
-        _lower_moe(model.graph, site, [c for c in experts if c.layer == site.layer], quantize, config.block_size)
+        _lower_moe(model.graph, site, [c for c in experts if c.layer == site.layer], quantize, config.block_size, kept[site.layer])
         done += 1
         if progress:
             progress(done, total)
@@ -356,7 +367,7 @@ def run(
     ops = Counter(node.op_type for node in model.graph)
     return QuantizeResult(
         precision=label, method=config.method, dense=choices, experts=experts, smoothed=smoothed, session_options=options,
-        op_counts=dict(sorted(ops.items())),
+        op_counts=dict(sorted(ops.items())), pruned=pruned, pruned_bytes=pruned_bytes,
     )
 
 

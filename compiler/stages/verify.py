@@ -89,5 +89,5 @@ def run(checkpoint: Checkpoint, config: VerifyConfig, out_dir: Path, progress=No
     candidate = reference if candidate_dir == export_dir else scores(candidate_dir, ids, config.window)
     return judge(
         len(ids), reference, candidate, config.max_perplexity_increase, config.min_top1_agreement,
-        hint="relax the gate in the recipe's verify block or choose a gentler quantization",
+        hint="relax the gate in the recipe's verify block, or choose a gentler quantization or pruning threshold",
     )

@@ -57,7 +57,8 @@ def test_shipped_routing_plan(shipped_artifact):
 
     manifest = runtime.load(shipped_artifact).manifest
     routing = next(r.result for r in manifest.stages if r.model == "main" and r.stage == "calibrate")
-    result = partition.plan(routing["tokens_per_expert"], partition.PartitionConfig(partitions=2, strategy="balanced", hot_share=None, hot_count=None))
+    config = partition.PartitionConfig(partitions=2, strategy="balanced", hot_share=None, hot_count=None)
+    result = partition.plan(routing["tokens_per_expert"], routing["tokens"], config)
     assert result.max_imbalance <= 1.10
     assert result.max_imbalance_by_strategy["balanced"] < result.max_imbalance_by_strategy["contiguous"]
     for layer in result.layers:
@@ -83,3 +84,32 @@ def test_inspect_draws_the_plan_and_plan_sim_reads_measured_routing(shipped_arti
     assert {row["devices"] for row in simulated["rows"]} == {2, 4, 8}  # 16 devices for 8 experts: skipped
     two = {row["strategy"]: row for row in simulated["rows"] if row["devices"] == 2}
     assert two["balanced"]["max_imbalance"] < two["contiguous"]["max_imbalance"]
+
+
+def test_pruning_drops_rare_experts_and_the_gate_decides(tiny_pair, tmp_path):
+    from compiler.errors import BuildError
+    from compiler.pipeline import build
+    from compiler.recipe import load_recipe
+    from tiny_models import write_recipe
+
+    import runtime
+
+    loose = "partition:\n  prune_below_share: 0.1\nverify:\n  tokens: 512\n  max_perplexity_increase: 10.0\n  min_top1_agreement: 0.0\n"
+    report = build(load_recipe(write_recipe(tiny_pair, "pruned", loose)), tmp_path / "a")
+    plan = next(r.result for r in report.manifest.stages if r.model == "main" and r.stage == "partition")
+    quantized = next(r.result for r in report.manifest.stages if r.model == "main" and r.stage == "quantize")
+    dropped = {(layer["layer"], e) for layer in plan["layers"] for e in layer["pruned"]}
+    assert dropped and plan["pruned_experts"] == len(dropped) == len(quantized["pruned"]) and quantized["pruned_bytes"] > 0
+    for layer in plan["layers"]:
+        shares = np.asarray(layer["tokens_per_expert"]) / sum(layer["tokens_per_expert"])
+        assert set(layer["pruned"]) <= set(np.flatnonzero(shares < 0.1))
+        assert len(layer["pruned"]) <= 8 - 2  # never fewer experts than a token selects
+    generator = runtime.load(report.artifact)
+    ids = generator.encode("def main():")
+    alone = [t for step in generator.stream_ids(ids, max_new_tokens=16, speculative=False) for t in step]
+    assert [t for step in generator.stream_ids(ids, max_new_tokens=16, draft_length=3) for t in step] == alone
+
+    strict = "partition:\n  prune_below_share: 0.2\nverify:\n  tokens: 512\n  max_perplexity_increase: 0.0001\n"
+    with pytest.raises(BuildError, match=r"accuracy gate failed: perplexity .* top-1 agreement"):
+        build(load_recipe(write_recipe(tiny_pair, "overpruned", strict)), tmp_path / "b")
+    assert not (tmp_path / "b" / "overpruned").exists()
