@@ -12,6 +12,7 @@ present output, so new keys and values land in place, and a rollback moves a len
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,11 @@ def _cuda(result):
 
 
 class TensorRTDecoder:
-    """One deserialized engine; each cache gets its own execution contexts and buffers, so threads may share it."""
+    """One deserialized engine with an execution context per profile; caches hold their own buffers.
+
+    A profile serves one context at a time, so calls from several threads (each with its own cache) take
+    turns on the contexts under a lock: each caller still gets what it would get alone.
+    """
 
     def __init__(self, artifact: Path, entry: ModelEntry):
         if entry.engine is None:
@@ -87,6 +92,20 @@ class TensorRTDecoder:
                 raise EngineRefused(f"{artifact / engine_entry.onnx_path}: refitting the weight-stripped engine failed", hint=_REBUILD)
         self.entry = entry
         self.profiles = {profile.name: (index, profile) for index, profile in enumerate(engine_entry.profiles)}
+        from cuda.bindings import runtime as cudart
+
+        self._cudart = cudart
+        self.stream = _cuda(cudart.cudaStreamCreate())
+        self.lock = threading.Lock()
+        self.contexts = {}
+        for name, (index, _) in self.profiles.items():
+            context = self.engine.create_execution_context()
+            context.set_optimization_profile_async(index, int(self.stream))
+            self.contexts[name] = context
+
+    def __del__(self):
+        if getattr(self, "stream", None) is not None:
+            self._cudart.cudaStreamDestroy(self.stream)
 
     def profile_for(self, tokens: int) -> str:
         """decode for one token, verify for a draft's proposals, prefill for longer chunks."""
@@ -102,18 +121,10 @@ class TensorRTKvCache(AppendedKvCache):
     """Device buffers for one sequence: keys and values per layer, input ids and logits for the longest call."""
 
     def __init__(self, decoder: TensorRTDecoder, capacity: int):
-        from cuda.bindings import runtime as cudart
-
         super().__init__(capacity)
         self.decoder = decoder
         entry = decoder.entry
-        self._cudart = cudart
-        self.stream = _cuda(cudart.cudaStreamCreate())
-        self.contexts = {}
-        for name, (index, _) in decoder.profiles.items():
-            context = decoder.engine.create_execution_context()
-            context.set_optimization_profile_async(index, self.stream)
-            self.contexts[name] = context
+        cudart = self._cudart = decoder._cudart
         self.longest_call = decoder.profiles["prefill"][1].tokens[2]
         itemsize = np.dtype(KV_DTYPES[entry.engine.precision]).itemsize
         self.row_bytes = entry.num_kv_heads * entry.head_dim * itemsize  # one position of one layer's keys
@@ -130,27 +141,27 @@ class TensorRTKvCache(AppendedKvCache):
         for pointer in (*getattr(self, "buffers", []), getattr(self, "ids_buffer", 0), getattr(self, "logits_buffer", 0)):
             if pointer:
                 cudart.cudaFree(pointer)
-        if getattr(self, "stream", None) is not None:
-            cudart.cudaStreamDestroy(self.stream)
 
     def _call(self, tokens: list[int], past: int) -> np.ndarray:
         if len(tokens) > self.longest_call:  # a long prompt: in chunks the prefill profile takes
             head = self._call(tokens[: self.longest_call], past)
             return np.concatenate([head, self._call(tokens[self.longest_call :], past + self.longest_call)])
-        cudart = self._cudart
-        context = self.contexts[self.decoder.profile_for(len(tokens))]
+        decoder, cudart = self.decoder, self._cudart
         ids = np.asarray([tokens], dtype=np.int64)
-        logits = np.empty((len(tokens), self.decoder.entry.vocab_size), dtype=np.float32)
-        context.set_input_shape("input_ids", ids.shape)
-        context.set_tensor_address("input_ids", self.ids_buffer)
-        for (past_name, present_name), base in zip(self.names, self.buffers):
-            context.set_input_shape(past_name, (1, past, *self.kv_shape))
-            context.set_tensor_address(past_name, base)
-            context.set_tensor_address(present_name, base + past * self.row_bytes)  # the new rows, in place
-        context.set_tensor_address("logits", self.logits_buffer)
-        _cuda(cudart.cudaMemcpyAsync(self.ids_buffer, ids.ctypes.data, ids.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
-        if not context.execute_async_v3(self.stream):
-            raise RuntimeError("TensorRT could not run the engine")
-        _cuda(cudart.cudaMemcpyAsync(logits.ctypes.data, self.logits_buffer, logits.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
-        _cuda(cudart.cudaStreamSynchronize(self.stream))
+        logits = np.empty((len(tokens), decoder.entry.vocab_size), dtype=np.float32)
+        to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        with decoder.lock:
+            context, stream = decoder.contexts[decoder.profile_for(len(tokens))], decoder.stream
+            context.set_input_shape("input_ids", ids.shape)
+            context.set_tensor_address("input_ids", self.ids_buffer)
+            for (past_name, present_name), base in zip(self.names, self.buffers):
+                context.set_input_shape(past_name, (1, past, *self.kv_shape))
+                context.set_tensor_address(past_name, base)
+                context.set_tensor_address(present_name, base + past * self.row_bytes)  # the new rows, in place
+            context.set_tensor_address("logits", self.logits_buffer)
+            _cuda(cudart.cudaMemcpyAsync(self.ids_buffer, ids.ctypes.data, ids.nbytes, to_device, stream))
+            if not context.execute_async_v3(int(stream)):
+                raise RuntimeError("TensorRT could not run the engine")
+            _cuda(cudart.cudaMemcpyAsync(logits.ctypes.data, self.logits_buffer, logits.nbytes, to_host, stream))
+            _cuda(cudart.cudaStreamSynchronize(stream))
         return logits
