@@ -88,7 +88,7 @@ def _lower_tensorrt_config(context: BuildContext, source: ModelSource) -> lower_
     )
 
 
-def engine_profiles(recipe: Recipe) -> list[EngineProfile]:
+def _engine_profiles(recipe: Recipe) -> list[EngineProfile]:
     """Prefill (prompt chunks), decode (one token) and verify (a draft's proposals plus one) over the whole context."""
     longest = recipe.export.max_sequence_length
     batch = (1, 1, recipe.tensorrt.max_batch_size)
@@ -109,7 +109,7 @@ def _build_engine_config(context: BuildContext, source: ModelSource) -> build_en
     return build_engine.BuildEngineConfig(
         flavour=library.flavour, version=library.version,
         compute_capabilities=list(recipe.tensorrt.compute_capabilities) if library.targets_compute_capabilities else [],
-        precision=recipe.tensorrt.precision, profiles=engine_profiles(recipe),
+        precision=recipe.tensorrt.precision, profiles=_engine_profiles(recipe),
         weight_streaming=recipe.tensorrt.weight_streaming, strip_weights=recipe.tensorrt.strip_weights,
     )
 

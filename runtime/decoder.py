@@ -157,7 +157,8 @@ def _pending(cached: list[int], tokens: list[int]) -> list[int]:
 
 
 class TokenLedger:
-    """The tokens whose keys and values a single-sequence cache holds; a rollback only shortens the list."""
+    """A single-sequence cache as the decoding loop sees it (ONNX Runtime's, or the appended-KV caches of the
+    TensorRT path): the tokens whose keys and values it holds, where a rollback only shortens the list."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -181,6 +182,10 @@ class TokenLedger:
     def pending(self, tokens: list[int]) -> list[int]:
         """sync, keeping at least the last token to feed, whose logits the next call needs."""
         return _pending(self.ids, tokens)
+
+    def feed(self, tokens: list[int]) -> np.ndarray:
+        """Run the new tokens after the cached ones; returns their logits [S, V]."""
+        raise NotImplementedError
 
     def _check_room(self, new_tokens: int) -> None:
         if len(self.ids) + new_tokens > self.capacity:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from runtime.decoder import BatchKvCache, KvCache, shared_prefix_length
+from runtime.decoder import BatchKvCache, TokenLedger, shared_prefix_length
 from runtime.sampling import SamplingParams, distribution, draw
 
 
@@ -181,7 +181,7 @@ class AdaptiveDraftLength:
 DraftLengthPolicy = FixedDraftLength | AdaptiveDraftLength
 
 
-def propose(draft: KvCache, tokens: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
+def propose(draft: TokenLedger, tokens: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
     """Draw `length` tokens from the draft after `tokens`, one draft call each."""
     proposal = Proposal([], [])
     logits = draft.feed(draft.pending(tokens))[-1]
@@ -220,7 +220,7 @@ def score_batch(main: BatchKvCache, histories: list[list[int]], proposals: dict[
     return {row: [distribution(x, params) for x in logits[row][len(pending[row]) - 1 :]] for row in proposals}
 
 
-def score(main: KvCache, tokens: list[int], proposal: Proposal, params: SamplingParams) -> list[np.ndarray]:
+def score(main: TokenLedger, tokens: list[int], proposal: Proposal, params: SamplingParams) -> list[np.ndarray]:
     """The main model's distributions at the k+1 positions after `tokens` and each proposed token, in one call."""
     pending = main.sync(tokens)
     logits = main.feed(pending + proposal.tokens)  # [pending + k, V]
@@ -255,8 +255,8 @@ def _commit(proposal: Proposal, kept: int, next_token: int, stop_tokens: set[int
 
 
 def decode(
-    main: KvCache,
-    draft: KvCache | None,
+    main: TokenLedger,
+    draft: TokenLedger | None,
     prompt: list[int],
     max_new_tokens: int,
     draft_length: DraftLengthPolicy,
