@@ -37,9 +37,16 @@ def tiny_artifact(tmp_path_factory, tiny_pair) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shipped_artifact(tmp_path_factory) -> Path:
+def shipped_cache(tmp_path_factory) -> Path:
+    """One stage cache for every build of the shipped pair: recipes that share stages (export, calibration,
+    a quantization) build them once per test session, as they would in one artifacts folder."""
+    return tmp_path_factory.mktemp("shipped-cache")
+
+
+@pytest.fixture(scope="session")
+def shipped_artifact(tmp_path_factory, shipped_cache) -> Path:
     output = tmp_path_factory.mktemp("shipped")
-    return build(load_recipe(SHIPPED_RECIPE), output).artifact
+    return build(load_recipe(SHIPPED_RECIPE), output, cache_root=shipped_cache).artifact
 
 
 @pytest.fixture(scope="session")

@@ -64,8 +64,8 @@ def test_qmoe_with_our_packing_equals_moe_with_dequantized_weights(bits):
 
 
 @pytest.mark.parametrize("weights, precision, max_size, max_perplexity", [("int4", "int4-gptq-b32", 0.3, 1.05), ("int8", "int8-rtn-b32", 0.35, 1.015)])
-def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped_artifact, weights, precision, max_size, max_perplexity):
-    artifact = build(load_recipe(REPO / "recipes" / f"tiny-coder-{weights}.yaml"), tmp_path).artifact
+def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped_artifact, shipped_cache, weights, precision, max_size, max_perplexity):
+    artifact = build(load_recipe(REPO / "recipes" / f"tiny-coder-{weights}.yaml"), tmp_path, cache_root=shipped_cache).artifact
     generator, reference = runtime.load(artifact), runtime.load(shipped_artifact)
     assert generator.manifest.models["main"].precision == precision
     size = sum(f.size for f in generator.manifest.files.values())

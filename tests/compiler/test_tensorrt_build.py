@@ -159,10 +159,10 @@ SHIPPED_ENGINE_RECIPES = {"tiny-coder-tensorrt": "fp32", "tiny-coder-tensorrt-in
 
 
 @pytest.fixture(scope="module")
-def shipped_engines(tmp_path_factory):
-    """The shipped pair's engines in fp16, INT8 (QDQ) and INT4 weight-only, built into one folder (one cache)."""
+def shipped_engines(tmp_path_factory, shipped_cache):
+    """The shipped pair's engines in fp16, INT8 (QDQ) and INT4 weight-only."""
     output = tmp_path_factory.mktemp("shipped-engines")
-    return {name: build(load_recipe(REPO / "recipes" / f"{name}.yaml"), output).artifact for name in SHIPPED_ENGINE_RECIPES}
+    return {name: build(load_recipe(REPO / "recipes" / f"{name}.yaml"), output, cache_root=shipped_cache).artifact for name in SHIPPED_ENGINE_RECIPES}
 
 
 @pytest.mark.parametrize("name", list(SHIPPED_ENGINE_RECIPES))
