@@ -14,16 +14,16 @@ from runtime.errors import ArtifactError
 _KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
-def _check_external_data(model_path: Path, allowed: set[str]) -> None:
-    """Refuse external-data references that leave the artifact or name a file the manifest does not list."""
+def check_external_data(artifact: Path, model: str, allowed: set[str]) -> None:
+    """Refuse external-data references of the artifact's `model` that leave the artifact or name a file the manifest does not list."""
+    model_path = artifact / model
     proto = onnx.load(str(model_path), load_external_data=False)
-    folder = model_path.parent
+    folder, root = model_path.parent, artifact.resolve()
     for tensor in proto.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
         resolved = (folder / location).resolve()
-        root = folder.parent.resolve()
         if not resolved.is_relative_to(root) or resolved.relative_to(root).as_posix() not in allowed:
             raise ArtifactError(f"{model_path}: tensor {tensor.name} points at external data {location!r} outside the artifact")
 
@@ -50,7 +50,7 @@ class Decoder:
 
     def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None):
         model_path = artifact / entry.path
-        _check_external_data(model_path, allowed_files)
+        check_external_data(artifact, entry.path, allowed_files)
         options = session_options(entry.session_options, threads)
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.entry = entry

@@ -69,7 +69,7 @@ class Generator:
         if self.target == "tensorrt":
             from runtime.tensorrt_backend import TensorRTDecoder  # imports TensorRT: only for this target
 
-            return TensorRTDecoder(self.path, entry)
+            return TensorRTDecoder(self.path, entry, set(self.manifest.files))
         return Decoder(self.path, entry, set(self.manifest.files), threads)
 
     def _draft_policy(self, draft_length: int | str, sampling: SamplingParams) -> FixedDraftLength | AdaptiveDraftLength:

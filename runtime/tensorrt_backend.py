@@ -20,6 +20,7 @@ import numpy as np
 from runtime import tensorrt_library
 from runtime.appended_kv import KV_DTYPES, AppendedKvCache, kv_names
 from runtime.artifact import EngineEntry, ModelEntry
+from runtime.decoder import check_external_data
 from runtime.errors import ArtifactError
 
 _REBUILD = "rebuild the artifact on this machine with `moecc build RECIPE`, or load it with target='cpu'"
@@ -75,7 +76,7 @@ class TensorRTDecoder:
     turns on the contexts under a lock: each caller still gets what it would get alone.
     """
 
-    def __init__(self, artifact: Path, entry: ModelEntry):
+    def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str]):
         if entry.engine is None:
             raise ArtifactError(f"{artifact}: the {entry.path} model has no TensorRT engine", hint="build the recipe with targets: [cpu, tensorrt]")
         engine_entry = entry.engine
@@ -87,6 +88,7 @@ class TensorRTDecoder:
         if self.engine is None:
             raise EngineRefused(f"{artifact / engine_entry.path}: TensorRT could not deserialize the engine", hint=_REBUILD)
         if "STRIP_PLAN" in engine_entry.builder_flags:  # weights come from the lowered ONNX model beside it
+            check_external_data(artifact, engine_entry.onnx_path, allowed_files)  # the refitter follows its external-data paths
             refitter = trt.Refitter(self.engine, self.logger)
             if not trt.OnnxParserRefitter(refitter, self.logger).refit_from_file(str(artifact / engine_entry.onnx_path)) or not refitter.refit_cuda_engine():
                 raise EngineRefused(f"{artifact / engine_entry.onnx_path}: refitting the weight-stripped engine failed", hint=_REBUILD)

@@ -18,6 +18,7 @@ from compiler.stages import build_engine
 from conftest import REPO
 from runtime import tensorrt_library
 from runtime.artifact import MANIFEST_NAME
+from runtime.decoder import check_external_data
 from runtime.tensorrt_backend import EngineRefused, check_engine
 from tiny_models import write_recipe
 
@@ -38,6 +39,7 @@ def test_engines_are_built_and_recorded(tiny_tensorrt_artifact):
         assert any(line.startswith("ATTENTION_OUTPUT") for line in layers), role
         lowered = ir.load(tiny_tensorrt_artifact / engine.onnx_path)
         assert {node.domain for node in lowered.graph} == {""}  # standard ops only
+        check_external_data(tiny_tensorrt_artifact, engine.onnx_path, set(manifest.files))  # its weights stay inside the artifact
 
 
 def test_builder_options_come_from_the_recipe(tiny_pair, tiny_tensorrt_artifact, tmp_path):
