@@ -26,12 +26,10 @@ def _auto_target(path: str | Path) -> str:
         library = tensorrt_library.load()
     except MoeccError:
         return "cpu"
+    from runtime.tensorrt_backend import mismatch
+
     gpu = tensorrt_library.current_gpu()
-    fits = all(
-        (engine.flavour, engine.version) == (library.flavour, library.version) and (not engine.compute_capabilities or (gpu and gpu.compute_capability in engine.compute_capabilities))
-        for engine in engines
-    )
-    return "tensorrt" if gpu is not None and fits else "cpu"
+    return "cpu" if any(mismatch(engine, library, gpu) for engine in engines) else "tensorrt"
 
 
 def load(path: str | Path, target: str = "auto", threads: int | None = None) -> Generator:

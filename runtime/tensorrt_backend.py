@@ -33,21 +33,29 @@ class EngineRefused(ArtifactError):
 _DETECT = object()
 
 
+def mismatch(entry: EngineEntry, library: tensorrt_library.Library, gpu: tensorrt_library.Gpu | None) -> tuple[str, str] | None:
+    """Why this machine cannot run the engine (the reason, and what to do), or None when its identity matches."""
+    built_with = f"{'TensorRT-RTX' if entry.flavour == 'tensorrt_rtx' else 'TensorRT'} {entry.version}"
+    if (library.flavour, library.version) != (entry.flavour, entry.version):
+        return f"the engine was built with {built_with}; this machine has {library.label}", _REBUILD
+    wanted = ", ".join(entry.compute_capabilities) or "the GPU it was built on"
+    if gpu is None:
+        return f"no NVIDIA GPU on this machine; the engine runs on {wanted}", "run it on such a GPU, or load the artifact with target='cpu'"
+    if entry.compute_capabilities and gpu.compute_capability not in entry.compute_capabilities:
+        return f"the engine was built for {wanted}; this GPU ({gpu.name}) is {gpu.compute_capability}", _REBUILD
+    return None
+
+
 def check_engine(engine_path: Path, entry: EngineEntry, library: tensorrt_library.Library | None = None, gpu=_DETECT) -> bytes:
     """The engine's bytes, once its recorded identity matches this machine; raises EngineRefused otherwise.
 
     `gpu` defaults to the machine's first CUDA device (None: no GPU).
     """
     library = library or tensorrt_library.load()
-    built_with = f"{'TensorRT-RTX' if entry.flavour == 'tensorrt_rtx' else 'TensorRT'} {entry.version}"
-    if (library.flavour, library.version) != (entry.flavour, entry.version):
-        raise EngineRefused(f"{engine_path}: the engine was built with {built_with}; this machine has {library.label}", hint=_REBUILD)
-    gpu = tensorrt_library.current_gpu() if gpu is _DETECT else gpu
-    wanted = ", ".join(entry.compute_capabilities) or "the GPU it was built on"
-    if gpu is None:
-        raise EngineRefused(f"{engine_path}: no NVIDIA GPU on this machine; the engine runs on {wanted}", hint="run it on such a GPU, or load the artifact with target='cpu'")
-    if entry.compute_capabilities and gpu.compute_capability not in entry.compute_capabilities:
-        raise EngineRefused(f"{engine_path}: the engine was built for {wanted}; this GPU ({gpu.name}) is {gpu.compute_capability}", hint=_REBUILD)
+    problem = mismatch(entry, library, tensorrt_library.current_gpu() if gpu is _DETECT else gpu)
+    if problem is not None:
+        reason, hint = problem
+        raise EngineRefused(f"{engine_path}: {reason}", hint=hint)
     blob = engine_path.read_bytes()
     trt = library.module
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
