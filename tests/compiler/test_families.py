@@ -15,6 +15,7 @@ from compiler.architectures import REGISTRY
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from test_export_parity import TOLERANCE, _check_cached_decoding
+from test_tensorrt_lowering import assert_lowering_matches
 from tiny_models import VOCAB, save_model, write_recipe
 
 ATTENTION = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -77,3 +78,9 @@ def test_family_greedy_continuation_matches_transformers(family_artifacts, famil
     ours = [t for step in generator.stream_ids(prompt, max_new_tokens=32, speculative=False, stop_tokens=set()) for t in step]
     assert ours == expected
     assert TOLERANCE == 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_lowers_for_tensorrt(family_artifacts, family, tmp_path):
+    _, artifact = family_artifacts[family]
+    assert_lowering_matches(artifact, "main", tmp_path)
