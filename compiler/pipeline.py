@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Protocol
 from pydantic import BaseModel
 from tokenizers import Tokenizer
 
-from compiler import random_init
+from compiler import partition_files, random_init
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, ModelSource, Recipe, calibration_text, recipe_json
@@ -315,6 +315,12 @@ def _eos_token_id(checkpoint: Checkpoint, tokenizer_path: Path) -> int | None:
 ENGINE_FOLDER = "tensorrt"
 
 
+def _partitioned(records: list[StageRecord]) -> bool:
+    """Whether the model's experts were split over several partitions (their weights then get files of their own)."""
+    plan = next(r.result for r in records if r.stage == "partition")
+    return plan["partitions"] > 1 and bool(plan["layers"])
+
+
 def _engine_entry(role: str, records: list[StageRecord]) -> EngineEntry | None:
     built = next((r.result for r in records if r.stage == "build"), None)
     if built is None:
@@ -402,8 +408,11 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
     try:
         for role, (_, _, outputs) in results.items():
             (staging / role).mkdir()
-            for name in (export.MODEL_FILE, export.DATA_FILE):
-                shutil.copyfile(_model_dir(outputs) / name, staging / role / name)
+            if _partitioned(results[role][1]):
+                partition_files.save_partitioned(_model_dir(outputs), staging / role)
+            else:
+                for name in (export.MODEL_FILE, export.DATA_FILE):
+                    shutil.copyfile(_model_dir(outputs) / name, staging / role / name)
             if "build" in outputs:
                 engine_folder = staging / role / ENGINE_FOLDER
                 engine_folder.mkdir()

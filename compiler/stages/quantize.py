@@ -36,7 +36,7 @@ from compiler.stages.export import DATA_FILE, MODEL_FILE
 from compiler.onnx_graph import MS_DOMAIN
 from compiler.weight_sites import DenseSite, MoeSite, dense_sites, moe_sites
 
-VERSION = "8"
+VERSION = "9"
 SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
 Precision = Literal["fp32", "int8", "int4"]
 BITS = {"int8": 8, "int4": 4}
@@ -233,12 +233,11 @@ def _lower_dense(graph: ir.Graph, site: DenseSite, precision: str, quantize: _Qu
     graph.initializers.pop(site.weight.name)
 
 
-def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], originals: list[int], precision: str, quantize: _Quantizer, block_size: int) -> list[ir.Value]:
+def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], originals: list[int], label: str, bits: int, quantize: _Quantizer, block_size: int) -> list[ir.Value]:
     """QMoE weight inputs for `experts` (positions in the node; `originals`: their ids in the calibration
     statistics, which differ once experts were pruned) of one MoE layer: fc1 weights, scales, no bias, fc2 weights, scales."""
-    bits = BITS[precision]
     inputs: list[ir.Value | None] = []
-    tag = f"{precision}" + (f".e{'-'.join(map(str, experts))}" if len(experts) < site.fc1.shape[0] else "")
+    tag = label + (f".e{'-'.join(map(str, experts))}" if len(experts) < site.fc1.shape[0] else "")
     for weight, kind in ((site.fc1, "fc1"), (site.fc2, "fc2")):
         stored = weight.const_value.numpy()[experts]  # [E',N,K]
         key = calibrate.statistics_key(kind, str(site.layer))
@@ -269,43 +268,84 @@ def routing_weights(graph: ir.Graph, prefix: str, router_logits: ir.Value, top_k
     return nodes + [shape, zeros, scatter]
 
 
-def _lower_moe(graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quantize: _Quantizer, block_size: int, kept: list[int] | None = None) -> None:
-    """The layer's experts as QMoE nodes, one per precision; `kept`: the original ids of the experts left after pruning."""
+def _float_partition(graph: ir.Graph, site: MoeSite, positions: list[int], part: int, mixing: ir.Value, attributes: dict) -> list[ir.Node]:
+    """One partition's float experts as their own MoE node, weighted by the whole layer's routing.
+
+    onnxruntime's MoE takes no routing weights, so the node gets log g for the experts of this partition the
+    layer selected and a large negative logit for the others, picks min(k, its experts) without
+    renormalising, and its softmax divides by s, the sum of those g: the output times s is the partition's
+    share of the layer's output (zero when none of its experts was selected).
+    """
+    name = f"moe.{site.layer}.p{part}"
+    dtype = site.fc1.const_value.dtype.numpy()
+    index = new_initializer(graph, f"{name}.experts", np.array(positions, np.int64))
+    weights = ir.node("Gather", [mixing, index], {"axis": 1})  # [T,E_p], zero outside the layer's top k
+    floor = new_initializer(graph, f"{name}.floor", np.array(1e-30 if dtype == np.float32 else 1e-7, dtype))
+    logits = ir.node("Log", [ir.node("Max", [weights.outputs[0], floor]).outputs[0]])
+    masked = ir.node(
+        "Where",
+        [ir.node("Greater", [weights.outputs[0], new_initializer(graph, f"{name}.zero", np.zeros((), dtype))]).outputs[0], logits.outputs[0],
+         new_initializer(graph, f"{name}.unselected", np.array(-1e4, dtype))],
+    )
+    total = ir.node("ReduceSum", [weights.outputs[0], new_initializer(graph, f"{name}.last_axis", np.array([-1], np.int64))], {"keepdims": 1})
+    fc1 = new_initializer(graph, f"{site.fc1.name}.p{part}", np.ascontiguousarray(site.fc1.const_value.numpy()[positions]))
+    fc2 = new_initializer(graph, f"{site.fc2.name}.p{part}", np.ascontiguousarray(site.fc2.const_value.numpy()[positions]))
+    moe = ir.node(
+        "MoE", [site.tokens, masked.outputs[0], fc1, None, fc2],
+        attributes | {"k": min(attributes["k"], len(positions)), "normalize_routing_weights": 0}, domain=MS_DOMAIN, name=f"{site.node.name}.p{part}",
+    )
+    share = ir.node("Mul", [moe.outputs[0], total.outputs[0]])
+    return [weights, logits.inputs[0].producer(), logits, masked.inputs[0].producer(), masked, total, moe, share]
+
+
+def _lower_moe(
+    graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quantize: _Quantizer, block_size: int,
+    kept: list[int] | None = None, partition_of: list[int] | None = None,
+) -> None:
+    """The layer's experts as one node per (partition, precision): QMoE for quantized experts, MoE for float ones
+    of a partitioned layer. `kept`: the original ids of the experts left after pruning; `partition_of`: each
+    original expert's partition (None: one partition), whose weights then live in tensors of their own."""
     kept = kept if kept is not None else [choice.expert for choice in choices]
-    groups: dict[str, list[int]] = {}
+    groups: dict[tuple[int, str], list[int]] = {}
     for choice in choices:
-        groups.setdefault(choice.precision, []).append(choice.expert)
-    if set(groups) == {"fp32"}:
+        groups.setdefault((partition_of[choice.expert] if partition_of else 0, choice.precision), []).append(choice.expert)
+    precisions = {precision for _, precision in groups}
+    if precisions == {"fp32"} and len(groups) == 1:
         return
-    if "fp32" in groups:
-        raise ValueError(f"MoE layer {site.layer}: experts must all be quantized or all stay fp32 (got {sorted(groups)})")
+    if "fp32" in precisions and len(precisions) > 1:
+        raise ValueError(f"MoE layer {site.layer}: experts must all be quantized or all stay fp32 (got {sorted(precisions)})")
     attributes = {name: attr.value for name, attr in site.node.attributes.items()}
     top_k, renormalize = attributes["k"], bool(attributes["normalize_routing_weights"])
     nodes: list[ir.Node] = []
     mixing = None
     # The mixing weights are computed in the graph and passed as router_weights when the layer's experts
-    # differ in precision (each QMoE holds a subset), and when the top-k weights are not renormalised:
+    # are split over several nodes (precisions, partitions), and when the top-k weights are not renormalised:
     # onnxruntime's CPU QMoE (1.32) renormalises them whatever normalize_routing_weights says (measured).
     if len(groups) > 1 or not renormalize:
         # activations share the weights' float type
         nodes += routing_weights(graph, f"moe.{site.layer}", site.router_logits, top_k, renormalize, site.fc1.const_value.dtype.numpy())
         mixing = nodes[-1].outputs[0]
     partials = []
-    for precision, experts in sorted(groups.items()):
-        bits = BITS[precision]
+    for (part, precision), experts in sorted(groups.items()):
         originals, experts = experts, [kept.index(expert) for expert in experts]  # positions in the (pruned) node
-        weights = _expert_group(graph, site, experts, originals, precision, quantize, block_size)
+        if precision == "fp32":
+            nodes += _float_partition(graph, site, experts, part, mixing, attributes)
+            partials.append(nodes[-1].outputs[0])
+            continue
+        bits = BITS[precision]
+        label = f"p{part}.{precision}" if partition_of else precision
+        weights = _expert_group(graph, site, experts, originals, label, bits, quantize, block_size)
         group_attributes = attributes | {"expert_weight_bits": bits} | ({"block_size": block_size} if bits == 4 else {})
         inputs = [site.tokens, site.router_logits, *weights]
         if mixing is not None:
-            index = new_initializer(graph, f"moe.{site.layer}.{precision}.experts", np.array(experts, np.int64))
+            index = new_initializer(graph, f"moe.{site.layer}.{label}.experts", np.array(experts, np.int64))
             logits = ir.node("Gather", [site.router_logits, index], {"axis": 1})
             mix = ir.node("Gather", [mixing, index], {"axis": 1})
             nodes += [logits, mix]
             # Inputs 7-13 (fc2 bias, fc3, zero points) are absent; 14 is router_weights.
             inputs = [site.tokens, logits.outputs[0], *weights, *([None] * 7), mix.outputs[0]]
             group_attributes |= {"k": min(top_k, len(experts)), "normalize_routing_weights": 0}
-        qmoe = ir.node("QMoE", inputs, group_attributes, domain=MS_DOMAIN, name=f"{site.node.name}.{precision}")
+        qmoe = ir.node("QMoE", inputs, group_attributes, domain=MS_DOMAIN, name=f"{site.node.name}.{label}")
         nodes.append(qmoe)
         partials.append(qmoe.outputs[0])
     while len(partials) > 1:
@@ -328,7 +368,7 @@ def run(
     pruned = [choice.model_copy(update={"reason": f"pruned: {choice.routed_share:.2%} of routed tokens"}) for choice in experts if (choice.layer, choice.expert) in dropped]
     experts = [choice for choice in experts if (choice.layer, choice.expert) not in dropped]
     label = precision_label(config)
-    if label == "fp32" and not pruned:  # writes no model: the pipeline then takes the export stage's
+    if label == "fp32" and not pruned and plan.partitions <= 1:  # writes no model: the pipeline then takes the export stage's
         return QuantizeResult(precision="fp32", method="none", dense=[], experts=experts, smoothed=[], session_options={}, op_counts={})
 
     model = ir.load(export_dir / MODEL_FILE)
@@ -346,7 +386,8 @@ def run(
     quantize = _Quantizer(config, statistics)
     total, done = len(moes) + len(denses), 0
     for site in moes:
-        _lower_moe(model.graph, site, [c for c in experts if c.layer == site.layer], quantize, config.block_size, kept[site.layer])
+        partition_of = plan.layers[site.layer].partition_of_expert if plan.partitions > 1 else None
+        _lower_moe(model.graph, site, [c for c in experts if c.layer == site.layer], quantize, config.block_size, kept[site.layer], partition_of)
         done += 1
         if progress:
             progress(done, total)

@@ -1,0 +1,47 @@
+"""A partitioned artifact: each partition's experts in nodes and files of their own, computing what the whole model computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import runtime
+from compiler.pipeline import build
+from compiler.recipe import load_recipe
+from tiny_models import write_recipe
+
+LOOSE_GATE = "verify:\n  tokens: 512\n  max_perplexity_increase: 10.0\n  min_top1_agreement: 0.0\n"
+INT4 = "quantize:\n  weights: int4\n  block_size: 16\n"
+
+
+@pytest.fixture(scope="module")
+def build_tiny(tiny_pair, tmp_path_factory):
+    output, cache = tmp_path_factory.mktemp("partitioned"), tmp_path_factory.mktemp("partitioned-cache")
+
+    def build_with(name: str, extra: str):
+        return runtime.load(build(load_recipe(write_recipe(tiny_pair, name, LOOSE_GATE + extra)), output, cache_root=cache).artifact)
+
+    return build_with
+
+
+def _logits(generator, tokens):
+    cache = generator.main.new_cache(64)
+    return np.concatenate([cache.feed(tokens[:20]), cache.feed(tokens[20:21]), cache.feed(tokens[21:25])])
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+@pytest.mark.parametrize("partitions, strategy", [(2, "contiguous"), (2, "balanced"), (4, "contiguous"), (4, "balanced")])
+def test_partitioned_artifact_computes_the_whole_model(build_tiny, weights, partitions, strategy):
+    quantize = INT4 if weights == "int4" else ""
+    whole = build_tiny(f"whole-{weights}", quantize)
+    parted = build_tiny(f"parted-{weights}-{partitions}-{strategy}", quantize + f"partition:\n  partitions: {partitions}\n  strategy: {strategy}\n")
+    files = parted.manifest.files
+    for partition in range(partitions):
+        assert files[f"main/model.experts.p{partition}.data"].size > 0
+    assert not [name for name in files if name.startswith("draft/model.experts")]  # the dense draft has no experts to place
+    tokens = [int(t) for t in np.random.default_rng(0).integers(3, 200, 25)]
+    assert np.abs(_logits(parted, tokens) - _logits(whole, tokens)).max() <= 1e-5
+    prompt = tokens[:8]
+    greedy = [[t for step in g.stream_ids(prompt, max_new_tokens=24, speculative=False, stop_tokens=set()) for t in step] for g in (whole, parted)]
+    assert greedy[0] == greedy[1]
+    assert [t for step in parted.stream_ids(prompt, max_new_tokens=24, draft_length=3, stop_tokens=set()) for t in step] == greedy[1]
