@@ -151,7 +151,7 @@ STAGES: tuple[Stage, ...] = (
         "partition",
         partition.VERSION,
         partition.run,
-        lambda c, source: partition.PartitionConfig(**c.loaded.recipe.partition.model_dump()),
+        lambda c, source: partition.PartitionConfig(**c.loaded.recipe.partition.model_dump(mode="json")),
         lambda outputs, c: {"calibrate_dir": outputs["calibrate"]},
     ),
     Stage(

@@ -56,11 +56,16 @@ class PartitionSettings(_Frozen):
     prune_below_share: float | None = Field(
         default=None, gt=0.0, lt=1.0, description="opt-in: drop experts routed less than this share of their layer's tokens (the verify gate decides)"
     )
+    precision: tuple[Literal["int8", "int4"], ...] | None = Field(
+        default=None, description="expert weight precision per partition (one per partition), overriding the quantize rules for experts"
+    )
 
     @model_validator(mode="after")
     def _one_tier_rule(self) -> "PartitionSettings":
         if self.hot_share is not None and self.hot_count is not None:
             raise ValueError("give hot_share or hot_count, not both")
+        if self.precision is not None and len(self.precision) != self.partitions:
+            raise ValueError(f"precision lists {len(self.precision)} partitions; partitions is {self.partitions}")
         return self
 
 

@@ -368,6 +368,15 @@ def run(
     pruned = [choice.model_copy(update={"reason": f"pruned: {choice.routed_share:.2%} of routed tokens"}) for choice in experts if (choice.layer, choice.expert) in dropped]
     experts = [choice for choice in experts if (choice.layer, choice.expert) not in dropped]
     label = precision_label(config)
+    if plan.precision:  # each partition's own precision for its experts
+        experts = [
+            choice.model_copy(update={"precision": plan.precision[part], "reason": f"partition {part} rule"})
+            for choice in experts for part in [plan.layers[choice.layer].partition_of_expert[choice.expert]]
+        ]
+        if label == "fp32":
+            label = f"{plan.precision[0]}-{config.method}-b{config.block_size}" + ("-mixed" if len(set(plan.precision)) > 1 else "")
+        elif {choice.precision for choice in experts} != {config.classes.get("experts", config.weights)} and not label.endswith("-mixed"):
+            label += "-mixed"
     if label == "fp32" and not pruned and plan.partitions <= 1:  # writes no model: the pipeline then takes the export stage's
         return QuantizeResult(precision="fp32", method="none", dense=[], experts=experts, smoothed=[], session_options={}, op_counts={})
 

@@ -45,3 +45,29 @@ def test_partitioned_artifact_computes_the_whole_model(build_tiny, weights, part
     greedy = [[t for step in g.stream_ids(prompt, max_new_tokens=24, speculative=False, stop_tokens=set()) for t in step] for g in (whole, parted)]
     assert greedy[0] == greedy[1]
     assert [t for step in parted.stream_ids(prompt, max_new_tokens=24, draft_length=3, stop_tokens=set()) for t in step] == greedy[1]
+
+
+def test_changing_one_partitions_precision_rewrites_only_its_file(build_tiny):
+    rule = "partition:\n  partitions: 2\n  strategy: contiguous\n  precision: [{}, {}]\n"
+    both_int4 = build_tiny("parted-int4-int4", INT4 + rule.format("int4", "int4"))
+    second_int8 = build_tiny("parted-int4-int8", INT4 + rule.format("int4", "int8"))
+    before, after = both_int4.manifest.files, second_int8.manifest.files
+    assert after["main/model.experts.p0.data"] == before["main/model.experts.p0.data"]  # same digest and size
+    assert after["main/model.experts.p1.data"].size > before["main/model.experts.p1.data"].size  # INT8 now
+    assert second_int8.manifest.models["main"].precision == "int4-rtn-b16-mixed"
+    experts = next(r.result["experts"] for r in second_int8.manifest.stages if r.model == "main" and r.stage == "quantize")
+    plan = next(r.result for r in second_int8.manifest.stages if r.model == "main" and r.stage == "partition")
+    for choice in experts:
+        part = plan["layers"][choice["layer"]]["partition_of_expert"][choice["expert"]]
+        assert (choice["precision"], choice["reason"]) == (["int4", "int8"][part], f"partition {part} rule")
+    prompt = [5, 17, 42, 9, 77, 3]
+    alone = [t for step in second_int8.stream_ids(prompt, max_new_tokens=24, speculative=False, stop_tokens=set()) for t in step]
+    assert [t for step in second_int8.stream_ids(prompt, max_new_tokens=24, draft_length=3, stop_tokens=set()) for t in step] == alone
+
+
+def test_a_precision_per_partition_must_match_the_partitions(tiny_pair):
+    from compiler.errors import RecipeError
+
+    recipe = write_recipe(tiny_pair, "bad-precision", "partition:\n  partitions: 2\n  precision: [int4]\n")
+    with pytest.raises(RecipeError, match=r"bad-precision\.yaml:\d+: field 'partition': .*precision lists 1 partitions; partitions is 2"):
+        load_recipe(recipe)
