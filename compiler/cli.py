@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from runtime import tensorrt_library
 from runtime.errors import MoeccError
 
 
@@ -72,8 +73,10 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "experts": {r.model: r.result["experts"] for r in manifest.stages if r.stage == "quantize" and any(e["precision"] != "fp32" for e in r.result.get("experts", []))},
         "lowering": {r.model: r.result for r in manifest.stages if r.stage == "lower" and (r.result["split_nodes"] or r.result["kept_whole"])},
         "engines": _engines(manifest),
-        "partition": {r.model: r.result for r in manifest.stages if r.stage == "partition" and r.result["layers"]},
-        "pruning": [{"model": r.model, "pruned_bytes": r.result.get("pruned_bytes", 0)} for r in manifest.stages if r.stage == "quantize"],
+        "partition": {
+            r.model: r.result | {"pruned_bytes": next(q.result.get("pruned_bytes", 0) for q in manifest.stages if q.model == r.model and q.stage == "quantize")}
+            for r in manifest.stages if r.stage == "partition" and r.result["layers"]
+        },
         "generation": manifest.generation.model_dump(),
         "tools": manifest.tools,
     }
@@ -96,10 +99,9 @@ def _print_engines(console: Console, engines: dict[str, Any], artifact: Path, la
     for column in ("model", "built with", "GPUs", "precision", "layers", "size", "lowered graph vs reference"):
         table.add_column(column)
     for role, engine in engines.items():
-        library = f"{'TensorRT-RTX' if engine['flavour'] == 'tensorrt_rtx' else 'TensorRT'} {engine['version']}"
         check = engine["check"]
         table.add_row(
-            role, library, ", ".join(engine["compute_capabilities"]) or "its own", engine["precision"], str(engine["layers"]), _size(engine["size"]),
+            role, tensorrt_library.label(engine["flavour"], engine["version"]), ", ".join(engine["compute_capabilities"]) or "its own", engine["precision"], str(engine["layers"]), _size(engine["size"]),
             f"ppl {check['perplexity_increase']:+.2%}, top-1 {check['top1_agreement']:.3f}",
         )
     console.print(table)
@@ -148,8 +150,10 @@ def _print_summary(console: Console, summary: dict[str, Any], title: str, layers
             )
         console.print(table)
         if plan["pruned_experts"]:
-            saved = next(r["pruned_bytes"] for r in summary["pruning"] if r["model"] == role)
-            console.print(f"{role}: {plan['pruned_experts']} experts pruned (routed < {plan['prune_below_share']:.2%} of their layer's tokens), {_size(saved)} of weights removed")
+            console.print(
+                f"{role}: {plan['pruned_experts']} experts pruned (routed < {plan['prune_below_share']:.2%} of their layer's tokens), "
+                f"{_size(plan['pruned_bytes'])} of weights removed"
+            )
     for role, experts in summary["experts"].items():
         table = Table(title=f"{role} expert precision (reasons in the manifest's quantize record)")
         precisions = sorted({e["precision"] for e in experts})

@@ -406,9 +406,9 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
     output_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.recipe.name}-", dir=output_root))
     try:
-        for role, (_, _, outputs) in results.items():
+        for role, (_, records, outputs) in results.items():
             (staging / role).mkdir()
-            if _partitioned(results[role][1]):
+            if _partitioned(records):
                 partition_files.save_partitioned(_model_dir(outputs), staging / role)
             else:
                 for name in (export.MODEL_FILE, export.DATA_FILE):

@@ -35,9 +35,8 @@ _DETECT = object()
 
 def mismatch(entry: EngineEntry, library: tensorrt_library.Library, gpu: tensorrt_library.Gpu | None) -> tuple[str, str] | None:
     """Why this machine cannot run the engine (the reason, and what to do), or None when its identity matches."""
-    built_with = f"{'TensorRT-RTX' if entry.flavour == 'tensorrt_rtx' else 'TensorRT'} {entry.version}"
     if (library.flavour, library.version) != (entry.flavour, entry.version):
-        return f"the engine was built with {built_with}; this machine has {library.label}", _REBUILD
+        return f"the engine was built with {tensorrt_library.label(entry.flavour, entry.version)}; this machine has {library.label}", _REBUILD
     wanted = ", ".join(entry.compute_capabilities) or "the GPU it was built on"
     if gpu is None:
         return f"no NVIDIA GPU on this machine; the engine runs on {wanted}", "run it on such a GPU, or load the artifact with target='cpu'"

@@ -23,6 +23,11 @@ class TensorRTMissing(MoeccError):
     """Neither TensorRT nor TensorRT-RTX is importable."""
 
 
+def label(flavour: str, version: str) -> str:
+    """How a flavour and version read to users, e.g. 'TensorRT-RTX 1.7.1.116'."""
+    return f"{'TensorRT-RTX' if flavour == 'tensorrt_rtx' else 'TensorRT'} {version}"
+
+
 @dataclass(frozen=True)
 class Library:
     flavour: str  # a key of FLAVOURS
@@ -31,7 +36,7 @@ class Library:
 
     @property
     def label(self) -> str:
-        return f"{'TensorRT-RTX' if self.flavour == 'tensorrt_rtx' else 'TensorRT'} {self.version}"
+        return label(self.flavour, self.version)
 
     @property
     def targets_compute_capabilities(self) -> bool:

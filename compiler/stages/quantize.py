@@ -281,12 +281,10 @@ def _float_partition(graph: ir.Graph, site: MoeSite, positions: list[int], part:
     index = new_initializer(graph, f"{name}.experts", np.array(positions, np.int64))
     weights = ir.node("Gather", [mixing, index], {"axis": 1})  # [T,E_p], zero outside the layer's top k
     floor = new_initializer(graph, f"{name}.floor", np.array(1e-30 if dtype == np.float32 else 1e-7, dtype))
-    logits = ir.node("Log", [ir.node("Max", [weights.outputs[0], floor]).outputs[0]])
-    masked = ir.node(
-        "Where",
-        [ir.node("Greater", [weights.outputs[0], new_initializer(graph, f"{name}.zero", np.zeros((), dtype))]).outputs[0], logits.outputs[0],
-         new_initializer(graph, f"{name}.unselected", np.array(-1e4, dtype))],
-    )
+    clipped = ir.node("Max", [weights.outputs[0], floor])  # Log(0) would be -inf
+    logits = ir.node("Log", [clipped.outputs[0]])
+    selected = ir.node("Greater", [weights.outputs[0], new_initializer(graph, f"{name}.zero", np.zeros((), dtype))])
+    masked = ir.node("Where", [selected.outputs[0], logits.outputs[0], new_initializer(graph, f"{name}.unselected", np.array(-1e4, dtype))])
     total = ir.node("ReduceSum", [weights.outputs[0], new_initializer(graph, f"{name}.last_axis", np.array([-1], np.int64))], {"keepdims": 1})
     fc1 = new_initializer(graph, f"{site.fc1.name}.p{part}", np.ascontiguousarray(site.fc1.const_value.numpy()[positions]))
     fc2 = new_initializer(graph, f"{site.fc2.name}.p{part}", np.ascontiguousarray(site.fc2.const_value.numpy()[positions]))
@@ -295,7 +293,7 @@ def _float_partition(graph: ir.Graph, site: MoeSite, positions: list[int], part:
         attributes | {"k": min(attributes["k"], len(positions)), "normalize_routing_weights": 0}, domain=MS_DOMAIN, name=f"{site.node.name}.p{part}",
     )
     share = ir.node("Mul", [moe.outputs[0], total.outputs[0]])
-    return [weights, logits.inputs[0].producer(), logits, masked.inputs[0].producer(), masked, total, moe, share]
+    return [weights, clipped, logits, selected, masked, total, moe, share]
 
 
 def _lower_moe(
