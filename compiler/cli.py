@@ -220,10 +220,20 @@ def cmd_inspect(args, out: Console, err: Console) -> dict[str, Any]:
     return summary
 
 
+def _add_loading_options(parser: argparse.ArgumentParser) -> None:
+    """How a command that runs an artifact opens it (the arguments of runtime.load)."""
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--target", choices=["auto", "cpu", "tensorrt"], default="auto", help="auto: the TensorRT engines where this machine can run them, else cpu")
+    parser.add_argument(
+        "--placement", choices=["single", "expert-parallel"], default="single",
+        help="expert-parallel: one worker per partition of a partitioned artifact's experts (cpu target)",
+    )
+
+
 def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
     import runtime
 
-    generator = runtime.load(args.artifact, target=args.target, threads=args.threads)
+    generator = runtime.load(args.artifact, target=args.target, threads=args.threads, placement=args.placement)
     sampling = runtime.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stream = generator.stream(
         args.prompt,
@@ -257,7 +267,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     from compiler import corpus
     from runtime import benchmark
 
-    generator = runtime.load(args.artifact, target=args.target, threads=args.threads)
+    generator = runtime.load(args.artifact, target=args.target, threads=args.threads, placement=args.placement)
     default = generator.manifest.generation.draft_length
     fixed = args.draft_length or (default if isinstance(default, int) else 4)
     heldout = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:50]))
@@ -406,8 +416,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    generate.add_argument("--target", choices=["auto", "cpu", "tensorrt"], default="auto", help="auto: the TensorRT engines where this machine can run them, else cpu")
+    _add_loading_options(generate)
 
     bench = command("bench", "time an artifact: prefill, decode, speculative acceptance, memory", cmd_bench)
     bench.add_argument("artifact")
@@ -416,8 +425,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3, help="timed runs per case, after one warm-up")
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="prompts decoded together, each size in every mode")
     bench.add_argument("--draft-length", type=int, default=None, help="the fixed draft length to compare with auto (default: the recipe's, else 4)")
-    bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    bench.add_argument("--target", choices=["auto", "cpu", "tensorrt"], default="auto", help="auto: the TensorRT engines where this machine can run them, else cpu")
+    _add_loading_options(bench)
     bench.add_argument("--json-out", default=None, help="default: bench-NAME.json next to the artifact")
     bench.add_argument("--chart", default=None, help="PNG chart; default: the JSON path with .png")
     return parser

@@ -348,6 +348,7 @@ def _model_entry(role: str, checkpoint: Checkpoint, records: list[StageRecord]) 
         max_sequence_length=exported["max_sequence_length"],
         parameters=loaded["parameters"],
         engine=_engine_entry(role, records),
+        expert_layers=quantized.get("expert_layers", []),
     )
 
 

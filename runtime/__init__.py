@@ -12,6 +12,7 @@ from runtime.speculative import GenerationStats
 __all__ = ["load", "Generator", "Generation", "Stream", "SamplingParams", "GenerationStats", "MoeccError", "ArtifactError"]
 
 TARGETS = ("cpu", "tensorrt")
+PLACEMENTS = ("single", "expert-parallel")
 
 
 def _auto_target(path: str | Path) -> str:
@@ -32,12 +33,21 @@ def _auto_target(path: str | Path) -> str:
     return "cpu" if any(mismatch(engine, library, gpu) for engine in engines) else "tensorrt"
 
 
-def load(path: str | Path, target: str = "auto", threads: int | None = None) -> Generator:
+def load(path: str | Path, target: str = "auto", threads: int | None = None, placement: str = "single") -> Generator:
     """Verify the artifact at `path` (digests, paths, no symlinks), then open its main and draft models.
 
     target: cpu (ONNX Runtime), tensorrt (the artifact's engines; refused with the reason when this machine
     cannot run them), or auto: tensorrt when it can, else cpu.
+    placement: single (the main model in one session or engine, every partition of its experts together) or
+    expert-parallel (cpu target, a partitioned artifact: one worker per partition of the experts, the main
+    model sending each MoE layer's tokens to the workers holding their experts and adding up what comes back).
     """
     if target not in ("auto", *TARGETS):
         raise MoeccError(f"unknown target {target!r}; available: auto, {', '.join(TARGETS)}")
-    return Generator(path, threads=threads, target=_auto_target(path) if target == "auto" else target)
+    if placement not in PLACEMENTS:
+        raise MoeccError(f"unknown placement {placement!r}; available: {', '.join(PLACEMENTS)}")
+    if placement == "expert-parallel":
+        if target == "tensorrt":
+            raise MoeccError("expert-parallel placement runs on the cpu target; a TensorRT engine holds all of its experts", hint="load with target='cpu'")
+        target = "cpu"
+    return Generator(path, threads=threads, target=_auto_target(path) if target == "auto" else target, placement=placement)

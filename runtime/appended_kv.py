@@ -15,14 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.decoder import TokenLedger, session_options
-
-KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-
-
-def kv_names(num_layers: int) -> list[tuple[str, str]]:
-    """(past input, present output) names per layer and kind, in the model's order."""
-    return [(f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}") for layer in range(num_layers) for kind in ("key", "value")]
+from runtime.decoder import KV_DTYPES, TokenLedger, kv_names, session_options
 
 
 class AppendedKvCache(TokenLedger):

@@ -63,6 +63,30 @@ class EngineEntry(_Record):
     size: int
 
 
+class PartitionOutputs(_Record):
+    """One partition's experts in one MoE layer: which columns of the layer's mixing weights are theirs, and the values
+    holding their share of the layer's output (one per precision among them)."""
+
+    partition: int
+    columns: list[int]  # positions of the partition's experts among the layer's (kept) experts
+    outputs: list[str]
+
+
+class ExpertLayer(_Record):
+    """Where a partitioned MoE layer can be cut: the values entering its experts and the one their shares add up to.
+
+    mixing holds each token's routing weights over the layer's experts, zero outside its top k; the output is
+    the sum of every partition's outputs, in the listed order.
+    """
+
+    layer: int
+    tokens: str  # [T, hidden]
+    router_logits: str  # [T, experts]
+    mixing: str  # [T, experts]
+    output: str  # [T, hidden]
+    partitions: list[PartitionOutputs]
+
+
 class ModelEntry(_Record):
     """One exported decoder: where it is and what the runtime needs to drive its KV cache."""
 
@@ -78,6 +102,7 @@ class ModelEntry(_Record):
     parameters: int
     session_options: dict[str, str] = {}  # keys and values from SESSION_OPTIONS
     engine: EngineEntry | None = None  # the tensorrt target's engine, when the recipe builds one
+    expert_layers: list[ExpertLayer] = []  # the MoE layers' cuts, when the experts are split over partitions
 
     @field_validator("session_options")
     @classmethod

@@ -11,7 +11,17 @@ import onnxruntime as ort
 from runtime.artifact import ModelEntry
 from runtime.errors import ArtifactError
 
-_KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def kv_names(num_layers: int) -> list[tuple[str, str]]:
+    """(past input, present output) names per layer and kind, in the model's order."""
+    return [(f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}") for layer in range(num_layers) for kind in ("key", "value")]
+
+
+def check_capacity(total: int, capacity: int) -> None:
+    if total > capacity:
+        raise ValueError(f"sequence of {total} tokens exceeds the KV cache capacity of {capacity}")
 
 
 def check_external_data(artifact: Path, model: str, allowed: set[str]) -> None:
@@ -58,11 +68,14 @@ class Decoder:
     def new_cache(self, capacity: int | None = None) -> KvCache:
         return KvCache(self, capacity or self.entry.max_sequence_length)
 
+    def bind(self, batch: int, capacity: int) -> BoundBuffers:
+        return BoundBuffers(self, batch, capacity)
+
 
 SMALL_CALL = 16  # new tokens per row up to which a call's ids and logits live in preallocated, bound buffers
 
 
-class _BoundBuffers:
+class BoundBuffers:
     """An IO binding whose key/value buffers [B, kv heads, capacity, D] per layer are both past and present.
 
     GroupQueryAttention writes the new keys and values in place when past and present share a buffer, and
@@ -81,11 +94,10 @@ class _BoundBuffers:
         self.binding.bind_output("logits", "cpu")  # bound first: get_outputs()[0] is the logits
         shape = (batch, entry.num_kv_heads, capacity, entry.head_dim)
         self._values = []  # keeps the OrtValues alive as long as the binding uses them
-        for layer in range(entry.num_layers):
-            for kind in ("key", "value"):
-                buffer = self._keep(np.zeros(shape, dtype=_KV_DTYPES[entry.activations]))
-                self.binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", buffer)
-                self.binding.bind_ortvalue_output(f"present.{layer}.{kind}", buffer)
+        for past, present in kv_names(entry.num_layers):
+            buffer = self._keep(np.zeros(shape, dtype=KV_DTYPES[entry.activations]))
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)
         self._seqlens_k, self._total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
         self.binding.bind_ortvalue_input("seqlens_k", self._keep(self._seqlens_k))
         self.binding.bind_ortvalue_input("total_sequence_length", self._keep(self._total))
@@ -115,10 +127,9 @@ class _BoundBuffers:
             self._bound_width = width
         return ids, logits
 
-    def _run(self, input_ids: np.ndarray, seqlens_k: list[int], total: int) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, seqlens_k: list[int], total: int) -> np.ndarray:
         """One call: input_ids [B,S] after each row's cached tokens; returns logits [B,S,V] (the caller's to keep)."""
-        if total > self.capacity:
-            raise ValueError(f"sequence of {total} tokens exceeds the KV cache capacity of {self.capacity}")
+        check_capacity(total, self.capacity)
         self._seqlens_k[:] = seqlens_k
         self._total[...] = total
         width = input_ids.shape[1]
@@ -188,26 +199,25 @@ class TokenLedger:
         raise NotImplementedError
 
     def _check_room(self, new_tokens: int) -> None:
-        if len(self.ids) + new_tokens > self.capacity:
-            raise ValueError(f"sequence of {len(self.ids) + new_tokens} tokens exceeds the KV cache capacity of {self.capacity}")
+        check_capacity(len(self.ids) + new_tokens, self.capacity)
 
 
-class KvCache(TokenLedger, _BoundBuffers):
-    """One sequence's cache [1, kv heads, capacity, head dim] per layer."""
+class KvCache(TokenLedger):
+    """One sequence's cache [1, kv heads, capacity, head dim] per layer, bound by its decoder (whole or cut at its experts)."""
 
-    def __init__(self, decoder: Decoder, capacity: int):
-        _BoundBuffers.__init__(self, decoder, 1, capacity)
-        TokenLedger.__init__(self, capacity)
+    def __init__(self, decoder, capacity: int):
+        super().__init__(capacity)
+        self.buffers = decoder.bind(1, capacity)
 
     def feed(self, tokens: list[int]) -> np.ndarray:
         """Run the new tokens through the model after the cached ones; returns their logits [S, V]."""
         total = len(self.ids) + len(tokens)
-        logits = self._run(np.asarray([tokens], dtype=np.int64), [total - 1], total)
+        logits = self.buffers.run(np.asarray([tokens], dtype=np.int64), [total - 1], total)
         self.ids.extend(tokens)
         return logits[0]  # [S,V]
 
 
-class BatchKvCache(_BoundBuffers):
+class BatchKvCache:
     """Key/value buffers [B, kv heads, capacity, D] for B sequences of different lengths, decoded together.
 
     GroupQueryAttention reads each row's length from seqlens_k, so rows need not line up: the prompts are
@@ -218,8 +228,9 @@ class BatchKvCache(_BoundBuffers):
     rolls back by length as in KvCache.
     """
 
-    def __init__(self, decoder: Decoder, batch: int, capacity: int):
-        super().__init__(decoder, batch, capacity)
+    def __init__(self, decoder, batch: int, capacity: int):
+        self.buffers = decoder.bind(batch, capacity)
+        self.capacity = capacity
         self.ids: list[list[int]] = [[] for _ in range(batch)]
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
@@ -230,7 +241,7 @@ class BatchKvCache(_BoundBuffers):
         input_ids = np.zeros((len(prompts), width), dtype=np.int64)
         for row, prompt in enumerate(prompts):
             input_ids[row, : len(prompt)] = prompt
-        logits = self._run(input_ids, [len(prompt) - 1 for prompt in prompts], width)
+        logits = self.buffers.run(input_ids, [len(prompt) - 1 for prompt in prompts], width)
         self.ids = [list(prompt) for prompt in prompts]
         return logits[np.arange(len(prompts)), [len(prompt) - 1 for prompt in prompts]]
 
@@ -249,7 +260,7 @@ class BatchKvCache(_BoundBuffers):
             feeding = {row: tokens[position] for row, tokens in rows.items() if position < len(tokens)}
             step = [feeding.get(row, 0) for row in range(len(self.ids))]
             lengths = [len(ids) for ids in self.ids]
-            logits = self._run(np.asarray(step, dtype=np.int64)[:, None], lengths, max(lengths) + 1)
+            logits = self.buffers.run(np.asarray(step, dtype=np.int64)[:, None], lengths, max(lengths) + 1)
             for row, token in feeding.items():
                 self.ids[row].append(token)
                 produced[row].append(logits[row, 0])

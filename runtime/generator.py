@@ -53,10 +53,11 @@ SEEDED_DRAFT_LENGTH = 4  # what "auto" means for seeded sampling, which must rep
 class Generator:
     """Holds one session per model; each call gets its own KV caches, so threads may share a Generator."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, target: str = "cpu"):
+    def __init__(self, path: str | Path, threads: int | None = None, target: str = "cpu", placement: str = "single"):
         self.path = Path(path)
         self.manifest: Manifest = verify_artifact(self.path)  # before anything is deserialized
         self.target = target
+        self.placement = placement
         self.main = self._decoder("main", threads)
         self.draft = self._decoder("draft", threads) if "draft" in self.manifest.models else None
         self.tokenizer = Tokenizer.from_file(str(self.path / self.manifest.tokenizer))
@@ -70,6 +71,10 @@ class Generator:
             from runtime.tensorrt_backend import TensorRTDecoder  # imports TensorRT: only for this target
 
             return TensorRTDecoder(self.path, entry, set(self.manifest.files))
+        if self.placement == "expert-parallel" and role == "main":
+            from runtime.expert_parallel import ExpertParallelDecoder
+
+            return ExpertParallelDecoder(self.path, entry, set(self.manifest.files), threads)
         return Decoder(self.path, entry, set(self.manifest.files), threads)
 
     def _draft_policy(self, draft_length: int | str, sampling: SamplingParams) -> FixedDraftLength | AdaptiveDraftLength:

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime import tensorrt_library
-from runtime.appended_kv import KV_DTYPES, AppendedKvCache, kv_names
+from runtime.appended_kv import AppendedKvCache
+from runtime.decoder import KV_DTYPES, kv_names
 from runtime.artifact import EngineEntry, ModelEntry
 from runtime.decoder import check_external_data
 from runtime.errors import ArtifactError

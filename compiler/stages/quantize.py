@@ -35,8 +35,9 @@ from compiler.stages import calibrate, partition
 from compiler.stages.export import DATA_FILE, MODEL_FILE
 from compiler.onnx_graph import MS_DOMAIN
 from compiler.weight_sites import DenseSite, MoeSite, dense_sites, moe_sites
+from runtime.artifact import ExpertLayer, PartitionOutputs
 
-VERSION = "9"
+VERSION = "10"
 SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
 Precision = Literal["fp32", "int8", "int4"]
 BITS = {"int8": 8, "int4": 4}
@@ -83,6 +84,7 @@ class QuantizeResult(BaseModel):
     op_counts: dict[str, int]
     pruned: list[ExpertChoice] = []  # experts dropped by the partition plan (their choice records the routed share)
     pruned_bytes: int = 0  # their weights and router columns, before quantization
+    expert_layers: list[ExpertLayer] = []  # where a partitioned model's MoE layers are cut for expert parallelism
 
 
 def precision_label(config: QuantizeConfig) -> str:
@@ -296,20 +298,27 @@ def _float_partition(graph: ir.Graph, site: MoeSite, positions: list[int], part:
     return [weights, clipped, logits, selected, masked, total, moe, share]
 
 
+def _named(value: ir.Value, name: str, float_type: ir.DataType) -> ir.Value:
+    """A value the runtime finds by name (where an expert-parallel runtime cuts the graph), with its type recorded."""
+    value.name, value.type = name, ir.TensorType(float_type)
+    return value
+
+
 def _lower_moe(
     graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quantize: _Quantizer, block_size: int,
     kept: list[int] | None = None, partition_of: list[int] | None = None,
-) -> None:
+) -> ExpertLayer | None:
     """The layer's experts as one node per (partition, precision): QMoE for quantized experts, MoE for float ones
     of a partitioned layer. `kept`: the original ids of the experts left after pruning; `partition_of`: each
-    original expert's partition (None: one partition), whose weights then live in tensors of their own."""
+    original expert's partition (None: one partition), whose weights then live in tensors of their own, and
+    whose cut (the values entering the experts and each partition's share) is returned."""
     kept = kept if kept is not None else [choice.expert for choice in choices]
     groups: dict[tuple[int, str], list[int]] = {}
     for choice in choices:
         groups.setdefault((partition_of[choice.expert] if partition_of else 0, choice.precision), []).append(choice.expert)
     precisions = {precision for _, precision in groups}
     if precisions == {"fp32"} and len(groups) == 1:
-        return
+        return None
     if "fp32" in precisions and len(precisions) > 1:
         raise ValueError(f"MoE layer {site.layer}: experts must all be quantized or all stay fp32 (got {sorted(precisions)})")
     attributes = {name: attr.value for name, attr in site.node.attributes.items()}
@@ -323,12 +332,20 @@ def _lower_moe(
         # activations share the weights' float type
         nodes += routing_weights(graph, f"moe.{site.layer}", site.router_logits, top_k, renormalize, site.fc1.const_value.dtype.numpy())
         mixing = nodes[-1].outputs[0]
-    partials = []
+    float_type = site.fc1.const_value.dtype
+    if partition_of:
+        _named(mixing, f"moe.{site.layer}.mixing", float_type)
+    partials, shares = [], {}
     for (part, precision), experts in sorted(groups.items()):
         originals, experts = experts, [kept.index(expert) for expert in experts]  # positions in the (pruned) node
+        if partition_of:
+            columns, outputs = shares.setdefault(part, ([], []))
+            columns += experts
         if precision == "fp32":
             nodes += _float_partition(graph, site, experts, part, mixing, attributes)
             partials.append(nodes[-1].outputs[0])
+            if partition_of:
+                outputs.append(_named(partials[-1], f"moe.{site.layer}.p{part}.fp32.share", float_type).name)
             continue
         bits = BITS[precision]
         label = f"p{part}.{precision}" if partition_of else precision
@@ -346,13 +363,23 @@ def _lower_moe(
         qmoe = ir.node("QMoE", inputs, group_attributes, domain=MS_DOMAIN, name=f"{site.node.name}.{label}")
         nodes.append(qmoe)
         partials.append(qmoe.outputs[0])
-    while len(partials) > 1:
+        if partition_of:
+            outputs.append(_named(partials[-1], f"moe.{site.layer}.{label}.share", float_type).name)
+    while len(partials) > 1:  # the runtime's expert-parallel sum follows this order
         total = ir.node("Add", partials[:2])
         nodes.append(total)
         partials = [total.outputs[0], *partials[2:]]
+    output = site.node.outputs[0].name
     _replace(graph, site.node, nodes, partials[0])
     for weight in (site.fc1, site.fc2):
         graph.initializers.pop(weight.name)
+    if not partition_of:
+        return None
+    _named(partials[0], output, float_type)
+    return ExpertLayer(
+        layer=site.layer, tokens=site.tokens.name, router_logits=site.router_logits.name, mixing=mixing.name, output=output,
+        partitions=[PartitionOutputs(partition=part, columns=sorted(columns), outputs=outputs) for part, (columns, outputs) in sorted(shares.items())],
+    )
 
 
 def run(
@@ -392,9 +419,12 @@ def run(
     smoothed = _smooth(denses, choices, statistics, ranges, config.smoothquant) if smoothing else []
     quantize = _Quantizer(config, statistics)
     total, done = len(moes) + len(denses), 0
+    expert_layers: list[ExpertLayer] = []
     for site in moes:
         partition_of = plan.layers[site.layer].partition_of_expert if plan.partitions > 1 else None
-        _lower_moe(model.graph, site, [c for c in experts if c.layer == site.layer], quantize, config.block_size, kept[site.layer], partition_of)
+        cut = _lower_moe(model.graph, site, [c for c in experts if c.layer == site.layer], quantize, config.block_size, kept[site.layer], partition_of)
+        if cut is not None:
+            expert_layers.append(cut)
         done += 1
         if progress:
             progress(done, total)
@@ -415,7 +445,7 @@ def run(
     ops = Counter(node.op_type for node in model.graph)
     return QuantizeResult(
         precision=label, method=config.method, dense=choices, experts=experts, smoothed=smoothed, session_options=options,
-        op_counts=dict(sorted(ops.items())), pruned=pruned, pruned_bytes=pruned_bytes,
+        op_counts=dict(sorted(ops.items())), pruned=pruned, pruned_bytes=pruned_bytes, expert_layers=expert_layers,
     )
 
 

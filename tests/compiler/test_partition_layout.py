@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,17 @@ def build_tiny(tiny_pair, tmp_path_factory):
     return build_with
 
 
+@pytest.fixture(scope="module")
+def build_both(build_tiny):
+    """A build loaded twice: with all partitions in one session, and expert-parallel (one worker per partition)."""
+
+    def build_with(name: str, extra: str):
+        single = build_tiny(name, extra)
+        return single, runtime.load(single.path, target="cpu", placement="expert-parallel")
+
+    return build_with
+
+
 def _logits(generator, tokens):
     cache = generator.main.new_cache(64)
     return np.concatenate([cache.feed(tokens[:20]), cache.feed(tokens[20:21]), cache.feed(tokens[21:25])])
@@ -31,20 +44,39 @@ def _logits(generator, tokens):
 
 @pytest.mark.parametrize("weights", ["fp32", "int4"])
 @pytest.mark.parametrize("partitions, strategy", [(2, "contiguous"), (2, "balanced"), (4, "contiguous"), (4, "balanced")])
-def test_partitioned_artifact_computes_the_whole_model(build_tiny, weights, partitions, strategy):
+def test_partitioned_artifact_computes_the_whole_model(build_tiny, build_both, weights, partitions, strategy):
+    """Run as one model and expert-parallel, a partitioned artifact gives the unpartitioned one's logits and greedy output."""
     quantize = INT4 if weights == "int4" else ""
     whole = build_tiny(f"whole-{weights}", quantize)
-    parted = build_tiny(f"parted-{weights}-{partitions}-{strategy}", quantize + f"partition:\n  partitions: {partitions}\n  strategy: {strategy}\n")
-    files = parted.manifest.files
+    single, parallel = build_both(f"parted-{weights}-{partitions}-{strategy}", quantize + f"partition:\n  partitions: {partitions}\n  strategy: {strategy}\n")
+    files = single.manifest.files
     for partition in range(partitions):
         assert files[f"main/model.experts.p{partition}.data"].size > 0
     assert not [name for name in files if name.startswith("draft/model.experts")]  # the dense draft has no experts to place
+    assert {part for (part, _) in parallel.main.experts} == set(range(partitions))
     tokens = [int(t) for t in np.random.default_rng(0).integers(3, 200, 25)]
-    assert np.abs(_logits(parted, tokens) - _logits(whole, tokens)).max() <= 1e-5
+    reference = _logits(whole, tokens)
+    for parted in (single, parallel):
+        assert np.abs(_logits(parted, tokens) - reference).max() <= 1e-5
     prompt = tokens[:8]
-    greedy = [[t for step in g.stream_ids(prompt, max_new_tokens=24, speculative=False, stop_tokens=set()) for t in step] for g in (whole, parted)]
-    assert greedy[0] == greedy[1]
-    assert [t for step in parted.stream_ids(prompt, max_new_tokens=24, draft_length=3, stop_tokens=set()) for t in step] == greedy[1]
+    greedy = [t for step in whole.stream_ids(prompt, max_new_tokens=24, speculative=False, stop_tokens=set()) for t in step]
+    for parted in (single, parallel):
+        assert [t for step in parted.stream_ids(prompt, max_new_tokens=24, speculative=False, stop_tokens=set()) for t in step] == greedy
+        assert [t for step in parted.stream_ids(prompt, max_new_tokens=24, draft_length=3, stop_tokens=set()) for t in step] == greedy
+
+
+def test_expert_parallel_batches_and_sends_each_partition_only_its_tokens(build_both, tiny_pair):
+    single, parallel = build_both("parted-fp32-4-balanced", "partition:\n  partitions: 4\n  strategy: balanced\n")
+    prompts = [[5, 17, 42, 9, 77, 3], [11, 12], [100, 3, 8, 9, 23, 41, 7, 66, 90]]
+    rows = [parted.generate_batch_ids(prompts, max_new_tokens=12, stop_tokens=set(), draft_length=2)[0] for parted in (single, parallel)]
+    assert rows[0] == rows[1]
+    parallel.main.rows_sent.clear()
+    parallel.main.new_cache(32).feed(prompts[2])
+    top_k = json.loads((tiny_pair / "main" / "config.json").read_text())["num_experts_per_tok"]
+    for position in range(len(parallel.main.layers)):
+        sent = [parallel.main.rows_sent[part, position] for part in range(4)]
+        # each token goes to the partitions holding its top-k experts: at least one, at most k of them
+        assert len(prompts[2]) <= sum(sent) <= top_k * len(prompts[2]) and max(sent) <= len(prompts[2])
 
 
 def test_changing_one_partitions_precision_rewrites_only_its_file(build_tiny):
@@ -71,3 +103,14 @@ def test_a_precision_per_partition_must_match_the_partitions(tiny_pair):
     recipe = write_recipe(tiny_pair, "bad-precision", "partition:\n  partitions: 2\n  precision: [int4]\n")
     with pytest.raises(RecipeError, match=r"bad-precision\.yaml:\d+: field 'partition': .*precision lists 1 partitions; partitions is 2"):
         load_recipe(recipe)
+
+
+def test_expert_parallel_placement_needs_partitioned_experts_on_the_cpu(build_tiny):
+    whole = build_tiny("whole-fp32", "")
+    with pytest.raises(runtime.ArtifactError, match="experts are not partitioned") as refused:
+        runtime.load(whole.path, placement="expert-parallel")
+    assert "partition.partitions > 1" in refused.value.hint
+    with pytest.raises(runtime.MoeccError, match="expert-parallel placement runs on the cpu target"):
+        runtime.load(whole.path, target="tensorrt", placement="expert-parallel")
+    with pytest.raises(runtime.MoeccError, match="unknown placement 'spread'; available: single, expert-parallel"):
+        runtime.load(whole.path, placement="spread")
