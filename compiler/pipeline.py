@@ -23,7 +23,7 @@ from compiler import partition_files, random_init
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, ModelSource, Recipe, calibration_text, recipe_json
-from compiler.stages import build_engine, calibrate, export, load, lower, lower_tensorrt, partition, quantize, verify
+from compiler.stages import build_engine, calibrate, export, load, lower, lower_tensorrt, partition, quantize, quantize_experts, verify
 from runtime import tensorrt_library
 from runtime.artifact import MANIFEST_NAME, EngineEntry, EngineProfile, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
 from runtime.errors import MoeccError
@@ -63,6 +63,8 @@ class Stage:
     config_for: Callable[[BuildContext, ModelSource], BaseModel]  # the model's own source may override recipe-wide settings
     inputs_for: Callable[[dict[str, Path], BuildContext], dict[str, Any]] = _no_inputs  # earlier outputs it reads
     applies: Callable[[Recipe], bool] = lambda recipe: True  # a stage for a target the recipe does not list is skipped
+    # Run once per expert partition, each run cached apart; config_for then also takes the partition.
+    per_partition: bool = False
 
 
 def _window(context: BuildContext) -> int:
@@ -129,7 +131,21 @@ def _quantize_config(context: BuildContext, source: ModelSource) -> quantize.Qua
         classes=settings.classes.model_dump(exclude_none=True),
         hot_experts=settings.hot_experts,
         activations=settings.activations, activation_range=settings.activation_range, smoothquant=settings.smoothquant,
+        partition_precision=dict(enumerate(context.loaded.recipe.partition.precision or ())),
     )
+
+
+def _quantize_experts_config(context: BuildContext, source: ModelSource, partition: int) -> quantize_experts.QuantizeExpertsConfig:
+    settings = _quantize_config(context, source)
+    return quantize_experts.QuantizeExpertsConfig(
+        partition=partition, experts=settings.classes.get("experts", settings.weights), hot_experts=settings.hot_experts,
+        own_precision=settings.partition_precision.get(partition), method=settings.method, block_size=settings.block_size,
+    )
+
+
+def _partition_outputs(outputs: dict[str, Path], stage: str) -> list[Path]:
+    """A per-partition stage's output folders, in partition order."""
+    return [outputs[f"{stage}.p{part}"] for part in range(len([name for name in outputs if name.startswith(f"{stage}.p")]))]
 
 
 STAGES: tuple[Stage, ...] = (
@@ -151,15 +167,26 @@ STAGES: tuple[Stage, ...] = (
         "partition",
         partition.VERSION,
         partition.run,
-        lambda c, source: partition.PartitionConfig(**c.loaded.recipe.partition.model_dump(mode="json")),
+        lambda c, source: partition.PartitionConfig(**c.loaded.recipe.partition.model_dump(mode="json", exclude={"precision"})),  # quantize's
         lambda outputs, c: {"calibrate_dir": outputs["calibrate"]},
+    ),
+    Stage(
+        "quantize_experts",
+        quantize_experts.VERSION,
+        quantize_experts.run,
+        _quantize_experts_config,
+        lambda outputs, c: {"export_dir": outputs["export"], "calibrate_dir": outputs["calibrate"], "partition_dir": outputs["partition"]},
+        per_partition=True,
     ),
     Stage(
         "quantize",
         quantize.VERSION,
         quantize.run,
         _quantize_config,
-        lambda outputs, c: {"export_dir": outputs["export"], "calibrate_dir": outputs["calibrate"], "partition_dir": outputs["partition"]},
+        lambda outputs, c: {
+            "export_dir": outputs["export"], "calibrate_dir": outputs["calibrate"], "partition_dir": outputs["partition"],
+            "experts_dirs": _partition_outputs(outputs, "quantize_experts"),
+        },
     ),
     Stage(
         "lower",
@@ -279,8 +306,8 @@ def _run_model(role: str, context: BuildContext, cache: StageCache, observer: Bu
         )
     upstream = _digest({"checkpoint": checkpoint.digests()})
     records, outputs = [], {}
-    for stage in (stage for stage in STAGES if stage.applies(loaded.recipe)):
-        config = stage.config_for(context, source)
+
+    def run_stage(stage: Stage, config: BaseModel, upstream: str) -> tuple[StageRecord, Path]:
         config_json = json.loads(config.model_dump_json())
         key = _digest({"stage": stage.name, "version": stage.version, "config": config_json, "upstream": upstream, "tools": tools})
         observer.stage_started(role, stage.name)
@@ -297,8 +324,19 @@ def _run_model(role: str, context: BuildContext, cache: StageCache, observer: Bu
         )
         observer.stage_finished(record)
         records.append(record)
-        outputs[stage.name] = folder_out
-        upstream = key
+        return record, folder_out
+
+    for stage in (stage for stage in STAGES if stage.applies(loaded.recipe)):
+        if stage.per_partition:
+            # Every partition's run hangs off the same upstream, so one partition's change leaves the others cached.
+            keys = []
+            for part in range(loaded.recipe.partition.partitions if checkpoint.dims.num_experts else 1):
+                record, outputs[f"{stage.name}.p{part}"] = run_stage(stage, stage.config_for(context, source, part), upstream)
+                keys.append(record.cache_key)
+            upstream = _digest(keys)
+        else:
+            record, outputs[stage.name] = run_stage(stage, stage.config_for(context, source), upstream)
+            upstream = record.cache_key
     return checkpoint, records, outputs
 
 

@@ -18,7 +18,7 @@ from compiler import partitioning
 from compiler.checkpoint import Checkpoint
 from compiler.stages import calibrate
 
-VERSION = "1"
+VERSION = "2"
 PLAN_FILE = "plan.json"
 
 
@@ -29,7 +29,6 @@ class PartitionConfig(BaseModel):
     hot_share: float | None
     hot_count: int | None
     prune_below_share: float | None = None
-    precision: list[str] | None = None  # expert precision per partition
 
 
 class LayerPlan(BaseModel):
@@ -55,7 +54,6 @@ class PartitionResult(BaseModel):
     hot_count: int | None
     prune_below_share: float | None = None
     pruned_experts: int = 0
-    precision: list[str] | None = None
     files: list[str]
 
 
@@ -84,7 +82,7 @@ def plan(tokens_per_expert: list[list[int]], tokens: int, config: PartitionConfi
     return PartitionResult(
         partitions=config.partitions, strategy=config.strategy, layers=layers, max_imbalance=worst[config.strategy],
         max_imbalance_by_strategy=worst, hot_share=config.hot_share, hot_count=config.hot_count,
-        prune_below_share=config.prune_below_share, pruned_experts=sum(len(layer.pruned) for layer in layers), precision=config.precision,
+        prune_below_share=config.prune_below_share, pruned_experts=sum(len(layer.pruned) for layer in layers),
         files=[PLAN_FILE],
     )
 

@@ -39,6 +39,12 @@ from runtime.artifact import ExpertLayer, PartitionOutputs
 
 VERSION = "10"
 SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
+EXPERTS_FILE = "experts.npz"  # written by the quantize_experts stage, one per partition
+
+
+def array_key(partition: int, layer: int, precision: str, kind: str) -> str:
+    """The name of an array in EXPERTS_FILE: kind fc1, fc1.scales, fc2 or fc2.scales of a layer's experts of one precision."""
+    return f"p{partition}.layer{layer}.{precision}.{kind}"
 Precision = Literal["fp32", "int8", "int4"]
 BITS = {"int8": 8, "int4": 4}
 NORM_WEIGHT_INPUT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}  # which input is the scale
@@ -54,6 +60,7 @@ class QuantizeConfig(BaseModel):
     activations: Literal["fp32", "int8"] = "fp32"  # int8: static scales on the inputs of INT8 dense weights
     activation_range: Literal["minmax", "percentile", "entropy"] = "percentile"
     smoothquant: float | None = None  # alpha; needs activation_range minmax
+    partition_precision: dict[int, Precision] = {}  # partition -> its experts' precision, overriding the rules above
 
 
 class TensorChoice(BaseModel):
@@ -173,11 +180,11 @@ def _replace(graph: ir.Graph, node: ir.Node, replacement: list[ir.Node], output:
     output.name = name  # a graph output keeps the name the runtime binds
 
 
-class _Quantizer:
+class Quantizer:
     """Rounds weights [..., N, K] by the configured method; GPTQ reads the calibrated second moments [..., K, K]."""
 
-    def __init__(self, config: QuantizeConfig, statistics: dict[str, np.ndarray]):
-        self.method, self.statistics = config.method, statistics
+    def __init__(self, method: str, statistics: dict[str, np.ndarray]):
+        self.method, self.statistics = method, statistics
 
     def __call__(self, weight: np.ndarray, bits: int, block_size: int, moments_key: str, experts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         if weight.shape[-1] % block_size:
@@ -191,7 +198,7 @@ class _Quantizer:
         return quantization.round_to_nearest(weight, block_size, bits)
 
 
-def _lower_dense(graph: ir.Graph, site: DenseSite, precision: str, quantize: _Quantizer, config: QuantizeConfig, ranges: dict) -> None:
+def _lower_dense(graph: ir.Graph, site: DenseSite, precision: str, quantize: Quantizer, config: QuantizeConfig, ranges: dict) -> None:
     bits = BITS[precision]
     weight = site.weight.const_value.numpy()  # [K,N]
     dtype = weight.dtype
@@ -235,19 +242,13 @@ def _lower_dense(graph: ir.Graph, site: DenseSite, precision: str, quantize: _Qu
     graph.initializers.pop(site.weight.name)
 
 
-def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], originals: list[int], label: str, bits: int, quantize: _Quantizer, block_size: int) -> list[ir.Value]:
-    """QMoE weight inputs for `experts` (positions in the node; `originals`: their ids in the calibration
-    statistics, which differ once experts were pruned) of one MoE layer: fc1 weights, scales, no bias, fc2 weights, scales."""
+def _expert_group(graph: ir.Graph, site: MoeSite, experts: list[int], label: str, bits: int, quantized: dict[str, np.ndarray], key) -> list[ir.Value]:
+    """QMoE weight inputs for `experts` (positions in the node) of one MoE layer, from the quantize_experts stage's
+    arrays (`key(kind)` names them): fc1 weights, scales, no bias, fc2 weights, scales."""
     inputs: list[ir.Value | None] = []
     tag = label + (f".e{'-'.join(map(str, experts))}" if len(experts) < site.fc1.shape[0] else "")
     for weight, kind in ((site.fc1, "fc1"), (site.fc2, "fc2")):
-        stored = weight.const_value.numpy()[experts]  # [E',N,K]
-        key = calibrate.statistics_key(kind, str(site.layer))
-        levels, scales = quantize(stored.astype(np.float32), bits, block_size if bits == 4 else stored.shape[-1], key, originals)
-        if bits == 8:
-            scales = scales[..., 0]  # one scale per row: [E',N]
-        dtype = stored.dtype
-        inputs += [new_initializer(graph, f"{weight.name}.{tag}.q{bits}", quantization.pack(levels, bits)), new_initializer(graph, f"{weight.name}.{tag}.scales", scales.astype(dtype))]
+        inputs += [new_initializer(graph, f"{weight.name}.{tag}.q{bits}", quantized[key(kind)]), new_initializer(graph, f"{weight.name}.{tag}.scales", quantized[key(f"{kind}.scales")])]
         if kind == "fc1":
             inputs.append(None)  # no bias
     return inputs
@@ -305,7 +306,7 @@ def _named(value: ir.Value, name: str, float_type: ir.DataType) -> ir.Value:
 
 
 def _lower_moe(
-    graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quantize: _Quantizer, block_size: int,
+    graph: ir.Graph, site: MoeSite, choices: list[ExpertChoice], quantized: dict[str, np.ndarray], block_size: int,
     kept: list[int] | None = None, partition_of: list[int] | None = None,
 ) -> ExpertLayer | None:
     """The layer's experts as one node per (partition, precision): QMoE for quantized experts, MoE for float ones
@@ -337,7 +338,7 @@ def _lower_moe(
         _named(mixing, f"moe.{site.layer}.mixing", float_type)
     partials, shares = [], {}
     for (part, precision), experts in sorted(groups.items()):
-        originals, experts = experts, [kept.index(expert) for expert in experts]  # positions in the (pruned) node
+        experts = [kept.index(expert) for expert in experts]  # positions in the (pruned) node
         if partition_of:
             columns, outputs = shares.setdefault(part, ([], []))
             columns += experts
@@ -349,7 +350,7 @@ def _lower_moe(
             continue
         bits = BITS[precision]
         label = f"p{part}.{precision}" if partition_of else precision
-        weights = _expert_group(graph, site, experts, originals, label, bits, quantize, block_size)
+        weights = _expert_group(graph, site, experts, label, bits, quantized, lambda kind: array_key(part, site.layer, precision, kind))
         group_attributes = attributes | {"expert_weight_bits": bits} | ({"block_size": block_size} if bits == 4 else {})
         inputs = [site.tokens, site.router_logits, *weights]
         if mixing is not None:
@@ -382,24 +383,34 @@ def _lower_moe(
     )
 
 
-def run(
-    checkpoint: Checkpoint, config: QuantizeConfig, out_dir: Path, progress=None, *, export_dir: Path, calibrate_dir: Path, partition_dir: Path
-) -> QuantizeResult:
-    routing = calibrate.CalibrateResult.model_validate_json((calibrate_dir / calibrate.ROUTING_FILE).read_text())
+def planned_expert_choices(routing: calibrate.CalibrateResult, plan: partition.PartitionResult, config: QuantizeConfig) -> tuple[list[ExpertChoice], list[ExpertChoice]]:
+    """Each kept expert's precision (from the rules, the tiers and its partition's own precision), and the pruned experts."""
     rare = {(r.layer, r.expert) for r in routing.rarely_routed}
-    plan = partition.read_plan(partition_dir)
     experts = expert_choices(routing.tokens_per_expert, [layer.tiers for layer in plan.layers], rare, routing.rare_expert_policy, config)
     dropped = {(layer.layer, expert) for layer in plan.layers for expert in layer.pruned}
     pruned = [choice.model_copy(update={"reason": f"pruned: {choice.routed_share:.2%} of routed tokens"}) for choice in experts if (choice.layer, choice.expert) in dropped]
     experts = [choice for choice in experts if (choice.layer, choice.expert) not in dropped]
+    own = config.partition_precision
+    experts = [
+        choice.model_copy(update={"precision": own[part], "reason": f"partition {part} rule"}) if part in own else choice
+        for choice in experts for part in [plan.layers[choice.layer].partition_of_expert[choice.expert]]
+    ]
+    return experts, pruned
+
+
+def run(
+    checkpoint: Checkpoint, config: QuantizeConfig, out_dir: Path, progress=None, *,
+    export_dir: Path, calibrate_dir: Path, partition_dir: Path, experts_dirs: list[Path],
+) -> QuantizeResult:
+    """experts_dirs: the quantize_experts stage's output for each partition."""
+    routing = calibrate.CalibrateResult.model_validate_json((calibrate_dir / calibrate.ROUTING_FILE).read_text())
+    plan = partition.read_plan(partition_dir)
+    experts, pruned = planned_expert_choices(routing, plan, config)
     label = precision_label(config)
-    if plan.precision:  # each partition's own precision for its experts
-        experts = [
-            choice.model_copy(update={"precision": plan.precision[part], "reason": f"partition {part} rule"})
-            for choice in experts for part in [plan.layers[choice.layer].partition_of_expert[choice.expert]]
-        ]
+    if config.partition_precision:
+        own = config.partition_precision
         if label == "fp32":
-            label = f"{plan.precision[0]}-{config.method}-b{config.block_size}" + ("-mixed" if len(set(plan.precision)) > 1 else "")
+            label = f"{own[min(own)]}-{config.method}-b{config.block_size}" + ("-mixed" if len(set(own.values())) > 1 else "")
         elif {choice.precision for choice in experts} != {config.classes.get("experts", config.weights)} and not label.endswith("-mixed"):
             label += "-mixed"
     if label == "fp32" and not pruned and plan.partitions <= 1:  # writes no model: the pipeline then takes the export stage's
@@ -417,12 +428,16 @@ def run(
     moes, denses = moe_sites(model), dense_sites(model)
     choices = [_dense_choice(site, config) for site in denses]
     smoothed = _smooth(denses, choices, statistics, ranges, config.smoothquant) if smoothing else []
-    quantize = _Quantizer(config, statistics)
+    quantize = Quantizer(config.method, statistics)
+    quantized = {}
+    for folder in experts_dirs:
+        with np.load(folder / EXPERTS_FILE, allow_pickle=False) as stored:
+            quantized |= {key: stored[key] for key in stored.files}
     total, done = len(moes) + len(denses), 0
     expert_layers: list[ExpertLayer] = []
     for site in moes:
         partition_of = plan.layers[site.layer].partition_of_expert if plan.partitions > 1 else None
-        cut = _lower_moe(model.graph, site, [c for c in experts if c.layer == site.layer], quantize, config.block_size, kept[site.layer], partition_of)
+        cut = _lower_moe(model.graph, site, [c for c in experts if c.layer == site.layer], quantized, config.block_size, kept[site.layer], partition_of)
         if cut is not None:
             expert_layers.append(cut)
         done += 1

@@ -84,6 +84,10 @@ def test_changing_one_partitions_precision_rewrites_only_its_file(build_tiny):
     both_int4 = build_tiny("parted-int4-int4", INT4 + rule.format("int4", "int4"))
     second_int8 = build_tiny("parted-int4-int8", INT4 + rule.format("int4", "int8"))
     before, after = both_int4.manifest.files, second_int8.manifest.files
+    # Only partition 1's experts were quantized again: partition 0's run came from the stage cache.
+    runs = {r.config["partition"]: r for r in second_int8.manifest.stages if r.model == "main" and r.stage == "quantize_experts"}
+    assert (runs[0].cached, runs[1].cached) == (True, False)
+    assert [g["precision"] for g in runs[1].result["groups"]] == ["int8"] * len(runs[1].result["groups"]) and runs[1].result["groups"]
     assert after["main/model.experts.p0.data"] == before["main/model.experts.p0.data"]  # same digest and size
     assert after["main/model.experts.p1.data"].size > before["main/model.experts.p1.data"].size  # INT8 now
     assert second_int8.manifest.models["main"].precision == "int4-rtn-b16-mixed"

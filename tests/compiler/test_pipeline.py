@@ -31,7 +31,7 @@ def test_manifest_lists_every_file_with_digest_and_size(tiny_artifact, tiny_pair
     assert manifest["inputs"]["main"]["model.safetensors"] == sha256_of(tiny_pair / "main" / "model.safetensors")
     assert {"onnx", "onnxruntime", "onnx-ir", "python"} <= set(manifest["tools"])
     assert [(s["model"], s["stage"]) for s in manifest["stages"]] == [
-        (model, stage) for model in ("main", "draft") for stage in ("load", "export", "calibrate", "partition", "quantize", "lower", "verify")
+        (model, stage) for model in ("main", "draft") for stage in ("load", "export", "calibrate", "partition", "quantize_experts", "quantize", "lower", "verify")
     ]
     assert all(s["seconds"] >= 0 and s["result"] for s in manifest["stages"])
     assert manifest["generation"]["eos_token_id"] == 0
@@ -48,7 +48,7 @@ def test_rebuild_is_cached_and_a_changed_export_setting_reruns_only_export(tiny_
     changed = tiny_pair / "changed.yaml"
     changed.write_text((tiny_pair / "tiny.yaml").read_text().replace("max_sequence_length: 256", "max_sequence_length: 128").replace("name: tiny", "name: changed"))
     third = build(load_recipe(changed), output)
-    assert {(r.stage, r.cached) for r in third.manifest.stages} == {("load", True), ("export", False), ("calibrate", False), ("partition", False), ("quantize", False), ("lower", False), ("verify", False)}
+    assert {(r.stage, r.cached) for r in third.manifest.stages} == {("load", True), ("export", False), ("calibrate", False), ("partition", False), ("quantize_experts", False), ("quantize", False), ("lower", False), ("verify", False)}
     assert third.manifest.models["main"].max_sequence_length == 128
 
 
