@@ -67,7 +67,10 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "recipe_sha256": manifest.recipe_sha256,
         "models": models,
         "total_bytes": sum(f.size for f in manifest.files.values()),
-        "stages": [r.model_dump(include={"model", "stage", "seconds", "cached"}) for r in manifest.stages],
+        "stages": [  # a per-partition stage's runs carry their partition
+            r.model_dump(include={"model", "stage", "seconds", "cached"}) | ({"partition": r.config["partition"]} if "partition" in r.config else {})
+            for r in manifest.stages
+        ],
         "accuracy": {r.model: r.result for r in manifest.stages if r.stage == "verify"},
         "routing": {r.model: r.result for r in manifest.stages if r.stage == "calibrate" and r.result.get("moe_layers")},
         "experts": {r.model: r.result["experts"] for r in manifest.stages if r.stage == "quantize" and any(e["precision"] != "fp32" for e in r.result.get("experts", []))},
@@ -127,7 +130,8 @@ def _print_summary(console: Console, summary: dict[str, Any], title: str, layers
     for column in ("model", "stage", "seconds", "cached"):
         stages.add_column(column)
     for record in summary["stages"]:
-        stages.add_row(record["model"], record["stage"], f"{record['seconds']:.2f}", "yes" if record["cached"] else "no")
+        stage = record["stage"] + (f" p{record['partition']}" if "partition" in record else "")
+        stages.add_row(record["model"], stage, f"{record['seconds']:.2f}", "yes" if record["cached"] else "no")
     console.print(stages)
     for role, routing in summary["routing"].items():
         table = Table(title=f"{role} routing on {routing['tokens']:,} calibration tokens")

@@ -307,10 +307,10 @@ def _run_model(role: str, context: BuildContext, cache: StageCache, observer: Bu
     upstream = _digest({"checkpoint": checkpoint.digests()})
     records, outputs = [], {}
 
-    def run_stage(stage: Stage, config: BaseModel, upstream: str) -> tuple[StageRecord, Path]:
+    def run_stage(stage: Stage, config: BaseModel, upstream: str, label: str) -> tuple[StageRecord, Path]:
         config_json = json.loads(config.model_dump_json())
         key = _digest({"stage": stage.name, "version": stage.version, "config": config_json, "upstream": upstream, "tools": tools})
-        observer.stage_started(role, stage.name)
+        observer.stage_started(role, label)
         started = time.perf_counter()
         hit = cache.lookup(stage.name, key)
         if hit is None:
@@ -331,11 +331,11 @@ def _run_model(role: str, context: BuildContext, cache: StageCache, observer: Bu
             # Every partition's run hangs off the same upstream, so one partition's change leaves the others cached.
             keys = []
             for part in range(loaded.recipe.partition.partitions if checkpoint.dims.num_experts else 1):
-                record, outputs[f"{stage.name}.p{part}"] = run_stage(stage, stage.config_for(context, source, part), upstream)
+                record, outputs[f"{stage.name}.p{part}"] = run_stage(stage, stage.config_for(context, source, part), upstream, f"{stage.name} p{part}")
                 keys.append(record.cache_key)
             upstream = _digest(keys)
         else:
-            record, outputs[stage.name] = run_stage(stage, stage.config_for(context, source), upstream)
+            record, outputs[stage.name] = run_stage(stage, stage.config_for(context, source), upstream, stage.name)
             upstream = record.cache_key
     return checkpoint, records, outputs
 

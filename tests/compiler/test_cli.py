@@ -23,7 +23,7 @@ def test_build_inspect_generate_json(tiny_pair, tmp_path):
     inspected = json.loads(out)
     assert inspected["models"]["draft"]["precision"] == "fp32"
     assert inspected["total_bytes"] == built["total_bytes"]
-    assert [s["stage"] for s in inspected["stages"]] == ["load", "export", "calibrate", "partition", "quantize", "lower", "verify"] * 2
+    assert [s["stage"] for s in inspected["stages"]] == ["load", "export", "calibrate", "partition", "quantize_experts", "quantize", "lower", "verify"] * 2
     assert inspected["lowering"]["main"]["expert_parts"] == 2 and len(inspected["lowering"]["main"]["split_nodes"]) == 2
     assert "draft" not in inspected["lowering"]  # a dense model has no experts to split
 
