@@ -263,7 +263,12 @@ def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
             f"acceptance {stats['acceptance_rate']:.2f}, mean accepted length {stats['mean_accepted_length']:.2f}, "
             f"draft {stats['draft_seconds']:.2f}s, verify {stats['verify_seconds']:.2f}s[/dim]"
         )
-    return {"text": "".join(pieces), "token_ids": stream.token_ids, "stats": stats}
+    result = {"text": "".join(pieces), "token_ids": stream.token_ids, "stats": stats}
+    if generator.placement == "expert-parallel":
+        result["partitions_per_token"] = round(generator.main.partitions_per_token(), 4)
+        if not args.json:
+            err.print(f"[dim]expert-parallel: each token went to {result['partitions_per_token']:.2f} partitions per MoE layer[/dim]")
+    return result
 
 
 def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:

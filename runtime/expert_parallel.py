@@ -142,7 +142,9 @@ class ExpertParallelDecoder:
 
         self.entry = entry
         self.layers = layers
-        self.rows_sent: Counter[tuple[int, int]] = Counter()  # (partition, position of the layer) -> token rows dispatched
+        # Traffic: token rows sent to each (partition, position of the layer), and tokens through each layer.
+        self.rows_sent: Counter[tuple[int, int]] = Counter()
+        self.tokens_seen: Counter[int] = Counter()
         self._count = threading.Lock()
         self.segments = [open_part(inputs, outputs, kv) for inputs, outputs, kv in segments]
         # A partition's worker: its experts of each layer, by (partition, position of the layer).
@@ -154,6 +156,11 @@ class ExpertParallelDecoder:
     def new_cache(self, capacity: int | None = None) -> KvCache:
         return KvCache(self, capacity or self.entry.max_sequence_length)
 
+    def partitions_per_token(self) -> float:
+        """Partitions a token was sent to per MoE layer, on average so far: copies of its hidden state sent out (and back)."""
+        with self._count:
+            return sum(self.rows_sent.values()) / max(1, sum(self.tokens_seen.values()))
+
     def bind(self, batch: int, capacity: int) -> SegmentBuffers:
         return SegmentBuffers(self, batch, capacity)
 
@@ -161,12 +168,14 @@ class ExpertParallelDecoder:
         """One MoE layer: each partition's worker gets the rows whose top k includes one of its experts; returns the summed shares."""
         layer = self.layers[position]
         tokens, mixing = values[layer.tokens], values[layer.mixing]
-        total = None
-        for part in layer.partitions:
-            rows = np.flatnonzero((mixing[:, part.columns] != 0).any(axis=1))
-            worker = self.experts[part.partition, position]
-            with self._count:
+        selected = [np.flatnonzero((mixing[:, part.columns] != 0).any(axis=1)) for part in layer.partitions]
+        with self._count:
+            self.tokens_seen[position] += len(tokens)
+            for part, rows in zip(layer.partitions, selected):
                 self.rows_sent[part.partition, position] += rows.size
+        total = None
+        for part, rows in zip(layer.partitions, selected):
+            worker = self.experts[part.partition, position]
             if rows.size:
                 feeds = {name: np.ascontiguousarray(values[name][rows]) for name in worker.inputs}
                 results = worker.session.run(worker.outputs, feeds)

@@ -7,7 +7,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler.stages import quantize
+from compiler.stages import quantize, quantize_experts
 from compiler.weight_sites import moe_sites
 
 EXPERTS, INNER, HIDDEN, TOP_K = 6, 128, 64, 2
@@ -49,5 +49,6 @@ def moe_layer(precision: str, renormalize: bool) -> ir.Model:
         chosen = PRECISIONS[precision]
         choices = [quantize.ExpertChoice(layer=0, expert=e, precision=chosen.get(e, "int4"), routed_share=0.0, reason="test") for e in range(EXPERTS)]
         (site,) = moe_sites(model)
-        quantize._lower_moe(model.graph, site, choices, quantize._Quantizer(quantize.QuantizeConfig(), {}), 32)
+        quantized, _ = quantize_experts.quantize_layer(site, choices, 0, quantize.Quantizer("rtn", {}), 32)
+        quantize._lower_moe(model.graph, site, choices, quantized, 32)
     return model

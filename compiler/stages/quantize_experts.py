@@ -22,8 +22,8 @@ from compiler import quantization
 from compiler.checkpoint import Checkpoint
 from compiler.stages import calibrate, partition
 from compiler.stages.export import MODEL_FILE
-from compiler.stages.quantize import BITS, EXPERTS_FILE, Precision, QuantizeConfig, Quantizer, array_key, planned_expert_choices
-from compiler.weight_sites import moe_sites
+from compiler.stages.quantize import BITS, EXPERTS_FILE, ExpertChoice, Precision, QuantizeConfig, Quantizer, array_key, planned_expert_choices
+from compiler.weight_sites import MoeSite, moe_sites
 
 VERSION = "1"
 
@@ -56,6 +56,25 @@ class QuantizeExpertsResult(BaseModel):
     bytes: int  # of the quantized weights and scales
 
 
+def quantize_layer(site: MoeSite, choices: list[ExpertChoice], partition: int, quantize: Quantizer, block_size: int) -> tuple[dict[str, np.ndarray], list[ExpertGroup]]:
+    """One layer's quantized experts of one partition, per precision (choices: theirs, by original id; fp32 ones are skipped)."""
+    arrays, groups = {}, []
+    for precision in sorted({c.precision for c in choices if c.precision != "fp32"}):
+        originals = [c.expert for c in choices if c.precision == precision]
+        bits = BITS[precision]
+        for weight, kind in ((site.fc1, "fc1"), (site.fc2, "fc2")):
+            stored = weight.const_value.numpy()[originals]  # [E',N,K]
+            levels, scales = quantize(
+                stored.astype(np.float32), bits, block_size if bits == 4 else stored.shape[-1], calibrate.statistics_key(kind, str(site.layer)), originals
+            )
+            if bits == 8:
+                scales = scales[..., 0]  # one scale per row: [E',N]
+            arrays[array_key(partition, site.layer, precision, kind)] = quantization.pack(levels, bits)
+            arrays[array_key(partition, site.layer, precision, f"{kind}.scales")] = scales.astype(stored.dtype)
+        groups.append(ExpertGroup(layer=site.layer, precision=precision, experts=originals))
+    return arrays, groups
+
+
 def run(
     checkpoint: Checkpoint, config: QuantizeExpertsConfig, out_dir: Path, progress=None, *, export_dir: Path, calibrate_dir: Path, partition_dir: Path
 ) -> QuantizeExpertsResult:
@@ -74,20 +93,9 @@ def run(
         sites = {site.layer: site for site in moe_sites(ir.load(export_dir / MODEL_FILE))}
         layers = sorted({c.layer for c in mine})
         for done, layer in enumerate(layers, 1):
-            site = sites[layer]
-            for precision in sorted({c.precision for c in mine if c.layer == layer}):
-                originals = [c.expert for c in mine if c.layer == layer and c.precision == precision]
-                bits = BITS[precision]
-                for weight, kind in ((site.fc1, "fc1"), (site.fc2, "fc2")):
-                    stored = weight.const_value.numpy()[originals]  # [E',N,K]
-                    levels, scales = quantize(
-                        stored.astype(np.float32), bits, config.block_size if bits == 4 else stored.shape[-1], calibrate.statistics_key(kind, str(layer)), originals
-                    )
-                    if bits == 8:
-                        scales = scales[..., 0]  # one scale per row: [E',N]
-                    arrays[array_key(config.partition, layer, precision, kind)] = quantization.pack(levels, bits)
-                    arrays[array_key(config.partition, layer, precision, f"{kind}.scales")] = scales.astype(stored.dtype)
-                groups.append(ExpertGroup(layer=layer, precision=precision, experts=originals))
+            layer_arrays, layer_groups = quantize_layer(sites[layer], [c for c in mine if c.layer == layer], config.partition, quantize, config.block_size)
+            arrays |= layer_arrays
+            groups += layer_groups
             if progress:
                 progress(done, len(layers))
     np.savez(out_dir / EXPERTS_FILE, **arrays)

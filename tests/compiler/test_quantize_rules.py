@@ -19,7 +19,7 @@ from compiler.errors import BuildError
 from compiler.ort_windows import run_windows
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
-from compiler.stages import calibrate, export, partition, quantize
+from compiler.stages import calibrate, export, partition, quantize, quantize_experts
 from compiler.weight_sites import moe_sites
 from onnx_models import moe_model as _moe_model, run_moe as _run
 from tiny_models import write_recipe
@@ -66,7 +66,8 @@ def test_experts_split_by_precision_equal_one_moe_with_their_dequantized_weights
 
     model = _moe_model(fc1, fc2, top_k, renormalize)
     (site,) = moe_sites(model)
-    quantize._lower_moe(model.graph, site, choices, quantize._Quantizer(quantize.QuantizeConfig(), {}), 32)
+    quantized, _ = quantize_experts.quantize_layer(site, choices, 0, quantize.Quantizer("rtn", {}), 32)
+    quantize._lower_moe(model.graph, site, choices, quantized, 32)
     assert [n.op_type for n in model.graph].count("QMoE") == 2
     assert np.abs(_run(model, x, router) - expected).max() <= 1e-5
 
@@ -99,8 +100,12 @@ def test_unrouted_experts_get_valid_scales_and_the_report_names_them(three_token
 
     (tmp_path / "plan").mkdir()
     partition.run(checkpoint, partition.PartitionConfig(partitions=1, strategy="balanced", hot_share=None, hot_count=None), tmp_path / "plan", calibrate_dir=root / policy)
+    inputs = {"export_dir": root / "export", "calibrate_dir": root / policy, "partition_dir": tmp_path / "plan"}
+    (tmp_path / "experts").mkdir()
+    experts = quantize_experts.QuantizeExpertsConfig(partition=0, experts="int4", hot_experts=None, own_precision=None, method="gptq", block_size=16)
+    quantize_experts.run(checkpoint, experts, tmp_path / "experts", **inputs)
     config = quantize.QuantizeConfig(weights="int4", method="gptq", block_size=16)
-    result = quantize.run(checkpoint, config, tmp_path, export_dir=root / "export", calibrate_dir=root / policy, partition_dir=tmp_path / "plan")
+    result = quantize.run(checkpoint, config, tmp_path, **inputs, experts_dirs=[tmp_path / "experts"])
     named = {(c.layer, c.expert) for c in result.experts if "rarely routed (0 tokens)" in c.reason}
     assert named == unrouted
     model = onnx.load(str(tmp_path / "model.onnx"))
