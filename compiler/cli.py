@@ -234,6 +234,18 @@ def _add_loading_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def cmd_verify(args, out: Console, err: Console) -> dict[str, Any]:
+    from compiler.artifact_audit import audit
+
+    report = audit(Path(args.artifact), Path(args.public_key) if args.public_key else None)
+    if not args.json:
+        out.print(
+            f"[green]verified[/green] {args.artifact}: {report['files']} files ({_size(report['bytes'])}) match the manifest; "
+            f"external data of {len(report['onnx_models'])} ONNX models inside it; {report['gates']} accuracy gates pass; signature {report['signature']}"
+        )
+    return report
+
+
 def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
     import runtime
 
@@ -405,6 +417,10 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("artifact")
     inspect.add_argument("--layers", action="store_true", help="list every layer of each TensorRT engine")
     inspect.add_argument("--heatmap", default=None, help="write a PNG heat map of the main model's routing and partition plan")
+
+    verify = command("verify", "check an artifact: digests, paths, external data, accuracy gates, signature", cmd_verify)
+    verify.add_argument("artifact")
+    verify.add_argument("--public-key", default=None, help="PEM public key; needed when the artifact is signed (manifest.sig)")
 
     plan_sim = command("plan-sim", "simulate expert placement on N devices: load imbalance and traffic per strategy", cmd_plan_sim)
     plan_sim.add_argument("artifact", nargs="?", default=None, help="use this artifact's measured routing (default: synthetic)")

@@ -24,7 +24,13 @@ def partition_file(partition: int) -> str:
 
 
 def save_partitioned(source: Path, target: Path) -> list[str]:
-    """Copy the model in `source` to `target` with its partitions' tensors in their own files; returns the data files written."""
+    """Copy the model in `source` to `target` with its partitions' tensors in their own files; returns the data files written.
+
+    `target` must be a fresh, empty folder: onnx writes external data by opening the file at its location,
+    which would follow a symlink or hard link already there to a file outside. onnx refuses source
+    locations outside `source` when it reads them in."""
+    if any(target.iterdir()):
+        raise FileExistsError(f"{target}: not empty; a partitioned model is written into a fresh folder only")
     model = onnx.load(str(source / MODEL_FILE))  # external data read in
     for tensor in model.graph.initializer:
         if not tensor.HasField("raw_data") or len(tensor.raw_data) < _INLINE_BELOW:

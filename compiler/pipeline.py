@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from tokenizers import Tokenizer
 
 from compiler import partition_files, random_init
+from compiler.folders import install_once
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, ModelSource, Recipe, calibration_text, recipe_json
@@ -279,9 +280,7 @@ class StageCache:
             files = {p.name: sha256_of(p) for p in sorted(work.iterdir())}
             (work / "meta.json").write_text(json.dumps({"result": result, "files": files}, indent=1))
             final = parent / key
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(work, final)
+            install_once(work, final)  # a concurrent build of the same stage may have stored it first
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import zlib
@@ -19,6 +18,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from compiler.architectures import architecture_of, dims_of, expected_tensors
+from compiler.folders import install_once
 
 VERSION = "1"
 INDEX_FILE = "model.safetensors.index.json"
@@ -63,10 +63,7 @@ def materialize(folder: Path, seed: int, cache_root: Path) -> Path:
             weight_map |= {name: f"{shard}.safetensors" for name in names}
             total += sum(t.nbytes for t in tensors.values())
         (work / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        if (target / INDEX_FILE).is_file():  # a concurrent build finished first: same bytes
-            shutil.rmtree(work)
-        else:
-            os.rename(work, target)
+        install_once(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

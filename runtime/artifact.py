@@ -15,6 +15,7 @@ from runtime.errors import ArtifactError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"  # optional: a signature of the manifest (which lists every other file's digest)
 _REBUILD = "rebuild it with `moecc build RECIPE`"
 
 
@@ -161,16 +162,23 @@ def _check_relative(name: str) -> None:
 
 
 def _listing(root: Path) -> set[str]:
-    """Every file under root as a relative POSIX path; a symlink anywhere is refused."""
+    """Every file under root as a relative POSIX path; a symlink or a hard link anywhere is refused.
+
+    A hard link can make an artifact file the same file as one outside the artifact (ONNX's CVE-2024-27318
+    read files through them), and a change to either would change the other after the digests were checked.
+    """
     found = set()
     for folder, subfolders, files in os.walk(root):
         for entry in (*subfolders, *files):
             path = Path(folder, entry)
-            mode = path.lstat().st_mode
+            info = path.lstat()
+            mode = info.st_mode
             if stat.S_ISLNK(mode):
                 raise ArtifactError(f"{path}: symbolic links are not allowed in an artifact", hint=_REBUILD)
             if entry in files and not stat.S_ISREG(mode):
                 raise ArtifactError(f"{path}: not a regular file", hint=_REBUILD)
+            if entry in files and info.st_nlink > 1:
+                raise ArtifactError(f"{path}: hard links are not allowed in an artifact", hint="copy the artifact instead of linking its files")
             if entry in files:
                 found.add(path.relative_to(root).as_posix())
     return found
@@ -205,7 +213,7 @@ def verify_artifact(root: str | Path) -> Manifest:
     manifest = read_manifest(root)
     for name in manifest.files:
         _check_relative(name)
-    present = _listing(root) - {MANIFEST_NAME}
+    present = _listing(root) - {MANIFEST_NAME, SIGNATURE_NAME}
     missing = sorted(set(manifest.files) - present)
     if missing:
         raise ArtifactError(f"{root}: file {missing[0]} listed in the manifest is missing", hint=_REBUILD)

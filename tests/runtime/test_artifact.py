@@ -56,24 +56,10 @@ def test_missing_manifest_means_unfinished(artifact):
         runtime.load(artifact)
 
 
-def test_symlink_is_refused(artifact, tmp_path):
-    outside = tmp_path / "outside.bin"
-    outside.write_bytes(b"x")
-    (artifact / "main" / "extra").symlink_to(outside)
-    with pytest.raises(runtime.ArtifactError, match="symbolic links are not allowed"):
-        runtime.load(artifact)
-
-
 @pytest.mark.parametrize("bad_path", ["../outside.bin", "/etc/passwd", "main/../../x"])
 def test_paths_outside_the_artifact_are_refused(artifact, bad_path):
     _edit_manifest(artifact, lambda m: m["files"].__setitem__(bad_path, {"sha256": "0" * 64, "size": 1}))
     with pytest.raises(runtime.ArtifactError, match="path outside the artifact"):
-        runtime.load(artifact)
-
-
-def test_unlisted_file_is_refused(artifact):
-    (artifact / "main" / "payload.bin").write_bytes(b"extra")
-    with pytest.raises(runtime.ArtifactError, match=r"main/payload\.bin is not listed"):
         runtime.load(artifact)
 
 
@@ -86,28 +72,6 @@ def test_unknown_schema_version(artifact):
 def test_session_option_outside_the_allowed_set_is_refused(artifact):
     _edit_manifest(artifact, lambda m: m["models"]["main"].__setitem__("session_options", {"session.load_model_format": "ORT"}))
     with pytest.raises(runtime.ArtifactError, match="session option session.load_model_format='ORT' is not one moecc applies"):
-        runtime.load(artifact)
-
-
-def test_external_data_escaping_the_artifact_is_refused(artifact, tmp_path):
-    """A model whose external data points outside the artifact is refused even if the manifest matches it."""
-    import onnx
-
-    from runtime.artifact import sha256_of
-
-    model_path = artifact / "main" / "model.onnx"
-    proto = onnx.load(str(model_path), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "../../secret.bin"
-    onnx.save(proto, str(model_path))
-
-    def relist(manifest):
-        manifest["files"]["main/model.onnx"] = {"sha256": sha256_of(model_path), "size": model_path.stat().st_size}
-
-    _edit_manifest(artifact, relist)
-    with pytest.raises(runtime.ArtifactError, match="outside the artifact"):
         runtime.load(artifact)
 
 
