@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,7 +19,7 @@ from pydantic import BaseModel
 from tokenizers import Tokenizer
 
 from compiler import partition_files, random_init
-from compiler.folders import install_once
+from compiler.folders import install_once, remove_abandoned, retired_name, work_folder
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, ModelSource, Recipe, calibration_text, recipe_json
@@ -239,8 +238,19 @@ class _Silent:
         pass
 
 
+def source_digest() -> str:
+    """sha256 over moecc's own Python sources: a code change that comes without a stage VERSION bump
+    still gives every stage a new cache key (stage VERSION says when a stage's output changed)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "compiler").rglob("*.py"), *(root / "runtime").rglob("*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def tool_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
+    """What made the build, in every cache key and in the manifest: moecc's sources and the libraries whose output it writes."""
+    versions = {"python": platform.python_version(), "moecc-source": source_digest()}
     for package in ("moecc", "onnx", "onnx-ir", "onnxruntime", "numpy", "safetensors", "tokenizers"):
         try:
             versions[package] = metadata.version(package)
@@ -273,8 +283,8 @@ class StageCache:
 
     def store(self, stage: str, key: str, produce: Callable[[Path], BaseModel]) -> tuple[Path, dict]:
         parent = self.root / stage
-        parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=parent))
+        remove_abandoned(parent)
+        work = work_folder(parent, key[:12])
         try:
             result = json.loads(produce(work).model_dump_json())
             files = {p.name: sha256_of(p) for p in sorted(work.iterdir())}
@@ -403,7 +413,7 @@ def _publish(staging: Path, final: Path) -> None:
     """Replace `final` with `staging` by renames, so a reader never sees a half-written artifact."""
     retired = None
     if final.exists():
-        retired = final.with_name(f".retired-{final.name}-{os.getpid()}")
+        retired = retired_name(final)
         os.rename(final, retired)
     os.rename(staging, final)
     if retired is not None:
@@ -442,7 +452,8 @@ def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | Non
         raise BuildError(f"main vocabulary {main_dims.vocab_size} differs from draft vocabulary {draft_dims.vocab_size}")
 
     output_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{loaded.recipe.name}-", dir=output_root))
+    remove_abandoned(output_root)  # what a killed build of any recipe left in the output folder
+    staging = work_folder(output_root, f"staging-{loaded.recipe.name}")
     try:
         for role, (_, records, outputs) in results.items():
             (staging / role).mkdir()

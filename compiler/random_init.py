@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from compiler.architectures import architecture_of, dims_of, expected_tensors
-from compiler.folders import install_once
+from compiler.folders import install_once, remove_abandoned, work_folder
 
 VERSION = "1"
 INDEX_FILE = "model.safetensors.index.json"
@@ -48,8 +47,8 @@ def materialize(folder: Path, seed: int, cache_root: Path) -> Path:
     arch = architecture_of(config)
     shapes = expected_tensors(arch, dims_of(arch, config))
     std = float(config.get("initializer_range", 0.02))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=target.parent))
+    remove_abandoned(target.parent)
+    work = work_folder(target.parent, key[:12])
     try:
         for name in COPIED:
             shutil.copyfile(folder / name, work / name)

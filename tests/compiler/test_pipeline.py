@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +15,8 @@ from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.artifact import sha256_of
 from tiny_models import write_recipe
+
+TESTS = Path(__file__).resolve().parent.parent
 
 
 def test_manifest_lists_every_file_with_digest_and_size(tiny_artifact, tiny_pair):
@@ -68,24 +69,38 @@ def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "compiler.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def test_killed_build_leaves_no_artifact_and_rerun_resumes(tiny_pair, tmp_path):
+# In order, each run resuming the last: killed in the middle of writing the exported weights, then after each
+# stage of the main model, after the draft's last stage (everything built, nothing published), in the middle of
+# copying the weights into the artifact, and finally left to finish.
+KILL_POINTS = [
+    "export-data", *(f"after:main:{stage}" for stage in ("export", "calibrate", "partition", "quantize_experts", "quantize", "lower", "verify")),
+    "after:draft:verify", "publish-data", "never",
+]
+
+
+def test_killed_builds_leave_nothing_that_loads_and_each_rerun_resumes(tiny_pair, tmp_path):
     output = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "compiler.cli", "build", str(tiny_pair / "tiny.yaml"), "--output", str(output), "--quiet"])
-    # Kill it as soon as the first stage has finished: the build is then in the middle of its later stages.
-    deadline = time.time() + 120
-    while time.time() < deadline and not [p for p in (output / ".cache" / "load").glob("[!.]*/meta.json")]:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    with pytest.raises(runtime.ArtifactError):
-        runtime.load(output / "tiny")
-    result = _cli("build", str(tiny_pair / "tiny.yaml"), "--output", str(output), "--json")
-    assert result.returncode == 0, result.stdout + result.stderr
-    stages = json.loads(result.stdout)["stages"]
-    assert stages[0] == {"model": "main", "stage": "load", "seconds": stages[0]["seconds"], "cached": True}
-    runtime.load(output / "tiny")
-    leftovers = [p.name for p in output.iterdir() if p.name.startswith(".staging")]
-    assert leftovers == []
+    finished: set[tuple[str, str]] = set()
+    for point in KILL_POINTS:
+        log = tmp_path / f"{point}.log"
+        log.touch()
+        process = subprocess.run(
+            [sys.executable, str(TESTS / "killed_build.py"), str(tiny_pair / "tiny.yaml"), str(output), str(log), point], capture_output=True, text=True, timeout=300
+        )
+        assert process.returncode == (0 if point == "never" else -signal.SIGKILL), process.stderr
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        resumed = [r for r in records if (r["model"], r["stage"]) in finished]
+        assert all(r["cached"] for r in resumed), (point, resumed)  # what earlier runs finished is not done again
+        assert len(resumed) == len(finished), point
+        finished |= {(r["model"], r["stage"]) for r in records}
+        if point != "never":
+            for folder in (p for p in output.iterdir() if p.is_dir() and p.name != ".cache"):
+                with pytest.raises(runtime.ArtifactError):
+                    runtime.load(folder)
+    assert all(r["cached"] for r in records)
+    runtime.load(output / "tiny").generate("def f(", max_new_tokens=4)
+    abandoned = [p for p in output.rglob(".*") if p.name != ".cache" and p.is_dir()]
+    assert abandoned == []  # the killed runs' staging and work folders were removed by the runs after them
 
 
 @pytest.mark.parametrize(
