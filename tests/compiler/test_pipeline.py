@@ -135,3 +135,33 @@ def test_bad_checkpoint_cli_names_tensor(tiny_pair, tmp_path):
     assert result.returncode != 0
     assert "missing tensor model.layers.0.self_attn.q_proj.weight" in json.loads(result.stdout)["error"]
     assert not (tmp_path / "out" / "tiny").exists()
+
+
+def test_builds_are_reproducible(tiny_pair, tmp_path):
+    """The same recipe and inputs built twice, each with a fresh cache, give byte-identical files and the same cache keys."""
+    extra = "partition:\n  partitions: 2\nquantize:\n  weights: int4\n  method: gptq\n  block_size: 16\nverify:\n  tokens: 512\n  max_perplexity_increase: 10.0\n  min_top1_agreement: 0.0\n"
+    recipe = write_recipe(tiny_pair, "reproducible", extra)
+    first, second = (build(load_recipe(recipe), tmp_path / run) for run in ("first", "second"))
+    assert first.manifest.files == second.manifest.files
+    assert [r.cache_key for r in first.manifest.stages] == [r.cache_key for r in second.manifest.stages]
+    assert not any(r.cached for r in second.manifest.stages)  # built again, not taken from the first build's cache
+
+
+def test_changed_weights_or_code_invalidate_every_stage_after_them(tiny_pair, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from compiler import pipeline
+
+    root = tmp_path / "pair"
+    shutil.copytree(tiny_pair, root, ignore=shutil.ignore_patterns("*.yaml"))
+    recipe, output = write_recipe(root), tmp_path / "out"
+    build(load_recipe(recipe), output)
+    tensors = load_file(root / "main" / "model.safetensors")
+    tensors["model.layers.1.mlp.experts.3.down_proj.weight"][0, 0] += 0.5
+    save_file(tensors, root / "main" / "model.safetensors")
+    rebuilt = build(load_recipe(recipe), output).manifest.stages
+    assert {(r.model, r.cached) for r in rebuilt} == {("main", False), ("draft", True)}  # calibration included
+    monkeypatch.setattr(pipeline, "source_digest", lambda: "0" * 64)  # as if a stage's code had changed
+    assert not any(r.cached for r in build(load_recipe(recipe), output).manifest.stages)
