@@ -118,3 +118,17 @@ def test_expert_parallel_placement_needs_partitioned_experts_on_the_cpu(build_ti
         runtime.load(whole.path, target="tensorrt", placement="expert-parallel")
     with pytest.raises(runtime.MoeccError, match="unknown placement 'spread'; available: single, expert-parallel"):
         runtime.load(whole.path, placement="spread")
+
+
+def test_expert_parallel_generator_serves_several_threads(build_both):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, parallel = build_both("parted-fp32-2-balanced", "partition:\n  partitions: 2\n  strategy: balanced\n")
+    prompts = [[5, 17, 42, 9], [11, 12, 13], [100, 3, 8, 9, 23], [7, 7, 7], [60, 61], [3, 1, 4, 1, 5]]
+
+    def generate(prompt):
+        return [t for step in parallel.stream_ids(prompt, max_new_tokens=16, draft_length=3, stop_tokens=set()) for t in step]
+
+    alone = [generate(prompt) for prompt in prompts]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        assert list(pool.map(generate, prompts)) == alone
