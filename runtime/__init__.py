@@ -9,7 +9,7 @@ from runtime.generator import Generation, Generator, Stream
 from runtime.sampling import SamplingParams
 from runtime.speculative import GenerationStats
 
-__all__ = ["load", "Generator", "Generation", "Stream", "SamplingParams", "GenerationStats", "MoeccError", "ArtifactError"]
+__all__ = ["load", "TARGETS", "PLACEMENTS", "Generator", "Generation", "Stream", "SamplingParams", "GenerationStats", "MoeccError", "ArtifactError"]
 
 TARGETS = ("cpu", "tensorrt")
 PLACEMENTS = ("single", "expert-parallel")

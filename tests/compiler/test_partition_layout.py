@@ -132,3 +132,18 @@ def test_expert_parallel_generator_serves_several_threads(build_both):
     alone = [generate(prompt) for prompt in prompts]
     with ThreadPoolExecutor(max_workers=3) as pool:
         assert list(pool.map(generate, prompts)) == alone
+
+
+def test_a_tampered_partition_file_is_refused_in_either_placement(build_tiny, tmp_path):
+    import shutil
+
+    original = build_tiny("parted-fp32-2-balanced", "partition:\n  partitions: 2\n  strategy: balanced\n")
+    artifact = tmp_path / "copy"
+    shutil.copytree(original.path, artifact)
+    data = artifact / "main" / "model.experts.p1.data"
+    content = bytearray(data.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    data.write_bytes(bytes(content))
+    for placement in runtime.PLACEMENTS:
+        with pytest.raises(runtime.ArtifactError, match=r"model\.experts\.p1\.data: sha256 does not match"):
+            runtime.load(artifact, target="cpu", placement=placement)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -135,13 +136,16 @@ def test_an_engine_without_a_gpu_is_refused(tiny_tensorrt_artifact):
     assert runtime.load(tiny_tensorrt_artifact).target == "cpu"  # auto falls back to the CPU models
 
 
-def test_a_tampered_engine_is_refused_before_deserialization(engine_copy):
-    plan = engine_copy / "main" / "tensorrt" / "model.engine"
-    data = bytearray(plan.read_bytes())
+@pytest.mark.parametrize("name", ["main/tensorrt/model.engine", "main/tensorrt/model.onnx.data", "draft/tensorrt/layers.txt"])
+def test_a_tampered_engine_is_refused_before_deserialization(engine_copy, name, capsys):
+    path = engine_copy / name
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    plan.write_bytes(bytes(data))
-    with pytest.raises(runtime.ArtifactError, match=r"model\.engine: sha256 does not match the manifest"):
+    path.write_bytes(bytes(data))
+    with pytest.raises(runtime.ArtifactError, match=rf"{re.escape(name)}: sha256 does not match the manifest"):
         runtime.load(engine_copy, target="tensorrt")
+    assert cli(["verify", str(engine_copy), "--json"]) == 1
+    assert "sha256 does not match" in json.loads(capsys.readouterr().out)["error"]
 
 
 @pytest.mark.gpu
