@@ -84,3 +84,25 @@ def test_family_greedy_continuation_matches_transformers(family_artifacts, famil
 def test_family_lowers_for_tensorrt(family_artifacts, family, tmp_path):
     _, artifact = family_artifacts[family]
     assert_lowering_matches(artifact, "main", tmp_path)
+
+
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name in ("qwen3_moe", "qwen3_moe_no_renorm", "qwen2_moe", "mixtral")])
+def test_family_runs_expert_parallel(family_artifacts, family):
+    """Partitioned (2 shards by load), as one model and expert-parallel, each MoE family computes its unpartitioned self."""
+    root, artifact = family_artifacts[family]
+    recipe = write_recipe(root, name=f"{family.replace('_', '-')}-parted", extra="partition:\n  partitions: 2\n")
+    parted = build(load_recipe(recipe), root / "out").artifact
+    whole = runtime.load(artifact)
+    tokens = [int(t) for t in np.random.default_rng(5).integers(1, VOCAB, size=24)]
+
+    def logits(generator):
+        cache = generator.main.new_cache(32)
+        return np.concatenate([cache.feed(tokens[:16]), cache.feed(tokens[16:17]), cache.feed(tokens[17:])])
+
+    def continuation(generator):
+        return [t for step in generator.stream_ids(tokens[:10], max_new_tokens=16, speculative=False, stop_tokens=set()) for t in step]
+
+    for placement in runtime.PLACEMENTS:
+        generator = runtime.load(parted, target="cpu", placement=placement)
+        assert np.abs(logits(generator) - logits(whole)).max() <= 1e-5, placement
+        assert continuation(generator) == continuation(whole), placement
