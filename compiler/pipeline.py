@@ -145,7 +145,8 @@ def _quantize_experts_config(context: BuildContext, source: ModelSource, partiti
 
 def _partition_outputs(outputs: dict[str, Path], stage: str) -> list[Path]:
     """A per-partition stage's output folders, in partition order."""
-    return [outputs[f"{stage}.p{part}"] for part in range(len([name for name in outputs if name.startswith(f"{stage}.p")]))]
+    runs = {int(name.removeprefix(f"{stage}.p")): folder for name, folder in outputs.items() if name.startswith(f"{stage}.p")}
+    return [runs[part] for part in sorted(runs)]
 
 
 STAGES: tuple[Stage, ...] = (
@@ -167,7 +168,8 @@ STAGES: tuple[Stage, ...] = (
         "partition",
         partition.VERSION,
         partition.run,
-        lambda c, source: partition.PartitionConfig(**c.loaded.recipe.partition.model_dump(mode="json", exclude={"precision"})),  # quantize's
+        # partition.precision is for the quantize stages: the plan does not depend on it, so it stays cached when it changes
+        lambda c, source: partition.PartitionConfig(**c.loaded.recipe.partition.model_dump(mode="json", exclude={"precision"})),
         lambda outputs, c: {"calibrate_dir": outputs["calibrate"]},
     ),
     Stage(

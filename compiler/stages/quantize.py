@@ -13,7 +13,9 @@ Lowering on `cpu`:
 - dense weights: INT4 as `MatMulNBits`; INT8 as a block-wise DequantizeLinear feeding the MatMul; with INT8
   activations (W8A8) a QuantizeLinear / DequantizeLinear pair on the input with a static scale from
   calibration and a per-channel INT8 weight, which onnxruntime fuses into an integer MatMul.
-Weights are rounded to nearest or by GPTQ with the second moments measured by the calibrate stage.
+Weights are rounded to nearest or by GPTQ with the second moments measured by the calibrate stage; the
+experts' weights arrive quantized from the quantize_experts stage (one run per partition), dense ones are
+quantized here.
 Norms and the embedding stay in float. Legend: E experts, N output rows, K input features, T tokens.
 """
 
@@ -40,14 +42,14 @@ from runtime.artifact import ExpertLayer, PartitionOutputs
 VERSION = "10"
 SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
 EXPERTS_FILE = "experts.npz"  # written by the quantize_experts stage, one per partition
+Precision = Literal["fp32", "int8", "int4"]
+BITS = {"int8": 8, "int4": 4}
+NORM_WEIGHT_INPUT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}  # which input is the scale
 
 
 def array_key(partition: int, layer: int, precision: str, kind: str) -> str:
     """The name of an array in EXPERTS_FILE: kind fc1, fc1.scales, fc2 or fc2.scales of a layer's experts of one precision."""
     return f"p{partition}.layer{layer}.{precision}.{kind}"
-Precision = Literal["fp32", "int8", "int4"]
-BITS = {"int8": 8, "int4": 4}
-NORM_WEIGHT_INPUT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}  # which input is the scale
 
 
 class QuantizeConfig(BaseModel):
