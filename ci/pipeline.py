@@ -2,7 +2,7 @@
 
     python ci/pipeline.py [RECIPE ...] [--output artifacts] [--report ci-report.json] [--jobs N] [--sign-key KEY.pem]
 
-With no recipe, every recipes/*.yaml. Each recipe is built by `moecc build --json` in a process of its
+A recipe is a file or the name of one in recipes/ (tiny-coder-int4); with none, every recipes/*.yaml. Each recipe is built by `moecc build --json` in a process of its
 own (one failure does not stop the others), then, with --sign-key, its manifest is signed (manifest.sig,
 model-signing with an elliptic-curve key: offline), then `moecc verify --json` checks it (with the
 matching public key). Builds share the stage cache under the output folder, which concurrent builds may
@@ -102,13 +102,14 @@ def run(recipes: list[Path], output: Path, report_path: Path, jobs: int, sign_ke
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build, sign and verify recipes; write a JSON report; exit 1 on any failure.")
-    parser.add_argument("recipes", nargs="*", type=Path, help="recipe files (default: every recipes/*.yaml)")
+    parser.add_argument("recipes", nargs="*", help="recipe files, or names of recipes in recipes/ (default: every recipes/*.yaml)")
     parser.add_argument("--output", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--report", type=Path, default=ROOT / "ci-report.json")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="recipes built at once (default: half the cores)")
     parser.add_argument("--sign-key", type=Path, default=None, help="PEM elliptic-curve private key: sign each manifest (needs the sign extra)")
     args = parser.parse_args(argv)
-    recipes = [path.resolve() for path in args.recipes] or sorted((ROOT / "recipes").glob("*.yaml"))
+    named = [ROOT / "recipes" / f"{arg}.yaml" if "/" not in arg and not arg.endswith(".yaml") else Path(arg) for arg in args.recipes]
+    recipes = [path.resolve() for path in named] or sorted((ROOT / "recipes").glob("*.yaml"))
     missing = [str(path) for path in recipes if not path.is_file()]
     if missing:
         print(f"error: no such recipe: {missing[0]}", file=sys.stderr)
