@@ -77,12 +77,31 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
         "lowering": {r.model: r.result for r in manifest.stages if r.stage == "lower" and (r.result["split_nodes"] or r.result["kept_whole"])},
         "engines": _engines(manifest),
         "partition": {
-            r.model: r.result | {"pruned_bytes": next(q.result.get("pruned_bytes", 0) for q in manifest.stages if q.model == r.model and q.stage == "quantize")}
+            r.model: r.result | {
+                "pruned_bytes": next(q.result.get("pruned_bytes", 0) for q in manifest.stages if q.model == r.model and q.stage == "quantize"),
+                "files": _partition_files(manifest, r.model, r.result),
+            }
             for r in manifest.stages if r.stage == "partition" and r.result["layers"]
         },
         "generation": manifest.generation.model_dump(),
         "tools": manifest.tools,
     }
+
+
+def _partition_files(manifest, role: str, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each partition's own file of expert weights: its size and the precisions of the experts in it."""
+    from compiler.partition_files import partition_file
+
+    experts = next(r.result.get("experts", []) for r in manifest.stages if r.model == role and r.stage == "quantize")
+    precisions: dict[int, set[str]] = {}
+    for expert in experts:
+        precisions.setdefault(plan["layers"][expert["layer"]]["partition_of_expert"][expert["expert"]], set()).add(expert["precision"])
+    files = []
+    for part in range(plan["partitions"]):
+        name = f"{role}/{partition_file(part)}"
+        if name in manifest.files:
+            files.append({"partition": part, "file": name, "bytes": manifest.files[name].size, "precision": sorted(precisions.get(part, {"fp32"}))})
+    return files
 
 
 def _engines(manifest) -> dict[str, Any]:
@@ -153,6 +172,8 @@ def _print_summary(console: Console, summary: dict[str, Any], title: str, layers
                 f"{by['contiguous']:.3f}", f"{by['balanced']:.3f}", ", ".join(hot) or "-", ", ".join(map(str, layer["pruned"])) or "-",
             )
         console.print(table)
+        if plan["files"]:
+            console.print(f"{role} partition files: " + "; ".join(f"{f['file']} {_size(f['bytes'])} ({', '.join(f['precision'])})" for f in plan["files"]))
         if plan["pruned_experts"]:
             console.print(
                 f"{role}: {plan['pruned_experts']} experts pruned (routed < {plan['prune_below_share']:.2%} of their layer's tokens), "

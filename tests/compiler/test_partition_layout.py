@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import runtime
+from compiler import cli
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from tiny_models import write_recipe
@@ -79,7 +80,7 @@ def test_expert_parallel_batches_and_sends_each_partition_only_its_tokens(build_
         assert len(prompts[2]) <= sum(sent) <= top_k * len(prompts[2]) and max(sent) <= len(prompts[2])
 
 
-def test_changing_one_partitions_precision_rewrites_only_its_file(build_tiny):
+def test_changing_one_partitions_precision_rewrites_only_its_file(build_tiny, capsys):
     rule = "partition:\n  partitions: 2\n  strategy: contiguous\n  precision: [{}, {}]\n"
     both_int4 = build_tiny("parted-int4-int4", INT4 + rule.format("int4", "int4"))
     second_int8 = build_tiny("parted-int4-int8", INT4 + rule.format("int4", "int8"))
@@ -91,6 +92,11 @@ def test_changing_one_partitions_precision_rewrites_only_its_file(build_tiny):
     assert after["main/model.experts.p0.data"] == before["main/model.experts.p0.data"]  # same digest and size
     assert after["main/model.experts.p1.data"].size > before["main/model.experts.p1.data"].size  # INT8 now
     assert second_int8.manifest.models["main"].precision == "int4-rtn-b16-mixed"
+    assert cli.main(["inspect", str(second_int8.path), "--json"]) == 0
+    files = json.loads(capsys.readouterr().out)["partition"]["main"]["files"]
+    assert [(f["file"], f["precision"], f["bytes"]) for f in files] == [
+        ("main/model.experts.p0.data", ["int4"], after["main/model.experts.p0.data"].size), ("main/model.experts.p1.data", ["int8"], after["main/model.experts.p1.data"].size)
+    ]
     experts = next(r.result["experts"] for r in second_int8.manifest.stages if r.model == "main" and r.stage == "quantize")
     plan = next(r.result for r in second_int8.manifest.stages if r.model == "main" and r.stage == "partition")
     for choice in experts:
