@@ -69,15 +69,25 @@ def _producers(graph: onnx.GraphProto) -> dict[str, int]:
 
 
 def _expert_nodes(graph: onnx.GraphProto, producers: dict[str, int], layer: ExpertLayer) -> set[int]:
-    """Nodes between the layer's cut inputs and its output: the experts of every partition and the sum of their shares."""
+    """Nodes between the layer's cut inputs and its output: the experts of every partition and the sum of their shares.
+
+    Refused when they are not a closed piece of the graph (they read a value other than the cut's inputs and
+    constants, or a value they compute is read elsewhere): the workers could not compute them apart."""
     stop = {layer.tokens, layer.router_logits, layer.mixing}
+    graph_inputs = {value.name for value in graph.input}
     found, pending = set(), [layer.output]
     while pending:
         name = pending.pop()
+        if name in graph_inputs:
+            raise ArtifactError(f"expert-parallel cut: the experts of layer {layer.layer} read the model input {name!r}")
         if name in stop or name not in producers or producers[name] in found:
             continue
         found.add(producers[name])
         pending += graph.node[producers[name]].input
+    inside = {output for index in found for output in graph.node[index].output} - {layer.output}
+    for index, node in enumerate(graph.node):
+        if index not in found and inside.intersection(node.input):
+            raise ArtifactError(f"expert-parallel cut: node {node.name or node.op_type}, outside the experts of layer {layer.layer}, reads a value they compute")
     return found
 
 

@@ -153,3 +153,17 @@ def test_a_tampered_partition_file_is_refused_in_either_placement(build_tiny, tm
     for placement in runtime.PLACEMENTS:
         with pytest.raises(runtime.ArtifactError, match=r"model\.experts\.p1\.data: sha256 does not match"):
             runtime.load(artifact, target="cpu", placement=placement)
+
+
+def test_a_cut_that_does_not_enclose_the_experts_is_refused(build_tiny, tmp_path):
+    import shutil
+
+    original = build_tiny("parted-fp32-2-balanced", "partition:\n  partitions: 2\n  strategy: balanced\n")
+    artifact = tmp_path / "copy"
+    shutil.copytree(original.path, artifact)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    layers = manifest["models"]["main"]["expert_layers"]
+    layers[0]["output"] = layers[1]["tokens"]  # "the experts of layer 0" would then include layer 1's attention
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(runtime.ArtifactError, match="expert-parallel cut: the experts of layer 0 read the model input"):
+        runtime.load(artifact, placement="expert-parallel")
