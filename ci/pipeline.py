@@ -64,7 +64,11 @@ def _entry(recipe: Path, output: Path, sign_key: Path | None, public_key: Path |
     artifact = Path(built["artifact"])
     entry |= {"name": built["name"], "artifact": str(artifact)}
     if sign_key is not None:
-        sign_manifest(artifact, sign_key)
+        try:
+            sign_manifest(artifact, sign_key)
+        except Exception as exc:  # a bad key or a failing signer fails this recipe, and the report says why
+            entry |= {"error": f"sign: {exc}", "seconds": round(time.perf_counter() - started, 2)}
+            return entry
     code, verified = _moecc("verify", str(artifact), *(["--public-key", str(public_key)] if public_key else []))
     _, summary = _moecc("inspect", str(artifact))  # verify ran first: inspect reads only a checked artifact
     if summary.get("ok"):
@@ -83,9 +87,7 @@ def _entry(recipe: Path, output: Path, sign_key: Path | None, public_key: Path |
     return entry
 
 
-def run(recipes: list[Path], output: Path, report_path: Path, jobs: int, sign_key: Path | None) -> dict:
-    output.mkdir(parents=True, exist_ok=True)
-    public_key = public_key_of(sign_key, output) if sign_key else None
+def run(recipes: list[Path], output: Path, report_path: Path, jobs: int, sign_key: Path | None = None, public_key: Path | None = None) -> dict:
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each build is a process of its own
         entries = list(pool.map(lambda recipe: _entry(recipe, output, sign_key, public_key), recipes))
@@ -114,7 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: no such recipe: {missing[0]}", file=sys.stderr)
         return 2
-    report = run(recipes, args.output.resolve(), args.report, args.jobs, args.sign_key)
+    if args.sign_key:
+        try:
+            import model_signing  # noqa: F401  (checked before hours of building)
+        except ImportError:
+            print("error: --sign-key needs the model-signing library: pip install -e '.[sign]'", file=sys.stderr)
+            return 2
+        if not args.sign_key.is_file():
+            print(f"error: no such signing key: {args.sign_key}", file=sys.stderr)
+            return 2
+    output = args.output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    public_key = None
+    if args.sign_key:
+        try:
+            public_key = public_key_of(args.sign_key, output)
+        except (ValueError, TypeError) as exc:
+            print(f"error: {args.sign_key}: not an unencrypted PEM private key ({exc})", file=sys.stderr)
+            return 2
+    report = run(recipes, output, args.report, args.jobs, args.sign_key, public_key)
     for entry in report["recipes"]:
         print(f"{entry['status']:>6}  {entry.get('name', entry['recipe'])}  {entry['seconds']:.1f}s" + (f"  {entry['error']}" if "error" in entry else ""))
     print(f"report: {args.report}")
