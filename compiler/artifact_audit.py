@@ -13,20 +13,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import SIGNATURE_NAME, MANIFEST_NAME, Manifest, verify_artifact
+from runtime.artifact import MANIFEST_NAME, SIGNATURE_NAME, Manifest, StageRecord, verify_artifact
 from runtime.decoder import check_external_data
 from runtime.errors import ArtifactError, MoeccError
 
 _SIGN_EXTRA = "pip install -e '.[sign]'"
 
 
+def _gate_checks(manifest: Manifest) -> list[tuple[StageRecord, dict[str, Any]]]:
+    """The recorded accuracy checks: the verify stage's, and the TensorRT lowering's."""
+    checks = [(record, record.result if record.stage == "verify" else record.result.get("check")) for record in manifest.stages if record.stage in ("verify", "lower_tensorrt")]
+    return [(record, check) for record, check in checks if check is not None]
+
+
 def _gate_failures(manifest: Manifest) -> list[str]:
-    """Accuracy checks whose figures miss their thresholds (the verify stage, and the TensorRT lowering's check)."""
+    """Accuracy checks whose figures miss their thresholds."""
     failures = []
-    for record in manifest.stages:
-        check = record.result if record.stage == "verify" else record.result.get("check") if record.stage == "lower_tensorrt" else None
-        if check is None:
-            continue
+    for record, check in _gate_checks(manifest):
         where = f"{record.model} model, {record.stage} stage"
         limit, floor = record.config["max_perplexity_increase"], record.config["min_top1_agreement"]
         if not check["finite"]:
@@ -69,6 +72,5 @@ def audit(artifact: Path, public_key: Path | None = None) -> dict[str, Any]:
         raise ArtifactError(f"{artifact}: not signed (no {SIGNATURE_NAME}), but a public key was given", hint="sign it with ci/pipeline.py --sign-key, or drop --public-key")
     if signed:
         verify_signature(artifact, public_key)
-    gates = sum(1 for r in manifest.stages if r.stage == "verify" or (r.stage == "lower_tensorrt" and "check" in r.result))
     return {"name": manifest.name, "files": len(manifest.files), "bytes": sum(f.size for f in manifest.files.values()), "onnx_models": models,
-            "gates": gates, "signature": "verified" if signed else "unsigned"}
+            "gates": len(_gate_checks(manifest)), "signature": "verified" if signed else "unsigned"}

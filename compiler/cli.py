@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import runtime
 from runtime import tensorrt_library
 from runtime.errors import MoeccError
 
@@ -248,9 +249,9 @@ def cmd_inspect(args, out: Console, err: Console) -> dict[str, Any]:
 def _add_loading_options(parser: argparse.ArgumentParser) -> None:
     """How a command that runs an artifact opens it (the arguments of runtime.load)."""
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--target", choices=["auto", "cpu", "tensorrt"], default="auto", help="auto: the TensorRT engines where this machine can run them, else cpu")
+    parser.add_argument("--target", choices=["auto", *runtime.TARGETS], default="auto", help="auto: the TensorRT engines where this machine can run them, else cpu")
     parser.add_argument(
-        "--placement", choices=["single", "expert-parallel"], default="single",
+        "--placement", choices=runtime.PLACEMENTS, default="single",
         help="expert-parallel: one worker per partition of a partitioned artifact's experts (cpu target)",
     )
 
@@ -268,8 +269,6 @@ def cmd_verify(args, out: Console, err: Console) -> dict[str, Any]:
 
 
 def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
-    import runtime
-
     generator = runtime.load(args.artifact, target=args.target, threads=args.threads, placement=args.placement)
     sampling = runtime.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stream = generator.stream(
@@ -305,7 +304,6 @@ def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
 
 
 def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
-    import runtime
     from compiler import corpus
     from runtime import benchmark
 
@@ -395,7 +393,7 @@ def cmd_plan_sim(args, out: Console, err: Console) -> dict[str, Any]:
         if routing is None:
             raise MoeccError(f"{args.artifact}: no routing statistics (the main model is not an MoE)")
         loads = routing["tokens_per_expert"]
-        top_k = round(sum(loads[0]) / routing["tokens"])  # every token is counted once for each of its k experts
+        top_k = partitioning.experts_per_token(loads[0], routing["tokens"])
         source = f"measured routing of {manifest.name} ({routing['tokens']:,} calibration tokens)"
     else:
         loads = [(partitioning.zipf_popularity(args.experts, args.skew, seed) * 1e6).round().astype(int).tolist() for seed in range(args.layers)]

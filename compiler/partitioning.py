@@ -14,6 +14,11 @@ import numpy as np
 Strategy = Literal["contiguous", "balanced"]
 
 
+def experts_per_token(loads: list[int], tokens: int) -> int:
+    """k, from one layer's routed counts: every token is counted once for each of its k experts."""
+    return round(sum(loads) / max(1, tokens))
+
+
 def _sizes(experts: int, partitions: int) -> list[int]:
     """Experts per partition: as equal as possible, the larger ones first."""
     return [experts // partitions + (p < experts % partitions) for p in range(partitions)]

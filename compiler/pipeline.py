@@ -51,7 +51,10 @@ class BuildContext:
         return Tokenizer.from_file(str(self.tokenizer)).encode(self.calibration_text).ids
 
 
-def _no_inputs(outputs: dict[str, Path], context: BuildContext) -> dict[str, Any]:
+StageOutputs = dict[str, Path | list[Path]]  # stage name -> its output folder (a per-partition stage: their list, in partition order)
+
+
+def _no_inputs(outputs: StageOutputs, context: BuildContext) -> dict[str, Any]:
     return {}
 
 
@@ -61,9 +64,10 @@ class Stage:
     version: str  # bump when the stage writes something different for the same inputs
     run: Callable[..., BaseModel]  # run(checkpoint, config, out_dir, progress, **inputs) -> result
     config_for: Callable[[BuildContext, ModelSource], BaseModel]  # the model's own source may override recipe-wide settings
-    inputs_for: Callable[[dict[str, Path], BuildContext], dict[str, Any]] = _no_inputs  # earlier outputs it reads
+    inputs_for: Callable[[StageOutputs, BuildContext], dict[str, Any]] = _no_inputs  # earlier outputs it reads
     applies: Callable[[Recipe], bool] = lambda recipe: True  # a stage for a target the recipe does not list is skipped
-    # Run once per expert partition, each run cached apart; config_for then also takes the partition.
+    # Run once per expert partition, each run cached apart; config_for then also takes the partition, and
+    # later stages get the runs' output folders as a list.
     per_partition: bool = False
 
 
@@ -73,7 +77,7 @@ def _window(context: BuildContext) -> int:
     return min(recipe.calibrate.window, recipe.export.max_sequence_length)
 
 
-def _model_dir(outputs: dict[str, Path], stages: tuple[str, ...] = ("lower", "quantize", "export")) -> Path:
+def _model_dir(outputs: StageOutputs, stages: tuple[str, ...] = ("lower", "quantize", "export")) -> Path:
     """The folder holding the latest model of `stages` (by default the CPU's: lowered, quantized, or the export)."""
     return next(outputs[stage] for stage in stages if stage in outputs and (outputs[stage] / export.MODEL_FILE).is_file())
 
@@ -143,12 +147,6 @@ def _quantize_experts_config(context: BuildContext, source: ModelSource, partiti
     )
 
 
-def _partition_outputs(outputs: dict[str, Path], stage: str) -> list[Path]:
-    """A per-partition stage's output folders, in partition order."""
-    runs = {int(name.removeprefix(f"{stage}.p")): folder for name, folder in outputs.items() if name.startswith(f"{stage}.p")}
-    return [runs[part] for part in sorted(runs)]
-
-
 STAGES: tuple[Stage, ...] = (
     Stage("load", load.VERSION, load.run, lambda c, source: load.LoadConfig()),
     Stage(
@@ -187,7 +185,7 @@ STAGES: tuple[Stage, ...] = (
         _quantize_config,
         lambda outputs, c: {
             "export_dir": outputs["export"], "calibrate_dir": outputs["calibrate"], "partition_dir": outputs["partition"],
-            "experts_dirs": _partition_outputs(outputs, "quantize_experts"),
+            "experts_dirs": outputs["quantize_experts"],
         },
     ),
     Stage(
@@ -308,7 +306,7 @@ def _named(where: str) -> Iterator[None]:
         raise type(exc)(f"{where}: {exc.message}", hint=exc.hint) from None
 
 
-def _run_model(role: str, context: BuildContext, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], dict[str, Path]]:
+def _run_model(role: str, context: BuildContext, cache: StageCache, observer: BuildObserver, tools: dict) -> tuple[Checkpoint, list[StageRecord], StageOutputs]:
     loaded = context.loaded
     source = getattr(loaded.recipe, role)
     with _named(f"{role} model"):
@@ -340,11 +338,12 @@ def _run_model(role: str, context: BuildContext, cache: StageCache, observer: Bu
     for stage in (stage for stage in STAGES if stage.applies(loaded.recipe)):
         if stage.per_partition:
             # Every partition's run hangs off the same upstream, so one partition's change leaves the others cached.
-            keys = []
-            for part in range(loaded.recipe.partition.partitions if checkpoint.dims.num_experts else 1):
-                record, outputs[f"{stage.name}.p{part}"] = run_stage(stage, stage.config_for(context, source, part), upstream, f"{stage.name} p{part}")
-                keys.append(record.cache_key)
-            upstream = _digest(keys)
+            runs = [
+                run_stage(stage, stage.config_for(context, source, part), upstream, f"{stage.name} p{part}")
+                for part in range(loaded.recipe.partition.partitions if checkpoint.dims.num_experts else 1)
+            ]
+            outputs[stage.name] = [folder for _, folder in runs]  # in partition order
+            upstream = _digest([record.cache_key for record, _ in runs])
         else:
             record, outputs[stage.name] = run_stage(stage, stage.config_for(context, source), upstream, stage.name)
             upstream = record.cache_key

@@ -75,32 +75,51 @@ class Decoder:
 SMALL_CALL = 16  # new tokens per row up to which a call's ids and logits live in preallocated, bound buffers
 
 
-class BoundBuffers:
-    """An IO binding whose key/value buffers [B, kv heads, capacity, D] per layer are both past and present.
+class KvState:
+    """One cache's key/value buffers [B, kv heads, capacity, D] per layer, each both past and present, and the
+    row lengths: GroupQueryAttention writes the new keys and values in place when past and present share a
+    buffer, and reads each row's valid length from seqlens_k."""
 
-    GroupQueryAttention writes the new keys and values in place when past and present share a buffer, and
-    reads each row's valid length from seqlens_k. Decode and verify calls (up to SMALL_CALL new tokens per
-    row) write their ids and logits into one preallocated buffer each, viewed at the call's width and bound
-    once per width: no OrtValue per call and no wrapping of every output on the way back; the caller gets a
-    copy of the logits.
+    def __init__(self, entry: ModelEntry, batch: int, capacity: int):
+        self.capacity = capacity
+        shape = (batch, entry.num_kv_heads, capacity, entry.head_dim)
+        # The bindings point into these OrtValues (which share the arrays' memory): they live as long as the cache.
+        self.kv = {names: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=KV_DTYPES[entry.activations])) for names in kv_names(entry.num_layers)}
+        self._seqlens_k, self._total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
+        self.lengths = {"seqlens_k": ort.OrtValue.ortvalue_from_numpy(self._seqlens_k), "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(self._total)}
+
+    def bind(self, binding: ort.IOBinding, inputs: set[str]) -> None:
+        """Bind the buffers and lengths a session with these inputs reads."""
+        for (past, present), buffer in self.kv.items():
+            if past in inputs:
+                binding.bind_ortvalue_input(past, buffer)
+                binding.bind_ortvalue_output(present, buffer)
+        for name, value in self.lengths.items():
+            if name in inputs:
+                binding.bind_ortvalue_input(name, value)
+
+    def set_lengths(self, seqlens_k: list[int], total: int) -> None:
+        check_capacity(total, self.capacity)
+        self._seqlens_k[:] = seqlens_k
+        self._total[...] = total
+
+
+class BoundBuffers:
+    """An IO binding of the whole model over one cache's KvState.
+
+    Decode and verify calls (up to SMALL_CALL new tokens per row) write their ids and logits into one
+    preallocated buffer each, viewed at the call's width and bound once per width: no OrtValue per call and
+    no wrapping of every output on the way back; the caller gets a copy of the logits.
     """
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int):
-        entry = decoder.entry
         self.decoder = decoder
-        self.capacity = capacity
         self.batch = batch
         self.binding = decoder.session.io_binding()
         self.binding.bind_output("logits", "cpu")  # bound first: get_outputs()[0] is the logits
-        shape = (batch, entry.num_kv_heads, capacity, entry.head_dim)
-        self._values = []  # keeps the OrtValues alive as long as the binding uses them
-        for past, present in kv_names(entry.num_layers):
-            buffer = self._keep(np.zeros(shape, dtype=KV_DTYPES[entry.activations]))
-            self.binding.bind_ortvalue_input(past, buffer)
-            self.binding.bind_ortvalue_output(present, buffer)
-        self._seqlens_k, self._total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
-        self.binding.bind_ortvalue_input("seqlens_k", self._keep(self._seqlens_k))
-        self.binding.bind_ortvalue_input("total_sequence_length", self._keep(self._total))
+        self.state = KvState(decoder.entry, batch, capacity)
+        self.state.bind(self.binding, {value.name for value in decoder.session.get_inputs()})
+        self._values = []  # keeps the ids and logits OrtValues alive as long as the binding uses them
         self._ids = np.zeros(batch * SMALL_CALL, dtype=np.int64)
         self._logits = np.zeros(0, dtype=np.float32)  # batch * SMALL_CALL * vocabulary, on the first small call
         self._by_width: dict[int, tuple] = {}  # width -> ((ids view, logits view), their OrtValues)
@@ -129,9 +148,7 @@ class BoundBuffers:
 
     def run(self, input_ids: np.ndarray, seqlens_k: list[int], total: int) -> np.ndarray:
         """One call: input_ids [B,S] after each row's cached tokens; returns logits [B,S,V] (the caller's to keep)."""
-        check_capacity(total, self.capacity)
-        self._seqlens_k[:] = seqlens_k
-        self._total[...] = total
+        self.state.set_lengths(seqlens_k, total)
         width = input_ids.shape[1]
         if width <= SMALL_CALL:
             ids, logits = self._bind_width(width)

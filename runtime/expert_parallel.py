@@ -29,7 +29,7 @@ import onnx.utils
 import onnxruntime as ort
 
 from runtime.artifact import ExpertLayer, ModelEntry
-from runtime.decoder import KV_DTYPES, KvCache, check_capacity, check_external_data, kv_names, session_options
+from runtime.decoder import KvCache, KvState, check_external_data, session_options
 from runtime.errors import ArtifactError
 
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
@@ -200,36 +200,22 @@ class ExpertParallelDecoder:
 
 
 class SegmentBuffers:
-    """One cache's KV buffers [B, kv heads, capacity, D], each bound as past and present of the segment holding its
-    layer's attention (see BoundBuffers), and the row lengths every segment reads."""
+    """One cache's KvState, each layer's buffers bound as past and present of the segment holding its attention."""
 
     def __init__(self, decoder: ExpertParallelDecoder, batch: int, capacity: int):
-        entry = decoder.entry
-        self.decoder, self.capacity = decoder, capacity
-        self._seqlens_k, self._total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
-        shape = (batch, entry.num_kv_heads, capacity, entry.head_dim)
-        # The bindings point into these OrtValues: they live as long as the cache.
-        self._kv = {names: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=KV_DTYPES[entry.activations])) for names in kv_names(entry.num_layers)}
-        self._lengths = {"seqlens_k": ort.OrtValue.ortvalue_from_numpy(self._seqlens_k), "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(self._total)}
+        self.decoder = decoder
+        self.state = KvState(decoder.entry, batch, capacity)
         self.bindings = []
         for segment in decoder.segments:
             binding = segment.session.io_binding()
             for name in segment.outputs:  # bound first, so get_outputs() starts with them in this order
                 binding.bind_output(name, "cpu")
-            for (past, present), buffer in self._kv.items():
-                if past in segment.inputs:
-                    binding.bind_ortvalue_input(past, buffer)
-                    binding.bind_ortvalue_output(present, buffer)
-            for name, value in self._lengths.items():
-                if name in segment.inputs:
-                    binding.bind_ortvalue_input(name, value)
+            self.state.bind(binding, set(segment.inputs))
             self.bindings.append(binding)
 
     def run(self, input_ids: np.ndarray, seqlens_k: list[int], total: int) -> np.ndarray:
         """One call through every segment and partition: input_ids [B,S] after each row's cached tokens; returns logits [B,S,V]."""
-        check_capacity(total, self.capacity)
-        self._seqlens_k[:] = seqlens_k
-        self._total[...] = total
+        self.state.set_lengths(seqlens_k, total)
         values = {"input_ids": input_ids}
         decoder = self.decoder
         for position, (segment, binding) in enumerate(zip(decoder.segments, self.bindings)):

@@ -19,9 +19,8 @@ import numpy as np
 
 from runtime import tensorrt_library
 from runtime.appended_kv import AppendedKvCache
-from runtime.decoder import KV_DTYPES, kv_names
 from runtime.artifact import EngineEntry, ModelEntry
-from runtime.decoder import check_external_data
+from runtime.decoder import KV_DTYPES, check_external_data, kv_names
 from runtime.errors import ArtifactError
 
 _REBUILD = "rebuild the artifact on this machine with `moecc build RECIPE`, or load it with target='cpu'"

@@ -65,7 +65,7 @@ def main() -> None:
     manifest = placements["single"].manifest
     plan = next(r.result for r in manifest.stages if r.model == "main" and r.stage == "partition")
     routing = next(r.result for r in manifest.stages if r.model == "main" and r.stage == "calibrate")
-    top_k = round(sum(routing["tokens_per_expert"][0]) / routing["tokens"])
+    top_k = partitioning.experts_per_token(routing["tokens_per_expert"][0], routing["tokens"])
     selections = [partitioning.sample_routing(np.asarray(layer["tokens_per_expert"], float), top_k, 4096, seed) for seed, layer in enumerate(plan["layers"])]
     report["expert-parallel: partitions per token and layer (plan-sim estimate, independent routing)"] = round(float(np.mean(
         [partitioning.devices_per_token(chosen, layer["partition_of_expert"]) for chosen, layer in zip(selections, plan["layers"])]

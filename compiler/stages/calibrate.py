@@ -220,3 +220,16 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
     )
     (out_dir / ROUTING_FILE).write_text(result.model_dump_json(indent=1))
     return result
+
+
+def read_routing(calibrate_dir: Path) -> CalibrateResult:
+    return CalibrateResult.model_validate_json((calibrate_dir / ROUTING_FILE).read_text())
+
+
+EXPERT_KINDS = ("fc1", "fc2")  # the experts' second moments; the rest (dense, absmax) belong to dense weights
+
+
+def read_statistics(calibrate_dir: Path, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The statistics of the given kinds (see statistics_key), read as plain arrays."""
+    with np.load(calibrate_dir / STATISTICS_FILE, allow_pickle=False) as stored:
+        return {key: stored[key] for key in stored.files if key.split(":", 1)[0] in kinds}

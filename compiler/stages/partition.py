@@ -61,7 +61,7 @@ def plan(tokens_per_expert: list[list[int]], tokens: int, config: PartitionConfi
     """The plan for every MoE layer; `tokens` routed in all (each counted once per selected expert)."""
     layers = []
     for layer, all_loads in enumerate(tokens_per_expert):
-        top_k = round(sum(all_loads) / max(1, tokens))
+        top_k = partitioning.experts_per_token(all_loads, tokens)
         dropped = partitioning.pruned(all_loads, config.prune_below_share, top_k) if config.prune_below_share else []
         kept = [e for e in range(len(all_loads)) if e not in dropped]
         loads = [all_loads[e] for e in kept]
@@ -88,7 +88,7 @@ def plan(tokens_per_expert: list[list[int]], tokens: int, config: PartitionConfi
 
 
 def run(checkpoint: Checkpoint, config: PartitionConfig, out_dir: Path, progress=None, *, calibrate_dir: Path) -> PartitionResult:
-    routing = calibrate.CalibrateResult.model_validate_json((calibrate_dir / calibrate.ROUTING_FILE).read_text())
+    routing = calibrate.read_routing(calibrate_dir)
     result = plan(routing.tokens_per_expert, routing.tokens, config)
     (out_dir / PLAN_FILE).write_text(json.dumps(result.model_dump(), indent=1))
     return result

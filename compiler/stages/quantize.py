@@ -405,7 +405,7 @@ def run(
     export_dir: Path, calibrate_dir: Path, partition_dir: Path, experts_dirs: list[Path],
 ) -> QuantizeResult:
     """experts_dirs: the quantize_experts stage's output for each partition."""
-    routing = calibrate.CalibrateResult.model_validate_json((calibrate_dir / calibrate.ROUTING_FILE).read_text())
+    routing = calibrate.read_routing(calibrate_dir)
     plan = partition.read_plan(partition_dir)
     experts, pruned = planned_expert_choices(routing, plan, config)
     label = precision_label(config)
@@ -424,8 +424,7 @@ def run(
     smoothing = config.activations == "int8" and config.smoothquant is not None
     statistics = {}
     if config.method == "gptq" or smoothing:  # round to nearest alone needs no calibrated statistics
-        with np.load(calibrate_dir / calibrate.STATISTICS_FILE, allow_pickle=False) as stored:
-            statistics = {key: stored[key] for key in stored.files}
+        statistics = calibrate.read_statistics(calibrate_dir, ("dense", "absmax"))  # the experts' are quantize_experts' to read
     ranges = json.loads((calibrate_dir / calibrate.RANGES_FILE).read_text())
     moes, denses = moe_sites(model), dense_sites(model)
     choices = [_dense_choice(site, config) for site in denses]

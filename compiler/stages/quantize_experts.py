@@ -79,16 +79,13 @@ def run(
     checkpoint: Checkpoint, config: QuantizeExpertsConfig, out_dir: Path, progress=None, *, export_dir: Path, calibrate_dir: Path, partition_dir: Path
 ) -> QuantizeExpertsResult:
     plan = partition.read_plan(partition_dir)
-    routing = calibrate.CalibrateResult.model_validate_json((calibrate_dir / calibrate.ROUTING_FILE).read_text())
+    routing = calibrate.read_routing(calibrate_dir)
     experts, _ = planned_expert_choices(routing, plan, config.as_quantize_config())
     mine = [c for c in experts if c.precision != "fp32" and max(0, plan.layers[c.layer].partition_of_expert[c.expert]) == config.partition]
     arrays: dict[str, np.ndarray] = {}
     groups = []
     if mine:
-        statistics = {}
-        if config.method == "gptq":
-            with np.load(calibrate_dir / calibrate.STATISTICS_FILE, allow_pickle=False) as stored:
-                statistics = {key: stored[key] for key in stored.files if key.startswith(("fc1:", "fc2:"))}
+        statistics = calibrate.read_statistics(calibrate_dir, calibrate.EXPERT_KINDS) if config.method == "gptq" else {}
         quantize = Quantizer(config.method, statistics)
         sites = {site.layer: site for site in moe_sites(ir.load(export_dir / MODEL_FILE))}
         layers = sorted({c.layer for c in mine})
