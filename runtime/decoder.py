@@ -12,6 +12,7 @@ from runtime.artifact import ModelEntry
 from runtime.errors import ArtifactError
 
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+SPIN_AFTER_CALL_US = 100
 
 
 def kv_names(num_layers: int) -> list[tuple[str, str]]:
@@ -46,10 +47,10 @@ def session_options(entries: dict[str, str], threads: int | None = None) -> ort.
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # Workers spin between the nodes of one call (waking a sleeping thread per node costs more than many
-    # small nodes take), and stop spinning when the call returns: the main and draft sessions take turns on
-    # the same cores, and a pool spinning after its call would steal them from the other.
+    # small nodes take), and for a bounded time after it: long enough to catch the next call of a decoding
+    # loop, short enough not to steal the cores for long from the other model of a speculative pair.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_AFTER_CALL_US))
     for key, value in entries.items():  # validated against the allowed set when the manifest was read
         options.add_session_config_entry(key, value)
     return options

@@ -19,7 +19,7 @@ from runtime.sampling import SamplingParams, distribution, draw
 @dataclass
 class Proposal:
     tokens: list[int]
-    probs: list[np.ndarray]  # q_i: the draft distribution each token was drawn from, [V] each
+    probs: list[np.ndarray]  # q_i: the draft distribution each token was drawn from, [V] each; none when greedy
 
 
 @dataclass
@@ -181,15 +181,24 @@ class AdaptiveDraftLength:
 DraftLengthPolicy = FixedDraftLength | AdaptiveDraftLength
 
 
+def _propose_one(proposal: Proposal, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Draw the next proposed token from the draft's logits and record it (with its distribution when sampling)."""
+    if params.greedy:
+        token = int(logits.argmax())
+    else:
+        probs = distribution(logits, params)
+        token = draw(probs, rng)
+        proposal.probs.append(probs)
+    proposal.tokens.append(token)
+    return token
+
+
 def propose(draft: TokenLedger, tokens: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
     """Draw `length` tokens from the draft after `tokens`, one draft call each."""
     proposal = Proposal([], [])
     logits = draft.feed(draft.pending(tokens))[-1]
     for position in range(length):
-        probs = distribution(logits, params)
-        token = draw(probs, rng)
-        proposal.tokens.append(token)
-        proposal.probs.append(probs)
+        token = _propose_one(proposal, logits, params, rng)
         if position + 1 < length:
             logits = draft.feed([token])[-1]
     return proposal
@@ -203,28 +212,25 @@ def propose_batch(draft: BatchKvCache, histories: list[list[int]], lengths: dict
         drawn = {}
         for row, length in lengths.items():
             if position < length:
-                probs = distribution(logits[row], params)
-                token = draw(probs, rngs[row])
-                proposals[row].tokens.append(token)
-                proposals[row].probs.append(probs)
+                token = _propose_one(proposals[row], logits[row], params, rngs[row])
                 if position + 1 < length:
                     drawn[row] = [token]
         logits |= {row: last[-1] for row, last in draft.feed(drawn).items()}
     return proposals
 
 
-def score_batch(main: BatchKvCache, histories: list[list[int]], proposals: dict[int, Proposal], params: SamplingParams) -> dict[int, list[np.ndarray]]:
+def score_batch(main: BatchKvCache, histories: list[list[int]], proposals: dict[int, Proposal]) -> dict[int, np.ndarray]:
     """score() for several rows: each row's pending tokens and proposals, one batched main call per position."""
     pending = {row: main.pending(row, histories[row]) for row in proposals}
     logits = main.feed({row: pending[row] + proposal.tokens for row, proposal in proposals.items()})
-    return {row: [distribution(x, params) for x in logits[row][len(pending[row]) - 1 :]] for row in proposals}
+    return {row: logits[row][len(pending[row]) - 1 :] for row in proposals}
 
 
-def score(main: TokenLedger, tokens: list[int], proposal: Proposal, params: SamplingParams) -> list[np.ndarray]:
-    """The main model's distributions at the k+1 positions after `tokens` and each proposed token, in one call."""
+def score(main: TokenLedger, tokens: list[int], proposal: Proposal) -> np.ndarray:
+    """The main model's logits [k+1, V] at the positions after `tokens` and each proposed token, in one call."""
     pending = main.sync(tokens)
     logits = main.feed(pending + proposal.tokens)  # [pending + k, V]
-    return [distribution(row, params) for row in logits[len(pending) - 1 :]]
+    return logits[len(pending) - 1 :]
 
 
 def accept(proposal: Proposal, target: list[np.ndarray], rng: np.random.Generator) -> tuple[int, int]:
@@ -243,6 +249,17 @@ def accept(proposal: Proposal, target: list[np.ndarray], rng: np.random.Generato
         residual = np.maximum(p - q, 0.0)
         return i, draw(residual / residual.sum(), rng)
     return len(proposal.tokens), draw(target[-1], rng)
+
+
+def judge(proposal: Proposal, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> tuple[int, int]:
+    """accept() on the main model's logits [k+1, V]. Greedy takes the rule's one-hot case directly (keep while
+    the argmaxes agree, then the main model's argmax) without building a distribution over the vocabulary for
+    every position."""
+    if params.greedy:
+        best = logits.argmax(axis=-1)
+        kept = next((i for i, token in enumerate(proposal.tokens) if token != best[i]), len(proposal.tokens))
+        return kept, int(best[kept])
+    return accept(proposal, [distribution(row, params) for row in logits], rng)
 
 
 def _commit(proposal: Proposal, kept: int, next_token: int, stop_tokens: set[int], room: int) -> tuple[list[int], bool]:
@@ -283,8 +300,7 @@ def decode(
         tick = time.perf_counter()
         proposal = propose(draft, tokens, length, params, rng) if length > 0 else Proposal([], [])
         tock = time.perf_counter()
-        target = score(main, tokens, proposal, params)
-        kept, next_token = accept(proposal, target, rng)
+        kept, next_token = judge(proposal, score(main, tokens, proposal), params, rng)
         verified = time.perf_counter()
         draft_length.update(length, kept, tock - tick, verified - tock, backlog)
         stats.draft_seconds += tock - tick
@@ -337,11 +353,11 @@ def decode_batch(
         draft_seconds = (time.perf_counter() - tick) / max(len(proposing), 1)  # one row's share of the batched calls
         proposals = {row: proposals.get(row, Proposal([], [])) for row in lengths}
         tock = time.perf_counter()
-        targets = score_batch(main, histories, proposals, params)
+        targets = score_batch(main, histories, proposals)
         verify_seconds = (time.perf_counter() - tock) / len(lengths)  # one row's share
         for row, length in lengths.items():
             proposal, row_draft_seconds = proposals[row], draft_seconds if length else 0.0
-            kept, next_token = accept(proposal, targets[row], rngs[row])
+            kept, next_token = judge(proposal, targets[row], params, rngs[row])
             draft_length.update(length, kept, row_draft_seconds, verify_seconds, backlogs.get(row, 1))
             stats.draft_seconds += row_draft_seconds
             stats.verify_seconds += verify_seconds

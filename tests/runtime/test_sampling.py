@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from runtime.sampling import SamplingParams, distribution, draw
-from runtime.speculative import Proposal, accept
+from runtime.speculative import Proposal, accept, judge
 
 LOGITS = np.array([2.0, 1.0, 0.5, -1.0, 0.0])
 
@@ -61,3 +61,15 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert _chi_square(counts, p) < 18.47
     broken = _first_token_frequencies(_always_accept, p, q, 20000, rng)
     assert _chi_square(broken, p) > 18.47  # accepting every draft token gives the draft's distribution
+
+
+def test_greedy_judging_is_the_acceptance_rule_on_one_hot_distributions():
+    """judge() skips the distributions when greedy; it must keep and replace exactly what accept() would."""
+    rng = np.random.default_rng(7)
+    greedy = SamplingParams()
+    for _ in range(300):
+        logits = rng.integers(0, 4, size=(4, 6)).astype(np.float32)  # small integers: ties are common
+        proposed = [int(rng.integers(0, 6)) if rng.random() < 0.5 else int(np.argmax(row)) for row in logits[:3]]
+        one_hot = Proposal(proposed, [distribution(np.eye(6)[token], greedy) for token in proposed])
+        expected = accept(one_hot, [distribution(row, greedy) for row in logits], rng)
+        assert judge(Proposal(proposed, []), logits, greedy, rng) == expected
