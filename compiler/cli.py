@@ -325,12 +325,17 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     threads = args.threads or os.cpu_count() or 1
     active = benchmark.active_weight_bytes(Path(args.artifact) / generator.main.entry.path)
     bandwidth = benchmark.read_bandwidth(threads)
-    # How close main-only decoding runs to the memory limit: weight bytes read per second over what the machine reads.
-    limit = {case.prompt_tokens: active * case.decode_tokens_per_second.median / bandwidth for case in cases if case.mode == "main only"}
+    # How close main-only decoding runs to the memory limit: weight bytes read per second over what the machine
+    # reads; and with the KV cache, which attention reads on top and which grows with the context.
+    main_only = [case for case in cases if case.mode == "main only"]
+    kv = {case.prompt_tokens: benchmark.kv_bytes_per_token(generator.main.entry, case.prompt_tokens, case.new_tokens) for case in main_only}
+    limit = {case.prompt_tokens: active * case.decode_tokens_per_second.median / bandwidth for case in main_only}
+    limit_with_kv = {case.prompt_tokens: (active + kv[case.prompt_tokens]) * case.decode_tokens_per_second.median / bandwidth for case in main_only}
     report = {
         "artifact": str(args.artifact), "name": name, "threads": threads, "runs": args.runs,
         "peak_rss_bytes": benchmark.peak_rss_bytes(), "main_active_weight_bytes_per_token": active,
         "read_bandwidth_bytes_per_second": bandwidth, "main_only_bandwidth_fraction": limit,
+        "main_only_kv_bytes_per_token": kv, "main_only_bandwidth_fraction_with_kv": limit_with_kv,
         "cases": [benchmark.as_json(case) for case in cases],
     }
     json_out = Path(args.json_out or Path(args.artifact).parent / f"bench-{name}.json")
@@ -354,6 +359,9 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
         fractions = ", ".join(f"{fraction:.2f} (prompt {prompt})" for prompt, fraction in limit.items())
         usage = f"; main-only decode at batch 1 uses {fractions} of it" if limit else ""
         out.print(f"main model reads {_size(active)} of weights per token; this machine reads {bandwidth / 1e9:.1f} GB/s with {threads} threads{usage}")
+        if kv:
+            with_kv = ", ".join(f"{_size(kv[prompt])} and {fraction:.2f} (prompt {prompt})" for prompt, fraction in limit_with_kv.items())
+            out.print(f"counting the KV cache it also reads per token: {with_kv}")
         out.print(f"peak RSS {_size(report['peak_rss_bytes'])}; wrote {json_out} and {chart}")
     return report
 

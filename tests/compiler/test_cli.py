@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from runtime.artifact import read_manifest
+
 
 def _moecc(*args):
     result = subprocess.run([sys.executable, "-m", "compiler.cli", *args], capture_output=True, text=True, timeout=300)
@@ -70,6 +74,12 @@ def test_bench_writes_table_json_and_chart(tiny_artifact, tmp_path):
         if not case["mode"].startswith("speculative auto"):  # auto may rightly settle on the main model alone
             assert (case["mean_draft_length"] == 0) == case["mode"].startswith("main only")
     assert report["peak_rss_bytes"] > 50 * 2**20
+    entry = read_manifest(tiny_artifact).models["main"]
+    per_position = entry.num_layers * 2 * entry.num_kv_heads * entry.head_dim * 4  # fp32 keys and values
+    assert report["main_only_kv_bytes_per_token"] == {"16": int(per_position * (16 + 5.5)), "40": int(per_position * (40 + 5.5))}
+    for prompt, fraction in report["main_only_bandwidth_fraction"].items():
+        weights_and_kv = report["main_active_weight_bytes_per_token"] + report["main_only_kv_bytes_per_token"][prompt]
+        assert report["main_only_bandwidth_fraction_with_kv"][prompt] == pytest.approx(fraction * weights_and_kv / report["main_active_weight_bytes_per_token"])
 
     code, out, _ = _moecc("bench", str(tiny_artifact), "--prompt-tokens", "100000", "--json")
     assert code == 1 and "exceed the maximum sequence length" in json.loads(out)["error"]
