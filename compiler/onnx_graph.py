@@ -27,6 +27,7 @@ class IoNames:
     input_ids: str = "input_ids"
     seqlens_k: str = "seqlens_k"
     total_sequence_length: str = "total_sequence_length"
+    query_seqlens: str = "query_seqlens"
     logits: str = "logits"
 
     @staticmethod
@@ -156,10 +157,13 @@ def _attention(b: _Builder, arch: Architecture, dims: ModelDims, h: ir.Value, la
     cos, sin = rope
     past_key, past_value = io["past"][layer]
     # Past and present share one preallocated buffer [B, kv heads, P, D] when the runtime binds them together;
-    # seqlens_k tells each sequence's valid length, so a rollback only moves that length.
+    # seqlens_k tells each sequence's valid length, so a rollback only moves that length. query_seqlens tells
+    # each sequence's new tokens in a right-padded call, so a batch's rows can each take several (a verify
+    # block, a draft's catch-up) or none in one call.
+    unused = [None] * 7  # position_ids, attention_bias, head_sink, k_scale, v_scale, q_norm_weight, k_norm_weight
     attn, present_key, present_value = b.op(
         "GroupQueryAttention",
-        [q, k, v, past_key, past_value, io["seqlens_k"], io["total_sequence_length"], cos, sin],
+        [q, k, v, past_key, past_value, io["seqlens_k"], io["total_sequence_length"], cos, sin, *unused, io["query_seqlens"]],
         {"num_heads": dims.num_heads, "kv_num_heads": dims.num_kv_heads, "do_rotary": 1, "rotary_interleaved": 0},
         domain=MS_DOMAIN,
         outputs=3,
@@ -231,10 +235,12 @@ def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_s
     input_ids = ir.Value(name=names.input_ids, shape=ir.Shape([batch, seq]), type=ir.TensorType(ir.DataType.INT64))
     seqlens_k = ir.Value(name=names.seqlens_k, shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT32))
     total = ir.Value(name=names.total_sequence_length, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
+    query_seqlens = ir.Value(name=names.query_seqlens, shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT32))
     kv_shape = ir.Shape([batch, dims.num_kv_heads, past, dims.head_dim])
     io = {
         "seqlens_k": seqlens_k,
         "total_sequence_length": total,
+        "query_seqlens": query_seqlens,
         "past": [
             tuple(ir.Value(name=IoNames.past(layer, kind), shape=kv_shape, type=ir.TensorType(b.ir_dtype)) for kind in ("key", "value"))
             for layer in range(dims.num_layers)
@@ -257,7 +263,7 @@ def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_s
     logits.name = names.logits  # [B,S,V]
 
     graph = ir.Graph(
-        inputs=[input_ids, seqlens_k, total, *(value for pair in io["past"] for value in pair)],
+        inputs=[input_ids, seqlens_k, total, query_seqlens, *(value for pair in io["past"] for value in pair)],
         outputs=[logits, *io["present"]],
         nodes=b.tape.nodes,
         initializers=b.initializers,

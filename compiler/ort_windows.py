@@ -21,5 +21,6 @@ def run_windows(session: ort.InferenceSession, ids: list[int], window: int, outp
             "input_ids": np.asarray([chunk], dtype=np.int64),
             "seqlens_k": np.asarray([len(chunk) - 1], np.int32),
             "total_sequence_length": np.asarray(len(chunk), np.int32),
+            "query_seqlens": np.asarray([len(chunk)], np.int32),
         }
         yield session.run(outputs, feeds | empty_past)

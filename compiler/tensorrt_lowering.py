@@ -278,7 +278,7 @@ def lower(model: ir.Model, precision: str) -> ir.Model:
         if old.name.startswith("past_key_values."):
             batch, kv_heads, past, head_dim = old.shape
             kv_inputs[old.name] = ir.Value(name=old.name, shape=ir.Shape([batch, past, kv_heads, head_dim]), type=ir.TensorType(float_type))
-    interface = [kv_inputs.get(value.name, value) for value in graph.inputs if value.name not in (names.seqlens_k, names.total_sequence_length)]
+    interface = [kv_inputs.get(value.name, value) for value in graph.inputs if value.name not in (names.seqlens_k, names.total_sequence_length, names.query_seqlens)]
     positions = None
     for node in list(graph):
         if node.domain not in ("", "ai.onnx"):

@@ -13,6 +13,7 @@ from runtime.errors import ArtifactError
 
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 SPIN_AFTER_CALL_US = 100
+LENGTH_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")  # the lengths GroupQueryAttention reads
 
 
 def kv_names(num_layers: int) -> list[tuple[str, str]]:
@@ -56,6 +57,12 @@ def session_options(entries: dict[str, str], threads: int | None = None) -> ort.
     return options
 
 
+def check_inputs(model_path: Path, inputs: set[str]) -> None:
+    """Refuse a decoder exported before its attention took each row's new-token count (query_seqlens)."""
+    if LENGTH_INPUTS[0] in inputs and not inputs.issuperset(LENGTH_INPUTS):
+        raise ArtifactError(f"{model_path}: exported by an older moecc (its inputs lack {', '.join(sorted(set(LENGTH_INPUTS) - inputs))})", hint="rebuild it with `moecc build RECIPE`")
+
+
 class Decoder:
     """A stateless ONNX Runtime session; all per-sequence state lives in a KvCache, so threads can share it."""
 
@@ -64,6 +71,7 @@ class Decoder:
         check_external_data(artifact, entry.path, allowed_files)
         options = session_options(entry.session_options, threads)
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        check_inputs(model_path, {value.name for value in self.session.get_inputs()})
         self.entry = entry
 
     def new_cache(self, capacity: int | None = None) -> KvCache:
@@ -79,15 +87,16 @@ SMALL_CALL = 16  # new tokens per row up to which a call's ids and logits live i
 class KvState:
     """One cache's key/value buffers [B, kv heads, capacity, D] per layer, each both past and present, and the
     row lengths: GroupQueryAttention writes the new keys and values in place when past and present share a
-    buffer, and reads each row's valid length from seqlens_k."""
+    buffer, reads each row's length after the call from seqlens_k (length - 1) and its number of new tokens
+    from query_seqlens; a call's input is right-padded to its longest row."""
 
     def __init__(self, entry: ModelEntry, batch: int, capacity: int):
         self.capacity = capacity
         shape = (batch, entry.num_kv_heads, capacity, entry.head_dim)
         # The bindings point into these OrtValues (which share the arrays' memory): they live as long as the cache.
         self.kv = {names: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=KV_DTYPES[entry.activations])) for names in kv_names(entry.num_layers)}
-        self._seqlens_k, self._total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
-        self.lengths = {"seqlens_k": ort.OrtValue.ortvalue_from_numpy(self._seqlens_k), "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(self._total)}
+        self._seqlens_k, self._total, self._new = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32), np.zeros(batch, dtype=np.int32)
+        self.lengths = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in zip(LENGTH_INPUTS, (self._seqlens_k, self._total, self._new))}
 
     def bind(self, binding: ort.IOBinding, inputs: set[str]) -> None:
         """Bind the buffers and lengths a session with these inputs reads."""
@@ -99,10 +108,14 @@ class KvState:
             if name in inputs:
                 binding.bind_ortvalue_input(name, value)
 
-    def set_lengths(self, seqlens_k: list[int], total: int) -> None:
-        check_capacity(total, self.capacity)
-        self._seqlens_k[:] = seqlens_k
-        self._total[...] = total
+    def set_lengths(self, cached: list[int], new: list[int], width: int) -> None:
+        """Each row's cached tokens and new tokens in a call `width` tokens wide. Every row, even one with nothing
+        new, needs room for the whole width after its cached tokens (the kernel's rule for padded calls)."""
+        check_capacity(max(cached) + width, self.capacity)
+        for row, (length, count) in enumerate(zip(cached, new)):
+            self._seqlens_k[row] = length + count - 1  # a row with nothing new keeps its length
+            self._new[row] = count
+        self._total[...] = max(length + count for length, count in zip(cached, new))
 
 
 class BoundBuffers:
@@ -147,10 +160,11 @@ class BoundBuffers:
             self._bound_width = width
         return ids, logits
 
-    def run(self, input_ids: np.ndarray, seqlens_k: list[int], total: int) -> np.ndarray:
-        """One call: input_ids [B,S] after each row's cached tokens; returns logits [B,S,V] (the caller's to keep)."""
-        self.state.set_lengths(seqlens_k, total)
+    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int]) -> np.ndarray:
+        """One call: each row's `new` tokens in input_ids [B,S] (right-padded) after its `cached` ones; returns
+        logits [B,S,V] (the caller's to keep; a row's padding positions hold nothing meaningful)."""
         width = input_ids.shape[1]
+        self.state.set_lengths(cached, new, width)
         if width <= SMALL_CALL:
             ids, logits = self._bind_width(width)
             ids[:] = input_ids
@@ -229,8 +243,7 @@ class KvCache(TokenLedger):
 
     def feed(self, tokens: list[int]) -> np.ndarray:
         """Run the new tokens through the model after the cached ones; returns their logits [S, V]."""
-        total = len(self.ids) + len(tokens)
-        logits = self.buffers.run(np.asarray([tokens], dtype=np.int64), [total - 1], total)
+        logits = self.buffers.run(np.asarray([tokens], dtype=np.int64), [len(self.ids)], [len(tokens)])
         self.ids.extend(tokens)
         return logits[0]  # [S,V]
 
@@ -238,12 +251,10 @@ class KvCache(TokenLedger):
 class BatchKvCache:
     """Key/value buffers [B, kv heads, capacity, D] for B sequences of different lengths, decoded together.
 
-    GroupQueryAttention reads each row's length from seqlens_k, so rows need not line up: the prompts are
-    read in one right-padded call (the padding's keys are overwritten by the row's next tokens), then each
-    call feeds one token per row (onnxruntime's CPU kernel refuses several new tokens per row on top of a
-    past for batches, so a row's several tokens take one call per position); a row with nothing to feed
-    writes a placeholder at its end and does not advance. `ids[row]` are the row's cached tokens, so a row
-    rolls back by length as in KvCache.
+    GroupQueryAttention reads each row's length and its number of new tokens, so rows need not line up: one
+    right-padded call reads every row's new tokens (the prompts; a verify block of any length per row; none
+    for a row with nothing to feed, which keeps its cache as it is). `ids[row]` are the row's cached tokens,
+    so a row rolls back by length as in KvCache.
     """
 
     def __init__(self, decoder, batch: int, capacity: int):
@@ -255,11 +266,7 @@ class BatchKvCache:
         """Read every row's prompt into an empty cache; returns the logits after each prompt [B, V]."""
         if any(self.ids) or len(prompts) != len(self.ids) or not all(prompts):
             raise ValueError("prefill needs an empty cache and one non-empty prompt per row")
-        width = max(len(prompt) for prompt in prompts)
-        input_ids = np.zeros((len(prompts), width), dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, : len(prompt)] = prompt
-        logits = self.buffers.run(input_ids, [len(prompt) - 1 for prompt in prompts], width)
+        logits = self.buffers.run(_right_padded(prompts), [0] * len(prompts), [len(prompt) for prompt in prompts])
         self.ids = [list(prompt) for prompt in prompts]
         return logits[np.arange(len(prompts)), [len(prompt) - 1 for prompt in prompts]]
 
@@ -272,14 +279,29 @@ class BatchKvCache:
         return _pending(self.ids[row], tokens)
 
     def feed(self, rows: dict[int, list[int]]) -> dict[int, np.ndarray]:
-        """Feed each listed row its tokens, one batched call per position; returns each row's logits [S_row, V]."""
+        """Feed each listed row its tokens after its cached ones; returns each row's logits [S_row, V].
+
+        One call for all rows, as wide as the longest row's tokens; narrower calls only where the cache's
+        end leaves less room than that after the longest row."""
         produced: dict[int, list[np.ndarray]] = {row: [] for row in rows}
-        for position in range(max((len(tokens) for tokens in rows.values()), default=0)):
-            feeding = {row: tokens[position] for row, tokens in rows.items() if position < len(tokens)}
-            step = [feeding.get(row, 0) for row in range(len(self.ids))]
-            lengths = [len(ids) for ids in self.ids]
-            logits = self.buffers.run(np.asarray(step, dtype=np.int64)[:, None], lengths, max(lengths) + 1)
-            for row, token in feeding.items():
-                self.ids[row].append(token)
-                produced[row].append(logits[row, 0])
-        return {row: np.stack(rows_logits) for row, rows_logits in produced.items() if rows_logits}
+        remaining = {row: list(tokens) for row, tokens in rows.items() if tokens}
+        while remaining:
+            cached = [len(ids) for ids in self.ids]
+            width = min(max(len(tokens) for tokens in remaining.values()), max(1, self.capacity - max(cached)))
+            chunk = [remaining.get(row, [])[:width] for row in range(len(self.ids))]
+            logits = self.buffers.run(_right_padded(chunk, width), cached, [len(tokens) for tokens in chunk])
+            for row in list(remaining):
+                self.ids[row].extend(chunk[row])
+                produced[row].append(logits[row, : len(chunk[row])])
+                remaining[row] = remaining[row][width:]
+                if not remaining[row]:
+                    del remaining[row]
+        return {row: np.concatenate(parts) for row, parts in produced.items() if parts}
+
+
+def _right_padded(rows: list[list[int]], width: int | None = None) -> np.ndarray:
+    """Token rows as one [B, width] array, each row's tokens first (width: the longest row by default)."""
+    input_ids = np.zeros((len(rows), width or max(len(tokens) for tokens in rows)), dtype=np.int64)
+    for row, tokens in enumerate(rows):
+        input_ids[row, : len(tokens)] = tokens
+    return input_ids

@@ -29,7 +29,7 @@ import onnx.utils
 import onnxruntime as ort
 
 from runtime.artifact import ExpertLayer, ModelEntry
-from runtime.decoder import KvCache, KvState, check_external_data, session_options
+from runtime.decoder import KvCache, KvState, check_external_data, check_inputs, session_options
 from runtime.errors import ArtifactError
 
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
@@ -133,6 +133,7 @@ class ExpertParallelDecoder:
         check_external_data(artifact, entry.path, allowed_files)
         model_path = artifact / entry.path
         model = onnx.load(str(model_path), load_external_data=False)  # the data stays on disk, read by ONNX Runtime
+        check_inputs(model_path, {value.name for value in model.graph.input})
         layers = entry.expert_layers
         segments = _segments(model.graph, layers)
         cut = {name for inputs, outputs, _ in segments for name in (*inputs, *outputs)}
@@ -213,9 +214,10 @@ class SegmentBuffers:
             self.state.bind(binding, set(segment.inputs))
             self.bindings.append(binding)
 
-    def run(self, input_ids: np.ndarray, seqlens_k: list[int], total: int) -> np.ndarray:
-        """One call through every segment and partition: input_ids [B,S] after each row's cached tokens; returns logits [B,S,V]."""
-        self.state.set_lengths(seqlens_k, total)
+    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int]) -> np.ndarray:
+        """One call through every segment and partition: each row's `new` tokens in input_ids [B,S] (right-padded)
+        after its `cached` ones; returns logits [B,S,V]."""
+        self.state.set_lengths(cached, new, input_ids.shape[1])
         values = {"input_ids": input_ids}
         decoder = self.decoder
         for position, (segment, binding) in enumerate(zip(decoder.segments, self.bindings)):

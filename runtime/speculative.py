@@ -220,7 +220,7 @@ def propose_batch(draft: BatchKvCache, histories: list[list[int]], lengths: dict
 
 
 def score_batch(main: BatchKvCache, histories: list[list[int]], proposals: dict[int, Proposal]) -> dict[int, np.ndarray]:
-    """score() for several rows: each row's pending tokens and proposals, one batched main call per position."""
+    """score() for several rows: every row's pending tokens and proposals in one batched main call."""
     pending = {row: main.pending(row, histories[row]) for row in proposals}
     logits = main.feed({row: pending[row] + proposal.tokens for row, proposal in proposals.items()})
     return {row: logits[row][len(pending[row]) - 1 :] for row in proposals}
@@ -332,7 +332,7 @@ def decode_batch(
     stats: GenerationStats,
 ) -> list[list[int]]:
     """decode() for several sequences, each to its own stop: the draft proposes for every row and the main
-    model verifies every row, each in one batched call per position (see BatchKvCache); each row commits by
+    model verifies every row in one batched call (see BatchKvCache); each row commits by
     the same acceptance rule, with its own random generator. Without a draft every step is one main call
     for all rows, one token each."""
     started = time.perf_counter()

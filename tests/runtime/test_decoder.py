@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 import runtime
-from runtime.decoder import BatchKvCache
+from runtime.decoder import BatchKvCache, check_inputs
+from runtime.errors import ArtifactError
 
 TOLERANCE = 1e-4  # a batched call sums in a different order than a single one
 
@@ -32,3 +36,41 @@ def test_batch_rows_match_their_own_caches_after_uneven_rollbacks(tiny_artifact)
         assert [batch.ids[row] for row in range(len(prompts))] == histories
         for row, history in enumerate(histories):
             assert np.abs(logits[row][-1] - _alone(generator, history)).max() <= TOLERANCE
+
+
+def _counting_calls(batch: BatchKvCache) -> list[int]:
+    """Wrap the cache's model calls; the list receives each call's width."""
+    widths, run = [], batch.buffers.run
+
+    def counted(input_ids, cached, new):
+        widths.append(input_ids.shape[1])
+        return run(input_ids, cached, new)
+
+    batch.buffers.run = counted
+    return widths
+
+
+def test_a_batch_feed_is_one_call_unless_the_cache_end_narrows_it(tiny_artifact):
+    """Rows take different numbers of tokens (a verify block each, or none) in one right-padded call; every
+    row needs room for the call's width, so near the cache's end the tokens go in narrower calls."""
+    generator = runtime.load(tiny_artifact)
+    prompts = [list(range(5, 17)), list(range(40, 43)), list(range(80, 100))]
+    batch = BatchKvCache(generator.main, len(prompts), 30)
+    batch.prefill(prompts)
+    widths = _counting_calls(batch)
+    histories = [list(prompt) for prompt in prompts]
+    for feed, expected_widths in (({0: [7, 8, 9, 10, 11], 2: [1, 2, 3, 4]}, [5]), ({2: [5, 6, 7]}, [3]), ({0: [12, 13, 14, 15, 16]}, [3, 2])):
+        widths.clear()
+        logits = batch.feed(feed)
+        assert widths == expected_widths  # rows 20+4+3 = 27 long: 3 positions of room left for the last feed
+        for row, tokens in feed.items():
+            histories[row] += tokens
+            alone = generator.main.new_cache(64).feed(histories[row])[-len(tokens) :]
+            assert logits[row].shape == alone.shape and np.abs(logits[row] - alone).max() <= TOLERANCE
+        assert batch.ids == histories  # the idle rows kept their caches
+
+
+def test_a_decoder_exported_without_new_token_counts_is_refused():
+    with pytest.raises(ArtifactError, match="older moecc .*query_seqlens.*rebuild it"):
+        check_inputs(Path("old/main/model.onnx"), {"input_ids", "seqlens_k", "total_sequence_length", "past_key_values.0.key"})
+    check_inputs(Path("new/main/model.onnx"), {"input_ids", "seqlens_k", "total_sequence_length", "query_seqlens"})
