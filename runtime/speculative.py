@@ -90,7 +90,7 @@ class FixedDraftLength:
     def choose(self) -> int:
         return self.length
 
-    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1) -> None:
+    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1, step: int = 0) -> None:
         pass
 
 
@@ -105,7 +105,11 @@ class AdaptiveDraftLength:
     own cost. k = 0 (main model alone) is a candidate; while it wins, a 1-token probe keeps the acceptance
     estimate current: after PROBE_EVERY idle steps, then twice as long after each probe that leaves the main
     model alone the better choice (a probe costs the draft's catch-up on every token since its last call),
-    back to PROBE_EVERY once a probe makes speculation pay.
+    back to PROBE_EVERY once a probe makes speculation pay. While speculation wins, one step in REFRESH_EVERY
+    leaves the draft out, so the main model's cost alone stays measured too (it is what speculation is judged
+    against). The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
+    prompt, calls run slower while the weights return to cache, and those times would mislead every later
+    generation.
 
     A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
     keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
@@ -115,6 +119,8 @@ class AdaptiveDraftLength:
     DECAY = 0.9
     PROBE_EVERY = 16
     MAX_PROBE_INTERVAL = 1024
+    REFRESH_EVERY = 32
+    WARMUP_STEPS = 4
 
     def __init__(self, max_length: int):
         self.max_length = max_length
@@ -123,6 +129,7 @@ class AdaptiveDraftLength:
         self.draft_cost: float | None = None  # seconds per draft call
         self.verify_cost: dict[int, float] = {}  # positions verified -> seconds per call
         self.idle_steps = 0
+        self.busy_steps = 0
         self.probe_interval = self.PROBE_EVERY
         self._probing = False
         self._lock = threading.Lock()
@@ -153,21 +160,28 @@ class AdaptiveDraftLength:
             if self.idle_steps >= self.probe_interval:
                 self.idle_steps, self._probing = 0, True
                 return 1
+        else:
+            self.busy_steps += 1
+            if self.busy_steps >= self.REFRESH_EVERY:
+                self.busy_steps = 0
+                return 0
         return best
 
-    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1) -> None:
-        """One step's outcome; draft_backlog is how many tokens the draft had to read before proposing."""
+    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1, step: int = WARMUP_STEPS) -> None:
+        """One step's outcome; draft_backlog is how many tokens the draft had to read before proposing, step
+        the step's index in its generation."""
         with self._lock:
-            self._update(length, kept, draft_seconds, verify_seconds, draft_backlog)
+            self._update(length, kept, draft_seconds, verify_seconds, draft_backlog, timed=step >= self.WARMUP_STEPS)
 
-    def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int) -> None:
-        previous = self.verify_cost.get(length + 1)
-        self.verify_cost[length + 1] = verify_seconds if previous is None else self.DECAY * previous + (1 - self.DECAY) * verify_seconds
+    def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool) -> None:
+        if timed or length + 1 not in self.verify_cost:
+            previous = self.verify_cost.get(length + 1)
+            self.verify_cost[length + 1] = verify_seconds if previous is None else self.DECAY * previous + (1 - self.DECAY) * verify_seconds
         if length == 0:
             return
         # After idle steps the draft first reads every token since (a backlog of 1 or 2 is the usual step): not
         # its cost per proposal.
-        if draft_backlog <= 2:
+        if draft_backlog <= 2 and (timed or self.draft_cost is None):
             per_call = draft_seconds / length
             self.draft_cost = per_call if self.draft_cost is None else self.DECAY * self.draft_cost + (1 - self.DECAY) * per_call
         self.accepted = self.DECAY * self.accepted + kept
@@ -302,7 +316,7 @@ def decode(
         tock = time.perf_counter()
         kept, next_token = judge(proposal, score(main, tokens, proposal), params, rng)
         verified = time.perf_counter()
-        draft_length.update(length, kept, tock - tick, verified - tock, backlog)
+        draft_length.update(length, kept, tock - tick, verified - tock, backlog, stats.verify_calls)
         stats.draft_seconds += tock - tick
         stats.verify_seconds += verified - tock
         stats.verify_calls += 1
@@ -343,6 +357,7 @@ def decode_batch(
     histories = [list(prompt) for prompt in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     active = set(range(len(prompts)))
+    step = 0  # of this batch, for the policy's warm-up
     while active:
         chosen = draft_length.choose() if draft is not None else 0
         lengths = {row: min(chosen, max_new_tokens - len(outputs[row]) - 1) for row in sorted(active)}
@@ -358,7 +373,7 @@ def decode_batch(
         for row, length in lengths.items():
             proposal, row_draft_seconds = proposals[row], draft_seconds if length else 0.0
             kept, next_token = judge(proposal, targets[row], params, rngs[row])
-            draft_length.update(length, kept, row_draft_seconds, verify_seconds, backlogs.get(row, 1))
+            draft_length.update(length, kept, row_draft_seconds, verify_seconds, backlogs.get(row, 1), step)
             stats.draft_seconds += row_draft_seconds
             stats.verify_seconds += verify_seconds
             stats.verify_calls += 1
@@ -370,6 +385,7 @@ def decode_batch(
             outputs[row].extend(new)
             if stopped or len(outputs[row]) >= max_new_tokens:
                 active.discard(row)
+        step += 1
     stats.new_tokens = sum(len(row) for row in outputs)
     stats.seconds = time.perf_counter() - started
     return outputs

@@ -177,6 +177,28 @@ def test_a_probe_that_makes_speculation_pay_ends_the_idle_spell():
     assert policy.probe_interval == AdaptiveDraftLength.PROBE_EVERY and policy.choose() == 1
 
 
+def test_while_speculation_pays_one_step_in_a_while_measures_the_main_model_alone():
+    policy = _policy(0.9, 0.1, lambda n: 1.0)
+    every = AdaptiveDraftLength.REFRESH_EVERY
+    choices = [policy.choose() for _ in range(2 * every)]
+    assert choices == ([8] * (every - 1) + [0]) * 2
+
+
+def test_a_generations_first_steps_update_acceptance_but_not_costs():
+    """Right after a prompt the calls run slow; those times must not steer later generations."""
+    policy = _policy(0.5, 0.1, lambda n: 1.0)
+    costs, draft_cost = dict(policy.verify_cost), policy.draft_cost
+    for step in range(AdaptiveDraftLength.WARMUP_STEPS):
+        policy.update(0, 0, 0.0, 50.0, step=step)
+        policy.update(2, 2, 10.0, 50.0, step=step)
+    assert policy.verify_cost == costs and policy.draft_cost == draft_cost and policy.acceptance > 0.5  # every proposal kept
+    policy.update(2, 2, 10.0, 50.0, step=AdaptiveDraftLength.WARMUP_STEPS)
+    assert policy.verify_cost[3] > costs[3] and policy.draft_cost > draft_cost
+    fresh = AdaptiveDraftLength(max_length=4)
+    fresh.update(3, 1, 0.3, 2.0, step=0)  # nothing measured yet: a warm-up time beats none
+    assert fresh.verify_cost == {4: 2.0} and fresh.draft_cost == pytest.approx(0.1)
+
+
 def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
     policy = AdaptiveDraftLength(max_length=4)
     assert policy.choose() == 4  # nothing measured: measure the longest first
