@@ -26,8 +26,9 @@ def check_capacity(total: int, capacity: int) -> None:
         raise ValueError(f"sequence of {total} tokens exceeds the KV cache capacity of {capacity}")
 
 
-def check_external_data(artifact: Path, model: str, allowed: set[str]) -> None:
-    """Refuse external-data references of the artifact's `model` that leave the artifact or name a file the manifest does not list."""
+def check_external_data(artifact: Path, model: str, allowed: set[str]) -> onnx.ModelProto:
+    """Refuse external-data references of the artifact's `model` that leave the artifact or name a file the
+    manifest does not list; returns the model's graph without its weights."""
     model_path = artifact / model
     proto = onnx.load(str(model_path), load_external_data=False)
     folder, root = model_path.parent, artifact.resolve()
@@ -38,6 +39,7 @@ def check_external_data(artifact: Path, model: str, allowed: set[str]) -> None:
         resolved = (folder / location).resolve()
         if not resolved.is_relative_to(root) or resolved.relative_to(root).as_posix() not in allowed:
             raise ArtifactError(f"{model_path}: tensor {tensor.name} points at external data {location!r} outside the artifact")
+    return proto
 
 
 def session_options(entries: dict[str, str], threads: int | None = None) -> ort.SessionOptions:
@@ -57,10 +59,12 @@ def session_options(entries: dict[str, str], threads: int | None = None) -> ort.
     return options
 
 
-def check_inputs(model_path: Path, inputs: set[str]) -> None:
+def check_inputs(model_path: Path, proto: onnx.ModelProto) -> None:
     """Refuse a decoder exported before its attention took each row's new-token count (query_seqlens)."""
-    if LENGTH_INPUTS[0] in inputs and not inputs.issuperset(LENGTH_INPUTS):
-        raise ArtifactError(f"{model_path}: exported by an older moecc (its inputs lack {', '.join(sorted(set(LENGTH_INPUTS) - inputs))})", hint="rebuild it with `moecc build RECIPE`")
+    inputs = {value.name for value in proto.graph.input}
+    missing = sorted(set(LENGTH_INPUTS) - inputs)
+    if missing:
+        raise ArtifactError(f"{model_path}: exported by an older moecc (its inputs lack {', '.join(missing)})", hint="rebuild it with `moecc build RECIPE`")
 
 
 class Decoder:
@@ -68,10 +72,9 @@ class Decoder:
 
     def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None):
         model_path = artifact / entry.path
-        check_external_data(artifact, entry.path, allowed_files)
+        check_inputs(model_path, check_external_data(artifact, entry.path, allowed_files))
         options = session_options(entry.session_options, threads)
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        check_inputs(model_path, {value.name for value in self.session.get_inputs()})
         self.entry = entry
 
     def new_cache(self, capacity: int | None = None) -> KvCache:
@@ -95,8 +98,9 @@ class KvState:
         shape = (batch, entry.num_kv_heads, capacity, entry.head_dim)
         # The bindings point into these OrtValues (which share the arrays' memory): they live as long as the cache.
         self.kv = {names: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=KV_DTYPES[entry.activations])) for names in kv_names(entry.num_layers)}
-        self._seqlens_k, self._total, self._new = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32), np.zeros(batch, dtype=np.int32)
-        self.lengths = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in zip(LENGTH_INPUTS, (self._seqlens_k, self._total, self._new))}
+        self._seqlens_k, self._total, self._query_seqlens = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32), np.zeros(batch, dtype=np.int32)
+        arrays = {"seqlens_k": self._seqlens_k, "total_sequence_length": self._total, "query_seqlens": self._query_seqlens}
+        self.lengths = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
 
     def bind(self, binding: ort.IOBinding, inputs: set[str]) -> None:
         """Bind the buffers and lengths a session with these inputs reads."""
@@ -113,8 +117,10 @@ class KvState:
         new, needs room for the whole width after its cached tokens (the kernel's rule for padded calls)."""
         check_capacity(max(cached) + width, self.capacity)
         for row, (length, count) in enumerate(zip(cached, new)):
+            if length + count == 0:
+                raise ValueError(f"row {row} has neither cached nor new tokens; fill every row (prefill) before feeding some")
             self._seqlens_k[row] = length + count - 1  # a row with nothing new keeps its length
-            self._new[row] = count
+            self._query_seqlens[row] = count
         self._total[...] = max(length + count for length, count in zip(cached, new))
 
 
@@ -281,13 +287,14 @@ class BatchKvCache:
     def feed(self, rows: dict[int, list[int]]) -> dict[int, np.ndarray]:
         """Feed each listed row its tokens after its cached ones; returns each row's logits [S_row, V].
 
-        One call for all rows, as wide as the longest row's tokens; narrower calls only where the cache's
-        end leaves less room than that after the longest row."""
+        One call for all rows, as wide as the longest row's tokens up to SMALL_CALL (a draft's catch-up after
+        a long idle spell goes in several, so that no call returns logits for hundreds of positions per row);
+        narrower where the cache's end leaves less room than that after the longest row."""
         produced: dict[int, list[np.ndarray]] = {row: [] for row in rows}
         remaining = {row: list(tokens) for row, tokens in rows.items() if tokens}
         while remaining:
             cached = [len(ids) for ids in self.ids]
-            width = min(max(len(tokens) for tokens in remaining.values()), max(1, self.capacity - max(cached)))
+            width = min(max(len(tokens) for tokens in remaining.values()), SMALL_CALL, max(1, self.capacity - max(cached)))
             chunk = [remaining.get(row, [])[:width] for row in range(len(self.ids))]
             logits = self.buffers.run(_right_padded(chunk, width), cached, [len(tokens) for tokens in chunk])
             for row in list(remaining):

@@ -130,10 +130,9 @@ class ExpertParallelDecoder:
             raise ArtifactError(
                 f"{artifact}: the main model's experts are not partitioned", hint="build with partition.partitions > 1, or load with placement='single'"
             )
-        check_external_data(artifact, entry.path, allowed_files)
         model_path = artifact / entry.path
-        model = onnx.load(str(model_path), load_external_data=False)  # the data stays on disk, read by ONNX Runtime
-        check_inputs(model_path, {value.name for value in model.graph.input})
+        model = check_external_data(artifact, entry.path, allowed_files)  # the data stays on disk, read by ONNX Runtime
+        check_inputs(model_path, model)
         layers = entry.expert_layers
         segments = _segments(model.graph, layers)
         cut = {name for inputs, outputs, _ in segments for name in (*inputs, *outputs)}
@@ -175,13 +174,14 @@ class ExpertParallelDecoder:
     def bind(self, batch: int, capacity: int) -> SegmentBuffers:
         return SegmentBuffers(self, batch, capacity)
 
-    def dispatch(self, position: int, values: dict[str, np.ndarray]) -> np.ndarray:
-        """One MoE layer: each partition's worker gets the rows whose top k includes one of its experts; returns the summed shares."""
+    def dispatch(self, position: int, values: dict[str, np.ndarray], real: np.ndarray) -> np.ndarray:
+        """One MoE layer: each partition's worker gets the rows whose top k includes one of its experts; returns
+        the summed shares. `real` marks the token rows that are not a padded call's padding (left at zero)."""
         layer = self.layers[position]
         tokens, mixing = values[layer.tokens], values[layer.mixing]
-        selected = [np.flatnonzero((mixing[:, part.columns] != 0).any(axis=1)) for part in layer.partitions]
+        selected = [np.flatnonzero(real & (mixing[:, part.columns] != 0).any(axis=1)) for part in layer.partitions]
         with self._count:
-            self.tokens_seen[position] += len(tokens)
+            self.tokens_seen[position] += int(real.sum())
             for part, rows in zip(layer.partitions, selected):
                 self.rows_sent[part.partition, position] += rows.size
         total = None
@@ -218,12 +218,13 @@ class SegmentBuffers:
         """One call through every segment and partition: each row's `new` tokens in input_ids [B,S] (right-padded)
         after its `cached` ones; returns logits [B,S,V]."""
         self.state.set_lengths(cached, new, input_ids.shape[1])
+        real = (np.arange(input_ids.shape[1]) < np.asarray(new)[:, None]).reshape(-1)  # token rows [B*S] of the MoE layers
         values = {"input_ids": input_ids}
         decoder = self.decoder
         for position, (segment, binding) in enumerate(zip(decoder.segments, self.bindings)):
             if position:
                 layer = decoder.layers[position - 1]
-                values[layer.output] = decoder.dispatch(position - 1, values)
+                values[layer.output] = decoder.dispatch(position - 1, values, real)
             for name in segment.inputs:
                 if name in values:
                     binding.bind_cpu_input(name, values[name])

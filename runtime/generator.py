@@ -163,9 +163,9 @@ class Generator:
         """The token-level batch: each row's new tokens, and the stats of the whole batch.
 
         Each row samples with its own generator, seeded from the sampling seed and its index. Every model call
-        serves all rows, so the weights are read once per position for the whole batch: main only, one token
-        per row per call; speculative, one draft call per proposed position and one main call verifying every
-        row's proposals (see BatchKvCache); "auto" adapts the draft length for this batch alone, from its own costs.
+        serves all rows, so each call reads the weights once for the whole batch: main only, one token per row
+        per call; speculative, one draft call per proposed position and one main call verifying every row's
+        proposals (see BatchKvCache); "auto" adapts the draft length for this batch alone, from its own costs.
         """
         if self.target != "cpu":
             raise MoeccError(f"batched generation runs on the cpu target; this generator runs on {self.target}", hint="load the artifact with target='cpu'")
@@ -176,12 +176,12 @@ class Generator:
         needed = max(len(row) for row in prompt_ids) + limit
         if needed > self.main.entry.max_sequence_length:
             raise MoeccError(f"prompt and new tokens need {needed} positions; the maximum sequence length is {self.main.entry.max_sequence_length}")
-        # Room for a whole verify block after the longest row, so that calls near the end stay one call wide.
-        capacity = min(needed + defaults.max_draft_length + 1, self.main.entry.max_sequence_length)
         rngs = [np.random.default_rng(None if sampling.seed is None else [sampling.seed, row]) for row in range(len(prompt_ids))]
         policy = self._draft_policy(draft_length or defaults.draft_length, sampling)
         if policy is self.adaptive_draft_length:  # a batch's costs would mislead single-sequence generation
             policy = AdaptiveDraftLength(defaults.max_draft_length)
+        # Room for a whole verify block after the longest row, so that calls near the end stay one call wide.
+        capacity = min(needed + policy.max_length + 1, self.main.entry.max_sequence_length)
         main = BatchKvCache(self.main, len(prompt_ids), capacity)
         draft = BatchKvCache(self.draft, len(prompt_ids), capacity) if speculative and self.draft is not None else None
         stats = GenerationStats()

@@ -87,11 +87,15 @@ class FixedDraftLength:
     def __init__(self, length: int):
         self.length = length
 
+    @property
+    def max_length(self) -> int:
+        return self.length
+
     def choose(self) -> int:
         return self.length
 
     def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1, step: int = 0) -> None:
-        pass
+        pass  # nothing to learn
 
 
 class AdaptiveDraftLength:
@@ -109,7 +113,7 @@ class AdaptiveDraftLength:
     leaves the draft out, so the main model's cost alone stays measured too (it is what speculation is judged
     against). The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
     prompt, calls run slower while the weights return to cache, and those times would mislead every later
-    generation.
+    generation (a cost not measured otherwise takes a warm-up time until the first later one replaces it).
 
     A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
     keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
@@ -130,6 +134,7 @@ class AdaptiveDraftLength:
         self.verify_cost: dict[int, float] = {}  # positions verified -> seconds per call
         self.idle_steps = 0
         self.busy_steps = 0
+        self._provisional: set[int | str] = set()  # costs (verify positions, "draft") measured only in warm-up steps
         self.probe_interval = self.PROBE_EVERY
         self._probing = False
         self._lock = threading.Lock()
@@ -173,17 +178,21 @@ class AdaptiveDraftLength:
         with self._lock:
             self._update(length, kept, draft_seconds, verify_seconds, draft_backlog, timed=step >= self.WARMUP_STEPS)
 
+    def _measured(self, key: int | str, previous: float | None, sample: float, timed: bool) -> float:
+        """The decayed average of timed samples; a warm-up sample stands in only until the first timed one."""
+        if previous is None or key in self._provisional:
+            (self._provisional.discard if timed else self._provisional.add)(key)
+            return sample
+        return self.DECAY * previous + (1 - self.DECAY) * sample if timed else previous
+
     def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool) -> None:
-        if timed or length + 1 not in self.verify_cost:
-            previous = self.verify_cost.get(length + 1)
-            self.verify_cost[length + 1] = verify_seconds if previous is None else self.DECAY * previous + (1 - self.DECAY) * verify_seconds
+        self.verify_cost[length + 1] = self._measured(length + 1, self.verify_cost.get(length + 1), verify_seconds, timed)
         if length == 0:
             return
         # After idle steps the draft first reads every token since (a backlog of 1 or 2 is the usual step): not
         # its cost per proposal.
-        if draft_backlog <= 2 and (timed or self.draft_cost is None):
-            per_call = draft_seconds / length
-            self.draft_cost = per_call if self.draft_cost is None else self.DECAY * self.draft_cost + (1 - self.DECAY) * per_call
+        if draft_backlog <= 2:
+            self.draft_cost = self._measured("draft", self.draft_cost, draft_seconds / length, timed)
         self.accepted = self.DECAY * self.accepted + kept
         self.rejected = self.DECAY * self.rejected + (kept < length)
         if self._probing:
@@ -256,6 +265,8 @@ def accept(proposal: Proposal, target: list[np.ndarray], rng: np.random.Generato
     one-hot distributions of greedy decoding this is "keep while the argmaxes agree, then take the
     main model's argmax", so greedy output equals the main model's own greedy output.
     """
+    if len(proposal.probs) != len(proposal.tokens):
+        raise ValueError("accept() needs the draft distribution of every proposed token; greedy proposals go through judge()")
     for i, (token, q) in enumerate(zip(proposal.tokens, proposal.probs)):
         p = target[i]
         if rng.random() < min(1.0, p[token] / q[token]):
@@ -345,10 +356,10 @@ def decode_batch(
     stop_tokens: set[int],
     stats: GenerationStats,
 ) -> list[list[int]]:
-    """decode() for several sequences, each to its own stop: the draft proposes for every row and the main
-    model verifies every row in one batched call (see BatchKvCache); each row commits by
-    the same acceptance rule, with its own random generator. Without a draft every step is one main call
-    for all rows, one token each."""
+    """decode() for several sequences, each to its own stop: the draft proposes for every row (one batched
+    call per proposed position) and the main model verifies every row's proposals in one batched call (see
+    BatchKvCache); each row commits by the same acceptance rule, with its own random generator. Without a
+    draft every step is one main call for all rows, one token each."""
     started = time.perf_counter()
     stats.prompt_tokens = sum(len(prompt) for prompt in prompts)
     for cache in (main, draft) if draft is not None else (main,):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import runtime
@@ -70,7 +71,17 @@ def test_a_batch_feed_is_one_call_unless_the_cache_end_narrows_it(tiny_artifact)
         assert batch.ids == histories  # the idle rows kept their caches
 
 
+def _graph_with_inputs(*names: str) -> onnx.ModelProto:
+    return onnx.helper.make_model(onnx.helper.make_graph([], "g", [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT32, [1]) for name in names], []))
+
+
 def test_a_decoder_exported_without_new_token_counts_is_refused():
     with pytest.raises(ArtifactError, match="older moecc .*query_seqlens.*rebuild it"):
-        check_inputs(Path("old/main/model.onnx"), {"input_ids", "seqlens_k", "total_sequence_length", "past_key_values.0.key"})
-    check_inputs(Path("new/main/model.onnx"), {"input_ids", "seqlens_k", "total_sequence_length", "query_seqlens"})
+        check_inputs(Path("old/main/model.onnx"), _graph_with_inputs("input_ids", "seqlens_k", "total_sequence_length", "past_key_values.0.key"))
+    check_inputs(Path("new/main/model.onnx"), _graph_with_inputs("input_ids", "seqlens_k", "total_sequence_length", "query_seqlens"))
+
+
+def test_a_batch_row_must_be_filled_before_it_can_sit_out_a_call(tiny_artifact):
+    batch = BatchKvCache(runtime.load(tiny_artifact).main, 2, 32)
+    with pytest.raises(ValueError, match="row 1 has neither cached nor new tokens"):
+        batch.feed({0: [5, 6]})

@@ -195,8 +195,12 @@ def test_a_generations_first_steps_update_acceptance_but_not_costs():
     policy.update(2, 2, 10.0, 50.0, step=AdaptiveDraftLength.WARMUP_STEPS)
     assert policy.verify_cost[3] > costs[3] and policy.draft_cost > draft_cost
     fresh = AdaptiveDraftLength(max_length=4)
-    fresh.update(3, 1, 0.3, 2.0, step=0)  # nothing measured yet: a warm-up time beats none
+    fresh.update(3, 1, 0.3, 2.0, step=0)  # nothing measured yet: a warm-up time beats none ...
     assert fresh.verify_cost == {4: 2.0} and fresh.draft_cost == pytest.approx(0.1)
+    fresh.update(3, 1, 0.6, 1.0, step=AdaptiveDraftLength.WARMUP_STEPS)  # ... until the first timed one replaces it
+    assert fresh.verify_cost == {4: 1.0} and fresh.draft_cost == pytest.approx(0.2)
+    fresh.update(3, 1, 0.3, 2.0, step=AdaptiveDraftLength.WARMUP_STEPS)  # from then on, timed steps average
+    assert fresh.verify_cost[4] == pytest.approx(1.1) and fresh.draft_cost == pytest.approx(0.19)
 
 
 def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
