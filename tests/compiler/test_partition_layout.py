@@ -11,6 +11,7 @@ import runtime
 from compiler import cli
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
+from runtime.decoder import BatchKvCache
 from tiny_models import write_recipe
 
 LOOSE_GATE = "verify:\n  tokens: 512\n  max_perplexity_increase: 10.0\n  min_top1_agreement: 0.0\n"
@@ -78,6 +79,16 @@ def test_expert_parallel_batches_and_sends_each_partition_only_its_tokens(build_
         sent = [parallel.main.rows_sent[part, position] for part in range(4)]
         # each token goes to the partitions holding its top-k experts: at least one, at most k of them
         assert len(prompts[2]) <= sum(sent) <= top_k * len(prompts[2]) and max(sent) <= len(prompts[2])
+    # a padded batch call (rows of 2, 9 and no new tokens) sends its 11 tokens and none of its padding
+    parallel.main.rows_sent.clear()
+    parallel.main.tokens_seen.clear()
+    batch = BatchKvCache(parallel.main, 3, 32)
+    batch.prefill(prompts)
+    batch.feed({0: [4, 5], 1: [6, 7, 8, 9, 10, 11, 12, 13, 14]})
+    real = sum(map(len, prompts)) + 11
+    for position in range(len(parallel.main.layers)):
+        assert parallel.main.tokens_seen[position] == real
+        assert real <= sum(parallel.main.rows_sent[part, position] for part in range(4)) <= top_k * real
 
 
 def test_changing_one_partitions_precision_rewrites_only_its_file(build_tiny, capsys):
