@@ -1,0 +1,87 @@
+"""Where a decode step's time goes at each context length: ONNX Runtime's own profile of an artifact's model, per op type.
+
+    .venv/bin/python scripts/profile_decode.py --artifact artifacts/bench-moe --contexts 128 2048
+
+For each context, the model reads that many held-out tokens, then decodes one token per call; the
+profile of those calls is summed per op type and divided by the number of calls. Profiling adds a fixed
+cost to every node, so read the table for where time grows with the context, and the wall-clock
+milliseconds (`moecc bench`) for how fast decoding is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
+
+import runtime
+from compiler import corpus
+from runtime.artifact import ModelEntry
+from runtime.decoder import KvState, session_options
+
+
+def profile(artifact: Path, entry: ModelEntry, text: list[int], context: int, calls: int, threads: int, folder: Path) -> Counter[str]:
+    """Microseconds per decode call, by op type, after `context` tokens of `text`."""
+    options = session_options(entry.session_options, threads)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(folder / f"profile-{context}")
+    session = ort.InferenceSession(str(artifact / entry.path), options, providers=["CPUExecutionProvider"])
+    state = KvState(entry, 1, entry.max_sequence_length)
+    binding = session.io_binding()
+    state.bind(binding, {value.name for value in session.get_inputs()})
+
+    def call(tokens: list[int], cached: int) -> None:
+        state.set_lengths([cached], [len(tokens)], len(tokens))
+        binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        session.run_with_iobinding(binding)
+
+    call(text[:context], 0)
+    for position in range(context, context + calls):
+        call(text[position : position + 1], position)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted(event["ts"] for event in events if event.get("cat") == "Session" and event["name"] == "model_run")
+    decoding = runs[1]  # the first run read the context
+    per_op: Counter[str] = Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= decoding:
+            per_op[event["args"]["op_name"]] += event["dur"] / calls
+    return per_op
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", type=Path, default=Path("artifacts/bench-moe"))
+    parser.add_argument("--model", choices=("main", "draft"), default="main")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 2048])
+    parser.add_argument("--calls", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top", type=int, default=10, help="op types shown, by time at the longest context")
+    args = parser.parse_args()
+    generator = runtime.load(args.artifact, target="cpu", threads=args.threads)  # checks the artifact before anything is loaded
+    entry = getattr(generator, args.model).entry
+    text = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:50]))
+    if len(text) < max(args.contexts) + args.calls:
+        raise SystemExit(f"the held-out text has {len(text)} tokens; the longest context needs {max(args.contexts) + args.calls}")
+    with tempfile.TemporaryDirectory() as folder:
+        profiles = {context: profile(args.artifact, entry, text, context, args.calls, args.threads, Path(folder)) for context in args.contexts}
+    longest = profiles[max(args.contexts)]
+    table = Table(title=f"{args.artifact.name} {args.model}: µs per decode call by op type (ONNX Runtime profile, {args.calls} calls, {args.threads} threads)")
+    table.add_column("op type")
+    for context in args.contexts:
+        table.add_column(f"context {context}", justify="right")
+    for op, _ in longest.most_common(args.top):
+        table.add_row(op, *(f"{profiles[context][op]:,.0f}" for context in args.contexts))
+    table.add_row("all", *(f"{sum(profiles[context].values()):,.0f}" for context in args.contexts))
+    Console(width=140).print(table)
+
+
+if __name__ == "__main__":
+    main()
