@@ -56,6 +56,13 @@ def profile(artifact: Path, entry: ModelEntry, text: list[int], context: int, ca
     return per_op
 
 
+def _entry_and_text(artifact: Path, role: str) -> tuple[ModelEntry, list[int]]:
+    """The model's manifest entry and the held-out text in its tokens, from a checked artifact. The generator's
+    own sessions go when this returns: the profiled session is the only copy of the model in memory."""
+    generator = runtime.load(artifact, target="cpu", threads=1)  # checks the artifact before anything is loaded
+    return getattr(generator, role).entry, generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:50]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, default=Path("artifacts/bench-moe"))
@@ -65,9 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=10, help="op types shown, by time at the longest context")
     args = parser.parse_args()
-    generator = runtime.load(args.artifact, target="cpu", threads=args.threads)  # checks the artifact before anything is loaded
-    entry = getattr(generator, args.model).entry
-    text = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:50]))
+    entry, text = _entry_and_text(args.artifact, args.model)
     if len(text) < max(args.contexts) + args.calls:
         raise SystemExit(f"the held-out text has {len(text)} tokens; the longest context needs {max(args.contexts) + args.calls}")
     with tempfile.TemporaryDirectory() as folder:
