@@ -28,6 +28,7 @@ class IoNames:
     seqlens_k: str = "seqlens_k"
     total_sequence_length: str = "total_sequence_length"
     query_seqlens: str = "query_seqlens"
+    logit_positions: str = "logit_positions"
     logits: str = "logits"
 
     @staticmethod
@@ -236,6 +237,7 @@ def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_s
     seqlens_k = ir.Value(name=names.seqlens_k, shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT32))
     total = ir.Value(name=names.total_sequence_length, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
     query_seqlens = ir.Value(name=names.query_seqlens, shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT32))
+    logit_positions = ir.Value(name=names.logit_positions, shape=ir.Shape([batch, ir.SymbolicDim("kept")]), type=ir.TensorType(ir.DataType.INT64))
     kv_shape = ir.Shape([batch, dims.num_kv_heads, past, dims.head_dim])
     io = {
         "seqlens_k": seqlens_k,
@@ -256,14 +258,19 @@ def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_s
         mlp = _moe_mlp(b, arch.moe, dims, h, layer) if arch.moe else _dense_mlp(b, h, p + "mlp.", dims.intermediate_size, dims.hidden_size)
         following = f"model.layers.{layer + 1}.input_layernorm.weight" if layer + 1 < dims.num_layers else "model.norm.weight"
         h, x = _residual_rms_norm(b, mlp, x, following, dims)
+    # Logits only at the positions the caller asks for (N per row, e.g. a prompt's last token and a verify
+    # block's k + 1): the head is the largest matrix of a small model and a prompt's logits over a 152k
+    # vocabulary would take gigabytes, while the decoding loop reads a handful of rows.
+    positions = b.op("Unsqueeze", [logit_positions, b.const("logit_positions.axes", np.array([-1], dtype=np.int64))])  # [B,N,1]
+    h = b.op("GatherND", [h, positions], {"batch_dims": 1})  # [B,N,H]
     head = "model.embed_tokens.weight" if dims.tie_word_embeddings else "lm_head.weight"
     logits = b.op("MatMul", [h, b.transposed(head, (dims.vocab_size, dims.hidden_size))])
     if b.ir_dtype != ir.DataType.FLOAT:
         logits = b.op("Cast", [logits], {"to": ir.DataType.FLOAT})
-    logits.name = names.logits  # [B,S,V]
+    logits.name = names.logits  # [B,N,V]
 
     graph = ir.Graph(
-        inputs=[input_ids, seqlens_k, total, query_seqlens, *(value for pair in io["past"] for value in pair)],
+        inputs=[input_ids, seqlens_k, total, query_seqlens, logit_positions, *(value for pair in io["past"] for value in pair)],
         outputs=[logits, *io["present"]],
         nodes=b.tape.nodes,
         initializers=b.initializers,

@@ -9,7 +9,8 @@ import onnxruntime as ort
 
 
 def run_windows(session: ort.InferenceSession, ids: list[int], window: int, outputs: list[str]) -> Iterator[list[np.ndarray]]:
-    """For each window of `ids`, the requested outputs of one forward pass that starts from an empty cache."""
+    """For each window of `ids`, the requested outputs of one forward pass that starts from an empty cache
+    (logits, and the head's input, at every position of the window)."""
     empty_past = {}
     for value in session.get_inputs():
         if value.name.startswith("past_key_values."):
@@ -22,5 +23,6 @@ def run_windows(session: ort.InferenceSession, ids: list[int], window: int, outp
             "seqlens_k": np.asarray([len(chunk) - 1], np.int32),
             "total_sequence_length": np.asarray(len(chunk), np.int32),
             "query_seqlens": np.asarray([len(chunk)], np.int32),
+            "logit_positions": np.arange(len(chunk), dtype=np.int64)[None],
         }
         yield session.run(outputs, feeds | empty_past)

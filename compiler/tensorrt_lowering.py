@@ -15,6 +15,8 @@ What changes, op by op:
   E/k times the expert arithmetic, the same for every token; the weights are read once per call either way.
   Quantized experts become INT4 (blocked) or INT8 (per expert row) DequantizeLinear weights.
 - Float weights and activations in `precision` (fp16 for TensorRT's fast kernels); logits stay float32.
+- The logit_positions input and its gather go: an engine returns every position's logits (the TensorRT
+  path calls it in chunks of at most its prefill profile's tokens, with a logits buffer sized for them).
 Legend: B batch, S new tokens, P cached tokens, T tokens, H hidden, E experts, I expert width, D head dim.
 """
 
@@ -65,6 +67,15 @@ def _replace(graph: ir.Graph, node: ir.Node, nodes: list[ir.Node], outputs: list
         if new.is_graph_output():
             new.name = old.name
     graph.remove(node, safe=True)
+
+
+def _every_position_logits(graph: ir.Graph, names: IoNames) -> None:
+    """Remove the gather of the positions whose logits a call asks for (Unsqueeze, GatherND): the head reads every position."""
+    positions = next((value for value in graph.inputs if value.name == names.logit_positions), None)
+    for unsqueeze in {use.node for use in positions.uses()} if positions is not None else ():
+        for gather in {use.node for use in unsqueeze.outputs[0].uses()}:
+            _replace(graph, gather, [], [gather.inputs[0]])
+        graph.remove(unsqueeze, safe=True)
 
 
 # ---- positions and the causal mask, shared by every layer -----------------------------------------------------
@@ -278,7 +289,9 @@ def lower(model: ir.Model, precision: str) -> ir.Model:
         if old.name.startswith("past_key_values."):
             batch, kv_heads, past, head_dim = old.shape
             kv_inputs[old.name] = ir.Value(name=old.name, shape=ir.Shape([batch, past, kv_heads, head_dim]), type=ir.TensorType(float_type))
-    interface = [kv_inputs.get(value.name, value) for value in graph.inputs if value.name not in (names.seqlens_k, names.total_sequence_length, names.query_seqlens)]
+    _every_position_logits(graph, names)
+    dropped = (names.seqlens_k, names.total_sequence_length, names.query_seqlens, names.logit_positions)
+    interface = [kv_inputs.get(value.name, value) for value in graph.inputs if value.name not in dropped]
     positions = None
     for node in list(graph):
         if node.domain not in ("", "ai.onnx"):

@@ -25,12 +25,13 @@ class AppendedKvCache(TokenLedger):
         """Run `tokens` after `past` cached ones, writing their keys and values at rows past..; logits [S,V]."""
         raise NotImplementedError
 
-    def feed(self, tokens: list[int]) -> np.ndarray:
-        """Run the new tokens through the model after the cached ones; returns their logits [S, V]."""
+    def feed(self, tokens: list[int], keep: int | None = None) -> np.ndarray:
+        """Run the new tokens through the model after the cached ones; returns the logits [keep, V] of the last
+        `keep` of them (all by default: lowered models return every position's)."""
         self._check_room(len(tokens))
         logits = self._call(tokens, len(self.ids))
         self.ids.extend(tokens)
-        return logits
+        return logits[len(logits) - (len(tokens) if keep is None else keep) :]
 
 
 class OrtAppendedDecoder:

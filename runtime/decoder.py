@@ -14,6 +14,7 @@ from runtime.errors import ArtifactError
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 SPIN_AFTER_CALL_US = 100
 LENGTH_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")  # the lengths GroupQueryAttention reads
+POSITIONS_INPUT = "logit_positions"  # [B, N]: the positions of a call whose logits it returns, N per row
 
 
 def kv_names(num_layers: int) -> list[tuple[str, str]]:
@@ -60,9 +61,10 @@ def session_options(entries: dict[str, str], threads: int | None = None) -> ort.
 
 
 def check_inputs(model_path: Path, proto: onnx.ModelProto) -> None:
-    """Refuse a decoder exported before its attention took each row's new-token count (query_seqlens)."""
+    """Refuse a decoder exported before its attention took each row's new-token count (query_seqlens) or
+    before it returned logits only where asked (logit_positions)."""
     inputs = {value.name for value in proto.graph.input}
-    missing = sorted(set(LENGTH_INPUTS) - inputs)
+    missing = sorted({*LENGTH_INPUTS, POSITIONS_INPUT} - inputs)
     if missing:
         raise ArtifactError(f"{model_path}: exported by an older moecc (its inputs lack {', '.join(missing)})", hint="rebuild it with `moecc build RECIPE`")
 
@@ -124,12 +126,22 @@ class KvState:
         self._total[...] = max(length + count for length, count in zip(cached, new))
 
 
+def fill_positions(out: np.ndarray, new: list[int], keep: list[int]) -> None:
+    """Row r of `out` [B, N] gets the positions of its last keep[r] new tokens, in order, then repeats a valid
+    position up to N (logits the caller ignores)."""
+    for row, (count, kept) in enumerate(zip(new, keep)):
+        if not 0 <= kept <= count:
+            raise ValueError(f"row {row}: logits asked for {kept} of its {count} new tokens")
+        out[row, :kept] = range(count - kept, count)
+        out[row, kept:] = max(count - 1, 0)
+
+
 class BoundBuffers:
     """An IO binding of the whole model over one cache's KvState.
 
-    Decode and verify calls (up to SMALL_CALL new tokens per row) write their ids and logits into one
-    preallocated buffer each, viewed at the call's width and bound once per width: no OrtValue per call and
-    no wrapping of every output on the way back; the caller gets a copy of the logits.
+    Decode and verify calls (up to SMALL_CALL new tokens per row) write their ids, logit positions and logits
+    into one preallocated buffer each, viewed at the call's shape and bound once per shape: no OrtValue per
+    call and no wrapping of every output on the way back; the caller gets a copy of the logits.
     """
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int):
@@ -139,46 +151,57 @@ class BoundBuffers:
         self.binding.bind_output("logits", "cpu")  # bound first: get_outputs()[0] is the logits
         self.state = KvState(decoder.entry, batch, capacity)
         self.state.bind(self.binding, {value.name for value in decoder.session.get_inputs()})
-        self._values = []  # keeps the ids and logits OrtValues alive as long as the binding uses them
+        self._values = []  # keeps the bound OrtValues alive as long as the binding uses them
         self._ids = np.zeros(batch * SMALL_CALL, dtype=np.int64)
+        self._positions = np.zeros(batch * SMALL_CALL, dtype=np.int64)
         self._logits = np.zeros(0, dtype=np.float32)  # batch * SMALL_CALL * vocabulary, on the first small call
-        self._by_width: dict[int, tuple] = {}  # width -> ((ids view, logits view), their OrtValues)
-        self._bound_width: int | None = None
+        self._views: dict[tuple[str, int], tuple[np.ndarray, ort.OrtValue]] = {}  # (input or output, N) -> [B, N(, V)] view
+        self._bound: dict[str, int] = {}  # what each name is bound to now: N, or -1 for an array ORT owns
+        self._filled: tuple | None = None  # (N, new, keep) of the positions in the buffer: decode steps reuse them
 
-    def _keep(self, array: np.ndarray) -> ort.OrtValue:
-        value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the array's memory
-        self._values.append(value)
-        return value
+    def _bound_view(self, name: str, size: int) -> np.ndarray:
+        """The leading [B, size(, V)] view of a flat buffer (contiguous at every size, so one buffer serves
+        them all), bound to `name` unless it already is."""
+        if (name, size) not in self._views:
+            if name == "logits":
+                vocab = self.decoder.entry.vocab_size
+                if not self._logits.size:
+                    self._logits = np.zeros(self.batch * SMALL_CALL * vocab, dtype=np.float32)
+                view = self._logits[: self.batch * size * vocab].reshape(self.batch, size, vocab)
+            else:
+                flat = self._ids if name == "input_ids" else self._positions
+                view = flat[: self.batch * size].reshape(self.batch, size)
+            value = ort.OrtValue.ortvalue_from_numpy(view)  # shares the view's memory
+            self._values.append(value)
+            self._views[name, size] = view, value
+        view, value = self._views[name, size]
+        if self._bound.get(name) != size:
+            (self.binding.bind_ortvalue_output if name == "logits" else self.binding.bind_ortvalue_input)(name, value)
+            self._bound[name] = size
+        return view
 
-    def _bind_width(self, width: int) -> tuple[np.ndarray, np.ndarray]:
-        if width not in self._by_width:
-            vocab = self.decoder.entry.vocab_size
-            if not self._logits.size:
-                self._logits = np.zeros(self.batch * SMALL_CALL * vocab, dtype=np.float32)
-            # Leading slices of the flat buffers are contiguous at every width: one buffer serves them all.
-            ids = self._ids[: self.batch * width].reshape(self.batch, width)
-            logits = self._logits[: self.batch * width * vocab].reshape(self.batch, width, vocab)
-            self._by_width[width] = (ids, logits), (self._keep(ids), self._keep(logits))
-        (ids, logits), (ids_value, logits_value) = self._by_width[width]
-        if self._bound_width != width:
-            self.binding.bind_ortvalue_input("input_ids", ids_value)
-            self.binding.bind_ortvalue_output("logits", logits_value)
-            self._bound_width = width
-        return ids, logits
-
-    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int]) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int], keep: list[int]) -> np.ndarray:
         """One call: each row's `new` tokens in input_ids [B,S] (right-padded) after its `cached` ones; returns
-        logits [B,S,V] (the caller's to keep; a row's padding positions hold nothing meaningful)."""
-        width = input_ids.shape[1]
+        the logits [B,N,V] at each row's last keep[row] new tokens, N = max(keep) or 1 (the caller's to keep;
+        a row's positions beyond its keep hold nothing it asked for)."""
+        width, kept = input_ids.shape[1], max(max(keep), 1)
         self.state.set_lengths(cached, new, width)
         if width <= SMALL_CALL:
-            ids, logits = self._bind_width(width)
-            ids[:] = input_ids
+            self._bound_view("input_ids", width)[:] = input_ids
+            positions = self._bound_view(POSITIONS_INPUT, kept)
+            if self._filled != (kept, new, keep):
+                fill_positions(positions, new, keep)
+                self._filled = (kept, list(new), list(keep))
+            logits = self._bound_view("logits", kept)
             self.decoder.session.run_with_iobinding(self.binding)
             return logits.copy()  # the buffer is refilled by the next call
-        self._bound_width = None  # a prompt: ORT allocates its logits
-        self.binding.bind_cpu_input("input_ids", input_ids)
+        positions = np.empty((len(new), kept), dtype=np.int64)
+        fill_positions(positions, new, keep)
+        for name, array in (("input_ids", input_ids), (POSITIONS_INPUT, positions)):  # a prompt: arrays of its own
+            self.binding.bind_cpu_input(name, array)
+            self._bound[name] = -1
         self.binding.bind_output("logits", "cpu")
+        self._bound["logits"] = -1
         self.decoder.session.run_with_iobinding(self.binding)
         return self.binding.get_outputs()[0].numpy()
 
@@ -232,8 +255,8 @@ class TokenLedger:
         """sync, keeping at least the last token to feed, whose logits the next call needs."""
         return _pending(self.ids, tokens)
 
-    def feed(self, tokens: list[int]) -> np.ndarray:
-        """Run the new tokens after the cached ones; returns their logits [S, V]."""
+    def feed(self, tokens: list[int], keep: int | None = None) -> np.ndarray:
+        """Run the new tokens after the cached ones; returns the logits [keep, V] of the last `keep` (all by default)."""
         raise NotImplementedError
 
     def _check_room(self, new_tokens: int) -> None:
@@ -247,11 +270,13 @@ class KvCache(TokenLedger):
         super().__init__(capacity)
         self.buffers = decoder.bind(1, capacity)
 
-    def feed(self, tokens: list[int]) -> np.ndarray:
-        """Run the new tokens through the model after the cached ones; returns their logits [S, V]."""
-        logits = self.buffers.run(np.asarray([tokens], dtype=np.int64), [len(self.ids)], [len(tokens)])
+    def feed(self, tokens: list[int], keep: int | None = None) -> np.ndarray:
+        """Run the new tokens through the model after the cached ones; returns the logits [keep, V] of the last
+        `keep` of them (all by default)."""
+        keep = len(tokens) if keep is None else keep
+        logits = self.buffers.run(np.asarray([tokens], dtype=np.int64), [len(self.ids)], [len(tokens)], [keep])
         self.ids.extend(tokens)
-        return logits[0]  # [S,V]
+        return logits[0, :keep]
 
 
 class BatchKvCache:
@@ -272,9 +297,9 @@ class BatchKvCache:
         """Read every row's prompt into an empty cache; returns the logits after each prompt [B, V]."""
         if any(self.ids) or len(prompts) != len(self.ids) or not all(prompts):
             raise ValueError("prefill needs an empty cache and one non-empty prompt per row")
-        logits = self.buffers.run(_right_padded(prompts), [0] * len(prompts), [len(prompt) for prompt in prompts])
+        logits = self.buffers.run(_right_padded(prompts), [0] * len(prompts), [len(prompt) for prompt in prompts], [1] * len(prompts))
         self.ids = [list(prompt) for prompt in prompts]
-        return logits[np.arange(len(prompts)), [len(prompt) - 1 for prompt in prompts]]
+        return logits[:, 0]
 
     def sync(self, row: int, tokens: list[int]) -> list[int]:
         """Roll the row back to its longest prefix shared with `tokens`; return the tokens still to be fed."""
@@ -284,23 +309,28 @@ class BatchKvCache:
         """sync, keeping at least the last token to feed, whose logits the next call needs."""
         return _pending(self.ids[row], tokens)
 
-    def feed(self, rows: dict[int, list[int]]) -> dict[int, np.ndarray]:
-        """Feed each listed row its tokens after its cached ones; returns each row's logits [S_row, V].
+    def feed(self, rows: dict[int, list[int]], keep: dict[int, int] | None = None) -> dict[int, np.ndarray]:
+        """Feed each listed row its tokens after its cached ones; returns each row's logits [keep[row], V] at its
+        last keep[row] tokens (all by default).
 
         One call for all rows, as wide as the longest row's tokens up to SMALL_CALL (a draft's catch-up after
         a long idle spell goes in several, so that no call returns logits for hundreds of positions per row);
         narrower where the cache's end leaves less room than that after the longest row."""
         produced: dict[int, list[np.ndarray]] = {row: [] for row in rows}
         remaining = {row: list(tokens) for row, tokens in rows.items() if tokens}
+        wanted = {row: len(tokens) if keep is None else keep[row] for row, tokens in remaining.items()}  # of the last tokens
         while remaining:
             cached = [len(ids) for ids in self.ids]
             width = min(max(len(tokens) for tokens in remaining.values()), SMALL_CALL, max(1, self.capacity - max(cached)))
             chunk = [remaining.get(row, [])[:width] for row in range(len(self.ids))]
-            logits = self.buffers.run(_right_padded(chunk, width), cached, [len(tokens) for tokens in chunk])
+            # A row's positions in this chunk that are among its last `wanted` tokens.
+            kept = [max(0, len(chunk[row]) - len(remaining[row]) + wanted[row]) if row in remaining else 0 for row in range(len(self.ids))]
+            logits = self.buffers.run(_right_padded(chunk, width), cached, [len(tokens) for tokens in chunk], kept)
             for row in list(remaining):
                 self.ids[row].extend(chunk[row])
-                produced[row].append(logits[row, : len(chunk[row])])
+                produced[row].append(logits[row, : kept[row]])
                 remaining[row] = remaining[row][width:]
+                wanted[row] = min(wanted[row], len(remaining[row]))
                 if not remaining[row]:
                     del remaining[row]
         return {row: np.concatenate(parts) for row, parts in produced.items() if parts}

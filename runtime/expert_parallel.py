@@ -29,7 +29,7 @@ import onnx.utils
 import onnxruntime as ort
 
 from runtime.artifact import ExpertLayer, ModelEntry
-from runtime.decoder import KvCache, KvState, check_external_data, check_inputs, session_options
+from runtime.decoder import POSITIONS_INPUT, KvCache, KvState, check_external_data, check_inputs, fill_positions, session_options
 from runtime.errors import ArtifactError
 
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
@@ -214,12 +214,14 @@ class SegmentBuffers:
             self.state.bind(binding, set(segment.inputs))
             self.bindings.append(binding)
 
-    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int]) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int], keep: list[int]) -> np.ndarray:
         """One call through every segment and partition: each row's `new` tokens in input_ids [B,S] (right-padded)
-        after its `cached` ones; returns logits [B,S,V]."""
+        after its `cached` ones; returns the logits [B,N,V] at each row's last keep[row] new tokens (as BoundBuffers.run)."""
         self.state.set_lengths(cached, new, input_ids.shape[1])
         real = (np.arange(input_ids.shape[1]) < np.asarray(new)[:, None]).reshape(-1)  # token rows [B*S] of the MoE layers
-        values = {"input_ids": input_ids}
+        positions = np.empty((len(new), max(max(keep), 1)), dtype=np.int64)
+        fill_positions(positions, new, keep)
+        values = {"input_ids": input_ids, POSITIONS_INPUT: positions}
         decoder = self.decoder
         for position, (segment, binding) in enumerate(zip(decoder.segments, self.bindings)):
             if position:

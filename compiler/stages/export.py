@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from compiler.checkpoint import Checkpoint
 from compiler.onnx_graph import build_decoder
 
-VERSION = "3"  # 3: query_seqlens input
+VERSION = "4"  # 3: query_seqlens input; 4: logit_positions input
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 

@@ -39,7 +39,7 @@ from compiler.onnx_graph import MS_DOMAIN
 from compiler.weight_sites import DenseSite, MoeSite, dense_sites, moe_sites
 from runtime.artifact import ExpertLayer, PartitionOutputs
 
-VERSION = "10"
+VERSION = "11"
 SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
 EXPERTS_FILE = "experts.npz"  # written by the quantize_experts stage, one per partition
 Precision = Literal["fp32", "int8", "int4"]
@@ -150,6 +150,8 @@ def _smooth(denses: list[DenseSite], choices: list[TensorChoice], statistics: di
     smoothed = []
     for name, sites in groups.items():
         norm = sites[0].input.producer()
+        if norm is not None and norm.op_type == "GatherND" and len(norm.inputs[0].uses()) == 1:
+            norm = norm.inputs[0].producer()  # the head reads the rows of asked positions: a per-channel scale passes through
         if norm is None or norm.op_type not in NORM_WEIGHT_INPUT or {u.node for u in sites[0].input.uses()} != {s.node for s in sites}:
             continue
         weights = [site.weight.const_value.numpy() for site in sites]  # [K,N] each

@@ -43,9 +43,9 @@ def _counting_calls(batch: BatchKvCache) -> list[int]:
     """Wrap the cache's model calls; the list receives each call's width."""
     widths, run = [], batch.buffers.run
 
-    def counted(input_ids, cached, new):
+    def counted(input_ids, cached, new, keep):
         widths.append(input_ids.shape[1])
-        return run(input_ids, cached, new)
+        return run(input_ids, cached, new, keep)
 
     batch.buffers.run = counted
     return widths
@@ -75,10 +75,53 @@ def _graph_with_inputs(*names: str) -> onnx.ModelProto:
     return onnx.helper.make_model(onnx.helper.make_graph([], "g", [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT32, [1]) for name in names], []))
 
 
-def test_a_decoder_exported_without_new_token_counts_is_refused():
-    with pytest.raises(ArtifactError, match="older moecc .*query_seqlens.*rebuild it"):
-        check_inputs(Path("old/main/model.onnx"), _graph_with_inputs("input_ids", "seqlens_k", "total_sequence_length", "past_key_values.0.key"))
-    check_inputs(Path("new/main/model.onnx"), _graph_with_inputs("input_ids", "seqlens_k", "total_sequence_length", "query_seqlens"))
+def test_a_decoder_exported_without_new_token_counts_or_logit_positions_is_refused():
+    lengths = ("input_ids", "seqlens_k", "total_sequence_length")
+    with pytest.raises(ArtifactError, match="older moecc .*logit_positions, query_seqlens.*rebuild it"):
+        check_inputs(Path("old/main/model.onnx"), _graph_with_inputs(*lengths, "past_key_values.0.key"))
+    with pytest.raises(ArtifactError, match=r"older moecc \(its inputs lack logit_positions\)"):
+        check_inputs(Path("old/main/model.onnx"), _graph_with_inputs(*lengths, "query_seqlens"))
+    check_inputs(Path("new/main/model.onnx"), _graph_with_inputs(*lengths, "query_seqlens", "logit_positions"))
+
+
+def test_a_call_returns_logits_only_at_the_positions_asked(tiny_artifact):
+    """The last `keep` positions of a call, equal to those rows of every position's logits: for a decode-size
+    call (bound buffers) and a prompt (ONNX Runtime's own arrays), whose model output holds only the kept rows."""
+    decoder = runtime.load(tiny_artifact).main
+    for tokens in (list(range(3, 9)), list(range(3, 43))):
+        every = decoder.new_cache(64).feed(tokens)
+        assert every.shape[0] == len(tokens)
+        for keep in (1, 3):
+            cache = decoder.new_cache(64)
+            kept = cache.feed(tokens, keep=keep)
+            assert kept.shape == (keep, every.shape[1]) and np.abs(kept - every[-keep:]).max() <= TOLERANCE
+            assert cache.ids == tokens
+    outputs = []
+    cache = decoder.new_cache(64)
+    run = cache.buffers.run
+    cache.buffers.run = lambda *args: outputs.append(run(*args)) or outputs[-1]
+    cache.feed(list(range(3, 43)), keep=1)
+    assert outputs[0].shape == (1, 1, every.shape[1])  # not [1, 40, V]
+
+
+def test_a_batch_feed_returns_each_rows_last_logits_across_chunks(tiny_artifact):
+    """keep per row: a row's kept positions may fall in several chunks of a long catch-up (SMALL_CALL wide),
+    or all in the last; a row keeping fewer than the call's widest keep gets only its own."""
+    generator = runtime.load(tiny_artifact)
+    prompts = [list(range(5, 9)), list(range(40, 43))]
+    batch = BatchKvCache(generator.main, len(prompts), 64)
+    batch.prefill(prompts)
+    feed = {0: list(range(100, 120)), 1: [7, 8, 9]}
+    keep = {0: 6, 1: 1}
+    logits = batch.feed(feed, keep=keep)
+    for row, tokens in feed.items():
+        alone = generator.main.new_cache(64).feed(prompts[row] + tokens)[-keep[row] :]
+        assert logits[row].shape == alone.shape and np.abs(logits[row] - alone).max() <= TOLERANCE
+
+
+def test_logits_asked_beyond_a_calls_new_tokens_are_refused(tiny_artifact):
+    with pytest.raises(ValueError, match="row 0: logits asked for 3 of its 2 new tokens"):
+        runtime.load(tiny_artifact).main.new_cache(16).feed([5, 6], keep=3)
 
 
 def test_a_batch_row_must_be_filled_before_it_can_sit_out_a_call(tiny_artifact):
