@@ -237,7 +237,8 @@ def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_s
     seqlens_k = ir.Value(name=names.seqlens_k, shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT32))
     total = ir.Value(name=names.total_sequence_length, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
     query_seqlens = ir.Value(name=names.query_seqlens, shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT32))
-    logit_positions = ir.Value(name=names.logit_positions, shape=ir.Shape([batch, ir.SymbolicDim("kept")]), type=ir.TensorType(ir.DataType.INT64))
+    # GatherND's indices: no Unsqueeze node in every call (a node costs a small model a few microseconds).
+    logit_positions = ir.Value(name=names.logit_positions, shape=ir.Shape([batch, ir.SymbolicDim("kept"), 1]), type=ir.TensorType(ir.DataType.INT64))
     kv_shape = ir.Shape([batch, dims.num_kv_heads, past, dims.head_dim])
     io = {
         "seqlens_k": seqlens_k,
@@ -261,8 +262,7 @@ def build_decoder(arch: Architecture, dims: ModelDims, read: WeightSource, max_s
     # Logits only at the positions the caller asks for (N per row, e.g. a prompt's last token and a verify
     # block's k + 1): the head is the largest matrix of a small model and a prompt's logits over a 152k
     # vocabulary would take gigabytes, while the decoding loop reads a handful of rows.
-    positions = b.op("Unsqueeze", [logit_positions, b.const("logit_positions.axes", np.array([-1], dtype=np.int64))])  # [B,N,1]
-    h = b.op("GatherND", [h, positions], {"batch_dims": 1})  # [B,N,H]
+    h = b.op("GatherND", [h, logit_positions], {"batch_dims": 1})  # [B,N,H]
     head = "model.embed_tokens.weight" if dims.tie_word_embeddings else "lm_head.weight"
     logits = b.op("MatMul", [h, b.transposed(head, (dims.vocab_size, dims.hidden_size))])
     if b.ir_dtype != ir.DataType.FLOAT:

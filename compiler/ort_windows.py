@@ -23,6 +23,6 @@ def run_windows(session: ort.InferenceSession, ids: list[int], window: int, outp
             "seqlens_k": np.asarray([len(chunk) - 1], np.int32),
             "total_sequence_length": np.asarray(len(chunk), np.int32),
             "query_seqlens": np.asarray([len(chunk)], np.int32),
-            "logit_positions": np.arange(len(chunk), dtype=np.int64)[None],
+            "logit_positions": np.arange(len(chunk), dtype=np.int64)[None, :, None],
         }
         yield session.run(outputs, feeds | empty_past)

@@ -70,12 +70,10 @@ def _replace(graph: ir.Graph, node: ir.Node, nodes: list[ir.Node], outputs: list
 
 
 def _every_position_logits(graph: ir.Graph, names: IoNames) -> None:
-    """Remove the gather of the positions whose logits a call asks for (Unsqueeze, GatherND): the head reads every position."""
+    """Remove the gather of the positions whose logits a call asks for: the head reads every position."""
     positions = next((value for value in graph.inputs if value.name == names.logit_positions), None)
-    for unsqueeze in {use.node for use in positions.uses()} if positions is not None else ():
-        for gather in {use.node for use in unsqueeze.outputs[0].uses()}:
-            _replace(graph, gather, [], [gather.inputs[0]])
-        graph.remove(unsqueeze, safe=True)
+    for gather in {use.node for use in positions.uses()} if positions is not None else ():
+        _replace(graph, gather, [], [gather.inputs[0]])
 
 
 # ---- positions and the causal mask, shared by every layer -----------------------------------------------------

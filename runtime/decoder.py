@@ -14,7 +14,7 @@ from runtime.errors import ArtifactError
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 SPIN_AFTER_CALL_US = 100
 LENGTH_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")  # the lengths GroupQueryAttention reads
-POSITIONS_INPUT = "logit_positions"  # [B, N]: the positions of a call whose logits it returns, N per row
+POSITIONS_INPUT = "logit_positions"  # [B, N, 1]: the positions of a call whose logits it returns, N per row
 
 
 def kv_names(num_layers: int) -> list[tuple[str, str]]:
@@ -155,12 +155,12 @@ class BoundBuffers:
         self._ids = np.zeros(batch * SMALL_CALL, dtype=np.int64)
         self._positions = np.zeros(batch * SMALL_CALL, dtype=np.int64)
         self._logits = np.zeros(0, dtype=np.float32)  # batch * SMALL_CALL * vocabulary, on the first small call
-        self._views: dict[tuple[str, int], tuple[np.ndarray, ort.OrtValue]] = {}  # (input or output, N) -> [B, N(, V)] view
+        self._views: dict[tuple[str, int], tuple[np.ndarray, ort.OrtValue]] = {}  # (name, S or N) -> its view
         self._bound: dict[str, int] = {}  # what each name is bound to now: N, or -1 for an array ORT owns
         self._filled: tuple | None = None  # (N, new, keep) of the positions in the buffer: decode steps reuse them
 
     def _bound_view(self, name: str, size: int) -> np.ndarray:
-        """The leading [B, size(, V)] view of a flat buffer (contiguous at every size, so one buffer serves
+        """The leading [B, size(, V or 1)] view of a flat buffer (contiguous at every size, so one buffer serves
         them all), bound to `name` unless it already is."""
         if (name, size) not in self._views:
             if name == "logits":
@@ -168,9 +168,10 @@ class BoundBuffers:
                 if not self._logits.size:
                     self._logits = np.zeros(self.batch * SMALL_CALL * vocab, dtype=np.float32)
                 view = self._logits[: self.batch * size * vocab].reshape(self.batch, size, vocab)
+            elif name == "input_ids":
+                view = self._ids[: self.batch * size].reshape(self.batch, size)
             else:
-                flat = self._ids if name == "input_ids" else self._positions
-                view = flat[: self.batch * size].reshape(self.batch, size)
+                view = self._positions[: self.batch * size].reshape(self.batch, size, 1)
             value = ort.OrtValue.ortvalue_from_numpy(view)  # shares the view's memory
             self._values.append(value)
             self._views[name, size] = view, value
@@ -190,13 +191,13 @@ class BoundBuffers:
             self._bound_view("input_ids", width)[:] = input_ids
             positions = self._bound_view(POSITIONS_INPUT, kept)
             if self._filled != (kept, new, keep):
-                fill_positions(positions, new, keep)
+                fill_positions(positions[..., 0], new, keep)
                 self._filled = (kept, list(new), list(keep))
             logits = self._bound_view("logits", kept)
             self.decoder.session.run_with_iobinding(self.binding)
             return logits.copy()  # the buffer is refilled by the next call
-        positions = np.empty((len(new), kept), dtype=np.int64)
-        fill_positions(positions, new, keep)
+        positions = np.empty((len(new), kept, 1), dtype=np.int64)
+        fill_positions(positions[..., 0], new, keep)
         for name, array in (("input_ids", input_ids), (POSITIONS_INPUT, positions)):  # a prompt: arrays of its own
             self.binding.bind_cpu_input(name, array)
             self._bound[name] = -1

@@ -219,8 +219,8 @@ class SegmentBuffers:
         after its `cached` ones; returns the logits [B,N,V] at each row's last keep[row] new tokens (as BoundBuffers.run)."""
         self.state.set_lengths(cached, new, input_ids.shape[1])
         real = (np.arange(input_ids.shape[1]) < np.asarray(new)[:, None]).reshape(-1)  # token rows [B*S] of the MoE layers
-        positions = np.empty((len(new), max(max(keep), 1)), dtype=np.int64)
-        fill_positions(positions, new, keep)
+        positions = np.empty((len(new), max(max(keep), 1), 1), dtype=np.int64)
+        fill_positions(positions[..., 0], new, keep)
         values = {"input_ids": input_ids, POSITIONS_INPUT: positions}
         decoder = self.decoder
         for position, (segment, binding) in enumerate(zip(decoder.segments, self.bindings)):

@@ -40,7 +40,7 @@ def profile(artifact: Path, entry: ModelEntry, text: list[int], context: int, ca
     def call(tokens: list[int], cached: int) -> None:
         state.set_lengths([cached], [len(tokens)], len(tokens))
         binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
-        binding.bind_cpu_input(POSITIONS_INPUT, np.asarray([[len(tokens) - 1]], dtype=np.int64))  # the last token's, as decoding asks
+        binding.bind_cpu_input(POSITIONS_INPUT, np.asarray([[[len(tokens) - 1]]], dtype=np.int64))  # the last token's, as decoding asks
         binding.bind_output("logits", "cpu")
         session.run_with_iobinding(binding)
 

@@ -46,7 +46,7 @@ def _check_batched_prefill(artifact, role, folder, vocab):
     session = ort.InferenceSession(str(artifact / role / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = np.random.default_rng(1).integers(1, vocab, size=(2, 9))
     feeds = {"input_ids": ids, "seqlens_k": np.full(2, 8, np.int32), "total_sequence_length": np.array(9, np.int32), "query_seqlens": np.full(2, 9, np.int32),
-             "logit_positions": np.tile(np.arange(9), (2, 1))}
+             "logit_positions": np.tile(np.arange(9), (2, 1))[..., None]}
     for value in session.get_inputs():
         if value.name.startswith("past_key_values."):
             feeds[value.name] = np.zeros((2, value.shape[1], 0, value.shape[3]), np.float32)
