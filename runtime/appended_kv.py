@@ -15,23 +15,26 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.decoder import KV_DTYPES, TokenLedger, kv_names, session_options
+from runtime.decoder import KV_DTYPES, TokenLedger, check_last, kv_names, session_options
 
 
 class AppendedKvCache(TokenLedger):
     """One sequence's appended-KV buffers; subclasses run the model (`_call`) on their device."""
 
-    def _call(self, tokens: list[int], past: int) -> np.ndarray:
-        """Run `tokens` after `past` cached ones, writing their keys and values at rows past..; logits [S,V]."""
+    def _call(self, tokens: list[int], past: int, last: int) -> np.ndarray:
+        """Run `tokens` after `past` cached ones, writing their keys and values at rows past..; the logits
+        [last, V] after the `last` last of them (the model computes every position's; only those are read)."""
         raise NotImplementedError
 
-    def feed(self, tokens: list[int], keep: int | None = None) -> np.ndarray:
-        """Run the new tokens through the model after the cached ones; returns the logits [keep, V] of the last
-        `keep` of them (all by default: lowered models return every position's)."""
+    def feed(self, tokens: list[int], last: int | None = None) -> np.ndarray:
+        """Run the new tokens through the model after the cached ones; returns the logits [last, V] after the
+        `last` last of them (all by default)."""
+        last = len(tokens) if last is None else last
+        check_last([len(tokens)], [last])
         self._check_room(len(tokens))
-        logits = self._call(tokens, len(self.ids))
+        logits = self._call(tokens, len(self.ids), last)
         self.ids.extend(tokens)
-        return logits[len(logits) - (len(tokens) if keep is None else keep) :]
+        return logits
 
 
 class OrtAppendedDecoder:
@@ -53,7 +56,7 @@ class OrtAppendedKvCache(AppendedKvCache):
         self.decoder = decoder
         self.buffers = [np.zeros((1, capacity, *decoder.layout), dtype=decoder.dtype) for _ in decoder.names]
 
-    def _call(self, tokens: list[int], past: int) -> np.ndarray:
+    def _call(self, tokens: list[int], past: int, last: int) -> np.ndarray:
         binding = self.decoder.session.io_binding()
         binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
         binding.bind_output("logits", "cpu")
@@ -63,4 +66,4 @@ class OrtAppendedKvCache(AppendedKvCache):
                 keep.append(ort.OrtValue.ortvalue_from_numpy(view))
                 bind(name, keep[-1])
         self.decoder.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()[0]
+        return binding.get_outputs()[0].numpy()[0, len(tokens) - last :]

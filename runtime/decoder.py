@@ -86,7 +86,7 @@ class Decoder:
         return BoundBuffers(self, batch, capacity)
 
 
-SMALL_CALL = 16  # new tokens per row up to which a call's ids and logits live in preallocated, bound buffers
+SMALL_CALL = 16  # new tokens per row up to which a call's ids, logit positions and logits live in preallocated, bound buffers
 
 
 class KvState:
@@ -126,14 +126,19 @@ class KvState:
         self._total[...] = max(length + count for length, count in zip(cached, new))
 
 
-def fill_positions(out: np.ndarray, new: list[int], keep: list[int]) -> None:
-    """Row r of `out` [B, N] gets the positions of its last keep[r] new tokens, in order, then repeats a valid
-    position up to N (logits the caller ignores)."""
-    for row, (count, kept) in enumerate(zip(new, keep)):
-        if not 0 <= kept <= count:
-            raise ValueError(f"row {row}: logits asked for {kept} of its {count} new tokens")
-        out[row, :kept] = range(count - kept, count)
-        out[row, kept:] = max(count - 1, 0)
+def check_last(new: list[int], last: list[int]) -> None:
+    """Refuse, before anything is written, a row asking for the logits of more tokens than it feeds."""
+    for row, (count, wanted) in enumerate(zip(new, last)):
+        if not 0 <= wanted <= count:
+            raise ValueError(f"row {row}: logits asked for its last {wanted} tokens, of {count} fed")
+
+
+def fill_positions(out: np.ndarray, new: list[int], last: list[int]) -> None:
+    """Row r of `out` [B, N] gets the positions of its last[r] last new tokens, in order, then repeats a valid
+    position up to N (logits the caller ignores). The rows are checked (check_last)."""
+    for row, (count, wanted) in enumerate(zip(new, last)):
+        out[row, :wanted] = range(count - wanted, count)
+        out[row, wanted:] = max(count - 1, 0)
 
 
 class BoundBuffers:
@@ -157,7 +162,7 @@ class BoundBuffers:
         self._logits = np.zeros(0, dtype=np.float32)  # batch * SMALL_CALL * vocabulary, on the first small call
         self._views: dict[tuple[str, int], tuple[np.ndarray, ort.OrtValue]] = {}  # (name, S or N) -> its view
         self._bound: dict[str, int] = {}  # what each name is bound to now: N, or -1 for an array ORT owns
-        self._filled: tuple | None = None  # (N, new, keep) of the positions in the buffer: decode steps reuse them
+        self._filled: tuple | None = None  # (N, new, last) of the positions in the buffer: decode steps reuse them
 
     def _bound_view(self, name: str, size: int) -> np.ndarray:
         """The leading [B, size(, V or 1)] view of a flat buffer (contiguous at every size, so one buffer serves
@@ -181,23 +186,24 @@ class BoundBuffers:
             self._bound[name] = size
         return view
 
-    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int], keep: list[int]) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int], last: list[int]) -> np.ndarray:
         """One call: each row's `new` tokens in input_ids [B,S] (right-padded) after its `cached` ones; returns
-        the logits [B,N,V] at each row's last keep[row] new tokens, N = max(keep) or 1 (the caller's to keep;
-        a row's positions beyond its keep hold nothing it asked for)."""
-        width, kept = input_ids.shape[1], max(max(keep), 1)
+        the logits [B,N,V] at each row's last[row] last new tokens, N = max(last) or 1 (the caller's to keep;
+        a row's positions beyond its own last[row] hold nothing it asked for)."""
+        check_last(new, last)
+        width, kept = input_ids.shape[1], max(max(last), 1)
         self.state.set_lengths(cached, new, width)
         if width <= SMALL_CALL:
             self._bound_view("input_ids", width)[:] = input_ids
             positions = self._bound_view(POSITIONS_INPUT, kept)
-            if self._filled != (kept, new, keep):
-                fill_positions(positions[..., 0], new, keep)
-                self._filled = (kept, list(new), list(keep))
+            if self._filled != (kept, new, last):
+                fill_positions(positions[..., 0], new, last)
+                self._filled = (kept, list(new), list(last))
             logits = self._bound_view("logits", kept)
             self.decoder.session.run_with_iobinding(self.binding)
             return logits.copy()  # the buffer is refilled by the next call
         positions = np.empty((len(new), kept, 1), dtype=np.int64)
-        fill_positions(positions[..., 0], new, keep)
+        fill_positions(positions[..., 0], new, last)
         for name, array in (("input_ids", input_ids), (POSITIONS_INPUT, positions)):  # a prompt: arrays of its own
             self.binding.bind_cpu_input(name, array)
             self._bound[name] = -1
@@ -256,8 +262,9 @@ class TokenLedger:
         """sync, keeping at least the last token to feed, whose logits the next call needs."""
         return _pending(self.ids, tokens)
 
-    def feed(self, tokens: list[int], keep: int | None = None) -> np.ndarray:
-        """Run the new tokens after the cached ones; returns the logits [keep, V] of the last `keep` (all by default)."""
+    def feed(self, tokens: list[int], last: int | None = None) -> np.ndarray:
+        """Run the new tokens after the cached ones; returns the logits [last, V] after the `last` last of them
+        (all by default): a prompt's prefill asks for one, a verify block for k + 1."""
         raise NotImplementedError
 
     def _check_room(self, new_tokens: int) -> None:
@@ -271,13 +278,13 @@ class KvCache(TokenLedger):
         super().__init__(capacity)
         self.buffers = decoder.bind(1, capacity)
 
-    def feed(self, tokens: list[int], keep: int | None = None) -> np.ndarray:
-        """Run the new tokens through the model after the cached ones; returns the logits [keep, V] of the last
-        `keep` of them (all by default)."""
-        keep = len(tokens) if keep is None else keep
-        logits = self.buffers.run(np.asarray([tokens], dtype=np.int64), [len(self.ids)], [len(tokens)], [keep])
+    def feed(self, tokens: list[int], last: int | None = None) -> np.ndarray:
+        """Run the new tokens through the model after the cached ones; returns the logits [last, V] after the
+        `last` last of them (all by default)."""
+        last = len(tokens) if last is None else last
+        logits = self.buffers.run(np.asarray([tokens], dtype=np.int64), [len(self.ids)], [len(tokens)], [last])
         self.ids.extend(tokens)
-        return logits[0, :keep]
+        return logits[0, :last]
 
 
 class BatchKvCache:
@@ -310,21 +317,22 @@ class BatchKvCache:
         """sync, keeping at least the last token to feed, whose logits the next call needs."""
         return _pending(self.ids[row], tokens)
 
-    def feed(self, rows: dict[int, list[int]], keep: dict[int, int] | None = None) -> dict[int, np.ndarray]:
-        """Feed each listed row its tokens after its cached ones; returns each row's logits [keep[row], V] at its
-        last keep[row] tokens (all by default).
+    def feed(self, rows: dict[int, list[int]], last: dict[int, int] | None = None) -> dict[int, np.ndarray]:
+        """Feed each listed row its tokens after its cached ones; returns each row's logits [last[row], V] after
+        its last[row] last tokens (every row's all by default).
 
-        One call for all rows, as wide as the longest row's tokens up to SMALL_CALL (a draft's catch-up after
-        a long idle spell goes in several, so that no call returns logits for hundreds of positions per row);
-        narrower where the cache's end leaves less room than that after the longest row."""
+        One call for all rows, as wide as the longest row's tokens (a verify block each, a draft's catch-up
+        after idle steps, or none for a row that keeps its cache as it is); narrower calls where the cache's end
+        leaves less room than that after the longest row, since every row needs room for the call's width."""
         produced: dict[int, list[np.ndarray]] = {row: [] for row in rows}
         remaining = {row: list(tokens) for row, tokens in rows.items() if tokens}
-        wanted = {row: len(tokens) if keep is None else keep[row] for row, tokens in remaining.items()}  # of the last tokens
+        wanted = {row: len(tokens) if last is None else last[row] for row, tokens in remaining.items()}  # the row's last tokens
+        check_last([len(tokens) for tokens in remaining.values()], list(wanted.values()))
         while remaining:
             cached = [len(ids) for ids in self.ids]
-            width = min(max(len(tokens) for tokens in remaining.values()), SMALL_CALL, max(1, self.capacity - max(cached)))
+            width = min(max(len(tokens) for tokens in remaining.values()), max(1, self.capacity - max(cached)))
             chunk = [remaining.get(row, [])[:width] for row in range(len(self.ids))]
-            # A row's positions in this chunk that are among its last `wanted` tokens.
+            # A row's positions in this call that are among its `wanted` last tokens.
             kept = [max(0, len(chunk[row]) - len(remaining[row]) + wanted[row]) if row in remaining else 0 for row in range(len(self.ids))]
             logits = self.buffers.run(_right_padded(chunk, width), cached, [len(tokens) for tokens in chunk], kept)
             for row in list(remaining):

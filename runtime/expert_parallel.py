@@ -29,7 +29,7 @@ import onnx.utils
 import onnxruntime as ort
 
 from runtime.artifact import ExpertLayer, ModelEntry
-from runtime.decoder import POSITIONS_INPUT, KvCache, KvState, check_external_data, check_inputs, fill_positions, session_options
+from runtime.decoder import POSITIONS_INPUT, KvCache, KvState, check_external_data, check_inputs, check_last, fill_positions, session_options
 from runtime.errors import ArtifactError
 
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
@@ -214,13 +214,14 @@ class SegmentBuffers:
             self.state.bind(binding, set(segment.inputs))
             self.bindings.append(binding)
 
-    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int], keep: list[int]) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int], last: list[int]) -> np.ndarray:
         """One call through every segment and partition: each row's `new` tokens in input_ids [B,S] (right-padded)
-        after its `cached` ones; returns the logits [B,N,V] at each row's last keep[row] new tokens (as BoundBuffers.run)."""
+        after its `cached` ones; returns the logits [B,N,V] at each row's last[row] last new tokens (as BoundBuffers.run)."""
+        check_last(new, last)
         self.state.set_lengths(cached, new, input_ids.shape[1])
         real = (np.arange(input_ids.shape[1]) < np.asarray(new)[:, None]).reshape(-1)  # token rows [B*S] of the MoE layers
-        positions = np.empty((len(new), max(max(keep), 1), 1), dtype=np.int64)
-        fill_positions(positions[..., 0], new, keep)
+        positions = np.empty((len(new), max(max(last), 1), 1), dtype=np.int64)
+        fill_positions(positions[..., 0], new, last)
         values = {"input_ids": input_ids, POSITIONS_INPUT: positions}
         decoder = self.decoder
         for position, (segment, binding) in enumerate(zip(decoder.segments, self.bindings)):

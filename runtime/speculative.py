@@ -219,7 +219,7 @@ def _propose_one(proposal: Proposal, logits: np.ndarray, params: SamplingParams,
 def propose(draft: TokenLedger, tokens: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
     """Draw `length` tokens from the draft after `tokens`, one draft call each."""
     proposal = Proposal([], [])
-    logits = draft.feed(draft.pending(tokens), keep=1)[-1]
+    logits = draft.feed(draft.pending(tokens), last=1)[-1]
     for position in range(length):
         token = _propose_one(proposal, logits, params, rng)
         if position + 1 < length:
@@ -230,7 +230,7 @@ def propose(draft: TokenLedger, tokens: list[int], length: int, params: Sampling
 def propose_batch(draft: BatchKvCache, histories: list[list[int]], lengths: dict[int, int], params: SamplingParams, rngs: list[np.random.Generator]) -> dict[int, Proposal]:
     """Draw lengths[row] tokens after each listed row's history, one batched draft call per position."""
     catch_up = {row: draft.pending(row, histories[row]) for row in lengths}
-    logits = {row: last[-1] for row, last in draft.feed(catch_up, keep=dict.fromkeys(catch_up, 1)).items()}
+    logits = {row: last[-1] for row, last in draft.feed(catch_up, last=dict.fromkeys(catch_up, 1)).items()}
     proposals = {row: Proposal([], []) for row in lengths}
     for position in range(max(lengths.values())):
         drawn = {}
@@ -247,13 +247,13 @@ def score_batch(main: BatchKvCache, histories: list[list[int]], proposals: dict[
     """score() for several rows: every row's pending tokens and proposals in one batched main call."""
     pending = {row: main.pending(row, histories[row]) for row in proposals}
     blocks = {row: pending[row] + proposal.tokens for row, proposal in proposals.items()}
-    return main.feed(blocks, keep={row: len(proposal.tokens) + 1 for row, proposal in proposals.items()})
+    return main.feed(blocks, last={row: len(proposal.tokens) + 1 for row, proposal in proposals.items()})
 
 
 def score(main: TokenLedger, tokens: list[int], proposal: Proposal) -> np.ndarray:
     """The main model's logits [k+1, V] at the positions after `tokens` and each proposed token, in one call."""
     pending = main.pending(tokens)  # at least the last token, whose logits score the first proposal
-    return main.feed(pending + proposal.tokens, keep=len(proposal.tokens) + 1)
+    return main.feed(pending + proposal.tokens, last=len(proposal.tokens) + 1)
 
 
 def accept(proposal: Proposal, target: list[np.ndarray], rng: np.random.Generator) -> tuple[int, int]:
@@ -315,7 +315,7 @@ def decode(
     for cache in (main, draft) if draft is not None else (main,):
         unread = cache.sync(prompt[:-1])
         if unread:
-            cache.feed(unread, keep=1)  # no logit of the prompt is read here: one row, the fewest a call returns
+            cache.feed(unread, last=1)  # no logit of the prompt is read here: one row, the fewest a call returns
     stats.prefill_seconds = time.perf_counter() - started
     while stats.new_tokens < max_new_tokens:
         room = main.capacity - len(tokens)  # the main cache must hold the pending token and the proposals

@@ -151,13 +151,15 @@ class TensorRTKvCache(AppendedKvCache):
             if pointer:
                 cudart.cudaFree(pointer)
 
-    def _call(self, tokens: list[int], past: int) -> np.ndarray:
+    def _call(self, tokens: list[int], past: int, last: int) -> np.ndarray:
         if len(tokens) > self.longest_call:  # a long prompt: in chunks the prefill profile takes
-            head = self._call(tokens[: self.longest_call], past)
-            return np.concatenate([head, self._call(tokens[self.longest_call :], past + self.longest_call)])
+            rest = tokens[self.longest_call :]
+            head = self._call(tokens[: self.longest_call], past, max(0, last - len(rest)))
+            return np.concatenate([head, self._call(rest, past + self.longest_call, min(last, len(rest)))])
         decoder, cudart = self.decoder, self._cudart
         ids = np.asarray([tokens], dtype=np.int64)
-        logits = np.empty((len(tokens), decoder.entry.vocab_size), dtype=np.float32)
+        vocab = decoder.entry.vocab_size
+        logits = np.empty((last, vocab), dtype=np.float32)  # the engine computes every position's; only these come back
         to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         with decoder.lock:
             context, stream = decoder.contexts[decoder.profile_for(len(tokens))], decoder.stream
@@ -171,6 +173,8 @@ class TensorRTKvCache(AppendedKvCache):
             _cuda(cudart.cudaMemcpyAsync(self.ids_buffer, ids.ctypes.data, ids.nbytes, to_device, stream))
             if not context.execute_async_v3(int(stream)):
                 raise RuntimeError("TensorRT could not run the engine")
-            _cuda(cudart.cudaMemcpyAsync(logits.ctypes.data, self.logits_buffer, logits.nbytes, to_host, stream))
+            if last:
+                kept_rows = self.logits_buffer + (len(tokens) - last) * vocab * 4
+                _cuda(cudart.cudaMemcpyAsync(logits.ctypes.data, kept_rows, logits.nbytes, to_host, stream))
             _cuda(cudart.cudaStreamSynchronize(stream))
         return logits

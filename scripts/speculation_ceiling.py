@@ -27,7 +27,7 @@ CONTEXT = 128
 
 def call_milliseconds(decoder, text: list[int], new_tokens: int, calls: int) -> float:
     cache = decoder.new_cache()
-    cache.feed(text[:CONTEXT], keep=1)
+    cache.feed(text[:CONTEXT], last=1)
     timings = []
     for call in range(calls):
         start = CONTEXT + (call * 7) % (len(text) - CONTEXT - new_tokens)  # different tokens route to different experts

@@ -84,7 +84,10 @@ def test_expert_parallel_batches_and_sends_each_partition_only_its_tokens(build_
     parallel.main.tokens_seen.clear()
     batch = BatchKvCache(parallel.main, 3, 32)
     batch.prefill(prompts)
-    batch.feed({0: [4, 5], 1: [6, 7, 8, 9, 10, 11, 12, 13, 14]})
+    logits = batch.feed({0: [4, 5], 1: [6, 7, 8, 9, 10, 11, 12, 13, 14]}, last={0: 2, 1: 1})
+    for row, history in ((0, prompts[0] + [4, 5]), (1, prompts[1] + [6, 7, 8, 9, 10, 11, 12, 13, 14])):
+        alone = single.main.new_cache(32).feed(history)
+        assert np.abs(logits[row] - alone[-len(logits[row]) :]).max() <= 1e-4 and len(logits[row]) == 2 - row
     real = sum(map(len, prompts)) + 11
     for position in range(len(parallel.main.layers)):
         assert parallel.main.tokens_seen[position] == real

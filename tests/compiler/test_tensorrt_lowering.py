@@ -51,6 +51,8 @@ def assert_lowering_matches(artifact, role: str, folder) -> None:
         expected, got = cpu.feed(argument), appended.feed(argument)
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() <= 1e-4, action
+    expected, got = cpu.feed(tokens[20:24], last=2), appended.feed(tokens[20:24], last=2)  # a verify block's k + 1
+    assert got.shape == expected.shape == (2, expected.shape[1]) and np.abs(got - expected).max() <= 1e-4
 
 
 @pytest.mark.parametrize("role", ["main", "draft"])

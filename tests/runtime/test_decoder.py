@@ -43,9 +43,9 @@ def _counting_calls(batch: BatchKvCache) -> list[int]:
     """Wrap the cache's model calls; the list receives each call's width."""
     widths, run = [], batch.buffers.run
 
-    def counted(input_ids, cached, new, keep):
+    def counted(input_ids, cached, new, last):
         widths.append(input_ids.shape[1])
-        return run(input_ids, cached, new, keep)
+        return run(input_ids, cached, new, last)
 
     batch.buffers.run = counted
     return widths
@@ -85,43 +85,60 @@ def test_a_decoder_exported_without_new_token_counts_or_logit_positions_is_refus
 
 
 def test_a_call_returns_logits_only_at_the_positions_asked(tiny_artifact):
-    """The last `keep` positions of a call, equal to those rows of every position's logits: for a decode-size
-    call (bound buffers) and a prompt (ONNX Runtime's own arrays), whose model output holds only the kept rows."""
+    """The `last` last positions of a call, equal to those rows of every position's logits: for a decode-size
+    call (bound buffers) and a prompt (ONNX Runtime's own arrays), whose model output holds only those rows."""
     decoder = runtime.load(tiny_artifact).main
     for tokens in (list(range(3, 9)), list(range(3, 43))):
         every = decoder.new_cache(64).feed(tokens)
         assert every.shape[0] == len(tokens)
-        for keep in (1, 3):
+        for last in (1, 3):
             cache = decoder.new_cache(64)
-            kept = cache.feed(tokens, keep=keep)
-            assert kept.shape == (keep, every.shape[1]) and np.abs(kept - every[-keep:]).max() <= TOLERANCE
+            kept = cache.feed(tokens, last=last)
+            assert kept.shape == (last, every.shape[1]) and np.abs(kept - every[-last:]).max() <= TOLERANCE
             assert cache.ids == tokens
     outputs = []
     cache = decoder.new_cache(64)
     run = cache.buffers.run
     cache.buffers.run = lambda *args: outputs.append(run(*args)) or outputs[-1]
-    cache.feed(list(range(3, 43)), keep=1)
+    cache.feed(list(range(3, 43)), last=1)
     assert outputs[0].shape == (1, 1, every.shape[1])  # not [1, 40, V]
 
 
-def test_a_batch_feed_returns_each_rows_last_logits_across_chunks(tiny_artifact):
-    """keep per row: a row's kept positions may fall in several chunks of a long catch-up (SMALL_CALL wide),
-    or all in the last; a row keeping fewer than the call's widest keep gets only its own."""
+def test_a_batch_feed_returns_each_rows_last_logits_across_narrowed_calls(tiny_artifact):
+    """last per row: near the cache's end a row's tokens go in several narrower calls, and its asked logits
+    may fall in more than one; a row asking fewer than the call's widest gets only its own. A draft's long
+    catch-up goes in one call."""
     generator = runtime.load(tiny_artifact)
-    prompts = [list(range(5, 9)), list(range(40, 43))]
-    batch = BatchKvCache(generator.main, len(prompts), 64)
+    prompts = [list(range(5, 9)), list(range(40, 60))]
+    batch = BatchKvCache(generator.main, len(prompts), 32)
     batch.prefill(prompts)
-    feed = {0: list(range(100, 120)), 1: [7, 8, 9]}
-    keep = {0: 6, 1: 1}
-    logits = batch.feed(feed, keep=keep)
+    widths = _counting_calls(batch)
+    feed, last = {0: list(range(100, 120)), 1: [7, 8, 9]}, {0: 10, 1: 1}
+    logits = batch.feed(feed, last=last)
+    assert widths == [12, 8]  # 12 positions of room after the 20-token row, then 8 after the first call (row 0: 16, row 1: 23)
     for row, tokens in feed.items():
-        alone = generator.main.new_cache(64).feed(prompts[row] + tokens)[-keep[row] :]
+        alone = generator.main.new_cache(64).feed(prompts[row] + tokens)[-last[row] :]
         assert logits[row].shape == alone.shape and np.abs(logits[row] - alone).max() <= TOLERANCE
+    wide = BatchKvCache(generator.main, 1, 64)
+    wide.prefill([[5, 6]])
+    widths = _counting_calls(wide)
+    assert wide.feed({0: list(range(100, 140))}, last={0: 1})[0].shape[0] == 1 and widths == [40]
 
 
-def test_logits_asked_beyond_a_calls_new_tokens_are_refused(tiny_artifact):
-    with pytest.raises(ValueError, match="row 0: logits asked for 3 of its 2 new tokens"):
-        runtime.load(tiny_artifact).main.new_cache(16).feed([5, 6], keep=3)
+def test_logits_asked_beyond_a_calls_new_tokens_are_refused_before_anything_changes(tiny_artifact):
+    decoder = runtime.load(tiny_artifact).main
+    with pytest.raises(ValueError, match="row 0: logits asked for its last 20 tokens, of 2 fed"):
+        decoder.new_cache(16).feed([5, 6], last=20)
+    batch = BatchKvCache(decoder, 2, 32)
+    batch.prefill([[5, 6], [7, 8]])
+    before = batch.feed({0: [9], 1: [10]}, last={0: 1, 1: 1})
+    with pytest.raises(ValueError, match="row 1: logits asked for its last 3 tokens, of 2 fed"):
+        batch.feed({0: [11], 1: [12, 13]}, last={0: 1, 1: 3})
+    assert batch.ids == [[5, 6, 9], [7, 8, 10]]
+    for row in (0, 1):
+        batch.sync(row, batch.ids[row][:-1])
+    again = batch.feed({0: [9], 1: [10]}, last={0: 1, 1: 1})  # the positions buffer was not half rewritten
+    assert all(np.array_equal(before[row], again[row]) for row in (0, 1))
 
 
 def test_a_batch_row_must_be_filled_before_it_can_sit_out_a_call(tiny_artifact):

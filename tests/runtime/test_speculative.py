@@ -54,8 +54,8 @@ class _ContraryDraft:
     def __getattr__(self, name):  # everything but feed is the real cache's
         return getattr(self.cache, name)
 
-    def feed(self, tokens, keep=None):
-        return -self.cache.feed(tokens, keep)
+    def feed(self, tokens, last=None):
+        return -self.cache.feed(tokens, last)
 
 
 def test_always_disagreeing_draft_is_still_lossless(tiny_artifact):
