@@ -141,6 +141,13 @@ def fill_positions(out: np.ndarray, new: list[int], last: list[int]) -> None:
         out[row, wanted:] = max(count - 1, 0)
 
 
+def positions_input(new: list[int], last: list[int]) -> np.ndarray:
+    """A call's logit_positions [B, N, 1] in an array of its own, N = max(last) or 1; the rows are checked (check_last)."""
+    positions = np.empty((len(new), max(max(last), 1), 1), dtype=np.int64)
+    fill_positions(positions[..., 0], new, last)
+    return positions
+
+
 class BoundBuffers:
     """An IO binding of the whole model over one cache's KvState.
 
@@ -202,9 +209,7 @@ class BoundBuffers:
             logits = self._bound_view("logits", kept)
             self.decoder.session.run_with_iobinding(self.binding)
             return logits.copy()  # the buffer is refilled by the next call
-        positions = np.empty((len(new), kept, 1), dtype=np.int64)
-        fill_positions(positions[..., 0], new, last)
-        for name, array in (("input_ids", input_ids), (POSITIONS_INPUT, positions)):  # a prompt: arrays of its own
+        for name, array in (("input_ids", input_ids), (POSITIONS_INPUT, positions_input(new, last))):  # a prompt: arrays of its own
             self.binding.bind_cpu_input(name, array)
             self._bound[name] = -1
         self.binding.bind_output("logits", "cpu")

@@ -29,7 +29,7 @@ import onnx.utils
 import onnxruntime as ort
 
 from runtime.artifact import ExpertLayer, ModelEntry
-from runtime.decoder import POSITIONS_INPUT, KvCache, KvState, check_external_data, check_inputs, check_last, fill_positions, session_options
+from runtime.decoder import POSITIONS_INPUT, KvCache, KvState, check_external_data, check_inputs, check_last, positions_input, session_options
 from runtime.errors import ArtifactError
 
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
@@ -220,9 +220,7 @@ class SegmentBuffers:
         check_last(new, last)
         self.state.set_lengths(cached, new, input_ids.shape[1])
         real = (np.arange(input_ids.shape[1]) < np.asarray(new)[:, None]).reshape(-1)  # token rows [B*S] of the MoE layers
-        positions = np.empty((len(new), max(max(last), 1), 1), dtype=np.int64)
-        fill_positions(positions[..., 0], new, last)
-        values = {"input_ids": input_ids, POSITIONS_INPUT: positions}
+        values = {"input_ids": input_ids, POSITIONS_INPUT: positions_input(new, last)}
         decoder = self.decoder
         for position, (segment, binding) in enumerate(zip(decoder.segments, self.bindings)):
             if position:
