@@ -40,6 +40,13 @@ class IoNames:
         return f"present.{layer}.{kind}"
 
 
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A constant registered in the graph under `name`."""
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
 class _StreamedTensor(ir.LazyTensor):
     """A weight written to external data block by block (one expert at a time), never whole in memory."""
 

@@ -14,7 +14,7 @@ def run_windows(session: ort.InferenceSession, ids: list[int], window: int, outp
     empty_past = {}
     for value in session.get_inputs():
         if value.name.startswith("past_key_values."):
-            dtype = np.float16 if value.type == "tensor(float16)" else np.float32
+            dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(value.type, np.float32)  # an INT8 cache, or the activations'
             empty_past[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), dtype)
     for start in range(0, len(ids), window):
         chunk = ids[start : start + window]

@@ -135,7 +135,7 @@ def _quantize_config(context: BuildContext, source: ModelSource) -> quantize.Qua
         classes=settings.classes.model_dump(exclude_none=True),
         hot_experts=settings.hot_experts,
         activations=settings.activations, activation_range=settings.activation_range, smoothquant=settings.smoothquant,
-        partition_precision=dict(enumerate(context.loaded.recipe.partition.precision or ())),
+        partition_precision=dict(enumerate(context.loaded.recipe.partition.precision or ())), kv_cache=settings.kv_cache,
     )
 
 
@@ -388,6 +388,7 @@ def _model_entry(role: str, checkpoint: Checkpoint, records: list[StageRecord]) 
         architecture=loaded["architecture"],
         precision=quantized["precision"] if quantized["precision"] != "fp32" else exported["precision"],
         activations=exported["precision"],
+        kv_cache="int8" if quantized.get("kv_cache") == "int8" else exported["precision"],
         session_options=quantized.get("session_options", {}),
         num_layers=dims.num_layers,
         num_kv_heads=dims.num_kv_heads,

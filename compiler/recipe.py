@@ -102,6 +102,9 @@ class QuantizeSettings(_Frozen):
     activations: Literal["fp32", "int8"] = Field(default="fp32", description="int8: static activation scales for INT8 dense weights (W8A8)")
     activation_range: Literal["minmax", "percentile", "entropy"] = "percentile"
     smoothquant: float | None = Field(default=None, gt=0.0, lt=1.0, description="SmoothQuant alpha; with activations: int8 and activation_range: minmax")
+    kv_cache: Literal["auto", "int8"] = Field(
+        default="auto", description="auto: keys and values in the activations' float type; int8: per-channel scales calibrated on the calibration text (cpu target)"
+    )
 
     @model_validator(mode="after")
     def _smoothquant_needs_minmax_int8_activations(self) -> "QuantizeSettings":
@@ -261,12 +264,25 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
 
     tiered = recipe.partition.hot_share is not None or recipe.partition.hot_count is not None
     for location, settings in (("quantize",), recipe.quantize), (("main", "quantize"), recipe.main.quantize), (("draft", "quantize"), recipe.draft.quantize):
-        if settings is not None and settings.hot_experts is not None and not tiered:
-            line = _line_of(root, (*location, "hot_experts"))
-            raise RecipeError(
-                f"{source}:{line}: field '{'.'.join(location)}.hot_experts': there is no hot tier to apply it to",
-                hint="set partition.hot_share or partition.hot_count",
-            )
+        if settings is None:
+            continue
+
+        def field(key: str, location: tuple[str, ...] = location) -> str:
+            return f"{source}:{_line_of(root, (*location, key))}: field '{'.'.join((*location, key))}'"
+
+        if settings.hot_experts is not None and not tiered:
+            raise RecipeError(f"{field('hot_experts')}: there is no hot tier to apply it to", hint="set partition.hot_share or partition.hot_count")
+        if settings.kv_cache == "int8":
+            kv_cache = field("kv_cache")
+            # ONNX Runtime's CPU attention reads an INT8 cache beside float32 activations; TensorRT engines
+            # keep their own cache, in tensorrt.precision.
+            if recipe.export.precision != "fp32":
+                raise RecipeError(f"{kv_cache}: an int8 KV cache needs export.precision: fp32")
+            if "tensorrt" in recipe.targets:
+                raise RecipeError(
+                    f"{kv_cache}: an int8 KV cache is for the cpu target only",
+                    hint="TensorRT engines keep their KV cache in tensorrt.precision; build the int8 cache from a cpu-only recipe",
+                )
 
     return LoadedRecipe(
         recipe=recipe,

@@ -29,8 +29,8 @@ import onnx_ir as ir
 
 from compiler import quantization
 from compiler.errors import BuildError
-from compiler.onnx_graph import MS_DOMAIN, IoNames
-from compiler.stages.quantize import new_initializer, routing_weights
+from compiler.onnx_graph import MS_DOMAIN, IoNames, new_initializer
+from compiler.stages.quantize import routing_weights
 
 OPSET = 23
 PRECISIONS = {"fp16": (np.float16, ir.DataType.FLOAT16), "fp32": (np.float32, ir.DataType.FLOAT)}

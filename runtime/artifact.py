@@ -94,7 +94,8 @@ class ModelEntry(_Record):
     path: str
     architecture: str
     precision: str  # of the weights, e.g. fp32, fp16, int4-rtn-b32
-    activations: Literal["fp32", "fp16"]  # dtype of activations and the KV cache
+    activations: Literal["fp32", "fp16"]  # dtype of activations (and of the KV cache unless kv_cache says otherwise)
+    kv_cache: Literal["fp32", "fp16", "int8"] | None = None  # dtype of the KV cache; None (older manifests): the activations'
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -104,6 +105,10 @@ class ModelEntry(_Record):
     session_options: dict[str, str] = {}  # keys and values from SESSION_OPTIONS
     engine: EngineEntry | None = None  # the tensorrt target's engine, when the recipe builds one
     expert_layers: list[ExpertLayer] = []  # the MoE layers' cuts, when the experts are split over partitions
+
+    @property
+    def kv_precision(self) -> str:
+        return self.kv_cache or self.activations
 
     @field_validator("session_options")
     @classmethod

@@ -125,7 +125,7 @@ def active_weight_bytes(model_path: Path) -> int:
 def kv_bytes_per_token(entry: ModelEntry, prompt_tokens: int, new_tokens: int) -> int:
     """Bytes of cached keys and values one decode step reads, averaged over decoding `new_tokens` after a
     prompt: every layer's keys and values for every position before the one being decoded."""
-    per_position = entry.num_layers * 2 * entry.num_kv_heads * entry.head_dim * np.dtype(KV_DTYPES[entry.activations]).itemsize
+    per_position = entry.num_layers * 2 * entry.num_kv_heads * entry.head_dim * np.dtype(KV_DTYPES[entry.kv_precision]).itemsize
     return int(per_position * (prompt_tokens + (new_tokens - 1) / 2))
 
 

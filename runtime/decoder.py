@@ -11,7 +11,7 @@ import onnxruntime as ort
 from runtime.artifact import ModelEntry
 from runtime.errors import ArtifactError
 
-KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 SPIN_AFTER_CALL_US = 100
 LENGTH_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")  # the lengths GroupQueryAttention reads
 POSITIONS_INPUT = "logit_positions"  # [B, N, 1]: the positions of a call whose logits it returns, N per row
@@ -99,7 +99,7 @@ class KvState:
         self.capacity = capacity
         shape = (batch, entry.num_kv_heads, capacity, entry.head_dim)
         # The bindings point into these OrtValues (which share the arrays' memory): they live as long as the cache.
-        self.kv = {names: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=KV_DTYPES[entry.activations])) for names in kv_names(entry.num_layers)}
+        self.kv = {names: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=KV_DTYPES[entry.kv_precision])) for names in kv_names(entry.num_layers)}
         self._seqlens_k, self._total, self._query_seqlens = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32), np.zeros(batch, dtype=np.int32)
         arrays = {"seqlens_k": self._seqlens_k, "total_sequence_length": self._total, "query_seqlens": self._query_seqlens}
         self.lengths = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}

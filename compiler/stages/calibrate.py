@@ -7,7 +7,9 @@ Measured with ONNX Runtime on the export stage's model, one pass over the text:
   (the tokens routed to it) and of its fc2 input (its SwiGLU output on those tokens); the largest
   magnitude per channel of every dense weight's input (for SmoothQuant);
 - activation ranges of every dense weight's input, as min-max, percentile and entropy thresholds
-  (onnxruntime's histogram collector), for static INT8 activation scales.
+  (onnxruntime's histogram collector), for static INT8 activation scales;
+- the largest magnitude per layer, KV head and channel of the keys and values the model caches (keys
+  after the rotary embedding, per rotated pair of channels: see kv_ranges), for an INT8 KV cache.
 
 Legend: T tokens of one window, E experts, L MoE layers, H hidden size, I expert width.
 """
@@ -27,11 +29,12 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
 
 from compiler.checkpoint import Checkpoint
+from compiler.onnx_graph import IoNames
 from compiler.ort_windows import run_windows
 from compiler.stages.export import MODEL_FILE
 from compiler.weight_sites import MoeSite, dense_sites, moe_sites
 
-VERSION = "3"
+VERSION = "4"
 ROUTING_FILE = "routing.json"
 STATISTICS_FILE = "statistics.npz"  # plain arrays, read back with allow_pickle=False
 RANGES_FILE = "activation_ranges.json"
@@ -67,8 +70,19 @@ class CalibrateResult(BaseModel):
 
 def statistics_key(kind: str, name: str) -> str:
     """Key in STATISTICS_FILE. Second moments: ('dense', input tensor name) or ('fc1' | 'fc2', MoE layer
-    ordinal); per-channel largest magnitude of a dense weight's input: ('absmax', input tensor name)."""
+    ordinal); per-channel largest magnitude of a dense weight's input: ('absmax', input tensor name); of the
+    cached keys and values [KV heads, D]: ('kv_key' | 'kv_value', layer)."""
     return f"{kind}:{name}"
+
+
+def kv_ranges(present_key: np.ndarray, present_value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The largest magnitudes [KV heads, D] of one window's cached keys and values [1, KV heads, T, D].
+
+    A key's channels i and i + D/2 are the pair the rotary embedding turns (by an angle that grows with the
+    position), so each gets the pair's largest norm: a bound at every position, not only at those calibrated."""
+    half = present_key.shape[-1] // 2
+    pair_norm = np.sqrt(present_key[..., :half].astype(np.float32) ** 2 + present_key[..., half:].astype(np.float32) ** 2).max(axis=(0, 2))  # [KV heads, D/2]
+    return np.concatenate([pair_norm, pair_norm], axis=-1), np.abs(present_value.astype(np.float32)).max(axis=(0, 2))
 
 
 def _routing_weights(logits: np.ndarray, k: int, renormalize: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -156,8 +170,10 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
     moes = moe_sites(model)
     # Every dense weight's input, and each MoE block's tokens (in this export also its router's input).
     inputs = sorted({site.input.name for site in dense_sites(model)} | {site.tokens.name for site in moes})
+    presents = [(IoNames.present(layer, "key"), IoNames.present(layer, "value")) for layer in range(dims.num_layers)]
     taps = inputs + [site.router_logits.name for site in moes]
     session = _session_with_outputs(export_dir, taps)
+    read = taps + [name for pair in presents for name in pair]  # the presents are graph outputs already
 
     experts = dims.num_experts
     counts = np.zeros((len(moes), experts), np.int64)
@@ -166,10 +182,14 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
     channel_max = {name: 0.0 for name in inputs}
     expert_moments = [_ExpertMoments(site) for site in moes]
     ranges = _Ranges()
+    cached_ranges = {names: (0.0, 0.0) for names in presents}  # the largest |key|, |value| [KV heads, D] per layer
     windows = []  # MoE layer inputs, kept for the rare-expert policy's second pass
     total = -(-len(ids) // config.window)
-    for done, outputs in enumerate(run_windows(session, ids, config.window, taps), start=1):
-        values = dict(zip(taps, outputs))
+    for done, outputs in enumerate(run_windows(session, ids, config.window, read), start=1):
+        values = dict(zip(read, outputs))
+        for names, (key_range, value_range) in cached_ranges.items():
+            window_key, window_value = kv_ranges(values[names[0]], values[names[1]])
+            cached_ranges[names] = np.maximum(key_range, window_key), np.maximum(value_range, window_value)
         for name in inputs:
             flat = values[name].reshape(-1, values[name].shape[-1]).astype(np.float32)  # [T,K]
             moments[name] = moments[name] + flat.T.astype(np.float64) @ flat
@@ -205,6 +225,9 @@ def run(checkpoint: Checkpoint, config: CalibrateConfig, out_dir: Path, progress
     for layer, moments in enumerate(expert_moments):
         statistics[statistics_key("fc1", str(layer))] = moments.fc1
         statistics[statistics_key("fc2", str(layer))] = moments.fc2
+    for layer, (key_range, value_range) in enumerate(cached_ranges.values()):
+        statistics[statistics_key("kv_key", str(layer))] = key_range
+        statistics[statistics_key("kv_value", str(layer))] = value_range
     np.savez(out_dir / STATISTICS_FILE, **{key: np.asarray(value, np.float32) for key, value in statistics.items()})
     (out_dir / RANGES_FILE).write_text(json.dumps(ranges.thresholds(), indent=1, sort_keys=True))
 
@@ -226,7 +249,7 @@ def read_routing(calibrate_dir: Path) -> CalibrateResult:
     return CalibrateResult.model_validate_json((calibrate_dir / ROUTING_FILE).read_text())
 
 
-EXPERT_KINDS = ("fc1", "fc2")  # the experts' second moments; the rest (dense, absmax) belong to dense weights
+EXPERT_KINDS = ("fc1", "fc2")  # the experts' second moments; dense and absmax belong to dense weights, kv_key and kv_value to the cache
 
 
 def read_statistics(calibrate_dir: Path, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:

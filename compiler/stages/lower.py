@@ -26,9 +26,9 @@ import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
 from compiler.checkpoint import Checkpoint
-from compiler.onnx_graph import MS_DOMAIN
+from compiler.onnx_graph import MS_DOMAIN, new_initializer
 from compiler.stages.export import DATA_FILE, MODEL_FILE
-from compiler.stages.quantize import SESSION_OPTIONS_FILE, new_initializer
+from compiler.stages.quantize import SESSION_OPTIONS_FILE
 
 VERSION = "2"
 # Input positions of the expert weights: (fc1, fc1 scales, fc2, fc2 scales, router weights); None: absent.

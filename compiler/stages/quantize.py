@@ -30,16 +30,16 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
-from compiler import pruning, quantization
+from compiler import kv_quantization, pruning, quantization
 from compiler.checkpoint import Checkpoint
 from compiler.errors import BuildError
 from compiler.stages import calibrate, partition
 from compiler.stages.export import DATA_FILE, MODEL_FILE
-from compiler.onnx_graph import MS_DOMAIN
+from compiler.onnx_graph import MS_DOMAIN, new_initializer
 from compiler.weight_sites import DenseSite, MoeSite, dense_sites, moe_sites
 from runtime.artifact import ExpertLayer, PartitionOutputs
 
-VERSION = "11"
+VERSION = "12"
 SESSION_OPTIONS_FILE = "session_options.json"  # ONNX Runtime settings the model must run with
 EXPERTS_FILE = "experts.npz"  # written by the quantize_experts stage, one per partition
 Precision = Literal["fp32", "int8", "int4"]
@@ -63,6 +63,7 @@ class QuantizeConfig(BaseModel):
     activation_range: Literal["minmax", "percentile", "entropy"] = "percentile"
     smoothquant: float | None = None  # alpha; needs activation_range minmax
     partition_precision: dict[int, Precision] = {}  # partition -> its experts' precision, overriding the rules above
+    kv_cache: Literal["auto", "int8"] = "auto"  # int8: the attention's cache in INT8 with calibrated per-channel scales
 
 
 class TensorChoice(BaseModel):
@@ -94,6 +95,7 @@ class QuantizeResult(BaseModel):
     pruned: list[ExpertChoice] = []  # experts dropped by the partition plan (their choice records the routed share)
     pruned_bytes: int = 0  # their weights and router columns, before quantization
     expert_layers: list[ExpertLayer] = []  # where a partitioned model's MoE layers are cut for expert parallelism
+    kv_cache: Literal["auto", "int8"] = "auto"
 
 
 def precision_label(config: QuantizeConfig) -> str:
@@ -166,13 +168,6 @@ def _smooth(denses: list[DenseSite], choices: list[TensorChoice], statistics: di
         ranges[name]["minmax"] = float((activation_max / scales).max())
         smoothed.append(gamma.name)
     return smoothed
-
-
-def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """A constant registered in the graph under `name`."""
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _replace(graph: ir.Graph, node: ir.Node, replacement: list[ir.Node], output: ir.Value) -> None:
@@ -417,6 +412,8 @@ def run(
             label = f"{own[min(own)]}-{config.method}-b{config.block_size}" + ("-mixed" if len(set(own.values())) > 1 else "")
         elif {choice.precision for choice in experts} != {config.classes.get("experts", config.weights)} and not label.endswith("-mixed"):
             label += "-mixed"
+    if config.kv_cache == "int8":
+        label += "-kv8"
     if label == "fp32" and not pruned and plan.partitions <= 1:  # writes no model: the pipeline then takes the export stage's
         return QuantizeResult(precision="fp32", method="none", dense=[], experts=experts, smoothed=[], session_options={}, op_counts={})
 
@@ -452,6 +449,8 @@ def run(
         done += 1
         if progress:
             progress(done, total)
+    if config.kv_cache == "int8":
+        kv_quantization.quantize_cache(model.graph, calibrate.read_statistics(calibrate_dir, ("kv_key", "kv_value")))
     ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
     options = {}
     if config.activations == "fp32" and any(c.precision == "int8" for c in choices):
@@ -463,7 +462,7 @@ def run(
     ops = Counter(node.op_type for node in model.graph)
     return QuantizeResult(
         precision=label, method=config.method, dense=choices, experts=experts, smoothed=smoothed, session_options=options,
-        op_counts=dict(sorted(ops.items())), pruned=pruned, pruned_bytes=pruned_bytes, expert_layers=expert_layers,
+        op_counts=dict(sorted(ops.items())), pruned=pruned, pruned_bytes=pruned_bytes, expert_layers=expert_layers, kv_cache=config.kv_cache,
     )
 
 

@@ -53,3 +53,32 @@ def test_rarely_routed_experts_are_reported(tiny_pair, tmp_path):
     assert unrouted and all(counts[layer, expert] == 0 for layer, expert in unrouted)
     assert len(unrouted) == int((counts == 0).sum())
     assert (out / calibrate.ROUTING_FILE).is_file()
+
+
+def test_cached_key_and_value_ranges_match_transformers(tiny_pair, tmp_path):
+    """The INT8 KV cache's ranges: per KV head and channel, the largest |value| and the largest norm of each
+    rotated pair of key channels (i, i + D/2), over the keys and values transformers caches for the same windows."""
+    checkpoint = Checkpoint(tiny_pair / "main")
+    export_dir, out = tmp_path / "export", tmp_path / "calibrate"
+    export_dir.mkdir(), out.mkdir()
+    export.run(checkpoint, export.ExportConfig(max_sequence_length=128), export_dir)
+    ids = Tokenizer.from_file(str(tiny_pair / "main" / "tokenizer.json")).encode(calibration_text(load_recipe(tiny_pair / "tiny.yaml"))).ids[:256]
+    calibrate.run(checkpoint, calibrate.CalibrateConfig(text_sha256="x", max_tokens=256, window=128, min_tokens_per_expert=1), out, export_dir=export_dir, ids=ids)
+    measured = calibrate.read_statistics(out, ("kv_key", "kv_value"))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair / "main", dtype=torch.float32).eval()
+    layers = model.config.num_hidden_layers
+    keys, values = [0.0] * layers, [0.0] * layers
+    with torch.no_grad():
+        for start in (0, 128):
+            cache = model(torch.tensor([ids[start : start + 128]]), use_cache=True).cache
+            for layer in range(layers):
+                key, value = cache.layers[layer].keys[0].numpy(), cache.layers[layer].values[0].numpy()  # [KV heads, T, D], keys rotated
+                half = key.shape[-1] // 2
+                pair_norm = np.sqrt(key[..., :half] ** 2 + key[..., half:] ** 2).max(axis=1)
+                keys[layer] = np.maximum(keys[layer], np.concatenate([pair_norm, pair_norm], axis=-1))
+                values[layer] = np.maximum(values[layer], np.abs(value).max(axis=1))
+    assert len(measured) == 2 * layers
+    for layer in range(layers):
+        np.testing.assert_allclose(measured[calibrate.statistics_key("kv_key", str(layer))], keys[layer], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(measured[calibrate.statistics_key("kv_value", str(layer))], values[layer], rtol=1e-4, atol=1e-5)

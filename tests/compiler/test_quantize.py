@@ -75,29 +75,61 @@ def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped
     dense_op = {"int4": "MatMulNBits", "int8": "DequantizeLinear"}[weights]
     assert {"QMoE", dense_op, "MatMul"} <= ops and "MoE" not in ops  # MatMul left: the routers
 
-    tokens = []
-    for path in corpus.stdlib_files("heldout")[:4]:
-        tokens.extend(generator.encode(corpus.read_text(path)))
-    tokens = tokens[:8192]
+    tokens = _heldout_tokens(generator)
     for role in ("main", "draft"):
         quantized, full = perplexity(getattr(generator, role), tokens), perplexity(getattr(reference, role), tokens)
         assert quantized <= max_perplexity * full, (role, quantized, full)
 
-    # Lossless speculation needs a token's logits not to depend on how many tokens share the call.
+    _assert_lossless(generator, tokens)
+    expected_options = {"session.disable_quant_qdq": "1"} if weights == "int8" else {}
+    assert generator.manifest.models["main"].session_options == expected_options
+
+
+def _heldout_tokens(generator, count=8192):
+    tokens = []
+    for path in corpus.stdlib_files("heldout")[:4]:
+        tokens.extend(generator.encode(corpus.read_text(path)))
+    return tokens[:count]
+
+
+def _assert_lossless(generator, tokens):
+    """A token's logits do not depend on how many tokens share its call, and speculative greedy output is the main
+    model's own greedy output."""
     prefix = tokens[:40]
     whole = generator.main.new_cache(capacity=48).feed(prefix)
     cache = generator.main.new_cache(capacity=48)
     cache.feed(prefix[:8])
     one_by_one = np.stack([cache.feed([token])[-1] for token in prefix[8:]])
     assert np.abs(one_by_one - whole[8:]).max() <= 1e-4
-    expected_options = {"session.disable_quant_qdq": "1"} if weights == "int8" else {}
-    assert generator.manifest.models["main"].session_options == expected_options
-
     for prompt in corpus.heldout_prompts(5):
         ids = generator.encode(prompt)
         alone = [t for step in generator.stream_ids(ids, max_new_tokens=32, speculative=False) for t in step]
         speculative = [t for step in generator.stream_ids(ids, max_new_tokens=32, draft_length=4) for t in step]
         assert speculative == alone
+
+
+def test_int8_kv_cache_is_a_quarter_of_the_bytes_accurate_and_lossless(tmp_path, shipped_artifact, shipped_cache):
+    artifact = build(load_recipe(REPO / "recipes" / "tiny-coder-kv8.yaml"), tmp_path, cache_root=shipped_cache).artifact
+    generator, reference = runtime.load(artifact), runtime.load(shipped_artifact)
+    for role in ("main", "draft"):
+        entry = generator.manifest.models[role]
+        assert (entry.kv_cache, entry.precision) == ("int8", "fp32-kv8")
+        graph = onnx.load(str(artifact / role / "model.onnx"), load_external_data=False).graph
+        caches = [value for value in graph.input if value.name.startswith("past_key_values.")]
+        assert len(caches) == 2 * entry.num_layers and all(value.type.tensor_type.elem_type == TensorProto.INT8 for value in caches)
+        attentions = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+        assert all({a.name: helper.get_attribute_value(a) for a in node.attribute}["kv_cache_bit_width"] == 8 for node in attentions)
+        scales = [numpy_helper.to_array(t, base_dir=str(artifact / role)) for t in graph.initializer if t.name.endswith("_cache_scale")]
+        assert len(scales) == 2 * entry.num_layers and all(s.shape == (1, entry.num_kv_heads, 1, entry.head_dim) and (s > 0).all() for s in scales)
+        buffers = getattr(generator, role).new_cache().buffers.state.kv.values()
+        full = getattr(reference, role).new_cache().buffers.state.kv.values()
+        assert sum(b.numpy().nbytes for b in buffers) * 4 == sum(b.numpy().nbytes for b in full)
+
+    tokens = _heldout_tokens(generator)
+    for role in ("main", "draft"):
+        quantized, full = perplexity(getattr(generator, role), tokens), perplexity(getattr(reference, role), tokens)
+        assert quantized <= 1.01 * full, (role, quantized, full)
+    _assert_lossless(generator, tokens)
 
 
 def test_full_precision_build_passes_its_gate_exactly(shipped_artifact):

@@ -96,8 +96,20 @@ def test_quantize_rules_parse_and_inconsistent_ones_name_the_field(tmp_path):
     assert quantize.classes.lm_head == "int8" and quantize.hot_experts == "int8"
     with pytest.raises(RecipeError, match=r"r\.yaml:8: unknown key 'quantize\.classes\.atention'"):
         load_recipe(_write(tmp_path, GOOD + "quantize:\n  weights: int4\n  classes: {atention: int8}\n"))
+    with pytest.raises(RecipeError, match=r"r\.yaml:8: field 'quantize\.hot_experts': there is no hot tier to apply it to"):
+        load_recipe(_write(tmp_path, GOOD + "quantize:\n  weights: int4\n  hot_experts: int8\n"))
     with pytest.raises(RecipeError, match=r"r\.yaml:6: field 'quantize': smoothquant needs activations: int8 and activation_range: minmax"):
         load_recipe(_write(tmp_path, GOOD + "quantize:\n  weights: int8\n  smoothquant: 0.5\n"))
+
+
+def test_int8_kv_cache_names_what_it_needs(tmp_path):
+    assert load_recipe(_write(tmp_path, GOOD + "quantize:\n  kv_cache: int8\n")).recipe.quantize.kv_cache == "int8"
+    assert load_recipe(_write(tmp_path, GOOD)).recipe.quantize.kv_cache == "auto"
+    with pytest.raises(RecipeError, match=r"r\.yaml:9: field 'quantize\.kv_cache': an int8 KV cache needs export\.precision: fp32"):
+        load_recipe(_write(tmp_path, GOOD + "export:\n  precision: fp16\nquantize:\n  kv_cache: int8\n"))
+    with pytest.raises(RecipeError, match=r"r\.yaml:7: field 'draft\.quantize\.kv_cache': an int8 KV cache is for the cpu target only") as refused:
+        load_recipe(_write(tmp_path, GOOD.replace("draft:\n  checkpoint: draft\n", "") + "draft:\n  checkpoint: draft\n  quantize:\n    kv_cache: int8\ntargets: [cpu, tensorrt]\n"))
+    assert "tensorrt.precision" in refused.value.hint
 
 
 def test_draft_length_is_bounded_or_auto(tmp_path):

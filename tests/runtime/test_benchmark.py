@@ -1,4 +1,4 @@
-"""What `moecc bench` measures against: the weight bytes a decode step reads, and the machine's read bandwidth."""
+"""What `moecc bench` measures against: the weight and KV cache bytes a decode step reads, and the machine's read bandwidth."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 
 from compiler.architectures import expected_tensors
 from compiler.checkpoint import Checkpoint
-from runtime.benchmark import active_weight_bytes, read_bandwidth
+from runtime.artifact import ModelEntry
+from runtime.benchmark import active_weight_bytes, kv_bytes_per_token, read_bandwidth
 
 
 def test_active_weight_bytes_count_top_k_experts_and_no_tables(tiny_pair, tiny_artifact):
@@ -25,3 +26,11 @@ def test_active_weight_bytes_count_top_k_experts_and_no_tables(tiny_pair, tiny_a
 
 def test_read_bandwidth_is_plausible():
     assert 1e8 < read_bandwidth(1, megabytes=64, repeats=2) < 1e12
+
+
+def test_kv_bytes_follow_the_cache_precision():
+    entry = ModelEntry(path="main/model.onnx", architecture="qwen3_moe", precision="fp32", activations="fp32", num_layers=4,
+                       num_kv_heads=2, head_dim=64, vocab_size=1024, max_sequence_length=2048, parameters=1)
+    full = kv_bytes_per_token(entry, 128, 65)
+    assert full == 4 * 2 * 2 * 64 * 4 * (128 + 32)  # layers, keys and values, KV heads, head size, fp32 bytes, mean context
+    assert kv_bytes_per_token(entry.model_copy(update={"kv_cache": "int8"}), 128, 65) * 4 == full
