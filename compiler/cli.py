@@ -311,16 +311,20 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     default = generator.manifest.generation.draft_length
     fixed = args.draft_length or (default if isinstance(default, int) else 4)
     heldout = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:50]))
-    cases = []
+    planned = []
     for prompt_tokens in args.prompt_tokens:
         if prompt_tokens + args.new_tokens > generator.main.entry.max_sequence_length:
             raise MoeccError(f"{prompt_tokens} prompt + {args.new_tokens} new tokens exceed the maximum sequence length {generator.main.entry.max_sequence_length}")
         for batch in args.batch_sizes:  # different prompts of the same length
-            prompts = [heldout[row * prompt_tokens : (row + 1) * prompt_tokens] for row in range(batch)]
-            for mode in benchmark.modes_for(generator, fixed):
-                if not args.json:
-                    err.print(f"[dim]{mode.name}, batch {batch}, prompt {prompt_tokens} tokens ...[/dim]")
-                cases.append(benchmark.run_case(generator, mode, prompts, args.new_tokens, args.runs))
+            prompts = tuple(tuple(heldout[row * prompt_tokens : (row + 1) * prompt_tokens]) for row in range(batch))
+            planned += [benchmark.Case(mode, prompts) for mode in benchmark.modes_for(generator, fixed)]
+
+    def progress(round_index: int, case: benchmark.Case) -> None:
+        if not args.json:
+            label = "warm-up" if round_index == 0 else f"run {round_index}/{args.runs}"
+            err.print(f"[dim]{label}: {case.mode.name}, batch {len(case.prompts)}, prompt {len(case.prompts[0])} tokens ...[/dim]")
+
+    cases = benchmark.run_cases(generator, planned, args.new_tokens, args.runs, progress)
     name = generator.manifest.name
     threads = args.threads or os.cpu_count() or 1
     active = benchmark.active_weight_bytes(Path(args.artifact) / generator.main.entry.path)
@@ -344,7 +348,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     _bench_chart(cases, chart, f"{name}: decode tokens/s (all rows of a batch), median of {args.runs} (bars: min-max)")
     report |= {"json": str(json_out), "chart": str(chart)}
     if not args.json:
-        table = Table(title=f"{name}: {args.runs} runs each after a warm-up, {threads} threads; batch tokens/s count every row")
+        table = Table(title=f"{name}: {args.runs} rounds of every case after a warm-up round, {threads} threads; batch tokens/s count every row")
         for column in ("mode", "prompt", "new", "prefill tok/s", "decode tok/s (min-max)", "ms/token", "acceptance", "tokens/call", "mean k"):
             table.add_column(column, justify="left" if column == "mode" else "right")
         for case in cases:
@@ -474,7 +478,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("artifact")
     bench.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths, from held-out text")
     bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--runs", type=int, default=3, help="timed runs per case, after one warm-up")
+    bench.add_argument("--runs", type=int, default=3, help="timed rounds, each running every case once (so drift reaches all alike), after a warm-up round")
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="prompts decoded together, each size in every mode")
     bench.add_argument("--draft-length", type=int, default=None, help="the fixed draft length to compare with auto (default: the recipe's, else 4)")
     _add_loading_options(bench)

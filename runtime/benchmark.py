@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ import onnx
 from runtime.artifact import ModelEntry
 from runtime.decoder import KV_DTYPES
 from runtime.generator import Generator
-from runtime.speculative import GenerationStats
+from runtime.speculative import AdaptiveDraftLength, GenerationStats
 
 
 @dataclass(frozen=True)
@@ -62,35 +63,61 @@ def modes_for(generator: Generator, draft_length: int) -> list[Mode]:
     return modes
 
 
-def run_case(generator: Generator, mode: Mode, prompts: list[list[int]], new_tokens: int, runs: int) -> CaseResult:
-    """`runs` generations of exactly `new_tokens` per prompt (end-of-text ignored), after one warm-up.
+@dataclass(frozen=True)
+class Case:
+    mode: Mode
+    prompts: tuple[tuple[int, ...], ...]  # one prompt, or several of the same length decoded together as one batch
 
-    One prompt goes through the single-sequence loop; several are decoded together as one batch, and
-    tokens/s then counts every row's tokens.
-    """
-    records: list[GenerationStats] = []
-    options = {"draft_length": mode.draft_length} if mode.speculative else {}
-    for run in range(runs + 1):
-        if len(prompts) == 1:
-            stats = GenerationStats()
-            for _ in generator.stream_ids(prompts[0], max_new_tokens=new_tokens, speculative=mode.speculative, stats=stats, stop_tokens=set(), **options):
-                pass
-        else:
-            _, stats = generator.generate_batch_ids(prompts, max_new_tokens=new_tokens, stop_tokens=set(), speculative=mode.speculative, **options)
-        if run:  # the first run warms caches and ONNX Runtime's allocations
-            records.append(stats)
+
+def _generate(generator: Generator, case: Case, new_tokens: int) -> GenerationStats:
+    """One generation of exactly `new_tokens` per prompt (end-of-text ignored)."""
+    options = {"draft_length": case.mode.draft_length} if case.mode.speculative else {}
+    if len(case.prompts) == 1:
+        stats = GenerationStats()
+        for _ in generator.stream_ids(list(case.prompts[0]), max_new_tokens=new_tokens, speculative=case.mode.speculative, stats=stats, stop_tokens=set(), **options):
+            pass
+        return stats
+    _, stats = generator.generate_batch_ids([list(p) for p in case.prompts], max_new_tokens=new_tokens, stop_tokens=set(), speculative=case.mode.speculative, **options)
+    return stats
+
+
+def run_cases(generator: Generator, cases: list[Case], new_tokens: int, runs: int, progress: Callable[[int, Case], None] | None = None) -> list[CaseResult]:
+    """Each case `runs` times after a warm-up round (which warms caches and ONNX Runtime's allocations), in
+    rounds that run every case once in turn, so the machine's drift reaches every case alike instead of the
+    ones that happen to run last. One prompt goes through the single-sequence loop; several are decoded
+    together as one batch, and tokens/s then counts every row's tokens. Each case with an automatic draft
+    length keeps a policy of its own across the rounds, as it would running alone."""
+    records: list[list[GenerationStats]] = [[] for _ in cases]
+    policies = [AdaptiveDraftLength(generator.manifest.generation.max_draft_length) for _ in cases]
+    shared = generator.adaptive_draft_length
+    try:
+        for round_index in range(runs + 1):
+            for case, record, policy in zip(cases, records, policies):
+                if progress:
+                    progress(round_index, case)
+                generator.adaptive_draft_length = policy
+                stats = _generate(generator, case, new_tokens)
+                if round_index:
+                    record.append(stats)
+    finally:
+        generator.adaptive_draft_length = shared
+    return [_summary(case, record, new_tokens, runs) for case, record in zip(cases, records)]
+
+
+def _summary(case: Case, records: list[GenerationStats], new_tokens: int, runs: int) -> CaseResult:
     proposed, accepted = sum(s.proposed for s in records), sum(s.accepted for s in records)
     calls, lengths = sum(s.verify_calls for s in records), [k for s in records for k in s.draft_lengths]
+    batch = len(case.prompts)
     return CaseResult(
-        mode=mode.name if len(prompts) == 1 else f"{mode.name}, batch {len(prompts)}",
-        prompt_tokens=len(prompts[0]), new_tokens=new_tokens, batch_size=len(prompts), runs=runs,
+        mode=case.mode.name if batch == 1 else f"{case.mode.name}, batch {batch}",
+        prompt_tokens=len(case.prompts[0]), new_tokens=new_tokens, batch_size=batch, runs=runs,
         prefill_tokens_per_second=Spread.of([s.prefill_tokens_per_second for s in records]),
         decode_tokens_per_second=Spread.of([s.decode_tokens_per_second for s in records]),
         milliseconds_per_token=Spread.of([1000 / s.decode_tokens_per_second for s in records]),
         acceptance_rate=accepted / proposed if proposed else 0.0,
         mean_accepted_length=sum(s.new_tokens for s in records) / calls if calls else 0.0,
         mean_draft_length=sum(lengths) / len(lengths) if lengths else 0.0,
-        draft_lengths={k: lengths.count(k) for k in sorted(set(lengths))} if mode.speculative else {},
+        draft_lengths={k: lengths.count(k) for k in sorted(set(lengths))} if case.mode.speculative else {},
     )
 
 

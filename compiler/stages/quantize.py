@@ -13,6 +13,8 @@ Lowering on `cpu`:
 - dense weights: INT4 as `MatMulNBits`; INT8 as a block-wise DequantizeLinear feeding the MatMul; with INT8
   activations (W8A8) a QuantizeLinear / DequantizeLinear pair on the input with a static scale from
   calibration and a per-channel INT8 weight, which onnxruntime fuses into an integer MatMul.
+- the KV cache (kv_cache: int8): INT8 with one scale per KV head and channel from the calibrated ranges
+  (compiler/kv_quantization.py).
 Weights are rounded to nearest or by GPTQ with the second moments measured by the calibrate stage; the
 experts' weights arrive quantized from the quantize_experts stage (one run per partition), dense ones are
 quantized here.
