@@ -231,15 +231,6 @@ def _sync(cached: list[int], tokens: list[int]) -> list[int]:
     return tokens[len(cached) :]
 
 
-def _pending(cached: list[int], tokens: list[int]) -> list[int]:
-    """_sync, keeping at least the last token to feed: a cache holds keys, not the logits after them."""
-    pending = _sync(cached, tokens)
-    if not pending:
-        del cached[-1:]
-        pending = tokens[-1:]
-    return pending
-
-
 class TokenLedger:
     """A single-sequence cache as the decoding loop sees it (ONNX Runtime's, or the appended-KV caches of the
     TensorRT path): the tokens whose keys and values it holds, where a rollback only shortens the list."""
@@ -255,17 +246,9 @@ class TokenLedger:
         """Roll back to the first `length` tokens; the stale keys beyond are overwritten by the next call."""
         del self.ids[length:]
 
-    def shared_prefix(self, tokens: list[int]) -> int:
-        """How many leading `tokens` are already cached."""
-        return shared_prefix_length(self.ids, tokens)
-
     def sync(self, tokens: list[int]) -> list[int]:
         """Roll back to the longest prefix shared with `tokens`; return the tokens still to be fed."""
         return _sync(self.ids, tokens)
-
-    def pending(self, tokens: list[int]) -> list[int]:
-        """sync, keeping at least the last token to feed, whose logits the next call needs."""
-        return _pending(self.ids, tokens)
 
     def feed(self, tokens: list[int], last: int | None = None) -> np.ndarray:
         """Run the new tokens after the cached ones; returns the logits [last, V] after the `last` last of them
@@ -318,9 +301,9 @@ class BatchKvCache:
         """Roll the row back to its longest prefix shared with `tokens`; return the tokens still to be fed."""
         return _sync(self.ids[row], tokens)
 
-    def pending(self, row: int, tokens: list[int]) -> list[int]:
-        """sync, keeping at least the last token to feed, whose logits the next call needs."""
-        return _pending(self.ids[row], tokens)
+    def keep(self, row: int, length: int) -> None:
+        """Roll the row back to its first `length` tokens."""
+        del self.ids[row][length:]
 
     def feed(self, rows: dict[int, list[int]], last: dict[int, int] | None = None) -> dict[int, np.ndarray]:
         """Feed each listed row its tokens after its cached ones; returns each row's logits [last[row], V] after

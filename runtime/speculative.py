@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from runtime.decoder import BatchKvCache, TokenLedger, shared_prefix_length
+from runtime.decoder import BatchKvCache, TokenLedger
 from runtime.sampling import SamplingParams, distribution, draw
 
 
@@ -216,10 +216,11 @@ def _propose_one(proposal: Proposal, logits: np.ndarray, params: SamplingParams,
     return token
 
 
-def propose(draft: TokenLedger, tokens: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
-    """Draw `length` tokens from the draft after `tokens`, one draft call each."""
+def propose(draft: TokenLedger, unread: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
+    """Draw `length` tokens from the draft after it reads `unread` (the sequence's tokens it does not hold, at
+    least the last), one draft call each."""
     proposal = Proposal([], [])
-    logits = draft.feed(draft.pending(tokens), last=1)[-1]
+    logits = draft.feed(unread, last=1)[-1]
     for position in range(length):
         token = _propose_one(proposal, logits, params, rng)
         if position + 1 < length:
@@ -227,10 +228,9 @@ def propose(draft: TokenLedger, tokens: list[int], length: int, params: Sampling
     return proposal
 
 
-def propose_batch(draft: BatchKvCache, histories: list[list[int]], lengths: dict[int, int], params: SamplingParams, rngs: list[np.random.Generator]) -> dict[int, Proposal]:
-    """Draw lengths[row] tokens after each listed row's history, one batched draft call per position."""
-    catch_up = {row: draft.pending(row, histories[row]) for row in lengths}
-    logits = {row: last[-1] for row, last in draft.feed(catch_up, last=dict.fromkeys(catch_up, 1)).items()}
+def propose_batch(draft: BatchKvCache, unread: dict[int, list[int]], lengths: dict[int, int], params: SamplingParams, rngs: list[np.random.Generator]) -> dict[int, Proposal]:
+    """Draw lengths[row] tokens for each listed row after it reads unread[row], one batched draft call per position."""
+    logits = {row: last[-1] for row, last in draft.feed(unread, last=dict.fromkeys(unread, 1)).items()}
     proposals = {row: Proposal([], []) for row in lengths}
     for position in range(max(lengths.values())):
         drawn = {}
@@ -243,17 +243,16 @@ def propose_batch(draft: BatchKvCache, histories: list[list[int]], lengths: dict
     return proposals
 
 
-def score_batch(main: BatchKvCache, histories: list[list[int]], proposals: dict[int, Proposal]) -> dict[int, np.ndarray]:
-    """score() for several rows: every row's pending tokens and proposals in one batched main call."""
-    pending = {row: main.pending(row, histories[row]) for row in proposals}
-    blocks = {row: pending[row] + proposal.tokens for row, proposal in proposals.items()}
+def score_batch(main: BatchKvCache, unread: dict[int, list[int]], proposals: dict[int, Proposal]) -> dict[int, np.ndarray]:
+    """score() for several rows: every row's unread tokens and proposals in one batched main call."""
+    blocks = {row: unread[row] + proposal.tokens for row, proposal in proposals.items()}
     return main.feed(blocks, last={row: len(proposal.tokens) + 1 for row, proposal in proposals.items()})
 
 
-def score(main: TokenLedger, tokens: list[int], proposal: Proposal) -> np.ndarray:
-    """The main model's logits [k+1, V] at the positions after `tokens` and each proposed token, in one call."""
-    pending = main.pending(tokens)  # at least the last token, whose logits score the first proposal
-    return main.feed(pending + proposal.tokens, last=len(proposal.tokens) + 1)
+def score(main: TokenLedger, unread: list[int], proposal: Proposal) -> np.ndarray:
+    """The main model's logits [k+1, V] after it reads `unread` (at least the sequence's last token, whose
+    logits score the first proposal) and at each proposed token, in one call."""
+    return main.feed(unread + proposal.tokens, last=len(proposal.tokens) + 1)
 
 
 def accept(proposal: Proposal, target: list[np.ndarray], rng: np.random.Generator) -> tuple[int, int]:
@@ -285,6 +284,16 @@ def judge(proposal: Proposal, logits: np.ndarray, params: SamplingParams, rng: n
         kept = next((i for i, token in enumerate(proposal.tokens) if token != best[i]), len(proposal.tokens))
         return kept, int(best[kept])
     return accept(proposal, [distribution(row, params) for row in logits], rng)
+
+
+def agreed_length(sequence: int, kept: int, committed: int) -> int:
+    """How much of a cache that read a step's proposals agrees with the sequence of `sequence` tokens after the
+    step commits `committed` of them (`kept` accepted proposals first), short of the sequence's last token.
+
+    The decoding loops roll every cache back to at most this after each step (the rejected proposals go), so a
+    cache always holds a prefix of the sequence, shorter than it, and the next step reads the tail beyond it
+    without comparing the sequences token by token (which would cost a step more as the context grows)."""
+    return sequence + min(kept, committed - 1)
 
 
 def _commit(proposal: Proposal, kept: int, next_token: int, stop_tokens: set[int], room: int) -> tuple[list[int], bool]:
@@ -322,11 +331,11 @@ def decode(
         if room < 0:
             break
         length = min(draft_length.choose(), max_new_tokens - stats.new_tokens - 1, room) if draft is not None else 0
-        backlog = len(tokens) - draft.shared_prefix(tokens) if length > 0 else 0
+        backlog = len(tokens) - len(draft) if length > 0 else 0  # every cache holds a prefix of tokens (agreed_length)
         tick = time.perf_counter()
-        proposal = propose(draft, tokens, length, params, rng) if length > 0 else Proposal([], [])
+        proposal = propose(draft, tokens[len(draft) :], length, params, rng) if length > 0 else Proposal([], [])
         tock = time.perf_counter()
-        kept, next_token = judge(proposal, score(main, tokens, proposal), params, rng)
+        kept, next_token = judge(proposal, score(main, tokens[len(main) :], proposal), params, rng)
         verified = time.perf_counter()
         draft_length.update(length, kept, tock - tick, verified - tock, backlog, stats.verify_calls)
         stats.draft_seconds += tock - tick
@@ -336,6 +345,9 @@ def decode(
         stats.accepted += kept
         stats.draft_lengths.append(length)
         new, stopped = _commit(proposal, kept, next_token, stop_tokens, max_new_tokens - stats.new_tokens)
+        agreed = agreed_length(len(tokens), kept, len(new))
+        for cache in (main, draft) if length > 0 else (main,):
+            cache.keep(min(agreed, len(cache)))
         if stats.new_tokens == 0:
             stats.first_token_seconds = time.perf_counter() - started
         tokens.extend(new)
@@ -365,6 +377,8 @@ def decode_batch(
     stats.prompt_tokens = sum(len(prompt) for prompt in prompts)
     for cache in (main, draft) if draft is not None else (main,):
         cache.prefill(prompts)
+        for row, prompt in enumerate(prompts):  # the first step reads each prompt's last token again, for its logits
+            cache.keep(row, len(prompt) - 1)
     stats.prefill_seconds = time.perf_counter() - started
     histories = [list(prompt) for prompt in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -374,13 +388,15 @@ def decode_batch(
         chosen = draft_length.choose() if draft is not None else 0
         lengths = {row: min(chosen, max_new_tokens - len(outputs[row]) - 1) for row in sorted(active)}
         proposing = {row: length for row, length in lengths.items() if length > 0}
-        backlogs = {row: len(histories[row]) - shared_prefix_length(draft.ids[row], histories[row]) for row in proposing}
+        # Every row's caches hold a prefix of its history (agreed_length): what they have not read is its tail.
+        backlogs = {row: len(histories[row]) - len(draft.ids[row]) for row in proposing}
         tick = time.perf_counter()
-        proposals = propose_batch(draft, histories, proposing, params, rngs) if proposing else {}
+        unread = {row: histories[row][len(draft.ids[row]) :] for row in proposing}
+        proposals = propose_batch(draft, unread, proposing, params, rngs) if proposing else {}
         draft_seconds = (time.perf_counter() - tick) / max(len(proposing), 1)  # one row's share of the batched calls
         proposals = {row: proposals.get(row, Proposal([], [])) for row in lengths}
         tock = time.perf_counter()
-        targets = score_batch(main, histories, proposals)
+        targets = score_batch(main, {row: histories[row][len(main.ids[row]) :] for row in proposals}, proposals)
         verify_seconds = (time.perf_counter() - tock) / len(lengths)  # one row's share
         for row, length in lengths.items():
             proposal, row_draft_seconds = proposals[row], draft_seconds if length else 0.0
@@ -393,6 +409,9 @@ def decode_batch(
             stats.accepted += kept
             stats.draft_lengths.append(length)
             new, stopped = _commit(proposal, kept, next_token, stop_tokens, max_new_tokens - len(outputs[row]))
+            agreed = agreed_length(len(histories[row]), kept, len(new))
+            for cache in (main, draft) if length > 0 else (main,):
+                cache.keep(row, min(agreed, len(cache.ids[row])))
             histories[row].extend(new)
             outputs[row].extend(new)
             if stopped or len(outputs[row]) >= max_new_tokens:

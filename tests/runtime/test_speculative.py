@@ -54,6 +54,9 @@ class _ContraryDraft:
     def __getattr__(self, name):  # everything but feed is the real cache's
         return getattr(self.cache, name)
 
+    def __len__(self):  # special methods bypass __getattr__
+        return len(self.cache)
+
     def feed(self, tokens, last=None):
         return -self.cache.feed(tokens, last)
 
@@ -69,6 +72,21 @@ def test_always_disagreeing_draft_is_still_lossless(tiny_artifact):
         assert [t for step in steps for t in step][: len(reference)] == reference
         assert stats.accepted == 0 and stats.proposed > 0
         assert stats.mean_accepted_length == 1.0
+
+
+def test_caches_stay_a_prefix_of_the_sequence_after_every_step(tiny_artifact):
+    """What lets a step read each cache's unread tail without comparing sequences: after every step (rejections,
+    idle draft steps and all) each cache holds a prefix of the committed tokens, at least one token short."""
+    generator = runtime.load(tiny_artifact)
+    ids = generator.encode(PROMPTS[0])
+    main, draft = generator.main.new_cache(), generator.draft.new_cache()
+    contrary = _ContraryDraft(draft)
+    for policy, proposer in ((FixedDraftLength(3), draft), (AdaptiveDraftLength(4), draft), (FixedDraftLength(2), contrary)):
+        tokens = list(ids)
+        for step in decode(main, proposer, ids, NEW_TOKENS, policy, SamplingParams(), set(), GenerationStats()):
+            tokens += step
+            for cache in (main, draft):
+                assert len(cache.ids) < len(tokens) and cache.ids == tokens[: len(cache.ids)]
 
 
 def test_main_model_as_its_own_draft_accepts_everything(tiny_pair, tmp_path):
