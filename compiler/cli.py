@@ -16,6 +16,7 @@ from rich.table import Table
 
 import runtime
 from runtime import tensorrt_library
+from runtime.decoder import kv_bytes_per_position
 from runtime.errors import MoeccError
 
 
@@ -60,7 +61,8 @@ def _manifest_summary(manifest, artifact: Path) -> dict[str, Any]:
     models = {}
     for role, entry in manifest.models.items():
         files = {name: f.size for name, f in manifest.files.items() if name.startswith(f"{role}/")}
-        models[role] = entry.model_dump() | {"bytes": sum(files.values())}
+        kv_cache = {"kv_cache": entry.kv_precision, "kv_cache_bytes_per_token": kv_bytes_per_position(entry)}
+        models[role] = entry.model_dump() | {"bytes": sum(files.values())} | kv_cache
     return {
         "artifact": str(artifact),
         "name": manifest.name,
@@ -141,10 +143,11 @@ def _print_engines(console: Console, engines: dict[str, Any], artifact: Path, la
 
 def _print_summary(console: Console, summary: dict[str, Any], title: str, layers: bool = False) -> None:
     table = Table(title=title)
-    for column in ("model", "architecture", "precision", "parameters", "layers", "size"):
+    for column in ("model", "architecture", "precision", "parameters", "layers", "size", "KV cache per token"):
         table.add_column(column)
     for role, entry in summary["models"].items():
-        table.add_row(role, entry["architecture"], entry["precision"], f"{entry['parameters']:,}", str(entry["num_layers"]), _size(entry["bytes"]))
+        kv_cache = f"{_size(entry['kv_cache_bytes_per_token'])} ({entry['kv_cache']})"
+        table.add_row(role, entry["architecture"], entry["precision"], f"{entry['parameters']:,}", str(entry["num_layers"]), _size(entry["bytes"]), kv_cache)
     console.print(table)
     stages = Table(title="stages")
     for column in ("model", "stage", "seconds", "cached"):

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from runtime.artifact import ModelEntry
-from runtime.decoder import KV_DTYPES
+from runtime.decoder import kv_bytes_per_position
 from runtime.generator import Generator
 from runtime.speculative import AdaptiveDraftLength, GenerationStats
 
@@ -152,8 +152,7 @@ def active_weight_bytes(model_path: Path) -> int:
 def kv_bytes_per_token(entry: ModelEntry, prompt_tokens: int, new_tokens: int) -> int:
     """Bytes of cached keys and values one decode step reads, averaged over decoding `new_tokens` after a
     prompt: every layer's keys and values for every position before the one being decoded."""
-    per_position = entry.num_layers * 2 * entry.num_kv_heads * entry.head_dim * np.dtype(KV_DTYPES[entry.kv_precision]).itemsize
-    return int(per_position * (prompt_tokens + (new_tokens - 1) / 2))
+    return int(kv_bytes_per_position(entry) * (prompt_tokens + (new_tokens - 1) / 2))
 
 
 def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:

@@ -22,6 +22,11 @@ def kv_names(num_layers: int) -> list[tuple[str, str]]:
     return [(f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}") for layer in range(num_layers) for kind in ("key", "value")]
 
 
+def kv_bytes_per_position(entry: ModelEntry) -> int:
+    """Bytes the KV cache holds per token of context: every layer's key and value for each KV head."""
+    return entry.num_layers * 2 * entry.num_kv_heads * entry.head_dim * np.dtype(KV_DTYPES[entry.kv_precision]).itemsize
+
+
 def check_capacity(total: int, capacity: int) -> None:
     if total > capacity:
         raise ValueError(f"sequence of {total} tokens exceeds the KV cache capacity of {capacity}")

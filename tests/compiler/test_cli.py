@@ -26,6 +26,8 @@ def test_build_inspect_generate_json(tiny_pair, tmp_path):
     assert code == 0, err
     inspected = json.loads(out)
     assert inspected["models"]["draft"]["precision"] == "fp32"
+    main = inspected["models"]["main"]
+    assert main["kv_cache"] == "fp32" and main["kv_cache_bytes_per_token"] == main["num_layers"] * 2 * main["num_kv_heads"] * main["head_dim"] * 4
     assert inspected["total_bytes"] == built["total_bytes"]
     assert [s["stage"] for s in inspected["stages"]] == ["load", "export", "calibrate", "partition", "quantize_experts", "quantize", "lower", "verify"] * 2
     assert inspected["lowering"]["main"]["expert_parts"] == 2 and len(inspected["lowering"]["main"]["split_nodes"]) == 2

@@ -15,6 +15,7 @@ from compiler.recipe import load_recipe
 from compiler import quantization
 from conftest import REPO
 from onnx_models import EXPERTS, HIDDEN, TOP_K, moe_layer, moe_model, run_moe
+from runtime.decoder import kv_bytes_per_position
 from runtime.evaluate import perplexity
 
 
@@ -114,6 +115,7 @@ def test_int8_kv_cache_is_a_quarter_of_the_bytes_accurate_and_lossless(tmp_path,
     for role in ("main", "draft"):
         entry = generator.manifest.models[role]
         assert (entry.kv_cache, entry.precision) == ("int8", "fp32-kv8")
+        assert kv_bytes_per_position(entry) == entry.num_layers * 2 * entry.num_kv_heads * entry.head_dim  # one byte each
         graph = onnx.load(str(artifact / role / "model.onnx"), load_external_data=False).graph
         caches = [value for value in graph.input if value.name.startswith("past_key_values.")]
         assert len(caches) == 2 * entry.num_layers and all(value.type.tensor_type.elem_type == TensorProto.INT8 for value in caches)
