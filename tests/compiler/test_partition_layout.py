@@ -44,11 +44,16 @@ def _logits(generator, tokens):
     return np.concatenate([cache.feed(tokens[:20]), cache.feed(tokens[20:21]), cache.feed(tokens[21:25])])
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int4"])
-@pytest.mark.parametrize("partitions, strategy", [(2, "contiguous"), (2, "balanced"), (4, "contiguous"), (4, "balanced")])
+QUANTIZE = {"fp32": "", "int4": INT4, "kv8": "quantize:\n  kv_cache: int8\n"}  # kv8: fp32 weights, an INT8 KV cache
+
+
+@pytest.mark.parametrize(
+    "weights, partitions, strategy",
+    [(w, p, s) for w in ("fp32", "int4") for p, s in [(2, "contiguous"), (2, "balanced"), (4, "contiguous"), (4, "balanced")]] + [("kv8", 2, "balanced")],
+)
 def test_partitioned_artifact_computes_the_whole_model(build_tiny, build_both, weights, partitions, strategy):
     """Run as one model and expert-parallel, a partitioned artifact gives the unpartitioned one's logits and greedy output."""
-    quantize = INT4 if weights == "int4" else ""
+    quantize = QUANTIZE[weights]
     whole = build_tiny(f"whole-{weights}", quantize)
     single, parallel = build_both(f"parted-{weights}-{partitions}-{strategy}", quantize + f"partition:\n  partitions: {partitions}\n  strategy: {strategy}\n")
     files = single.manifest.files
