@@ -24,8 +24,8 @@ def scales(largest: np.ndarray) -> np.ndarray:
     return np.where(largest > 0, largest / LEVELS, 1.0).astype(np.float32)[None, :, None, :]
 
 
-def quantize_cache(graph: ir.Graph, statistics: dict[str, np.ndarray]) -> int:
-    """Give every layer's attention an INT8 cache with the calibrated scales; returns the layers changed."""
+def quantize_cache(graph: ir.Graph, statistics: dict[str, np.ndarray]) -> None:
+    """Give every layer's attention an INT8 cache with the calibrated scales."""
     attentions = {node.outputs[1].name: node for node in graph if node.op_type == "GroupQueryAttention"}  # by present key
     graph_inputs = {value.name: value for value in graph.inputs}
     for layer in range(len(attentions)):
@@ -38,4 +38,3 @@ def quantize_cache(graph: ir.Graph, statistics: dict[str, np.ndarray]) -> int:
         for kind in ("k", "v"):
             node.attributes[f"{kind}_quant_type"] = ir.AttrString(f"{kind}_quant_type", "PER_CHANNEL")
         node.attributes["kv_cache_bit_width"] = ir.AttrInt64("kv_cache_bit_width", 8)
-    return len(attentions)

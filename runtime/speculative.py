@@ -286,14 +286,21 @@ def judge(proposal: Proposal, logits: np.ndarray, params: SamplingParams, rng: n
     return accept(proposal, [distribution(row, params) for row in logits], rng)
 
 
-def agreed_length(sequence: int, kept: int, committed: int) -> int:
-    """How much of a cache that read a step's proposals agrees with the sequence of `sequence` tokens after the
-    step commits `committed` of them (`kept` accepted proposals first), short of the sequence's last token.
+def agreed_length(length_before: int, kept: int, committed: int) -> int:
+    """How much of a cache that read a step's proposals agrees with the sequence after the step, which had
+    `length_before` tokens and gained `committed` (its `kept` accepted proposals first), short of its last token.
 
-    The decoding loops roll every cache back to at most this after each step (the rejected proposals go), so a
-    cache always holds a prefix of the sequence, shorter than it, and the next step reads the tail beyond it
-    without comparing the sequences token by token (which would cost a step more as the context grows)."""
-    return sequence + min(kept, committed - 1)
+    The decoding loops roll every cache that read proposals back to at most this after each step (the rejected
+    proposals go), so a cache always holds a prefix of the sequence, and the next call reads the tail beyond it
+    (unread_tokens) without comparing the sequences token by token, which would cost a step more as the context grows."""
+    return length_before + min(kept, committed - 1)
+
+
+def unread_tokens(cached: list[int], sequence: list[int]) -> list[int]:
+    """The tokens of `sequence` after those a cache holds (`cached`, a prefix of it), at least its last one: a
+    cache holding all of it (a prompt's prefill) is cut back by one, since the next call needs that token's logits."""
+    del cached[len(sequence) - 1 :]
+    return sequence[len(cached) :]
 
 
 def _commit(proposal: Proposal, kept: int, next_token: int, stop_tokens: set[int], room: int) -> tuple[list[int], bool]:
@@ -327,15 +334,15 @@ def decode(
             cache.feed(unread, last=1)  # no logit of the prompt is read here: one row, the fewest a call returns
     stats.prefill_seconds = time.perf_counter() - started
     while stats.new_tokens < max_new_tokens:
-        room = main.capacity - len(tokens)  # the main cache must hold the pending token and the proposals
+        room = main.capacity - len(tokens)  # the main cache must hold the unread token and the proposals
         if room < 0:
             break
         length = min(draft_length.choose(), max_new_tokens - stats.new_tokens - 1, room) if draft is not None else 0
         backlog = len(tokens) - len(draft) if length > 0 else 0  # every cache holds a prefix of tokens (agreed_length)
         tick = time.perf_counter()
-        proposal = propose(draft, tokens[len(draft) :], length, params, rng) if length > 0 else Proposal([], [])
+        proposal = propose(draft, unread_tokens(draft.ids, tokens), length, params, rng) if length > 0 else Proposal([], [])
         tock = time.perf_counter()
-        kept, next_token = judge(proposal, score(main, tokens[len(main) :], proposal), params, rng)
+        kept, next_token = judge(proposal, score(main, unread_tokens(main.ids, tokens), proposal), params, rng)
         verified = time.perf_counter()
         draft_length.update(length, kept, tock - tick, verified - tock, backlog, stats.verify_calls)
         stats.draft_seconds += tock - tick
@@ -376,9 +383,7 @@ def decode_batch(
     started = time.perf_counter()
     stats.prompt_tokens = sum(len(prompt) for prompt in prompts)
     for cache in (main, draft) if draft is not None else (main,):
-        cache.prefill(prompts)
-        for row, prompt in enumerate(prompts):  # the first step reads each prompt's last token again, for its logits
-            cache.keep(row, len(prompt) - 1)
+        cache.prefill(prompts)  # each row's first call reads its prompt's last token again, for its logits (unread_tokens)
     stats.prefill_seconds = time.perf_counter() - started
     histories = [list(prompt) for prompt in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -391,12 +396,12 @@ def decode_batch(
         # Every row's caches hold a prefix of its history (agreed_length): what they have not read is its tail.
         backlogs = {row: len(histories[row]) - len(draft.ids[row]) for row in proposing}
         tick = time.perf_counter()
-        unread = {row: histories[row][len(draft.ids[row]) :] for row in proposing}
-        proposals = propose_batch(draft, unread, proposing, params, rngs) if proposing else {}
+        catch_up = {row: unread_tokens(draft.ids[row], histories[row]) for row in proposing}
+        proposals = propose_batch(draft, catch_up, proposing, params, rngs) if proposing else {}
         draft_seconds = (time.perf_counter() - tick) / max(len(proposing), 1)  # one row's share of the batched calls
         proposals = {row: proposals.get(row, Proposal([], [])) for row in lengths}
         tock = time.perf_counter()
-        targets = score_batch(main, {row: histories[row][len(main.ids[row]) :] for row in proposals}, proposals)
+        targets = score_batch(main, {row: unread_tokens(main.ids[row], histories[row]) for row in proposals}, proposals)
         verify_seconds = (time.perf_counter() - tock) / len(lengths)  # one row's share
         for row, length in lengths.items():
             proposal, row_draft_seconds = proposals[row], draft_seconds if length else 0.0

@@ -414,9 +414,7 @@ def run(
             label = f"{own[min(own)]}-{config.method}-b{config.block_size}" + ("-mixed" if len(set(own.values())) > 1 else "")
         elif {choice.precision for choice in experts} != {config.classes.get("experts", config.weights)} and not label.endswith("-mixed"):
             label += "-mixed"
-    if config.kv_cache == "int8":
-        label += "-kv8"
-    if label == "fp32" and not pruned and plan.partitions <= 1:  # writes no model: the pipeline then takes the export stage's
+    if label == "fp32" and config.kv_cache == "auto" and not pruned and plan.partitions <= 1:  # writes no model: the pipeline then takes the export stage's
         return QuantizeResult(precision="fp32", method="none", dense=[], experts=experts, smoothed=[], session_options={}, op_counts={})
 
     model = ir.load(export_dir / MODEL_FILE)

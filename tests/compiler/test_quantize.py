@@ -13,6 +13,7 @@ from compiler import corpus
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from compiler import quantization
+from compiler.stages import calibrate
 from conftest import REPO
 from onnx_models import EXPERTS, HIDDEN, TOP_K, moe_layer, moe_model, run_moe
 from runtime.decoder import kv_bytes_per_position
@@ -114,15 +115,24 @@ def test_int8_kv_cache_is_a_quarter_of_the_bytes_accurate_and_lossless(tmp_path,
     generator, reference = runtime.load(artifact), runtime.load(shipped_artifact)
     for role in ("main", "draft"):
         entry = generator.manifest.models[role]
-        assert (entry.kv_cache, entry.precision) == ("int8", "fp32-kv8")
+        assert (entry.kv_cache, entry.precision) == ("int8", "fp32")  # the weights stay fp32
         assert kv_bytes_per_position(entry) == entry.num_layers * 2 * entry.num_kv_heads * entry.head_dim  # one byte each
         graph = onnx.load(str(artifact / role / "model.onnx"), load_external_data=False).graph
         caches = [value for value in graph.input if value.name.startswith("past_key_values.")]
         assert len(caches) == 2 * entry.num_layers and all(value.type.tensor_type.elem_type == TensorProto.INT8 for value in caches)
-        attentions = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
-        assert all({a.name: helper.get_attribute_value(a) for a in node.attribute}["kv_cache_bit_width"] == 8 for node in attentions)
-        scales = [numpy_helper.to_array(t, base_dir=str(artifact / role)) for t in graph.initializer if t.name.endswith("_cache_scale")]
-        assert len(scales) == 2 * entry.num_layers and all(s.shape == (1, entry.num_kv_heads, 1, entry.head_dim) and (s > 0).all() for s in scales)
+        attentions = [{a.name: helper.get_attribute_value(a) for a in node.attribute} for node in graph.node if node.op_type == "GroupQueryAttention"]
+        assert len(attentions) == entry.num_layers
+        assert all((a["kv_cache_bit_width"], a["k_quant_type"], a["v_quant_type"]) == (8, b"PER_CHANNEL", b"PER_CHANNEL") for a in attentions)
+        # Each scale is the calibrated largest magnitude of its KV head and channel over 127 levels.
+        calibrated = next(r for r in generator.manifest.stages if r.stage == "calibrate" and r.model == role)
+        ranges = calibrate.read_statistics(shipped_cache / "calibrate" / calibrated.cache_key, ("kv_key", "kv_value"))
+        scales = {t.name: numpy_helper.to_array(t, base_dir=str(artifact / role)) for t in graph.initializer if t.name.endswith("_cache_scale")}
+        assert len(scales) == 2 * entry.num_layers
+        for layer in range(entry.num_layers):
+            for kind in ("key", "value"):
+                largest = ranges[calibrate.statistics_key(f"kv_{kind}", str(layer))]
+                assert largest.shape == (entry.num_kv_heads, entry.head_dim) and (largest > 0).all()
+                np.testing.assert_allclose(scales[f"model.layers.{layer}.self_attn.{kind}_cache_scale"], largest[None, :, None, :] / 127, rtol=1e-6)
         buffers = getattr(generator, role).new_cache().buffers.state.kv.values()
         full = getattr(reference, role).new_cache().buffers.state.kv.values()
         assert sum(b.numpy().nbytes for b in buffers) * 4 == sum(b.numpy().nbytes for b in full)

@@ -10,7 +10,8 @@ from compiler import corpus
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.sampling import SamplingParams
-from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode
+from runtime.decoder import BatchKvCache
+from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode, decode_batch
 
 PROMPTS = corpus.heldout_prompts(20, prompt_chars=120)
 NEW_TOKENS = 32
@@ -74,19 +75,56 @@ def test_always_disagreeing_draft_is_still_lossless(tiny_artifact):
         assert stats.mean_accepted_length == 1.0
 
 
+class _ScriptedLength(FixedDraftLength):
+    """Draft lengths in a fixed cycle, idle steps (0) included."""
+
+    def __init__(self, lengths):
+        super().__init__(max(lengths))
+        self.lengths, self.step = lengths, 0
+
+    def choose(self):
+        self.step += 1
+        return self.lengths[(self.step - 1) % len(self.lengths)]
+
+
+def _assert_prefix(cached, sequence):
+    assert len(cached) < len(sequence) and cached == sequence[: len(cached)]
+
+
 def test_caches_stay_a_prefix_of_the_sequence_after_every_step(tiny_artifact):
-    """What lets a step read each cache's unread tail without comparing sequences: after every step (rejections,
-    idle draft steps and all) each cache holds a prefix of the committed tokens, at least one token short."""
+    """What lets a step read each cache's unread tail without comparing sequences: after every step each cache
+    holds a prefix of the committed tokens, at least one token short, through rejections (a contrary draft),
+    idle draft steps, and a stop token inside a block of accepted proposals (the main model as its own draft)."""
     generator = runtime.load(tiny_artifact)
     ids = generator.encode(PROMPTS[0])
-    main, draft = generator.main.new_cache(), generator.draft.new_cache()
-    contrary = _ContraryDraft(draft)
-    for policy, proposer in ((FixedDraftLength(3), draft), (AdaptiveDraftLength(4), draft), (FixedDraftLength(2), contrary)):
+    reference, _ = _greedy(generator, ids, speculative=False, stop_tokens=set())
+    stop = {reference[9]}
+    for make_draft, stop_tokens in ((generator.draft.new_cache, set()), (lambda: _ContraryDraft(generator.draft.new_cache()), set()), (generator.main.new_cache, stop)):
+        main, draft = generator.main.new_cache(), make_draft()
         tokens = list(ids)
-        for step in decode(main, proposer, ids, NEW_TOKENS, policy, SamplingParams(), set(), GenerationStats()):
+        for step in decode(main, draft, ids, NEW_TOKENS, _ScriptedLength([3, 0, 0, 2, 4]), SamplingParams(), stop_tokens, GenerationStats()):
             tokens += step
-            for cache in (main, draft):
-                assert len(cache.ids) < len(tokens) and cache.ids == tokens[: len(cache.ids)]
+            _assert_prefix(main.ids, tokens)
+            _assert_prefix(draft.ids, tokens)
+        assert tokens[len(ids) :] == (reference[: reference.index(reference[9]) + 1] if stop_tokens else reference)
+
+
+def test_batched_caches_stay_a_prefix_of_every_row(tiny_artifact):
+    """The same in a batch, with a one-token prompt whose row the draft sits out and which stops at its first token
+    while another row drafts on."""
+    generator = runtime.load(tiny_artifact)
+    prompts = [[7], generator.encode(PROMPTS[1])]
+    alone = [_greedy(generator, prompt, speculative=False, stop_tokens=set())[0] for prompt in prompts]
+    stop = {alone[0][0]} - set(alone[1])
+    main, draft = BatchKvCache(generator.main, 2, 128), BatchKvCache(generator.draft, 2, 128)
+    rngs = [np.random.default_rng(0) for _ in prompts]
+    outputs = decode_batch(main, draft, prompts, NEW_TOKENS, _ScriptedLength([0, 3, 0, 2]), SamplingParams(), rngs, stop, GenerationStats())
+    for row, prompt in enumerate(prompts):
+        expected = alone[row][: alone[row].index(alone[0][0]) + 1] if row == 0 and stop else alone[row]
+        assert outputs[row] == expected
+        for cache in (main, draft):
+            assert cache.ids[row] == (prompt + outputs[row])[: len(cache.ids[row])]
+        _assert_prefix(main.ids[row], prompt + outputs[row])
 
 
 def test_main_model_as_its_own_draft_accepts_everything(tiny_pair, tmp_path):
