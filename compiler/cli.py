@@ -329,6 +329,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
 
     cases = benchmark.run_cases(generator, planned, args.new_tokens, args.runs, progress)
     name = generator.manifest.name
+    peak_rss = benchmark.peak_rss_bytes()  # before the bandwidth probe's buffer
     threads = args.threads or os.cpu_count() or 1
     active = benchmark.active_weight_bytes(Path(args.artifact) / generator.main.entry.path)
     bandwidth = benchmark.read_bandwidth(threads)
@@ -340,7 +341,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     limit_with_kv = {case.prompt_tokens: (active + kv[case.prompt_tokens]) * case.decode_tokens_per_second.median / bandwidth for case in main_only}
     report = {
         "artifact": str(args.artifact), "name": name, "threads": threads, "runs": args.runs,
-        "peak_rss_bytes": benchmark.peak_rss_bytes(), "main_active_weight_bytes_per_token": active,
+        "peak_rss_bytes": peak_rss, "main_active_weight_bytes_per_token": active,
         "read_bandwidth_bytes_per_second": bandwidth, "main_only_bandwidth_fraction": limit,
         "main_only_kv_bytes_per_token": kv, "main_only_bandwidth_fraction_with_kv": limit_with_kv,
         "cases": [benchmark.as_json(case) for case in cases],
