@@ -354,7 +354,7 @@ def decode(
         new, stopped = _commit(proposal, kept, next_token, stop_tokens, max_new_tokens - stats.new_tokens)
         agreed = agreed_length(len(tokens), kept, len(new))
         for cache in (main, draft) if length > 0 else (main,):
-            cache.keep(min(agreed, len(cache)))
+            cache.keep(agreed)  # nothing to drop where it is shorter (a draft that never read its last proposal)
         if stats.new_tokens == 0:
             stats.first_token_seconds = time.perf_counter() - started
         tokens.extend(new)
@@ -416,7 +416,7 @@ def decode_batch(
             new, stopped = _commit(proposal, kept, next_token, stop_tokens, max_new_tokens - len(outputs[row]))
             agreed = agreed_length(len(histories[row]), kept, len(new))
             for cache in (main, draft) if length > 0 else (main,):
-                cache.keep(row, min(agreed, len(cache.ids[row])))
+                cache.keep(row, agreed)
             histories[row].extend(new)
             outputs[row].extend(new)
             if stopped or len(outputs[row]) >= max_new_tokens:
