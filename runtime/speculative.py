@@ -109,11 +109,15 @@ class AdaptiveDraftLength:
     own cost. k = 0 (main model alone) is a candidate; while it wins, a 1-token probe keeps the acceptance
     estimate current: after PROBE_EVERY idle steps, then twice as long after each probe that leaves the main
     model alone the better choice (a probe costs the draft's catch-up on every token since its last call),
-    back to PROBE_EVERY once a probe makes speculation pay. While speculation wins, one step in REFRESH_EVERY
-    leaves the draft out, so the main model's cost alone stays measured too (it is what speculation is judged
-    against). The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
-    prompt, calls run slower while the weights return to cache, and those times would mislead every later
-    generation (a cost not measured otherwise takes a warm-up time until the first later one replaces it).
+    back to PROBE_EVERY once a probe makes speculation pay. While speculation wins, REFRESH_STEPS steps in a
+    row leave the draft out after every REFRESH_EVERY, so the main model's cost alone stays measured too (it
+    is what speculation is judged against). That cost counts only after SETTLE_STEPS main-alone steps in a
+    row: right after draft calls the main model runs up to a third slower (the draft's weights took its
+    place in cache), which decoding without the draft never pays; timed there, the main model alone looks
+    slower than it is and speculation wins where it loses. The first
+    WARMUP_STEPS of a generation update the acceptance but not the costs: right after a prompt, calls run
+    slower while the weights return to cache, and those times would mislead every later generation (a cost
+    not measured otherwise takes a warm-up time until the first later one replaces it).
 
     A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
     keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
@@ -124,6 +128,8 @@ class AdaptiveDraftLength:
     PROBE_EVERY = 16
     MAX_PROBE_INTERVAL = 1024
     REFRESH_EVERY = 32
+    REFRESH_STEPS = 4
+    SETTLE_STEPS = 2
     WARMUP_STEPS = 4
 
     def __init__(self, max_length: int):
@@ -134,6 +140,7 @@ class AdaptiveDraftLength:
         self.verify_cost: dict[int, float] = {}  # positions verified -> seconds per call
         self.idle_steps = 0
         self.busy_steps = 0
+        self.refresh_left = 0  # main-alone steps still to come in this refresh
         self._provisional: set[int | str] = set()  # costs (verify positions, "draft") measured only in warm-up steps
         self.probe_interval = self.PROBE_EVERY
         self._probing = False
@@ -148,9 +155,24 @@ class AdaptiveDraftLength:
         return self.verify_cost[max(below) if below else min(self.verify_cost)]
 
     def tokens_per_second(self, length: int) -> float:
+        return self._rates()[length]
+
+    def _rates(self) -> list[float]:
+        """Expected committed tokens per second of every length 0..max_length, in one pass: the choice runs
+        every step, where a millisecond-long model call leaves no room for tens of microseconds of Python."""
         a = min(self.acceptance, 0.999)
-        expected = (1 - a ** (length + 1)) / (1 - a)
-        return expected / (length * (self.draft_cost or 0.0) + self._verify_seconds(length + 1))
+        draft = self.draft_cost or 0.0
+        verify = self._verify_seconds(1)
+        rates, committed, power = [], 1.0, a  # committed = E(k) = 1 + a + ... + a^k; power = a^(k+1)
+        for length in range(self.max_length + 1):
+            verify = self.verify_cost.get(length + 1, verify)  # unmeasured: as cheap as the nearest measured below
+            rates.append(committed / (length * draft + verify))
+            committed, power = committed + power, power * a
+        return rates
+
+    def _best(self) -> int:
+        rates = self._rates()
+        return rates.index(max(rates))
 
     def choose(self) -> int:
         with self._lock:
@@ -159,7 +181,10 @@ class AdaptiveDraftLength:
     def _choose(self) -> int:
         if self.draft_cost is None or not self.verify_cost:
             return self.max_length  # nothing measured yet: measure the draft and a long verify first
-        best = max(range(self.max_length + 1), key=self.tokens_per_second)
+        if self.refresh_left:
+            self.refresh_left -= 1
+            return 0
+        best = self._best()
         if best == 0:
             self.idle_steps += 1
             if self.idle_steps >= self.probe_interval:
@@ -168,13 +193,14 @@ class AdaptiveDraftLength:
         else:
             self.busy_steps += 1
             if self.busy_steps >= self.REFRESH_EVERY:
-                self.busy_steps = 0
+                self.busy_steps, self.refresh_left = 0, self.REFRESH_STEPS - 1
                 return 0
         return best
 
     def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1, step: int = WARMUP_STEPS) -> None:
-        """One step's outcome; draft_backlog is how many tokens the draft had to read before proposing, step
-        the step's index in its generation."""
+        """One step's outcome; draft_backlog is how many of the sequence's tokens the draft had not read at the
+        step's start (before proposing; in a main-alone step, one more than the main-alone steps before it in
+        a row), step the step's index in its generation."""
         with self._lock:
             self._update(length, kept, draft_seconds, verify_seconds, draft_backlog, timed=step >= self.WARMUP_STEPS)
 
@@ -186,9 +212,11 @@ class AdaptiveDraftLength:
         return self.DECAY * previous + (1 - self.DECAY) * sample if timed else previous
 
     def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool) -> None:
-        self.verify_cost[length + 1] = self._measured(length + 1, self.verify_cost.get(length + 1), verify_seconds, timed)
         if length == 0:
+            settled = draft_backlog > self.SETTLE_STEPS
+            self.verify_cost[1] = self._measured(1, self.verify_cost.get(1), verify_seconds, timed and settled)
             return
+        self.verify_cost[length + 1] = self._measured(length + 1, self.verify_cost.get(length + 1), verify_seconds, timed)
         # After idle steps the draft first reads every token since (a backlog of 1 or 2 is the usual step): not
         # its cost per proposal.
         if draft_backlog <= 2:
@@ -197,7 +225,7 @@ class AdaptiveDraftLength:
         self.rejected = self.DECAY * self.rejected + (kept < length)
         if self._probing:
             self._probing = False
-            still_idle = max(range(self.max_length + 1), key=self.tokens_per_second) == 0
+            still_idle = self._best() == 0
             self.probe_interval = min(2 * self.probe_interval, self.MAX_PROBE_INTERVAL) if still_idle else self.PROBE_EVERY
 
 
@@ -338,7 +366,7 @@ def decode(
         if room < 0:
             break
         length = min(draft_length.choose(), max_new_tokens - stats.new_tokens - 1, room) if draft is not None else 0
-        backlog = len(tokens) - len(draft) if length > 0 else 0  # every cache holds a prefix of tokens (agreed_length)
+        backlog = len(tokens) - len(draft) if draft is not None else 0  # every cache holds a prefix of tokens (agreed_length)
         tick = time.perf_counter()
         proposal = propose(draft, unread_tokens(draft.ids, tokens), length, params, rng) if length > 0 else Proposal([], [])
         tock = time.perf_counter()
@@ -394,7 +422,7 @@ def decode_batch(
         lengths = {row: min(chosen, max_new_tokens - len(outputs[row]) - 1) for row in sorted(active)}
         proposing = {row: length for row, length in lengths.items() if length > 0}
         # Every row's caches hold a prefix of its history (agreed_length): what they have not read is its tail.
-        backlogs = {row: len(histories[row]) - len(draft.ids[row]) for row in proposing}
+        backlogs = {row: len(histories[row]) - len(draft.ids[row]) for row in lengths} if draft is not None else {}
         tick = time.perf_counter()
         catch_up = {row: unread_tokens(draft.ids[row], histories[row]) for row in proposing}
         proposals = propose_batch(draft, catch_up, proposing, params, rngs) if proposing else {}

@@ -195,7 +195,8 @@ def _policy(acceptance: float, draft_cost: float, verify_cost) -> AdaptiveDraftL
     for _ in range(200):
         for length in range(9):
             kept = sum(1 for _ in range(length))  # every proposal accepted ...
-            policy.update(length, kept, draft_cost * length, verify_cost(length + 1))
+            backlog = AdaptiveDraftLength.SETTLE_STEPS + 1 if length == 0 else 1  # main-alone steps timed once settled
+            policy.update(length, kept, draft_cost * length, verify_cost(length + 1), backlog)
     policy.accepted, policy.rejected = 1000 * acceptance, 1000 * (1 - acceptance)  # ... then the rate we want
     return policy
 
@@ -233,11 +234,24 @@ def test_a_probe_that_makes_speculation_pay_ends_the_idle_spell():
     assert policy.probe_interval == AdaptiveDraftLength.PROBE_EVERY and policy.choose() == 1
 
 
-def test_while_speculation_pays_one_step_in_a_while_measures_the_main_model_alone():
+def test_while_speculation_pays_a_few_steps_in_a_while_measure_the_main_model_alone():
     policy = _policy(0.9, 0.1, lambda n: 1.0)
-    every = AdaptiveDraftLength.REFRESH_EVERY
-    choices = [policy.choose() for _ in range(2 * every)]
-    assert choices == ([8] * (every - 1) + [0]) * 2
+    every, steps = AdaptiveDraftLength.REFRESH_EVERY, AdaptiveDraftLength.REFRESH_STEPS
+    assert steps > AdaptiveDraftLength.SETTLE_STEPS  # a refresh reaches a settled, timed step
+    choices = [policy.choose() for _ in range(2 * (every - 1 + steps))]
+    assert choices == ([8] * (every - 1) + [0] * steps) * 2
+
+
+def test_the_main_model_alone_is_timed_only_once_the_draft_has_been_out_for_a_few_steps():
+    """Right after draft calls the main model runs slower than it does without a draft: those times must not
+    make the main model alone look slower than it is."""
+    policy = _policy(0.5, 0.1, lambda n: 1.0)
+    settle = AdaptiveDraftLength.SETTLE_STEPS
+    for backlog in range(1, settle + 1):  # the first main-alone steps after a speculative one
+        policy.update(0, 0, 0.0, 5.0, draft_backlog=backlog)
+    assert policy.verify_cost[1] == 1.0
+    policy.update(0, 0, 0.0, 5.0, draft_backlog=settle + 1)
+    assert policy.verify_cost[1] == pytest.approx(1.4)
 
 
 def test_a_generations_first_steps_update_acceptance_but_not_costs():
