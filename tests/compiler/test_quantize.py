@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -13,7 +14,8 @@ from compiler import corpus
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from compiler import quantization
-from compiler.stages import calibrate
+from compiler.stages import calibrate, quantize
+from compiler.weight_sites import dense_sites
 from conftest import REPO
 from onnx_models import EXPERTS, HIDDEN, TOP_K, moe_layer, moe_model, run_moe
 from runtime.decoder import kv_bytes_per_position
@@ -76,6 +78,11 @@ def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped
     ops = {node.op_type for node in onnx.load(str(artifact / "main" / "model.onnx"), load_external_data=False).graph.node}
     dense_op = {"int4": "MatMulNBits", "int8": "DequantizeLinear"}[weights]
     assert {"QMoE", dense_op, "MatMul"} <= ops and "MoE" not in ops  # MatMul left: the routers
+    bits = {"int4": 4, "int8": 8}[weights]
+    for role, level in (("main", None), ("draft", 4)):  # only the draft multiplies INT8-rounded activations
+        nodes = [node for node in onnx.load(str(artifact / role / "model.onnx"), load_external_data=False).graph.node if node.op_type == "MatMulNBits"]
+        attributes = [{a.name: helper.get_attribute_value(a) for a in node.attribute} for node in nodes]
+        assert attributes and all(a["bits"] == bits and a.get("accuracy_level") == level for a in attributes) if role == "draft" or weights == "int4" else not nodes
 
     tokens = _heldout_tokens(generator)
     for role in ("main", "draft"):
@@ -85,6 +92,7 @@ def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped
     _assert_lossless(generator, tokens)
     expected_options = {"session.disable_quant_qdq": "1"} if weights == "int8" else {}
     assert generator.manifest.models["main"].session_options == expected_options
+    assert generator.manifest.models["draft"].session_options == {}
 
 
 def _heldout_tokens(generator, count=8192):
@@ -142,6 +150,45 @@ def test_int8_kv_cache_is_a_quarter_of_the_bytes_accurate_and_lossless(tmp_path,
         quantized, full = perplexity(getattr(generator, role), tokens), perplexity(getattr(reference, role), tokens)
         assert quantized <= 1.01 * full, (role, quantized, full)
     _assert_lossless(generator, tokens)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("integer_products", [False, True], ids=["main", "draft"])
+def test_dense_rewrite_multiplies_by_the_quantized_weights(bits, integer_products):
+    """The quantize stage's rewrite of one dense weight against x @ W with W dequantized independently of our
+    packing: equal with float products; a draft's integer products stay within the INT8 rounding of the
+    activations and give a token the same result alone as in a block of tokens."""
+    rng = np.random.default_rng(4)
+    tokens, features, rows = 9, 128, 48
+    weight = rng.standard_normal((features, rows), dtype=np.float32) * 0.1  # [K, N]
+    name = "model.layers.0.mlp.down_proj.weight.T"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", name], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", features])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, name)],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]))
+    (site,) = dense_sites(model)
+    precision = f"int{bits}"
+    config = quantize.QuantizeConfig(weights=precision, integer_products=integer_products)
+    quantize._lower_dense(model.graph, site, precision, quantize.Quantizer("rtn", {}), config, {})
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")  # as the manifest asks for a main model's INT8
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, tokens, features), dtype=np.float32)
+    block = session.run(None, {"x": x})[0]
+
+    _, _, dequantized = _quantize(weight.T, 32, bits)  # [N, K]
+    expected = x @ dequantized.T
+    if not integer_products:
+        assert np.abs(block - expected).max() <= 1e-5
+        return
+    # Each row's activations in blocks of 32, rounded to 127 levels of the block's largest magnitude.
+    rounding = np.abs(x).reshape(tokens, features // 32, 32).max(axis=-1) / 127 / 2
+    bound = (np.repeat(rounding, 32, axis=-1) @ np.abs(dequantized.T)).max()
+    assert 1e-4 < np.abs(block - expected).max() <= bound  # rounded: float products come within 1e-5
+    alone = np.concatenate([session.run(None, {"x": x[:, i : i + 1]})[0] for i in range(tokens)], axis=1)
+    assert np.array_equal(alone, block)
 
 
 def test_full_precision_build_passes_its_gate_exactly(shipped_artifact):
