@@ -136,7 +136,8 @@ def _quantize_config(context: BuildContext, source: ModelSource) -> quantize.Qua
         hot_experts=settings.hot_experts,
         activations=settings.activations, activation_range=settings.activation_range, smoothquant=settings.smoothquant,
         partition_precision=dict(enumerate(context.loaded.recipe.partition.precision or ())), kv_cache=settings.kv_cache,
-        integer_products=source is context.loaded.recipe.draft,  # the draft's numerics never reach the output
+        # The draft's numerics never reach the output; the main model's must not depend on a call's width.
+        integer_products=source is not context.loaded.recipe.main,
     )
 
 

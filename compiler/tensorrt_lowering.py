@@ -6,7 +6,8 @@ What changes, op by op:
   buffer for a single sequence) and only the S new entries go out, [B, S, kv heads, D]; the runtime appends
   them and rolls back by length. Positions are P .. P+S-1, the causal mask follows from them.
 - SimplifiedLayerNormalization -> RMSNormalization; SkipSimplifiedLayerNormalization -> Add + RMSNormalization.
-- MatMulNBits (INT4) -> DequantizeLinear of an INT4 [K, N] weight with blocks along K, then MatMul.
+- MatMulNBits (INT4, or a draft's INT8) -> DequantizeLinear of an INT4 / INT8 [K, N] weight with blocks along
+  K, then MatMul (TensorRT's weight-only kernels; the accuracy level of onnxruntime's kernel does not carry over).
 - MoE / QMoE -> every expert for every token as two MatMuls over the experts' stacked weights, with the
   routing weights (zero outside the top k) applied between them:
   y = [w_1 a_1, ..., w_E a_E] @ [W2_1; ...; W2_E] with a_e = SwiGLU(x @ W1_e). TensorRT's sparse MoE layer

@@ -94,7 +94,7 @@ class FixedDraftLength:
     def choose(self) -> int:
         return self.length
 
-    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1, step: int = 0) -> None:
+    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1, step: int = 0, alone_before: int = 0) -> None:
         pass  # nothing to learn
 
 
@@ -109,15 +109,15 @@ class AdaptiveDraftLength:
     own cost. k = 0 (main model alone) is a candidate; while it wins, a 1-token probe keeps the acceptance
     estimate current: after PROBE_EVERY idle steps, then twice as long after each probe that leaves the main
     model alone the better choice (a probe costs the draft's catch-up on every token since its last call),
-    back to PROBE_EVERY once a probe makes speculation pay. While speculation wins, REFRESH_STEPS steps in a
-    row leave the draft out after every REFRESH_EVERY, so the main model's cost alone stays measured too (it
-    is what speculation is judged against). That cost counts only after SETTLE_STEPS main-alone steps in a
-    row: right after draft calls the main model runs up to a third slower (the draft's weights took its
-    place in cache), which decoding without the draft never pays; timed there, the main model alone looks
-    slower than it is and speculation wins where it loses. The first
-    WARMUP_STEPS of a generation update the acceptance but not the costs: right after a prompt, calls run
-    slower while the weights return to cache, and those times would mislead every later generation (a cost
-    not measured otherwise takes a warm-up time until the first later one replaces it).
+    back to PROBE_EVERY once a probe makes speculation pay. While speculation wins, every REFRESH_EVERY steps
+    the draft sits out until the main model's cost alone has been timed (at most MAX_REFRESH_STEPS steps),
+    so that cost stays measured too: it is what speculation is judged against. It counts only after
+    SETTLE_STEPS main-alone steps in a row of the same sequence: right after draft calls the main model runs
+    up to a third slower (the draft's weights took its place in cache), which decoding without the draft
+    never pays; timed there, the main model alone looks slower than it is and speculation wins where it
+    loses. The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
+    prompt, calls run slower while the weights return to cache, and those times would mislead every later
+    generation (a cost not measured otherwise takes a warm-up time until the first later one replaces it).
 
     A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
     keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
@@ -128,7 +128,7 @@ class AdaptiveDraftLength:
     PROBE_EVERY = 16
     MAX_PROBE_INTERVAL = 1024
     REFRESH_EVERY = 32
-    REFRESH_STEPS = 4
+    MAX_REFRESH_STEPS = 8  # room for SETTLE_STEPS + 1 in a row in each of a few generations sharing the policy
     SETTLE_STEPS = 2
     WARMUP_STEPS = 4
 
@@ -140,7 +140,7 @@ class AdaptiveDraftLength:
         self.verify_cost: dict[int, float] = {}  # positions verified -> seconds per call
         self.idle_steps = 0
         self.busy_steps = 0
-        self.refresh_left = 0  # main-alone steps still to come in this refresh
+        self.refresh_left = 0  # main-alone steps this refresh may still take
         self._provisional: set[int | str] = set()  # costs (verify positions, "draft") measured only in warm-up steps
         self.probe_interval = self.PROBE_EVERY
         self._probing = False
@@ -154,10 +154,7 @@ class AdaptiveDraftLength:
         below = [n for n in self.verify_cost if n <= positions]
         return self.verify_cost[max(below) if below else min(self.verify_cost)]
 
-    def tokens_per_second(self, length: int) -> float:
-        return self._rates()[length]
-
-    def _rates(self) -> list[float]:
+    def rates(self) -> list[float]:
         """Expected committed tokens per second of every length 0..max_length, in one pass: the choice runs
         every step, where a millisecond-long model call leaves no room for tens of microseconds of Python."""
         a = min(self.acceptance, 0.999)
@@ -171,7 +168,7 @@ class AdaptiveDraftLength:
         return rates
 
     def _best(self) -> int:
-        rates = self._rates()
+        rates = self.rates()
         return rates.index(max(rates))
 
     def choose(self) -> int:
@@ -193,16 +190,19 @@ class AdaptiveDraftLength:
         else:
             self.busy_steps += 1
             if self.busy_steps >= self.REFRESH_EVERY:
-                self.busy_steps, self.refresh_left = 0, self.REFRESH_STEPS - 1
+                self.busy_steps, self.refresh_left = 0, self.MAX_REFRESH_STEPS - 1
                 return 0
         return best
 
-    def update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1, step: int = WARMUP_STEPS) -> None:
-        """One step's outcome; draft_backlog is how many of the sequence's tokens the draft had not read at the
-        step's start (before proposing; in a main-alone step, one more than the main-alone steps before it in
-        a row), step the step's index in its generation."""
+    def update(
+        self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int = 1, step: int = WARMUP_STEPS,
+        alone_before: int = SETTLE_STEPS,
+    ) -> None:
+        """One step's outcome; draft_backlog is how many tokens the draft had to read before proposing, step the
+        step's index in its generation, alone_before how many main-alone steps of the same sequence came right
+        before it."""
         with self._lock:
-            self._update(length, kept, draft_seconds, verify_seconds, draft_backlog, timed=step >= self.WARMUP_STEPS)
+            self._update(length, kept, draft_seconds, verify_seconds, draft_backlog, step >= self.WARMUP_STEPS, alone_before)
 
     def _measured(self, key: int | str, previous: float | None, sample: float, timed: bool) -> float:
         """The decayed average of timed samples; a warm-up sample stands in only until the first timed one."""
@@ -211,10 +211,12 @@ class AdaptiveDraftLength:
             return sample
         return self.DECAY * previous + (1 - self.DECAY) * sample if timed else previous
 
-    def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool) -> None:
+    def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool, alone_before: int) -> None:
         if length == 0:
-            settled = draft_backlog > self.SETTLE_STEPS
-            self.verify_cost[1] = self._measured(1, self.verify_cost.get(1), verify_seconds, timed and settled)
+            settled = timed and alone_before >= self.SETTLE_STEPS
+            self.verify_cost[1] = self._measured(1, self.verify_cost.get(1), verify_seconds, settled)
+            if settled:
+                self.refresh_left = 0  # the main model alone is measured: back to speculation
             return
         self.verify_cost[length + 1] = self._measured(length + 1, self.verify_cost.get(length + 1), verify_seconds, timed)
         # After idle steps the draft first reads every token since (a backlog of 1 or 2 is the usual step): not
@@ -361,18 +363,20 @@ def decode(
         if unread:
             cache.feed(unread, last=1)  # no logit of the prompt is read here: one row, the fewest a call returns
     stats.prefill_seconds = time.perf_counter() - started
+    alone = 0  # main-alone steps in a row right before this one
     while stats.new_tokens < max_new_tokens:
         room = main.capacity - len(tokens)  # the main cache must hold the unread token and the proposals
         if room < 0:
             break
         length = min(draft_length.choose(), max_new_tokens - stats.new_tokens - 1, room) if draft is not None else 0
-        backlog = len(tokens) - len(draft) if draft is not None else 0  # every cache holds a prefix of tokens (agreed_length)
+        backlog = len(tokens) - len(draft) if length > 0 else 0  # every cache holds a prefix of tokens (agreed_length)
         tick = time.perf_counter()
         proposal = propose(draft, unread_tokens(draft.ids, tokens), length, params, rng) if length > 0 else Proposal([], [])
         tock = time.perf_counter()
         kept, next_token = judge(proposal, score(main, unread_tokens(main.ids, tokens), proposal), params, rng)
         verified = time.perf_counter()
-        draft_length.update(length, kept, tock - tick, verified - tock, backlog, stats.verify_calls)
+        draft_length.update(length, kept, tock - tick, verified - tock, backlog, stats.verify_calls, alone)
+        alone = alone + 1 if length == 0 else 0
         stats.draft_seconds += tock - tick
         stats.verify_seconds += verified - tock
         stats.verify_calls += 1
@@ -416,13 +420,14 @@ def decode_batch(
     histories = [list(prompt) for prompt in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     active = set(range(len(prompts)))
+    alone = [0] * len(prompts)  # each row's main-alone steps in a row right before this one
     step = 0  # of this batch, for the policy's warm-up
     while active:
         chosen = draft_length.choose() if draft is not None else 0
         lengths = {row: min(chosen, max_new_tokens - len(outputs[row]) - 1) for row in sorted(active)}
         proposing = {row: length for row, length in lengths.items() if length > 0}
         # Every row's caches hold a prefix of its history (agreed_length): what they have not read is its tail.
-        backlogs = {row: len(histories[row]) - len(draft.ids[row]) for row in lengths} if draft is not None else {}
+        backlogs = {row: len(histories[row]) - len(draft.ids[row]) for row in proposing}
         tick = time.perf_counter()
         catch_up = {row: unread_tokens(draft.ids[row], histories[row]) for row in proposing}
         proposals = propose_batch(draft, catch_up, proposing, params, rngs) if proposing else {}
@@ -434,7 +439,8 @@ def decode_batch(
         for row, length in lengths.items():
             proposal, row_draft_seconds = proposals[row], draft_seconds if length else 0.0
             kept, next_token = judge(proposal, targets[row], params, rngs[row])
-            draft_length.update(length, kept, row_draft_seconds, verify_seconds, backlogs.get(row, 1), step)
+            draft_length.update(length, kept, row_draft_seconds, verify_seconds, backlogs.get(row, 1), step, alone[row])
+            alone[row] = alone[row] + 1 if length == 0 else 0
             stats.draft_seconds += row_draft_seconds
             stats.verify_seconds += verify_seconds
             stats.verify_calls += 1

@@ -195,8 +195,7 @@ def _policy(acceptance: float, draft_cost: float, verify_cost) -> AdaptiveDraftL
     for _ in range(200):
         for length in range(9):
             kept = sum(1 for _ in range(length))  # every proposal accepted ...
-            backlog = AdaptiveDraftLength.SETTLE_STEPS + 1 if length == 0 else 1  # main-alone steps timed once settled
-            policy.update(length, kept, draft_cost * length, verify_cost(length + 1), backlog)
+            policy.update(length, kept, draft_cost * length, verify_cost(length + 1))
     policy.accepted, policy.rejected = 1000 * acceptance, 1000 * (1 - acceptance)  # ... then the rate we want
     return policy
 
@@ -206,8 +205,10 @@ def test_adaptive_draft_length_follows_acceptance_and_costs():
     assert _policy(0.1, 0.5, lambda n: n).choose() == 0  # poor draft, verify cost grows: main model alone
     middle = _policy(0.8, 0.2, lambda n: 1.0 + 0.5 * n).choose()
     assert 1 <= middle < 8
-    rates = [_policy(0.8, 0.2, lambda n: 1.0 + 0.5 * n).tokens_per_second(k) for k in range(9)]
+    rates = _policy(0.8, 0.2, lambda n: 1.0 + 0.5 * n).rates()
     assert rates[middle] == max(rates)
+    acceptance, draft, verify = 0.8, 0.2, lambda n: 1.0 + 0.5 * n
+    assert rates == pytest.approx([(1 - acceptance ** (k + 1)) / (1 - acceptance) / (k * draft + verify(k + 1)) for k in range(9)], rel=1e-2)
 
 
 def test_adaptive_draft_length_probes_while_the_draft_sits_idle_and_backs_off():
@@ -234,12 +235,16 @@ def test_a_probe_that_makes_speculation_pay_ends_the_idle_spell():
     assert policy.probe_interval == AdaptiveDraftLength.PROBE_EVERY and policy.choose() == 1
 
 
-def test_while_speculation_pays_a_few_steps_in_a_while_measure_the_main_model_alone():
+def test_while_speculation_pays_the_draft_sits_out_now_and_then_until_the_main_model_alone_is_timed():
     policy = _policy(0.9, 0.1, lambda n: 1.0)
-    every, steps = AdaptiveDraftLength.REFRESH_EVERY, AdaptiveDraftLength.REFRESH_STEPS
-    assert steps > AdaptiveDraftLength.SETTLE_STEPS  # a refresh reaches a settled, timed step
-    choices = [policy.choose() for _ in range(2 * (every - 1 + steps))]
-    assert choices == ([8] * (every - 1) + [0] * steps) * 2
+    every, most, settle = AdaptiveDraftLength.REFRESH_EVERY, AdaptiveDraftLength.MAX_REFRESH_STEPS, AdaptiveDraftLength.SETTLE_STEPS
+    choices = [policy.choose() for _ in range(2 * (every - 1 + most))]  # no step timed: each refresh runs its course
+    assert choices == ([8] * (every - 1) + [0] * most) * 2
+    choices = [policy.choose() for _ in range(every)]
+    assert choices == [8] * (every - 1) + [0]
+    for alone_before in range(settle + 1):  # the refresh's steps, timed: it ends at the first settled one
+        policy.update(0, 0, 0.0, 1.0, alone_before=alone_before)
+        assert policy.choose() == (8 if alone_before == settle else 0)
 
 
 def test_the_main_model_alone_is_timed_only_once_the_draft_has_been_out_for_a_few_steps():
@@ -247,11 +252,53 @@ def test_the_main_model_alone_is_timed_only_once_the_draft_has_been_out_for_a_fe
     make the main model alone look slower than it is."""
     policy = _policy(0.5, 0.1, lambda n: 1.0)
     settle = AdaptiveDraftLength.SETTLE_STEPS
-    for backlog in range(1, settle + 1):  # the first main-alone steps after a speculative one
-        policy.update(0, 0, 0.0, 5.0, draft_backlog=backlog)
+    for alone_before in range(settle):  # the first main-alone steps after a speculative one
+        policy.update(0, 0, 0.0, 5.0, alone_before=alone_before)
     assert policy.verify_cost[1] == 1.0
-    policy.update(0, 0, 0.0, 5.0, draft_backlog=settle + 1)
+    policy.update(0, 0, 0.0, 5.0, alone_before=settle)
     assert policy.verify_cost[1] == pytest.approx(1.4)
+
+
+class _Recording(_ScriptedLength):
+    """Scripted lengths that record what each step reports: (length, main-alone steps before it)."""
+
+    def __init__(self, lengths):
+        super().__init__(lengths)
+        self.reported = []
+
+    def update(self, length, kept, draft_seconds, verify_seconds, draft_backlog=1, step=0, alone_before=0):
+        self.reported.append((length, alone_before))
+
+
+def _alone_counts(lengths):
+    """Main-alone steps in a row before each step of `lengths`."""
+    counts, alone = [], 0
+    for length in lengths:
+        counts.append(alone)
+        alone = alone + 1 if length == 0 else 0
+    return counts
+
+
+def test_decoding_loops_report_the_main_alone_steps_before_each_step(tiny_artifact):
+    """Whatever the draft's backlog after a step (1, or 2 after a block accepted whole), a main-alone step is
+    judged by how many main-alone steps of its own sequence came right before it."""
+    generator = runtime.load(tiny_artifact)
+    ids = generator.encode(PROMPTS[0])
+    policy = _Recording([3, 0, 0, 0, 2, 0])
+    for main, draft in ((generator.main, generator.draft), (generator.main, generator.main)):  # the main model as draft accepts whole blocks
+        policy.reported.clear()
+        list(decode(main.new_cache(), draft.new_cache(), ids, NEW_TOKENS, policy, SamplingParams(), set(), GenerationStats()))
+        lengths = [length for length, _ in policy.reported]
+        assert [alone for _, alone in policy.reported] == _alone_counts(lengths) and lengths.count(0) >= 3
+    policy = _Recording([0, 2, 0, 0])
+    prompts = [generator.encode(PROMPTS[1]), generator.encode(PROMPTS[2])]
+    # The main model as draft: both rows commit alike and finish together, so each step reports row 0, then row 1.
+    main, draft = BatchKvCache(generator.main, 2, 128), BatchKvCache(generator.main, 2, 128)
+    outputs = decode_batch(main, draft, prompts, 10, policy, SamplingParams(), [np.random.default_rng(0)] * 2, set(), GenerationStats())
+    assert len(policy.reported) % 2 == 0 and [len(row) for row in outputs] == [10, 10]
+    for row in range(2):
+        reported = policy.reported[row::2]
+        assert [alone for _, alone in reported] == _alone_counts([length for length, _ in reported])
 
 
 def test_a_generations_first_steps_update_acceptance_but_not_costs():
