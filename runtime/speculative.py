@@ -150,19 +150,22 @@ class AdaptiveDraftLength:
     def acceptance(self) -> float:
         return (self.accepted + 1) / (self.accepted + self.rejected + 2)  # Laplace prior: 0.5 before any step
 
-    def _verify_seconds(self, positions: int) -> float:
-        below = [n for n in self.verify_cost if n <= positions]
-        return self.verify_cost[max(below) if below else min(self.verify_cost)]
+    def _verify_costs(self) -> list[float]:
+        """Seconds per verify call over 1 .. max_length + 1 positions: a number of positions never measured
+        costs what the nearest measured one below it does (the fewest measured, if none is below)."""
+        cost, costs = self.verify_cost[min(self.verify_cost)], []
+        for positions in range(1, self.max_length + 2):
+            cost = self.verify_cost.get(positions, cost)
+            costs.append(cost)
+        return costs
 
     def rates(self) -> list[float]:
         """Expected committed tokens per second of every length 0..max_length, in one pass: the choice runs
         every step, where a millisecond-long model call leaves no room for tens of microseconds of Python."""
         a = min(self.acceptance, 0.999)
         draft = self.draft_cost or 0.0
-        verify = self._verify_seconds(1)
         rates, committed, power = [], 1.0, a  # committed = E(k) = 1 + a + ... + a^k; power = a^(k+1)
-        for length in range(self.max_length + 1):
-            verify = self.verify_cost.get(length + 1, verify)  # unmeasured: as cheap as the nearest measured below
+        for length, verify in enumerate(self._verify_costs()):
             rates.append(committed / (length * draft + verify))
             committed, power = committed + power, power * a
         return rates

@@ -325,7 +325,7 @@ def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
     assert policy.choose() == 4  # nothing measured: measure the longest first
     policy.update(4, 4, 0.4, 1.0)
     policy.update(0, 0, 0.0, 1.0)
-    assert policy._verify_seconds(3) == 1.0  # unmeasured 3 positions: as cheap as the nearest below
+    assert policy._verify_costs()[2] == 1.0  # unmeasured 3 positions: as cheap as the nearest below
     policy.update(4, 0, 0.4, 50.0)  # the long verify turns out costly
     assert policy.choose() < 4
 
