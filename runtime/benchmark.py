@@ -183,5 +183,18 @@ def read_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> floa
     return best
 
 
+def wait_until_idle(window: float = 0.02, busy_share: float = 0.1, timeout: float = 2.0) -> None:
+    """Return once this process's threads have stopped running (or after `timeout` seconds). Thread pools spin
+    a while after their last call (ONNX Runtime's default pool about 70 ms on this machine, PyTorch's about 10 ms;
+    ours 0.1 ms), and a pool left spinning takes a core from whatever is timed next: a benchmark of two
+    runtimes in one process waits for this before timing either."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        before = time.process_time()
+        time.sleep(window)
+        if time.process_time() - before < busy_share * window:
+            return
+
+
 def as_json(result: CaseResult) -> dict:
     return asdict(result)

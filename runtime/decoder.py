@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -105,9 +106,12 @@ class KvState:
         shape = (batch, entry.num_kv_heads, capacity, entry.head_dim)
         # The bindings point into these OrtValues (which share the arrays' memory): they live as long as the cache.
         self.kv = {names: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=KV_DTYPES[entry.kv_precision])) for names in kv_names(entry.num_layers)}
-        self._seqlens_k, self._total, self._query_seqlens = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32), np.zeros(batch, dtype=np.int32)
-        arrays = {"seqlens_k": self._seqlens_k, "total_sequence_length": self._total, "query_seqlens": self._query_seqlens}
+        seqlens_k, total, query_seqlens = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32), np.zeros(batch, dtype=np.int32)
+        arrays = {"seqlens_k": seqlens_k, "total_sequence_length": total, "query_seqlens": query_seqlens}
         self.lengths = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        # Written through memoryviews: a decode step's few integers, where a numpy call per write would cost
+        # microseconds each (the model's call leaves numpy's code and data out of cache).
+        self._seqlens_k, self._total, self._query_seqlens = memoryview(seqlens_k), memoryview(total.reshape(1)), memoryview(query_seqlens)
 
     def bind(self, binding: ort.IOBinding, inputs: set[str]) -> None:
         """Bind the buffers and lengths a session with these inputs reads."""
@@ -128,7 +132,7 @@ class KvState:
                 raise ValueError(f"row {row} has neither cached nor new tokens; fill every row (prefill) before feeding some")
             self._seqlens_k[row] = length + count - 1  # a row with nothing new keeps its length
             self._query_seqlens[row] = count
-        self._total[...] = max(length + count for length, count in zip(cached, new))
+        self._total[0] = max(length + count for length, count in zip(cached, new))
 
 
 def check_last(new: list[int], last: list[int]) -> None:
@@ -170,6 +174,7 @@ class BoundBuffers:
         self.state.bind(self.binding, {value.name for value in decoder.session.get_inputs()})
         self._values = []  # keeps the bound OrtValues alive as long as the binding uses them
         self._ids = np.zeros(batch * SMALL_CALL, dtype=np.int64)
+        self._ids_memory = memoryview(self._ids).cast("B").cast("q")  # a decode step writes its token here without a numpy call
         self._positions = np.zeros(batch * SMALL_CALL, dtype=np.int64)
         self._logits = np.zeros(0, dtype=np.float32)  # batch * SMALL_CALL * vocabulary, on the first small call
         self._views: dict[tuple[str, int], tuple[np.ndarray, ort.OrtValue]] = {}  # (name, S or N) -> its view
@@ -198,24 +203,27 @@ class BoundBuffers:
             self._bound[name] = size
         return view
 
-    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int], last: list[int]) -> np.ndarray:
-        """One call: each row's `new` tokens in input_ids [B,S] (right-padded) after its `cached` ones; returns
-        the logits [B,N,V] at each row's last[row] last new tokens, N = max(last) or 1 (the caller's to keep;
-        a row's positions beyond its own last[row] hold nothing it asked for)."""
+    def run(self, rows: list[list[int]], cached: list[int], last: list[int]) -> np.ndarray:
+        """One call: each row's new tokens after its `cached` ones, right-padded to the longest row; returns the
+        logits [B,N,V] at each row's last[row] last new tokens, N = max(last) or 1 (the caller's to keep; a row's
+        positions beyond its own last[row] hold nothing it asked for)."""
+        new = [len(tokens) for tokens in rows]
         check_last(new, last)
-        width, kept = input_ids.shape[1], max(max(last), 1)
+        width, kept = max(new), max(max(last), 1)
         self.state.set_lengths(cached, new, width)
         if width <= SMALL_CALL:
-            self._bound_view("input_ids", width)[:] = input_ids
+            self._bound_view("input_ids", width)
+            for row, tokens in enumerate(rows):  # into the flat buffer, as the [B, width] view lays it out
+                self._ids_memory[row * width : (row + 1) * width] = array("q", tokens + [0] * (width - len(tokens)))
             positions = self._bound_view(POSITIONS_INPUT, kept)
             if self._filled != (kept, new, last):
                 fill_positions(positions[..., 0], new, last)
-                self._filled = (kept, list(new), list(last))
+                self._filled = (kept, new, list(last))
             logits = self._bound_view("logits", kept)
             self.decoder.session.run_with_iobinding(self.binding)
             return logits.copy()  # the buffer is refilled by the next call
-        for name, array in (("input_ids", input_ids), (POSITIONS_INPUT, positions_input(new, last))):  # a prompt: arrays of its own
-            self.binding.bind_cpu_input(name, array)
+        for name, values in (("input_ids", right_padded(rows, width)), (POSITIONS_INPUT, positions_input(new, last))):  # a prompt: arrays of its own
+            self.binding.bind_cpu_input(name, values)
             self._bound[name] = -1
         self.binding.bind_output("logits", "cpu")
         self._bound["logits"] = -1
@@ -275,7 +283,7 @@ class KvCache(TokenLedger):
         """Run the new tokens through the model after the cached ones; returns the logits [last, V] after the
         `last` last of them (all by default)."""
         last = len(tokens) if last is None else last
-        logits = self.buffers.run(np.asarray([tokens], dtype=np.int64), [len(self.ids)], [len(tokens)], [last])
+        logits = self.buffers.run([tokens], [len(self.ids)], [last])
         self.ids.extend(tokens)
         return logits[0, :last]
 
@@ -298,7 +306,7 @@ class BatchKvCache:
         """Read every row's prompt into an empty cache; returns the logits after each prompt [B, V]."""
         if any(self.ids) or len(prompts) != len(self.ids) or not all(prompts):
             raise ValueError("prefill needs an empty cache and one non-empty prompt per row")
-        logits = self.buffers.run(_right_padded(prompts), [0] * len(prompts), [len(prompt) for prompt in prompts], [1] * len(prompts))
+        logits = self.buffers.run(prompts, [0] * len(prompts), [1] * len(prompts))
         self.ids = [list(prompt) for prompt in prompts]
         return logits[:, 0]
 
@@ -327,7 +335,7 @@ class BatchKvCache:
             chunk = [remaining.get(row, [])[:width] for row in range(len(self.ids))]
             # A row's positions in this call that are among its `wanted` last tokens.
             kept = [max(0, len(chunk[row]) - len(remaining[row]) + wanted[row]) if row in remaining else 0 for row in range(len(self.ids))]
-            logits = self.buffers.run(_right_padded(chunk, width), cached, [len(tokens) for tokens in chunk], kept)
+            logits = self.buffers.run(chunk, cached, kept)
             for row in list(remaining):
                 self.ids[row].extend(chunk[row])
                 produced[row].append(logits[row, : kept[row]])
@@ -338,9 +346,9 @@ class BatchKvCache:
         return {row: np.concatenate(parts) for row, parts in produced.items() if parts}
 
 
-def _right_padded(rows: list[list[int]], width: int | None = None) -> np.ndarray:
-    """Token rows as one [B, width] array, each row's tokens first (width: the longest row by default)."""
-    input_ids = np.zeros((len(rows), width or max(len(tokens) for tokens in rows)), dtype=np.int64)
+def right_padded(rows: list[list[int]], width: int) -> np.ndarray:
+    """Token rows as one [B, width] array, each row's tokens first."""
+    input_ids = np.zeros((len(rows), width), dtype=np.int64)
     for row, tokens in enumerate(rows):
         input_ids[row, : len(tokens)] = tokens
     return input_ids

@@ -29,7 +29,7 @@ import onnx.utils
 import onnxruntime as ort
 
 from runtime.artifact import ExpertLayer, ModelEntry
-from runtime.decoder import POSITIONS_INPUT, KvCache, KvState, check_external_data, check_inputs, check_last, positions_input, session_options
+from runtime.decoder import POSITIONS_INPUT, KvCache, KvState, check_external_data, check_inputs, check_last, positions_input, right_padded, session_options
 from runtime.errors import ArtifactError
 
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
@@ -214,10 +214,12 @@ class SegmentBuffers:
             self.state.bind(binding, set(segment.inputs))
             self.bindings.append(binding)
 
-    def run(self, input_ids: np.ndarray, cached: list[int], new: list[int], last: list[int]) -> np.ndarray:
-        """One call through every segment and partition: each row's `new` tokens in input_ids [B,S] (right-padded)
-        after its `cached` ones; returns the logits [B,N,V] at each row's last[row] last new tokens (as BoundBuffers.run)."""
+    def run(self, rows: list[list[int]], cached: list[int], last: list[int]) -> np.ndarray:
+        """One call through every segment and partition: each row's new tokens after its `cached` ones; returns
+        the logits [B,N,V] at each row's last[row] last new tokens (as BoundBuffers.run)."""
+        new = [len(tokens) for tokens in rows]
         check_last(new, last)
+        input_ids = right_padded(rows, max(new))
         self.state.set_lengths(cached, new, input_ids.shape[1])
         real = (np.arange(input_ids.shape[1]) < np.asarray(new)[:, None]).reshape(-1)  # token rows [B*S] of the MoE layers
         values = {"input_ids": input_ids, POSITIONS_INPUT: positions_input(new, last)}

@@ -313,9 +313,9 @@ def judge(proposal: Proposal, logits: np.ndarray, params: SamplingParams, rng: n
     the argmaxes agree, then the main model's argmax) without building a distribution over the vocabulary for
     every position."""
     if params.greedy:
-        best = logits.argmax(axis=-1)
+        best = logits.argmax(axis=-1).tolist()  # Python ints: compared without a numpy call each
         kept = next((i for i, token in enumerate(proposal.tokens) if token != best[i]), len(proposal.tokens))
-        return kept, int(best[kept])
+        return kept, best[kept]
     return accept(proposal, [distribution(row, params) for row in logits], rng)
 
 

@@ -7,7 +7,8 @@
 Prints one table and writes JSON. Decode figures are tokens/s over held-out prompts with the
 end-of-text token ignored, so every run produces the same number of tokens. Ratios are what matter on
 a shared machine: both sides run in this process on the same threads, in alternating rounds after a
-warm-up round, and each ratio is the median of the rounds' own ratios.
+warm-up round, each side starting once the other's threads have gone idle, and each ratio is the median
+of the rounds' own ratios.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import runtime
 from compiler import corpus
 from compiler.pipeline import with_generated_weights
 from compiler.recipe import load_recipe
+from runtime.benchmark import wait_until_idle
 from runtime.evaluate import perplexity
 from runtime.speculative import GenerationStats
 
@@ -36,6 +38,7 @@ def ours(generator, prompts, new_tokens, sampling=None, **options):
     """Aggregate stats over prompts: total tokens / total seconds, acceptance over all proposals."""
     total = GenerationStats()
     outputs = []
+    wait_until_idle()  # PyTorch's threads spin a while after its last call
     for ids in prompts:
         stats = GenerationStats()
         steps = generator.stream_ids(ids, max_new_tokens=new_tokens, stats=stats, stop_tokens=set(), sampling=sampling, **options)
@@ -49,6 +52,7 @@ def ours(generator, prompts, new_tokens, sampling=None, **options):
 def theirs(model, prompts, new_tokens, assistant=None):
     tokens = seconds = 0.0
     outputs = []
+    wait_until_idle()
     for ids in prompts:
         inputs = torch.tensor([ids])
         started = time.perf_counter()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 
 from compiler.architectures import expected_tensors
 from compiler.checkpoint import Checkpoint
 from runtime.artifact import ModelEntry
-from runtime.benchmark import active_weight_bytes, kv_bytes_per_token, read_bandwidth
+from runtime.benchmark import active_weight_bytes, kv_bytes_per_token, read_bandwidth, wait_until_idle
 
 
 def test_active_weight_bytes_count_top_k_experts_and_no_tables(tiny_pair, tiny_artifact):
@@ -34,3 +37,21 @@ def test_kv_bytes_follow_the_cache_precision():
     full = kv_bytes_per_token(entry, 128, 65)
     assert full == 4 * 2 * 2 * 64 * 4 * (128 + 32)  # layers, keys and values, KV heads, head size, fp32 bytes, mean context
     assert kv_bytes_per_token(entry.model_copy(update={"kv_cache": "int8"}), 128, 65) * 4 == full
+
+
+def test_wait_until_idle_outlasts_a_spinning_thread():
+    """A peer runtime's thread pool spinning after its last call must not overlap the next side's timing."""
+    stop = time.perf_counter() + 0.2
+
+    def spin() -> None:
+        while time.perf_counter() < stop:
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    wait_until_idle()
+    assert time.perf_counter() >= stop
+    spinner.join()
+    started = time.perf_counter()
+    wait_until_idle()
+    assert time.perf_counter() - started < 0.15  # nothing running: one window of 20 ms

@@ -43,9 +43,9 @@ def _counting_calls(batch: BatchKvCache) -> list[int]:
     """Wrap the cache's model calls; the list receives each call's width."""
     widths, run = [], batch.buffers.run
 
-    def counted(input_ids, cached, new, last):
-        widths.append(input_ids.shape[1])
-        return run(input_ids, cached, new, last)
+    def counted(rows, cached, last):
+        widths.append(max(len(tokens) for tokens in rows))
+        return run(rows, cached, last)
 
     batch.buffers.run = counted
     return widths
