@@ -280,6 +280,7 @@ def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
         draft_length=args.draft_length,
         speculative=not args.no_speculative,
         sampling=sampling,
+        proposer=args.proposer,
     )
     pieces = []
     if not args.json:
@@ -292,7 +293,8 @@ def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
     if not args.json:
         out.print()
         setting = args.draft_length or generator.manifest.generation.draft_length
-        mode = f"speculative, draft length {setting} (mean {stats['mean_draft_length']:.1f})" if not args.no_speculative else "main model only"
+        proposals = "prompt lookup" if args.proposer == "prompt-lookup" else "draft model"
+        mode = f"speculative ({proposals}), draft length {setting} (mean {stats['mean_draft_length']:.1f})" if not args.no_speculative else "main model only"
         err.print(
             f"[dim]{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_second']:.1f} tokens/s ({mode}); "
             f"acceptance {stats['acceptance_rate']:.2f}, mean accepted length {stats['mean_accepted_length']:.2f}, "
@@ -472,6 +474,10 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=None)
     generate.add_argument("--draft-length", type=_draft_length, default=None, help="draft tokens per verify call, or auto (default: the recipe's)")
     generate.add_argument("--no-speculative", action="store_true", help="decode with the main model alone")
+    generate.add_argument(
+        "--proposer", choices=runtime.PROPOSERS, default="draft",
+        help="who proposes: the draft model, or prompt-lookup (tokens copied from the prompt and the text so far; no draft model runs)",
+    )
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--top-p", type=float, default=1.0)

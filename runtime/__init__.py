@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from runtime.errors import ArtifactError, MoeccError
-from runtime.generator import Generation, Generator, Stream
+from runtime.generator import PROPOSERS, Generation, Generator, Stream
 from runtime.sampling import SamplingParams
 from runtime.speculative import GenerationStats
 
-__all__ = ["load", "TARGETS", "PLACEMENTS", "Generator", "Generation", "Stream", "SamplingParams", "GenerationStats", "MoeccError", "ArtifactError"]
+__all__ = ["load", "TARGETS", "PLACEMENTS", "PROPOSERS", "Generator", "Generation", "Stream", "SamplingParams", "GenerationStats", "MoeccError", "ArtifactError"]
 
 TARGETS = ("cpu", "tensorrt")
 PLACEMENTS = ("single", "expert-parallel")

@@ -24,9 +24,10 @@ from runtime.speculative import AdaptiveDraftLength, GenerationStats
 
 @dataclass(frozen=True)
 class Mode:
-    name: str  # "main only", "speculative k=4", "speculative auto"
+    name: str  # "main only", "speculative k=4", "speculative auto", "prompt lookup auto"
     speculative: bool
     draft_length: int | str | None = None
+    proposer: str = "draft"
 
 
 @dataclass
@@ -60,7 +61,7 @@ def modes_for(generator: Generator, draft_length: int) -> list[Mode]:
     modes = [Mode("main only", speculative=False)]
     if generator.draft is not None:
         modes += [Mode(f"speculative k={draft_length}", True, draft_length), Mode("speculative auto", True, "auto")]
-    return modes
+    return modes + [Mode("prompt lookup auto", True, "auto", "prompt-lookup")]
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Case:
 
 def _generate(generator: Generator, case: Case, new_tokens: int) -> GenerationStats:
     """One generation of exactly `new_tokens` per prompt (end-of-text ignored)."""
-    options = {"draft_length": case.mode.draft_length} if case.mode.speculative else {}
+    options = {"draft_length": case.mode.draft_length, "proposer": case.mode.proposer} if case.mode.speculative else {}
     if len(case.prompts) == 1:
         stats = GenerationStats()
         for _ in generator.stream_ids(list(case.prompts[0]), max_new_tokens=new_tokens, speculative=case.mode.speculative, stats=stats, stop_tokens=set(), **options):
@@ -90,18 +91,18 @@ def run_cases(generator: Generator, cases: list[Case], new_tokens: int, runs: in
     a fresh one every call anyway)."""
     records: list[list[GenerationStats]] = [[] for _ in cases]
     policies = [AdaptiveDraftLength(generator.manifest.generation.max_draft_length) for _ in cases]
-    shared = generator.adaptive_draft_length
+    shared = generator.adaptive_draft_length, generator.adaptive_lookup_length
     try:
         for round_index in range(runs + 1):
             for case, record, policy in zip(cases, records, policies):
                 if progress:
                     progress(round_index, case)
-                generator.adaptive_draft_length = policy
+                generator.adaptive_draft_length = generator.adaptive_lookup_length = policy  # a case runs one proposer
                 stats = _generate(generator, case, new_tokens)
                 if round_index:
                     record.append(stats)
     finally:
-        generator.adaptive_draft_length = shared
+        generator.adaptive_draft_length, generator.adaptive_lookup_length = shared
     return [_summary(case, record, new_tokens, runs) for case, record in zip(cases, records)]
 
 

@@ -13,7 +13,19 @@ from runtime.artifact import Manifest, verify_artifact
 from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
 from runtime.sampling import SamplingParams
-from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode, decode_batch
+from runtime.speculative import (
+    AdaptiveDraftLength,
+    BatchDraft,
+    BatchLookupDraft,
+    BatchModelDraft,
+    Draft,
+    FixedDraftLength,
+    GenerationStats,
+    LookupDraft,
+    ModelDraft,
+    decode,
+    decode_batch,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,8 @@ class Stream:
 
 
 SEEDED_DRAFT_LENGTH = 4  # what "auto" means for seeded sampling, which must repeat itself
+Proposer = Literal["draft", "prompt-lookup"]  # the draft model, or tokens copied from the sequence (runtime.prompt_lookup)
+PROPOSERS: tuple[str, ...] = ("draft", "prompt-lookup")
 
 
 class Generator:
@@ -63,7 +77,9 @@ class Generator:
         self.tokenizer = Tokenizer.from_file(str(self.path / self.manifest.tokenizer))
         eos = self.manifest.generation.eos_token_id
         self.stop_tokens = {eos} if eos is not None else set()
-        self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)  # shared by all generations
+        # Shared by all generations of a proposer: what one learned the next starts from.
+        self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)
+        self.adaptive_lookup_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)
 
     def _decoder(self, role: str, threads: int | None):
         entry = self.manifest.models[role]
@@ -77,12 +93,14 @@ class Generator:
             return ExpertParallelDecoder(self.path, entry, set(self.manifest.files), threads)
         return Decoder(self.path, entry, set(self.manifest.files), threads)
 
-    def _draft_policy(self, draft_length: int | str, sampling: SamplingParams) -> FixedDraftLength | AdaptiveDraftLength:
+    def _draft_policy(self, draft_length: int | str, sampling: SamplingParams, proposer: Proposer) -> FixedDraftLength | AdaptiveDraftLength:
+        if proposer not in PROPOSERS:
+            raise MoeccError(f"proposer must be one of {', '.join(PROPOSERS)}, not {proposer!r}")
         if draft_length == "auto":
             if sampling.temperature > 0 and sampling.seed is not None:
                 # Which tokens a seed draws depends on the draft lengths; measured timings would make them vary.
                 return FixedDraftLength(min(SEEDED_DRAFT_LENGTH, self.manifest.generation.max_draft_length))
-            return self.adaptive_draft_length
+            return self.adaptive_lookup_length if proposer == "prompt-lookup" else self.adaptive_draft_length
         if not isinstance(draft_length, int) or isinstance(draft_length, bool) or draft_length < 1:
             raise MoeccError(f"draft_length must be a positive integer or 'auto', not {draft_length!r}")
         return FixedDraftLength(draft_length)
@@ -102,26 +120,33 @@ class Generator:
         sampling: SamplingParams | None = None,
         stats: GenerationStats | None = None,
         stop_tokens: set[int] | None = None,
+        proposer: Proposer = "draft",
     ) -> Iterator[list[int]]:
         """The token-level loop: yields the tokens committed at each step.
 
-        draft_length "auto" adapts the number of proposals per step to measured acceptance and costs; seeded
-        sampling uses a fixed SEEDED_DRAFT_LENGTH instead, so that the same seed gives the same tokens.
-        stop_tokens defaults to the artifact's end-of-text token; pass an empty set to ignore it.
+        proposer "draft" proposes with the artifact's draft model (none: the main model alone), "prompt-lookup"
+        copies tokens from the sequence itself (no draft model runs). draft_length "auto" adapts the number of
+        proposals per step to measured acceptance and costs; seeded sampling uses a fixed SEEDED_DRAFT_LENGTH
+        instead, so that the same seed gives the same tokens. stop_tokens defaults to the artifact's end-of-text
+        token; pass an empty set to ignore it.
         """
         defaults = self.manifest.generation
         sampling = sampling or SamplingParams(temperature=defaults.temperature)
-        use_draft = speculative and self.draft is not None
+        policy = self._draft_policy(draft_length or defaults.draft_length, sampling, proposer)
         main_cache = self.main.new_cache()
-        draft_cache = self.draft.new_cache() if use_draft else None
         if len(prompt_ids) > main_cache.capacity:
             raise MoeccError(f"prompt of {len(prompt_ids)} tokens exceeds the maximum sequence length {main_cache.capacity}")
+        draft: Draft | None = None
+        if speculative and proposer == "prompt-lookup":
+            draft = LookupDraft(self.main.entry.vocab_size)
+        elif speculative and self.draft is not None:
+            draft = ModelDraft(self.draft.new_cache())
         return decode(
             main_cache,
-            draft_cache,
+            draft,
             prompt_ids,
             max_new_tokens or defaults.max_new_tokens,
-            self._draft_policy(draft_length or defaults.draft_length, sampling),
+            policy,
             sampling,
             self.stop_tokens if stop_tokens is None else stop_tokens,
             stats if stats is not None else GenerationStats(),
@@ -144,10 +169,11 @@ class Generator:
         stop_tokens: set[int] | None = None,
         speculative: bool = True,
         draft_length: int | Literal["auto"] | None = None,
+        proposer: Proposer = "draft",
     ) -> list[Generation]:
         """Several prompts of different lengths decoded together, each to its own stop."""
         rows, stats = self.generate_batch_ids(
-            [self.encode(prompt) for prompt in prompts], max_new_tokens, sampling, stop_tokens, speculative, draft_length
+            [self.encode(prompt) for prompt in prompts], max_new_tokens, sampling, stop_tokens, speculative, draft_length, proposer
         )
         return [Generation(self.tokenizer.decode(row), row, stats) for row in rows]
 
@@ -159,6 +185,7 @@ class Generator:
         stop_tokens: set[int] | None = None,
         speculative: bool = True,
         draft_length: int | Literal["auto"] | None = None,
+        proposer: Proposer = "draft",
     ) -> tuple[list[list[int]], GenerationStats]:
         """The token-level batch: each row's new tokens, and the stats of the whole batch.
 
@@ -177,12 +204,16 @@ class Generator:
         if needed > self.main.entry.max_sequence_length:
             raise MoeccError(f"prompt and new tokens need {needed} positions; the maximum sequence length is {self.main.entry.max_sequence_length}")
         rngs = [np.random.default_rng(None if sampling.seed is None else [sampling.seed, row]) for row in range(len(prompt_ids))]
-        policy = self._draft_policy(draft_length or defaults.draft_length, sampling)
-        if policy is self.adaptive_draft_length:  # a batch's costs would mislead single-sequence generation
+        policy = self._draft_policy(draft_length or defaults.draft_length, sampling, proposer)
+        if isinstance(policy, AdaptiveDraftLength):  # a batch's costs would mislead single-sequence generation
             policy = AdaptiveDraftLength(defaults.max_draft_length)
         # Room for a whole verify block after the longest row, so that calls near the end stay one call wide.
         capacity = min(needed + policy.max_length + 1, self.main.entry.max_sequence_length)
         main = BatchKvCache(self.main, len(prompt_ids), capacity)
-        draft = BatchKvCache(self.draft, len(prompt_ids), capacity) if speculative and self.draft is not None else None
+        draft: BatchDraft | None = None
+        if speculative and proposer == "prompt-lookup":
+            draft = BatchLookupDraft(self.main.entry.vocab_size, len(prompt_ids))
+        elif speculative and self.draft is not None:
+            draft = BatchModelDraft(BatchKvCache(self.draft, len(prompt_ids), capacity))
         stats = GenerationStats()
         return decode_batch(main, draft, prompt_ids, limit, policy, sampling, rngs, stops, stats), stats

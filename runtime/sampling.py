@@ -27,6 +27,13 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def one_hot(token: int, size: int) -> np.ndarray:
+    """The distribution [size] float64 that draws `token` for certain."""
+    probs = np.zeros(size, dtype=np.float64)
+    probs[token] = 1.0
+    return probs
+
+
 def distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The distribution one would sample from, [V] float64. Greedy is the one-hot of the argmax.
 
@@ -34,9 +41,7 @@ def distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     rejection sampling over one-hot distributions is exactly "accept while the argmaxes agree".
     """
     if params.greedy:
-        probs = np.zeros(logits.shape[-1], dtype=np.float64)
-        probs[int(np.argmax(logits))] = 1.0
-        return probs
+        return one_hot(int(np.argmax(logits)), logits.shape[-1])
     scaled = logits.astype(np.float64) / params.temperature
     if params.top_k and params.top_k < scaled.size:
         kth = np.partition(scaled, -params.top_k)[-params.top_k]

@@ -1,5 +1,6 @@
 """Speculative decoding in three verbs: the draft proposes, the main model scores, the acceptance rule commits.
 
+The draft is a draft model (ModelDraft) or the sequence itself (LookupDraft: prompt lookup, no model run).
 Main-only decoding is the same loop with no proposals: the main model scores one position per call.
 """
 
@@ -13,7 +14,8 @@ from typing import Iterator
 import numpy as np
 
 from runtime.decoder import BatchKvCache, TokenLedger
-from runtime.sampling import SamplingParams, distribution, draw
+from runtime.prompt_lookup import PromptLookup
+from runtime.sampling import SamplingParams, distribution, draw, one_hot
 
 
 @dataclass
@@ -288,6 +290,94 @@ def score(main: TokenLedger, unread: list[int], proposal: Proposal) -> np.ndarra
     return main.feed(unread + proposal.tokens, last=len(proposal.tokens) + 1)
 
 
+class ModelDraft:
+    """Proposals drawn from a draft model's logits; its cache first reads the sequence's tokens it lacks."""
+
+    def __init__(self, cache: TokenLedger):
+        self.cache = cache
+
+    def prefill(self, prompt: list[int]) -> None:
+        _prefill(self.cache, prompt)
+
+    def backlog(self, tokens: list[int]) -> int:
+        """Tokens of the sequence the draft must read before its first proposal (1 after a proposing step)."""
+        return len(tokens) - len(self.cache)
+
+    def propose(self, tokens: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
+        return propose(self.cache, unread_tokens(self.cache.ids, tokens), length, params, rng)
+
+    def keep(self, length: int) -> None:
+        self.cache.keep(length)
+
+
+class LookupDraft:
+    """Proposals copied from the sequence itself (PromptLookup): no model call, and none where nothing
+    matches. A copied token is certain, so the distribution it was drawn from is one-hot, and speculative
+    sampling keeps it with the main model's probability of it."""
+
+    def __init__(self, vocab_size: int):
+        self.lookup = PromptLookup()
+        self.vocab_size = vocab_size
+
+    def prefill(self, prompt: list[int]) -> None:
+        pass  # the prompt is indexed on the first proposal
+
+    def backlog(self, tokens: list[int]) -> int:
+        return 1  # nothing to read: every proposal costs what a lookup costs
+
+    def propose(self, tokens: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
+        copied = self.lookup.propose(tokens, length)
+        return Proposal(copied, [] if params.greedy else [one_hot(token, self.vocab_size) for token in copied])
+
+    def keep(self, length: int) -> None:
+        pass  # no cache
+
+
+Draft = ModelDraft | LookupDraft
+
+
+class BatchModelDraft:
+    """ModelDraft for the rows of a batch: one batched draft call per proposed position."""
+
+    def __init__(self, cache: BatchKvCache):
+        self.cache = cache
+
+    def prefill(self, prompts: list[list[int]]) -> None:
+        self.cache.prefill(prompts)  # each row's first call reads its prompt's last token again, for its logits (unread_tokens)
+
+    def backlog(self, row: int, tokens: list[int]) -> int:
+        return len(tokens) - len(self.cache.ids[row])
+
+    def propose(self, histories: list[list[int]], lengths: dict[int, int], params: SamplingParams, rngs: list[np.random.Generator]) -> dict[int, Proposal]:
+        catch_up = {row: unread_tokens(self.cache.ids[row], histories[row]) for row in lengths}
+        return propose_batch(self.cache, catch_up, lengths, params, rngs)
+
+    def keep(self, row: int, length: int) -> None:
+        self.cache.keep(row, length)
+
+
+class BatchLookupDraft:
+    """LookupDraft for the rows of a batch, each row looking up its own sequence."""
+
+    def __init__(self, vocab_size: int, rows: int):
+        self.rows = [LookupDraft(vocab_size) for _ in range(rows)]
+
+    def prefill(self, prompts: list[list[int]]) -> None:
+        pass
+
+    def backlog(self, row: int, tokens: list[int]) -> int:
+        return 1
+
+    def propose(self, histories: list[list[int]], lengths: dict[int, int], params: SamplingParams, rngs: list[np.random.Generator]) -> dict[int, Proposal]:
+        return {row: self.rows[row].propose(histories[row], length, params, rngs[row]) for row, length in lengths.items()}
+
+    def keep(self, row: int, length: int) -> None:
+        pass
+
+
+BatchDraft = BatchModelDraft | BatchLookupDraft
+
+
 def accept(proposal: Proposal, target: list[np.ndarray], rng: np.random.Generator) -> tuple[int, int]:
     """How many proposed tokens to keep, and the main model's next token after them.
 
@@ -345,9 +435,16 @@ def _commit(proposal: Proposal, kept: int, next_token: int, stop_tokens: set[int
     return new[:room], stop_at is not None and stop_at < room
 
 
+def _prefill(cache: TokenLedger, prompt: list[int]) -> None:
+    """Every prompt token but the last into the cache; the last is scored by the first step."""
+    unread = cache.sync(prompt[:-1])
+    if unread:
+        cache.feed(unread, last=1)  # no logit of the prompt is read here: one row, the fewest a call returns
+
+
 def decode(
     main: TokenLedger,
-    draft: TokenLedger | None,
+    draft: Draft | None,
     prompt: list[int],
     max_new_tokens: int,
     draft_length: DraftLengthPolicy,
@@ -360,11 +457,9 @@ def decode(
     tokens = list(prompt)
     stats.prompt_tokens = len(prompt)
     started = time.perf_counter()
-    # Prefill: every prompt token but the last goes into the caches; the last is scored by the first step.
-    for cache in (main, draft) if draft is not None else (main,):
-        unread = cache.sync(prompt[:-1])
-        if unread:
-            cache.feed(unread, last=1)  # no logit of the prompt is read here: one row, the fewest a call returns
+    _prefill(main, prompt)
+    if draft is not None:
+        draft.prefill(prompt)
     stats.prefill_seconds = time.perf_counter() - started
     alone = 0  # main-alone steps in a row right before this one
     while stats.new_tokens < max_new_tokens:
@@ -372,9 +467,10 @@ def decode(
         if room < 0:
             break
         length = min(draft_length.choose(), max_new_tokens - stats.new_tokens - 1, room) if draft is not None else 0
-        backlog = len(tokens) - len(draft) if length > 0 else 0  # every cache holds a prefix of tokens (agreed_length)
+        backlog = draft.backlog(tokens) if length > 0 else 0  # every cache holds a prefix of tokens (agreed_length)
         tick = time.perf_counter()
-        proposal = propose(draft, unread_tokens(draft.ids, tokens), length, params, rng) if length > 0 else Proposal([], [])
+        proposal = draft.propose(tokens, length, params, rng) if length > 0 else Proposal([], [])
+        length = len(proposal.tokens)  # a lookup may find fewer, or none: then the main model runs alone
         tock = time.perf_counter()
         kept, next_token = judge(proposal, score(main, unread_tokens(main.ids, tokens), proposal), params, rng)
         verified = time.perf_counter()
@@ -388,8 +484,9 @@ def decode(
         stats.draft_lengths.append(length)
         new, stopped = _commit(proposal, kept, next_token, stop_tokens, max_new_tokens - stats.new_tokens)
         agreed = agreed_length(len(tokens), kept, len(new))
-        for cache in (main, draft) if length > 0 else (main,):
-            cache.keep(agreed)  # nothing to drop where it is shorter (a draft that never read its last proposal)
+        main.keep(agreed)
+        if length > 0:
+            draft.keep(agreed)  # nothing to drop where it is shorter (a draft that never read its last proposal)
         if stats.new_tokens == 0:
             stats.first_token_seconds = time.perf_counter() - started
         tokens.extend(new)
@@ -402,7 +499,7 @@ def decode(
 
 def decode_batch(
     main: BatchKvCache,
-    draft: BatchKvCache | None,
+    draft: BatchDraft | None,
     prompts: list[list[int]],
     max_new_tokens: int,
     draft_length: DraftLengthPolicy,
@@ -417,8 +514,9 @@ def decode_batch(
     draft every step is one main call for all rows, one token each."""
     started = time.perf_counter()
     stats.prompt_tokens = sum(len(prompt) for prompt in prompts)
-    for cache in (main, draft) if draft is not None else (main,):
-        cache.prefill(prompts)  # each row's first call reads its prompt's last token again, for its logits (unread_tokens)
+    main.prefill(prompts)  # each row's first call reads its prompt's last token again, for its logits (unread_tokens)
+    if draft is not None:
+        draft.prefill(prompts)
     stats.prefill_seconds = time.perf_counter() - started
     histories = [list(prompt) for prompt in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -430,12 +528,12 @@ def decode_batch(
         lengths = {row: min(chosen, max_new_tokens - len(outputs[row]) - 1) for row in sorted(active)}
         proposing = {row: length for row, length in lengths.items() if length > 0}
         # Every row's caches hold a prefix of its history (agreed_length): what they have not read is its tail.
-        backlogs = {row: len(histories[row]) - len(draft.ids[row]) for row in proposing}
+        backlogs = {row: draft.backlog(row, histories[row]) for row in proposing}
         tick = time.perf_counter()
-        catch_up = {row: unread_tokens(draft.ids[row], histories[row]) for row in proposing}
-        proposals = propose_batch(draft, catch_up, proposing, params, rngs) if proposing else {}
+        proposals = draft.propose(histories, proposing, params, rngs) if proposing else {}
         draft_seconds = (time.perf_counter() - tick) / max(len(proposing), 1)  # one row's share of the batched calls
         proposals = {row: proposals.get(row, Proposal([], [])) for row in lengths}
+        lengths = {row: len(proposal.tokens) for row, proposal in proposals.items()}  # a lookup may find fewer
         tock = time.perf_counter()
         targets = score_batch(main, {row: unread_tokens(main.ids[row], histories[row]) for row in proposals}, proposals)
         verify_seconds = (time.perf_counter() - tock) / len(lengths)  # one row's share
@@ -452,8 +550,9 @@ def decode_batch(
             stats.draft_lengths.append(length)
             new, stopped = _commit(proposal, kept, next_token, stop_tokens, max_new_tokens - len(outputs[row]))
             agreed = agreed_length(len(histories[row]), kept, len(new))
-            for cache in (main, draft) if length > 0 else (main,):
-                cache.keep(row, agreed)
+            main.keep(row, agreed)
+            if length > 0:
+                draft.keep(row, agreed)
             histories[row].extend(new)
             outputs[row].extend(new)
             if stopped or len(outputs[row]) >= max_new_tokens:

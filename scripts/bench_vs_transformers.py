@@ -1,5 +1,8 @@
 """Benchmark a built pair side by side: our runtime against transformers, speculative against main-only.
 
+Three pairings: main-only against transformers' generate, speculative decoding with the draft model
+against its assisted generation with the same draft, and our prompt lookup against its prompt lookup.
+
     .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/tiny-coder.yaml --artifact artifacts/tiny-coder
     .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/bench-moe.yaml --artifact artifacts/bench-moe \
         --prompts 4 --new-tokens 64 --heldout-tokens 0 --draft-lengths 4 auto
@@ -31,6 +34,7 @@ from compiler.pipeline import with_generated_weights
 from compiler.recipe import load_recipe
 from runtime.benchmark import wait_until_idle
 from runtime.evaluate import perplexity
+from runtime.prompt_lookup import MAX_NGRAM
 from runtime.speculative import GenerationStats
 
 
@@ -49,7 +53,9 @@ def ours(generator, prompts, new_tokens, sampling=None, **options):
     return total, outputs
 
 
-def theirs(model, prompts, new_tokens, assistant=None):
+def theirs(model, prompts, new_tokens, assistant=None, lookup_tokens=None):
+    """transformers' generate: alone, assisted by a draft model, or with its prompt lookup (lookup_tokens proposals)."""
+    lookup = {"prompt_lookup_num_tokens": lookup_tokens, "max_matching_ngram_size": MAX_NGRAM} if lookup_tokens else {}
     tokens = seconds = 0.0
     outputs = []
     wait_until_idle()
@@ -59,7 +65,7 @@ def theirs(model, prompts, new_tokens, assistant=None):
         with torch.no_grad():
             result = model.generate(
                 inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                assistant_model=assistant, pad_token_id=0,
+                assistant_model=assistant, pad_token_id=0, **lookup,
             )
         seconds += time.perf_counter() - started
         generated = result[0, len(ids) :].tolist()
@@ -78,6 +84,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="counted rounds after the warm-up round")
     parser.add_argument("--heldout-tokens", type=int, default=65536, help="held-out tokens for perplexity (0: skip)")
     parser.add_argument("--draft-lengths", nargs="+", default=["1", "2", "4", "8", "auto"], help="speculative settings to measure")
+    parser.add_argument("--lookup-tokens", type=int, default=4, help="transformers' prompt_lookup_num_tokens, against our prompt lookup (auto)")
     parser.add_argument("--json-out", type=Path, default=None, help="default: artifacts/bench-NAME-vs-transformers.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,7 +129,14 @@ def main() -> None:
                 spec_stats["accepted_length"].append(spec.mean_accepted_length)
                 spec_stats["draft_share"].append(spec.draft_seconds / spec.seconds)
         measured["transformers assisted"], _ = theirs(main_model, prompts, args.new_tokens, assistant=draft_model)
+        lookup, outputs = ours(generator, prompts, args.new_tokens, proposer="prompt-lookup", draft_length="auto")
+        assert outputs == reference, "prompt lookup diverged from main-only greedy"
+        measured["ours prompt lookup"] = lookup.tokens_per_second
+        measured["transformers prompt lookup"], _ = theirs(main_model, prompts, args.new_tokens, lookup_tokens=args.lookup_tokens)
         if round_index:
+            lookup_stats = results.setdefault("prompt_lookup", {"acceptance": [], "accepted_length": []})
+            lookup_stats["acceptance"].append(lookup.acceptance_rate)
+            lookup_stats["accepted_length"].append(lookup.mean_accepted_length)
             for name, value in measured.items():
                 rounds.setdefault(name, []).append(value)
 
@@ -143,6 +157,16 @@ def main() -> None:
             "acceptance_sampled_t0.8": round(sampled.acceptance_rate, 3),
             "draft_share_of_time": round(statistics.mean(collected["draft_share"]), 2),
         }
+    collected = results["prompt_lookup"]
+    results["prompt_lookup"] = {
+        "tokens_per_second": round(statistics.median(rounds["ours prompt lookup"]), 1),
+        "speedup_vs_main_only": paired("ours prompt lookup", "ours main only"),
+        "acceptance_greedy": round(statistics.mean(collected["acceptance"]), 3),
+        "mean_accepted_length": round(statistics.mean(collected["accepted_length"]), 2),
+        "transformers_tokens_per_second": round(statistics.median(rounds["transformers prompt lookup"]), 1),
+        "transformers_speedup_vs_generate": paired("transformers prompt lookup", "transformers generate"),
+        "ratio_vs_transformers_prompt_lookup": paired("ours prompt lookup", "transformers prompt lookup"),
+    }
     agreement = statistics.mean(float(np.mean(np.array(a) == np.array(b))) for a, b in zip(hf_outputs, reference))
     best = results["speculative"][default_k]
     results |= {
@@ -174,6 +198,14 @@ def main() -> None:
             (f"speculative k={k}: tokens/s, speed-up, acceptance greedy / T=0.8, mean accepted",
              f"{row['tokens_per_second']}, {row['speedup_vs_main_only']}x, {row['acceptance_greedy']} / {row['acceptance_sampled_t0.8']}, {row['mean_accepted_length']}")
         )
+    lookup = results["prompt_lookup"]
+    rows += [
+        ("prompt lookup (auto): tokens/s, speed-up, acceptance, mean accepted",
+         f"{lookup['tokens_per_second']}, {lookup['speedup_vs_main_only']}x, {lookup['acceptance_greedy']}, {lookup['mean_accepted_length']}"),
+        (f"transformers prompt lookup ({args.lookup_tokens} tokens): tokens/s, speed-up over its generate",
+         f"{lookup['transformers_tokens_per_second']}, {lookup['transformers_speedup_vs_generate']}x"),
+        ("ratio prompt lookup ours / transformers", lookup["ratio_vs_transformers_prompt_lookup"]),
+    ]
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)

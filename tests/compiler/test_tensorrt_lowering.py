@@ -12,7 +12,7 @@ from compiler.tensorrt_lowering import lower
 from onnx_models import EXPERTS, HIDDEN, PRECISIONS, moe_layer, run_moe
 from runtime.appended_kv import OrtAppendedDecoder
 from runtime.sampling import SamplingParams
-from runtime.speculative import FixedDraftLength, GenerationStats, decode
+from runtime.speculative import FixedDraftLength, GenerationStats, ModelDraft, decode
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -80,7 +80,7 @@ def test_speculative_decoding_over_appended_caches_is_lossless(tiny_tensorrt_art
     prompt = [5, 17, 42, 9, 77, 3]
 
     def generate(draft_length: int | None) -> list[int]:
-        draft = decoders["draft"].new_cache(128) if draft_length else None
+        draft = ModelDraft(decoders["draft"].new_cache(128)) if draft_length else None
         steps = decode(decoders["main"].new_cache(128), draft, prompt, 40, FixedDraftLength(draft_length or 1), SamplingParams(), set(), GenerationStats())
         return [token for step in steps for token in step]
 

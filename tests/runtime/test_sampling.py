@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.sampling import SamplingParams, distribution, draw
+from runtime.sampling import SamplingParams, distribution, draw, one_hot
 from runtime.speculative import Proposal, accept, judge
 
 LOGITS = np.array([2.0, 1.0, 0.5, -1.0, 0.0])
@@ -73,3 +73,13 @@ def test_greedy_judging_is_the_acceptance_rule_on_one_hot_distributions():
         one_hot = Proposal(proposed, [distribution(np.eye(6)[token], greedy) for token in proposed])
         expected = accept(one_hot, [distribution(row, greedy) for row in logits], rng)
         assert judge(Proposal(proposed, []), logits, greedy, rng) == expected
+
+
+def test_speculative_sampling_of_a_copied_token_keeps_the_target_distribution():
+    """A prompt-lookup proposal is certain (one-hot q): kept with the main model's probability of it, else
+    replaced from the main model's distribution without it. Chi-square as above."""
+    rng = np.random.default_rng(99)
+    p = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
+    certain = one_hot(3, p.size)
+    assert _chi_square(_first_token_frequencies(accept, p, certain, 20000, rng), p) < 18.47
+    assert _chi_square(_first_token_frequencies(_always_accept, p, certain, 20000, rng), p) > 18.47

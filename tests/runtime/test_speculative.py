@@ -11,7 +11,7 @@ from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.sampling import SamplingParams
 from runtime.decoder import BatchKvCache
-from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, decode, decode_batch
+from runtime.speculative import AdaptiveDraftLength, BatchModelDraft, FixedDraftLength, GenerationStats, ModelDraft, decode, decode_batch
 
 PROMPTS = corpus.heldout_prompts(20, prompt_chars=120)
 NEW_TOKENS = 32
@@ -69,7 +69,7 @@ def test_always_disagreeing_draft_is_still_lossless(tiny_artifact):
         reference, _ = _greedy(generator, ids, speculative=False)
         stats = GenerationStats()
         contrary = _ContraryDraft(generator.main.new_cache())
-        steps = decode(generator.main.new_cache(), contrary, ids, NEW_TOKENS, FixedDraftLength(4), SamplingParams(), set(), stats)
+        steps = decode(generator.main.new_cache(), ModelDraft(contrary), ids, NEW_TOKENS, FixedDraftLength(4), SamplingParams(), set(), stats)
         assert [t for step in steps for t in step][: len(reference)] == reference
         assert stats.accepted == 0 and stats.proposed > 0
         assert stats.mean_accepted_length == 1.0
@@ -102,7 +102,7 @@ def test_caches_stay_a_prefix_of_the_sequence_after_every_step(tiny_artifact):
     for make_draft, stop_tokens in ((generator.draft.new_cache, set()), (lambda: _ContraryDraft(generator.draft.new_cache()), set()), (generator.main.new_cache, stop)):
         main, draft = generator.main.new_cache(), make_draft()
         tokens = list(ids)
-        for step in decode(main, draft, ids, NEW_TOKENS, _ScriptedLength([3, 0, 0, 2, 4]), SamplingParams(), stop_tokens, GenerationStats()):
+        for step in decode(main, ModelDraft(draft), ids, NEW_TOKENS, _ScriptedLength([3, 0, 0, 2, 4]), SamplingParams(), stop_tokens, GenerationStats()):
             tokens += step
             _assert_prefix(main.ids, tokens)
             _assert_prefix(draft.ids, tokens)
@@ -118,7 +118,7 @@ def test_batched_caches_stay_a_prefix_of_every_row(tiny_artifact):
     stop = {alone[0][0]} - set(alone[1])
     main, draft = BatchKvCache(generator.main, 2, 128), BatchKvCache(generator.draft, 2, 128)
     rngs = [np.random.default_rng(0) for _ in prompts]
-    outputs = decode_batch(main, draft, prompts, NEW_TOKENS, _ScriptedLength([0, 3, 0, 2]), SamplingParams(), rngs, stop, GenerationStats())
+    outputs = decode_batch(main, BatchModelDraft(draft), prompts, NEW_TOKENS, _ScriptedLength([0, 3, 0, 2]), SamplingParams(), rngs, stop, GenerationStats())
     for row, prompt in enumerate(prompts):
         expected = alone[row][: alone[row].index(alone[0][0]) + 1] if row == 0 and stop else alone[row]
         assert outputs[row] == expected
@@ -153,9 +153,10 @@ def test_stream_matches_generate_and_reports_stats(tiny_artifact):
 def test_sampling_is_reproducible_with_a_seed(tiny_artifact):
     generator = runtime.load(tiny_artifact)
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=7)
-    first = generator.generate("import os\n", max_new_tokens=24, sampling=params)
-    second = generator.generate("import os\n", max_new_tokens=24, sampling=params)
-    assert first.token_ids == second.token_ids
+    for proposer in runtime.PROPOSERS:
+        first = generator.generate("import os\n", max_new_tokens=24, sampling=params, proposer=proposer)
+        second = generator.generate("import os\n", max_new_tokens=24, sampling=params, proposer=proposer)
+        assert first.token_ids == second.token_ids
 
 
 def test_stop_token_ends_generation(tiny_artifact):
@@ -287,14 +288,14 @@ def test_decoding_loops_report_the_main_alone_steps_before_each_step(tiny_artifa
     policy = _Recording([3, 0, 0, 0, 2, 0])
     for main, draft in ((generator.main, generator.draft), (generator.main, generator.main)):  # the main model as draft accepts whole blocks
         policy.reported.clear()
-        list(decode(main.new_cache(), draft.new_cache(), ids, NEW_TOKENS, policy, SamplingParams(), set(), GenerationStats()))
+        list(decode(main.new_cache(), ModelDraft(draft.new_cache()), ids, NEW_TOKENS, policy, SamplingParams(), set(), GenerationStats()))
         lengths = [length for length, _ in policy.reported]
         assert [alone for _, alone in policy.reported] == _alone_counts(lengths) and lengths.count(0) >= 3
     policy = _Recording([0, 2, 0, 0])
     prompts = [generator.encode(PROMPTS[1]), generator.encode(PROMPTS[2])]
     # The main model as draft: both rows commit alike and finish together, so each step reports row 0, then row 1.
     main, draft = BatchKvCache(generator.main, 2, 128), BatchKvCache(generator.main, 2, 128)
-    outputs = decode_batch(main, draft, prompts, 10, policy, SamplingParams(), [np.random.default_rng(0)] * 2, set(), GenerationStats())
+    outputs = decode_batch(main, BatchModelDraft(draft), prompts, 10, policy, SamplingParams(), [np.random.default_rng(0)] * 2, set(), GenerationStats())
     assert len(policy.reported) % 2 == 0 and [len(row) for row in outputs] == [10, 10]
     for row in range(2):
         reported = policy.reported[row::2]
