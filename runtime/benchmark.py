@@ -19,7 +19,7 @@ import onnxruntime as ort
 from runtime.artifact import ModelEntry
 from runtime.decoder import kv_bytes_per_position
 from runtime.generator import Generator
-from runtime.speculative import AdaptiveDraftLength, GenerationStats
+from runtime.speculative import GenerationStats
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def run_cases(generator: Generator, cases: list[Case], new_tokens: int, runs: in
     draft-length policy of its own across the rounds, as it would running alone (a batched generation starts
     a fresh one every call anyway)."""
     records: list[list[GenerationStats]] = [[] for _ in cases]
-    policies = [AdaptiveDraftLength(generator.manifest.generation.max_draft_length) for _ in cases]
+    policies = [generator.new_policy(case.mode.proposer) for case in cases]
     shared = generator.adaptive_draft_length, generator.adaptive_lookup_length
     try:
         for round_index in range(runs + 1):

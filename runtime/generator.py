@@ -78,8 +78,8 @@ class Generator:
         eos = self.manifest.generation.eos_token_id
         self.stop_tokens = {eos} if eos is not None else set()
         # Shared by all generations of a proposer: what one learned the next starts from.
-        self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)
-        self.adaptive_lookup_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)
+        self.adaptive_draft_length = self.new_policy("draft")
+        self.adaptive_lookup_length = self.new_policy("prompt-lookup")
 
     def _decoder(self, role: str, threads: int | None):
         entry = self.manifest.models[role]
@@ -92,6 +92,11 @@ class Generator:
 
             return ExpertParallelDecoder(self.path, entry, set(self.manifest.files), threads)
         return Decoder(self.path, entry, set(self.manifest.files), threads)
+
+    def new_policy(self, proposer: Proposer) -> AdaptiveDraftLength:
+        """A fresh "auto" draft-length policy for this proposer: a lookup runs no model that could push the main
+        model's weights out of cache, so a main-alone step right after one is timed as it is."""
+        return AdaptiveDraftLength(self.manifest.generation.max_draft_length, settle_steps=0 if proposer == "prompt-lookup" else AdaptiveDraftLength.SETTLE_STEPS)
 
     def _draft_policy(self, draft_length: int | str, sampling: SamplingParams, proposer: Proposer) -> FixedDraftLength | AdaptiveDraftLength:
         if proposer not in PROPOSERS:
@@ -206,7 +211,7 @@ class Generator:
         rngs = [np.random.default_rng(None if sampling.seed is None else [sampling.seed, row]) for row in range(len(prompt_ids))]
         policy = self._draft_policy(draft_length or defaults.draft_length, sampling, proposer)
         if isinstance(policy, AdaptiveDraftLength):  # a batch's costs would mislead single-sequence generation
-            policy = AdaptiveDraftLength(defaults.max_draft_length)
+            policy = self.new_policy(proposer)
         # Room for a whole verify block after the longest row, so that calls near the end stay one call wide.
         capacity = min(needed + policy.max_length + 1, self.main.entry.max_sequence_length)
         main = BatchKvCache(self.main, len(prompt_ids), capacity)

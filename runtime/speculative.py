@@ -117,7 +117,7 @@ class AdaptiveDraftLength:
     SETTLE_STEPS main-alone steps in a row of the same sequence: right after draft calls the main model runs
     up to a third slower (the draft's weights took its place in cache), which decoding without the draft
     never pays; timed there, the main model alone looks slower than it is and speculation wins where it
-    loses. The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
+    loses. Proposals that run no model (prompt lookup) evict nothing: their policy takes settle_steps=0. The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
     prompt, calls run slower while the weights return to cache, and those times would mislead every later
     generation (a cost not measured otherwise takes a warm-up time until the first later one replaces it).
 
@@ -134,8 +134,9 @@ class AdaptiveDraftLength:
     SETTLE_STEPS = 2
     WARMUP_STEPS = 4
 
-    def __init__(self, max_length: int):
+    def __init__(self, max_length: int, settle_steps: int = SETTLE_STEPS):
         self.max_length = max_length
+        self.settle_steps = settle_steps
         self.accepted = 0.0  # decayed count of accepted proposals
         self.rejected = 0.0  # decayed count of steps that ended with a rejection
         self.draft_cost: float | None = None  # seconds per draft call
@@ -218,7 +219,7 @@ class AdaptiveDraftLength:
 
     def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool, alone_before: int) -> None:
         if length == 0:
-            settled = timed and alone_before >= self.SETTLE_STEPS
+            settled = timed and alone_before >= self.settle_steps
             self.verify_cost[1] = self._measured(1, self.verify_cost.get(1), verify_seconds, settled)
             if settled:
                 self.refresh_left = 0  # the main model alone is measured: back to speculation
