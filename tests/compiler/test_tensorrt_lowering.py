@@ -12,7 +12,7 @@ from compiler.tensorrt_lowering import lower
 from onnx_models import EXPERTS, HIDDEN, PRECISIONS, moe_layer, run_moe
 from runtime.appended_kv import OrtAppendedDecoder
 from runtime.sampling import SamplingParams
-from runtime.speculative import FixedDraftLength, GenerationStats, ModelDraft, decode
+from runtime.speculative import FixedDraftLength, GenerationStats, LookupDraft, ModelDraft, decode
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -79,8 +79,10 @@ def test_speculative_decoding_over_appended_caches_is_lossless(tiny_tensorrt_art
     }
     prompt = [5, 17, 42, 9, 77, 3]
 
-    def generate(draft_length: int | None) -> list[int]:
+    def generate(draft_length: int | None, lookup: bool = False) -> list[int]:
         draft = ModelDraft(decoders["draft"].new_cache(128)) if draft_length else None
+        if lookup:
+            draft = LookupDraft(manifest.models["main"].vocab_size)
         steps = decode(decoders["main"].new_cache(128), draft, prompt, 40, FixedDraftLength(draft_length or 1), SamplingParams(), set(), GenerationStats())
         return [token for step in steps for token in step]
 
@@ -88,3 +90,4 @@ def test_speculative_decoding_over_appended_caches_is_lossless(tiny_tensorrt_art
     assert len(alone) == 40
     assert generate(3) == alone
     assert generate(5) == alone
+    assert generate(4, lookup=True) == alone
