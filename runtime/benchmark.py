@@ -54,7 +54,7 @@ class CaseResult:
     acceptance_rate: float
     mean_accepted_length: float
     mean_draft_length: float
-    draft_lengths: dict[int, int] = field(default_factory=dict)  # chosen length -> steps
+    draft_lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed (a lookup's found, a draft's chosen) -> steps
 
 
 def modes_for(generator: Generator, draft_length: int) -> list[Mode]:
@@ -184,17 +184,18 @@ def read_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> floa
     return best
 
 
-def wait_until_idle(window: float = 0.02, busy_share: float = 0.1, timeout: float = 2.0) -> None:
-    """Return once this process's threads have stopped running (or after `timeout` seconds). Thread pools spin
-    a while after their last call (ONNX Runtime's default pool about 70 ms on this machine, PyTorch's about 10 ms;
-    ours 0.1 ms), and a pool left spinning takes a core from whatever is timed next: a benchmark of two
-    runtimes in one process waits for this before timing either."""
+def wait_until_idle(window: float = 0.02, busy_share: float = 0.1, timeout: float = 2.0) -> bool:
+    """Whether this process's threads stopped running within `timeout` seconds. Thread pools spin a while after
+    their last call (ONNX Runtime's default pool about 70 ms on this machine, PyTorch's about 10 ms; ours
+    0.1 ms), and a pool left spinning takes a core from whatever is timed next: a benchmark of two runtimes
+    in one process waits for this before timing either (and warns when it is not so)."""
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         before = time.process_time()
         time.sleep(window)
         if time.process_time() - before < busy_share * window:
-            return
+            return True
+    return False
 
 
 def as_json(result: CaseResult) -> dict:

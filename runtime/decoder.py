@@ -93,6 +93,7 @@ class Decoder:
 
 
 SMALL_CALL = 16  # new tokens per row up to which a call's ids, logit positions and logits live in preallocated, bound buffers
+_PADDING = array("q", bytes(8 * SMALL_CALL))  # zeros after a row's tokens in a small call
 
 
 class KvState:
@@ -214,7 +215,9 @@ class BoundBuffers:
         if width <= SMALL_CALL:
             self._bound_view("input_ids", width)
             for row, tokens in enumerate(rows):  # into the flat buffer, as the [B, width] view lays it out
-                self._ids_memory[row * width : (row + 1) * width] = array("q", tokens + [0] * (width - len(tokens)))
+                ids = array("q", tokens)
+                ids.extend(_PADDING[: width - len(ids)])
+                self._ids_memory[row * width : (row + 1) * width] = ids
             positions = self._bound_view(POSITIONS_INPUT, kept)
             if self._filled != (kept, new, last):
                 fill_positions(positions[..., 0], new, last)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, get_args
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -61,7 +61,12 @@ class Stream:
 
 SEEDED_DRAFT_LENGTH = 4  # what "auto" means for seeded sampling, which must repeat itself
 Proposer = Literal["draft", "prompt-lookup"]  # the draft model, or tokens copied from the sequence (runtime.prompt_lookup)
-PROPOSERS: tuple[str, ...] = ("draft", "prompt-lookup")
+PROPOSERS: tuple[str, ...] = get_args(Proposer)
+
+
+def _check_proposer(proposer: str) -> None:
+    if proposer not in PROPOSERS:
+        raise MoeccError(f"proposer must be one of {', '.join(PROPOSERS)}, not {proposer!r}")
 
 
 class Generator:
@@ -96,11 +101,11 @@ class Generator:
     def new_policy(self, proposer: Proposer) -> AdaptiveDraftLength:
         """A fresh "auto" draft-length policy for this proposer: a lookup runs no model that could push the main
         model's weights out of cache, so a main-alone step right after one is timed as it is."""
+        _check_proposer(proposer)
         return AdaptiveDraftLength(self.manifest.generation.max_draft_length, settle_steps=0 if proposer == "prompt-lookup" else AdaptiveDraftLength.SETTLE_STEPS)
 
     def _draft_policy(self, draft_length: int | str, sampling: SamplingParams, proposer: Proposer) -> FixedDraftLength | AdaptiveDraftLength:
-        if proposer not in PROPOSERS:
-            raise MoeccError(f"proposer must be one of {', '.join(PROPOSERS)}, not {proposer!r}")
+        _check_proposer(proposer)
         if draft_length == "auto":
             if sampling.temperature > 0 and sampling.seed is not None:
                 # Which tokens a seed draws depends on the draft lengths; measured timings would make them vary.
@@ -198,6 +203,7 @@ class Generator:
         serves all rows, so each call reads the weights once for the whole batch: main only, one token per row
         per call; speculative, one draft call per proposed position and one main call verifying every row's
         proposals (see BatchKvCache); "auto" adapts the draft length for this batch alone, from its own costs.
+        proposer as in stream_ids: "prompt-lookup" has each row copy from its own sequence.
         """
         if self.target != "cpu":
             raise MoeccError(f"batched generation runs on the cpu target; this generator runs on {self.target}", hint="load the artifact with target='cpu'")

@@ -4,8 +4,8 @@ Where the sequence's last n tokens occurred before (n from MAX_NGRAM down to MIN
 first), the tokens that followed their latest earlier occurrence are proposed. Code and structured text
 repeat themselves (names, signatures, boilerplate, lines echoed from the prompt), and a proposal costs a
 dictionary lookup instead of draft-model calls; the main model verifies it like any other, so the output
-stays the main model's own. onnxruntime-genai, vLLM ("ngram") and transformers (prompt_lookup_num_tokens)
-offer the same proposer.
+stays the main model's own. onnxruntime-genai (n-gram speculative decoding), vLLM ("ngram") and
+transformers (prompt_lookup_num_tokens) offer the same proposer.
 """
 
 from __future__ import annotations
@@ -25,18 +25,26 @@ class PromptLookup:
         self._ends: dict[tuple[int, ...], int] = {}  # n-gram -> the position right after its latest occurrence
         self._indexed = 1  # n-grams ending before this position are in the index
 
-    def propose(self, tokens: list[int], length: int) -> list[int]:
-        """Up to `length` tokens that followed the latest earlier occurrence of the longest n-gram ending
-        `tokens`; none if no such n-gram occurred before."""
-        end = len(tokens)
-        for stop in range(self._indexed, end):  # every n-gram but those ending the sequence, which have no continuation yet
+    def index(self, tokens: list[int]) -> None:
+        """Add the n-grams of `tokens` (the sequence so far) but those ending it, which have no continuation yet."""
+        for stop in range(self._indexed, len(tokens)):
             for size in self.sizes:
                 if stop >= size:
                     self._ends[tuple(tokens[stop - size : stop])] = stop
-        self._indexed = max(self._indexed, end)
+        self._indexed = max(self._indexed, len(tokens))
+
+    def propose(self, tokens: list[int], length: int) -> list[int]:
+        """Up to `length` tokens that followed the latest earlier occurrence of the longest n-gram ending
+        `tokens`; none if no such n-gram occurred before. A continuation that reaches the sequence's end goes
+        on with its own first tokens (the sequence repeating with that period), as an overlapping copy does."""
+        self.index(tokens)
+        end = len(tokens)
         for size in self.sizes:
             if end > size:
                 start = self._ends.get(tuple(tokens[end - size :]))
                 if start is not None:
-                    return tokens[start : start + length]
+                    copied = tokens[start : start + length]
+                    while len(copied) < length:  # the match overlaps the end: a run repeating every end - start tokens
+                        copied.append(copied[len(copied) - (end - start)])
+                    return copied
         return []

@@ -114,12 +114,15 @@ class AdaptiveDraftLength:
     back to PROBE_EVERY once a probe makes speculation pay. While speculation wins, every REFRESH_EVERY steps
     the draft sits out until the main model's cost alone has been timed (at most MAX_REFRESH_STEPS steps),
     so that cost stays measured too: it is what speculation is judged against. It counts only after
-    SETTLE_STEPS main-alone steps in a row of the same sequence: right after draft calls the main model runs
-    up to a third slower (the draft's weights took its place in cache), which decoding without the draft
-    never pays; timed there, the main model alone looks slower than it is and speculation wins where it
-    loses. Proposals that run no model (prompt lookup) evict nothing: their policy takes settle_steps=0. The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
-    prompt, calls run slower while the weights return to cache, and those times would mislead every later
-    generation (a cost not measured otherwise takes a warm-up time until the first later one replaces it).
+    settle_steps (SETTLE_STEPS by default) main-alone steps in a row of the same sequence: right after draft
+    calls the main model runs up to a third slower (the draft's weights took its place in cache), which
+    decoding without the draft never pays; timed there, the main model alone looks slower than it is and
+    speculation wins where it loses. Proposals that run no model (prompt lookup) evict nothing, so their
+    policy takes settle_steps=0. A lookup may find fewer tokens than chosen, or none (then the main model
+    runs alone): each step is judged by the tokens actually proposed. The first WARMUP_STEPS of a generation
+    update the acceptance but not the costs: right after a prompt, calls run slower while the weights return
+    to cache, and those times would mislead every later generation (a cost not measured otherwise takes a
+    warm-up time until the first later one replaces it).
 
     A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
     keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
@@ -130,7 +133,7 @@ class AdaptiveDraftLength:
     PROBE_EVERY = 16
     MAX_PROBE_INTERVAL = 1024
     REFRESH_EVERY = 32
-    MAX_REFRESH_STEPS = 8  # room for SETTLE_STEPS + 1 in a row in each of a few generations sharing the policy
+    MAX_REFRESH_STEPS = 8  # room for settle_steps + 1 in a row in each of a few generations sharing the policy
     SETTLE_STEPS = 2
     WARMUP_STEPS = 4
 
@@ -219,6 +222,7 @@ class AdaptiveDraftLength:
 
     def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool, alone_before: int) -> None:
         if length == 0:
+            self._probing = False  # a probe whose lookup found nothing tells nothing about speculation
             settled = timed and alone_before >= self.settle_steps
             self.verify_cost[1] = self._measured(1, self.verify_cost.get(1), verify_seconds, settled)
             if settled:
@@ -321,7 +325,7 @@ class LookupDraft:
         self.vocab_size = vocab_size
 
     def prefill(self, prompt: list[int]) -> None:
-        pass  # the prompt is indexed on the first proposal
+        self.lookup.index(prompt)
 
     def backlog(self, tokens: list[int]) -> int:
         return 1  # nothing to read: every proposal costs what a lookup costs
@@ -364,7 +368,8 @@ class BatchLookupDraft:
         self.rows = [LookupDraft(vocab_size) for _ in range(rows)]
 
     def prefill(self, prompts: list[list[int]]) -> None:
-        pass
+        for lookup, prompt in zip(self.rows, prompts):
+            lookup.prefill(prompt)
 
     def backlog(self, row: int, tokens: list[int]) -> int:
         return 1
@@ -509,10 +514,11 @@ def decode_batch(
     stop_tokens: set[int],
     stats: GenerationStats,
 ) -> list[list[int]]:
-    """decode() for several sequences, each to its own stop: the draft proposes for every row (one batched
-    call per proposed position) and the main model verifies every row's proposals in one batched call (see
-    BatchKvCache); each row commits by the same acceptance rule, with its own random generator. Without a
-    draft every step is one main call for all rows, one token each."""
+    """decode() for several sequences, each to its own stop: the draft proposes for every row (a draft model
+    in one batched call per proposed position, a lookup in each row's own sequence) and the main model
+    verifies every row's proposals in one batched call (see BatchKvCache); each row commits by the same
+    acceptance rule, with its own random generator. Without a draft every step is one main call for all
+    rows, one token each."""
     started = time.perf_counter()
     stats.prompt_tokens = sum(len(prompt) for prompt in prompts)
     main.prefill(prompts)  # each row's first call reads its prompt's last token again, for its logits (unread_tokens)
@@ -539,7 +545,7 @@ def decode_batch(
         targets = score_batch(main, {row: unread_tokens(main.ids[row], histories[row]) for row in proposals}, proposals)
         verify_seconds = (time.perf_counter() - tock) / len(lengths)  # one row's share
         for row, length in lengths.items():
-            proposal, row_draft_seconds = proposals[row], draft_seconds if length else 0.0
+            proposal, row_draft_seconds = proposals[row], draft_seconds if row in proposing else 0.0
             kept, next_token = judge(proposal, targets[row], params, rngs[row])
             draft_length.update(length, kept, row_draft_seconds, verify_seconds, backlogs.get(row, 1), step, alone[row])
             alone[row] = alone[row] + 1 if length == 0 else 0

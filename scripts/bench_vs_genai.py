@@ -8,8 +8,8 @@ folder; both runtimes then decode the same held-out prompts greedily for the sam
 (end-of-text ignored), on the same threads, in alternating rounds so that the machine's drift hits both
 alike; each side starts once the other's threads have gone idle (onnxruntime-genai's keep spinning for
 about 70 ms after its last token, which would take a core from ours). Prints a table and writes JSON; the
-ratio of medians is the figure to read. A third side decodes the same tokens with prompt lookup, which
-onnxruntime-genai does not offer: a different method, reported on its own row.
+ratio of medians is the figure to read. Both also decode the same tokens with prompt lookup (genai's n-gram
+speculative decoding), compared on a row of its own.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ from runtime.sampling import SamplingParams
 from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, LookupDraft, decode
 
 
+GENAI_NGRAM = {"ngram_size": 4, "max_draft_tokens": 4}  # its fastest on the shipped draft, of sizes 3-4 and 4 or 8 tokens
+
+
 def build_genai_model(checkpoint: Path, folder: Path) -> Path:
     """onnxruntime-genai's builder, once per checkpoint (fp32 weights and activations on CPU, as ours)."""
     if not (folder / "genai_config.json").exists():
@@ -45,11 +48,14 @@ def build_genai_model(checkpoint: Path, folder: Path) -> Path:
     return folder
 
 
-def genai_decode(model: og.Model, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
-    """Greedy tokens, prefill seconds (the prompt and the first logits), decode seconds."""
+def genai_decode(model: og.Model, prompt: list[int], new_tokens: int, ngram: dict | None = None) -> tuple[list[int], float, float]:
+    """Greedy tokens, prefill seconds (the prompt and the first logits), decode seconds; with `ngram`, its
+    n-gram speculative decoding (its prompt lookup) with those options."""
     params = og.GeneratorParams(model)
     length = len(prompt) + new_tokens
     params.set_search_options(do_sample=False, max_length=length, min_length=length)  # min_length: end-of-text ignored
+    if ngram:
+        params.set_speculative_options(**ngram)
     generator = og.Generator(model, params)
     started = time.perf_counter()
     generator.append_tokens(prompt)
@@ -64,7 +70,7 @@ def ours_decode(decoder, prompt: list[int], new_tokens: int, lookup_policy: Adap
     """The same greedy loop as main-only generation, on the chosen model's own KV cache; with a policy, the
     model verifies prompt-lookup proposals (the same tokens, fewer calls)."""
     stats = GenerationStats()
-    draft, policy = (LookupDraft(decoder.entry.vocab_size), lookup_policy) if lookup_policy else (None, FixedDraftLength(1))
+    draft, policy = (LookupDraft(decoder.entry.vocab_size), lookup_policy) if lookup_policy is not None else (None, FixedDraftLength(1))
     steps = decode(decoder.new_cache(), draft, prompt, new_tokens, policy, SamplingParams(), set(), stats)
     tokens = [token for step in steps for token in step]
     return tokens, stats.prefill_seconds, stats.seconds - stats.prefill_seconds
@@ -79,6 +85,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--genai-ngram-size", type=int, default=GENAI_NGRAM["ngram_size"], help="onnxruntime-genai's n-gram size for its prompt lookup")
+    parser.add_argument("--genai-draft-tokens", type=int, default=GENAI_NGRAM["max_draft_tokens"], help="and its most tokens proposed per step")
     parser.add_argument("--json-out", type=Path, default=None, help="default: artifacts/bench-NAME-vs-genai.json")
     args = parser.parse_args()
     console = Console(width=140)
@@ -92,11 +100,13 @@ def main() -> None:
     genai = og.Model(config)
     prompts = [generator.encode(text) for text in corpus.heldout_prompts(args.prompts)]
 
-    lookup_policy = AdaptiveDraftLength(generator.manifest.generation.max_draft_length, settle_steps=0)
+    lookup_policy = generator.new_policy("prompt-lookup")
+    ngram = {"ngram_size": args.genai_ngram_size, "max_draft_tokens": args.genai_draft_tokens}
     sides = {
         "moecc": lambda p: ours_decode(decoder, p, args.new_tokens),
         "onnxruntime-genai": lambda p: genai_decode(genai, p, args.new_tokens),
-        "moecc prompt lookup": lambda p: ours_decode(decoder, p, args.new_tokens, lookup_policy),  # a decoding method genai lacks: reported apart
+        "moecc prompt lookup": lambda p: ours_decode(decoder, p, args.new_tokens, lookup_policy),
+        "onnxruntime-genai n-gram": lambda p: genai_decode(genai, p, args.new_tokens, ngram),
     }
     rates: dict[str, dict[str, list[float]]] = {side: {"decode": [], "end_to_end": []} for side in sides}
     outputs: dict[str, list[list[int]]] = {}
@@ -104,7 +114,8 @@ def main() -> None:
         for side, run in sides.items():
             tokens = prefill = decoding = 0.0
             outputs[side] = []
-            wait_until_idle()  # the other side's thread pool may still be spinning
+            if not wait_until_idle():  # the other side's thread pool may still be spinning
+                console.print(f"[yellow]{side}: threads still running after 2 s; this round's figures may read low[/yellow]")
             for prompt in prompts:
                 generated, prefill_seconds, decode_seconds = run(prompt)
                 outputs[side].append(generated)
@@ -114,6 +125,7 @@ def main() -> None:
                 rates[side]["end_to_end"].append(tokens / (prefill + decoding))
     agreement = statistics.mean(float(np.mean(np.array(a) == np.array(b))) for a, b in zip(outputs["moecc"], outputs["onnxruntime-genai"]))
     assert outputs["moecc prompt lookup"] == outputs["moecc"], "prompt lookup changed the greedy tokens"
+    assert outputs["onnxruntime-genai n-gram"] == outputs["onnxruntime-genai"], "onnxruntime-genai's n-gram decoding changed its greedy tokens"
 
     results = {
         "model": args.model, "checkpoint": str(checkpoint), "threads": args.threads, "prompts": len(prompts),
@@ -131,11 +143,13 @@ def main() -> None:
             "moecc_rounds": [round(r, 1) for r in rates["moecc"][kind]], "genai_rounds": [round(r, 1) for r in rates["onnxruntime-genai"][kind]],
         }
         table.add_row(f"{kind.replace('_', '-')} tokens/s", f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x")
-    lookup = statistics.median(rates["moecc prompt lookup"]["decode"])
-    theirs = statistics.median(rates["onnxruntime-genai"]["decode"])
-    results["decode_with_prompt_lookup"] = {"moecc_tokens_per_second": round(lookup, 1), "ratio": round(lookup / theirs, 2),
-                                            "moecc_rounds": [round(r, 1) for r in rates["moecc prompt lookup"]["decode"]]}
-    table.add_row("decode tokens/s, ours with prompt lookup", f"{lookup:.1f}", f"{theirs:.1f}", f"{lookup / theirs:.2f}x")
+    ours, theirs = (statistics.median(rates[side]["decode"]) for side in ("moecc prompt lookup", "onnxruntime-genai n-gram"))
+    results["decode_with_prompt_lookup"] = {
+        "moecc_tokens_per_second": round(ours, 1), "genai_tokens_per_second": round(theirs, 1), "ratio": round(ours / theirs, 2),
+        "genai_ngram_options": ngram, "moecc_rounds": [round(r, 1) for r in rates["moecc prompt lookup"]["decode"]],
+        "genai_rounds": [round(r, 1) for r in rates["onnxruntime-genai n-gram"]["decode"]],
+    }
+    table.add_row("decode tokens/s, prompt lookup (genai: n-gram)", f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x")
     table.add_row("greedy token agreement", "", "", f"{agreement:.4f}")
     console.print(table)
     json_out = args.json_out or Path("artifacts") / f"bench-{loaded.recipe.name}-{args.model}-vs-genai.json"

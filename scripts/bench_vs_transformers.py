@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -38,11 +39,16 @@ from runtime.prompt_lookup import MAX_NGRAM
 from runtime.speculative import GenerationStats
 
 
+def _start_idle() -> None:
+    if not wait_until_idle():
+        print("warning: threads still running after 2 s; this side's figures may read low", file=sys.stderr)
+
+
 def ours(generator, prompts, new_tokens, sampling=None, **options):
     """Aggregate stats over prompts: total tokens / total seconds, acceptance over all proposals."""
     total = GenerationStats()
     outputs = []
-    wait_until_idle()  # PyTorch's threads spin a while after its last call
+    _start_idle()  # PyTorch's threads spin a while after its last call
     for ids in prompts:
         stats = GenerationStats()
         steps = generator.stream_ids(ids, max_new_tokens=new_tokens, stats=stats, stop_tokens=set(), sampling=sampling, **options)
@@ -58,7 +64,7 @@ def theirs(model, prompts, new_tokens, assistant=None, lookup_tokens=None):
     lookup = {"prompt_lookup_num_tokens": lookup_tokens, "max_matching_ngram_size": MAX_NGRAM} if lookup_tokens else {}
     tokens = seconds = 0.0
     outputs = []
-    wait_until_idle()
+    _start_idle()
     for ids in prompts:
         inputs = torch.tensor([ids])
         started = time.perf_counter()

@@ -79,15 +79,19 @@ def test_speculative_decoding_over_appended_caches_is_lossless(tiny_tensorrt_art
     }
     prompt = [5, 17, 42, 9, 77, 3]
 
-    def generate(draft_length: int | None, lookup: bool = False) -> list[int]:
-        draft = ModelDraft(decoders["draft"].new_cache(128)) if draft_length else None
+    def generate(draft_length: int | None, lookup: bool = False) -> tuple[list[int], GenerationStats]:
+        draft = None
         if lookup:
             draft = LookupDraft(manifest.models["main"].vocab_size)
-        steps = decode(decoders["main"].new_cache(128), draft, prompt, 40, FixedDraftLength(draft_length or 1), SamplingParams(), set(), GenerationStats())
-        return [token for step in steps for token in step]
+        elif draft_length:
+            draft = ModelDraft(decoders["draft"].new_cache(128))
+        stats = GenerationStats()
+        steps = decode(decoders["main"].new_cache(128), draft, prompt, 40, FixedDraftLength(draft_length or 1), SamplingParams(), set(), stats)
+        return [token for step in steps for token in step], stats
 
-    alone = generate(None)
+    alone, _ = generate(None)
     assert len(alone) == 40
-    assert generate(3) == alone
-    assert generate(5) == alone
-    assert generate(4, lookup=True) == alone
+    assert generate(3)[0] == alone
+    assert generate(5)[0] == alone
+    looked_up, stats = generate(4, lookup=True)
+    assert looked_up == alone and stats.proposed > 0

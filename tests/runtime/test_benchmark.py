@@ -39,19 +39,31 @@ def test_kv_bytes_follow_the_cache_precision():
     assert kv_bytes_per_token(entry.model_copy(update={"kv_cache": "int8"}), 128, 65) * 4 == full
 
 
-def test_wait_until_idle_outlasts_a_spinning_thread():
-    """A peer runtime's thread pool spinning after its last call must not overlap the next side's timing."""
-    stop = time.perf_counter() + 0.2
+def _spinning_thread(seconds: float) -> tuple[threading.Thread, float]:
+    """A started thread that keeps a core busy for `seconds`, as a thread pool spinning after its last call; and when it stops."""
+    stop = time.perf_counter() + seconds
 
     def spin() -> None:
         while time.perf_counter() < stop:
             pass
 
-    spinner = threading.Thread(target=spin)
-    spinner.start()
-    wait_until_idle()
+    thread = threading.Thread(target=spin)
+    thread.start()
+    return thread, stop
+
+
+def test_wait_until_idle_outlasts_a_spinning_thread():
+    """A peer runtime's thread pool spinning after its last call must not overlap the next side's timing."""
+    spinner, stop = _spinning_thread(0.2)
+    assert wait_until_idle()
     assert time.perf_counter() >= stop
     spinner.join()
     started = time.perf_counter()
-    wait_until_idle()
+    assert wait_until_idle()
     assert time.perf_counter() - started < 0.15  # nothing running: one window of 20 ms
+
+
+def test_wait_until_idle_says_when_threads_keep_running():
+    spinner, _ = _spinning_thread(1.0)
+    assert not wait_until_idle(timeout=0.3)
+    spinner.join()

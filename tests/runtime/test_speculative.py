@@ -11,7 +11,17 @@ from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.sampling import SamplingParams
 from runtime.decoder import BatchKvCache
-from runtime.speculative import AdaptiveDraftLength, BatchModelDraft, FixedDraftLength, GenerationStats, ModelDraft, decode, decode_batch
+from runtime.speculative import (
+    AdaptiveDraftLength,
+    BatchLookupDraft,
+    BatchModelDraft,
+    FixedDraftLength,
+    GenerationStats,
+    LookupDraft,
+    ModelDraft,
+    decode,
+    decode_batch,
+)
 
 PROMPTS = corpus.heldout_prompts(20, prompt_chars=120)
 NEW_TOKENS = 32
@@ -380,3 +390,36 @@ def test_speculative_batch_of_one_token_each(tiny_artifact):
     rows, stats = generator.generate_batch_ids(prompts, max_new_tokens=1, stop_tokens=set(), draft_length=3)
     assert rows == [_greedy(generator, prompt, speculative=False, stop_tokens=set())[0][:1] for prompt in prompts]
     assert stats.proposed == 0  # no room for proposals before the only token
+
+
+class _CountingLookup(LookupDraft):
+    """A LookupDraft that records how many tokens each of its lookups found."""
+
+    def __init__(self, vocab_size):
+        super().__init__(vocab_size)
+        self.found = []
+
+    def propose(self, *args):
+        proposal = super().propose(*args)
+        self.found.append(len(proposal.tokens))
+        return proposal
+
+
+def test_lookups_report_the_tokens_they_found_and_a_miss_as_a_main_alone_step(tiny_artifact):
+    """A lookup finds at most the chosen length, often fewer or none: the policy must see what was proposed,
+    and a step with nothing proposed is the main model running alone."""
+    generator = runtime.load(tiny_artifact)
+    vocab = generator.main.entry.vocab_size
+    unique, repeating = list(range(10, 40)), [5, 6, 7, 8] * 6  # the first lookup misses / hits
+    for prompt, first in ((unique, 0), (repeating, 4)):
+        policy, draft = _Recording([4]), _CountingLookup(vocab)
+        list(decode(generator.main.new_cache(), draft, prompt, 12, policy, SamplingParams(), set(), GenerationStats()))
+        lengths = [length for length, _ in policy.reported]
+        # A last step with one token left proposes nothing, so it looks nothing up.
+        assert lengths[: len(draft.found)] == draft.found and set(lengths[len(draft.found) :]) <= {0} and draft.found[0] == first
+        assert [alone for _, alone in policy.reported] == _alone_counts(lengths)
+    policy = _Recording([4])
+    main = BatchKvCache(generator.main, 2, 128)
+    decode_batch(main, BatchLookupDraft(vocab, 2), [unique, repeating], 12, policy, SamplingParams(), [np.random.default_rng(0)] * 2, set(), GenerationStats())
+    assert policy.reported[:2] == [(0, 0), (4, 0)]  # step 1: row 0 missed, row 1 copied 4
+    assert [alone for _, alone in policy.reported[2:4]] == [1, 0]  # step 2: row 0 ran alone once, row 1 proposed
