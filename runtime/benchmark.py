@@ -19,12 +19,12 @@ import onnxruntime as ort
 from runtime.artifact import ModelEntry
 from runtime.decoder import kv_bytes_per_position
 from runtime.generator import Generator
-from runtime.speculative import GenerationStats
+from runtime.speculative import AdaptiveDraftLength, GenerationStats
 
 
 @dataclass(frozen=True)
 class Mode:
-    name: str  # "main only", "speculative k=4", "speculative auto", "prompt lookup auto"
+    name: str  # "main only", "speculative k=4", "speculative auto", "prompt lookup"
     speculative: bool
     draft_length: int | str | None = None
     proposer: str = "draft"
@@ -61,7 +61,7 @@ def modes_for(generator: Generator, draft_length: int) -> list[Mode]:
     modes = [Mode("main only", speculative=False)]
     if generator.draft is not None:
         modes += [Mode(f"speculative k={draft_length}", True, draft_length), Mode("speculative auto", True, "auto")]
-    return modes + [Mode("prompt lookup auto", True, "auto", "prompt-lookup")]
+    return modes + [Mode("prompt lookup", True, "auto", "prompt-lookup")]
 
 
 @dataclass(frozen=True)
@@ -90,19 +90,19 @@ def run_cases(generator: Generator, cases: list[Case], new_tokens: int, runs: in
     draft-length policy of its own across the rounds, as it would running alone (a batched generation starts
     a fresh one every call anyway)."""
     records: list[list[GenerationStats]] = [[] for _ in cases]
-    policies = [generator.new_policy(case.mode.proposer) for case in cases]
-    shared = generator.adaptive_draft_length, generator.adaptive_lookup_length
+    policies = [AdaptiveDraftLength(generator.manifest.generation.max_draft_length) for _ in cases]
+    shared = generator.adaptive_draft_length
     try:
         for round_index in range(runs + 1):
             for case, record, policy in zip(cases, records, policies):
                 if progress:
                     progress(round_index, case)
-                generator.adaptive_draft_length = generator.adaptive_lookup_length = policy  # a case runs one proposer
+                generator.adaptive_draft_length = policy
                 stats = _generate(generator, case, new_tokens)
                 if round_index:
                     record.append(stats)
     finally:
-        generator.adaptive_draft_length, generator.adaptive_lookup_length = shared
+        generator.adaptive_draft_length = shared
     return [_summary(case, record, new_tokens, runs) for case, record in zip(cases, records)]
 
 

@@ -64,11 +64,6 @@ Proposer = Literal["draft", "prompt-lookup"]  # the draft model, or tokens copie
 PROPOSERS: tuple[str, ...] = get_args(Proposer)
 
 
-def _check_proposer(proposer: str) -> None:
-    if proposer not in PROPOSERS:
-        raise MoeccError(f"proposer must be one of {', '.join(PROPOSERS)}, not {proposer!r}")
-
-
 class Generator:
     """Holds one session per model; each call gets its own KV caches, so threads may share a Generator."""
 
@@ -82,9 +77,7 @@ class Generator:
         self.tokenizer = Tokenizer.from_file(str(self.path / self.manifest.tokenizer))
         eos = self.manifest.generation.eos_token_id
         self.stop_tokens = {eos} if eos is not None else set()
-        # Shared by all generations of a proposer: what one learned the next starts from.
-        self.adaptive_draft_length = self.new_policy("draft")
-        self.adaptive_lookup_length = self.new_policy("prompt-lookup")
+        self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)  # shared by all generations
 
     def _decoder(self, role: str, threads: int | None):
         entry = self.manifest.models[role]
@@ -98,19 +91,18 @@ class Generator:
             return ExpertParallelDecoder(self.path, entry, set(self.manifest.files), threads)
         return Decoder(self.path, entry, set(self.manifest.files), threads)
 
-    def new_policy(self, proposer: Proposer) -> AdaptiveDraftLength:
-        """A fresh "auto" draft-length policy for this proposer: a lookup runs no model that could push the main
-        model's weights out of cache, so a main-alone step right after one is timed as it is."""
-        _check_proposer(proposer)
-        return AdaptiveDraftLength(self.manifest.generation.max_draft_length, settle_steps=0 if proposer == "prompt-lookup" else AdaptiveDraftLength.SETTLE_STEPS)
-
     def _draft_policy(self, draft_length: int | str, sampling: SamplingParams, proposer: Proposer) -> FixedDraftLength | AdaptiveDraftLength:
-        _check_proposer(proposer)
+        if proposer not in PROPOSERS:
+            raise MoeccError(f"proposer must be one of {', '.join(PROPOSERS)}, not {proposer!r}")
         if draft_length == "auto":
+            if proposer == "prompt-lookup":
+                # A lookup costs nothing and finds what it finds: up to the longest length every step (measured
+                # on the shipped pair, faster than choosing a length from acceptance and verify costs).
+                return FixedDraftLength(self.manifest.generation.max_draft_length)
             if sampling.temperature > 0 and sampling.seed is not None:
                 # Which tokens a seed draws depends on the draft lengths; measured timings would make them vary.
                 return FixedDraftLength(min(SEEDED_DRAFT_LENGTH, self.manifest.generation.max_draft_length))
-            return self.adaptive_lookup_length if proposer == "prompt-lookup" else self.adaptive_draft_length
+            return self.adaptive_draft_length
         if not isinstance(draft_length, int) or isinstance(draft_length, bool) or draft_length < 1:
             raise MoeccError(f"draft_length must be a positive integer or 'auto', not {draft_length!r}")
         return FixedDraftLength(draft_length)
@@ -136,8 +128,9 @@ class Generator:
 
         proposer "draft" proposes with the artifact's draft model (none: the main model alone), "prompt-lookup"
         copies tokens from the sequence itself (no draft model runs). draft_length "auto" adapts the number of
-        proposals per step to measured acceptance and costs; seeded sampling uses a fixed SEEDED_DRAFT_LENGTH
-        instead, so that the same seed gives the same tokens. stop_tokens defaults to the artifact's end-of-text
+        a draft model's proposals per step to measured acceptance and costs (seeded sampling uses a fixed
+        SEEDED_DRAFT_LENGTH instead, so that the same seed gives the same tokens); a lookup proposes up to
+        max_draft_length tokens every step. stop_tokens defaults to the artifact's end-of-text
         token; pass an empty set to ignore it.
         """
         defaults = self.manifest.generation
@@ -216,8 +209,8 @@ class Generator:
             raise MoeccError(f"prompt and new tokens need {needed} positions; the maximum sequence length is {self.main.entry.max_sequence_length}")
         rngs = [np.random.default_rng(None if sampling.seed is None else [sampling.seed, row]) for row in range(len(prompt_ids))]
         policy = self._draft_policy(draft_length or defaults.draft_length, sampling, proposer)
-        if isinstance(policy, AdaptiveDraftLength):  # a batch's costs would mislead single-sequence generation
-            policy = self.new_policy(proposer)
+        if policy is self.adaptive_draft_length:  # a batch's costs would mislead single-sequence generation
+            policy = AdaptiveDraftLength(defaults.max_draft_length)
         # Room for a whole verify block after the longest row, so that calls near the end stay one call wide.
         capacity = min(needed + policy.max_length + 1, self.main.entry.max_sequence_length)
         main = BatchKvCache(self.main, len(prompt_ids), capacity)

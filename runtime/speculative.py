@@ -114,15 +114,12 @@ class AdaptiveDraftLength:
     back to PROBE_EVERY once a probe makes speculation pay. While speculation wins, every REFRESH_EVERY steps
     the draft sits out until the main model's cost alone has been timed (at most MAX_REFRESH_STEPS steps),
     so that cost stays measured too: it is what speculation is judged against. It counts only after
-    settle_steps (SETTLE_STEPS by default) main-alone steps in a row of the same sequence: right after draft
-    calls the main model runs up to a third slower (the draft's weights took its place in cache), which
-    decoding without the draft never pays; timed there, the main model alone looks slower than it is and
-    speculation wins where it loses. Proposals that run no model (prompt lookup) evict nothing, so their
-    policy takes settle_steps=0. A lookup may find fewer tokens than chosen, or none (then the main model
-    runs alone): each step is judged by the tokens actually proposed. The first WARMUP_STEPS of a generation
-    update the acceptance but not the costs: right after a prompt, calls run slower while the weights return
-    to cache, and those times would mislead every later generation (a cost not measured otherwise takes a
-    warm-up time until the first later one replaces it).
+    SETTLE_STEPS main-alone steps in a row of the same sequence: right after draft calls the main model runs
+    up to a third slower (the draft's weights took its place in cache), which decoding without the draft
+    never pays; timed there, the main model alone looks slower than it is and speculation wins where it
+    loses. The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
+    prompt, calls run slower while the weights return to cache, and those times would mislead every later
+    generation (a cost not measured otherwise takes a warm-up time until the first later one replaces it).
 
     A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
     keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
@@ -133,13 +130,12 @@ class AdaptiveDraftLength:
     PROBE_EVERY = 16
     MAX_PROBE_INTERVAL = 1024
     REFRESH_EVERY = 32
-    MAX_REFRESH_STEPS = 8  # room for settle_steps + 1 in a row in each of a few generations sharing the policy
+    MAX_REFRESH_STEPS = 8  # room for SETTLE_STEPS + 1 in a row in each of a few generations sharing the policy
     SETTLE_STEPS = 2
     WARMUP_STEPS = 4
 
-    def __init__(self, max_length: int, settle_steps: int = SETTLE_STEPS):
+    def __init__(self, max_length: int):
         self.max_length = max_length
-        self.settle_steps = settle_steps
         self.accepted = 0.0  # decayed count of accepted proposals
         self.rejected = 0.0  # decayed count of steps that ended with a rejection
         self.draft_cost: float | None = None  # seconds per draft call
@@ -222,8 +218,7 @@ class AdaptiveDraftLength:
 
     def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool, alone_before: int) -> None:
         if length == 0:
-            self._probing = False  # a probe whose lookup found nothing tells nothing about speculation
-            settled = timed and alone_before >= self.settle_steps
+            settled = timed and alone_before >= self.SETTLE_STEPS
             self.verify_cost[1] = self._measured(1, self.verify_cost.get(1), verify_seconds, settled)
             if settled:
                 self.refresh_left = 0  # the main model alone is measured: back to speculation

@@ -33,10 +33,11 @@ from compiler.pipeline import with_generated_weights
 from compiler.recipe import load_recipe
 from runtime.benchmark import wait_until_idle
 from runtime.sampling import SamplingParams
-from runtime.speculative import AdaptiveDraftLength, FixedDraftLength, GenerationStats, LookupDraft, decode
+from runtime.speculative import FixedDraftLength, GenerationStats, LookupDraft, decode
 
 
-GENAI_NGRAM = {"ngram_size": 4, "max_draft_tokens": 4}  # its fastest on the shipped draft, of sizes 3-4 and 4 or 8 tokens
+# Its fastest on the shipped draft, of n-gram sizes 2 to 4 and 4, 8 or 16 tokens per step (1.8-2.0x its plain decoding).
+GENAI_NGRAM = {"ngram_size": 3, "max_draft_tokens": 8}
 
 
 def build_genai_model(checkpoint: Path, folder: Path) -> Path:
@@ -66,12 +67,12 @@ def genai_decode(model: og.Model, prompt: list[int], new_tokens: int, ngram: dic
     return list(generator.get_sequence(0)[len(prompt) :]), prefilled - started, finished - prefilled
 
 
-def ours_decode(decoder, prompt: list[int], new_tokens: int, lookup_policy: AdaptiveDraftLength | None = None) -> tuple[list[int], float, float]:
-    """The same greedy loop as main-only generation, on the chosen model's own KV cache; with a policy, the
-    model verifies prompt-lookup proposals (the same tokens, fewer calls)."""
+def ours_decode(decoder, prompt: list[int], new_tokens: int, lookup_tokens: int = 0) -> tuple[list[int], float, float]:
+    """The same greedy loop as main-only generation, on the chosen model's own KV cache; with lookup_tokens,
+    the model verifies up to that many prompt-lookup proposals per step (the same tokens, fewer calls)."""
     stats = GenerationStats()
-    draft, policy = (LookupDraft(decoder.entry.vocab_size), lookup_policy) if lookup_policy is not None else (None, FixedDraftLength(1))
-    steps = decode(decoder.new_cache(), draft, prompt, new_tokens, policy, SamplingParams(), set(), stats)
+    draft = LookupDraft(decoder.entry.vocab_size) if lookup_tokens else None
+    steps = decode(decoder.new_cache(), draft, prompt, new_tokens, FixedDraftLength(lookup_tokens or 1), SamplingParams(), set(), stats)
     tokens = [token for step in steps for token in step]
     return tokens, stats.prefill_seconds, stats.seconds - stats.prefill_seconds
 
@@ -100,12 +101,12 @@ def main() -> None:
     genai = og.Model(config)
     prompts = [generator.encode(text) for text in corpus.heldout_prompts(args.prompts)]
 
-    lookup_policy = generator.new_policy("prompt-lookup")
+    lookup_tokens = generator.manifest.generation.max_draft_length  # what the runtime's "auto" proposes with a lookup
     ngram = {"ngram_size": args.genai_ngram_size, "max_draft_tokens": args.genai_draft_tokens}
     sides = {
         "moecc": lambda p: ours_decode(decoder, p, args.new_tokens),
         "onnxruntime-genai": lambda p: genai_decode(genai, p, args.new_tokens),
-        "moecc prompt lookup": lambda p: ours_decode(decoder, p, args.new_tokens, lookup_policy),
+        "moecc prompt lookup": lambda p: ours_decode(decoder, p, args.new_tokens, lookup_tokens),
         "onnxruntime-genai n-gram": lambda p: genai_decode(genai, p, args.new_tokens, ngram),
     }
     rates: dict[str, dict[str, list[float]]] = {side: {"decode": [], "end_to_end": []} for side in sides}

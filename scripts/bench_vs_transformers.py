@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="counted rounds after the warm-up round")
     parser.add_argument("--heldout-tokens", type=int, default=65536, help="held-out tokens for perplexity (0: skip)")
     parser.add_argument("--draft-lengths", nargs="+", default=["1", "2", "4", "8", "auto"], help="speculative settings to measure")
-    parser.add_argument("--lookup-tokens", type=int, default=4, help="transformers' prompt_lookup_num_tokens, against our prompt lookup (auto)")
+    parser.add_argument("--lookup-tokens", type=int, default=None, help="tokens a prompt lookup proposes per step, both sides (default: the artifact's max_draft_length)")
     parser.add_argument("--json-out", type=Path, default=None, help="default: artifacts/bench-NAME-vs-transformers.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,6 +118,7 @@ def main() -> None:
         overrides["num_experts_per_tok"] = loaded.recipe.draft.experts_per_token
     draft_model = AutoModelForCausalLM.from_pretrained(loaded.draft_checkpoint, dtype=torch.float32, **overrides).eval()
     lengths = [int(k) if k.isdigit() else k for k in args.draft_lengths]
+    lookup_tokens = args.lookup_tokens or generator.manifest.generation.max_draft_length  # what our "auto" proposes with a lookup
 
     rounds: dict[str, list[float]] = {}  # measure -> tokens/s per counted round
     for round_index in range(args.rounds + 1):  # round 0 warms both sides up
@@ -135,10 +136,10 @@ def main() -> None:
                 spec_stats["accepted_length"].append(spec.mean_accepted_length)
                 spec_stats["draft_share"].append(spec.draft_seconds / spec.seconds)
         measured["transformers assisted"], _ = theirs(main_model, prompts, args.new_tokens, assistant=draft_model)
-        lookup, outputs = ours(generator, prompts, args.new_tokens, proposer="prompt-lookup", draft_length="auto")
+        lookup, outputs = ours(generator, prompts, args.new_tokens, proposer="prompt-lookup", draft_length=lookup_tokens)
         assert outputs == reference, "prompt lookup diverged from main-only greedy"
         measured["ours prompt lookup"] = lookup.tokens_per_second
-        measured["transformers prompt lookup"], _ = theirs(main_model, prompts, args.new_tokens, lookup_tokens=args.lookup_tokens)
+        measured["transformers prompt lookup"], _ = theirs(main_model, prompts, args.new_tokens, lookup_tokens=lookup_tokens)
         if round_index:
             lookup_stats = results.setdefault("prompt_lookup", {"acceptance": [], "accepted_length": []})
             lookup_stats["acceptance"].append(lookup.acceptance_rate)
@@ -206,9 +207,9 @@ def main() -> None:
         )
     lookup = results["prompt_lookup"]
     rows += [
-        ("prompt lookup (auto): tokens/s, speed-up, acceptance, mean accepted",
+        (f"prompt lookup ({lookup_tokens} tokens): tokens/s, speed-up, acceptance, mean accepted",
          f"{lookup['tokens_per_second']}, {lookup['speedup_vs_main_only']}x, {lookup['acceptance_greedy']}, {lookup['mean_accepted_length']}"),
-        (f"transformers prompt lookup ({args.lookup_tokens} tokens): tokens/s, speed-up over its generate",
+        (f"transformers prompt lookup ({lookup_tokens} tokens): tokens/s, speed-up over its generate",
          f"{lookup['transformers_tokens_per_second']}, {lookup['transformers_speedup_vs_generate']}x"),
         ("ratio prompt lookup ours / transformers", lookup["ratio_vs_transformers_prompt_lookup"]),
     ]

@@ -62,15 +62,15 @@ def _tokens(steps) -> list[int]:
 @pytest.mark.parametrize("draft_length", [1, 4, "auto"])
 def test_prompt_lookup_decoding_is_lossless_and_proposes(shipped_artifact, draft_length):
     generator = runtime.load(shipped_artifact)
-    proposed = accepted = 0
+    tokens = calls = 0
     for prompt in PROMPTS:
         ids = generator.encode(prompt)
         reference = _tokens(generator.stream_ids(ids, max_new_tokens=NEW_TOKENS, speculative=False, stop_tokens=set()))
         stats = runtime.GenerationStats()
         steps = generator.stream_ids(ids, max_new_tokens=NEW_TOKENS, proposer="prompt-lookup", draft_length=draft_length, stats=stats, stop_tokens=set())
         assert _tokens(steps) == reference, f"prompt {prompt[:40]!r} diverged"
-        proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
-    assert proposed > 0 and accepted / proposed >= 0.5  # code repeats itself: most copied tokens are right
+        tokens, calls = tokens + stats.new_tokens, calls + stats.verify_calls
+    assert tokens / calls >= 1.25  # code repeats itself: copied tokens save main-model calls (1.37 to 1.91 measured)
 
 
 def test_prompt_lookup_in_a_batch_matches_each_row_alone(tiny_artifact):

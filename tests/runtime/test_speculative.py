@@ -270,15 +270,6 @@ def test_the_main_model_alone_is_timed_only_once_the_draft_has_been_out_for_a_fe
     assert policy.verify_cost[1] == pytest.approx(1.4)
 
 
-def test_after_a_lookup_the_main_model_alone_is_timed_at_once(tiny_artifact):
-    """Prompt lookup runs no model that could evict the main model's weights: its policy times every main-alone
-    step, so a refresh ends on its first step."""
-    policy = runtime.load(tiny_artifact).new_policy("prompt-lookup")
-    policy.verify_cost, policy.draft_cost, policy.refresh_left = {1: 1.0}, 0.0, 5
-    policy.update(0, 0, 0.0, 5.0, alone_before=0)
-    assert policy.verify_cost[1] == pytest.approx(1.4) and policy.refresh_left == 0
-
-
 class _Recording(_ScriptedLength):
     """Scripted lengths that record what each step reports: (length, main-alone steps before it)."""
 
