@@ -13,19 +13,7 @@ from runtime.artifact import Manifest, verify_artifact
 from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
 from runtime.sampling import SamplingParams
-from runtime.speculative import (
-    AdaptiveDraftLength,
-    BatchDraft,
-    BatchLookupDraft,
-    BatchModelDraft,
-    Draft,
-    FixedDraftLength,
-    GenerationStats,
-    LookupDraft,
-    ModelDraft,
-    decode,
-    decode_batch,
-)
+from runtime.speculative import AdaptiveDraftLength, BatchDraft, BatchLookupDraft, BatchModelDraft, Draft, FixedDraftLength, GenerationStats, LookupDraft, ModelDraft, decode, decode_batch
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,7 @@ from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.sampling import SamplingParams
 from runtime.decoder import BatchKvCache
-from runtime.speculative import (
-    AdaptiveDraftLength,
-    BatchLookupDraft,
-    BatchModelDraft,
-    FixedDraftLength,
-    GenerationStats,
-    LookupDraft,
-    ModelDraft,
-    decode,
-    decode_batch,
-)
+from runtime.speculative import AdaptiveDraftLength, BatchLookupDraft, BatchModelDraft, FixedDraftLength, GenerationStats, LookupDraft, ModelDraft, decode, decode_batch
 
 PROMPTS = corpus.heldout_prompts(20, prompt_chars=120)
 NEW_TOKENS = 32
