@@ -131,7 +131,7 @@ class StageRecord(_Record):
 
 class GenerationEntry(_Record):
     draft_length: int | Literal["auto"]  # auto: chosen per step from measured acceptance and call costs
-    max_draft_length: int = 8  # the longest an automatic draft length may be
+    max_draft_length: int = 8  # the longest an automatic draft length may be (a prompt lookup's, every step)
     max_new_tokens: int
     temperature: float
     eos_token_id: int | None

@@ -86,9 +86,9 @@ def run_cases(generator: Generator, cases: list[Case], new_tokens: int, runs: in
     """Each case `runs` times after a warm-up round (which warms caches and ONNX Runtime's allocations), in
     rounds that run every case once in turn, so the machine's drift reaches every case alike instead of the
     ones that happen to run last. One prompt goes through the single-sequence loop; several are decoded
-    together as one batch, and tokens/s then counts every row's tokens. Each single-sequence case keeps a
-    draft-length policy of its own across the rounds, as it would running alone (a batched generation starts
-    a fresh one every call anyway)."""
+    together as one batch, and tokens/s then counts every row's tokens. Each single-sequence case with an
+    adaptive draft length keeps a policy of its own across the rounds, as it would running alone (a batched
+    generation starts a fresh one every call anyway)."""
     records: list[list[GenerationStats]] = [[] for _ in cases]
     policies = [AdaptiveDraftLength(generator.manifest.generation.max_draft_length) for _ in cases]
     shared = generator.adaptive_draft_length

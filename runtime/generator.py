@@ -65,7 +65,7 @@ class Generator:
         self.tokenizer = Tokenizer.from_file(str(self.path / self.manifest.tokenizer))
         eos = self.manifest.generation.eos_token_id
         self.stop_tokens = {eos} if eos is not None else set()
-        self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)  # shared by all generations
+        self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)  # shared by all draft-model "auto" generations
 
     def _decoder(self, role: str, threads: int | None):
         entry = self.manifest.models[role]
@@ -183,8 +183,9 @@ class Generator:
         Each row samples with its own generator, seeded from the sampling seed and its index. Every model call
         serves all rows, so each call reads the weights once for the whole batch: main only, one token per row
         per call; speculative, one draft call per proposed position and one main call verifying every row's
-        proposals (see BatchKvCache); "auto" adapts the draft length for this batch alone, from its own costs.
-        proposer as in stream_ids: "prompt-lookup" has each row copy from its own sequence.
+        proposals (see BatchKvCache); "auto" adapts a draft model's length for this batch alone, from its own
+        costs. proposer as in stream_ids: "prompt-lookup" has each row copy from its own sequence, up to
+        max_draft_length tokens a step with "auto".
         """
         if self.target != "cpu":
             raise MoeccError(f"batched generation runs on the cpu target; this generator runs on {self.target}", hint="load the artifact with target='cpu'")

@@ -218,6 +218,7 @@ class AdaptiveDraftLength:
 
     def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool, alone_before: int) -> None:
         if length == 0:
+            self._probing = False  # a probe cut to nothing (a generation's last token) tells nothing
             settled = timed and alone_before >= self.SETTLE_STEPS
             self.verify_cost[1] = self._measured(1, self.verify_cost.get(1), verify_seconds, settled)
             if settled:

@@ -166,6 +166,7 @@ def main() -> None:
         }
     collected = results["prompt_lookup"]
     results["prompt_lookup"] = {
+        "lookup_tokens": lookup_tokens,
         "tokens_per_second": round(statistics.median(rounds["ours prompt lookup"]), 1),
         "speedup_vs_main_only": paired("ours prompt lookup", "ours main only"),
         "acceptance_greedy": round(statistics.mean(collected["acceptance"]), 3),

@@ -224,6 +224,27 @@ def test_adaptive_draft_length_probes_while_the_draft_sits_idle_and_backs_off():
     assert policy.probe_interval == 4 * every
 
 
+def test_a_probe_cut_to_nothing_judges_no_later_step():
+    """A probe on a generation's last token proposes nothing; the next speculative step is no probe, so it must
+    leave the probe interval as it is."""
+    policy = _policy(0.1, 0.5, lambda n: n)
+    every = AdaptiveDraftLength.PROBE_EVERY
+    assert [policy.choose() for _ in range(every)][-1] == 1
+    policy.update(0, 0, 0.0, 1.0)  # the loop cut the probe to nothing
+    policy.update(1, 0, 0.5, 2.0)  # a later fixed-length step, rejected
+    assert policy.probe_interval == every
+
+
+def test_prompt_lookup_with_auto_proposes_the_longest_length_every_step(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    longest = generator.manifest.generation.max_draft_length
+    for sampling in (SamplingParams(), SamplingParams(temperature=0.8, seed=3)):
+        policy = generator._draft_policy("auto", sampling, "prompt-lookup")
+        assert isinstance(policy, FixedDraftLength) and policy.length == longest
+    generator.generate("def f(x):", max_new_tokens=8, proposer="prompt-lookup", draft_length="auto")
+    assert generator.adaptive_draft_length.verify_cost == {}  # the draft model's policy learned nothing from it
+
+
 def test_a_probe_that_makes_speculation_pay_ends_the_idle_spell():
     policy = AdaptiveDraftLength(max_length=4)
     policy.update(0, 0, 0.0, 1.0)
