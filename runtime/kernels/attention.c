@@ -1,0 +1,439 @@
+/* moecc.Attention: GroupQueryAttention for the CPU, reading each key/value head once per group.
+
+ONNX Runtime's CPU GroupQueryAttention runs a matrix product per query head against its key/value head, so
+at long contexts a decode step spends several times what reading the cache costs. This kernel walks a
+key/value head's cached rows once for all the query heads that share it, and reads an int8 cache without
+widening it first. Its contract is the node's it replaces (runtime/kernels/attention.py swaps it in when a
+session loads):
+
+  inputs   0 query [B, S, H*D]   1 key [B, S, KVH*D]   2 value [B, S, KVH*D]
+             (or query [B, S, (H + 2 KVH) * D] with all three packed, and no key or value)
+           3 past_key, 4 past_value [B, KVH, capacity, D], float or int8 (per-channel scales: 9, 10)
+           5 seqlens_k [B] int32: each row's length after the call, minus one
+           6 cos, 7 sin [positions, D/2]: rotary tables (half-split, not interleaved)
+           8 query_seqlens [B] int32: each row's new tokens; the rest of the S are padding
+           9 key_scale, 10 value_scale [1, KVH, 1, D]: an int8 cache's scales (optional)
+  outputs  0 output [B, S, H*D]  1 present_key, 2 present_value: the past buffers with the new rows written,
+           in place when the caller binds them to the past (a decode loop does), else a copy.
+  attrs    num_heads, kv_num_heads, scale (0: 1/sqrt(D))
+
+Padding positions of a row produce zeros and write nothing to the cache. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
+#include "onnxruntime_c_api.h"
+
+static const OrtApi *ort;
+
+enum { QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS_K, COS, SIN, QUERY_SEQLENS, KEY_SCALE, VALUE_SCALE, INPUT_COUNT };
+enum { OUTPUT, PRESENT_KEY, PRESENT_VALUE, OUTPUT_COUNT };
+enum { QUERY_BLOCK = 16 }; /* query positions one work item takes, so a prefill spreads over the threads */
+
+typedef struct {
+  int64_t num_heads, kv_num_heads;
+  float scale;
+} Kernel;
+
+#define CHECK(expr)                        \
+  do {                                     \
+    OrtStatus *status_ = (expr);           \
+    if (status_) return status_;           \
+  } while (0)
+
+static OrtStatus *fail(const char *message) { return ort->CreateStatus(ORT_INVALID_ARGUMENT, message); }
+
+typedef struct {
+  const OrtValue *value;
+  void *data;
+  int64_t shape[4];
+  size_t rank;
+  ONNXTensorElementDataType type;
+} Tensor;
+
+static OrtStatus *describe(const OrtValue *value, Tensor *tensor) {
+  OrtTensorTypeAndShapeInfo *info;
+  tensor->value = value;
+  CHECK(ort->GetTensorMutableData((OrtValue *)value, &tensor->data));
+  CHECK(ort->GetTensorTypeAndShape(value, &info));
+  OrtStatus *status = ort->GetDimensionsCount(info, &tensor->rank);
+  if (!status && tensor->rank > 4) status = fail("moecc.Attention: an input has more than 4 dimensions");
+  if (!status) status = ort->GetDimensions(info, tensor->shape, tensor->rank);
+  if (!status) status = ort->GetTensorElementType(info, &tensor->type);
+  ort->ReleaseTensorTypeAndShapeInfo(info);
+  return status;
+}
+
+static OrtStatus *input(OrtKernelContext *context, size_t index, Tensor *tensor) {
+  const OrtValue *value;
+  CHECK(ort->KernelContext_GetInput(context, index, &value));
+  if (!value) {
+    tensor->value = NULL;
+    return NULL;
+  }
+  return describe(value, tensor);
+}
+
+static OrtStatus *output(OrtKernelContext *context, size_t index, const int64_t *shape, size_t rank, Tensor *tensor) {
+  OrtValue *value;
+  CHECK(ort->KernelContext_GetOutput(context, index, shape, rank, &value));
+  return describe(value, tensor);
+}
+
+/* One call's geometry and buffers, shared by the work items. */
+typedef struct {
+  int64_t batch, new_width, heads, kv_heads, group, dim, capacity;
+  float scale;
+  const float *query, *key, *value, *cos, *sin, *key_scale, *value_scale;
+  int64_t query_stride, key_stride; /* floats per token: packed inputs hold a token's queries, keys and values in one row */
+  const int32_t *seqlens_k, *query_seqlens;
+  float *output;
+  void *cache_key, *cache_value; /* float or int8 */
+  int quantized;
+  OrtStatus *error;
+} Call;
+
+static void rotate(const float *x, const float *cos, const float *sin, int64_t dim, float *out) {
+  int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    out[i] = x[i] * cos[i] - x[i + half] * sin[i];
+    out[i + half] = x[i + half] * cos[i] + x[i] * sin[i];
+  }
+}
+
+static int64_t past_length(const Call *call, int64_t row) { return call->seqlens_k[row] + 1 - call->query_seqlens[row]; }
+
+static void store(const Call *call, void *cache, const float *scale, int64_t row, int64_t head, int64_t position, const float *x) {
+  int64_t offset = ((row * call->kv_heads + head) * call->capacity + position) * call->dim;
+  if (!call->quantized) {
+    memcpy((float *)cache + offset, x, call->dim * sizeof(float));
+    return;
+  }
+  int8_t *out = (int8_t *)cache + offset;
+  for (int64_t d = 0; d < call->dim; ++d) {
+    float q = nearbyintf(x[d] / scale[head * call->dim + d]);
+    out[d] = (int8_t)(q > 127.f ? 127.f : q < -128.f ? -128.f : q);
+  }
+}
+
+/* Work item `item` of the first phase: one row's new token, its keys and values rotated and cached, its
+   queries rotated into the output (the second phase reads them from there). */
+static void append(void *data, size_t item) {
+  const Call *call = data;
+  int64_t row = (int64_t)item / call->new_width, token = (int64_t)item % call->new_width, dim = call->dim;
+  float *out = call->output + ((int64_t)item * call->heads) * dim;
+  if (token >= call->query_seqlens[row]) {
+    memset(out, 0, call->heads * dim * sizeof(float));
+    return;
+  }
+  int64_t position = past_length(call, row) + token;
+  const float *cos = call->cos + position * (dim / 2), *sin = call->sin + position * (dim / 2);
+  const float *query = call->query + (int64_t)item * call->query_stride;
+  for (int64_t h = 0; h < call->heads; ++h) rotate(query + h * dim, cos, sin, dim, out + h * dim);
+  float rotated[512];
+  const float *key = call->key + (int64_t)item * call->key_stride, *value = call->value + (int64_t)item * call->key_stride;
+  for (int64_t h = 0; h < call->kv_heads; ++h) {
+    rotate(key + h * dim, cos, sin, dim, rotated);
+    store(call, call->cache_key, call->key_scale, row, h, position, rotated);
+    store(call, call->cache_value, call->value_scale, row, h, position, value + h * dim);
+  }
+}
+
+/* The inner loops run on 8 floats at a time (GCC/Clang vector extensions; the kernel is built for the machine
+   it runs on), so head sizes are multiples of 8. Each cached row is loaded once for all the queries of its
+   group, and the common group sizes get their own copies of the loops, whose sums then stay in registers. */
+typedef float f8 __attribute__((vector_size(32)));
+enum { LANES = 8, MAX_GROUP = 16 };
+
+static inline f8 load_float(const float *x) {
+  f8 v;
+  memcpy(&v, x, sizeof v);
+  return v;
+}
+
+static inline f8 load_int8(const int8_t *x) {
+#ifdef __AVX2__
+  return (f8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)x)));
+#else
+  typedef int8_t i8x8 __attribute__((vector_size(8)));
+  i8x8 v;
+  memcpy(&v, x, sizeof v);
+  return __builtin_convertvector(v, f8);
+#endif
+}
+
+static inline float total(f8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* out[g * stride] = the total of sums[g]: four at a time with horizontal adds, which is most of what a dot
+   product of a 64-wide head costs beyond its multiplications */
+static inline __attribute__((always_inline)) void store_totals(const f8 *sums, int64_t group, float *out, int64_t stride) {
+  int64_t g = 0;
+#ifdef __AVX__
+  for (; g + 4 <= group; g += 4) {
+    __m256 low = _mm256_hadd_ps((__m256)sums[g], (__m256)sums[g + 1]), high = _mm256_hadd_ps((__m256)sums[g + 2], (__m256)sums[g + 3]);
+    __m256 both = _mm256_hadd_ps(low, high);
+    __m128 four = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
+    for (int i = 0; i < 4; ++i) out[(g + i) * stride] = four[i];
+  }
+#endif
+  for (; g < group; ++g) out[g * stride] = total(sums[g]);
+}
+
+/* scores[g * stride + t] = queries[g] . keys[t] for t < length; two rows at a time, so that twice as many
+   sums are in flight as one row's group has (a row's sums alone wait on each other's latency) */
+#define SCORES(TYPE, LOAD)                                                                                        \
+  static inline __attribute__((always_inline)) void scores_##TYPE(const TYPE *keys, int64_t length, const float *queries, \
+                                                                   int64_t group, int64_t dim, float *scores, int64_t stride) { \
+    int64_t t = 0;                                                                                                \
+    for (; t + 2 <= length; t += 2) {                                                                             \
+      const TYPE *k = keys + t * dim;                                                                             \
+      f8 first[MAX_GROUP] = {0}, second[MAX_GROUP] = {0};                                                         \
+      for (int64_t d = 0; d < dim; d += LANES) {                                                                  \
+        f8 key = LOAD(k + d), next = LOAD(k + dim + d);                                                           \
+        for (int64_t g = 0; g < group; ++g) {                                                                     \
+          f8 query = load_float(queries + g * dim + d);                                                           \
+          first[g] += query * key;                                                                                \
+          second[g] += query * next;                                                                              \
+        }                                                                                                         \
+      }                                                                                                           \
+      store_totals(first, group, scores + t, stride);                                                             \
+      store_totals(second, group, scores + t + 1, stride);                                                        \
+    }                                                                                                             \
+    if (t < length) {                                                                                             \
+      f8 sums[MAX_GROUP] = {0};                                                                                   \
+      for (int64_t d = 0; d < dim; d += LANES)                                                                    \
+        for (int64_t g = 0; g < group; ++g) sums[g] += load_float(queries + g * dim + d) * LOAD(keys + t * dim + d); \
+      store_totals(sums, group, scores + t, stride);                                                              \
+    }                                                                                                             \
+  }
+
+/* out[g] = sum over t < length of weights[g * stride + t] * values[t], 16 columns at a time (a cache line of floats) */
+#define WEIGH(TYPE, LOAD)                                                                                         \
+  static inline __attribute__((always_inline)) void weigh_##TYPE(const TYPE *values, int64_t length, const float *weights, \
+                                                                  int64_t group, int64_t dim, float *out, int64_t stride) { \
+    for (int64_t d = 0; d < dim; d += 2 * LANES) {                                                                \
+      f8 low[MAX_GROUP] = {0}, high[MAX_GROUP] = {0};                                                             \
+      int wide = dim - d >= 2 * LANES;                                                                            \
+      for (int64_t t = 0; t < length; ++t) {                                                                      \
+        f8 first = LOAD(values + t * dim + d), second = wide ? LOAD(values + t * dim + d + LANES) : first;        \
+        for (int64_t g = 0; g < group; ++g) {                                                                     \
+          float w = weights[g * stride + t];                                                                      \
+          low[g] += w * first;                                                                                    \
+          high[g] += w * second;                                                                                  \
+        }                                                                                                         \
+      }                                                                                                           \
+      for (int64_t g = 0; g < group; ++g) {                                                                       \
+        memcpy(out + g * dim + d, &low[g], sizeof(f8));                                                           \
+        if (wide) memcpy(out + g * dim + d + LANES, &high[g], sizeof(f8));                                        \
+      }                                                                                                           \
+    }                                                                                                             \
+  }
+
+typedef int8_t int8;
+SCORES(float, load_float)
+SCORES(int8, load_int8)
+WEIGH(float, load_float)
+WEIGH(int8, load_int8)
+
+/* The dot products and weighted sums of one token's group, with the group size a constant where it is common. */
+#define BY_GROUP(CALL, group)          \
+  switch (group) {                     \
+    case 1: CALL(1); break;            \
+    case 2: CALL(2); break;            \
+    case 4: CALL(4); break;            \
+    case 8: CALL(8); break;            \
+    default: CALL(group); break;       \
+  }
+
+static void softmax(float *scores, int64_t length) { /* length >= 1: a token attends at least to itself */
+  float top = scores[0], sum = 0.f;
+  for (int64_t t = 1; t < length; ++t) top = scores[t] > top ? scores[t] : top;
+  for (int64_t t = 0; t < length; ++t) sum += scores[t] = expf(scores[t] - top);
+  float inverse = 1.f / sum;
+  for (int64_t t = 0; t < length; ++t) scores[t] *= inverse;
+}
+
+/* Work item of the second phase: one row, one key/value head, a block of new tokens; each token's `group`
+   queries attend to the cache up to and including its own position. */
+static void attend(void *data, size_t item) {
+  Call *call = data;
+  int64_t blocks = (call->new_width + QUERY_BLOCK - 1) / QUERY_BLOCK;
+  int64_t row = (int64_t)item / (call->kv_heads * blocks), head = (int64_t)item / blocks % call->kv_heads;
+  int64_t first = (int64_t)item % blocks * QUERY_BLOCK, group = call->group, dim = call->dim;
+  int64_t count = call->query_seqlens[row], past = past_length(call, row);
+  int64_t last = first + QUERY_BLOCK < count ? first + QUERY_BLOCK : count;
+  if (first >= last) return;
+  int64_t stride = past + last;
+  float *weights = malloc(group * stride * sizeof(float)), queries[MAX_GROUP * 512], sums[MAX_GROUP * 512];
+  if (!weights) {
+    call->error = fail("moecc.Attention: out of memory");
+    return;
+  }
+  int64_t cache = (row * call->kv_heads + head) * call->capacity * dim;
+  for (int64_t token = first; token < last; ++token) {
+    int64_t length = past + token + 1;
+    float *out = call->output + ((row * call->new_width + token) * call->heads + head * group) * dim;
+    for (int64_t i = 0; i < group * dim; ++i) queries[i] = out[i] * call->scale;
+    if (call->quantized) {
+      const float *key_scale = call->key_scale + head * dim;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < dim; ++d) queries[g * dim + d] *= key_scale[d];
+#define SCORE_INT8(g) scores_int8((const int8_t *)call->cache_key + cache, length, queries, g, dim, weights, stride)
+      BY_GROUP(SCORE_INT8, group)
+    } else {
+#define SCORE_FLOAT(g) scores_float((const float *)call->cache_key + cache, length, queries, g, dim, weights, stride)
+      BY_GROUP(SCORE_FLOAT, group)
+    }
+    for (int64_t g = 0; g < group; ++g) softmax(weights + g * stride, length);
+    if (call->quantized) {
+#define WEIGH_INT8(g) weigh_int8((const int8_t *)call->cache_value + cache, length, weights, g, dim, sums, stride)
+      BY_GROUP(WEIGH_INT8, group)
+      const float *value_scale = call->value_scale + head * dim;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < dim; ++d) sums[g * dim + d] *= value_scale[d];
+    } else {
+#define WEIGH_FLOAT(g) weigh_float((const float *)call->cache_value + cache, length, weights, g, dim, sums, stride)
+      BY_GROUP(WEIGH_FLOAT, group)
+    }
+    memcpy(out, sums, group * dim * sizeof(float));
+  }
+  free(weights);
+}
+
+static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
+  const Kernel *kernel = state;
+  Tensor in[INPUT_COUNT], out[OUTPUT_COUNT];
+  for (size_t i = 0; i < INPUT_COUNT; ++i) CHECK(input(context, i, &in[i]));
+  Call call = {0};
+  call.batch = in[QUERY].shape[0];
+  call.new_width = in[QUERY].shape[1];
+  call.heads = kernel->num_heads;
+  call.kv_heads = kernel->kv_num_heads;
+  call.group = call.heads / call.kv_heads;
+  call.dim = in[PAST_KEY].shape[3];
+  call.capacity = in[PAST_KEY].shape[2];
+  call.scale = kernel->scale != 0.f ? kernel->scale : 1.f / sqrtf((float)call.dim);
+  call.quantized = in[PAST_KEY].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  if (call.dim > 512 || call.dim % LANES) return fail("moecc.Attention: the head size must be a multiple of 8, at most 512");
+  if (call.group > MAX_GROUP) return fail("moecc.Attention: more than 16 query heads per key/value head");
+  if (call.quantized && (!in[KEY_SCALE].value || !in[VALUE_SCALE].value)) return fail("moecc.Attention: an int8 cache needs key and value scales");
+  call.query = in[QUERY].data;
+  int64_t output_shape[3] = {call.batch, call.new_width, call.heads * call.dim};
+  if (in[KEY].value && in[VALUE].value) {
+    call.key = in[KEY].data, call.value = in[VALUE].data;
+    call.query_stride = call.heads * call.dim, call.key_stride = call.kv_heads * call.dim;
+  } else { /* packed */
+    call.key = call.query + call.heads * call.dim, call.value = call.key + call.kv_heads * call.dim;
+    call.query_stride = call.key_stride = (call.heads + 2 * call.kv_heads) * call.dim;
+  }
+  if (in[QUERY].shape[2] != call.query_stride) return fail("moecc.Attention: the query's width does not match the heads");
+  call.cos = in[COS].data, call.sin = in[SIN].data;
+  call.seqlens_k = in[SEQLENS_K].data, call.query_seqlens = in[QUERY_SEQLENS].data;
+  call.key_scale = call.quantized ? in[KEY_SCALE].data : NULL;
+  call.value_scale = call.quantized ? in[VALUE_SCALE].data : NULL;
+  for (int64_t row = 0; row < call.batch; ++row) {
+    if (call.query_seqlens[row] < 0 || call.query_seqlens[row] > call.new_width || past_length(&call, row) < 0 ||
+        call.seqlens_k[row] >= call.capacity || call.seqlens_k[row] >= in[COS].shape[0])
+      return fail("moecc.Attention: a row's lengths do not fit its call or the cache");
+  }
+  CHECK(output(context, OUTPUT, output_shape, 3, &out[OUTPUT]));
+  CHECK(output(context, PRESENT_KEY, in[PAST_KEY].shape, 4, &out[PRESENT_KEY]));
+  CHECK(output(context, PRESENT_VALUE, in[PAST_VALUE].shape, 4, &out[PRESENT_VALUE]));
+  size_t cache_bytes = (size_t)(call.batch * call.kv_heads * call.capacity * call.dim) * (call.quantized ? 1 : sizeof(float));
+  for (int kind = 0; kind < 2; ++kind) { /* not bound to the past: start from a copy of it */
+    if (out[PRESENT_KEY + kind].data != in[PAST_KEY + kind].data) memcpy(out[PRESENT_KEY + kind].data, in[PAST_KEY + kind].data, cache_bytes);
+  }
+  call.output = out[OUTPUT].data;
+  call.cache_key = out[PRESENT_KEY].data, call.cache_value = out[PRESENT_VALUE].data;
+  CHECK(ort->KernelContext_ParallelFor(context, append, (size_t)(call.batch * call.new_width), 0, &call));
+  int64_t blocks = (call.new_width + QUERY_BLOCK - 1) / QUERY_BLOCK;
+  CHECK(ort->KernelContext_ParallelFor(context, attend, (size_t)(call.batch * call.kv_heads * blocks), 0, &call));
+  return call.error;
+}
+
+static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {
+  (void)op, (void)api;
+  Kernel *kernel = calloc(1, sizeof(Kernel));
+  if (!kernel) return fail("moecc.Attention: out of memory");
+  OrtStatus *status = ort->KernelInfoGetAttribute_int64(info, "num_heads", &kernel->num_heads);
+  if (!status) status = ort->KernelInfoGetAttribute_int64(info, "kv_num_heads", &kernel->kv_num_heads);
+  if (!status && (kernel->kv_num_heads <= 0 || kernel->num_heads % kernel->kv_num_heads))
+    status = fail("moecc.Attention: num_heads must be a multiple of kv_num_heads");
+  if (!status && ort->KernelInfoGetAttribute_float(info, "scale", &kernel->scale)) kernel->scale = 0.f; /* absent: the default */
+  if (status) {
+    free(kernel);
+    return status;
+  }
+  *state = kernel;
+  return NULL;
+}
+
+static void ORT_API_CALL destroy(void *state) { free(state); }
+static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "Attention"; }
+static const char *ORT_API_CALL provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return INPUT_COUNT; }
+static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return OUTPUT_COUNT; }
+
+/* The op, once per cache type (ONNX Runtime picks by the past's type). */
+typedef struct {
+  OrtCustomOp op; /* first: ONNX Runtime hands back a pointer to it */
+  ONNXTensorElementDataType cache;
+} AttentionOp;
+
+static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t index) {
+  if (index == PAST_KEY || index == PAST_VALUE) return ((const AttentionOp *)op)->cache;
+  return index == SEQLENS_K || index == QUERY_SEQLENS ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t index) {
+  return index == OUTPUT ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ((const AttentionOp *)op)->cache;
+}
+
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp *op, size_t index) {
+  (void)op;
+  return index == KEY || index == VALUE || index == KEY_SCALE || index == VALUE_SCALE ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp *op, size_t index) {
+  (void)op, (void)index;
+  return INPUT_OUTPUT_REQUIRED;
+}
+
+static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index) {
+  (void)op, (void)index;
+  return OrtMemTypeDefault;
+}
+
+static AttentionOp attention_ops[] = {{.cache = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}, {.cache = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8}};
+
+OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+  ort = base->GetApi(ORT_API_VERSION);
+  if (!ort) return NULL; /* cannot even report: the runtime is older than the header */
+  OrtCustomOpDomain *domain;
+  CHECK(ort->CreateCustomOpDomain("moecc", &domain));
+  for (size_t i = 0; i < sizeof attention_ops / sizeof *attention_ops; ++i) {
+    attention_ops[i].op = (OrtCustomOp){
+      .version = ORT_API_VERSION,
+      .GetName = name,
+      .GetExecutionProviderType = provider,
+      .GetInputType = input_type,
+      .GetInputTypeCount = input_count,
+      .GetOutputType = output_type,
+      .GetOutputTypeCount = output_count,
+      .KernelDestroy = destroy,
+      .GetInputCharacteristic = input_characteristic,
+      .GetOutputCharacteristic = output_characteristic,
+      .GetInputMemoryType = input_memory,
+      .CreateKernelV2 = create,
+      .KernelComputeV2 = compute,
+    };
+    CHECK(ort->CustomOpDomain_Add(domain, &attention_ops[i].op));
+  }
+  return ort->AddCustomOpDomain(options, domain);
+}

@@ -1,0 +1,108 @@
+"""Open a decoder's session with moecc.Attention (attention.c) in place of ONNX Runtime's GroupQueryAttention.
+
+The artifact keeps the standard node, which every ONNX Runtime and the TensorRT lowering read; the swap
+happens in memory when a CPU session loads, only when every attention node of the model is one the kernel
+implements, and the weights stay in the artifact's external data, read by ONNX Runtime as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from pathlib import Path
+from typing import Literal, get_args
+
+import onnx
+import onnxruntime as ort
+
+from runtime.errors import MoeccError
+from runtime.kernels.build import KernelUnavailable, library
+
+Attention = Literal["auto", "moecc", "onnxruntime"]  # auto: moecc's kernel where it builds and applies, else ONNX Runtime's
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+DOMAIN = "moecc"
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # where a model loaded from bytes finds its weights
+
+# moecc.Attention's inputs, as the names of GroupQueryAttention's inputs (ONNX Runtime's schema, by position).
+_GQA_INPUTS = (
+    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache",
+    "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale", "q_norm_weight", "k_norm_weight", "query_seqlens",
+)  # fmt: skip
+_OURS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "cos_cache", "sin_cache", "query_seqlens", "k_scale", "v_scale")
+_REQUIRED = {"past_key", "past_value", "seqlens_k", "cos_cache", "sin_cache", "query_seqlens"}
+_IGNORED = {"total_sequence_length"}  # the kernel reads each row's length from seqlens_k
+# Attributes the kernel implements, with the values it accepts (None: any), and those whose default it implements.
+_ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": {1}, "rotary_interleaved": {0},
+               "k_quant_type": {b"NONE", b"PER_CHANNEL"}, "v_quant_type": {b"NONE", b"PER_CHANNEL"}, "kv_cache_bit_width": {8}}  # fmt: skip
+_DEFAULTS = {"local_window_size": {-1}, "softcap": {0.0}, "smooth_softmax": {0}, "causal": {1}}
+MAX_HEAD_SIZE, MAX_GROUP = 512, 16  # attention.c's limits
+
+_log = logging.getLogger(__name__)
+
+
+@cache
+def _warn_once(message: str) -> None:
+    _log.warning(message)
+
+
+def unsupported(node: onnx.NodeProto, head_dim: int) -> str | None:
+    """Why moecc.Attention cannot stand in for this GroupQueryAttention, or None when it can."""
+    names = dict(zip(_GQA_INPUTS, node.input))
+    if missing := sorted(name for name in _REQUIRED if not names.get(name)):
+        return f"no {', '.join(missing)}"
+    if extra := sorted(name for name, value in names.items() if value and name not in (*_OURS, *_IGNORED)):
+        return f"uses {', '.join(extra)}"
+    attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
+    for name, value in attributes.items():
+        allowed = _ATTRIBUTES.get(name, _DEFAULTS.get(name, set()))
+        if allowed is not None and value not in allowed:
+            return f"sets {name}={value!r}"
+    if head_dim % 8 or head_dim > MAX_HEAD_SIZE:
+        return f"head size {head_dim} (the kernel takes multiples of 8 up to {MAX_HEAD_SIZE})"
+    if attributes["num_heads"] % attributes["kv_num_heads"] or attributes["num_heads"] // attributes["kv_num_heads"] > MAX_GROUP:
+        return f"{attributes['num_heads']} query heads over {attributes['kv_num_heads']} key/value heads"
+    return None
+
+
+def fuse(model: onnx.ModelProto, head_dim: int) -> str | None:
+    """Swap every GroupQueryAttention of `model` for moecc.Attention; returns why not (and changes nothing)
+    when one of them is not supported or there are none."""
+    nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
+    if not nodes:
+        return "no GroupQueryAttention"
+    for node in nodes:
+        if reason := unsupported(node, head_dim):
+            return f"{node.name}: {reason}"
+    for node in nodes:
+        names = dict(zip(_GQA_INPUTS, node.input))
+        inputs = [names.get(name, "") for name in _OURS]
+        while not inputs[-1]:
+            inputs.pop()
+        attributes = [attribute for attribute in node.attribute if attribute.name in ("num_heads", "kv_num_heads", "scale")]
+        node.CopyFrom(onnx.helper.make_node("Attention", inputs, node.output, name=node.name, domain=DOMAIN))
+        node.attribute.extend(attributes)
+    model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    return None
+
+
+def open_session(model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, attention: Attention) -> ort.InferenceSession:
+    """A CPU session of the model at `model_path` (whose graph, without weights, is `model`), with moecc's
+    attention kernel when `attention` asks for it and it applies; "moecc" refuses to fall back."""
+    if attention not in ATTENTIONS:
+        raise MoeccError(f"attention must be one of {', '.join(ATTENTIONS)}, not {attention!r}")
+    if attention != "onnxruntime":
+        try:
+            path = library()
+            reason = fuse(model, head_dim)
+        except KernelUnavailable as error:
+            path, reason = None, str(error)
+            if attention == "auto":
+                _warn_once(f"moecc's attention kernel is unavailable, so attention runs on ONNX Runtime's slower kernel: {error}")
+        if reason is None:
+            options.register_custom_ops_library(str(path))
+            options.add_session_config_entry(EXTERNAL_FOLDER, str(model_path.parent))
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if attention == "moecc":
+            raise MoeccError(f"{model_path}: moecc's attention kernel does not apply: {reason}", hint="load with attention='onnxruntime'")
+        _log.info("%s: ONNX Runtime's GroupQueryAttention (moecc's kernel: %s)", model_path, reason)
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,93 @@
+"""Build moecc's C kernels into an ONNX Runtime custom-op library, once per machine, on first use.
+
+Built for the machine that runs them (-march=native), as Triton or torch's cpp_extension build theirs, so the
+inner loops use every vector unit the CPU has. The library is cached by the hash of its sources, compiler,
+flags and CPU, written to a temporary name and renamed into place, so concurrent first uses cannot load a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from runtime.errors import MoeccError
+
+SOURCES = (Path(__file__).with_name("attention.c"),)
+HEADERS = Path(__file__).with_name("include")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c11", "-fPIC", "-shared", "-Wall", "-Werror")  # fast-math: vectorized expf
+
+
+class KernelUnavailable(MoeccError):
+    """The kernels cannot be built here (no C compiler, or it refused the sources)."""
+
+
+def cache_folder() -> Path:
+    if folder := os.environ.get("MOECC_KERNEL_CACHE"):
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moecc" / "kernels"
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler or not shutil.which(compiler):
+        raise KernelUnavailable("no C compiler found for moecc's kernels", hint="install one (apt install gcc) or set CC")
+    return compiler
+
+
+def _cpu() -> str:
+    """What -march=native sees: the CPU's feature flags where Linux lists them, else the architecture."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def library() -> Path:
+    """The custom-op library's path, building it on this machine's first call; raises KernelUnavailable."""
+    built = _build()
+    if isinstance(built, KernelUnavailable):
+        raise built
+    return built
+
+
+@cache  # a process tries once, whatever the outcome
+def _build() -> Path | KernelUnavailable:
+    try:
+        return _compile()
+    except KernelUnavailable as error:
+        return error
+
+
+def _compile() -> Path:
+    compiler = _compiler()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise KernelUnavailable(f"the C compiler {compiler} does not run: {error}", hint="install gcc or set CC") from error
+    digest = hashlib.sha256()
+    for part in (*(path.read_bytes() for path in (*SOURCES, *sorted(HEADERS.glob("*.h")))), version.encode(), " ".join(FLAGS).encode(), _cpu().encode()):
+        digest.update(hashlib.sha256(part).digest())
+    folder = cache_folder()
+    target = folder / f"moecc-kernels-{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".so")
+    os.close(handle)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, "-I", str(HEADERS), *map(str, SOURCES), "-o", partial, "-lm"], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode:
+            raise KernelUnavailable(f"{compiler} could not build moecc's kernels:\n{result.stderr.strip()}", hint="set CC to another C compiler")
+        os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target

@@ -1,0 +1,154 @@
+"""moecc.Attention (runtime/kernels): the same results as ONNX Runtime's GroupQueryAttention, node by node and
+in whole models, and a clear word where it cannot stand in."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import runtime
+from runtime.errors import MoeccError
+from runtime.kernels import build
+from runtime.kernels.attention import fuse, unsupported
+
+CAPACITY, SCALE = 96, 0.05  # the int8 caches' per-channel scale
+
+
+def _attention_model(heads: int, kv_heads: int, dim: int, packed: bool, int8: bool, **attributes) -> onnx.ModelProto:
+    """One GroupQueryAttention node as the export writes it: rotary tables, query_seqlens, optional int8 cache."""
+    cache_type = TensorProto.INT8 if int8 else TensorProto.FLOAT
+    width = (heads + 2 * kv_heads) * dim if packed else heads * dim
+    inputs = [helper.make_tensor_value_info("query", TensorProto.FLOAT, ["batch", "new", width])]
+    if not packed:
+        inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "new", kv_heads * dim]) for name in ("key", "value")]
+    inputs += [helper.make_tensor_value_info(name, cache_type, ["batch", kv_heads, CAPACITY, dim]) for name in ("past_key", "past_value")]
+    inputs += [
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("query_seqlens", TensorProto.INT32, ["batch"]),
+    ]
+    angles = np.arange(CAPACITY)[:, None] / 10000 ** (np.arange(dim // 2) / (dim // 2))
+    initializers = [
+        helper.make_tensor("cos", TensorProto.FLOAT, angles.shape, np.cos(angles).astype(np.float32).ravel()),
+        helper.make_tensor("sin", TensorProto.FLOAT, angles.shape, np.sin(angles).astype(np.float32).ravel()),
+    ]
+    scales = ["", "", "", "", ""]
+    if int8:
+        initializers += [helper.make_tensor(name, TensorProto.FLOAT, [1, kv_heads, 1, dim], np.full(kv_heads * dim, SCALE, np.float32)) for name in ("k_scale", "v_scale")]
+        scales = ["", "", "", "k_scale", "v_scale"]
+        attributes |= {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+    node = helper.make_node(
+        "GroupQueryAttention",
+        ["query", "" if packed else "key", "" if packed else "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+         "cos", "sin", *scales, "", "", "query_seqlens"],
+        ["output", "present_key", "present_value"],
+        domain="com.microsoft", **({"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 1, "rotary_interleaved": 0} | attributes),
+    )  # fmt: skip
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)]
+    outputs += [helper.make_tensor_value_info(name, cache_type, None) for name in ("present_key", "present_value")]
+    graph = helper.make_graph([node], "attention", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _session(model: onnx.ModelProto, dim: int, fused: bool) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if fused:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        assert fuse(model, dim) is None
+        options.register_custom_ops_library(str(build.library()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(session, feeds: dict, caches: dict, bound: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The output and the present caches, with past and present in one buffer (as the runtime binds them) or not."""
+    if not bound:
+        return tuple(session.run(None, feeds | caches))
+    binding = session.io_binding()
+    arrays = {name: array.copy() for name, array in caches.items()}  # the OrtValues share their memory
+    for name, array in arrays.items():
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(name.replace("past", "present"), value)
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    binding.bind_output("output", "cpu")
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[-1].numpy(), arrays["past_key"], arrays["past_value"]
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float-cache", "int8-cache"])
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim, packed",
+    [(8, 2, 64, False), (8, 2, 64, True), (6, 2, 32, False), (8, 8, 16, True), (16, 2, 128, False)],
+    ids=["group4", "group4-packed", "group3", "group1-packed", "group8-dim128"],
+)
+@pytest.mark.parametrize("width", [1, 5, 40], ids=["decode", "verify", "prefill"])
+@pytest.mark.parametrize("bound", [True, False], ids=["in-place", "copied"])
+def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, int8, width, bound):
+    """Two rows with different cached lengths, the second right-padded (two new tokens fewer, or none new)."""
+    rng = np.random.default_rng(heads * dim + width)
+    model = _attention_model(heads, kv_heads, dim, packed, int8)
+    cached, new = np.array([5, 37]), np.array([width, max(width - 2, 0)])
+    feeds = {"query": rng.standard_normal((2, width, (heads + 2 * kv_heads) * dim if packed else heads * dim), dtype=np.float32)}
+    if not packed:
+        feeds |= {name: rng.standard_normal((2, width, kv_heads * dim), dtype=np.float32) for name in ("key", "value")}
+    feeds |= {
+        "seqlens_k": (cached + new - 1).astype(np.int32),
+        "total_sequence_length": np.array((cached + new).max(), np.int32),
+        "query_seqlens": new.astype(np.int32),
+    }
+    caches = {}
+    for name in ("past_key", "past_value"):
+        values = rng.standard_normal((2, kv_heads, CAPACITY, dim), dtype=np.float32)
+        caches[name] = np.clip(np.round(values / SCALE), -127, 127).astype(np.int8) if int8 else values
+    expected = _run(_session(model, dim, fused=False), feeds, caches, bound)
+    actual = _run(_session(model, dim, fused=True), feeds, caches, bound)
+    for row in range(2):
+        count = new[row]
+        np.testing.assert_allclose(actual[0][row, :count], expected[0][row, :count], atol=2e-5, rtol=0)  # float rounding
+        assert not actual[0][row, count:].any(), "padding positions are zeros"
+        for present, reference in zip(actual[1:], expected[1:]):  # the cache up to the row's new length
+            length = cached[row] + count
+            difference = np.abs(present[row, :, :length].astype(np.float32) - reference[row, :, :length].astype(np.float32))
+            assert difference.max() <= (1 if int8 else 1e-5), "an int8 cache may round a tie the other way, by one step"
+
+
+def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():
+    model = _attention_model(8, 2, 64, packed=False, int8=False, softcap=30.0)
+    node = model.graph.node[0]
+    assert unsupported(node, 64) == "sets softcap=30.0"
+    assert fuse(model, 64) is not None and model.graph.node[0].op_type == "GroupQueryAttention", "nothing changed"
+    assert unsupported(_attention_model(8, 2, 64, packed=False, int8=False, rotary_interleaved=1).graph.node[0], 64) == "sets rotary_interleaved=1"
+    assert unsupported(_attention_model(8, 2, 20, packed=False, int8=False).graph.node[0], 20).startswith("head size 20")
+
+
+def test_models_decode_alike_with_either_attention(shipped_artifact):
+    """The shipped pair: logits within float rounding, token-exact greedy output in a padded batch with
+    speculation (rollbacks), and the same for a single sequence."""
+    ours, theirs = (runtime.load(shipped_artifact, target="cpu", attention=attention) for attention in ("moecc", "onnxruntime"))
+    history = ours.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
+    np.testing.assert_allclose(ours.main.new_cache(128).feed(history), theirs.main.new_cache(128).feed(history), atol=1e-4, rtol=0)
+    prompts = [history, history[:7], ours.encode("import os\nimport sys\n\n\ndef main():\n")]
+    for speculative in (False, True):
+        batch, _ = ours.generate_batch_ids(prompts, max_new_tokens=24, speculative=speculative)
+        assert batch == theirs.generate_batch_ids(prompts, max_new_tokens=24, speculative=speculative)[0]
+    single = [token for step in ours.stream_ids(history, max_new_tokens=24) for token in step]
+    assert single == [token for step in theirs.stream_ids(history, max_new_tokens=24, speculative=False) for token in step]
+
+
+def test_without_a_compiler_auto_falls_back_and_moecc_refuses(tiny_artifact, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(build, "_build", build._build.__wrapped__)  # no cached library from earlier tests
+    with pytest.raises(build.KernelUnavailable, match="no C compiler"):
+        build.library()
+    generator = runtime.load(tiny_artifact, attention="auto")
+    assert "unavailable" in caplog.text
+    assert generator.generate("def", max_new_tokens=4).token_ids
+    with pytest.raises(MoeccError, match="does not apply: no C compiler"):
+        runtime.load(tiny_artifact, attention="moecc")
+    with pytest.raises(MoeccError, match="unknown attention"):
+        runtime.load(tiny_artifact, attention="flash")
