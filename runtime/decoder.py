@@ -83,7 +83,7 @@ class Decoder:
         model_path = artifact / entry.path
         model = check_external_data(artifact, entry.path, allowed_files)
         check_inputs(model_path, model)
-        self.session = open_session(model_path, model, entry.head_dim, session_options(entry.session_options, threads), attention)
+        self.session, self.attention = open_session(model_path, model, entry.head_dim, session_options(entry.session_options, threads), attention)
         self.entry = entry
 
     def new_cache(self, capacity: int | None = None) -> KvCache:

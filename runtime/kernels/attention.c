@@ -13,9 +13,11 @@ session loads):
            6 cos, 7 sin [positions, D/2]: rotary tables (half-split, not interleaved)
            8 query_seqlens [B] int32: each row's new tokens; the rest of the S are padding
            9 key_scale, 10 value_scale [1, KVH, 1, D]: an int8 cache's scales (optional)
+           11 query_norm, 12 key_norm [D]: RMS-norm weights applied to each query and key head before the
+              rotary embedding (Qwen3's q_norm and k_norm; optional)
   outputs  0 output [B, S, H*D]  1 present_key, 2 present_value: the past buffers with the new rows written,
            in place when the caller binds them to the past (a decode loop does), else a copy.
-  attrs    num_heads, kv_num_heads, scale (0: 1/sqrt(D))
+  attrs    num_heads, kv_num_heads, scale (0: 1/sqrt(D)), epsilon (the norms', default 1e-6)
 
 Padding positions of a row produce zeros and write nothing to the cache. */
 
@@ -32,13 +34,13 @@ Padding positions of a row produce zeros and write nothing to the cache. */
 
 static const OrtApi *ort;
 
-enum { QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS_K, COS, SIN, QUERY_SEQLENS, KEY_SCALE, VALUE_SCALE, INPUT_COUNT };
+enum { QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS_K, COS, SIN, QUERY_SEQLENS, KEY_SCALE, VALUE_SCALE, QUERY_NORM, KEY_NORM, INPUT_COUNT };
 enum { OUTPUT, PRESENT_KEY, PRESENT_VALUE, OUTPUT_COUNT };
 enum { QUERY_BLOCK = 16 }; /* query positions one work item takes, so a prefill spreads over the threads */
 
 typedef struct {
   int64_t num_heads, kv_num_heads;
-  float scale;
+  float scale, epsilon;
 } Kernel;
 
 #define CHECK(expr)                        \
@@ -90,7 +92,8 @@ static OrtStatus *output(OrtKernelContext *context, size_t index, const int64_t 
 typedef struct {
   int64_t batch, new_width, heads, kv_heads, group, dim, capacity;
   float scale;
-  const float *query, *key, *value, *cos, *sin, *key_scale, *value_scale;
+  const float *query, *key, *value, *cos, *sin, *key_scale, *value_scale, *query_norm, *key_norm;
+  float epsilon;
   int64_t query_stride, key_stride; /* floats per token: packed inputs hold a token's queries, keys and values in one row */
   const int32_t *seqlens_k, *query_seqlens;
   float *output;
@@ -99,7 +102,16 @@ typedef struct {
   OrtStatus *error;
 } Call;
 
-static void rotate(const float *x, const float *cos, const float *sin, int64_t dim, float *out) {
+/* One head's rotary embedding, after its RMS norm when it has one (out may not alias x). */
+static void rotate(const float *x, const float *norm, float epsilon, const float *cos, const float *sin, int64_t dim, float *out) {
+  float normed[512];
+  if (norm) {
+    float squares = 0.f;
+    for (int64_t i = 0; i < dim; ++i) squares += x[i] * x[i];
+    float inverse = 1.f / sqrtf(squares / (float)dim + epsilon);
+    for (int64_t i = 0; i < dim; ++i) normed[i] = x[i] * inverse * norm[i];
+    x = normed;
+  }
   int64_t half = dim / 2;
   for (int64_t i = 0; i < half; ++i) {
     out[i] = x[i] * cos[i] - x[i + half] * sin[i];
@@ -135,11 +147,11 @@ static void append(void *data, size_t item) {
   int64_t position = past_length(call, row) + token;
   const float *cos = call->cos + position * (dim / 2), *sin = call->sin + position * (dim / 2);
   const float *query = call->query + (int64_t)item * call->query_stride;
-  for (int64_t h = 0; h < call->heads; ++h) rotate(query + h * dim, cos, sin, dim, out + h * dim);
+  for (int64_t h = 0; h < call->heads; ++h) rotate(query + h * dim, call->query_norm, call->epsilon, cos, sin, dim, out + h * dim);
   float rotated[512];
   const float *key = call->key + (int64_t)item * call->key_stride, *value = call->value + (int64_t)item * call->key_stride;
   for (int64_t h = 0; h < call->kv_heads; ++h) {
-    rotate(key + h * dim, cos, sin, dim, rotated);
+    rotate(key + h * dim, call->key_norm, call->epsilon, cos, sin, dim, rotated);
     store(call, call->cache_key, call->key_scale, row, h, position, rotated);
     store(call, call->cache_value, call->value_scale, row, h, position, value + h * dim);
   }
@@ -335,6 +347,9 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   if (in[QUERY].shape[2] != call.query_stride) return fail("moecc.Attention: the query's width does not match the heads");
   call.cos = in[COS].data, call.sin = in[SIN].data;
   call.seqlens_k = in[SEQLENS_K].data, call.query_seqlens = in[QUERY_SEQLENS].data;
+  call.query_norm = in[QUERY_NORM].value ? in[QUERY_NORM].data : NULL;
+  call.key_norm = in[KEY_NORM].value ? in[KEY_NORM].data : NULL;
+  call.epsilon = kernel->epsilon;
   call.key_scale = call.quantized ? in[KEY_SCALE].data : NULL;
   call.value_scale = call.quantized ? in[VALUE_SCALE].data : NULL;
   for (int64_t row = 0; row < call.batch; ++row) {
@@ -365,7 +380,9 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   if (!status) status = ort->KernelInfoGetAttribute_int64(info, "kv_num_heads", &kernel->kv_num_heads);
   if (!status && (kernel->kv_num_heads <= 0 || kernel->num_heads % kernel->kv_num_heads))
     status = fail("moecc.Attention: num_heads must be a multiple of kv_num_heads");
-  if (!status && ort->KernelInfoGetAttribute_float(info, "scale", &kernel->scale)) kernel->scale = 0.f; /* absent: the default */
+  OrtStatus *absent = ort->KernelInfoGetAttribute_float(info, "scale", &kernel->scale);
+  if (absent) ort->ReleaseStatus(absent), kernel->scale = 0.f; /* the default */
+  if ((absent = ort->KernelInfoGetAttribute_float(info, "epsilon", &kernel->epsilon))) ort->ReleaseStatus(absent), kernel->epsilon = 1e-6f;
   if (status) {
     free(kernel);
     return status;
@@ -397,7 +414,7 @@ static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op,
 
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp *op, size_t index) {
   (void)op;
-  return index == KEY || index == VALUE || index == KEY_SCALE || index == VALUE_SCALE ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  return index == KEY || index == VALUE || index >= KEY_SCALE ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp *op, size_t index) {

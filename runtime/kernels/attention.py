@@ -28,7 +28,7 @@ _GQA_INPUTS = (
     "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache",
     "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale", "q_norm_weight", "k_norm_weight", "query_seqlens",
 )  # fmt: skip
-_OURS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "cos_cache", "sin_cache", "query_seqlens", "k_scale", "v_scale")
+_OURS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "cos_cache", "sin_cache", "query_seqlens", "k_scale", "v_scale", "q_norm_weight", "k_norm_weight")
 _REQUIRED = {"past_key", "past_value", "seqlens_k", "cos_cache", "sin_cache", "query_seqlens"}
 _IGNORED = {"total_sequence_length"}  # the kernel reads each row's length from seqlens_k
 # Attributes the kernel implements, with the values it accepts (None: any), and those whose default it implements.
@@ -64,30 +64,87 @@ def unsupported(node: onnx.NodeProto, head_dim: int) -> str | None:
     return None
 
 
+class _Graph:
+    """Who produces and who reads each value of a graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.producer = {name: node for node in graph.node for name in node.output}
+        self.readers: dict[str, int] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.readers[name] = self.readers.get(name, 0) + 1
+        for value in graph.output:
+            self.readers[value.name] = self.readers.get(value.name, 0) + 1
+
+    def only_reader(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        """The node of `op_type` producing `name`, when this value has no other reader."""
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type and self.readers.get(name) == 1 else None
+
+
+def _folded_norms(graph: _Graph, node: onnx.NodeProto, names: dict[str, str]) -> tuple[dict[str, str], float, list[onnx.NodeProto]] | None:
+    """The export's per-head query and key norms (qkv -> Split -> Reshape -> SimplifiedLayerNormalization ->
+    Reshape -> attention) as the kernel's inputs: the packed qkv and both norms' weights, their epsilon, and
+    the nodes they replace; None when the attention's inputs are not that pattern."""
+    chains = {}
+    for role, weight in (("query", "q_norm_weight"), ("key", "k_norm_weight")):
+        flat = graph.only_reader(names.get(role, ""), "Reshape")
+        norm = flat and graph.only_reader(flat.input[0], "SimplifiedLayerNormalization")
+        per_head = norm and graph.only_reader(norm.input[0], "Reshape")
+        if not per_head:
+            return None
+        chains[role] = (per_head, norm, flat)
+    split = graph.producer.get(chains["query"][0].input[0])
+    if split is None or split.op_type != "Split" or list(split.output) != [chains["query"][0].input[0], chains["key"][0].input[0], names.get("value")]:
+        return None
+    if graph.readers.get(names["value"]) != 1:
+        return None
+    epsilons = {next((onnx.helper.get_attribute_value(a) for a in norm.attribute if a.name == "epsilon"), 1e-5) for _, norm, _ in chains.values()}
+    if len(epsilons) != 1:
+        return None
+    inputs = {"query": split.input[0], "key": "", "value": "", "q_norm_weight": chains["query"][1].input[1], "k_norm_weight": chains["key"][1].input[1]}
+    return inputs, epsilons.pop(), [split, *(step for chain in chains.values() for step in chain)]
+
+
 def fuse(model: onnx.ModelProto, head_dim: int) -> str | None:
-    """Swap every GroupQueryAttention of `model` for moecc.Attention; returns why not (and changes nothing)
-    when one of them is not supported or there are none."""
+    """Swap every GroupQueryAttention of `model` for moecc.Attention, folding the per-head query and key norms
+    in front of it into the kernel where the export wrote them; returns why not (and changes nothing) when one
+    of them is not supported or there are none."""
     nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
     if not nodes:
         return "no GroupQueryAttention"
     for node in nodes:
         if reason := unsupported(node, head_dim):
             return f"{node.name}: {reason}"
+    graph = _Graph(model.graph)
+    folded: list[onnx.NodeProto] = []
     for node in nodes:
         names = dict(zip(_GQA_INPUTS, node.input))
+        epsilon = None
+        if norms := _folded_norms(graph, node, names):
+            changes, epsilon, replaced = norms
+            names |= changes
+            folded += replaced
         inputs = [names.get(name, "") for name in _OURS]
         while not inputs[-1]:
             inputs.pop()
         attributes = [attribute for attribute in node.attribute if attribute.name in ("num_heads", "kv_num_heads", "scale")]
         node.CopyFrom(onnx.helper.make_node("Attention", inputs, node.output, name=node.name, domain=DOMAIN))
         node.attribute.extend(attributes)
+        if epsilon is not None:
+            node.attribute.append(onnx.helper.make_attribute("epsilon", epsilon))
+    for node in folded:
+        model.graph.node.remove(node)
     model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return None
 
 
-def open_session(model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, attention: Attention) -> ort.InferenceSession:
+def open_session(
+    model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, attention: Attention
+) -> tuple[ort.InferenceSession, str]:
     """A CPU session of the model at `model_path` (whose graph, without weights, is `model`), with moecc's
-    attention kernel when `attention` asks for it and it applies; "moecc" refuses to fall back."""
+    attention kernel when `attention` asks for it and it applies ("moecc" refuses to fall back); and whose
+    attention it runs, "moecc" or "onnxruntime"."""
     if attention not in ATTENTIONS:
         raise MoeccError(f"attention must be one of {', '.join(ATTENTIONS)}, not {attention!r}")
     if attention != "onnxruntime":
@@ -101,8 +158,8 @@ def open_session(model_path: Path, model: onnx.ModelProto, head_dim: int, option
         if reason is None:
             options.register_custom_ops_library(str(path))
             options.add_session_config_entry(EXTERNAL_FOLDER, str(model_path.parent))
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), "moecc"
         if attention == "moecc":
             raise MoeccError(f"{model_path}: moecc's attention kernel does not apply: {reason}", hint="load with attention='onnxruntime'")
         _log.info("%s: ONNX Runtime's GroupQueryAttention (moecc's kernel: %s)", model_path, reason)
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]), "onnxruntime"

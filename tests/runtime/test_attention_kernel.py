@@ -3,6 +3,8 @@ in whole models, and a clear word where it cannot stand in."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -126,9 +128,24 @@ def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():
     assert unsupported(_attention_model(8, 2, 20, packed=False, int8=False).graph.node[0], 20).startswith("head size 20")
 
 
+def test_the_query_and_key_norms_fold_into_the_kernel(shipped_artifact):
+    """Qwen3's per-head norms: the Split of q, k and v and each norm's Reshape, norm, Reshape go; the rest stays."""
+    model = onnx.load(shipped_artifact / "main" / "model.onnx", load_external_data=False)
+    before = Counter(node.op_type for node in model.graph.node)
+    assert fuse(model, 64) is None
+    after = Counter(node.op_type for node in model.graph.node)
+    layers = before["GroupQueryAttention"]
+    assert after["Attention"] == layers and not after["GroupQueryAttention"]
+    assert before - after == Counter({"GroupQueryAttention": layers, "Split": layers, "Reshape": 4 * layers, "SimplifiedLayerNormalization": 2 * layers})
+    attention = next(node for node in model.graph.node if node.op_type == "Attention")
+    assert next(node for node in model.graph.node if attention.input[0] in node.output).op_type == "MatMul", "the qkv projection"
+    assert [attention.input[index] for index in (1, 2)] == ["", ""], "q, k and v reach the kernel packed"
+    assert {"epsilon"} <= {attribute.name for attribute in attention.attribute}
+
+
 def test_models_decode_alike_with_either_attention(shipped_artifact):
-    """The shipped pair: logits within float rounding, token-exact greedy output in a padded batch with
-    speculation (rollbacks), and the same for a single sequence."""
+    """The shipped pair (Qwen3-MoE main, Qwen3 draft, per-head norms folded): logits within float rounding,
+    token-exact greedy output in a padded batch with speculation (rollbacks), and for a single sequence."""
     ours, theirs = (runtime.load(shipped_artifact, target="cpu", attention=attention) for attention in ("moecc", "onnxruntime"))
     history = ours.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
     np.testing.assert_allclose(ours.main.new_cache(128).feed(history), theirs.main.new_cache(128).feed(history), atol=1e-4, rtol=0)
