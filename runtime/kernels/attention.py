@@ -135,6 +135,9 @@ def fuse(model: onnx.ModelProto, head_dim: int) -> str | None:
             node.attribute.append(onnx.helper.make_attribute("epsilon", epsilon))
     for node in folded:
         model.graph.node.remove(node)
+    unread = {name for node in folded for name in node.input} - {name for node in model.graph.node for name in node.input}
+    for constant in [tensor for tensor in model.graph.initializer if tensor.name in unread]:  # the Reshapes' shapes, the Split's widths
+        model.graph.initializer.remove(constant)
     model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return None
 

@@ -141,6 +141,8 @@ def test_the_query_and_key_norms_fold_into_the_kernel(shipped_artifact):
     assert next(node for node in model.graph.node if attention.input[0] in node.output).op_type == "MatMul", "the qkv projection"
     assert [attention.input[index] for index in (1, 2)] == ["", ""], "q, k and v reach the kernel packed"
     assert {"epsilon"} <= {attribute.name for attribute in attention.attribute}
+    read = {name for node in model.graph.node for name in node.input}
+    assert all(tensor.name in read for tensor in model.graph.initializer), "the folded nodes' constants go with them"
 
 
 def test_models_decode_alike_with_either_attention(shipped_artifact):
