@@ -31,8 +31,8 @@ import onnxruntime as ort
 from runtime.artifact import ExpertLayer, ModelEntry
 from runtime.decoder import POSITIONS_INPUT, KvCache, KvState, check_external_data, check_inputs, check_last, positions_input, right_padded, session_options
 from runtime.errors import ArtifactError
+from runtime.kernels.attention import EXTERNAL_FOLDER, Attention, use_kernel
 
-_EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def _segments(graph: onnx.GraphProto, layers: list[ExpertLayer]) -> list[tuple[l
 class ExpertParallelDecoder:
     """The main model as dense segments and one worker per partition; caches are KvCaches whose calls run the cut model."""
 
-    def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None):
+    def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None, attention: Attention = "auto"):
         if not entry.expert_layers:
             raise ArtifactError(
                 f"{artifact}: the main model's experts are not partitioned", hint="build with partition.partitions > 1, or load with placement='single'"
@@ -133,13 +133,14 @@ class ExpertParallelDecoder:
         model_path = artifact / entry.path
         model = check_external_data(artifact, entry.path, allowed_files)  # the data stays on disk, read by ONNX Runtime
         check_inputs(model_path, model)
+        options = session_options(entry.session_options, threads)
+        options.add_session_config_entry(EXTERNAL_FOLDER, str(model_path.parent))
+        self.attention = "moecc" if use_kernel(model_path, model, entry.head_dim, options, attention) else "onnxruntime"
         layers = entry.expert_layers
         segments = _segments(model.graph, layers)
         cut = {name for inputs, outputs, _ in segments for name in (*inputs, *outputs)}
         cut |= {name for layer in layers for name in (layer.tokens, layer.router_logits, layer.mixing, *(o for p in layer.partitions for o in p.outputs))}
         extractor = onnx.utils.Extractor(_typed(model, cut))
-        options = session_options(entry.session_options, threads)
-        options.add_session_config_entry(_EXTERNAL_FOLDER, str(model_path.parent))
 
         def open_part(inputs: list[str], outputs: list[str], kv_outputs: tuple[str, ...] = ()) -> SubModel:
             part = extractor.extract_model(inputs, [*outputs, *kv_outputs])

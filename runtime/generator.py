@@ -77,7 +77,7 @@ class Generator:
         if self.placement == "expert-parallel" and role == "main":
             from runtime.expert_parallel import ExpertParallelDecoder
 
-            return ExpertParallelDecoder(self.path, entry, set(self.manifest.files), threads)
+            return ExpertParallelDecoder(self.path, entry, set(self.manifest.files), threads, attention)
         return Decoder(self.path, entry, set(self.manifest.files), threads, attention)
 
     def _draft_policy(self, draft_length: int | str, sampling: SamplingParams, proposer: Proposer) -> FixedDraftLength | AdaptiveDraftLength:

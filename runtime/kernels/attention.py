@@ -45,11 +45,14 @@ def _warn_once(message: str) -> None:
     _log.warning(message)
 
 
-def unsupported(node: onnx.NodeProto, head_dim: int) -> str | None:
-    """Why moecc.Attention cannot stand in for this GroupQueryAttention, or None when it can."""
+def unsupported(node: onnx.NodeProto, head_dim: int, cache_type: int) -> str | None:
+    """Why moecc.Attention cannot stand in for this GroupQueryAttention, whose past keys are of `cache_type`
+    (float32 activations with a float32 or int8 cache), or None when it can."""
     names = dict(zip(_GQA_INPUTS, node.input))
     if missing := sorted(name for name in _REQUIRED if not names.get(name)):
         return f"no {', '.join(missing)}"
+    if cache_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT8):
+        return f"a {onnx.helper.tensor_dtype_to_np_dtype(cache_type)} cache (the kernel takes float32 or int8)"
     if extra := sorted(name for name, value in names.items() if value and name not in (*_OURS, *_IGNORED)):
         return f"uses {', '.join(extra)}"
     attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
@@ -113,8 +116,9 @@ def fuse(model: onnx.ModelProto, head_dim: int) -> str | None:
     nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
     if not nodes:
         return "no GroupQueryAttention"
+    types = {value.name: value.type.tensor_type.elem_type for value in model.graph.input}
     for node in nodes:
-        if reason := unsupported(node, head_dim):
+        if reason := unsupported(node, head_dim, types.get(node.input[3], onnx.TensorProto.UNDEFINED)):
             return f"{node.name}: {reason}"
     graph = _Graph(model.graph)
     folded: list[onnx.NodeProto] = []
@@ -142,27 +146,36 @@ def fuse(model: onnx.ModelProto, head_dim: int) -> str | None:
     return None
 
 
+def use_kernel(model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, attention: Attention) -> bool:
+    """Whether sessions of the model at `model_path` run moecc's attention kernel: when `attention` asks for it
+    and it applies, the graph `model` (without weights) is rewritten in place and `options` load the kernel
+    and find the weights beside the model; "moecc" refuses to fall back."""
+    if attention not in ATTENTIONS:
+        raise MoeccError(f"attention must be one of {', '.join(ATTENTIONS)}, not {attention!r}")
+    if attention == "onnxruntime":
+        return False
+    try:
+        path = library()
+        reason = fuse(model, head_dim)
+    except KernelUnavailable as error:
+        path, reason = None, str(error)
+        if attention == "auto":
+            _warn_once(f"moecc's attention kernel is unavailable, so attention runs on ONNX Runtime's slower kernel: {error}")
+    if reason is None:
+        options.register_custom_ops_library(str(path))
+        options.add_session_config_entry(EXTERNAL_FOLDER, str(model_path.parent))
+        return True
+    if attention == "moecc":
+        raise MoeccError(f"{model_path}: moecc's attention kernel does not apply: {reason}", hint="load with attention='onnxruntime'")
+    _log.info("%s: ONNX Runtime's GroupQueryAttention (moecc's kernel: %s)", model_path, reason)
+    return False
+
+
 def open_session(
     model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, attention: Attention
 ) -> tuple[ort.InferenceSession, str]:
-    """A CPU session of the model at `model_path` (whose graph, without weights, is `model`), with moecc's
-    attention kernel when `attention` asks for it and it applies ("moecc" refuses to fall back); and whose
-    attention it runs, "moecc" or "onnxruntime"."""
-    if attention not in ATTENTIONS:
-        raise MoeccError(f"attention must be one of {', '.join(ATTENTIONS)}, not {attention!r}")
-    if attention != "onnxruntime":
-        try:
-            path = library()
-            reason = fuse(model, head_dim)
-        except KernelUnavailable as error:
-            path, reason = None, str(error)
-            if attention == "auto":
-                _warn_once(f"moecc's attention kernel is unavailable, so attention runs on ONNX Runtime's slower kernel: {error}")
-        if reason is None:
-            options.register_custom_ops_library(str(path))
-            options.add_session_config_entry(EXTERNAL_FOLDER, str(model_path.parent))
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), "moecc"
-        if attention == "moecc":
-            raise MoeccError(f"{model_path}: moecc's attention kernel does not apply: {reason}", hint="load with attention='onnxruntime'")
-        _log.info("%s: ONNX Runtime's GroupQueryAttention (moecc's kernel: %s)", model_path, reason)
+    """A CPU session of the model at `model_path` (whose graph, without weights, is `model`) and whose attention
+    it runs, "moecc" or "onnxruntime" (see use_kernel)."""
+    if use_kernel(model_path, model, head_dim, options, attention):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), "moecc"
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]), "onnxruntime"

@@ -122,10 +122,11 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, int8
 def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():
     model = _attention_model(8, 2, 64, packed=False, int8=False, softcap=30.0)
     node = model.graph.node[0]
-    assert unsupported(node, 64) == "sets softcap=30.0"
+    assert unsupported(node, 64, TensorProto.FLOAT) == "sets softcap=30.0"
     assert fuse(model, 64) is not None and model.graph.node[0].op_type == "GroupQueryAttention", "nothing changed"
-    assert unsupported(_attention_model(8, 2, 64, packed=False, int8=False, rotary_interleaved=1).graph.node[0], 64) == "sets rotary_interleaved=1"
-    assert unsupported(_attention_model(8, 2, 20, packed=False, int8=False).graph.node[0], 20).startswith("head size 20")
+    assert unsupported(_attention_model(8, 2, 64, packed=False, int8=False, rotary_interleaved=1).graph.node[0], 64, TensorProto.FLOAT) == "sets rotary_interleaved=1"
+    assert unsupported(_attention_model(8, 2, 20, packed=False, int8=False).graph.node[0], 20, TensorProto.FLOAT).startswith("head size 20")
+    assert unsupported(node, 64, TensorProto.FLOAT16).startswith("a float16 cache")
 
 
 def test_the_query_and_key_norms_fold_into_the_kernel(shipped_artifact):
