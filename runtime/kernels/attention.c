@@ -322,10 +322,46 @@ static void attend(void *data, size_t item) {
   free(weights);
 }
 
+static int64_t elements(const Tensor *tensor) {
+  int64_t count = 1;
+  for (size_t i = 0; i < tensor->rank; ++i) count *= tensor->shape[i];
+  return count;
+}
+
+static int shaped(const Tensor *tensor, size_t rank, int64_t first, int64_t second, int64_t third) {
+  const int64_t expected[3] = {first, second, third};
+  if (tensor->rank != rank) return 0;
+  for (size_t i = 0; i < rank && i < 3; ++i)
+    if (expected[i] >= 0 && tensor->shape[i] != expected[i]) return 0;
+  return 1;
+}
+
+/* Every input's shape against the query's and the cache's, before anything is read. */
+static OrtStatus *check_shapes(const Tensor *in, const Kernel *kernel) {
+  if (in[QUERY].rank != 3 || !shaped(&in[PAST_KEY], 4, in[QUERY].shape[0], kernel->kv_num_heads, -1))
+    return fail("moecc.Attention: the query must be [B, S, width] and the past keys [B, kv heads, capacity, D]");
+  int64_t batch = in[QUERY].shape[0], width = in[QUERY].shape[1], dim = in[PAST_KEY].shape[3];
+  if (in[PAST_VALUE].rank != 4 || in[PAST_VALUE].type != in[PAST_KEY].type || memcmp(in[PAST_VALUE].shape, in[PAST_KEY].shape, sizeof(int64_t) * 4))
+    return fail("moecc.Attention: the past values must match the past keys");
+  if (!in[KEY].value != !in[VALUE].value) return fail("moecc.Attention: give both key and value, or neither (packed in the query)");
+  for (int i = KEY; i <= VALUE && in[KEY].value; ++i)
+    if (!shaped(&in[i], 3, batch, width, kernel->kv_num_heads * dim)) return fail("moecc.Attention: key and value must be [B, S, kv heads * D]");
+  if (!shaped(&in[COS], 2, -1, dim / 2, -1) || !shaped(&in[SIN], 2, in[COS].shape[0], dim / 2, -1))
+    return fail("moecc.Attention: the rotary tables must be [positions, D / 2]");
+  if (!shaped(&in[SEQLENS_K], 1, batch, -1, -1) || !shaped(&in[QUERY_SEQLENS], 1, batch, -1, -1))
+    return fail("moecc.Attention: seqlens_k and query_seqlens must be [B]");
+  for (int i = KEY_SCALE; i <= VALUE_SCALE; ++i)
+    if (in[i].value && elements(&in[i]) != kernel->kv_num_heads * dim) return fail("moecc.Attention: a scale must hold kv heads * D values");
+  for (int i = QUERY_NORM; i <= KEY_NORM; ++i)
+    if (in[i].value && elements(&in[i]) != dim) return fail("moecc.Attention: a norm weight must hold D values");
+  return NULL;
+}
+
 static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
   Tensor in[INPUT_COUNT], out[OUTPUT_COUNT];
   for (size_t i = 0; i < INPUT_COUNT; ++i) CHECK(input(context, i, &in[i]));
+  CHECK(check_shapes(in, kernel));
   Call call = {0};
   call.batch = in[QUERY].shape[0];
   call.new_width = in[QUERY].shape[1];
@@ -431,30 +467,25 @@ static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index)
   return OrtMemTypeDefault;
 }
 
-static AttentionOp attention_ops[] = {{.cache = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}, {.cache = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8}};
+/* Written once, at load: sessions registering the library concurrently only read them. */
+#define ATTENTION_OP(CACHE)                                                                                       \
+  {                                                                                                               \
+    .op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = provider,                     \
+           .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,           \
+           .GetOutputTypeCount = output_count, .KernelDestroy = destroy,                                          \
+           .GetInputCharacteristic = input_characteristic, .GetOutputCharacteristic = output_characteristic,      \
+           .GetInputMemoryType = input_memory, .CreateKernelV2 = create, .KernelComputeV2 = compute},             \
+    .cache = CACHE                                                                                                \
+  }
+static const AttentionOp attention_ops[] = {ATTENTION_OP(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT), ATTENTION_OP(ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)};
 
+/* The library's entry point (SessionOptions.register_custom_ops_library). ONNX Runtime keeps the domain for
+   the sessions made with these options; one small domain per registration is not released. */
 OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   ort = base->GetApi(ORT_API_VERSION);
   if (!ort) return NULL; /* cannot even report: the runtime is older than the header */
   OrtCustomOpDomain *domain;
   CHECK(ort->CreateCustomOpDomain("moecc", &domain));
-  for (size_t i = 0; i < sizeof attention_ops / sizeof *attention_ops; ++i) {
-    attention_ops[i].op = (OrtCustomOp){
-      .version = ORT_API_VERSION,
-      .GetName = name,
-      .GetExecutionProviderType = provider,
-      .GetInputType = input_type,
-      .GetInputTypeCount = input_count,
-      .GetOutputType = output_type,
-      .GetOutputTypeCount = output_count,
-      .KernelDestroy = destroy,
-      .GetInputCharacteristic = input_characteristic,
-      .GetOutputCharacteristic = output_characteristic,
-      .GetInputMemoryType = input_memory,
-      .CreateKernelV2 = create,
-      .KernelComputeV2 = compute,
-    };
-    CHECK(ort->CustomOpDomain_Add(domain, &attention_ops[i].op));
-  }
+  for (size_t i = 0; i < sizeof attention_ops / sizeof *attention_ops; ++i) CHECK(ort->CustomOpDomain_Add(domain, &attention_ops[i].op));
   return ort->AddCustomOpDomain(options, domain);
 }

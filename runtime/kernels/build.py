@@ -2,7 +2,7 @@
 
 Built for the machine that runs them (-march=native), as Triton or torch's cpp_extension build theirs, so the
 inner loops use every vector unit the CPU has. The library is cached by the hash of its sources, compiler,
-flags and CPU, written to a temporary name and renamed into place, so concurrent first uses cannot load a
+flags and CPU, built in a temporary folder and renamed into place, so concurrent first uses cannot load a
 half-written file.
 """
 
@@ -21,7 +21,7 @@ from runtime.errors import MoeccError
 
 SOURCES = (Path(__file__).with_name("attention.c"),)
 HEADERS = Path(__file__).with_name("include")
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c11", "-fPIC", "-shared", "-Wall", "-Werror")  # fast-math: vectorized expf
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c11", "-fPIC", "-Wall", "-Werror")  # fast-math: vectorized expf
 
 
 class KernelUnavailable(MoeccError):
@@ -79,15 +79,15 @@ def _compile() -> Path:
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".so")
-    os.close(handle)
-    try:
-        result = subprocess.run(
-            [compiler, *FLAGS, "-I", str(HEADERS), *map(str, SOURCES), "-o", partial, "-lm"], capture_output=True, text=True, timeout=300
-        )
-        if result.returncode:
-            raise KernelUnavailable(f"{compiler} could not build moecc's kernels:\n{result.stderr.strip()}", hint="set CC to another C compiler")
-        os.replace(partial, target)
-    finally:
-        Path(partial).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".building-") as building:
+        objects = [str(Path(building) / f"{source.stem}.o") for source in SOURCES]
+        # Compiled with fast-math but linked without it: linking with it would add a constructor that sets the
+        # CPU to flush subnormal floats to zero, for the whole process that loads the library.
+        steps = [[compiler, *FLAGS, "-I", str(HEADERS), "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
+        steps.append([compiler, "-shared", *objects, "-o", str(Path(building) / target.name), "-lm"])
+        for step in steps:
+            result = subprocess.run(step, capture_output=True, text=True, timeout=300)
+            if result.returncode:
+                raise KernelUnavailable(f"{compiler} could not build moecc's kernels:\n{result.stderr.strip()}", hint="set CC to another C compiler")
+        os.replace(Path(building) / target.name, target)
     return target

@@ -172,3 +172,20 @@ def test_without_a_compiler_auto_falls_back_and_moecc_refuses(tiny_artifact, mon
         runtime.load(tiny_artifact, attention="moecc")
     with pytest.raises(MoeccError, match="unknown attention"):
         runtime.load(tiny_artifact, attention="flash")
+
+
+def test_lengths_beyond_the_cache_are_refused_before_anything_is_read():
+    model = _attention_model(8, 2, 64, packed=False, int8=False)
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.standard_normal((1, 1, width), dtype=np.float32) for name, width in (("query", 512), ("key", 128), ("value", 128))}
+    feeds |= {"seqlens_k": np.array([CAPACITY], np.int32), "total_sequence_length": np.array(CAPACITY + 1, np.int32), "query_seqlens": np.array([1], np.int32)}
+    caches = {name: np.zeros((1, 2, CAPACITY, 64), np.float32) for name in ("past_key", "past_value")}
+    with pytest.raises(Exception, match="lengths do not fit"):
+        _run(_session(model, 64, fused=True), feeds, caches, bound=False)
+
+
+def test_loading_the_kernel_leaves_the_processors_float_state_alone(tiny_artifact):
+    """Built with fast-math, linked without it: subnormal floats keep their value in the loading process."""
+    runtime.load(tiny_artifact, attention="moecc")
+    subnormal = np.array([1e-40], dtype=np.float32)
+    assert (subnormal * np.float32(1.0))[0] == subnormal[0] != 0
