@@ -4,6 +4,7 @@ ONNX Runtime's CPU GroupQueryAttention quantizes the keys and values it appends 
 reads, with one scale per KV head and channel. Every read goes through the cache, the new tokens' own keys
 included, so a token's logits do not depend on how many tokens share its call (lossless speculation holds).
 The cache is a quarter of float32's size, and attention over a long context reads a quarter of the bytes.
+The runtime's own CPU kernel (runtime/kernels/attention.c) reads and writes the same cache the same way.
 Legend: D head size.
 """
 

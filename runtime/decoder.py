@@ -99,9 +99,10 @@ _PADDING = array("q", bytes(8 * SMALL_CALL))  # zeros after a row's tokens in a 
 
 class KvState:
     """One cache's key/value buffers [B, kv heads, capacity, D] per layer, each both past and present, and the
-    row lengths: GroupQueryAttention writes the new keys and values in place when past and present share a
-    buffer, reads each row's length after the call from seqlens_k (length - 1) and its number of new tokens
-    from query_seqlens; a call's input is right-padded to its longest row."""
+    row lengths: the attention (ONNX Runtime's GroupQueryAttention or moecc's kernel, which keeps its
+    contract) writes the new keys and values in place when past and present share a buffer, reads each row's
+    length after the call from seqlens_k (length - 1) and its number of new tokens from query_seqlens; a
+    call's input is right-padded to its longest row."""
 
     def __init__(self, entry: ModelEntry, batch: int, capacity: int):
         self.capacity = capacity
@@ -127,7 +128,7 @@ class KvState:
 
     def set_lengths(self, cached: list[int], new: list[int], width: int) -> None:
         """Each row's cached tokens and new tokens in a call `width` tokens wide. Every row, even one with nothing
-        new, needs room for the whole width after its cached tokens (the kernel's rule for padded calls)."""
+        new, needs room for the whole width after its cached tokens (GroupQueryAttention's rule for padded calls)."""
         check_capacity(max(cached) + width, self.capacity)
         for row, (length, count) in enumerate(zip(cached, new)):
             if length + count == 0:

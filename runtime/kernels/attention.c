@@ -119,7 +119,7 @@ static void rotate(const float *x, const float *norm, float epsilon, const float
   }
 }
 
-static int64_t past_length(const Call *call, int64_t row) { return call->seqlens_k[row] + 1 - call->query_seqlens[row]; }
+static int64_t past_length(const Call *call, int64_t row) { return (int64_t)call->seqlens_k[row] + 1 - call->query_seqlens[row]; }
 
 static void store(const Call *call, void *cache, const float *scale, int64_t row, int64_t head, int64_t position, const float *x) {
   int64_t offset = ((row * call->kv_heads + head) * call->capacity + position) * call->dim;
@@ -158,8 +158,9 @@ static void append(void *data, size_t item) {
 }
 
 /* The inner loops run on 8 floats at a time (GCC/Clang vector extensions; the kernel is built for the machine
-   it runs on), so head sizes are multiples of 8. Each cached row is loaded once for all the queries of its
-   group, and the common group sizes get their own copies of the loops, whose sums then stay in registers. */
+   it runs on); head sizes are multiples of 16, as ONNX Runtime's GroupQueryAttention also requires. Each
+   cached row is loaded once for all the queries of its group, and the common group sizes get their own
+   copies of the loops, whose sums then stay in registers. */
 typedef float f8 __attribute__((vector_size(32)));
 enum { LANES = 8, MAX_GROUP = 16 };
 
@@ -234,10 +235,9 @@ static inline __attribute__((always_inline)) void store_totals(const f8 *sums, i
                                                                   int64_t group, int64_t dim, float *out, int64_t stride) { \
     for (int64_t d = 0; d < dim; d += 2 * LANES) {                                                                \
       f8 low[MAX_GROUP] = {0}, high[MAX_GROUP] = {0};                                                             \
-      int wide = dim - d >= 2 * LANES;                                                                            \
       for (int64_t t = 0; t < length; ++t) {                                                                      \
         __builtin_prefetch(values + (t + 16) * dim + d);                                                          \
-        f8 first = LOAD(values + t * dim + d), second = wide ? LOAD(values + t * dim + d + LANES) : first;        \
+        f8 first = LOAD(values + t * dim + d), second = LOAD(values + t * dim + d + LANES);                       \
         for (int64_t g = 0; g < group; ++g) {                                                                     \
           float w = weights[g * stride + t];                                                                      \
           low[g] += w * first;                                                                                    \
@@ -246,7 +246,7 @@ static inline __attribute__((always_inline)) void store_totals(const f8 *sums, i
       }                                                                                                           \
       for (int64_t g = 0; g < group; ++g) {                                                                       \
         memcpy(out + g * dim + d, &low[g], sizeof(f8));                                                           \
-        if (wide) memcpy(out + g * dim + d + LANES, &high[g], sizeof(f8));                                        \
+        memcpy(out + g * dim + d + LANES, &high[g], sizeof(f8));                                                  \
       }                                                                                                           \
     }                                                                                                             \
   }
@@ -287,8 +287,9 @@ static void attend(void *data, size_t item) {
   if (first >= last) return;
   int64_t stride = past + last;
   float *weights = malloc(group * stride * sizeof(float)), queries[MAX_GROUP * 512], sums[MAX_GROUP * 512];
-  if (!weights) {
-    call->error = fail("moecc.Attention: out of memory");
+  if (!weights) { /* the first failing work item reports it */
+    OrtStatus *status = fail("moecc.Attention: out of memory");
+    if (!__atomic_compare_exchange_n(&call->error, &(OrtStatus *){NULL}, status, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) ort->ReleaseStatus(status);
     return;
   }
   int64_t cache = (row * call->kv_heads + head) * call->capacity * dim;
@@ -372,7 +373,7 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   call.capacity = in[PAST_KEY].shape[2];
   call.scale = kernel->scale != 0.f ? kernel->scale : 1.f / sqrtf((float)call.dim);
   call.quantized = in[PAST_KEY].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-  if (call.dim > 512 || call.dim % LANES) return fail("moecc.Attention: the head size must be a multiple of 8, at most 512");
+  if (call.dim > 512 || call.dim % (2 * LANES)) return fail("moecc.Attention: the head size must be a multiple of 16, at most 512");
   if (call.group > MAX_GROUP) return fail("moecc.Attention: more than 16 query heads per key/value head");
   if (call.quantized && (!in[KEY_SCALE].value || !in[VALUE_SCALE].value)) return fail("moecc.Attention: an int8 cache needs key and value scales");
   call.query = in[QUERY].data;
@@ -480,12 +481,16 @@ static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index)
 static const AttentionOp attention_ops[] = {ATTENTION_OP(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT), ATTENTION_OP(ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)};
 
 /* The library's entry point (SessionOptions.register_custom_ops_library). ONNX Runtime keeps the domain for
-   the sessions made with these options; one small domain per registration is not released. */
+   the sessions made with these options; one small domain per registration is not released. The API pointer
+   is written on every registration, always with the same value. */
 OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   ort = base->GetApi(ORT_API_VERSION);
   if (!ort) return NULL; /* cannot even report: the runtime is older than the header */
   OrtCustomOpDomain *domain;
   CHECK(ort->CreateCustomOpDomain("moecc", &domain));
-  for (size_t i = 0; i < sizeof attention_ops / sizeof *attention_ops; ++i) CHECK(ort->CustomOpDomain_Add(domain, &attention_ops[i].op));
-  return ort->AddCustomOpDomain(options, domain);
+  OrtStatus *status = NULL;
+  for (size_t i = 0; i < sizeof attention_ops / sizeof *attention_ops && !status; ++i) status = ort->CustomOpDomain_Add(domain, &attention_ops[i].op);
+  if (!status) status = ort->AddCustomOpDomain(options, domain);
+  if (status) ort->ReleaseCustomOpDomain(domain);
+  return status;
 }

@@ -45,9 +45,13 @@ def _warn_once(message: str) -> None:
     _log.warning(message)
 
 
-def unsupported(node: onnx.NodeProto, head_dim: int, cache_type: int) -> str | None:
+def _attribute(node: onnx.NodeProto, name: str, default=None):
+    return next((onnx.helper.get_attribute_value(attribute) for attribute in node.attribute if attribute.name == name), default)
+
+
+def unsupported(node: onnx.NodeProto, head_dim: int, cache_type: int, shapes: dict[str, list[int]]) -> str | None:
     """Why moecc.Attention cannot stand in for this GroupQueryAttention, whose past keys are of `cache_type`
-    (float32 activations with a float32 or int8 cache), or None when it can."""
+    (float32 activations with a float32 or int8 cache) and whose constants have `shapes`; None when it can."""
     names = dict(zip(_GQA_INPUTS, node.input))
     if missing := sorted(name for name in _REQUIRED if not names.get(name)):
         return f"no {', '.join(missing)}"
@@ -60,15 +64,36 @@ def unsupported(node: onnx.NodeProto, head_dim: int, cache_type: int) -> str | N
         allowed = _ATTRIBUTES.get(name, _DEFAULTS.get(name, set()))
         if allowed is not None and value not in allowed:
             return f"sets {name}={value!r}"
-    if head_dim % 8 or head_dim > MAX_HEAD_SIZE:
-        return f"head size {head_dim} (the kernel takes multiples of 8 up to {MAX_HEAD_SIZE})"
+    if attributes.get("do_rotary") != 1:
+        return "no rotary embedding"
+    if shapes.get(names["cos_cache"], [0, head_dim // 2])[1:] != [head_dim // 2]:
+        return "a partial rotary embedding"
+    if cache_type == onnx.TensorProto.INT8 and not (
+        attributes.get("k_quant_type") == attributes.get("v_quant_type") == b"PER_CHANNEL" and names.get("k_scale") and names.get("v_scale")
+    ):
+        return "an int8 cache without per-channel scales"
+    if head_dim % 16 or head_dim > MAX_HEAD_SIZE:
+        return f"head size {head_dim} (the kernel takes multiples of 16 up to {MAX_HEAD_SIZE})"
     if attributes["num_heads"] % attributes["kv_num_heads"] or attributes["num_heads"] // attributes["kv_num_heads"] > MAX_GROUP:
         return f"{attributes['num_heads']} query heads over {attributes['kv_num_heads']} key/value heads"
     return None
 
 
+def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
+    """Why moecc.Attention cannot stand in for every GroupQueryAttention of `model`, or None when it can."""
+    nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
+    if not nodes:
+        return "no GroupQueryAttention"
+    types = {value.name: value.type.tensor_type.elem_type for value in model.graph.input}
+    shapes = {tensor.name: list(tensor.dims) for tensor in model.graph.initializer}
+    for node in nodes:
+        if reason := unsupported(node, head_dim, types.get(node.input[3], onnx.TensorProto.UNDEFINED), shapes):
+            return f"{node.name}: {reason}"
+    return None
+
+
 class _Graph:
-    """Who produces and who reads each value of a graph."""
+    """Who produces and who reads each value of a graph, and the shapes of its constants."""
 
     def __init__(self, graph: onnx.GraphProto):
         self.producer = {name: node for node in graph.node for name in node.output}
@@ -78,6 +103,7 @@ class _Graph:
                 self.readers[name] = self.readers.get(name, 0) + 1
         for value in graph.output:
             self.readers[value.name] = self.readers.get(value.name, 0) + 1
+        self.shapes = {tensor.name: list(tensor.dims) for tensor in graph.initializer}
 
     def only_reader(self, name: str, op_type: str) -> onnx.NodeProto | None:
         """The node of `op_type` producing `name`, when this value has no other reader."""
@@ -85,24 +111,25 @@ class _Graph:
         return node if node is not None and node.op_type == op_type and self.readers.get(name) == 1 else None
 
 
-def _folded_norms(graph: _Graph, node: onnx.NodeProto, names: dict[str, str]) -> tuple[dict[str, str], float, list[onnx.NodeProto]] | None:
+def _folded_norms(graph: _Graph, names: dict[str, str], head_dim: int) -> tuple[dict[str, str], float, list[onnx.NodeProto]] | None:
     """The export's per-head query and key norms (qkv -> Split -> Reshape -> SimplifiedLayerNormalization ->
     Reshape -> attention) as the kernel's inputs: the packed qkv and both norms' weights, their epsilon, and
-    the nodes they replace; None when the attention's inputs are not that pattern."""
+    the nodes they replace; None when the attention's inputs are not exactly that pattern."""
     chains = {}
-    for role, weight in (("query", "q_norm_weight"), ("key", "k_norm_weight")):
+    for role in ("query", "key"):
         flat = graph.only_reader(names.get(role, ""), "Reshape")
         norm = flat and graph.only_reader(flat.input[0], "SimplifiedLayerNormalization")
         per_head = norm and graph.only_reader(norm.input[0], "Reshape")
-        if not per_head:
+        if not per_head or _attribute(norm, "axis", -1) != -1 or graph.shapes.get(norm.input[1]) != [head_dim]:
             return None
         chains[role] = (per_head, norm, flat)
     split = graph.producer.get(chains["query"][0].input[0])
-    if split is None or split.op_type != "Split" or list(split.output) != [chains["query"][0].input[0], chains["key"][0].input[0], names.get("value")]:
+    parts = [chains["query"][0].input[0], chains["key"][0].input[0], names.get("value")]
+    if split is None or split.op_type != "Split" or list(split.output) != parts or _attribute(split, "axis", 0) not in (-1, 2):
         return None
-    if graph.readers.get(names["value"]) != 1:
+    if any(graph.readers.get(part) != 1 for part in parts):  # q, k and v go nowhere else
         return None
-    epsilons = {next((onnx.helper.get_attribute_value(a) for a in norm.attribute if a.name == "epsilon"), 1e-5) for _, norm, _ in chains.values()}
+    epsilons = {_attribute(norm, "epsilon", 1e-5) for _, norm, _ in chains.values()}
     if len(epsilons) != 1:
         return None
     inputs = {"query": split.input[0], "key": "", "value": "", "q_norm_weight": chains["query"][1].input[1], "k_norm_weight": chains["key"][1].input[1]}
@@ -113,19 +140,14 @@ def fuse(model: onnx.ModelProto, head_dim: int) -> str | None:
     """Swap every GroupQueryAttention of `model` for moecc.Attention, folding the per-head query and key norms
     in front of it into the kernel where the export wrote them; returns why not (and changes nothing) when one
     of them is not supported or there are none."""
-    nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
-    if not nodes:
-        return "no GroupQueryAttention"
-    types = {value.name: value.type.tensor_type.elem_type for value in model.graph.input}
-    for node in nodes:
-        if reason := unsupported(node, head_dim, types.get(node.input[3], onnx.TensorProto.UNDEFINED)):
-            return f"{node.name}: {reason}"
+    if reason := why_not(model, head_dim):
+        return reason
     graph = _Graph(model.graph)
     folded: list[onnx.NodeProto] = []
-    for node in nodes:
+    for node in [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]:
         names = dict(zip(_GQA_INPUTS, node.input))
         epsilon = None
-        if norms := _folded_norms(graph, node, names):
+        if norms := _folded_norms(graph, names, head_dim):
             changes, epsilon, replaced = norms
             names |= changes
             folded += replaced
@@ -148,22 +170,23 @@ def fuse(model: onnx.ModelProto, head_dim: int) -> str | None:
 
 def use_kernel(model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, attention: Attention) -> bool:
     """Whether sessions of the model at `model_path` run moecc's attention kernel: when `attention` asks for it
-    and it applies, the graph `model` (without weights) is rewritten in place and `options` load the kernel
-    and find the weights beside the model; "moecc" refuses to fall back."""
+    and it applies, the graph `model` (without weights) is rewritten in place and `options` load the kernel;
+    "moecc" refuses to fall back. Such a session is made from the graph's bytes, with EXTERNAL_FOLDER set."""
     if attention not in ATTENTIONS:
         raise MoeccError(f"attention must be one of {', '.join(ATTENTIONS)}, not {attention!r}")
     if attention == "onnxruntime":
         return False
-    try:
-        path = library()
-        reason = fuse(model, head_dim)
-    except KernelUnavailable as error:
-        path, reason = None, str(error)
-        if attention == "auto":
-            _warn_once(f"moecc's attention kernel is unavailable, so attention runs on ONNX Runtime's slower kernel: {error}")
+    reason = why_not(model, head_dim)  # before building: a model the kernel cannot run never needs a compiler
     if reason is None:
+        try:
+            path = library()
+        except KernelUnavailable as error:
+            reason = str(error)
+            if attention == "auto":
+                _warn_once(f"moecc's attention kernel is unavailable, so attention runs on ONNX Runtime's slower kernel: {error}")
+    if reason is None:
+        fuse(model, head_dim)
         options.register_custom_ops_library(str(path))
-        options.add_session_config_entry(EXTERNAL_FOLDER, str(model_path.parent))
         return True
     if attention == "moecc":
         raise MoeccError(f"{model_path}: moecc's attention kernel does not apply: {reason}", hint="load with attention='onnxruntime'")
@@ -177,5 +200,6 @@ def open_session(
     """A CPU session of the model at `model_path` (whose graph, without weights, is `model`) and whose attention
     it runs, "moecc" or "onnxruntime" (see use_kernel)."""
     if use_kernel(model_path, model, head_dim, options, attention):
+        options.add_session_config_entry(EXTERNAL_FOLDER, str(model_path.parent))
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), "moecc"
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]), "onnxruntime"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -34,11 +35,12 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moecc" / "kernels"
 
 
-def _compiler() -> str:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not compiler or not shutil.which(compiler):
+def _compiler() -> list[str]:
+    """The compiler's command: $CC (which may carry arguments, as "ccache gcc"), else cc, gcc or clang."""
+    command = shlex.split(os.environ.get("CC", "")) or [next((name for name in ("cc", "gcc", "clang") if shutil.which(name)), "cc")]
+    if not shutil.which(command[0]):
         raise KernelUnavailable("no C compiler found for moecc's kernels", hint="install one (apt install gcc) or set CC")
-    return compiler
+    return command
 
 
 def _cpu() -> str:
@@ -63,16 +65,19 @@ def _build() -> Path | KernelUnavailable:
         return _compile()
     except KernelUnavailable as error:
         return error
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # an unwritable cache, no home folder, a compile past its time
+        return KernelUnavailable(f"moecc's kernels could not be built: {error}", hint="set MOECC_KERNEL_CACHE to a writable folder")
 
 
 def _compile() -> Path:
     compiler = _compiler()
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError) as error:
-        raise KernelUnavailable(f"the C compiler {compiler} does not run: {error}", hint="install gcc or set CC") from error
+        raise KernelUnavailable(f"the C compiler {' '.join(compiler)} does not run: {error}", hint="install gcc or set CC") from error
     digest = hashlib.sha256()
-    for part in (*(path.read_bytes() for path in (*SOURCES, *sorted(HEADERS.glob("*.h")))), version.encode(), " ".join(FLAGS).encode(), _cpu().encode()):
+    # The key: the sources and headers, this file (its flags and build steps), the compiler and the CPU.
+    for part in (*(path.read_bytes() for path in (*SOURCES, *sorted(HEADERS.glob("*.h")), Path(__file__))), " ".join(compiler).encode(), version.encode(), _cpu().encode()):
         digest.update(hashlib.sha256(part).digest())
     folder = cache_folder()
     target = folder / f"moecc-kernels-{digest.hexdigest()[:16]}.so"
@@ -83,11 +88,11 @@ def _compile() -> Path:
         objects = [str(Path(building) / f"{source.stem}.o") for source in SOURCES]
         # Compiled with fast-math but linked without it: linking with it would add a constructor that sets the
         # CPU to flush subnormal floats to zero, for the whole process that loads the library.
-        steps = [[compiler, *FLAGS, "-I", str(HEADERS), "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
-        steps.append([compiler, "-shared", *objects, "-o", str(Path(building) / target.name), "-lm"])
+        steps = [[*compiler, *FLAGS, "-I", str(HEADERS), "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
+        steps.append([*compiler, "-shared", *objects, "-o", str(Path(building) / target.name), "-lm"])
         for step in steps:
             result = subprocess.run(step, capture_output=True, text=True, timeout=300)
             if result.returncode:
-                raise KernelUnavailable(f"{compiler} could not build moecc's kernels:\n{result.stderr.strip()}", hint="set CC to another C compiler")
+                raise KernelUnavailable(f"{' '.join(compiler)} could not build moecc's kernels:\n{result.stderr.strip()}", hint="set CC to another C compiler")
         os.replace(Path(building) / target.name, target)
     return target

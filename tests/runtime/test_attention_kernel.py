@@ -16,7 +16,7 @@ from runtime.errors import MoeccError
 from runtime.kernels import build
 from runtime.kernels.attention import fuse, unsupported
 
-CAPACITY, SCALE = 96, 0.05  # the int8 caches' per-channel scale
+CAPACITY = 96
 
 
 def _attention_model(heads: int, kv_heads: int, dim: int, packed: bool, int8: bool, **attributes) -> onnx.ModelProto:
@@ -38,8 +38,9 @@ def _attention_model(heads: int, kv_heads: int, dim: int, packed: bool, int8: bo
         helper.make_tensor("sin", TensorProto.FLOAT, angles.shape, np.sin(angles).astype(np.float32).ravel()),
     ]
     scales = ["", "", "", "", ""]
-    if int8:
-        initializers += [helper.make_tensor(name, TensorProto.FLOAT, [1, kv_heads, 1, dim], np.full(kv_heads * dim, SCALE, np.float32)) for name in ("k_scale", "v_scale")]
+    if int8:  # per channel, different for keys and values
+        for name, scales in _cache_scales(kv_heads, dim).items():
+            initializers.append(helper.make_tensor(name, TensorProto.FLOAT, [1, kv_heads, 1, dim], scales.ravel()))
         scales = ["", "", "", "k_scale", "v_scale"]
         attributes |= {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
     node = helper.make_node(
@@ -53,6 +54,11 @@ def _attention_model(heads: int, kv_heads: int, dim: int, packed: bool, int8: bo
     outputs += [helper.make_tensor_value_info(name, cache_type, None) for name in ("present_key", "present_value")]
     graph = helper.make_graph([node], "attention", inputs, outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _cache_scales(kv_heads: int, dim: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(kv_heads * dim)
+    return {name: rng.uniform(0.02, 0.08, (kv_heads, dim)).astype(np.float32) for name in ("k_scale", "v_scale")}
 
 
 def _session(model: onnx.ModelProto, dim: int, fused: bool) -> ort.InferenceSession:
@@ -84,16 +90,17 @@ def _run(session, feeds: dict, caches: dict, bound: bool) -> tuple[np.ndarray, n
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float-cache", "int8-cache"])
 @pytest.mark.parametrize(
-    "heads, kv_heads, dim, packed",
-    [(8, 2, 64, False), (8, 2, 64, True), (6, 2, 32, False), (8, 8, 16, True), (16, 2, 128, False)],
-    ids=["group4", "group4-packed", "group3", "group1-packed", "group8-dim128"],
-)
+    "heads, kv_heads, dim, packed, scale",
+    [(8, 2, 64, False, 0.0), (8, 2, 64, True, 0.0), (6, 2, 32, False, 0.0), (8, 8, 16, True, 0.0), (16, 2, 128, False, 0.0),
+     (4, 2, 48, False, 0.3), (16, 1, 32, True, 0.0)],
+    ids=["group4", "group4-packed", "group3", "group1-packed", "group8-dim128", "group2-dim48-scaled", "group16-packed"],
+)  # fmt: skip
 @pytest.mark.parametrize("width", [1, 5, 40], ids=["decode", "verify", "prefill"])
 @pytest.mark.parametrize("bound", [True, False], ids=["in-place", "copied"])
-def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, int8, width, bound):
+def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scale, int8, width, bound):
     """Two rows with different cached lengths, the second right-padded (two new tokens fewer, or none new)."""
     rng = np.random.default_rng(heads * dim + width)
-    model = _attention_model(heads, kv_heads, dim, packed, int8)
+    model = _attention_model(heads, kv_heads, dim, packed, int8, **({"scale": scale} if scale else {}))
     cached, new = np.array([5, 37]), np.array([width, max(width - 2, 0)])
     feeds = {"query": rng.standard_normal((2, width, (heads + 2 * kv_heads) * dim if packed else heads * dim), dtype=np.float32)}
     if not packed:
@@ -103,10 +110,11 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, int8
         "total_sequence_length": np.array((cached + new).max(), np.int32),
         "query_seqlens": new.astype(np.int32),
     }
-    caches = {}
-    for name in ("past_key", "past_value"):
-        values = rng.standard_normal((2, kv_heads, CAPACITY, dim), dtype=np.float32)
-        caches[name] = np.clip(np.round(values / SCALE), -127, 127).astype(np.int8) if int8 else values
+    caches = {name: rng.standard_normal((2, kv_heads, CAPACITY, dim), dtype=np.float32) for name in ("past_key", "past_value")}
+    if int8:
+        scales = _cache_scales(kv_heads, dim)
+        for name, scale_name in (("past_key", "k_scale"), ("past_value", "v_scale")):
+            caches[name] = np.clip(np.round(caches[name] / scales[scale_name][None, :, None, :]), -127, 127).astype(np.int8)
     expected = _run(_session(model, dim, fused=False), feeds, caches, bound)
     actual = _run(_session(model, dim, fused=True), feeds, caches, bound)
     for row in range(2):
@@ -122,11 +130,13 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, int8
 def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():
     model = _attention_model(8, 2, 64, packed=False, int8=False, softcap=30.0)
     node = model.graph.node[0]
-    assert unsupported(node, 64, TensorProto.FLOAT) == "sets softcap=30.0"
+    assert unsupported(node, 64, TensorProto.FLOAT, {}) == "sets softcap=30.0"
     assert fuse(model, 64) is not None and model.graph.node[0].op_type == "GroupQueryAttention", "nothing changed"
-    assert unsupported(_attention_model(8, 2, 64, packed=False, int8=False, rotary_interleaved=1).graph.node[0], 64, TensorProto.FLOAT) == "sets rotary_interleaved=1"
-    assert unsupported(_attention_model(8, 2, 20, packed=False, int8=False).graph.node[0], 20, TensorProto.FLOAT).startswith("head size 20")
-    assert unsupported(node, 64, TensorProto.FLOAT16).startswith("a float16 cache")
+    assert unsupported(_attention_model(8, 2, 64, packed=False, int8=False, rotary_interleaved=1).graph.node[0], 64, TensorProto.FLOAT, {}) == "sets rotary_interleaved=1"
+    assert unsupported(_attention_model(8, 2, 64, packed=False, int8=False, do_rotary=0).graph.node[0], 64, TensorProto.FLOAT, {}) == "sets do_rotary=0"
+    assert unsupported(_attention_model(8, 2, 20, packed=False, int8=False).graph.node[0], 20, TensorProto.FLOAT, {}).startswith("head size 20")
+    assert unsupported(node, 64, TensorProto.FLOAT16, {}).startswith("a float16 cache")
+    assert unsupported(_attention_model(8, 2, 64, packed=False, int8=False).graph.node[0], 64, TensorProto.FLOAT, {"cos": [96, 16]}) == "a partial rotary embedding"
 
 
 def test_the_query_and_key_norms_fold_into_the_kernel(shipped_artifact):
@@ -166,7 +176,7 @@ def test_without_a_compiler_auto_falls_back_and_moecc_refuses(tiny_artifact, mon
     with pytest.raises(build.KernelUnavailable, match="no C compiler"):
         build.library()
     generator = runtime.load(tiny_artifact, attention="auto")
-    assert "unavailable" in caplog.text
+    assert "unavailable" in caplog.text and generator.main.attention == "onnxruntime"
     assert generator.generate("def", max_new_tokens=4).token_ids
     with pytest.raises(MoeccError, match="does not apply: no C compiler"):
         runtime.load(tiny_artifact, attention="moecc")
@@ -174,11 +184,12 @@ def test_without_a_compiler_auto_falls_back_and_moecc_refuses(tiny_artifact, mon
         runtime.load(tiny_artifact, attention="flash")
 
 
-def test_lengths_beyond_the_cache_are_refused_before_anything_is_read():
+@pytest.mark.parametrize("seqlens_k, query_seqlens", [(CAPACITY, 1), (10, 2)], ids=["past-the-cache", "more-than-the-call"])
+def test_lengths_that_do_not_fit_are_refused_before_anything_is_read(seqlens_k, query_seqlens):
     model = _attention_model(8, 2, 64, packed=False, int8=False)
     rng = np.random.default_rng(0)
     feeds = {name: rng.standard_normal((1, 1, width), dtype=np.float32) for name, width in (("query", 512), ("key", 128), ("value", 128))}
-    feeds |= {"seqlens_k": np.array([CAPACITY], np.int32), "total_sequence_length": np.array(CAPACITY + 1, np.int32), "query_seqlens": np.array([1], np.int32)}
+    feeds |= {"seqlens_k": np.array([seqlens_k], np.int32), "total_sequence_length": np.array(seqlens_k + 1, np.int32), "query_seqlens": np.array([query_seqlens], np.int32)}
     caches = {name: np.zeros((1, 2, CAPACITY, 64), np.float32) for name in ("past_key", "past_value")}
     with pytest.raises(Exception, match="lengths do not fit"):
         _run(_session(model, 64, fused=True), feeds, caches, bound=False)
