@@ -142,6 +142,12 @@ def fuse(model: onnx.ModelProto, head_dim: int) -> str | None:
     of them is not supported or there are none."""
     if reason := why_not(model, head_dim):
         return reason
+    _swap(model, head_dim)
+    return None
+
+
+def _swap(model: onnx.ModelProto, head_dim: int) -> None:
+    """fuse() on a model why_not() has accepted."""
     graph = _Graph(model.graph)
     folded: list[onnx.NodeProto] = []
     for node in [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]:
@@ -165,7 +171,6 @@ def fuse(model: onnx.ModelProto, head_dim: int) -> str | None:
     for constant in [tensor for tensor in model.graph.initializer if tensor.name in unread]:  # the Reshapes' shapes, the Split's widths
         model.graph.initializer.remove(constant)
     model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-    return None
 
 
 def use_kernel(model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, attention: Attention) -> bool:
@@ -185,7 +190,7 @@ def use_kernel(model_path: Path, model: onnx.ModelProto, head_dim: int, options:
             if attention == "auto":
                 _warn_once(f"moecc's attention kernel is unavailable, so attention runs on ONNX Runtime's slower kernel: {error}")
     if reason is None:
-        fuse(model, head_dim)
+        _swap(model, head_dim)  # checked above, before the build
         options.register_custom_ops_library(str(path))
         return True
     if attention == "moecc":
