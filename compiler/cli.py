@@ -258,8 +258,8 @@ def _add_loading_options(parser: argparse.ArgumentParser) -> None:
         help="expert-parallel: one worker per partition of a partitioned artifact's experts (cpu target)",
     )
     parser.add_argument(
-        "--attention", choices=runtime.ATTENTIONS, default="auto",
-        help="cpu target: moecc's attention kernel (built for this machine on first use) or ONNX Runtime's; auto: ours where it builds",
+        "--kernels", choices=runtime.KERNELS, default="auto",
+        help="cpu target: moecc's attention and MoE kernels (built for this machine on first use) or ONNX Runtime's; auto: ours where they build and apply",
     )
 
 
@@ -276,7 +276,7 @@ def cmd_verify(args, out: Console, err: Console) -> dict[str, Any]:
 
 
 def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
-    generator = runtime.load(args.artifact, target=args.target, threads=args.threads, placement=args.placement, attention=args.attention)
+    generator = runtime.load(args.artifact, target=args.target, threads=args.threads, placement=args.placement, kernels=args.kernels)
     sampling = runtime.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stream = generator.stream(
         args.prompt,
@@ -316,7 +316,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     from compiler import corpus
     from runtime import benchmark
 
-    generator = runtime.load(args.artifact, target=args.target, threads=args.threads, placement=args.placement, attention=args.attention)
+    generator = runtime.load(args.artifact, target=args.target, threads=args.threads, placement=args.placement, kernels=args.kernels)
     default = generator.manifest.generation.draft_length
     fixed = args.draft_length or (default if isinstance(default, int) else 4)
     heldout = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:50]))
@@ -346,7 +346,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     limit = {case.prompt_tokens: active * case.decode_tokens_per_second.median / bandwidth for case in main_only}
     limit_with_kv = {case.prompt_tokens: (active + kv[case.prompt_tokens]) * case.decode_tokens_per_second.median / bandwidth for case in main_only}
     report = {
-        "artifact": str(args.artifact), "name": name, "threads": threads, "runs": args.runs, "attention": getattr(generator.main, "attention", None),
+        "artifact": str(args.artifact), "name": name, "threads": threads, "runs": args.runs, "kernels": list(getattr(generator.main, "kernels", ())),
         "peak_rss_bytes": peak_rss, "main_active_weight_bytes_per_token": active,
         "read_bandwidth_bytes_per_second": bandwidth, "main_only_bandwidth_fraction": limit,
         "main_only_kv_bytes_per_token": kv, "main_only_bandwidth_fraction_with_kv": limit_with_kv,
@@ -378,7 +378,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
             with_kv = ", ".join(f"{_size(kv[prompt])} and {fraction:.2f} (prompt {prompt})" for prompt, fraction in limit_with_kv.items())
             out.print(f"counting the KV cache it also reads per token: {with_kv}")
         if growth := report["main_only_cost_growth"]:
-            out.print(f"main-only decode time per token at prompt {growth['to']} against {growth['from']}: {growth['growth']:+.1%} (attention: {report['attention']})")
+            out.print(f"main-only decode time per token at prompt {growth['to']} against {growth['from']}: {growth['growth']:+.1%} (kernels: {', '.join(report['kernels']) or 'ONNX Runtime'})")
         out.print(f"peak RSS {_size(report['peak_rss_bytes'])}; wrote {json_out} and {chart}")
     return report
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from runtime.errors import ArtifactError, MoeccError
 from runtime.generator import PROPOSERS, Generation, Generator, Stream
-from runtime.kernels.attention import ATTENTIONS, Attention
+from runtime.kernels.session import KERNELS, Kernels, check_kernels
 from runtime.sampling import SamplingParams
 from runtime.speculative import GenerationStats
 
-__all__ = ["load", "TARGETS", "PLACEMENTS", "PROPOSERS", "ATTENTIONS", "Generator", "Generation", "Stream", "SamplingParams", "GenerationStats", "MoeccError", "ArtifactError"]
+__all__ = ["load", "TARGETS", "PLACEMENTS", "PROPOSERS", "KERNELS", "Generator", "Generation", "Stream", "SamplingParams", "GenerationStats", "MoeccError", "ArtifactError"]
 
 TARGETS = ("cpu", "tensorrt")
 PLACEMENTS = ("single", "expert-parallel")
@@ -34,7 +34,7 @@ def _auto_target(path: str | Path) -> str:
     return "cpu" if any(mismatch(engine, library, gpu) for engine in engines) else "tensorrt"
 
 
-def load(path: str | Path, target: str = "auto", threads: int | None = None, placement: str = "single", attention: Attention = "auto") -> Generator:
+def load(path: str | Path, target: str = "auto", threads: int | None = None, placement: str = "single", kernels: Kernels = "auto") -> Generator:
     """Verify the artifact at `path` (digests, paths, no symlinks), then open its main and draft models.
 
     target: cpu (ONNX Runtime), tensorrt (the artifact's engines; refused with the reason when this machine
@@ -42,8 +42,9 @@ def load(path: str | Path, target: str = "auto", threads: int | None = None, pla
     placement: single (the main model in one session or engine, every partition of its experts together) or
     expert-parallel (cpu target, a partitioned artifact: one worker per partition of the experts, the main
     model sending each MoE layer's tokens to the workers holding their experts and adding up what comes back).
-    attention (cpu target): auto (moecc's attention kernel, built for this machine on first use, where it builds
-    and applies; else ONNX Runtime's GroupQueryAttention), moecc (refuse to fall back) or onnxruntime.
+    kernels (cpu target): auto (moecc's attention and MoE kernels, built for this machine on first use, where
+    they build and apply; else ONNX Runtime's GroupQueryAttention and MoE), moecc (refuse to fall back) or
+    onnxruntime.
     """
     if target not in ("auto", *TARGETS):
         raise MoeccError(f"unknown target {target!r}; available: auto, {', '.join(TARGETS)}")
@@ -54,8 +55,7 @@ def load(path: str | Path, target: str = "auto", threads: int | None = None, pla
             raise MoeccError("expert-parallel placement runs on the cpu target; a TensorRT engine holds all of its experts", hint="load with target='cpu'")
         target = "cpu"
     target = _auto_target(path) if target == "auto" else target
-    if attention not in ATTENTIONS:
-        raise MoeccError(f"unknown attention {attention!r}; available: {', '.join(ATTENTIONS)}")
-    if attention == "moecc" and target != "cpu":
-        raise MoeccError(f"moecc's attention kernel runs on the cpu target, not {target}", hint="load with attention='auto'")
-    return Generator(path, threads=threads, target=target, placement=placement, attention=attention)
+    check_kernels(kernels)
+    if kernels == "moecc" and target != "cpu":
+        raise MoeccError(f"moecc's kernels run on the cpu target, not {target}", hint="load with kernels='auto'")
+    return Generator(path, threads=threads, target=target, placement=placement, kernels=kernels)

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from runtime.artifact import ModelEntry
 from runtime.errors import ArtifactError
-from runtime.kernels.attention import Attention, open_session
+from runtime.kernels.session import Kernels, open_session
 
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 SPIN_AFTER_CALL_US = 100
@@ -79,11 +79,11 @@ def check_inputs(model_path: Path, proto: onnx.ModelProto) -> None:
 class Decoder:
     """A stateless ONNX Runtime session; all per-sequence state lives in a KvCache, so threads can share it."""
 
-    def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None, attention: Attention = "auto"):
+    def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None, kernels: Kernels = "auto"):
         model_path = artifact / entry.path
         model = check_external_data(artifact, entry.path, allowed_files)
         check_inputs(model_path, model)
-        self.session, self.attention = open_session(model_path, model, entry.head_dim, session_options(entry.session_options, threads), attention)
+        self.session, self.kernels = open_session(model_path, model, entry.head_dim, session_options(entry.session_options, threads), kernels)
         self.entry = entry
 
     def new_cache(self, capacity: int | None = None) -> KvCache:

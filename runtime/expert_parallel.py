@@ -31,7 +31,7 @@ import onnxruntime as ort
 from runtime.artifact import ExpertLayer, ModelEntry
 from runtime.decoder import POSITIONS_INPUT, KvCache, KvState, check_external_data, check_inputs, check_last, positions_input, right_padded, session_options
 from runtime.errors import ArtifactError
-from runtime.kernels.attention import EXTERNAL_FOLDER, Attention, use_kernel
+from runtime.kernels.session import EXTERNAL_FOLDER, Kernels, use_kernels
 
 
 
@@ -125,7 +125,7 @@ def _segments(graph: onnx.GraphProto, layers: list[ExpertLayer]) -> list[tuple[l
 class ExpertParallelDecoder:
     """The main model as dense segments and one worker per partition; caches are KvCaches whose calls run the cut model."""
 
-    def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None, attention: Attention = "auto"):
+    def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None, kernels: Kernels = "auto"):
         if not entry.expert_layers:
             raise ArtifactError(
                 f"{artifact}: the main model's experts are not partitioned", hint="build with partition.partitions > 1, or load with placement='single'"
@@ -135,7 +135,7 @@ class ExpertParallelDecoder:
         check_inputs(model_path, model)
         options = session_options(entry.session_options, threads)
         options.add_session_config_entry(EXTERNAL_FOLDER, str(model_path.parent))
-        self.attention = "moecc" if use_kernel(model_path, model, entry.head_dim, options, attention) else "onnxruntime"
+        self.kernels = use_kernels(model_path, model, entry.head_dim, options, kernels)
         layers = entry.expert_layers
         segments = _segments(model.graph, layers)
         cut = {name for inputs, outputs, _ in segments for name in (*inputs, *outputs)}

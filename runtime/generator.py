@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from runtime.artifact import Manifest, verify_artifact
 from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
-from runtime.kernels.attention import Attention
+from runtime.kernels.session import Kernels
 from runtime.sampling import SamplingParams
 from runtime.speculative import AdaptiveDraftLength, BatchDraft, BatchLookupDraft, BatchModelDraft, Draft, FixedDraftLength, GenerationStats, LookupDraft, ModelDraft, decode, decode_batch
 
@@ -56,19 +56,19 @@ PROPOSERS: tuple[str, ...] = get_args(Proposer)
 class Generator:
     """Holds one session per model; each call gets its own KV caches, so threads may share a Generator."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, target: str = "cpu", placement: str = "single", attention: Attention = "auto"):
+    def __init__(self, path: str | Path, threads: int | None = None, target: str = "cpu", placement: str = "single", kernels: Kernels = "auto"):
         self.path = Path(path)
         self.manifest: Manifest = verify_artifact(self.path)  # before anything is deserialized
         self.target = target
         self.placement = placement
-        self.main = self._decoder("main", threads, attention)
-        self.draft = self._decoder("draft", threads, attention) if "draft" in self.manifest.models else None
+        self.main = self._decoder("main", threads, kernels)
+        self.draft = self._decoder("draft", threads, kernels) if "draft" in self.manifest.models else None
         self.tokenizer = Tokenizer.from_file(str(self.path / self.manifest.tokenizer))
         eos = self.manifest.generation.eos_token_id
         self.stop_tokens = {eos} if eos is not None else set()
         self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)  # shared by all draft-model "auto" generations
 
-    def _decoder(self, role: str, threads: int | None, attention: Attention):
+    def _decoder(self, role: str, threads: int | None, kernels: Kernels):
         entry = self.manifest.models[role]
         if self.target == "tensorrt":
             from runtime.tensorrt_backend import TensorRTDecoder  # imports TensorRT: only for this target
@@ -77,8 +77,8 @@ class Generator:
         if self.placement == "expert-parallel" and role == "main":
             from runtime.expert_parallel import ExpertParallelDecoder
 
-            return ExpertParallelDecoder(self.path, entry, set(self.manifest.files), threads, attention)
-        return Decoder(self.path, entry, set(self.manifest.files), threads, attention)
+            return ExpertParallelDecoder(self.path, entry, set(self.manifest.files), threads, kernels)
+        return Decoder(self.path, entry, set(self.manifest.files), threads, kernels)
 
     def _draft_policy(self, draft_length: int | str, sampling: SamplingParams, proposer: Proposer) -> FixedDraftLength | AdaptiveDraftLength:
         if proposer not in PROPOSERS:

@@ -86,14 +86,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--genai-ngram-size", type=int, default=GENAI_NGRAM_SIZE, help="onnxruntime-genai's n-gram size for its prompt lookup")
-    parser.add_argument("--attention", choices=runtime.ATTENTIONS, default="auto", help="our attention kernel (runtime.load)")
+    parser.add_argument("--kernels", choices=runtime.KERNELS, default="auto", help="our attention and MoE kernels or ONNX Runtime's (runtime.load)")
     parser.add_argument("--json-out", type=Path, default=None, help="default: artifacts/bench-NAME-vs-genai.json")
     args = parser.parse_args()
     console = Console(width=140)
 
     loaded = with_generated_weights(load_recipe(args.recipe), Path("artifacts/.cache"))
     checkpoint = loaded.main_checkpoint if args.model == "main" else loaded.draft_checkpoint
-    generator = runtime.load(args.artifact, threads=args.threads, attention=args.attention)
+    generator = runtime.load(args.artifact, threads=args.threads, kernels=args.kernels)
     decoder = getattr(generator, args.model)
     config = og.Config(str(build_genai_model(checkpoint, Path("artifacts/.cache/genai") / f"{loaded.recipe.name}-{args.model}")))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
@@ -130,10 +130,10 @@ def main() -> None:
     results = {
         "model": args.model, "checkpoint": str(checkpoint), "threads": args.threads, "prompts": len(prompts),
         "new_tokens": args.new_tokens, "rounds": args.rounds, "onnxruntime_genai_version": og.__version__,
-        "greedy_token_agreement": round(agreement, 4), "moecc_attention": decoder.attention,
+        "greedy_token_agreement": round(agreement, 4), "moecc_kernels": list(decoder.kernels),
     }
     table = Table(title=f"{loaded.recipe.name} {args.model}: {len(prompts)} held-out prompts x {args.new_tokens} tokens, "
-                        f"{args.threads} threads, median of {args.rounds} rounds; our attention: {decoder.attention}")
+                        f"{args.threads} threads, median of {args.rounds} rounds; our kernels: {', '.join(decoder.kernels) or 'none'}")
     for column in ("measure", "moecc", "onnxruntime-genai", "ratio"):
         table.add_column(column, justify="left" if column == "measure" else "right")
     for kind in ("decode", "end_to_end"):

@@ -25,15 +25,15 @@ import runtime
 from compiler import corpus
 from runtime.artifact import ModelEntry
 from runtime.decoder import POSITIONS_INPUT, KvState, session_options
-from runtime.kernels.attention import open_session
+from runtime.kernels.session import open_session
 
 
-def profile(artifact: Path, entry: ModelEntry, text: list[int], context: int, calls: int, threads: int, folder: Path, attention: str) -> Counter[str]:
+def profile(artifact: Path, entry: ModelEntry, text: list[int], context: int, calls: int, threads: int, folder: Path, kernels: str) -> Counter[str]:
     """Microseconds per decode call, by op type, after `context` tokens of `text`."""
     options = session_options(entry.session_options, threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(folder / f"profile-{context}")
-    session, _ = open_session(artifact / entry.path, onnx.load(artifact / entry.path, load_external_data=False), entry.head_dim, options, attention)
+    session, _ = open_session(artifact / entry.path, onnx.load(artifact / entry.path, load_external_data=False), entry.head_dim, options, kernels)
     state = KvState(entry, 1, entry.max_sequence_length)
     binding = session.io_binding()
     state.bind(binding, {value.name for value in session.get_inputs()})
@@ -73,13 +73,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=10, help="op types shown, by time at the longest context")
-    parser.add_argument("--attention", choices=runtime.ATTENTIONS, default="auto", help="moecc's attention kernel or ONNX Runtime's")
+    parser.add_argument("--kernels", choices=runtime.KERNELS, default="auto", help="moecc's attention and MoE kernels or ONNX Runtime's")
     args = parser.parse_args()
     entry, text = _entry_and_text(args.artifact, args.model)
     if len(text) < max(args.contexts) + args.calls:
         raise SystemExit(f"the held-out text has {len(text)} tokens; the longest context needs {max(args.contexts) + args.calls}")
     with tempfile.TemporaryDirectory() as folder:
-        profiles = {context: profile(args.artifact, entry, text, context, args.calls, args.threads, Path(folder), args.attention) for context in args.contexts}
+        profiles = {context: profile(args.artifact, entry, text, context, args.calls, args.threads, Path(folder), args.kernels) for context in args.contexts}
     longest = profiles[max(args.contexts)]
     table = Table(title=f"{args.artifact.name} {args.model}: µs per decode call by op type (ONNX Runtime profile, {args.calls} calls, {args.threads} threads)")
     table.add_column("op type")

@@ -30,9 +30,7 @@ Padding positions of a row produce zeros and write nothing to the cache. */
 #include <immintrin.h>
 #endif
 
-#include "onnxruntime_c_api.h"
-
-static const OrtApi *ort;
+#include "ops.h"
 
 enum { QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS_K, COS, SIN, QUERY_SEQLENS, KEY_SCALE, VALUE_SCALE, QUERY_NORM, KEY_NORM, INPUT_COUNT };
 enum { OUTPUT, PRESENT_KEY, PRESENT_VALUE, OUTPUT_COUNT };
@@ -42,51 +40,6 @@ typedef struct {
   int64_t num_heads, kv_num_heads;
   float scale, epsilon;
 } Kernel;
-
-#define CHECK(expr)                        \
-  do {                                     \
-    OrtStatus *status_ = (expr);           \
-    if (status_) return status_;           \
-  } while (0)
-
-static OrtStatus *fail(const char *message) { return ort->CreateStatus(ORT_INVALID_ARGUMENT, message); }
-
-typedef struct {
-  const OrtValue *value;
-  void *data;
-  int64_t shape[4];
-  size_t rank;
-  ONNXTensorElementDataType type;
-} Tensor;
-
-static OrtStatus *describe(const OrtValue *value, Tensor *tensor) {
-  OrtTensorTypeAndShapeInfo *info;
-  tensor->value = value;
-  CHECK(ort->GetTensorMutableData((OrtValue *)value, &tensor->data));
-  CHECK(ort->GetTensorTypeAndShape(value, &info));
-  OrtStatus *status = ort->GetDimensionsCount(info, &tensor->rank);
-  if (!status && tensor->rank > 4) status = fail("moecc.Attention: an input has more than 4 dimensions");
-  if (!status) status = ort->GetDimensions(info, tensor->shape, tensor->rank);
-  if (!status) status = ort->GetTensorElementType(info, &tensor->type);
-  ort->ReleaseTensorTypeAndShapeInfo(info);
-  return status;
-}
-
-static OrtStatus *input(OrtKernelContext *context, size_t index, Tensor *tensor) {
-  const OrtValue *value;
-  CHECK(ort->KernelContext_GetInput(context, index, &value));
-  if (!value) {
-    tensor->value = NULL;
-    return NULL;
-  }
-  return describe(value, tensor);
-}
-
-static OrtStatus *output(OrtKernelContext *context, size_t index, const int64_t *shape, size_t rank, Tensor *tensor) {
-  OrtValue *value;
-  CHECK(ort->KernelContext_GetOutput(context, index, shape, rank, &value));
-  return describe(value, tensor);
-}
 
 /* One call's geometry and buffers, shared by the work items. */
 typedef struct {
@@ -287,9 +240,8 @@ static void attend(void *data, size_t item) {
   if (first >= last) return;
   int64_t stride = past + last;
   float *weights = malloc(group * stride * sizeof(float)), queries[MAX_GROUP * 512], sums[MAX_GROUP * 512];
-  if (!weights) { /* the first failing work item reports it */
-    OrtStatus *status = fail("moecc.Attention: out of memory");
-    if (!__atomic_compare_exchange_n(&call->error, &(OrtStatus *){NULL}, status, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) ort->ReleaseStatus(status);
+  if (!weights) {
+    fail_once(&call->error, "moecc.Attention: out of memory");
     return;
   }
   int64_t cache = (row * call->kv_heads + head) * call->capacity * dim;
@@ -321,20 +273,6 @@ static void attend(void *data, size_t item) {
     memcpy(out, sums, group * dim * sizeof(float));
   }
   free(weights);
-}
-
-static int64_t elements(const Tensor *tensor) {
-  int64_t count = 1;
-  for (size_t i = 0; i < tensor->rank; ++i) count *= tensor->shape[i];
-  return count;
-}
-
-static int shaped(const Tensor *tensor, size_t rank, int64_t first, int64_t second, int64_t third) {
-  const int64_t expected[3] = {first, second, third};
-  if (tensor->rank != rank) return 0;
-  for (size_t i = 0; i < rank && i < 3; ++i)
-    if (expected[i] >= 0 && tensor->shape[i] != expected[i]) return 0;
-  return 1;
 }
 
 /* Every input's shape against the query's and the cache's, before anything is read. */
@@ -480,17 +418,7 @@ static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index)
   }
 static const AttentionOp attention_ops[] = {ATTENTION_OP(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT), ATTENTION_OP(ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)};
 
-/* The library's entry point (SessionOptions.register_custom_ops_library). ONNX Runtime keeps the domain for
-   the sessions made with these options; one small domain per registration is not released. The API pointer
-   is written on every registration, always with the same value. */
-OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
-  ort = base->GetApi(ORT_API_VERSION);
-  if (!ort) return NULL; /* cannot even report: the runtime is older than the header */
-  OrtCustomOpDomain *domain;
-  CHECK(ort->CreateCustomOpDomain("moecc", &domain));
-  OrtStatus *status = NULL;
-  for (size_t i = 0; i < sizeof attention_ops / sizeof *attention_ops && !status; ++i) status = ort->CustomOpDomain_Add(domain, &attention_ops[i].op);
-  if (!status) status = ort->AddCustomOpDomain(options, domain);
-  if (status) ort->ReleaseCustomOpDomain(domain);
-  return status;
+OrtStatus *add_attention_ops(OrtCustomOpDomain *domain) {
+  for (size_t i = 0; i < sizeof attention_ops / sizeof *attention_ops; ++i) CHECK(ort->CustomOpDomain_Add(domain, &attention_ops[i].op));
+  return NULL;
 }

@@ -1,27 +1,11 @@
-"""Open a decoder's session with moecc.Attention (attention.c) in place of ONNX Runtime's GroupQueryAttention.
-
-The artifact keeps the standard node, which every ONNX Runtime and the TensorRT lowering read; the swap
-happens in memory when a CPU session loads, only when every attention node of the model is one the kernel
-implements, and the weights stay in the artifact's external data, read by ONNX Runtime as before.
-"""
+"""moecc.Attention (attention.c) in place of ONNX Runtime's GroupQueryAttention, with the per-head query and
+key norms in front of it folded in where the export wrote them (session.py decides when to swap)."""
 
 from __future__ import annotations
 
-import logging
-from functools import cache
-from pathlib import Path
-from typing import Literal, get_args
-
 import onnx
-import onnxruntime as ort
 
-from runtime.errors import MoeccError
-from runtime.kernels.build import KernelUnavailable, library
-
-Attention = Literal["auto", "moecc", "onnxruntime"]  # auto: moecc's kernel where it builds and applies, else ONNX Runtime's
-ATTENTIONS: tuple[str, ...] = get_args(Attention)
-DOMAIN = "moecc"
-EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # where a model loaded from bytes finds its weights
+from runtime.kernels import DOMAIN
 
 # moecc.Attention's inputs, as the names of GroupQueryAttention's inputs (ONNX Runtime's schema, by position).
 _GQA_INPUTS = (
@@ -36,13 +20,6 @@ _ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotar
                "k_quant_type": {b"NONE", b"PER_CHANNEL"}, "v_quant_type": {b"NONE", b"PER_CHANNEL"}, "kv_cache_bit_width": {8}}  # fmt: skip
 _DEFAULTS = {"local_window_size": {-1}, "softcap": {0.0}, "smooth_softmax": {0}, "causal": {1}}
 MAX_HEAD_SIZE, MAX_GROUP = 512, 16  # attention.c's limits
-
-_log = logging.getLogger(__name__)
-
-
-@cache
-def _warn_once(message: str) -> None:
-    _log.warning(message)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default=None):
@@ -80,10 +57,9 @@ def unsupported(node: onnx.NodeProto, head_dim: int, cache_type: int, shapes: di
 
 
 def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
-    """Why moecc.Attention cannot stand in for every GroupQueryAttention of `model`, or None when it can."""
+    """Why moecc.Attention cannot stand in for every GroupQueryAttention of `model`, or None when it can (or there
+    are none)."""
     nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
-    if not nodes:
-        return "no GroupQueryAttention"
     types = {value.name: value.type.tensor_type.elem_type for value in model.graph.input}
     shapes = {tensor.name: list(tensor.dims) for tensor in model.graph.initializer}
     for node in nodes:
@@ -136,21 +112,13 @@ def _folded_norms(graph: _Graph, names: dict[str, str], head_dim: int) -> tuple[
     return inputs, epsilons.pop(), [split, *(step for chain in chains.values() for step in chain)]
 
 
-def fuse(model: onnx.ModelProto, head_dim: int) -> str | None:
-    """Swap every GroupQueryAttention of `model` for moecc.Attention, folding the per-head query and key norms
-    in front of it into the kernel where the export wrote them; returns why not (and changes nothing) when one
-    of them is not supported or there are none."""
-    if reason := why_not(model, head_dim):
-        return reason
-    _swap(model, head_dim)
-    return None
-
-
-def _swap(model: onnx.ModelProto, head_dim: int) -> None:
-    """fuse() on a model why_not() has accepted."""
+def swap(model: onnx.ModelProto, head_dim: int) -> int:
+    """Swap every GroupQueryAttention of `model` (which why_not() accepted) for moecc.Attention, folding the
+    per-head query and key norms in front of it into the kernel where the export wrote them; returns how many."""
     graph = _Graph(model.graph)
     folded: list[onnx.NodeProto] = []
-    for node in [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]:
+    nodes = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
+    for node in nodes:
         names = dict(zip(_GQA_INPUTS, node.input))
         epsilon = None
         if norms := _folded_norms(graph, names, head_dim):
@@ -170,41 +138,4 @@ def _swap(model: onnx.ModelProto, head_dim: int) -> None:
     unread = {name for node in folded for name in node.input} - {name for node in model.graph.node for name in node.input}
     for constant in [tensor for tensor in model.graph.initializer if tensor.name in unread]:  # the Reshapes' shapes, the Split's widths
         model.graph.initializer.remove(constant)
-    model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-
-
-def use_kernel(model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, attention: Attention) -> bool:
-    """Whether sessions of the model at `model_path` run moecc's attention kernel: when `attention` asks for it
-    and it applies, the graph `model` (without weights) is rewritten in place and `options` load the kernel;
-    "moecc" refuses to fall back. Such a session is made from the graph's bytes, with EXTERNAL_FOLDER set."""
-    if attention not in ATTENTIONS:
-        raise MoeccError(f"attention must be one of {', '.join(ATTENTIONS)}, not {attention!r}")
-    if attention == "onnxruntime":
-        return False
-    reason = why_not(model, head_dim)  # before building: a model the kernel cannot run never needs a compiler
-    if reason is None:
-        try:
-            path = library()
-        except KernelUnavailable as error:
-            reason = str(error)
-            if attention == "auto":
-                _warn_once(f"moecc's attention kernel is unavailable, so attention runs on ONNX Runtime's slower kernel: {error}")
-    if reason is None:
-        _swap(model, head_dim)  # checked above, before the build
-        options.register_custom_ops_library(str(path))
-        return True
-    if attention == "moecc":
-        raise MoeccError(f"{model_path}: moecc's attention kernel does not apply: {reason}", hint="load with attention='onnxruntime'")
-    _log.info("%s: ONNX Runtime's GroupQueryAttention (moecc's kernel: %s)", model_path, reason)
-    return False
-
-
-def open_session(
-    model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, attention: Attention
-) -> tuple[ort.InferenceSession, str]:
-    """A CPU session of the model at `model_path` (whose graph, without weights, is `model`) and whose attention
-    it runs, "moecc" or "onnxruntime" (see use_kernel)."""
-    if use_kernel(model_path, model, head_dim, options, attention):
-        options.add_session_config_entry(EXTERNAL_FOLDER, str(model_path.parent))
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), "moecc"
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]), "onnxruntime"
+    return len(nodes)

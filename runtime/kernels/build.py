@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runtime.errors import MoeccError
 
-SOURCES = (Path(__file__).with_name("attention.c"),)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("ops.c", "attention.c", "moe.c"))
 HEADERS = Path(__file__).with_name("include")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c11", "-fPIC", "-Wall", "-Werror")  # fast-math: vectorized expf
 
@@ -77,7 +77,7 @@ def _compile() -> Path:
         raise KernelUnavailable(f"the C compiler {' '.join(compiler)} does not run: {error}", hint="install gcc or set CC") from error
     digest = hashlib.sha256()
     # The key: the sources and headers, this file (its flags and build steps), the compiler and the CPU.
-    for part in (*(path.read_bytes() for path in (*SOURCES, *sorted(HEADERS.glob("*.h")), Path(__file__))), " ".join(compiler).encode(), version.encode(), _cpu().encode()):
+    for part in (*(path.read_bytes() for path in (*SOURCES, *sorted(HEADERS.glob("*.h")), *sorted(Path(__file__).parent.glob("*.h")), Path(__file__))), " ".join(compiler).encode(), version.encode(), _cpu().encode()):
         digest.update(hashlib.sha256(part).digest())
     folder = cache_folder()
     target = folder / f"moecc-kernels-{digest.hexdigest()[:16]}.so"

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 
 import runtime
 from runtime.errors import MoeccError
-from runtime.kernels import build
-from runtime.kernels.attention import fuse, unsupported
+from runtime.kernels import DOMAIN, build
+from runtime.kernels.attention import swap, unsupported, why_not
 
 CAPACITY = 96
 
@@ -66,7 +66,8 @@ def _session(model: onnx.ModelProto, dim: int, fused: bool) -> ort.InferenceSess
     options.intra_op_num_threads = 2
     if fused:
         model = onnx.ModelProto.FromString(model.SerializeToString())
-        assert fuse(model, dim) is None
+        assert why_not(model, dim) is None and swap(model, dim) == 1
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
         options.register_custom_ops_library(str(build.library()))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
@@ -131,7 +132,7 @@ def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():
     model = _attention_model(8, 2, 64, packed=False, int8=False, softcap=30.0)
     node = model.graph.node[0]
     assert unsupported(node, 64, TensorProto.FLOAT, {}) == "sets softcap=30.0"
-    assert fuse(model, 64) is not None and model.graph.node[0].op_type == "GroupQueryAttention", "nothing changed"
+    assert why_not(model, 64) == f"{node.name}: sets softcap=30.0"
     assert unsupported(_attention_model(8, 2, 64, packed=False, int8=False, rotary_interleaved=1).graph.node[0], 64, TensorProto.FLOAT, {}) == "sets rotary_interleaved=1"
     assert unsupported(_attention_model(8, 2, 64, packed=False, int8=False, do_rotary=0).graph.node[0], 64, TensorProto.FLOAT, {}) == "sets do_rotary=0"
     assert unsupported(_attention_model(8, 2, 20, packed=False, int8=False).graph.node[0], 20, TensorProto.FLOAT, {}).startswith("head size 20")
@@ -143,7 +144,7 @@ def test_the_query_and_key_norms_fold_into_the_kernel(shipped_artifact):
     """Qwen3's per-head norms: the Split of q, k and v and each norm's Reshape, norm, Reshape go; the rest stays."""
     model = onnx.load(shipped_artifact / "main" / "model.onnx", load_external_data=False)
     before = Counter(node.op_type for node in model.graph.node)
-    assert fuse(model, 64) is None
+    assert why_not(model, 64) is None and swap(model, 64) == 4
     after = Counter(node.op_type for node in model.graph.node)
     layers = before["GroupQueryAttention"]
     assert after["Attention"] == layers and not after["GroupQueryAttention"]
@@ -156,10 +157,12 @@ def test_the_query_and_key_norms_fold_into_the_kernel(shipped_artifact):
     assert all(tensor.name in read for tensor in model.graph.initializer), "the folded nodes' constants go with them"
 
 
-def test_models_decode_alike_with_either_attention(shipped_artifact):
-    """The shipped pair (Qwen3-MoE main, Qwen3 draft, per-head norms folded): logits within float rounding,
-    token-exact greedy output in a padded batch with speculation (rollbacks), and for a single sequence."""
-    ours, theirs = (runtime.load(shipped_artifact, target="cpu", attention=attention) for attention in ("moecc", "onnxruntime"))
+def test_models_decode_alike_with_either_kernels(shipped_artifact):
+    """The shipped pair (Qwen3-MoE main, Qwen3 draft, per-head norms folded) with moecc's attention and MoE
+    kernels and with ONNX Runtime's: logits within float rounding, token-exact greedy output in a padded batch
+    with speculation (rollbacks), and for a single sequence."""
+    ours, theirs = (runtime.load(shipped_artifact, target="cpu", kernels=kernels) for kernels in ("moecc", "onnxruntime"))
+    assert (ours.main.kernels, ours.draft.kernels, theirs.main.kernels) == (("moecc.Attention", "moecc.MoE"), ("moecc.Attention",), ())
     history = ours.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
     np.testing.assert_allclose(ours.main.new_cache(128).feed(history), theirs.main.new_cache(128).feed(history), atol=1e-4, rtol=0)
     prompts = [history, history[:7], ours.encode("import os\nimport sys\n\n\ndef main():\n")]
@@ -175,13 +178,13 @@ def test_without_a_compiler_auto_falls_back_and_moecc_refuses(tiny_artifact, mon
     monkeypatch.setattr(build, "_build", build._build.__wrapped__)  # no cached library from earlier tests
     with pytest.raises(build.KernelUnavailable, match="no C compiler"):
         build.library()
-    generator = runtime.load(tiny_artifact, attention="auto")
-    assert "unavailable" in caplog.text and generator.main.attention == "onnxruntime"
+    generator = runtime.load(tiny_artifact, kernels="auto")
+    assert "unavailable" in caplog.text and generator.main.kernels == ()
     assert generator.generate("def", max_new_tokens=4).token_ids
-    with pytest.raises(MoeccError, match="does not apply: no C compiler"):
-        runtime.load(tiny_artifact, attention="moecc")
-    with pytest.raises(MoeccError, match="unknown attention"):
-        runtime.load(tiny_artifact, attention="flash")
+    with pytest.raises(MoeccError, match="moecc's kernels are unavailable: no C compiler"):
+        runtime.load(tiny_artifact, kernels="moecc")
+    with pytest.raises(MoeccError, match="unknown kernels"):
+        runtime.load(tiny_artifact, kernels="flash")
 
 
 @pytest.mark.parametrize("seqlens_k, query_seqlens", [(CAPACITY, 1), (10, 2)], ids=["past-the-cache", "more-than-the-call"])
@@ -197,6 +200,6 @@ def test_lengths_that_do_not_fit_are_refused_before_anything_is_read(seqlens_k, 
 
 def test_loading_the_kernel_leaves_the_processors_float_state_alone(tiny_artifact):
     """Built with fast-math, linked without it: subnormal floats keep their value in the loading process."""
-    runtime.load(tiny_artifact, attention="moecc")
+    runtime.load(tiny_artifact, kernels="moecc")
     subnormal = np.array([1e-40], dtype=np.float32)
     assert (subnormal * np.float32(1.0))[0] == subnormal[0] != 0

@@ -1,0 +1,311 @@
+/* moecc.MoE: a mixture-of-experts layer for the CPU that streams each chosen expert's weights once per call.
+
+ONNX Runtime's CPU MoE gives each thread a contiguous range of experts and runs a general matrix product per
+expert, so a decode step's few chosen experts often land on one thread, and a prompt's small per-expert
+batches run far below the machine's arithmetic rate. Here every chosen expert's units are split among the
+threads, each unit's weights are read in one sequential pass for all the tokens that chose its expert (four
+at a time, while a row is in registers), and the experts' contributions are summed per token at the end.
+Its contract is that of the com.microsoft MoE node it replaces for the float32 SwiGLU experts moecc exports
+(runtime/kernels/moe.py swaps it in when a session loads), except that fc2 comes transposed, so that a
+unit's output weights are one row:
+
+  inputs   0 input [tokens, H] or [B, S, H]   1 router logits [tokens, E]
+           2 fc1 [E, 2I, H]: each expert's gate and linear rows, interleaved (gate of unit i is row 2i)
+           3 fc2, transposed: [E, I, H]
+  outputs  0 output, the input's shape: the sum over each token's k chosen experts of
+           weight * fc2 . swiglu(fc1 . x)
+  attrs    k; normalize_routing_weights (the k weights divided by their sum); activation_alpha,
+           activation_beta, swiglu_limit: swiglu(gate, linear) = g * sigmoid(alpha g) * (l + beta) with
+           g = min(gate, limit) and l = clamp(linear, -limit, limit)
+
+A token's experts are the k largest of the softmax of its logits (ties to the higher expert, as ONNX
+Runtime's); a route whose weight is zero is skipped. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+
+enum { INPUT, ROUTER, FC1, FC2, INPUT_COUNT };
+/* Units one pass reads (their fc1 rows and fc2 rows, 16 * 3 * H floats: within the core's L2 for H up to
+   8192, so the passes of a long prompt's token groups reread them from there), and tokens per group. */
+enum { UNITS = 16, MAX_TOKENS = 4, HIDDEN_PER_SUM = 256 };
+/* Up to this many routes, a work item takes one pass of an expert (a decode or verify step's few experts are
+   spread over the threads); beyond it, a whole expert, so that the partial sums stay few. Tokens per chunk. */
+enum { SPLIT_ROUTES = 64, CHUNK = 512 };
+
+typedef struct {
+  int64_t k;
+  int normalize, limited;
+  float alpha, beta, limit;
+} Kernel;
+
+/* One call: the routes grouped by expert, and the buffers the two phases share. */
+typedef struct {
+  int64_t tokens, hidden, inter, k, units_per_item, items_per_expert;
+  const float *x, *fc1, *fc2;
+  float *out;
+  const Kernel *kernel;
+  int64_t active_count, *active; /* the experts some token chose, in order */
+  int64_t *first;                /* [E + 1]: expert e's routes are first[e] .. first[e + 1] - 1 */
+  int64_t *route_token;          /* [routes], grouped by expert */
+  int64_t *token_routes;         /* [tokens * k]: each token's routes, -1 where skipped */
+  float *route_weight;           /* [routes] */
+  float *partial;                /* [items_per_expert, routes, H]: each route's weighted output, per item */
+} Call;
+
+/* 16 floats (GCC/Clang vector extensions; the kernel is built for the machine it runs on); H is a multiple
+   of 16 and I of UNITS. */
+typedef float f16 __attribute__((vector_size(64)));
+enum { LANES = 16 };
+
+static inline f16 load(const float *x) {
+  f16 v;
+  memcpy(&v, x, sizeof v);
+  return v;
+}
+
+static inline void store(float *x, f16 v) { memcpy(x, &v, sizeof v); }
+
+static inline float total(f16 v) {
+  typedef float f8 __attribute__((vector_size(32)));
+  f8 low, high;
+  memcpy(&low, &v, sizeof low);
+  memcpy(&high, (const char *)&v + sizeof low, sizeof high);
+  f8 s = low + high;
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+static inline float swiglu(const Kernel *kernel, float gate, float linear) {
+  if (kernel->limited) { /* a flag, not an infinite limit: the kernel is built with -ffast-math */
+    gate = gate < kernel->limit ? gate : kernel->limit;
+    linear = linear < -kernel->limit ? -kernel->limit : linear > kernel->limit ? kernel->limit : linear;
+  }
+  return gate / (1.f + expf(-kernel->alpha * gate)) * (linear + kernel->beta);
+}
+
+/* One pass over UNITS units for TOKENS (1 to 4, a constant where it is called, so that the sums stay in
+   registers) of an expert's routes: their activations from the units' fc1 rows, two units (four rows) at a
+   time, then each unit's fc2 row times its weighted activation added to the routes' partial outputs. */
+static inline __attribute__((always_inline)) void pass(const Call *call, const float *fc1, const float *fc2, const float *const *xs,
+                                                       const float *weights, int64_t token_count, float *const *partials) {
+  int64_t hidden = call->hidden;
+  float coefficients[UNITS][MAX_TOKENS];
+  for (int64_t u = 0; u < UNITS; u += 2) {
+    f16 sums[4][MAX_TOKENS];
+    for (int64_t r = 0; r < 4; ++r)
+      for (int64_t t = 0; t < token_count; ++t) sums[r][t] = (f16){0};
+    const float *rows = fc1 + 2 * u * hidden;
+    for (int64_t d = 0; d < hidden; d += LANES) {
+      f16 x[MAX_TOKENS];
+      for (int64_t t = 0; t < token_count; ++t) x[t] = load(xs[t] + d);
+      for (int64_t r = 0; r < 4; ++r) {
+        f16 w = load(rows + r * hidden + d);
+        for (int64_t t = 0; t < token_count; ++t) sums[r][t] += w * x[t];
+      }
+    }
+    for (int64_t p = 0; p < 2; ++p)
+      for (int64_t t = 0; t < token_count; ++t)
+        coefficients[u + p][t] = weights[t] * swiglu(call->kernel, total(sums[2 * p][t]), total(sums[2 * p + 1][t]));
+  }
+  for (int64_t h = 0; h < hidden; h += LANES) {
+    f16 out[MAX_TOKENS];
+    for (int64_t t = 0; t < token_count; ++t) out[t] = load(partials[t] + h);
+    for (int64_t u = 0; u < UNITS; ++u) {
+      f16 w = load(fc2 + u * hidden + h);
+      for (int64_t t = 0; t < token_count; ++t) out[t] += coefficients[u][t] * w;
+    }
+    for (int64_t t = 0; t < token_count; ++t) store(partials[t] + h, out[t]);
+  }
+}
+
+/* First phase, one work item: units_per_item units of one chosen expert, for all its routes, into this item's
+   partial outputs of those routes. */
+static void expert(void *data, size_t item) {
+  const Call *call = data;
+  int64_t expert = call->active[(int64_t)item / call->items_per_expert], part = (int64_t)item % call->items_per_expert;
+  int64_t hidden = call->hidden, routes = call->tokens * call->k, first = call->first[expert], end = call->first[expert + 1];
+  for (int64_t route = first; route < end; ++route) memset(call->partial + (part * routes + route) * hidden, 0, hidden * sizeof(float));
+  for (int64_t unit = part * call->units_per_item; unit < (part + 1) * call->units_per_item; unit += UNITS) {
+    const float *fc1 = call->fc1 + (expert * 2 * call->inter + 2 * unit) * hidden, *fc2 = call->fc2 + (expert * call->inter + unit) * hidden;
+    for (int64_t route = first; route < end; route += MAX_TOKENS) {
+      int64_t count = end - route < MAX_TOKENS ? end - route : MAX_TOKENS;
+      const float *xs[MAX_TOKENS];
+      float *partials[MAX_TOKENS];
+      for (int64_t t = 0; t < count; ++t) {
+        xs[t] = call->x + call->route_token[route + t] * hidden;
+        partials[t] = call->partial + (part * routes + route + t) * hidden;
+      }
+      const float *weights = call->route_weight + route;
+      switch (count) {
+        case 1: pass(call, fc1, fc2, xs, weights, 1, partials); break;
+        case 2: pass(call, fc1, fc2, xs, weights, 2, partials); break;
+        case 3: pass(call, fc1, fc2, xs, weights, 3, partials); break;
+        default: pass(call, fc1, fc2, xs, weights, 4, partials); break;
+      }
+    }
+  }
+}
+
+/* Second phase, one work item: HIDDEN_PER_SUM outputs of one token, the sum of its routes' partials (in a
+   fixed order, so a token's output does not depend on the threads). */
+static void sum(void *data, size_t item) {
+  const Call *call = data;
+  int64_t blocks = (call->hidden + HIDDEN_PER_SUM - 1) / HIDDEN_PER_SUM, hidden = call->hidden, routes = call->tokens * call->k;
+  int64_t token = (int64_t)item / blocks, first = (int64_t)item % blocks * HIDDEN_PER_SUM;
+  int64_t last = first + HIDDEN_PER_SUM < hidden ? first + HIDDEN_PER_SUM : hidden;
+  for (int64_t h = first; h < last; h += LANES) {
+    f16 out = {0};
+    for (int64_t j = 0; j < call->k; ++j) {
+      int64_t route = call->token_routes[token * call->k + j];
+      if (route < 0) continue;
+      for (int64_t part = 0; part < call->items_per_expert; ++part) out += load(call->partial + (part * routes + route) * hidden + h);
+    }
+    store(call->out + token * hidden + h, out);
+  }
+}
+
+/* Each token's k experts and weights, grouped by expert into the call's route arrays (`chosen` is scratch for
+   routes + E integers, `weights` for routes floats, `probabilities` for E). */
+static void route(Call *call, const float *logits, int64_t experts, int64_t *chosen, float *weights, float *probabilities) {
+  int64_t k = call->k, routes = call->tokens * k;
+  memset(call->first, 0, (experts + 1) * sizeof(int64_t));
+  for (int64_t token = 0; token < call->tokens; ++token) {
+    const float *row = logits + token * experts;
+    float top = row[0], sum = 0.f;
+    for (int64_t e = 1; e < experts; ++e) top = row[e] > top ? row[e] : top;
+    for (int64_t e = 0; e < experts; ++e) sum += probabilities[e] = expf(row[e] - top);
+    for (int64_t e = 0; e < experts; ++e) probabilities[e] /= sum;
+    int64_t *mine = chosen + token * k;
+    float *weight = weights + token * k, chosen_sum = 0.f;
+    for (int64_t j = 0; j < k; ++j) { /* k passes: k is small */
+      int64_t best = 0;
+      for (int64_t e = 1; e < experts; ++e) best = probabilities[e] >= probabilities[best] ? e : best;
+      mine[j] = best;
+      chosen_sum += weight[j] = probabilities[best];
+      probabilities[best] = -1.f; /* taken */
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      if (call->kernel->normalize) weight[j] /= chosen_sum;
+      if (weight[j] > 0.f) ++call->first[mine[j] + 1];
+    }
+  }
+  call->active_count = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    if (call->first[e + 1]) call->active[call->active_count++] = e;
+    call->first[e + 1] += call->first[e];
+  }
+  int64_t *next = chosen + routes; /* each expert's next free route */
+  memcpy(next, call->first, experts * sizeof(int64_t));
+  for (int64_t i = 0; i < routes; ++i) {
+    if (!(weights[i] > 0.f)) {
+      call->token_routes[i] = -1;
+      continue;
+    }
+    int64_t slot = next[chosen[i]]++;
+    call->token_routes[i] = slot;
+    call->route_token[slot] = i / k;
+    call->route_weight[slot] = weights[i];
+  }
+}
+
+static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
+  const Kernel *kernel = state;
+  Tensor in[INPUT_COUNT], out;
+  for (size_t i = 0; i < INPUT_COUNT; ++i) CHECK(input(context, i, &in[i]));
+  if (in[INPUT].rank < 2 || in[INPUT].rank > 3) return fail("moecc.MoE: the input must be [tokens, H] or [B, S, H]");
+  int64_t hidden = in[INPUT].shape[in[INPUT].rank - 1], tokens = elements(&in[INPUT]) / (hidden ? hidden : 1);
+  if (!shaped(&in[ROUTER], 2, tokens, -1, -1)) return fail("moecc.MoE: the router logits must be [tokens, E]");
+  int64_t experts = in[ROUTER].shape[1];
+  if (!shaped(&in[FC1], 3, experts, -1, hidden) || in[FC1].shape[1] % 2) return fail("moecc.MoE: fc1 must be [E, 2I, H]");
+  int64_t inter = in[FC1].shape[1] / 2;
+  if (!shaped(&in[FC2], 3, experts, inter, hidden)) return fail("moecc.MoE: fc2 must be transposed, [E, I, H]");
+  if (hidden % LANES || inter % UNITS) return fail("moecc.MoE: H must be a multiple of 16 and I of 16");
+  if (kernel->k > experts) return fail("moecc.MoE: k is larger than the number of experts");
+  CHECK(output(context, 0, in[INPUT].shape, in[INPUT].rank, &out));
+  if (!tokens) return NULL;
+  /* Long prompts go in chunks of CHUNK tokens, so the partial sums stay within a few tens of megabytes (each
+     chunk reads the chosen experts again, but a chunk's tokens give every expert many rows to share them). */
+  int64_t chunk = tokens < CHUNK ? tokens : CHUNK, routes = chunk * kernel->k;
+  int64_t items_per_expert = routes <= SPLIT_ROUTES ? inter / UNITS : 1;
+  /* one allocation: integers (active E, first E + 1, chosen and its scratch routes + E, route_token routes,
+     token_routes routes), then floats (route_weight and weights 2 routes, probabilities E, partial) */
+  size_t integers = (size_t)(3 * experts + 1 + 3 * routes), floats = (size_t)(2 * routes + experts + items_per_expert * routes * hidden);
+  void *scratch = malloc(integers * sizeof(int64_t) + floats * sizeof(float));
+  if (!scratch) return ort->CreateStatus(ORT_FAIL, "moecc.MoE: out of memory");
+  Call call = {.hidden = hidden, .inter = inter, .k = kernel->k, .kernel = kernel, .fc1 = in[FC1].data, .fc2 = in[FC2].data,
+               .units_per_item = inter / items_per_expert, .items_per_expert = items_per_expert};
+  call.active = scratch;
+  call.first = call.active + experts;
+  int64_t *chosen = call.first + experts + 1;
+  call.route_token = chosen + routes + experts;
+  call.token_routes = call.route_token + routes;
+  call.route_weight = (float *)(call.token_routes + routes);
+  float *weights = call.route_weight + routes, *probabilities = weights + routes;
+  call.partial = probabilities + experts;
+  OrtStatus *status = NULL;
+  for (int64_t start = 0; start < tokens && !status; start += chunk) {
+    call.tokens = tokens - start < chunk ? tokens - start : chunk;
+    call.x = (const float *)in[INPUT].data + start * hidden;
+    call.out = (float *)out.data + start * hidden;
+    route(&call, (const float *)in[ROUTER].data + start * experts, experts, chosen, weights, probabilities);
+    status = ort->KernelContext_ParallelFor(context, expert, (size_t)(call.active_count * call.items_per_expert), 0, &call);
+    int64_t blocks = (hidden + HIDDEN_PER_SUM - 1) / HIDDEN_PER_SUM;
+    if (!status) status = ort->KernelContext_ParallelFor(context, sum, (size_t)(call.tokens * blocks), 0, &call);
+  }
+  free(scratch);
+  return status;
+}
+
+static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {
+  (void)op, (void)api;
+  Kernel *kernel = calloc(1, sizeof(Kernel));
+  if (!kernel) return ort->CreateStatus(ORT_FAIL, "moecc.MoE: out of memory");
+  int64_t normalize = 0;
+  OrtStatus *status = ort->KernelInfoGetAttribute_int64(info, "k", &kernel->k);
+  if (!status && kernel->k <= 0) status = fail("moecc.MoE: k must be positive");
+  OrtStatus *absent;
+  if ((absent = ort->KernelInfoGetAttribute_int64(info, "normalize_routing_weights", &normalize))) ort->ReleaseStatus(absent);
+  kernel->normalize = normalize != 0;
+  if ((absent = ort->KernelInfoGetAttribute_float(info, "activation_alpha", &kernel->alpha))) ort->ReleaseStatus(absent), kernel->alpha = 1.f;
+  if ((absent = ort->KernelInfoGetAttribute_float(info, "activation_beta", &kernel->beta))) ort->ReleaseStatus(absent), kernel->beta = 0.f;
+  if ((absent = ort->KernelInfoGetAttribute_float(info, "swiglu_limit", &kernel->limit))) ort->ReleaseStatus(absent);
+  else kernel->limited = kernel->limit < 3.4e38f; /* ONNX Runtime's default is no limit */
+  if (status) {
+    free(kernel);
+    return status;
+  }
+  *state = kernel;
+  return NULL;
+}
+
+static void ORT_API_CALL destroy(void *state) { free(state); }
+static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "MoE"; }
+static const char *ORT_API_CALL provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return INPUT_COUNT; }
+static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 1; }
+static ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, size_t index) {
+  (void)op, (void)index;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op, size_t index) {
+  (void)op, (void)index;
+  return INPUT_OUTPUT_REQUIRED;
+}
+
+static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index) {
+  (void)op, (void)index;
+  return OrtMemTypeDefault;
+}
+
+static const OrtCustomOp moe_op = {
+    .version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = provider, .GetInputType = float_type,
+    .GetInputTypeCount = input_count, .GetOutputType = float_type, .GetOutputTypeCount = output_count, .KernelDestroy = destroy,
+    .GetInputCharacteristic = required, .GetOutputCharacteristic = required, .GetInputMemoryType = input_memory,
+    .CreateKernelV2 = create, .KernelComputeV2 = compute,
+};
+
+OrtStatus *add_moe_ops(OrtCustomOpDomain *domain) { return ort->CustomOpDomain_Add(domain, &moe_op); }

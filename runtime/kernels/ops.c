@@ -1,0 +1,69 @@
+/* The custom-op library's entry point and the helpers its kernels share. */
+#include "ops.h"
+
+const OrtApi *ort;
+
+OrtStatus *fail(const char *message) { return ort->CreateStatus(ORT_INVALID_ARGUMENT, message); }
+
+void fail_once(OrtStatus **error, const char *message) {
+  OrtStatus *status = ort->CreateStatus(ORT_FAIL, message);
+  if (!__atomic_compare_exchange_n(error, &(OrtStatus *){NULL}, status, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) ort->ReleaseStatus(status);
+}
+
+static OrtStatus *describe(const OrtValue *value, Tensor *tensor) {
+  OrtTensorTypeAndShapeInfo *info;
+  tensor->value = value;
+  CHECK(ort->GetTensorMutableData((OrtValue *)value, &tensor->data));
+  CHECK(ort->GetTensorTypeAndShape(value, &info));
+  OrtStatus *status = ort->GetDimensionsCount(info, &tensor->rank);
+  if (!status && tensor->rank > 4) status = fail("moecc kernels: an input has more than 4 dimensions");
+  if (!status) status = ort->GetDimensions(info, tensor->shape, tensor->rank);
+  if (!status) status = ort->GetTensorElementType(info, &tensor->type);
+  ort->ReleaseTensorTypeAndShapeInfo(info);
+  return status;
+}
+
+OrtStatus *input(OrtKernelContext *context, size_t index, Tensor *tensor) {
+  const OrtValue *value;
+  CHECK(ort->KernelContext_GetInput(context, index, &value));
+  if (!value) {
+    tensor->value = NULL;
+    return NULL;
+  }
+  return describe(value, tensor);
+}
+
+OrtStatus *output(OrtKernelContext *context, size_t index, const int64_t *shape, size_t rank, Tensor *tensor) {
+  OrtValue *value;
+  CHECK(ort->KernelContext_GetOutput(context, index, shape, rank, &value));
+  return describe(value, tensor);
+}
+
+int64_t elements(const Tensor *tensor) {
+  int64_t count = 1;
+  for (size_t i = 0; i < tensor->rank; ++i) count *= tensor->shape[i];
+  return count;
+}
+
+int shaped(const Tensor *tensor, size_t rank, int64_t first, int64_t second, int64_t third) {
+  const int64_t expected[3] = {first, second, third};
+  if (tensor->rank != rank) return 0;
+  for (size_t i = 0; i < rank && i < 3; ++i)
+    if (expected[i] >= 0 && tensor->shape[i] != expected[i]) return 0;
+  return 1;
+}
+
+/* The library's entry point (SessionOptions.register_custom_ops_library). ONNX Runtime keeps the domain for
+   the sessions made with these options; one small domain per registration is not released. The API pointer
+   is written on every registration, always with the same value. */
+OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+  ort = base->GetApi(ORT_API_VERSION);
+  if (!ort) return NULL; /* cannot even report: the runtime is older than the header */
+  OrtCustomOpDomain *domain;
+  CHECK(ort->CreateCustomOpDomain("moecc", &domain));
+  OrtStatus *status = add_attention_ops(domain);
+  if (!status) status = add_moe_ops(domain);
+  if (!status) status = ort->AddCustomOpDomain(options, domain);
+  if (status) ort->ReleaseCustomOpDomain(domain);
+  return status;
+}

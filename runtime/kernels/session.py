@@ -1,0 +1,82 @@
+"""Open a CPU session with moecc's kernels in place of ONNX Runtime's: moecc.Attention (attention.c) for
+GroupQueryAttention and moecc.MoE (moe.c) for float32 MoE.
+
+The artifact keeps the standard nodes, which every ONNX Runtime and the TensorRT lowering read; the swap
+happens in memory when a CPU session loads, for each kind of node only when every node of that kind is one
+the kernel implements, and the weights stay in the artifact's external data, read by ONNX Runtime as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from pathlib import Path
+from typing import Literal, get_args
+
+import onnx
+import onnxruntime as ort
+
+from runtime.errors import MoeccError
+from runtime.kernels import attention, moe
+from runtime.kernels.build import KernelUnavailable, library
+
+Kernels = Literal["auto", "moecc", "onnxruntime"]  # auto: moecc's kernels where they build and apply, else ONNX Runtime's
+KERNELS: tuple[str, ...] = get_args(Kernels)
+DOMAIN = "moecc"
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # where a model loaded from bytes finds its weights
+
+_log = logging.getLogger(__name__)
+
+
+@cache
+def _warn_once(message: str) -> None:
+    _log.warning(message)
+
+
+def check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise MoeccError(f"unknown kernels {kernels!r}; available: {', '.join(KERNELS)}")
+
+
+def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, kernels: Kernels) -> tuple[str, ...]:
+    """Which of moecc's kernels ("moecc.Attention", "moecc.MoE") sessions of the model at `model_path` run. Where
+    `kernels` asks for them and they apply, the graph `model` (without weights) is rewritten in place and
+    `options` load the kernels; a session is then made from the graph's bytes, with EXTERNAL_FOLDER set.
+    "moecc" refuses to fall back: every attention and float MoE node must run moecc's kernel."""
+    check_kernels(kernels)
+    if kernels == "onnxruntime":
+        return ()
+    # Checked before the build, so that a model the kernels cannot run never needs a compiler.
+    reasons = {"moecc.Attention": attention.why_not(model, head_dim), "moecc.MoE": moe.why_not(model)}
+    if kernels == "moecc" and (refused := {name: reason for name, reason in reasons.items() if reason}):
+        raise MoeccError(f"{model_path}: moecc's kernels do not apply: {'; '.join(f'{name}: {reason}' for name, reason in refused.items())}",
+                         hint="load with kernels='auto'")  # fmt: skip
+    for name, reason in reasons.items():
+        if reason:
+            _log.info("%s: ONNX Runtime's kernel instead of %s (%s)", model_path, name, reason)
+    swaps = {"moecc.Attention": lambda: attention.swap(model, head_dim), "moecc.MoE": lambda: moe.swap(model)}
+    if not any(reason is None for reason in reasons.values()):
+        return ()
+    try:
+        path = library()
+    except KernelUnavailable as error:
+        if kernels == "moecc":
+            raise MoeccError(f"{model_path}: moecc's kernels are unavailable: {error}", hint="load with kernels='onnxruntime'") from error
+        _warn_once(f"moecc's kernels are unavailable, so the model runs on ONNX Runtime's slower ones: {error}")
+        return ()
+    used = tuple(name for name, reason in reasons.items() if reason is None and swaps[name]())
+    if used:
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+        options.register_custom_ops_library(str(path))
+    return used
+
+
+def open_session(
+    model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, kernels: Kernels
+) -> tuple[ort.InferenceSession, tuple[str, ...]]:
+    """A CPU session of the model at `model_path` (whose graph, without weights, is `model`) and which of moecc's
+    kernels it runs (see use_kernels)."""
+    if used := use_kernels(model_path, model, head_dim, options, kernels):
+        options.add_session_config_entry(EXTERNAL_FOLDER, str(model_path.parent))
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), used
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]), ()
