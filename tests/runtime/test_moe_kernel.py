@@ -1,0 +1,127 @@
+"""moecc.MoE (runtime/kernels/moe.c): the same results as ONNX Runtime's MoE node by node, its transposed
+weights folded when the session loads, and a clear word where it cannot stand in."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime.kernels import DOMAIN, build
+from runtime.kernels.moe import swap, unsupported, why_not
+
+
+def _moe_model(experts: int, hidden: int, inter: int, rank: int = 2, weight_type: int = TensorProto.FLOAT, **attributes) -> onnx.ModelProto:
+    """One MoE node as the export writes it: float SwiGLU experts, interleaved gate and linear rows, no biases."""
+    rng = np.random.default_rng(experts * hidden + inter)
+    dtype = helper.tensor_dtype_to_np_dtype(weight_type)
+    fc1 = (rng.standard_normal((experts, 2 * inter, hidden)) / np.sqrt(hidden)).astype(dtype)
+    fc2 = (rng.standard_normal((experts, hidden, inter)) / np.sqrt(inter)).astype(dtype)
+    tokens = ["tokens", hidden] if rank == 2 else ["batch", "sequence", hidden]
+    node = helper.make_node(
+        "MoE", ["input", "router", "fc1", "", "fc2"], ["output"], name="moe", domain="com.microsoft",
+        **({"k": 2, "activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 1} | attributes),
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "moe",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, tokens), helper.make_tensor_value_info("router", TensorProto.FLOAT, ["tokens", experts])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(fc1, "fc1"), numpy_helper.from_array(fc2, "fc2")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if ours:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        assert why_not(model) is None and swap(model) == 1
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        options.register_custom_ops_library(str(build.library()))
+    if optimized:
+        options.optimized_model_filepath = optimized
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(model: onnx.ModelProto, tokens: int, shape: tuple[int, ...] | None = None, router: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    experts, _, hidden = next(tensor.dims for tensor in model.graph.initializer if tensor.name == "fc1")
+    rng = np.random.default_rng(tokens)
+    x = rng.standard_normal((tokens, hidden), dtype=np.float32)
+    logits = rng.standard_normal((tokens, experts), dtype=np.float32) if router is None else router
+    return {"input": x.reshape(shape or x.shape), "router": logits}
+
+
+def _agree(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    expected = _session(model, ours=False).run(None, feeds)[0]
+    actual = _session(model, ours=True).run(None, feeds)[0]
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 5, 17, 600], ids=lambda t: f"{t}-tokens")  # one to a prompt in two chunks
+@pytest.mark.parametrize("experts, k, hidden, inter", [(8, 2, 256, 128), (64, 8, 128, 64), (4, 4, 64, 16)], ids=["8x2", "64x8", "all-4"])
+def test_kernel_matches_onnx_runtime_moe(experts, k, hidden, inter, tokens):
+    """Decode, verify and prefill widths; a few experts each chosen by many tokens, many chosen by few, and k = E."""
+    _agree(_moe_model(experts, hidden, inter, k=k), _feeds(_moe_model(experts, hidden, inter, k=k), tokens))
+
+
+@pytest.mark.parametrize(
+    "attributes", [{"normalize_routing_weights": 0}, {"activation_alpha": 1.702, "activation_beta": 1.0, "swiglu_limit": 7.0}],
+    ids=["unnormalized", "alpha-beta-limit"],
+)  # fmt: skip
+def test_routing_and_activation_attributes(attributes):
+    model = _moe_model(8, 64, 32, **attributes)
+    feeds = _feeds(model, 9)
+    feeds["input"] *= 4  # past the limit
+    _agree(model, feeds)
+
+
+def test_batched_input_ties_and_unselected_experts():
+    """[B, S, H] input; the export's expert parts (each expert's logit repeated, so parts tie) and an expert-parallel
+    partition's mask (-1e4 logits: more of k than selected experts, whose zero weights are skipped)."""
+    model = _moe_model(16, 64, 32, rank=3, k=8)
+    rng = np.random.default_rng(1)
+    tied = np.tile(rng.standard_normal((6, 4), dtype=np.float32), (1, 4))
+    _agree(model, _feeds(model, 6, shape=(2, 3, 64), router=tied))
+    masked = np.full((6, 16), -1e4, np.float32)
+    masked[:, [2, 9]] = rng.standard_normal((6, 2), dtype=np.float32)
+    _agree(model, _feeds(model, 6, shape=(2, 3, 64), router=masked))
+
+
+def test_the_transposed_weights_are_folded_when_the_session_loads(tmp_path):
+    """The swap feeds fc2 through a Transpose; ONNX Runtime makes it a constant, so no call transposes weights."""
+    model = _moe_model(8, 64, 32)
+    _session(model, ours=True, optimized=str(tmp_path / "optimized.onnx"))
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert [node.op_type for node in optimized.graph.node] == ["MoE"] and optimized.graph.node[0].domain == DOMAIN
+    assert {tuple(tensor.dims) for tensor in optimized.graph.initializer} == {(8, 64, 64), (8, 32, 64)}, "fc1 and fc2 transposed"
+
+
+def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():
+    constants = {tensor.name: tensor for tensor in _moe_model(8, 64, 32).graph.initializer}
+
+    def reason(model: onnx.ModelProto, known: dict | None = None) -> str | None:
+        return unsupported(model.graph.node[0], {tensor.name: tensor for tensor in model.graph.initializer} if known is None else known)
+
+    assert reason(_moe_model(8, 64, 32, activation_type="gelu")) == "sets activation_type=b'gelu'"
+    assert reason(_moe_model(8, 64, 32, swiglu_fusion=2)) == "sets swiglu_fusion=2"
+    assert reason(_moe_model(8, 64, 32, use_sparse_mixer=1)) == "sets use_sparse_mixer=1"
+    assert reason(_moe_model(8, 64, 24)).startswith("hidden size 64 and expert size 24")
+    assert reason(_moe_model(8, 64, 32, weight_type=TensorProto.FLOAT16)) == "its expert weights are not float32"
+    assert reason(_moe_model(8, 64, 32), known={}) == "its expert weights are not constants"
+    with_bias = _moe_model(8, 64, 32)
+    with_bias.graph.node[0].input[3] = "fc1"
+    assert reason(with_bias, constants) == "uses fc1_experts_bias"
+    model = _moe_model(8, 64, 32, activation_type="gelu")
+    assert why_not(model) == "moe: sets activation_type=b'gelu'"
+
+
+def test_bad_shapes_are_refused_before_anything_is_read():
+    model = _moe_model(8, 64, 32)
+    session = _session(model, ours=True)
+    feeds = _feeds(model, 3)
+    with pytest.raises(Exception, match="router logits must be"):
+        session.run(None, feeds | {"router": feeds["router"][:2]})
