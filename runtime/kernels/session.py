@@ -17,12 +17,11 @@ import onnx
 import onnxruntime as ort
 
 from runtime.errors import MoeccError
-from runtime.kernels import attention, moe
+from runtime.kernels import DOMAIN, attention, moe
 from runtime.kernels.build import KernelUnavailable, library
 
 Kernels = Literal["auto", "moecc", "onnxruntime"]  # auto: moecc's kernels where they build and apply, else ONNX Runtime's
 KERNELS: tuple[str, ...] = get_args(Kernels)
-DOMAIN = "moecc"
 EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # where a model loaded from bytes finds its weights
 
 _log = logging.getLogger(__name__)
@@ -48,14 +47,13 @@ def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options
         return ()
     # Checked before the build, so that a model the kernels cannot run never needs a compiler.
     reasons = {"moecc.Attention": attention.why_not(model, head_dim), "moecc.MoE": moe.why_not(model)}
-    if kernels == "moecc" and (refused := {name: reason for name, reason in reasons.items() if reason}):
+    refused = {name: reason for name, reason in reasons.items() if reason}
+    if kernels == "moecc" and refused:
         raise MoeccError(f"{model_path}: moecc's kernels do not apply: {'; '.join(f'{name}: {reason}' for name, reason in refused.items())}",
                          hint="load with kernels='auto'")  # fmt: skip
-    for name, reason in reasons.items():
-        if reason:
-            _log.info("%s: ONNX Runtime's kernel instead of %s (%s)", model_path, name, reason)
-    swaps = {"moecc.Attention": lambda: attention.swap(model, head_dim), "moecc.MoE": lambda: moe.swap(model)}
-    if not any(reason is None for reason in reasons.values()):
+    for name, reason in refused.items():
+        _log.info("%s: ONNX Runtime's kernel instead of %s (%s)", model_path, name, reason)
+    if len(refused) == len(reasons):
         return ()
     try:
         path = library()
@@ -64,7 +62,11 @@ def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options
             raise MoeccError(f"{model_path}: moecc's kernels are unavailable: {error}", hint="load with kernels='onnxruntime'") from error
         _warn_once(f"moecc's kernels are unavailable, so the model runs on ONNX Runtime's slower ones: {error}")
         return ()
-    used = tuple(name for name, reason in reasons.items() if reason is None and swaps[name]())
+    swapped = {
+        "moecc.Attention": "moecc.Attention" not in refused and attention.swap(model, head_dim),
+        "moecc.MoE": "moecc.MoE" not in refused and moe.swap(model),
+    }
+    used = tuple(name for name, count in swapped.items() if count)
     if used:
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
         options.register_custom_ops_library(str(path))

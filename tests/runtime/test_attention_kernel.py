@@ -1,5 +1,6 @@
-"""moecc.Attention (runtime/kernels): the same results as ONNX Runtime's GroupQueryAttention, node by node and
-in whole models, and a clear word where it cannot stand in."""
+"""moecc.Attention (runtime/kernels/attention.c): the same results as ONNX Runtime's GroupQueryAttention node
+by node, the shipped model's query and key norms folded into it, and a clear word where it cannot stand in.
+Whole models with moecc's kernels: test_kernel_session.py."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-import runtime
-from runtime.errors import MoeccError
 from runtime.kernels import DOMAIN, build
 from runtime.kernels.attention import swap, unsupported, why_not
 
@@ -157,36 +156,6 @@ def test_the_query_and_key_norms_fold_into_the_kernel(shipped_artifact):
     assert all(tensor.name in read for tensor in model.graph.initializer), "the folded nodes' constants go with them"
 
 
-def test_models_decode_alike_with_either_kernels(shipped_artifact):
-    """The shipped pair (Qwen3-MoE main, Qwen3 draft, per-head norms folded) with moecc's attention and MoE
-    kernels and with ONNX Runtime's: logits within float rounding, token-exact greedy output in a padded batch
-    with speculation (rollbacks), and for a single sequence."""
-    ours, theirs = (runtime.load(shipped_artifact, target="cpu", kernels=kernels) for kernels in ("moecc", "onnxruntime"))
-    assert (ours.main.kernels, ours.draft.kernels, theirs.main.kernels) == (("moecc.Attention", "moecc.MoE"), ("moecc.Attention",), ())
-    history = ours.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
-    np.testing.assert_allclose(ours.main.new_cache(128).feed(history), theirs.main.new_cache(128).feed(history), atol=1e-4, rtol=0)
-    prompts = [history, history[:7], ours.encode("import os\nimport sys\n\n\ndef main():\n")]
-    for speculative in (False, True):
-        batch, _ = ours.generate_batch_ids(prompts, max_new_tokens=24, speculative=speculative)
-        assert batch == theirs.generate_batch_ids(prompts, max_new_tokens=24, speculative=speculative)[0]
-    single = [token for step in ours.stream_ids(history, max_new_tokens=24) for token in step]
-    assert single == [token for step in theirs.stream_ids(history, max_new_tokens=24, speculative=False) for token in step]
-
-
-def test_without_a_compiler_auto_falls_back_and_moecc_refuses(tiny_artifact, monkeypatch, caplog):
-    monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setattr(build, "_build", build._build.__wrapped__)  # no cached library from earlier tests
-    with pytest.raises(build.KernelUnavailable, match="no C compiler"):
-        build.library()
-    generator = runtime.load(tiny_artifact, kernels="auto")
-    assert "unavailable" in caplog.text and generator.main.kernels == ()
-    assert generator.generate("def", max_new_tokens=4).token_ids
-    with pytest.raises(MoeccError, match="moecc's kernels are unavailable: no C compiler"):
-        runtime.load(tiny_artifact, kernels="moecc")
-    with pytest.raises(MoeccError, match="unknown kernels"):
-        runtime.load(tiny_artifact, kernels="flash")
-
-
 @pytest.mark.parametrize("seqlens_k, query_seqlens", [(CAPACITY, 1), (10, 2)], ids=["past-the-cache", "more-than-the-call"])
 def test_lengths_that_do_not_fit_are_refused_before_anything_is_read(seqlens_k, query_seqlens):
     model = _attention_model(8, 2, 64, packed=False, int8=False)
@@ -196,10 +165,3 @@ def test_lengths_that_do_not_fit_are_refused_before_anything_is_read(seqlens_k, 
     caches = {name: np.zeros((1, 2, CAPACITY, 64), np.float32) for name in ("past_key", "past_value")}
     with pytest.raises(Exception, match="lengths do not fit"):
         _run(_session(model, 64, fused=True), feeds, caches, bound=False)
-
-
-def test_loading_the_kernel_leaves_the_processors_float_state_alone(tiny_artifact):
-    """Built with fast-math, linked without it: subnormal floats keep their value in the loading process."""
-    runtime.load(tiny_artifact, kernels="moecc")
-    subnormal = np.array([1e-40], dtype=np.float32)
-    assert (subnormal * np.float32(1.0))[0] == subnormal[0] != 0
