@@ -3,7 +3,7 @@
 ONNX Runtime's CPU GroupQueryAttention runs a matrix product per query head against its key/value head, so
 at long contexts a decode step spends several times what reading the cache costs. This kernel walks a
 key/value head's cached rows once for all the query heads that share it, and reads an int8 cache without
-widening it first. Its contract is the node's it replaces (runtime/kernels/attention.py swaps it in when a
+widening it first. Its contract is the node's it replaces (runtime/kernels/session.py swaps it in when a
 session loads):
 
   inputs   0 query [B, S, H*D]   1 key [B, S, KVH*D]   2 value [B, S, KVH*D]

@@ -6,7 +6,7 @@ batches run far below the machine's arithmetic rate. Here every chosen expert's 
 threads, each unit's weights are read in one sequential pass for all the tokens that chose its expert (four
 at a time, while a row is in registers), and the experts' contributions are summed per token at the end.
 Its contract is that of the com.microsoft MoE node it replaces for the float32 SwiGLU experts moecc exports
-(runtime/kernels/moe.py swaps it in when a session loads), except that fc2 comes transposed, so that a
+(runtime/kernels/session.py swaps it in when a session loads), except that fc2 comes transposed, so that a
 unit's output weights are one row:
 
   inputs   0 input [tokens, H] or [B, S, H]   1 router logits [tokens, E]
@@ -29,12 +29,12 @@ Runtime's); a route whose weight is zero is skipped. */
 #include "ops.h"
 
 enum { INPUT, ROUTER, FC1, FC2, INPUT_COUNT };
-/* Units one pass reads (their fc1 rows and fc2 rows, 16 * 3 * H floats: within the core's L2 for H up to
-   8192, so the passes of a long prompt's token groups reread them from there), and tokens per group. */
+/* Units one pass reads (their fc1 and fc2 rows, 16 * 3 * H floats: 192 KiB at H = 1024, so that the passes
+   of a long prompt's token groups reread them from the core's cache), and tokens per group. */
 enum { UNITS = 16, MAX_TOKENS = 4, HIDDEN_PER_SUM = 256 };
-/* Up to this many routes, a work item takes one pass of an expert (a decode or verify step's few experts are
-   spread over the threads); beyond it, a whole expert, so that the partial sums stay few. Tokens per chunk. */
-enum { SPLIT_ROUTES = 64, CHUNK = 512 };
+/* Work items a call aims for: a decode or verify step's few chosen experts are cut into this many pieces
+   between them (each with its own partial sums), a prompt's many experts go whole. Tokens per chunk. */
+enum { TARGET_ITEMS = 32, CHUNK = 512 };
 
 typedef struct {
   int64_t k;
@@ -44,7 +44,7 @@ typedef struct {
 
 /* One call: the routes grouped by expert, and the buffers the two phases share. */
 typedef struct {
-  int64_t tokens, hidden, inter, k, units_per_item, items_per_expert;
+  int64_t tokens, hidden, inter, k, units_per_item, items_per_expert; /* the last item of an expert may have fewer units */
   const float *x, *fc1, *fc2;
   float *out;
   const Kernel *kernel;
@@ -128,7 +128,8 @@ static void expert(void *data, size_t item) {
   int64_t expert = call->active[(int64_t)item / call->items_per_expert], part = (int64_t)item % call->items_per_expert;
   int64_t hidden = call->hidden, routes = call->tokens * call->k, first = call->first[expert], end = call->first[expert + 1];
   for (int64_t route = first; route < end; ++route) memset(call->partial + (part * routes + route) * hidden, 0, hidden * sizeof(float));
-  for (int64_t unit = part * call->units_per_item; unit < (part + 1) * call->units_per_item; unit += UNITS) {
+  int64_t last = (part + 1) * call->units_per_item < call->inter ? (part + 1) * call->units_per_item : call->inter;
+  for (int64_t unit = part * call->units_per_item; unit < last; unit += UNITS) {
     const float *fc1 = call->fc1 + (expert * 2 * call->inter + 2 * unit) * hidden, *fc2 = call->fc2 + (expert * call->inter + unit) * hidden;
     for (int64_t route = first; route < end; route += MAX_TOKENS) {
       int64_t count = end - route < MAX_TOKENS ? end - route : MAX_TOKENS;
@@ -189,7 +190,10 @@ static void route(Call *call, const float *logits, int64_t experts, int64_t *cho
     }
     for (int64_t j = 0; j < k; ++j) {
       if (call->kernel->normalize) weight[j] /= chosen_sum;
-      if (weight[j] > 0.f) ++call->first[mine[j] + 1];
+      if (weight[j] > 0.f) /* decided once (a NaN weight is skipped): fast-math may not keep both tests alike */
+        ++call->first[mine[j] + 1];
+      else
+        mine[j] = -1;
     }
   }
   call->active_count = 0;
@@ -200,7 +204,7 @@ static void route(Call *call, const float *logits, int64_t experts, int64_t *cho
   int64_t *next = chosen + routes; /* each expert's next free route */
   memcpy(next, call->first, experts * sizeof(int64_t));
   for (int64_t i = 0; i < routes; ++i) {
-    if (!(weights[i] > 0.f)) {
+    if (chosen[i] < 0) {
       call->token_routes[i] = -1;
       continue;
     }
@@ -222,21 +226,19 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   if (!shaped(&in[FC1], 3, experts, -1, hidden) || in[FC1].shape[1] % 2) return fail("moecc.MoE: fc1 must be [E, 2I, H]");
   int64_t inter = in[FC1].shape[1] / 2;
   if (!shaped(&in[FC2], 3, experts, inter, hidden)) return fail("moecc.MoE: fc2 must be transposed, [E, I, H]");
-  if (hidden % LANES || inter % UNITS) return fail("moecc.MoE: H must be a multiple of 16 and I of 16");
+  if (hidden <= 0 || inter <= 0 || hidden % LANES || inter % UNITS) return fail("moecc.MoE: H and I must be positive multiples of 16");
   if (kernel->k > experts) return fail("moecc.MoE: k is larger than the number of experts");
   CHECK(output(context, 0, in[INPUT].shape, in[INPUT].rank, &out));
   if (!tokens) return NULL;
-  /* Long prompts go in chunks of CHUNK tokens, so the partial sums stay within a few tens of megabytes (each
-     chunk reads the chosen experts again, but a chunk's tokens give every expert many rows to share them). */
+  /* Long prompts go in chunks of CHUNK tokens, so that the partial sums stay within tens of megabytes (each
+     chunk reads the chosen experts again, but then every expert has many of the chunk's tokens to share it). */
   int64_t chunk = tokens < CHUNK ? tokens : CHUNK, routes = chunk * kernel->k;
-  int64_t items_per_expert = routes <= SPLIT_ROUTES ? inter / UNITS : 1;
   /* one allocation: integers (active E, first E + 1, chosen and its scratch routes + E, route_token routes,
-     token_routes routes), then floats (route_weight and weights 2 routes, probabilities E, partial) */
-  size_t integers = (size_t)(3 * experts + 1 + 3 * routes), floats = (size_t)(2 * routes + experts + items_per_expert * routes * hidden);
+     token_routes routes), then floats (route_weight and weights 2 routes, probabilities E) */
+  size_t integers = (size_t)(3 * experts + 1 + 3 * routes), floats = (size_t)(2 * routes + experts);
   void *scratch = malloc(integers * sizeof(int64_t) + floats * sizeof(float));
   if (!scratch) return ort->CreateStatus(ORT_FAIL, "moecc.MoE: out of memory");
-  Call call = {.hidden = hidden, .inter = inter, .k = kernel->k, .kernel = kernel, .fc1 = in[FC1].data, .fc2 = in[FC2].data,
-               .units_per_item = inter / items_per_expert, .items_per_expert = items_per_expert};
+  Call call = {.hidden = hidden, .inter = inter, .k = kernel->k, .kernel = kernel, .fc1 = in[FC1].data, .fc2 = in[FC2].data};
   call.active = scratch;
   call.first = call.active + experts;
   int64_t *chosen = call.first + experts + 1;
@@ -244,16 +246,25 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   call.token_routes = call.route_token + routes;
   call.route_weight = (float *)(call.token_routes + routes);
   float *weights = call.route_weight + routes, *probabilities = weights + routes;
-  call.partial = probabilities + experts;
   OrtStatus *status = NULL;
   for (int64_t start = 0; start < tokens && !status; start += chunk) {
     call.tokens = tokens - start < chunk ? tokens - start : chunk;
     call.x = (const float *)in[INPUT].data + start * hidden;
     call.out = (float *)out.data + start * hidden;
     route(&call, (const float *)in[ROUTER].data + start * experts, experts, chosen, weights, probabilities);
+    int64_t blocks = inter / UNITS, wanted = call.active_count ? (TARGET_ITEMS + call.active_count - 1) / call.active_count : 1;
+    int64_t blocks_per_item = wanted >= blocks ? 1 : (blocks + wanted - 1) / wanted;
+    call.units_per_item = blocks_per_item * UNITS;
+    call.items_per_expert = (blocks + blocks_per_item - 1) / blocks_per_item;
+    call.partial = malloc((size_t)(call.items_per_expert * call.tokens * kernel->k * hidden) * sizeof(float));
+    if (!call.partial) {
+      status = ort->CreateStatus(ORT_FAIL, "moecc.MoE: out of memory");
+      break;
+    }
     status = ort->KernelContext_ParallelFor(context, expert, (size_t)(call.active_count * call.items_per_expert), 0, &call);
-    int64_t blocks = (hidden + HIDDEN_PER_SUM - 1) / HIDDEN_PER_SUM;
-    if (!status) status = ort->KernelContext_ParallelFor(context, sum, (size_t)(call.tokens * blocks), 0, &call);
+    int64_t sums = (hidden + HIDDEN_PER_SUM - 1) / HIDDEN_PER_SUM;
+    if (!status) status = ort->KernelContext_ParallelFor(context, sum, (size_t)(call.tokens * sums), 0, &call);
+    free(call.partial);
   }
   free(scratch);
   return status;
@@ -268,7 +279,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   if (!status && kernel->k <= 0) status = fail("moecc.MoE: k must be positive");
   OrtStatus *absent;
   if ((absent = ort->KernelInfoGetAttribute_int64(info, "normalize_routing_weights", &normalize))) ort->ReleaseStatus(absent);
-  kernel->normalize = normalize != 0;
+  kernel->normalize = normalize == 1; /* as ONNX Runtime's */
   if ((absent = ort->KernelInfoGetAttribute_float(info, "activation_alpha", &kernel->alpha))) ort->ReleaseStatus(absent), kernel->alpha = 1.f;
   if ((absent = ort->KernelInfoGetAttribute_float(info, "activation_beta", &kernel->beta))) ort->ReleaseStatus(absent), kernel->beta = 0.f;
   if ((absent = ort->KernelInfoGetAttribute_float(info, "swiglu_limit", &kernel->limit))) ort->ReleaseStatus(absent);

@@ -17,8 +17,9 @@ _MOE_INPUTS = (
     "fc3_experts_weights", "fc3_experts_bias",
 )  # fmt: skip
 # Attributes the kernel implements, with the values it accepts (None: any).
-_ATTRIBUTES = {"k": None, "normalize_routing_weights": None, "activation_alpha": None, "activation_beta": None, "swiglu_limit": None,
+_ATTRIBUTES = {"k": None, "normalize_routing_weights": {0, 1}, "activation_alpha": None, "activation_beta": None, "swiglu_limit": None,
                "activation_type": {b"swiglu"}, "swiglu_fusion": {1}, "use_sparse_mixer": {0}}  # fmt: skip
+_REQUIRED = ("k", "activation_type", "swiglu_fusion")  # ONNX Runtime's defaults (no activation named, fusion 0) are not ours
 _PASSED = ("k", "normalize_routing_weights", "activation_alpha", "activation_beta", "swiglu_limit")
 LANES, UNITS = 16, 16  # moe.c's: H a multiple of LANES, I of UNITS
 
@@ -32,8 +33,8 @@ def unsupported(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) ->
         allowed = _ATTRIBUTES.get(attribute.name, set())
         if allowed is not None and onnx.helper.get_attribute_value(attribute) not in allowed:
             return f"sets {attribute.name}={onnx.helper.get_attribute_value(attribute)!r}"
-    if not any(attribute.name == "activation_type" for attribute in node.attribute):
-        return "its activation is not SwiGLU"
+    if missing := [name for name in _REQUIRED if not any(attribute.name == name for attribute in node.attribute)]:
+        return f"no {', '.join(missing)} (the kernel takes interleaved SwiGLU)"
     fc1, fc2 = constants.get(names.get("fc1_experts_weights", "")), constants.get(names.get("fc2_experts_weights", ""))
     if fc1 is None or fc2 is None:
         return "its expert weights are not constants"
@@ -44,8 +45,10 @@ def unsupported(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) ->
     experts, hidden, inter = fc1.dims[0], fc1.dims[2], fc1.dims[1] // 2
     if list(fc2.dims) != [experts, hidden, inter]:
         return f"fc1 {list(fc1.dims)} and fc2 {list(fc2.dims)} do not match"
-    if hidden % LANES or inter % UNITS:
-        return f"hidden size {hidden} and expert size {inter} (the kernel takes multiples of 16)"
+    if hidden <= 0 or inter <= 0 or hidden % LANES or inter % UNITS:
+        return f"hidden size {hidden} and expert size {inter} (the kernel takes positive multiples of 16)"
+    if next(attribute.i for attribute in node.attribute if attribute.name == "k") > experts:
+        return f"k is larger than its {experts} experts"
     return None
 
 
@@ -60,17 +63,20 @@ def why_not(model: onnx.ModelProto) -> str | None:
 
 def swap(model: onnx.ModelProto) -> int:
     """Swap every MoE node of `model` (which why_not() accepted) for moecc.MoE, fed its fc2 through a
-    Transpose; returns how many."""
+    Transpose (one per weight, however many nodes read it); returns how many."""
     nodes: list[onnx.NodeProto] = []
+    transposed: set[str] = set()
     swapped = 0
     for node in model.graph.node:
         if node.op_type != "MoE" or node.domain != "com.microsoft":
             nodes.append(node)
             continue
         names = dict(zip(_MOE_INPUTS, node.input))
-        transposed = f"{names['fc2_experts_weights']}.transposed"
-        nodes.append(onnx.helper.make_node("Transpose", [names["fc2_experts_weights"]], [transposed], name=f"{node.name}.fc2_transposed", perm=[0, 2, 1]))
-        ours = onnx.helper.make_node("MoE", [names["input"], names["router_probs"], names["fc1_experts_weights"], transposed], node.output, name=node.name, domain=DOMAIN)
+        fc2 = names["fc2_experts_weights"]
+        if fc2 not in transposed:
+            nodes.append(onnx.helper.make_node("Transpose", [fc2], [f"{fc2}.transposed"], name=f"{fc2}.transpose", perm=[0, 2, 1]))
+            transposed.add(fc2)
+        ours = onnx.helper.make_node("MoE", [names["input"], names["router_probs"], names["fc1_experts_weights"], f"{fc2}.transposed"], node.output, name=node.name, domain=DOMAIN)
         ours.attribute.extend(attribute for attribute in node.attribute if attribute.name in _PASSED)
         nodes.append(ours)
         swapped += 1

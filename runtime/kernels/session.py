@@ -26,6 +26,12 @@ EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"  # wher
 
 _log = logging.getLogger(__name__)
 
+# Each kernel: the op type it stands in for (com.microsoft's), why it cannot in a model, and its swap.
+_KERNELS = {
+    "moecc.Attention": ("GroupQueryAttention", attention.why_not, attention.swap),
+    "moecc.MoE": ("MoE", lambda model, head_dim: moe.why_not(model), lambda model, head_dim: moe.swap(model)),
+}
+
 
 @cache
 def _warn_once(message: str) -> None:
@@ -46,14 +52,16 @@ def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options
     if kernels == "onnxruntime":
         return ()
     # Checked before the build, so that a model the kernels cannot run never needs a compiler.
-    reasons = {"moecc.Attention": attention.why_not(model, head_dim), "moecc.MoE": moe.why_not(model)}
+    ops = {node.op_type for node in model.graph.node if node.domain == "com.microsoft"}
+    reasons = {name: why_not(model, head_dim) for name, (op_type, why_not, _) in _KERNELS.items() if op_type in ops}
     refused = {name: reason for name, reason in reasons.items() if reason}
     if kernels == "moecc" and refused:
         raise MoeccError(f"{model_path}: moecc's kernels do not apply: {'; '.join(f'{name}: {reason}' for name, reason in refused.items())}",
                          hint="load with kernels='auto'")  # fmt: skip
     for name, reason in refused.items():
         _log.info("%s: ONNX Runtime's kernel instead of %s (%s)", model_path, name, reason)
-    if len(refused) == len(reasons):
+    chosen = [name for name, reason in reasons.items() if reason is None]
+    if not chosen:
         return ()
     try:
         path = library()
@@ -62,15 +70,11 @@ def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options
             raise MoeccError(f"{model_path}: moecc's kernels are unavailable: {error}", hint="load with kernels='onnxruntime'") from error
         _warn_once(f"moecc's kernels are unavailable, so the model runs on ONNX Runtime's slower ones: {error}")
         return ()
-    swapped = {
-        "moecc.Attention": "moecc.Attention" not in refused and attention.swap(model, head_dim),
-        "moecc.MoE": "moecc.MoE" not in refused and moe.swap(model),
-    }
-    used = tuple(name for name, count in swapped.items() if count)
-    if used:
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-        options.register_custom_ops_library(str(path))
-    return used
+    for name in chosen:
+        _KERNELS[name][2](model, head_dim)
+    model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    options.register_custom_ops_library(str(path))
+    return tuple(chosen)
 
 
 def open_session(

@@ -62,9 +62,12 @@ def _agree(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 5, 17, 600], ids=lambda t: f"{t}-tokens")  # one to a prompt in two chunks
-@pytest.mark.parametrize("experts, k, hidden, inter", [(8, 2, 256, 128), (64, 8, 128, 64), (4, 4, 64, 16)], ids=["8x2", "64x8", "all-4"])
+@pytest.mark.parametrize(
+    "experts, k, hidden, inter", [(8, 2, 256, 128), (64, 8, 128, 64), (4, 4, 64, 16), (6, 2, 384, 48)], ids=["8x2", "64x8", "all-4", "uneven"]
+)
 def test_kernel_matches_onnx_runtime_moe(experts, k, hidden, inter, tokens):
-    """Decode, verify and prefill widths; a few experts each chosen by many tokens, many chosen by few, and k = E."""
+    """Decode, verify and prefill widths; a few experts each chosen by many tokens, many chosen by few, k = E, and
+    sizes that do not split evenly (3 units blocks per expert, a partial block of outputs per token)."""
     _agree(_moe_model(experts, hidden, inter, k=k), _feeds(_moe_model(experts, hidden, inter, k=k), tokens))
 
 
@@ -81,13 +84,15 @@ def test_routing_and_activation_attributes(attributes):
 
 def test_batched_input_ties_and_unselected_experts():
     """[B, S, H] input; the export's expert parts (each expert's logit repeated, so parts tie) and an expert-parallel
-    partition's mask (-1e4 logits: more of k than selected experts, whose zero weights are skipped)."""
-    model = _moe_model(16, 64, 32, rank=3, k=8)
+    partition's mask (-1e4 logits, unnormalized, more of k than selected experts: zero weights are skipped). k = 6
+    of four-way ties takes two of a tie, so the tie rule (the higher experts, as ONNX Runtime's) shows."""
     rng = np.random.default_rng(1)
     tied = np.tile(rng.standard_normal((6, 4), dtype=np.float32), (1, 4))
+    model = _moe_model(16, 64, 32, rank=3, k=6)
     _agree(model, _feeds(model, 6, shape=(2, 3, 64), router=tied))
     masked = np.full((6, 16), -1e4, np.float32)
     masked[:, [2, 9]] = rng.standard_normal((6, 2), dtype=np.float32)
+    model = _moe_model(16, 64, 32, rank=3, k=8, normalize_routing_weights=0)
     _agree(model, _feeds(model, 6, shape=(2, 3, 64), router=masked))
 
 
@@ -110,6 +115,7 @@ def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():
     assert reason(_moe_model(8, 64, 32, swiglu_fusion=2)) == "sets swiglu_fusion=2"
     assert reason(_moe_model(8, 64, 32, use_sparse_mixer=1)) == "sets use_sparse_mixer=1"
     assert reason(_moe_model(8, 64, 24)).startswith("hidden size 64 and expert size 24")
+    assert reason(_moe_model(8, 64, 32, normalize_routing_weights=2)) == "sets normalize_routing_weights=2"
     assert reason(_moe_model(8, 64, 32, weight_type=TensorProto.FLOAT16)) == "its expert weights are not float32"
     assert reason(_moe_model(8, 64, 32), known={}) == "its expert weights are not constants"
     with_bias = _moe_model(8, 64, 32)
@@ -117,6 +123,10 @@ def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():
     assert reason(with_bias, constants) == "uses fc1_experts_bias"
     model = _moe_model(8, 64, 32, activation_type="gelu")
     assert why_not(model) == "moe: sets activation_type=b'gelu'"
+    assert reason(_moe_model(8, 64, 32, k=9)) == "k is larger than its 8 experts"
+    no_fusion = _moe_model(8, 64, 32)
+    no_fusion.graph.node[0].attribute.remove(next(a for a in no_fusion.graph.node[0].attribute if a.name == "swiglu_fusion"))
+    assert reason(no_fusion) == "no swiglu_fusion (the kernel takes interleaved SwiGLU)"
 
 
 def test_bad_shapes_are_refused_before_anything_is_read():
