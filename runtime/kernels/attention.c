@@ -359,9 +359,8 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   if (!status) status = ort->KernelInfoGetAttribute_int64(info, "kv_num_heads", &kernel->kv_num_heads);
   if (!status && (kernel->kv_num_heads <= 0 || kernel->num_heads % kernel->kv_num_heads))
     status = fail("moecc.Attention: num_heads must be a multiple of kv_num_heads");
-  OrtStatus *absent = ort->KernelInfoGetAttribute_float(info, "scale", &kernel->scale);
-  if (absent) ort->ReleaseStatus(absent), kernel->scale = 0.f; /* the default */
-  if ((absent = ort->KernelInfoGetAttribute_float(info, "epsilon", &kernel->epsilon))) ort->ReleaseStatus(absent), kernel->epsilon = 1e-6f;
+  kernel->scale = float_attribute(info, "scale", 0.f, NULL); /* 0: 1/sqrt(D) */
+  kernel->epsilon = float_attribute(info, "epsilon", 1e-6f, NULL);
   if (status) {
     free(kernel);
     return status;
@@ -370,9 +369,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   return NULL;
 }
 
-static void ORT_API_CALL destroy(void *state) { free(state); }
 static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "Attention"; }
-static const char *ORT_API_CALL provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return INPUT_COUNT; }
 static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return OUTPUT_COUNT; }
 
@@ -396,25 +393,15 @@ static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(co
   return index == KEY || index == VALUE || index >= KEY_SCALE ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 
-static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp *op, size_t index) {
-  (void)op, (void)index;
-  return INPUT_OUTPUT_REQUIRED;
-}
-
-static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index) {
-  (void)op, (void)index;
-  return OrtMemTypeDefault;
-}
-
 /* Written once, at load: sessions registering the library concurrently only read them. */
-#define ATTENTION_OP(CACHE)                                                                                       \
-  {                                                                                                               \
-    .op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = provider,                     \
-           .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,           \
-           .GetOutputTypeCount = output_count, .KernelDestroy = destroy,                                          \
-           .GetInputCharacteristic = input_characteristic, .GetOutputCharacteristic = output_characteristic,      \
-           .GetInputMemoryType = input_memory, .CreateKernelV2 = create, .KernelComputeV2 = compute},             \
-    .cache = CACHE                                                                                                \
+#define ATTENTION_OP(CACHE)                                                                                  \
+  {                                                                                                          \
+    .op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider,            \
+           .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,      \
+           .GetOutputTypeCount = output_count, .KernelDestroy = free_state,                                  \
+           .GetInputCharacteristic = input_characteristic, .GetOutputCharacteristic = required,             \
+           .GetInputMemoryType = cpu_memory, .CreateKernelV2 = create, .KernelComputeV2 = compute},          \
+    .cache = CACHE                                                                                           \
   }
 static const AttentionOp attention_ops[] = {ATTENTION_OP(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT), ATTENTION_OP(ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)};
 

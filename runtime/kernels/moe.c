@@ -274,27 +274,22 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   (void)op, (void)api;
   Kernel *kernel = calloc(1, sizeof(Kernel));
   if (!kernel) return ort->CreateStatus(ORT_FAIL, "moecc.MoE: out of memory");
-  int64_t normalize = 0;
   OrtStatus *status = ort->KernelInfoGetAttribute_int64(info, "k", &kernel->k);
   if (!status && kernel->k <= 0) status = fail("moecc.MoE: k must be positive");
-  OrtStatus *absent;
-  if ((absent = ort->KernelInfoGetAttribute_int64(info, "normalize_routing_weights", &normalize))) ort->ReleaseStatus(absent);
-  kernel->normalize = normalize == 1; /* as ONNX Runtime's */
-  if ((absent = ort->KernelInfoGetAttribute_float(info, "activation_alpha", &kernel->alpha))) ort->ReleaseStatus(absent), kernel->alpha = 1.f;
-  if ((absent = ort->KernelInfoGetAttribute_float(info, "activation_beta", &kernel->beta))) ort->ReleaseStatus(absent), kernel->beta = 0.f;
-  if ((absent = ort->KernelInfoGetAttribute_float(info, "swiglu_limit", &kernel->limit))) ort->ReleaseStatus(absent);
-  else kernel->limited = kernel->limit < 3.4e38f; /* ONNX Runtime's default is no limit */
   if (status) {
     free(kernel);
     return status;
   }
+  kernel->normalize = int_attribute(info, "normalize_routing_weights", 0) == 1; /* as ONNX Runtime's */
+  kernel->alpha = float_attribute(info, "activation_alpha", 1.f, NULL);
+  kernel->beta = float_attribute(info, "activation_beta", 0.f, NULL);
+  kernel->limit = float_attribute(info, "swiglu_limit", 0.f, &kernel->limited);
+  kernel->limited = kernel->limited && kernel->limit < 3.4e38f; /* ONNX Runtime's default is no limit */
   *state = kernel;
   return NULL;
 }
 
-static void ORT_API_CALL destroy(void *state) { free(state); }
 static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "MoE"; }
-static const char *ORT_API_CALL provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return INPUT_COUNT; }
 static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 1; }
 static ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, size_t index) {
@@ -302,20 +297,10 @@ static ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, 
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
-static OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op, size_t index) {
-  (void)op, (void)index;
-  return INPUT_OUTPUT_REQUIRED;
-}
-
-static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index) {
-  (void)op, (void)index;
-  return OrtMemTypeDefault;
-}
-
 static const OrtCustomOp moe_op = {
-    .version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = provider, .GetInputType = float_type,
-    .GetInputTypeCount = input_count, .GetOutputType = float_type, .GetOutputTypeCount = output_count, .KernelDestroy = destroy,
-    .GetInputCharacteristic = required, .GetOutputCharacteristic = required, .GetInputMemoryType = input_memory,
+    .version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider, .GetInputType = float_type,
+    .GetInputTypeCount = input_count, .GetOutputType = float_type, .GetOutputTypeCount = output_count, .KernelDestroy = free_state,
+    .GetInputCharacteristic = required, .GetOutputCharacteristic = required, .GetInputMemoryType = cpu_memory,
     .CreateKernelV2 = create, .KernelComputeV2 = compute,
 };
 

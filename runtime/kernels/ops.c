@@ -1,6 +1,8 @@
 /* The custom-op library's entry point and the helpers its kernels share. */
 #include "ops.h"
 
+#include <stdlib.h>
+
 const OrtApi *ort;
 
 OrtStatus *fail(const char *message) { return ort->CreateStatus(ORT_INVALID_ARGUMENT, message); }
@@ -39,6 +41,23 @@ OrtStatus *output(OrtKernelContext *context, size_t index, const int64_t *shape,
   return describe(value, tensor);
 }
 
+float float_attribute(const OrtKernelInfo *info, const char *name, float fallback, int *set) {
+  float value;
+  OrtStatus *absent = ort->KernelInfoGetAttribute_float(info, name, &value);
+  if (set) *set = !absent;
+  if (!absent) return value;
+  ort->ReleaseStatus(absent);
+  return fallback;
+}
+
+int64_t int_attribute(const OrtKernelInfo *info, const char *name, int64_t fallback) {
+  int64_t value;
+  OrtStatus *absent = ort->KernelInfoGetAttribute_int64(info, name, &value);
+  if (!absent) return value;
+  ort->ReleaseStatus(absent);
+  return fallback;
+}
+
 int64_t elements(const Tensor *tensor) {
   int64_t count = 1;
   for (size_t i = 0; i < tensor->rank; ++i) count *= tensor->shape[i];
@@ -51,6 +70,23 @@ int shaped(const Tensor *tensor, size_t rank, int64_t first, int64_t second, int
   for (size_t i = 0; i < rank && i < 3; ++i)
     if (expected[i] >= 0 && tensor->shape[i] != expected[i]) return 0;
   return 1;
+}
+
+void ORT_API_CALL free_state(void *state) { free(state); }
+
+const char *ORT_API_CALL cpu_provider(const OrtCustomOp *op) {
+  (void)op;
+  return "CPUExecutionProvider";
+}
+
+OrtMemType ORT_API_CALL cpu_memory(const OrtCustomOp *op, size_t index) {
+  (void)op, (void)index;
+  return OrtMemTypeDefault;
+}
+
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op, size_t index) {
+  (void)op, (void)index;
+  return INPUT_OUTPUT_REQUIRED;
 }
 
 /* The library's entry point (SessionOptions.register_custom_ops_library). ONNX Runtime keeps the domain for

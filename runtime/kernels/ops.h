@@ -29,10 +29,20 @@ typedef struct {
 OrtStatus *input(OrtKernelContext *context, size_t index, Tensor *tensor);
 OrtStatus *output(OrtKernelContext *context, size_t index, const int64_t *shape, size_t rank, Tensor *tensor);
 int64_t elements(const Tensor *tensor);
+/* An optional attribute: its value, or `fallback` when the node does not set it (*set tells which, if given). */
+float float_attribute(const OrtKernelInfo *info, const char *name, float fallback, int *set);
+int64_t int_attribute(const OrtKernelInfo *info, const char *name, int64_t fallback);
 /* Whether the tensor has this rank and these leading dimensions (-1: any; only the first three are checked). */
 int shaped(const Tensor *tensor, size_t rank, int64_t first, int64_t second, int64_t third);
 /* Records the first error of a parallel phase; later ones are released. */
 void fail_once(OrtStatus **error, const char *message);
+
+/* The callbacks every op of the library gives ONNX Runtime alike: a kernel state freed with free(), the CPU
+   provider, inputs in CPU memory, every input and output required (where an op has optional ones, its own). */
+void ORT_API_CALL free_state(void *state);
+const char *ORT_API_CALL cpu_provider(const OrtCustomOp *op);
+OrtMemType ORT_API_CALL cpu_memory(const OrtCustomOp *op, size_t index);
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op, size_t index);
 
 OrtStatus *add_attention_ops(OrtCustomOpDomain *domain);
 OrtStatus *add_moe_ops(OrtCustomOpDomain *domain);
