@@ -56,26 +56,32 @@ typedef struct {
   float *partial;                /* [items_per_expert, routes, H]: each route's weighted output, per item */
 } Call;
 
-/* 16 floats (GCC/Clang vector extensions; the kernel is built for the machine it runs on); H is a multiple
-   of 16 and I of UNITS. */
-typedef float f16 __attribute__((vector_size(64)));
-enum { LANES = 16 };
+/* The widest vectors the machine has (GCC/Clang vector extensions; the kernel is built for the machine it runs
+   on). Four fc1 rows at a time for MAX_TOKENS tokens: their sums stay in registers where there are 32 of them
+   (AVX-512, Arm); with AVX2's 16 some spill to the core's first cache, which measured faster than two rows at
+   a time, and than 16-float vectors made of two halves. H is a multiple of 16 and I of UNITS. */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+enum { ROWS = 4 };
+typedef float vector __attribute__((vector_size(LANES * sizeof(float))));
 
-static inline f16 load(const float *x) {
-  f16 v;
+static inline vector load(const float *x) {
+  vector v;
   memcpy(&v, x, sizeof v);
   return v;
 }
 
-static inline void store(float *x, f16 v) { memcpy(x, &v, sizeof v); }
+static inline void store(float *x, vector v) { memcpy(x, &v, sizeof v); }
 
-static inline float total(f16 v) {
-  typedef float f8 __attribute__((vector_size(32)));
-  f8 low, high;
-  memcpy(&low, &v, sizeof low);
-  memcpy(&high, (const char *)&v + sizeof low, sizeof high);
-  f8 s = low + high;
-  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+static inline float total(vector v) {
+  float sum = 0;
+  for (int lane = 0; lane < LANES; ++lane) sum += v[lane];
+  return sum;
 }
 
 static inline float swiglu(const Kernel *kernel, float gate, float linear) {
@@ -87,34 +93,34 @@ static inline float swiglu(const Kernel *kernel, float gate, float linear) {
 }
 
 /* One pass over UNITS units for TOKENS (1 to 4, a constant where it is called, so that the sums stay in
-   registers) of an expert's routes: their activations from the units' fc1 rows, two units (four rows) at a
+   registers) of an expert's routes: their activations from the units' fc1 rows, ROWS / 2 units at a
    time, then each unit's fc2 row times its weighted activation added to the routes' partial outputs. */
 static inline __attribute__((always_inline)) void pass(const Call *call, const float *fc1, const float *fc2, const float *const *xs,
                                                        const float *weights, int64_t token_count, float *const *partials) {
   int64_t hidden = call->hidden;
   float coefficients[UNITS][MAX_TOKENS];
-  for (int64_t u = 0; u < UNITS; u += 2) {
-    f16 sums[4][MAX_TOKENS];
-    for (int64_t r = 0; r < 4; ++r)
-      for (int64_t t = 0; t < token_count; ++t) sums[r][t] = (f16){0};
+  for (int64_t u = 0; u < UNITS; u += ROWS / 2) {
+    vector sums[ROWS][MAX_TOKENS];
+    for (int64_t r = 0; r < ROWS; ++r)
+      for (int64_t t = 0; t < token_count; ++t) sums[r][t] = (vector){0};
     const float *rows = fc1 + 2 * u * hidden;
     for (int64_t d = 0; d < hidden; d += LANES) {
-      f16 x[MAX_TOKENS];
+      vector x[MAX_TOKENS];
       for (int64_t t = 0; t < token_count; ++t) x[t] = load(xs[t] + d);
-      for (int64_t r = 0; r < 4; ++r) {
-        f16 w = load(rows + r * hidden + d);
+      for (int64_t r = 0; r < ROWS; ++r) {
+        vector w = load(rows + r * hidden + d);
         for (int64_t t = 0; t < token_count; ++t) sums[r][t] += w * x[t];
       }
     }
-    for (int64_t p = 0; p < 2; ++p)
+    for (int64_t p = 0; p < ROWS / 2; ++p)
       for (int64_t t = 0; t < token_count; ++t)
         coefficients[u + p][t] = weights[t] * swiglu(call->kernel, total(sums[2 * p][t]), total(sums[2 * p + 1][t]));
   }
   for (int64_t h = 0; h < hidden; h += LANES) {
-    f16 out[MAX_TOKENS];
+    vector out[MAX_TOKENS];
     for (int64_t t = 0; t < token_count; ++t) out[t] = load(partials[t] + h);
     for (int64_t u = 0; u < UNITS; ++u) {
-      f16 w = load(fc2 + u * hidden + h);
+      vector w = load(fc2 + u * hidden + h);
       for (int64_t t = 0; t < token_count; ++t) out[t] += coefficients[u][t] * w;
     }
     for (int64_t t = 0; t < token_count; ++t) store(partials[t] + h, out[t]);
@@ -158,7 +164,7 @@ static void sum(void *data, size_t item) {
   int64_t token = (int64_t)item / blocks, first = (int64_t)item % blocks * HIDDEN_PER_SUM;
   int64_t last = first + HIDDEN_PER_SUM < hidden ? first + HIDDEN_PER_SUM : hidden;
   for (int64_t h = first; h < last; h += LANES) {
-    f16 out = {0};
+    vector out = {0};
     for (int64_t j = 0; j < call->k; ++j) {
       int64_t route = call->token_routes[token * call->k + j];
       if (route < 0) continue;

@@ -3,6 +3,9 @@ a machine without a compiler falls back or is refused as asked, and loading the 
 
 from __future__ import annotations
 
+import platform
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -46,3 +49,18 @@ def test_loading_the_kernel_leaves_the_processors_float_state_alone(tiny_artifac
     runtime.load(tiny_artifact, kernels="moecc")
     subnormal = np.array([1e-40], dtype=np.float32)
     assert (subnormal * np.float32(1.0))[0] == subnormal[0] != 0
+
+
+@pytest.mark.parametrize("target", ["native", "x86-64", "x86-64-v3", "x86-64-v4"], ids=lambda target: target)
+def test_kernel_sources_compile_without_warnings(target, tmp_path):
+    """With warnings as errors, for this machine and, on x86, for SSE2, AVX2 and AVX-512 machines: each vector
+    width's code path compiles cleanly wherever the library may be built."""
+    if target != "native" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86 target")
+    flags = [flag for flag in build.FLAGS if not flag.startswith("-march")]
+    for source in build.SOURCES:
+        result = subprocess.run(
+            [*build._compiler(), *flags, f"-march={target}", "-Werror", "-I", str(build.HEADERS), "-c", str(source), "-o", str(tmp_path / "kernel.o")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
