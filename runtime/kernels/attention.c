@@ -182,25 +182,34 @@ static inline __attribute__((always_inline)) void store_totals(const f8 *sums, i
     }                                                                                                             \
   }
 
-/* out[g] = sum over t < length of weights[g * stride + t] * values[t], a whole row at a time: each cached row
-   is read once, in order, with the group's sums kept in the core's first cache (measured 16 % faster per call
-   at 2048 tokens on an AVX2 machine than 16 columns at a time over all rows, which reads the rows four times
-   with gaps). */
+/* out[g] = sum over t < length of weights[g * stride + t] * values[t]: whole cached rows, four at a time, each
+   read once and in order, the group's sums kept in the core's first cache and updated once per four rows
+   (measured 16 % faster per call at 2048 tokens on an AVX2 machine than 16 columns at a time over all rows,
+   which reads the rows four times with gaps, before the four-row step, which stores a quarter as often). */
 #define WEIGH(TYPE, LOAD)                                                                                         \
   static inline __attribute__((always_inline)) void weigh_##TYPE(const TYPE *values, int64_t length, const float *weights, \
                                                                   int64_t group, int64_t dim, float *out, int64_t stride) { \
     f8 sums[MAX_GROUP][512 / LANES];                                                                              \
-    int64_t vectors = dim / LANES;                                                                                \
+    int64_t vectors = dim / LANES, t = 0;                                                                         \
     for (int64_t g = 0; g < group; ++g)                                                                           \
       for (int64_t c = 0; c < vectors; ++c) sums[g][c] = (f8){0};                                                 \
-    for (int64_t t = 0; t < length; ++t) {                                                                        \
-      const TYPE *row = values + t * dim;                                                                         \
-      for (int64_t p = 0; p < dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(row + 16 * dim) + p); \
+    for (; t + 4 <= length; t += 4) {                                                                             \
+      const TYPE *rows = values + t * dim;                                                                        \
+      for (int64_t p = 0; p < 4 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(rows + 16 * dim) + p); \
       for (int64_t c = 0; c < vectors; ++c) {                                                                     \
-        f8 value = LOAD(row + c * LANES);                                                                         \
-        for (int64_t g = 0; g < group; ++g) sums[g][c] += weights[g * stride + t] * value;                        \
+        f8 first = LOAD(rows + c * LANES), second = LOAD(rows + dim + c * LANES);                                 \
+        f8 third = LOAD(rows + 2 * dim + c * LANES), fourth = LOAD(rows + 3 * dim + c * LANES);                   \
+        for (int64_t g = 0; g < group; ++g) {                                                                     \
+          const float *w = weights + g * stride + t;                                                              \
+          sums[g][c] += (w[0] * first + w[1] * second) + (w[2] * third + w[3] * fourth);                          \
+        }                                                                                                         \
       }                                                                                                           \
     }                                                                                                             \
+    for (; t < length; ++t)                                                                                       \
+      for (int64_t c = 0; c < vectors; ++c) {                                                                     \
+        f8 value = LOAD(values + t * dim + c * LANES);                                                            \
+        for (int64_t g = 0; g < group; ++g) sums[g][c] += weights[g * stride + t] * value;                        \
+      }                                                                                                           \
     for (int64_t g = 0; g < group; ++g) memcpy(out + g * dim, sums[g], dim * sizeof(float));                      \
   }
 
