@@ -176,7 +176,7 @@ def test_int8_kv_cache_is_a_quarter_of_the_bytes_accurate_and_lossless(tmp_path,
 def test_dense_rewrite_multiplies_by_the_quantized_weights(bits, integer_products):
     """The quantize stage's rewrite of one dense weight against x @ W with W dequantized independently of our
     packing: equal with float products; a draft's integer products stay within the INT8 rounding of the
-    activations and give a token the same result alone as in a block of tokens."""
+    activations and give a token the same result alone as in a block of tokens, within float rounding."""
     rng = np.random.default_rng(4)
     tokens, features, rows = 9, 128, 48
     weight = rng.standard_normal((features, rows), dtype=np.float32) * 0.1  # [K, N]
@@ -207,7 +207,9 @@ def test_dense_rewrite_multiplies_by_the_quantized_weights(bits, integer_product
     bound = (np.repeat(rounding, 32, axis=-1) @ np.abs(dequantized.T)).max()
     assert 1e-4 < np.abs(block - expected).max() <= bound  # rounded: float products come within 1e-5
     alone = np.concatenate([session.run(None, {"x": x[:, i : i + 1]})[0] for i in range(tokens)], axis=1)
-    assert np.array_equal(alone, block)
+    # ONNX Runtime runs one token and a block through different integer kernels on some CPUs (equal on an
+    # AVX-512 machine, 7e-7 apart at INT4 on an AVX2 one): a draft's numerics move only its acceptance.
+    assert np.abs(alone - block).max() <= 1e-5
 
 
 def test_full_precision_build_passes_its_gate_exactly(shipped_artifact):
