@@ -68,6 +68,7 @@ typedef struct {
 #define LANES 4
 #endif
 enum { ROWS = 4 };
+_Static_assert(16 % LANES == 0 && HIDDEN_PER_SUM % LANES == 0 && UNITS % (ROWS / 2) == 0, "the vectors and passes divide H and I");
 typedef float vector __attribute__((vector_size(LANES * sizeof(float))));
 
 static inline vector load(const float *x) {
@@ -232,7 +233,7 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   if (!shaped(&in[FC1], 3, experts, -1, hidden) || in[FC1].shape[1] % 2) return fail("moecc.MoE: fc1 must be [E, 2I, H]");
   int64_t inter = in[FC1].shape[1] / 2;
   if (!shaped(&in[FC2], 3, experts, inter, hidden)) return fail("moecc.MoE: fc2 must be transposed, [E, I, H]");
-  if (hidden <= 0 || inter <= 0 || hidden % LANES || inter % UNITS) return fail("moecc.MoE: H and I must be positive multiples of 16");
+  if (hidden <= 0 || inter <= 0 || hidden % 16 || inter % UNITS) return fail("moecc.MoE: H and I must be positive multiples of 16");
   if (kernel->k > experts) return fail("moecc.MoE: k is larger than the number of experts");
   CHECK(output(context, 0, in[INPUT].shape, in[INPUT].rank, &out));
   if (!tokens) return NULL;

@@ -21,7 +21,7 @@ _ATTRIBUTES = {"k": None, "normalize_routing_weights": {0, 1}, "activation_alpha
                "activation_type": {b"swiglu"}, "swiglu_fusion": {1}, "use_sparse_mixer": {0}}  # fmt: skip
 _REQUIRED = ("k", "activation_type", "swiglu_fusion")  # ONNX Runtime's defaults (no activation named, fusion 0) are not ours
 _PASSED = ("k", "normalize_routing_weights", "activation_alpha", "activation_beta", "swiglu_limit")
-LANES, UNITS = 16, 16  # moe.c's: H a multiple of LANES, I of UNITS
+HIDDEN_MULTIPLE, UNITS = 16, 16  # moe.c's: H a multiple of 16 (its widest vectors), I of UNITS (one pass)
 
 
 def unsupported(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> str | None:
@@ -45,7 +45,7 @@ def unsupported(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) ->
     experts, hidden, inter = fc1.dims[0], fc1.dims[2], fc1.dims[1] // 2
     if list(fc2.dims) != [experts, hidden, inter]:
         return f"fc1 {list(fc1.dims)} and fc2 {list(fc2.dims)} do not match"
-    if hidden <= 0 or inter <= 0 or hidden % LANES or inter % UNITS:
+    if hidden <= 0 or inter <= 0 or hidden % HIDDEN_MULTIPLE or inter % UNITS:
         return f"hidden size {hidden} and expert size {inter} (the kernel takes positive multiples of 16)"
     if next(attribute.i for attribute in node.attribute if attribute.name == "k") > experts:
         return f"k is larger than its {experts} experts"

@@ -99,7 +99,8 @@ def _run(session, feeds: dict, caches: dict, bound: bool) -> tuple[np.ndarray, n
 @pytest.mark.parametrize("bound", [True, False], ids=["in-place", "copied"])
 def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scale, int8, width, bound):
     """Two rows with different cached lengths, the second right-padded (two new tokens fewer, or none new). The
-    peaked case's scores spread over hundreds, so that most weights fall below the kernel's exponential's floor."""
+    peaked case's scores spread over hundreds, so that some weights in most rows fall below the kernel's
+    exponential's floor (without the floor, their exponent wraps around)."""
     rng = np.random.default_rng(heads * dim + width)
     model = _attention_model(heads, kv_heads, dim, packed, int8, **({"scale": scale} if scale else {}))
     cached, new = np.array([5, 37]), np.array([width, max(width - 2, 0)])
