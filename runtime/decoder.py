@@ -130,12 +130,15 @@ class KvState:
         """Each row's cached tokens and new tokens in a call `width` tokens wide. Every row, even one with nothing
         new, needs room for the whole width after its cached tokens (GroupQueryAttention's rule for padded calls)."""
         check_capacity(max(cached) + width, self.capacity)
+        total = 0
         for row, (length, count) in enumerate(zip(cached, new)):
-            if length + count == 0:
+            end = length + count
+            if end == 0:
                 raise ValueError(f"row {row} has neither cached nor new tokens; fill every row (prefill) before feeding some")
-            self._seqlens_k[row] = length + count - 1  # a row with nothing new keeps its length
+            self._seqlens_k[row] = end - 1  # a row with nothing new keeps its length
             self._query_seqlens[row] = count
-        self._total[0] = max(length + count for length, count in zip(cached, new))
+            total = end if end > total else total
+        self._total[0] = total
 
 
 def check_last(new: list[int], last: list[int]) -> None:
@@ -183,6 +186,7 @@ class BoundBuffers:
         self._views: dict[tuple[str, int], tuple[np.ndarray, ort.OrtValue]] = {}  # (name, S or N) -> its view
         self._bound: dict[str, int] = {}  # what each name is bound to now: N, or -1 for an array ORT owns
         self._filled: tuple | None = None  # (N, new, last) of the positions in the buffer: decode steps reuse them
+        self._small_call: tuple[int, int] | None = None  # (S, N) the small-call views are bound at now
 
     def _bound_view(self, name: str, size: int) -> np.ndarray:
         """The leading [B, size(, V or 1)] view of a flat buffer (contiguous at every size, so one buffer serves
@@ -215,16 +219,18 @@ class BoundBuffers:
         width, kept = max(new), max(max(last), 1)
         self.state.set_lengths(cached, new, width)
         if width <= SMALL_CALL:
-            self._bound_view("input_ids", width)
+            if self._small_call != (width, kept):  # a decode loop's calls keep one shape for many steps
+                self._small_views = self._bound_view(POSITIONS_INPUT, kept), self._bound_view("logits", kept)
+                self._bound_view("input_ids", width)
+                self._small_call = width, kept
+            positions, logits = self._small_views
             for row, tokens in enumerate(rows):  # into the flat buffer, as the [B, width] view lays it out
                 ids = array("q", tokens)
                 ids.extend(_PADDING[: width - len(ids)])
                 self._ids_memory[row * width : (row + 1) * width] = ids
-            positions = self._bound_view(POSITIONS_INPUT, kept)
             if self._filled != (kept, new, last):
                 fill_positions(positions[..., 0], new, last)
                 self._filled = (kept, new, list(last))
-            logits = self._bound_view("logits", kept)
             self.decoder.session.run_with_iobinding(self.binding)
             return logits.copy()  # the buffer is refilled by the next call
         for name, values in (("input_ids", right_padded(rows, width)), (POSITIONS_INPUT, positions_input(new, last))):  # a prompt: arrays of its own
@@ -232,6 +238,7 @@ class BoundBuffers:
             self._bound[name] = -1
         self.binding.bind_output("logits", "cpu")
         self._bound["logits"] = -1
+        self._small_call = None
         self.decoder.session.run_with_iobinding(self.binding)
         return self.binding.get_outputs()[0].numpy()
 

@@ -406,7 +406,11 @@ def judge(proposal: Proposal, logits: np.ndarray, params: SamplingParams, rng: n
     every position."""
     if params.greedy:
         best = logits.argmax(axis=-1).tolist()  # Python ints: compared without a numpy call each
-        kept = next((i for i, token in enumerate(proposal.tokens) if token != best[i]), len(proposal.tokens))
+        kept = 0
+        for token, main_token in zip(proposal.tokens, best):
+            if token != main_token:
+                break
+            kept += 1
         return kept, best[kept]
     return accept(proposal, [distribution(row, params) for row in logits], rng)
 
@@ -431,7 +435,7 @@ def unread_tokens(cached: list[int], sequence: list[int]) -> list[int]:
 def _commit(proposal: Proposal, kept: int, next_token: int, stop_tokens: set[int], room: int) -> tuple[list[int], bool]:
     """The tokens a step commits, cut after a stop token and at `room`; and whether a stop token ended them."""
     new = proposal.tokens[:kept] + [next_token]
-    stop_at = next((i for i, token in enumerate(new) if token in stop_tokens), None)
+    stop_at = None if stop_tokens.isdisjoint(new) else next(i for i, token in enumerate(new) if token in stop_tokens)
     if stop_at is not None:
         new = new[: stop_at + 1]
     return new[:room], stop_at is not None and stop_at < room
