@@ -7,9 +7,11 @@ onnxruntime-genai's own model builder converts the Hugging Face checkpoint (fp32
 folder; both runtimes then decode the same held-out prompts greedily for the same number of new tokens
 (end-of-text ignored), on the same threads, in alternating rounds so that the machine's drift hits both
 alike; each side starts once the other's threads have gone idle (onnxruntime-genai's keep spinning for
-about 70 ms after its last token, which would take a core from ours). Prints a table and writes JSON; the
-ratio of medians is the figure to read. Both also decode the same tokens with prompt lookup (genai's n-gram
-speculative decoding), compared on a row of its own.
+about 70 ms after its last token, which would take a core from ours). Both also decode the same tokens with
+prompt lookup (genai's n-gram speculative decoding), compared on a row of its own. Prints a table and writes
+JSON. The ratio to read is the median of the rounds' own ratios: a round's two sides run seconds apart, so
+the machine's drift over the whole run moves it less than a ratio of medians; the table gives the rounds'
+range, the JSON every round.
 """
 
 from __future__ import annotations
@@ -133,23 +135,28 @@ def main() -> None:
         "greedy_token_agreement": round(agreement, 4), "moecc_kernels": list(decoder.kernels),
     }
     table = Table(title=f"{loaded.recipe.name} {args.model}: {len(prompts)} held-out prompts x {args.new_tokens} tokens, "
-                        f"{args.threads} threads, median of {args.rounds} rounds; our kernels: {', '.join(decoder.kernels) or 'none'}")
+                        f"{args.threads} threads, {args.rounds} rounds (ratio: the median of the rounds' ratios, their range); our kernels: {', '.join(decoder.kernels) or 'none'}")
     for column in ("measure", "moecc", "onnxruntime-genai", "ratio"):
         table.add_column(column, justify="left" if column == "measure" else "right")
-    for kind in ("decode", "end_to_end"):
-        ours, theirs = (statistics.median(rates[side][kind]) for side in ("moecc", "onnxruntime-genai"))
-        results[kind] = {
-            "moecc_tokens_per_second": round(ours, 1), "genai_tokens_per_second": round(theirs, 1), "ratio": round(ours / theirs, 2),
-            "moecc_rounds": [round(r, 1) for r in rates["moecc"][kind]], "genai_rounds": [round(r, 1) for r in rates["onnxruntime-genai"][kind]],
+    def compared(ours_side: str, genai_side: str, kind: str) -> dict:
+        """Both sides' median rates, each round's ratio and their median."""
+        ours, theirs = rates[ours_side][kind], rates[genai_side][kind]
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        return {
+            "moecc_tokens_per_second": round(statistics.median(ours), 1), "genai_tokens_per_second": round(statistics.median(theirs), 1),
+            "ratio": round(statistics.median(ratios), 2), "round_ratios": [round(r, 3) for r in ratios],
+            "moecc_rounds": [round(r, 1) for r in ours], "genai_rounds": [round(r, 1) for r in theirs],
         }
-        table.add_row(f"{kind.replace('_', '-')} tokens/s", f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x")
-    ours, theirs = (statistics.median(rates[side]["decode"]) for side in ("moecc prompt lookup", "onnxruntime-genai n-gram"))
-    results["decode_with_prompt_lookup"] = {
-        "moecc_tokens_per_second": round(ours, 1), "genai_tokens_per_second": round(theirs, 1), "ratio": round(ours / theirs, 2),
-        "lookup_tokens": lookup_tokens, "genai_ngram_options": ngram, "moecc_rounds": [round(r, 1) for r in rates["moecc prompt lookup"]["decode"]],
-        "genai_rounds": [round(r, 1) for r in rates["onnxruntime-genai n-gram"]["decode"]],
-    }
-    table.add_row(f"decode tokens/s, prompt lookup of {lookup_tokens} (genai: n-gram)", f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x")
+
+    def add_row(measure: str, figures: dict) -> None:
+        spread = f" ({min(figures['round_ratios']):.2f}-{max(figures['round_ratios']):.2f})"
+        table.add_row(measure, f"{figures['moecc_tokens_per_second']:.1f}", f"{figures['genai_tokens_per_second']:.1f}", f"{figures['ratio']:.2f}x{spread}")
+
+    for kind in ("decode", "end_to_end"):
+        results[kind] = compared("moecc", "onnxruntime-genai", kind)
+        add_row(f"{kind.replace('_', '-')} tokens/s", results[kind])
+    results["decode_with_prompt_lookup"] = compared("moecc prompt lookup", "onnxruntime-genai n-gram", "decode") | {"lookup_tokens": lookup_tokens, "genai_ngram_options": ngram}
+    add_row(f"decode tokens/s, prompt lookup of {lookup_tokens} (genai: n-gram)", results["decode_with_prompt_lookup"])
     table.add_row("greedy token agreement", "", "", f"{agreement:.4f}")
     console.print(table)
     json_out = args.json_out or Path("artifacts") / f"bench-{loaded.recipe.name}-{args.model}-vs-genai.json"
