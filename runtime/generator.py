@@ -140,7 +140,7 @@ class Generator:
             max_new_tokens or defaults.max_new_tokens,
             policy,
             sampling,
-            self.stop_tokens if stop_tokens is None else stop_tokens,
+            self.stop_tokens if stop_tokens is None else set(stop_tokens),  # any iterable of ids
             stats if stats is not None else GenerationStats(),
         )
 
@@ -193,7 +193,7 @@ class Generator:
         defaults = self.manifest.generation
         sampling = sampling or SamplingParams(temperature=defaults.temperature)
         limit = max_new_tokens or defaults.max_new_tokens
-        stops = self.stop_tokens if stop_tokens is None else stop_tokens
+        stops = self.stop_tokens if stop_tokens is None else set(stop_tokens)
         needed = max(len(row) for row in prompt_ids) + limit
         if needed > self.main.entry.max_sequence_length:
             raise MoeccError(f"prompt and new tokens need {needed} positions; the maximum sequence length is {self.main.entry.max_sequence_length}")

@@ -154,11 +154,17 @@ class AdaptiveDraftLength:
 
     def _verify_costs(self) -> list[float]:
         """Seconds per verify call over 1 .. max_length + 1 positions: a number of positions never measured
-        costs what the nearest measured one below it does (the fewest measured, if none is below)."""
+        costs what the nearest measured one below it does (the fewest measured, if none is below). A call over
+        more positions costs at least what one over fewer does, so each length's figure is capped by every
+        longer one's: a length last timed in a slow moment (a warm-up step, a noisy neighbour) would otherwise
+        look too costly to be chosen again, and its figure would never be corrected (measured on the shipped
+        pair with the INT4 draft: 5 positions stuck at 6.3 ms while 7 cost 3.4, so auto kept k = 2)."""
         cost, costs = self.verify_cost[min(self.verify_cost)], []
         for positions in range(1, self.max_length + 2):
             cost = self.verify_cost.get(positions, cost)
             costs.append(cost)
+        for index in range(len(costs) - 2, -1, -1):
+            costs[index] = min(costs[index], costs[index + 1])
         return costs
 
     def rates(self) -> list[float]:

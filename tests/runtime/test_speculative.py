@@ -169,6 +169,17 @@ def test_stop_token_ends_generation(tiny_artifact):
     assert tokens == reference[: reference.index(stop) + 1]
 
 
+def test_stop_tokens_may_be_any_iterable_of_ids(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    ids = generator.encode("def f(x):")
+    reference, _ = _greedy(generator, ids, speculative=False, stop_tokens=set())
+    stop = reference[5]
+    expected = reference[: reference.index(stop) + 1]
+    tokens, _ = _greedy(generator, ids, draft_length=4, stop_tokens=[stop])
+    rows, _ = generator.generate_batch_ids([ids, ids[:3]], max_new_tokens=NEW_TOKENS, stop_tokens=(stop,), draft_length=4)
+    assert tokens == expected and rows[0] == expected
+
+
 def test_max_sequence_length_is_respected(tiny_artifact):
     generator = runtime.load(tiny_artifact)
     capacity = generator.manifest.models["main"].max_sequence_length
@@ -350,6 +361,15 @@ def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
     assert policy._verify_costs()[2] == 1.0  # unmeasured 3 positions: as cheap as the nearest below
     policy.update(4, 0, 0.4, 50.0)  # the long verify turns out costly
     assert policy.choose() < 4
+
+
+def test_adaptive_draft_length_caps_a_stale_cost_by_a_longer_verifys():
+    """A length timed once in a slow moment is not ruled out for good: a longer verify measured cheaper caps it."""
+    policy = AdaptiveDraftLength(max_length=4)
+    policy.update(0, 0, 0.0, 1.0)  # the main model alone
+    policy.update(2, 2, 0.2, 9.0)  # 3 positions, timed while something else held the cores
+    policy.update(4, 4, 0.4, 1.5)
+    assert policy._verify_costs() == [1.0, 1.0, 1.5, 1.5, 1.5]
 
 
 def test_adaptive_draft_length_ignores_the_drafts_catch_up_in_its_cost():
