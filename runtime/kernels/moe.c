@@ -99,13 +99,24 @@ static inline float swiglu(const Kernel *kernel, float gate, float linear) {
 static inline __attribute__((always_inline)) void pass(const Call *call, const float *fc1, const float *fc2, const float *const *xs,
                                                        const float *weights, int64_t token_count, float *const *partials) {
   int64_t hidden = call->hidden;
+  /* Rows shorter than a 4 KiB page (H < 1024) leave the hardware's prefetcher, which stops at a page's end,
+     cold at every group of rows; the loop then fetches the next group's fc1 rows and this group's fc2 rows
+     itself, spread over its steps. Measured on an AVX2 machine, one process, alternating builds: a decode
+     step's MoE 1.26x as fast at the shipped pair's H = 256 and a 5-token verify's 1.33-1.40x; 1.07-1.15x at
+     H = 512; at H = 1024 the same prefetches cost 13-15 %, so they are left to the hardware there. */
+  int fetch_ahead = hidden * (int64_t)sizeof(float) < 4096;
   float coefficients[UNITS][MAX_TOKENS];
   for (int64_t u = 0; u < UNITS; u += ROWS / 2) {
     vector sums[ROWS][MAX_TOKENS];
     for (int64_t r = 0; r < ROWS; ++r)
       for (int64_t t = 0; t < token_count; ++t) sums[r][t] = (vector){0};
     const float *rows = fc1 + 2 * u * hidden;
+    const char *next_rows = (const char *)(rows + ROWS * hidden), *outputs = (const char *)(fc2 + u * hidden);
     for (int64_t d = 0; d < hidden; d += LANES) {
+      if (fetch_ahead) { /* hints: past the last expert's rows they read nothing and do not fault */
+        for (int64_t p = 0; p < LANES * ROWS * (int64_t)sizeof(float); p += 64) __builtin_prefetch(next_rows + d * ROWS * sizeof(float) + p);
+        for (int64_t p = 0; p < LANES * ROWS / 2 * (int64_t)sizeof(float); p += 64) __builtin_prefetch(outputs + d * ROWS / 2 * sizeof(float) + p);
+      }
       vector x[MAX_TOKENS];
       for (int64_t t = 0; t < token_count; ++t) x[t] = load(xs[t] + d);
       for (int64_t r = 0; r < ROWS; ++r) {
