@@ -137,7 +137,7 @@ class KvState:
                 raise ValueError(f"row {row} has neither cached nor new tokens; fill every row (prefill) before feeding some")
             self._seqlens_k[row] = end - 1  # a row with nothing new keeps its length
             self._query_seqlens[row] = count
-            total = end if end > total else total
+            total = max(total, end)
         self._total[0] = total
 
 
@@ -187,6 +187,7 @@ class BoundBuffers:
         self._bound: dict[str, int] = {}  # what each name is bound to now: N, or -1 for an array ORT owns
         self._filled: tuple | None = None  # (N, new, last) of the positions in the buffer: decode steps reuse them
         self._small_call: tuple[int, int] | None = None  # (S, N) the small-call views are bound at now
+        self._small_views: tuple[np.ndarray, np.ndarray] | None = None  # their logit positions and logits
 
     def _bound_view(self, name: str, size: int) -> np.ndarray:
         """The leading [B, size(, V or 1)] view of a flat buffer (contiguous at every size, so one buffer serves

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, get_args
+from typing import Iterable, Iterator, Literal, get_args
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -110,7 +110,7 @@ class Generator:
         speculative: bool = True,
         sampling: SamplingParams | None = None,
         stats: GenerationStats | None = None,
-        stop_tokens: set[int] | None = None,
+        stop_tokens: Iterable[int] | None = None,
         proposer: Proposer = "draft",
     ) -> Iterator[list[int]]:
         """The token-level loop: yields the tokens committed at each step.
@@ -119,8 +119,8 @@ class Generator:
         copies tokens from the sequence itself (no draft model runs). draft_length "auto" adapts the number of
         a draft model's proposals per step to measured acceptance and costs (seeded sampling uses a fixed
         SEEDED_DRAFT_LENGTH instead, so that the same seed gives the same tokens); a lookup proposes up to
-        max_draft_length tokens every step. stop_tokens defaults to the artifact's end-of-text
-        token; pass an empty set to ignore it.
+        max_draft_length tokens every step. stop_tokens (any iterable of token ids) defaults to the
+        artifact's end-of-text token; pass an empty set to ignore it.
         """
         defaults = self.manifest.generation
         sampling = sampling or SamplingParams(temperature=defaults.temperature)
@@ -140,7 +140,7 @@ class Generator:
             max_new_tokens or defaults.max_new_tokens,
             policy,
             sampling,
-            self.stop_tokens if stop_tokens is None else set(stop_tokens),  # any iterable of ids
+            self.stop_tokens if stop_tokens is None else set(stop_tokens),
             stats if stats is not None else GenerationStats(),
         )
 
@@ -158,7 +158,7 @@ class Generator:
         prompts: list[str],
         max_new_tokens: int | None = None,
         sampling: SamplingParams | None = None,
-        stop_tokens: set[int] | None = None,
+        stop_tokens: Iterable[int] | None = None,
         speculative: bool = True,
         draft_length: int | Literal["auto"] | None = None,
         proposer: Proposer = "draft",
@@ -174,7 +174,7 @@ class Generator:
         prompt_ids: list[list[int]],
         max_new_tokens: int | None = None,
         sampling: SamplingParams | None = None,
-        stop_tokens: set[int] | None = None,
+        stop_tokens: Iterable[int] | None = None,
         speculative: bool = True,
         draft_length: int | Literal["auto"] | None = None,
         proposer: Proposer = "draft",

@@ -108,7 +108,7 @@ class AdaptiveDraftLength:
     verify touches more experts, so its cost is measured per length, not assumed). Rates and costs are
     measured as generation runs, with decay so they follow the text. A length whose verify cost was never
     measured is assumed as cheap as the nearest measured one below it: it gets tried, then judged by its
-    own cost. k = 0 (main model alone) is a candidate; while it wins, a 1-token probe keeps the acceptance
+    own cost; each measure keeps the figures ordered by length (_keep_ordered). k = 0 (main model alone) is a candidate; while it wins, a 1-token probe keeps the acceptance
     estimate current: after PROBE_EVERY idle steps, then twice as long after each probe that leaves the main
     model alone the better choice (a probe costs the draft's catch-up on every token since its last call),
     back to PROBE_EVERY once a probe makes speculation pay. While speculation wins, every REFRESH_EVERY steps
@@ -154,17 +154,11 @@ class AdaptiveDraftLength:
 
     def _verify_costs(self) -> list[float]:
         """Seconds per verify call over 1 .. max_length + 1 positions: a number of positions never measured
-        costs what the nearest measured one below it does (the fewest measured, if none is below). A call over
-        more positions costs at least what one over fewer does, so each length's figure is capped by every
-        longer one's: a length last timed in a slow moment (a warm-up step, a noisy neighbour) would otherwise
-        look too costly to be chosen again, and its figure would never be corrected (measured on the shipped
-        pair with the INT4 draft: 5 positions stuck at 6.3 ms while 7 cost 3.4, so auto kept k = 2)."""
+        costs what the nearest measured one below it does (the fewest measured, if none is below)."""
         cost, costs = self.verify_cost[min(self.verify_cost)], []
         for positions in range(1, self.max_length + 2):
             cost = self.verify_cost.get(positions, cost)
             costs.append(cost)
-        for index in range(len(costs) - 2, -1, -1):
-            costs[index] = min(costs[index], costs[index + 1])
         return costs
 
     def rates(self) -> list[float]:
@@ -231,6 +225,7 @@ class AdaptiveDraftLength:
                 self.refresh_left = 0  # the main model alone is measured: back to speculation
             return
         self.verify_cost[length + 1] = self._measured(length + 1, self.verify_cost.get(length + 1), verify_seconds, timed)
+        self._keep_ordered(length + 1)
         # After idle steps the draft first reads every token since (a backlog of 1 or 2 is the usual step): not
         # its cost per proposal.
         if draft_backlog <= 2:
@@ -241,6 +236,19 @@ class AdaptiveDraftLength:
             self._probing = False
             still_idle = self._best() == 0
             self.probe_interval = min(2 * self.probe_interval, self.MAX_PROBE_INTERVAL) if still_idle else self.PROBE_EVERY
+
+
+    def _keep_ordered(self, positions: int) -> None:
+        """A verify over more positions costs at least what one over fewer does: the figure just measured
+        lowers every shorter length's above it and raises every longer length's below it. Otherwise a length
+        last timed in a slow moment (a warm-up step, a noisy neighbour) would look too costly to be chosen
+        again and its figure would never be corrected (the shipped pair with the INT4 draft: 5 positions stuck
+        at 6.3 ms while 8 measured 3.4, so auto kept k = 2), and a stale cheap figure would do the same from
+        the other side. The main model alone (1 position) is left to the refresh, which times it settled."""
+        cost = self.verify_cost[positions]
+        for other, figure in self.verify_cost.items():
+            if (1 < other < positions and figure > cost) or (other > positions and figure < cost):
+                self.verify_cost[other] = cost
 
 
 DraftLengthPolicy = FixedDraftLength | AdaptiveDraftLength

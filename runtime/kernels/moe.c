@@ -113,7 +113,7 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
     const float *rows = fc1 + 2 * u * hidden;
     const char *next_rows = (const char *)(rows + ROWS * hidden), *outputs = (const char *)(fc2 + u * hidden);
     for (int64_t d = 0; d < hidden; d += LANES) {
-      if (fetch_ahead) { /* hints: past the last expert's rows they read nothing and do not fault */
+      if (fetch_ahead) { /* hints: past the end of fc1 they cannot fault */
         for (int64_t p = 0; p < LANES * ROWS * (int64_t)sizeof(float); p += 64) __builtin_prefetch(next_rows + d * ROWS * sizeof(float) + p);
         for (int64_t p = 0; p < LANES * ROWS / 2 * (int64_t)sizeof(float); p += 64) __builtin_prefetch(outputs + d * ROWS / 2 * sizeof(float) + p);
       }

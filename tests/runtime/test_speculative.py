@@ -363,13 +363,16 @@ def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
     assert policy.choose() < 4
 
 
-def test_adaptive_draft_length_caps_a_stale_cost_by_a_longer_verifys():
-    """A length timed once in a slow moment is not ruled out for good: a longer verify measured cheaper caps it."""
+def test_adaptive_draft_length_keeps_verify_costs_ordered_by_the_latest_measure():
+    """A length timed once in a slow moment (or a quiet one) is not judged by that figure for good: a verify
+    measured since over more positions, cheaper, lowers it; one over fewer, dearer, raises it."""
     policy = AdaptiveDraftLength(max_length=4)
-    policy.update(0, 0, 0.0, 1.0)  # the main model alone
+    policy.update(0, 0, 0.0, 1.0)  # the main model alone: the refresh's figure, left as measured
     policy.update(2, 2, 0.2, 9.0)  # 3 positions, timed while something else held the cores
-    policy.update(4, 4, 0.4, 1.5)
-    assert policy._verify_costs() == [1.0, 1.0, 1.5, 1.5, 1.5]
+    policy.update(4, 4, 0.4, 0.5)  # 5 positions in a quiet moment
+    assert policy.verify_cost == {1: 1.0, 3: 0.5, 5: 0.5}
+    policy.update(1, 1, 0.1, 2.0)  # 2 positions, now
+    assert policy.verify_cost == {1: 1.0, 2: 2.0, 3: 2.0, 5: 2.0}
 
 
 def test_adaptive_draft_length_ignores_the_drafts_catch_up_in_its_cost():
