@@ -108,9 +108,10 @@ class AdaptiveDraftLength:
     verify touches more experts, so its cost is measured per length, not assumed). Rates and costs are
     measured as generation runs, with decay so they follow the text. A length whose verify cost was never
     measured is assumed as cheap as the nearest measured one below it: it gets tried, then judged by its
-    own cost; each measure keeps the figures ordered by length (_keep_ordered). k = 0 (main model alone) is a candidate; while it wins, a 1-token probe keeps the acceptance
-    estimate current: after PROBE_EVERY idle steps, then twice as long after each probe that leaves the main
-    model alone the better choice (a probe costs the draft's catch-up on every token since its last call),
+    own cost; each timed measure keeps the figures ordered by length (_keep_ordered). k = 0 (main model
+    alone) is a candidate; while it wins, a 1-token probe keeps the acceptance estimate current: after
+    PROBE_EVERY idle steps, then twice as long after each probe that leaves the main model alone the better
+    choice (a probe costs the draft's catch-up on every token since its last call),
     back to PROBE_EVERY once a probe makes speculation pay. While speculation wins, every REFRESH_EVERY steps
     the draft sits out until the main model's cost alone has been timed (at most MAX_REFRESH_STEPS steps),
     so that cost stays measured too: it is what speculation is judged against. It counts only after
@@ -225,7 +226,8 @@ class AdaptiveDraftLength:
                 self.refresh_left = 0  # the main model alone is measured: back to speculation
             return
         self.verify_cost[length + 1] = self._measured(length + 1, self.verify_cost.get(length + 1), verify_seconds, timed)
-        self._keep_ordered(length + 1)
+        if timed:  # a warm-up figure stands in for its own length only
+            self._keep_ordered(length + 1)
         # After idle steps the draft first reads every token since (a backlog of 1 or 2 is the usual step): not
         # its cost per proposal.
         if draft_backlog <= 2:
@@ -236,7 +238,6 @@ class AdaptiveDraftLength:
             self._probing = False
             still_idle = self._best() == 0
             self.probe_interval = min(2 * self.probe_interval, self.MAX_PROBE_INTERVAL) if still_idle else self.PROBE_EVERY
-
 
     def _keep_ordered(self, positions: int) -> None:
         """A verify over more positions costs at least what one over fewer does: the figure just measured

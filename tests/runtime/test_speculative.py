@@ -373,6 +373,8 @@ def test_adaptive_draft_length_keeps_verify_costs_ordered_by_the_latest_measure(
     assert policy.verify_cost == {1: 1.0, 3: 0.5, 5: 0.5}
     policy.update(1, 1, 0.1, 2.0)  # 2 positions, now
     assert policy.verify_cost == {1: 1.0, 2: 2.0, 3: 2.0, 5: 2.0}
+    policy.update(3, 3, 0.3, 9.0, step=0)  # 4 positions in a generation's warm-up: its own stand-in only
+    assert policy.verify_cost == {1: 1.0, 2: 2.0, 3: 2.0, 4: 9.0, 5: 2.0}
 
 
 def test_adaptive_draft_length_ignores_the_drafts_catch_up_in_its_cost():
