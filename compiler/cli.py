@@ -352,6 +352,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
         "main_only_kv_bytes_per_token": kv, "main_only_bandwidth_fraction_with_kv": limit_with_kv,
         "main_only_cost_growth": _cost_growth(main_only),
         "cases": [benchmark.as_json(case) for case in cases],
+        "speculation": [benchmark.as_json(cost) for cost in benchmark.speculation_costs(cases)],
     }
     json_out = Path(args.json_out or Path(args.artifact).parent / f"bench-{name}.json")
     json_out.write_text(json.dumps(report, indent=1))
@@ -377,6 +378,12 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
         if kv:
             with_kv = ", ".join(f"{_size(kv[prompt])} and {fraction:.2f} (prompt {prompt})" for prompt, fraction in limit_with_kv.items())
             out.print(f"counting the KV cache it also reads per token: {with_kv}")
+        for cost in report["speculation"]:
+            out.print(
+                f"{cost['mode']}, prompt {cost['prompt_tokens']}: {cost['speed_up']:.2f}x main-only; a verify call took {cost['verify_cost']:.2f} "
+                f"main-only steps and a proposed token {cost['draft_cost']:.2f}; at {cost['tokens_per_verify']:.2f} tokens per verify, "
+                f"a draft that cost nothing would reach {cost['free_draft_bound']:.2f}x"
+            )
         if growth := report["main_only_cost_growth"]:
             out.print(f"main-only decode time per token at prompt {growth['to']} against {growth['from']}: {growth['growth']:+.1%} (kernels: {', '.join(report['kernels']) or 'ONNX Runtime'})")
         out.print(f"peak RSS {_size(report['peak_rss_bytes'])}; wrote {json_out} and {chart}")

@@ -54,6 +54,8 @@ class CaseResult:
     acceptance_rate: float
     mean_accepted_length: float
     mean_draft_length: float
+    verify_milliseconds: float  # per main-model call (a main-only step, or a verify of a step's proposals)
+    draft_milliseconds: float  # per proposed token (0 without proposals)
     draft_lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed (a lookup's found, a draft's chosen) -> steps
 
 
@@ -119,8 +121,48 @@ def _summary(case: Case, records: list[GenerationStats], new_tokens: int, runs: 
         acceptance_rate=accepted / proposed if proposed else 0.0,
         mean_accepted_length=sum(s.new_tokens for s in records) / calls if calls else 0.0,
         mean_draft_length=sum(lengths) / len(lengths) if lengths else 0.0,
+        verify_milliseconds=1000 * sum(s.verify_seconds for s in records) / calls if calls else 0.0,
+        draft_milliseconds=1000 * sum(s.draft_seconds for s in records) / proposed if proposed else 0.0,
         draft_lengths={k: lengths.count(k) for k in sorted(set(lengths))} if case.mode.speculative else {},
     )
+
+
+@dataclass(frozen=True)
+class SpeculationCost:
+    """A speculative case's step costs against main-only decoding of the same prompt, in main-only steps (one
+    main-model call each), and the most any draft could gain at its measured tokens per verify. Counting the
+    model calls only, speed-up = tokens per verify / (verify cost + proposals * draft cost), so a draft that
+    cost nothing reaches tokens per verify / verify cost. On an MoE a verify of k + 1 positions reads the
+    experts of every position's routes, so this bound, not the draft, can be what keeps speculation short of
+    a goal."""
+
+    mode: str
+    prompt_tokens: int
+    speed_up: float  # decode tokens/s over main-only's (medians)
+    verify_cost: float  # a verify call's time, in main-only steps
+    draft_cost: float  # a proposed token's time, in main-only steps
+    tokens_per_verify: float
+    free_draft_bound: float
+
+
+def speculation_costs(cases: list[CaseResult]) -> list[SpeculationCost]:
+    """SpeculationCost of each single-sequence case with proposals, against main-only at the same prompt length."""
+    main_only = {case.prompt_tokens: case for case in cases if case.mode == "main only"}
+    costs = []
+    for case in cases:
+        main = main_only.get(case.prompt_tokens)
+        if main is None or case is main or case.batch_size != 1 or not case.mean_draft_length or not main.verify_milliseconds:
+            continue
+        verify_cost = case.verify_milliseconds / main.verify_milliseconds
+        costs.append(
+            SpeculationCost(
+                mode=case.mode, prompt_tokens=case.prompt_tokens,
+                speed_up=case.decode_tokens_per_second.median / main.decode_tokens_per_second.median,
+                verify_cost=verify_cost, draft_cost=case.draft_milliseconds / main.verify_milliseconds,
+                tokens_per_verify=case.mean_accepted_length, free_draft_bound=case.mean_accepted_length / verify_cost,
+            )
+        )
+    return costs
 
 
 def peak_rss_bytes() -> int:
@@ -198,5 +240,5 @@ def wait_until_idle(window: float = 0.02, busy_share: float = 0.1, timeout: floa
     return False
 
 
-def as_json(result: CaseResult) -> dict:
+def as_json(result: CaseResult | SpeculationCost) -> dict:
     return asdict(result)

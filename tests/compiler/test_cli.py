@@ -79,6 +79,13 @@ def test_bench_writes_table_json_and_chart(tiny_artifact, tmp_path):
         if not case["mode"].startswith(("speculative auto", "prompt lookup")):  # auto may settle on the main model alone, a lookup find nothing
             assert (case["mean_draft_length"] == 0) == case["mode"].startswith("main only")
     assert report["peak_rss_bytes"] > 50 * 2**20
+    for case in report["cases"]:  # every case calls the main model; only proposals take draft time
+        assert case["verify_milliseconds"] > 0 and (case["draft_milliseconds"] > 0) == (case["mean_draft_length"] > 0)
+    costs = {(cost["mode"], cost["prompt_tokens"]): cost for cost in report["speculation"]}
+    assert {"speculative k=4"} <= {mode for mode, _ in costs} <= set(single[1:])  # batch 1 against main only
+    for (mode, prompt), cost in costs.items():
+        case = next(case for case in report["cases"] if (case["mode"], case["prompt_tokens"]) == (mode, prompt))
+        assert cost["tokens_per_verify"] == case["mean_accepted_length"] and cost["free_draft_bound"] == pytest.approx(cost["tokens_per_verify"] / cost["verify_cost"])
     entry = read_manifest(tiny_artifact).models["main"]
     per_position = entry.num_layers * 2 * entry.num_kv_heads * entry.head_dim * 4  # fp32 keys and values
     assert report["main_only_kv_bytes_per_token"] == {"16": int(per_position * (16 + 5.5)), "40": int(per_position * (40 + 5.5))}

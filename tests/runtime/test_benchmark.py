@@ -1,4 +1,5 @@
-"""What `moecc bench` measures against: the weight and KV cache bytes a decode step reads, and the machine's read bandwidth."""
+"""What `moecc bench` measures against: the weight and KV cache bytes a decode step reads, the machine's read
+bandwidth, and what speculation's steps cost against main-only ones."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import numpy as np
 from compiler.architectures import expected_tensors
 from compiler.checkpoint import Checkpoint
 from runtime.artifact import ModelEntry
-from runtime.benchmark import active_weight_bytes, kv_bytes_per_token, read_bandwidth, wait_until_idle
+import pytest
+
+from runtime.benchmark import CaseResult, Spread, active_weight_bytes, kv_bytes_per_token, read_bandwidth, speculation_costs, wait_until_idle
 
 
 def test_active_weight_bytes_count_top_k_experts_and_no_tables(tiny_pair, tiny_artifact):
@@ -37,6 +40,29 @@ def test_kv_bytes_follow_the_cache_precision():
     full = kv_bytes_per_token(entry, 128, 65)
     assert full == 4 * 2 * 2 * 64 * 4 * (128 + 32)  # layers, keys and values, KV heads, head size, fp32 bytes, mean context
     assert kv_bytes_per_token(entry.model_copy(update={"kv_cache": "int8"}), 128, 65) * 4 == full
+
+
+def _case(mode: str, tokens_per_second: float, verify_ms: float, draft_ms: float = 0.0, tokens_per_verify: float = 1.0, mean_k: float = 0.0,
+          batch: int = 1, prompt: int = 128) -> CaseResult:
+    speed = Spread(tokens_per_second, tokens_per_second, tokens_per_second)
+    return CaseResult(mode=mode, prompt_tokens=prompt, new_tokens=64, batch_size=batch, runs=1, prefill_tokens_per_second=speed,
+                      decode_tokens_per_second=speed, milliseconds_per_token=Spread(1, 1, 1), acceptance_rate=0.8,
+                      mean_accepted_length=tokens_per_verify, mean_draft_length=mean_k, verify_milliseconds=verify_ms, draft_milliseconds=draft_ms)
+
+
+def test_speculation_costs_are_in_main_only_steps_with_the_free_draft_bound():
+    cases = [
+        _case("main only", 1000, verify_ms=0.8), _case("speculative k=4", 1250, verify_ms=2.0, draft_ms=0.2, tokens_per_verify=4.0, mean_k=4),
+        _case("prompt lookup", 1100, verify_ms=1.0, tokens_per_verify=2.0, mean_k=1.5), _case("speculative auto", 1000, verify_ms=0.8),  # settled on the main model alone
+        _case("speculative k=4, batch 3", 2000, verify_ms=3.0, draft_ms=0.3, tokens_per_verify=4.0, mean_k=4, batch=3),  # no batch-1 pair
+        _case("speculative k=4", 900, verify_ms=2.0, draft_ms=0.2, tokens_per_verify=4.0, mean_k=4, prompt=512),  # no main-only at 512
+    ]
+    costs = speculation_costs(cases)
+    assert [(cost.mode, cost.prompt_tokens) for cost in costs] == [("speculative k=4", 128), ("prompt lookup", 128)]
+    draft, lookup = costs
+    assert draft.speed_up == pytest.approx(1.25) and draft.verify_cost == pytest.approx(2.5) and draft.draft_cost == pytest.approx(0.25)
+    assert draft.tokens_per_verify == 4.0 and draft.free_draft_bound == pytest.approx(1.6)  # 4 tokens for 2.5 steps
+    assert lookup.draft_cost == 0 and lookup.free_draft_bound == pytest.approx(1.6)
 
 
 def _spinning_thread(seconds: float) -> tuple[threading.Thread, float]:
