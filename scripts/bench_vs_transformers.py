@@ -7,8 +7,10 @@ against its assisted generation with the same draft, and our prompt lookup again
     .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/bench-moe.yaml --artifact artifacts/bench-moe \
         --prompts 4 --new-tokens 64 --heldout-tokens 0 --draft-lengths 4 auto
 
-Prints one table and writes JSON. Decode figures are tokens/s over held-out prompts with the
-end-of-text token ignored, so every run produces the same number of tokens. Ratios are what matter on
+Prints one table and writes JSON. Figures are tokens/s over held-out prompts with the end-of-text token
+ignored, so every run produces the same number of tokens: end to end (the prompt's reading included), and
+decode (the tokens after each generation's first step, over the time after it; the first step reads the
+prompt). Ratios are what matter on
 a shared machine: both sides run in this process on the same threads, in alternating rounds after a
 warm-up round, each side starting once the other's threads have gone idle, and each ratio is the median
 of the rounds' own ratios.
@@ -28,6 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM
+from transformers.generation.streamers import BaseStreamer
 
 import runtime
 from compiler import corpus
@@ -44,40 +47,64 @@ def _start_idle() -> None:
         print("warning: threads still running after 2 s; this side's figures may read low", file=sys.stderr)
 
 
+class FirstStepClock(BaseStreamer):
+    """When generate's first step ended and how many tokens it gave: its first put() is the prompt."""
+
+    def __init__(self):
+        self.puts, self.tokens, self.at = 0, 0, 0.0
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.tokens, self.at = value.numel(), time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
 def ours(generator, prompts, new_tokens, sampling=None, **options):
-    """Aggregate stats over prompts: total tokens / total seconds, acceptance over all proposals."""
+    """Aggregate stats over prompts (total tokens / total seconds, acceptance over all proposals), the decode
+    tokens/s (after each first step) and the outputs."""
     total = GenerationStats()
     outputs = []
+    decode_tokens = decode_seconds = 0.0
     _start_idle()  # PyTorch's threads spin a while after its last call
     for ids in prompts:
         stats = GenerationStats()
-        steps = generator.stream_ids(ids, max_new_tokens=new_tokens, stats=stats, stop_tokens=set(), sampling=sampling, **options)
+        steps = list(generator.stream_ids(ids, max_new_tokens=new_tokens, stats=stats, stop_tokens=set(), sampling=sampling, **options))
         outputs.append([t for step in steps for t in step])
+        decode_tokens += stats.new_tokens - len(steps[0])
+        decode_seconds += stats.seconds - stats.first_token_seconds
         for field in ("new_tokens", "seconds", "draft_seconds", "verify_seconds", "verify_calls", "proposed", "accepted"):
             setattr(total, field, getattr(total, field) + getattr(stats, field))
         total.draft_lengths.extend(stats.draft_lengths)
-    return total, outputs
+    return total, decode_tokens / decode_seconds, outputs
 
 
 def theirs(model, prompts, new_tokens, assistant=None, lookup_tokens=None):
-    """transformers' generate: alone, assisted by a draft model, or with its prompt lookup (lookup_tokens proposals)."""
+    """transformers' generate: alone, assisted by a draft model, or with its prompt lookup (lookup_tokens
+    proposals); tokens/s end to end and after each first step, and the outputs."""
     lookup = {"prompt_lookup_num_tokens": lookup_tokens, "max_matching_ngram_size": MAX_NGRAM} if lookup_tokens else {}
-    tokens = seconds = 0.0
+    tokens = seconds = decode_tokens = decode_seconds = 0.0
     outputs = []
     _start_idle()
     for ids in prompts:
         inputs = torch.tensor([ids])
+        clock = FirstStepClock()
         started = time.perf_counter()
         with torch.no_grad():
             result = model.generate(
                 inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                assistant_model=assistant, pad_token_id=0, **lookup,
+                assistant_model=assistant, pad_token_id=0, streamer=clock, **lookup,
             )
-        seconds += time.perf_counter() - started
+        finished = time.perf_counter()
         generated = result[0, len(ids) :].tolist()
         tokens += len(generated)
+        seconds += finished - started
+        decode_tokens += len(generated) - clock.tokens
+        decode_seconds += finished - clock.at
         outputs.append(generated)
-    return tokens / seconds, outputs
+    return tokens / seconds, decode_tokens / decode_seconds, outputs
 
 
 def main() -> None:
@@ -123,11 +150,11 @@ def main() -> None:
     rounds: dict[str, list[float]] = {}  # measure -> tokens/s per counted round
     for round_index in range(args.rounds + 1):  # round 0 warms both sides up
         measured = {}
-        main_only, reference = ours(generator, prompts, args.new_tokens, speculative=False)
+        main_only, measured["ours main only, decode"], reference = ours(generator, prompts, args.new_tokens, speculative=False)
         measured["ours main only"] = main_only.tokens_per_second
-        measured["transformers generate"], hf_outputs = theirs(main_model, prompts, args.new_tokens)
+        measured["transformers generate"], measured["transformers generate, decode"], hf_outputs = theirs(main_model, prompts, args.new_tokens)
         for k in lengths:
-            spec, outputs = ours(generator, prompts, args.new_tokens, draft_length=k)
+            spec, measured[f"ours speculative {k}, decode"], outputs = ours(generator, prompts, args.new_tokens, draft_length=k)
             assert outputs == reference, f"speculative greedy diverged from main-only greedy at draft length {k}"
             measured[f"ours speculative {k}"] = spec.tokens_per_second
             spec_stats = results.setdefault("speculative", {}).setdefault(k, {"acceptance": [], "accepted_length": [], "draft_share": []})
@@ -135,11 +162,13 @@ def main() -> None:
                 spec_stats["acceptance"].append(spec.acceptance_rate)
                 spec_stats["accepted_length"].append(spec.mean_accepted_length)
                 spec_stats["draft_share"].append(spec.draft_seconds / spec.seconds)
-        measured["transformers assisted"], _ = theirs(main_model, prompts, args.new_tokens, assistant=draft_model)
-        lookup, outputs = ours(generator, prompts, args.new_tokens, proposer="prompt-lookup", draft_length=lookup_tokens)
+        measured["transformers assisted"], measured["transformers assisted, decode"], _ = theirs(main_model, prompts, args.new_tokens, assistant=draft_model)
+        lookup, measured["ours prompt lookup, decode"], outputs = ours(generator, prompts, args.new_tokens, proposer="prompt-lookup", draft_length=lookup_tokens)
         assert outputs == reference, "prompt lookup diverged from main-only greedy"
         measured["ours prompt lookup"] = lookup.tokens_per_second
-        measured["transformers prompt lookup"], _ = theirs(main_model, prompts, args.new_tokens, lookup_tokens=lookup_tokens)
+        measured["transformers prompt lookup"], measured["transformers prompt lookup, decode"], _ = theirs(
+            main_model, prompts, args.new_tokens, lookup_tokens=lookup_tokens
+        )
         if round_index:
             lookup_stats = results.setdefault("prompt_lookup", {"acceptance": [], "accepted_length": []})
             lookup_stats["acceptance"].append(lookup.acceptance_rate)
@@ -155,7 +184,7 @@ def main() -> None:
         default_k = lengths[0]
     for k in lengths:
         collected = results["speculative"][k]
-        sampled, _ = ours(generator, prompts, args.new_tokens, draft_length=k, sampling=runtime.SamplingParams(temperature=0.8, seed=0))
+        sampled, _, _ = ours(generator, prompts, args.new_tokens, draft_length=k, sampling=runtime.SamplingParams(temperature=0.8, seed=0))
         results["speculative"][k] = {
             "tokens_per_second": round(statistics.median(rounds[f"ours speculative {k}"]), 1),
             "speedup_vs_main_only": paired(f"ours speculative {k}", "ours main only"),
@@ -174,6 +203,7 @@ def main() -> None:
         "transformers_tokens_per_second": round(statistics.median(rounds["transformers prompt lookup"]), 1),
         "transformers_speedup_vs_generate": paired("transformers prompt lookup", "transformers generate"),
         "ratio_vs_transformers_prompt_lookup": paired("ours prompt lookup", "transformers prompt lookup"),
+        "ratio_decode_vs_transformers_prompt_lookup": paired("ours prompt lookup, decode", "transformers prompt lookup, decode"),
     }
     agreement = statistics.mean(float(np.mean(np.array(a) == np.array(b))) for a, b in zip(hf_outputs, reference))
     best = results["speculative"][default_k]
@@ -182,8 +212,12 @@ def main() -> None:
         "ours_main_only_tps": round(statistics.median(rounds["ours main only"]), 1),
         "transformers_main_only_tps": round(statistics.median(rounds["transformers generate"]), 1),
         "transformers_assisted_tps": round(statistics.median(rounds["transformers assisted"]), 1),
+        "ours_main_only_decode_tps": round(statistics.median(rounds["ours main only, decode"]), 1),
+        "transformers_main_only_decode_tps": round(statistics.median(rounds["transformers generate, decode"]), 1),
         "ratio_main_only_vs_transformers": paired("ours main only", "transformers generate"),
+        "ratio_main_only_decode_vs_transformers": paired("ours main only, decode", "transformers generate, decode"),
         "ratio_speculative_vs_transformers_assisted": paired(f"ours speculative {default_k}", "transformers assisted"),
+        "ratio_speculative_decode_vs_transformers_assisted": paired(f"ours speculative {default_k}, decode", "transformers assisted, decode"),
         "greedy_token_agreement_with_transformers": round(agreement, 4),
         "tokens_per_second_by_round": {name: [round(v, 1) for v in values] for name, values in rounds.items()},
     }
@@ -194,11 +228,12 @@ def main() -> None:
     table.add_column("value", justify="right")
     rows = [("held-out perplexity main / draft", f"{results['perplexity']['main']} / {results['perplexity']['draft']}")] if heldout else []
     rows += [
-        ("ours main-only tokens/s", results["ours_main_only_tps"]),
-        ("transformers generate tokens/s", results["transformers_main_only_tps"]),
-        ("ratio main-only ours / transformers", results["ratio_main_only_vs_transformers"]),
+        ("ours main-only tokens/s, end to end / decode", f"{results['ours_main_only_tps']} / {results['ours_main_only_decode_tps']}"),
+        ("transformers generate tokens/s, end to end / decode", f"{results['transformers_main_only_tps']} / {results['transformers_main_only_decode_tps']}"),
+        ("ratio main-only ours / transformers, end to end / decode", f"{results['ratio_main_only_vs_transformers']} / {results['ratio_main_only_decode_vs_transformers']}"),
         ("transformers assisted tokens/s", results["transformers_assisted_tps"]),
-        (f"ratio speculative (k={default_k}) ours / transformers assisted", results["ratio_speculative_vs_transformers_assisted"]),
+        (f"ratio speculative (k={default_k}) ours / transformers assisted, end to end / decode",
+         f"{results['ratio_speculative_vs_transformers_assisted']} / {results['ratio_speculative_decode_vs_transformers_assisted']}"),
         ("greedy token agreement with transformers", results["greedy_token_agreement_with_transformers"]),
     ]
     for k, row in results["speculative"].items():
@@ -212,7 +247,8 @@ def main() -> None:
          f"{lookup['tokens_per_second']}, {lookup['speedup_vs_main_only']}x, {lookup['acceptance_greedy']}, {lookup['mean_accepted_length']}"),
         (f"transformers prompt lookup ({lookup_tokens} tokens): tokens/s, speed-up over its generate",
          f"{lookup['transformers_tokens_per_second']}, {lookup['transformers_speedup_vs_generate']}x"),
-        ("ratio prompt lookup ours / transformers", lookup["ratio_vs_transformers_prompt_lookup"]),
+        ("ratio prompt lookup ours / transformers, end to end / decode",
+         f"{lookup['ratio_vs_transformers_prompt_lookup']} / {lookup['ratio_decode_vs_transformers_prompt_lookup']}"),
     ]
     for name, value in rows:
         table.add_row(name, str(value))
