@@ -381,7 +381,7 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
         for cost in report["speculation"]:
             out.print(
                 f"{cost['mode']}, prompt {cost['prompt_tokens']}: {cost['speed_up']:.2f}x main-only; a verify call took {cost['verify_cost']:.2f} "
-                f"main-only steps and a proposed token {cost['draft_cost']:.2f}; at {cost['tokens_per_verify']:.2f} tokens per verify, "
+                f"main-only steps and the draft {cost['draft_cost']:.2f} per proposed token (catching up included); at {cost['tokens_per_verify']:.2f} tokens per verify, "
                 f"a draft that cost nothing would reach {cost['free_draft_bound']:.2f}x"
             )
         if growth := report["main_only_cost_growth"]:

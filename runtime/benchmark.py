@@ -55,7 +55,7 @@ class CaseResult:
     mean_accepted_length: float
     mean_draft_length: float
     verify_milliseconds: float  # per main-model call (a main-only step, or a verify of a step's proposals)
-    draft_milliseconds: float  # per proposed token (0 without proposals)
+    draft_milliseconds: float  # the draft's time per proposed token, catching up included (0 without proposals)
     draft_lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed (a lookup's found, a draft's chosen) -> steps
 
 
@@ -140,7 +140,7 @@ class SpeculationCost:
     prompt_tokens: int
     speed_up: float  # decode tokens/s over main-only's (medians)
     verify_cost: float  # a verify call's time, in main-only steps
-    draft_cost: float  # a proposed token's time, in main-only steps
+    draft_cost: float  # the draft's time per proposed token (reading the tokens it lacked included), in main-only steps
     tokens_per_verify: float
     free_draft_bound: float
 

@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--lookup-tokens", type=int, default=None, help="tokens a prompt lookup proposes per step, both sides (default: the artifact's max_draft_length)")
     parser.add_argument("--json-out", type=Path, default=None, help="default: artifacts/bench-NAME-vs-transformers.json")
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2: decode figures count the tokens after each first step")
     torch.set_num_threads(args.threads)
     console = Console(width=160)
 
