@@ -379,15 +379,20 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
             with_kv = ", ".join(f"{_size(kv[prompt])} and {fraction:.2f} (prompt {prompt})" for prompt, fraction in limit_with_kv.items())
             out.print(f"counting the KV cache it also reads per token: {with_kv}")
         for cost in report["speculation"]:
-            out.print(
-                f"{cost['mode']}, prompt {cost['prompt_tokens']}: {cost['speed_up']:.2f}x main-only; a verify call took {cost['verify_cost']:.2f} "
-                f"main-only steps and the draft {cost['draft_cost']:.2f} per proposed token (catching up included); at {cost['tokens_per_verify']:.2f} tokens per verify, "
-                f"a draft that cost nothing would reach {cost['free_draft_bound']:.2f}x"
-            )
+            out.print(speculation_line(cost))
         if growth := report["main_only_cost_growth"]:
             out.print(f"main-only decode time per token at prompt {growth['to']} against {growth['from']}: {growth['growth']:+.1%} (kernels: {', '.join(report['kernels']) or 'ONNX Runtime'})")
         out.print(f"peak RSS {_size(report['peak_rss_bytes'])}; wrote {json_out} and {chart}")
     return report
+
+
+def speculation_line(cost: dict[str, Any]) -> str:
+    """One speculative case's costs (benchmark.SpeculationCost, as JSON) in words."""
+    return (
+        f"{cost['mode']}, prompt {cost['prompt_tokens']}: {cost['speed_up']:.2f}x main-only; a verify call took {cost['verify_cost']:.2f} main-only "
+        f"calls, and proposing {cost['draft_cost']:.2f} per proposal (catching up included); at {cost['tokens_per_verify']:.2f} tokens per verify, "
+        f"proposals that cost nothing would reach {cost['free_draft_bound']:.2f}x"
+    )
 
 
 def _cost_growth(main_only: list) -> dict[str, Any] | None:

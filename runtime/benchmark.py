@@ -129,8 +129,8 @@ def _summary(case: Case, records: list[GenerationStats], new_tokens: int, runs: 
 
 @dataclass(frozen=True)
 class SpeculationCost:
-    """A speculative case's step costs against main-only decoding of the same prompt, in main-only steps (one
-    main-model call each), and the most any draft could gain at its measured tokens per verify. Counting the
+    """A speculative case's step costs against main-only decoding of the same prompt, in main-only calls (one
+    per main-only step), and the most any draft could gain at its measured tokens per verify. Counting the
     model calls only, speed-up = tokens per verify / (verify cost + proposals * draft cost), so a draft that
     cost nothing reaches tokens per verify / verify cost. On an MoE a verify of k + 1 positions reads the
     experts of every position's routes, so this bound, not the draft, can be what keeps speculation short of
@@ -139,8 +139,8 @@ class SpeculationCost:
     mode: str
     prompt_tokens: int
     speed_up: float  # decode tokens/s over main-only's (medians)
-    verify_cost: float  # a verify call's time, in main-only steps
-    draft_cost: float  # the draft's time per proposed token (reading the tokens it lacked included), in main-only steps
+    verify_cost: float  # a verify call's time, in main-only calls (one per main-only step)
+    draft_cost: float  # the time per proposal (a draft's reading of the tokens it lacked included), in main-only calls
     tokens_per_verify: float
     free_draft_bound: float
 
@@ -151,7 +151,7 @@ def speculation_costs(cases: list[CaseResult]) -> list[SpeculationCost]:
     costs = []
     for case in cases:
         main = main_only.get(case.prompt_tokens)
-        if main is None or case is main or case.batch_size != 1 or not case.mean_draft_length or not main.verify_milliseconds:
+        if main is None or case.batch_size != 1 or not case.mean_draft_length or not main.verify_milliseconds:  # main-only proposes nothing
             continue
         verify_cost = case.verify_milliseconds / main.verify_milliseconds
         costs.append(

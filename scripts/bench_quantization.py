@@ -78,8 +78,8 @@ def main() -> None:
             heldout = heldout[: args.heldout_tokens]
             prompts = [generator.encode(text) for text in corpus.heldout_prompts(args.prompts)]
         nll, top1 = scores(generator.main, heldout)
-        main_only, greedy = ours(generator, prompts, args.new_tokens, speculative=False)
-        speculative, outputs = ours(generator, prompts, args.new_tokens, draft_length=4)
+        main_only, _, greedy = ours(generator, prompts, args.new_tokens, speculative=False)
+        speculative, _, outputs = ours(generator, prompts, args.new_tokens, draft_length=4)
         assert outputs == greedy, f"{label}: speculative greedy diverged from the same artifact's main-only greedy"
         row = {
             "variant": label,

@@ -62,23 +62,38 @@ class FirstStepClock(BaseStreamer):
         pass
 
 
+def decode_rate(tokens: float, seconds: float) -> float:
+    if not tokens:
+        raise SystemExit("every generation ended in its first step, so there is no decode figure: raise --new-tokens")
+    return tokens / seconds
+
+
 def ours(generator, prompts, new_tokens, sampling=None, **options):
     """Aggregate stats over prompts (total tokens / total seconds, acceptance over all proposals), the decode
-    tokens/s (after each first step) and the outputs."""
+    tokens/s (after each first step) and the outputs. Timed here, from the call to the stream's end, as
+    theirs() times generate."""
     total = GenerationStats()
     outputs = []
     decode_tokens = decode_seconds = 0.0
     _start_idle()  # PyTorch's threads spin a while after its last call
     for ids in prompts:
         stats = GenerationStats()
-        steps = list(generator.stream_ids(ids, max_new_tokens=new_tokens, stats=stats, stop_tokens=set(), sampling=sampling, **options))
-        outputs.append([t for step in steps for t in step])
-        decode_tokens += stats.new_tokens - len(steps[0])
-        decode_seconds += stats.seconds - stats.first_token_seconds
-        for field in ("new_tokens", "seconds", "draft_seconds", "verify_seconds", "verify_calls", "proposed", "accepted"):
+        generated: list[int] = []
+        started = time.perf_counter()
+        first_step, first_tokens = started, 0
+        for step in generator.stream_ids(ids, max_new_tokens=new_tokens, stats=stats, stop_tokens=set(), sampling=sampling, **options):
+            if not generated:
+                first_step, first_tokens = time.perf_counter(), len(step)
+            generated.extend(step)
+        finished = time.perf_counter()
+        outputs.append(generated)
+        total.seconds += finished - started
+        decode_tokens += len(generated) - first_tokens
+        decode_seconds += finished - first_step
+        for field in ("new_tokens", "draft_seconds", "verify_seconds", "verify_calls", "proposed", "accepted"):
             setattr(total, field, getattr(total, field) + getattr(stats, field))
         total.draft_lengths.extend(stats.draft_lengths)
-    return total, decode_tokens / decode_seconds, outputs
+    return total, decode_rate(decode_tokens, decode_seconds), outputs
 
 
 def theirs(model, prompts, new_tokens, assistant=None, lookup_tokens=None):
@@ -104,7 +119,7 @@ def theirs(model, prompts, new_tokens, assistant=None, lookup_tokens=None):
         decode_tokens += len(generated) - clock.tokens
         decode_seconds += finished - clock.at
         outputs.append(generated)
-    return tokens / seconds, decode_tokens / decode_seconds, outputs
+    return tokens / seconds, decode_rate(decode_tokens, decode_seconds), outputs
 
 
 def main() -> None:
@@ -120,8 +135,6 @@ def main() -> None:
     parser.add_argument("--lookup-tokens", type=int, default=None, help="tokens a prompt lookup proposes per step, both sides (default: the artifact's max_draft_length)")
     parser.add_argument("--json-out", type=Path, default=None, help="default: artifacts/bench-NAME-vs-transformers.json")
     args = parser.parse_args()
-    if args.new_tokens < 2:
-        parser.error("--new-tokens must be at least 2: decode figures count the tokens after each first step")
     torch.set_num_threads(args.threads)
     console = Console(width=160)
 

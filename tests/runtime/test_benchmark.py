@@ -7,13 +7,14 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from compiler.architectures import expected_tensors
 from compiler.checkpoint import Checkpoint
+from compiler.cli import speculation_line
 from runtime.artifact import ModelEntry
-import pytest
-
-from runtime.benchmark import CaseResult, Spread, active_weight_bytes, kv_bytes_per_token, read_bandwidth, speculation_costs, wait_until_idle
+from runtime.benchmark import Case, CaseResult, Mode, Spread, _summary, active_weight_bytes, as_json, kv_bytes_per_token, read_bandwidth, speculation_costs, wait_until_idle
+from runtime.speculative import GenerationStats
 
 
 def test_active_weight_bytes_count_top_k_experts_and_no_tables(tiny_pair, tiny_artifact):
@@ -63,6 +64,27 @@ def test_speculation_costs_are_in_main_only_steps_with_the_free_draft_bound():
     assert draft.speed_up == pytest.approx(1.25) and draft.verify_cost == pytest.approx(2.5) and draft.draft_cost == pytest.approx(0.25)
     assert draft.tokens_per_verify == 4.0 and draft.free_draft_bound == pytest.approx(1.6)  # 4 tokens for 2.5 steps
     assert lookup.draft_cost == 0 and lookup.free_draft_bound == pytest.approx(1.6)
+
+
+def test_case_summary_times_each_main_call_and_each_proposal():
+    runs = [
+        GenerationStats(new_tokens=12, seconds=0.02, verify_seconds=0.010, verify_calls=4, draft_seconds=0.004, proposed=10, accepted=8, draft_lengths=[4, 4, 2, 0]),
+        GenerationStats(new_tokens=12, seconds=0.02, verify_seconds=0.014, verify_calls=6, draft_seconds=0.002, proposed=6, accepted=4, draft_lengths=[2, 2, 2, 0, 0, 0]),
+    ]
+    result = _summary(Case(Mode("speculative auto", True, "auto"), ((1, 2, 3),)), runs, new_tokens=12, runs=2)
+    assert result.verify_milliseconds == pytest.approx(2.4)  # 24 ms over 10 calls
+    assert result.draft_milliseconds == pytest.approx(0.375)  # 6 ms over 16 proposals
+    assert result.mean_accepted_length == pytest.approx(2.4) and result.acceptance_rate == pytest.approx(0.75)
+    alone = _summary(Case(Mode("main only", False), ((1, 2, 3),)), [GenerationStats(new_tokens=5, seconds=0.01, verify_seconds=0.004, verify_calls=5)], 5, 1)
+    assert alone.verify_milliseconds == pytest.approx(0.8) and alone.draft_milliseconds == 0
+
+
+def test_speculation_line_says_what_the_costs_mean():
+    cost = speculation_costs([_case("main only", 1000, verify_ms=0.8), _case("speculative k=4", 1250, verify_ms=2.0, draft_ms=0.2, tokens_per_verify=4.0, mean_k=4)])[0]
+    assert speculation_line(as_json(cost)) == (
+        "speculative k=4, prompt 128: 1.25x main-only; a verify call took 2.50 main-only calls, and proposing 0.25 per proposal (catching up "
+        "included); at 4.00 tokens per verify, proposals that cost nothing would reach 1.60x"
+    )
 
 
 def _spinning_thread(seconds: float) -> tuple[threading.Thread, float]:
