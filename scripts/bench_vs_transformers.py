@@ -10,10 +10,9 @@ against its assisted generation with the same draft, and our prompt lookup again
 Prints one table and writes JSON. Figures are tokens/s over held-out prompts with the end-of-text token
 ignored, so every run produces the same number of tokens: end to end (the prompt's reading included), and
 decode (the tokens after each generation's first step, over the time after it; the first step reads the
-prompt). Ratios are what matter on
-a shared machine: both sides run in this process on the same threads, in alternating rounds after a
-warm-up round, each side starting once the other's threads have gone idle, and each ratio is the median
-of the rounds' own ratios.
+prompt). Ratios are what matter on a shared machine: both sides run in this process on the same threads,
+in alternating rounds after a warm-up round, each side starting once the other's threads have gone idle,
+and each ratio is the median of the rounds' own ratios.
 """
 
 from __future__ import annotations
