@@ -19,33 +19,55 @@ unit's output weights are one row:
            g = min(gate, limit) and l = clamp(linear, -limit, limit)
 
 A token's experts are the k largest of the softmax of its logits (ties to the higher expert, as ONNX
-Runtime's); a route whose weight is zero is skipped. */
+Runtime's); a route whose weight is zero is skipped.
+
+moecc.QMoE does the same for the INT4 and INT8 experts of com.microsoft QMoE, with float products on the
+weights' levels times their scales (the node's own numbers, so the main model stays what it was quantized
+to). Its weights come one level per byte, fc2's transposed with its scales (runtime/kernels/moe.py unpacks
+and transposes them in ops that ONNX Runtime folds into constants when the session loads):
+
+  inputs   0, 1 as moecc.MoE   2 fc1 levels [E, 2I, H] uint8   3 fc1 scales [E, 2I, H / B1]: per block of B1
+           inputs   4 fc2 levels, transposed: [E, I, H] uint8   5 fc2 scales, transposed: [E, I / B2, H], per
+           block of B2 units, a multiple of 16
+  attrs    those of moecc.MoE, and expert_weight_bits: 4 (levels stored with an offset of 8) or 8 (of 128)
+
+A weight is (level - offset) * its block's scale. */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "ops.h"
 
 enum { INPUT, ROUTER, FC1, FC2, INPUT_COUNT };
+enum { FC1_LEVELS = 2, FC1_SCALES, FC2_LEVELS, FC2_SCALES, QUANTIZED_INPUT_COUNT }; /* moecc.QMoE's */
 /* Units one pass reads (their fc1 and fc2 rows, 16 * 3 * H floats: 192 KiB at H = 1024, so that the passes
    of a long prompt's token groups reread them from the core's cache), and tokens per group. */
 enum { UNITS = 16, MAX_TOKENS = 4, HIDDEN_PER_SUM = 256 };
 /* Work items a call aims for: a decode or verify step's few chosen experts are cut into this many pieces
    between them (each with its own partial sums), a prompt's many experts go whole. Tokens per chunk. */
 enum { TARGET_ITEMS = 32, CHUNK = 512 };
+/* moecc.QMoE: routes of one expert beyond which a pass's weights are turned into floats once for all of them. */
+enum { DEQUANTIZE_ROUTES = 2 * MAX_TOKENS };
 
 typedef struct {
   int64_t k;
   int normalize, limited;
   float alpha, beta, limit;
+  float offset; /* moecc.QMoE: the levels' offset (8 or 128); 0 for moecc.MoE's float weights */
 } Kernel;
 
 /* One call: the routes grouped by expert, and the buffers the two phases share. */
 typedef struct {
   int64_t tokens, hidden, inter, k, units_per_item, items_per_expert; /* the last item of an expert may have fewer units */
-  const float *x, *fc1, *fc2;
+  const float *x, *fc1, *fc2; /* moecc.QMoE: fc1 and fc2 are the scales, of blocks block1 and block2 */
+  const uint8_t *fc1_levels, *fc2_levels; /* moecc.QMoE's, else NULL */
+  int64_t block1, block2;
   float *out;
   const Kernel *kernel;
   int64_t active_count, *active; /* the experts some token chose, in order */
@@ -78,6 +100,20 @@ static inline vector load(const float *x) {
 }
 
 static inline void store(float *x, vector v) { memcpy(x, &v, sizeof v); }
+
+/* LANES levels (bytes) as floats. By intrinsics where the machine has them: GCC (12) turns a vector-extension
+   conversion from bytes into one lane at a time. */
+static inline vector levels_at(const uint8_t *levels) {
+#if defined(__AVX512F__)
+  return (vector)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)levels)));
+#elif defined(__AVX2__)
+  return (vector)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)levels)));
+#else
+  float out[LANES];
+  for (int lane = 0; lane < LANES; ++lane) out[lane] = levels[lane];
+  return load(out);
+#endif
+}
 
 static inline float total(vector v) {
   float sum = 0;
@@ -139,6 +175,66 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
   }
 }
 
+/* pass() for moecc.QMoE: the same steps, on levels turned into floats as they are read and scaled per block (a
+   pass's UNITS units lie in one block of fc2's: B2 is a multiple of UNITS). */
+static inline __attribute__((always_inline)) void pass_quantized(const Call *call, int64_t expert, int64_t unit, const float *const *xs,
+                                                                 const float *weights, int64_t token_count, float *const *partials) {
+  int64_t hidden = call->hidden, inter = call->inter, blocks = hidden / call->block1;
+  float offset = call->kernel->offset, coefficients[UNITS][MAX_TOKENS];
+  for (int64_t u = 0; u < UNITS; u += ROWS / 2) {
+    int64_t row = expert * 2 * inter + 2 * (unit + u); /* the first of this step's ROWS fc1 rows */
+    const uint8_t *rows = call->fc1_levels + row * hidden;
+    const float *scales = call->fc1 + row * blocks;
+    vector sums[ROWS][MAX_TOKENS];
+    for (int64_t r = 0; r < ROWS; ++r)
+      for (int64_t t = 0; t < token_count; ++t) sums[r][t] = (vector){0};
+    for (int64_t block = 0; block < blocks; ++block) {
+      float scale[ROWS], shift[ROWS];
+      for (int64_t r = 0; r < ROWS; ++r) shift[r] = offset * (scale[r] = scales[r * blocks + block]);
+      for (int64_t d = block * call->block1; d < (block + 1) * call->block1; d += LANES) {
+        vector x[MAX_TOKENS];
+        for (int64_t t = 0; t < token_count; ++t) x[t] = load(xs[t] + d);
+        for (int64_t r = 0; r < ROWS; ++r) {
+          vector w = levels_at(rows + r * hidden + d) * scale[r] - shift[r];
+          for (int64_t t = 0; t < token_count; ++t) sums[r][t] += w * x[t];
+        }
+      }
+    }
+    for (int64_t p = 0; p < ROWS / 2; ++p)
+      for (int64_t t = 0; t < token_count; ++t)
+        coefficients[u + p][t] = weights[t] * swiglu(call->kernel, total(sums[2 * p][t]), total(sums[2 * p + 1][t]));
+  }
+  const uint8_t *columns = call->fc2_levels + (expert * inter + unit) * hidden;
+  const float *scales = call->fc2 + (expert * (inter / call->block2) + unit / call->block2) * hidden;
+  for (int64_t h = 0; h < hidden; h += LANES) {
+    vector out[MAX_TOKENS], scale = load(scales + h);
+    for (int64_t t = 0; t < token_count; ++t) out[t] = load(partials[t] + h);
+    for (int64_t u = 0; u < UNITS; ++u) {
+      vector w = (levels_at(columns + u * hidden + h) - offset) * scale;
+      for (int64_t t = 0; t < token_count; ++t) out[t] += coefficients[u][t] * w;
+    }
+    for (int64_t t = 0; t < token_count; ++t) store(partials[t] + h, out[t]);
+  }
+}
+
+/* A pass's weights as floats, computed as pass_quantized() computes them (so that a token's output is the same
+   bits whichever of the two runs it): fc1's 2 * UNITS rows and fc2's UNITS transposed rows, into `fc1` and `fc2`. */
+static void dequantize(const Call *call, int64_t expert, int64_t unit, float *fc1, float *fc2) {
+  int64_t hidden = call->hidden, inter = call->inter, blocks = hidden / call->block1;
+  float offset = call->kernel->offset;
+  int64_t row = expert * 2 * inter + 2 * unit;
+  for (int64_t r = 0; r < 2 * UNITS; ++r)
+    for (int64_t block = 0; block < blocks; ++block) {
+      float scale = call->fc1[(row + r) * blocks + block], shift = offset * scale;
+      for (int64_t d = block * call->block1; d < (block + 1) * call->block1; d += LANES)
+        store(fc1 + r * hidden + d, levels_at(call->fc1_levels + (row + r) * hidden + d) * scale - shift);
+    }
+  const uint8_t *columns = call->fc2_levels + (expert * inter + unit) * hidden;
+  const float *scales = call->fc2 + (expert * (inter / call->block2) + unit / call->block2) * hidden;
+  for (int64_t u = 0; u < UNITS; ++u)
+    for (int64_t h = 0; h < hidden; h += LANES) store(fc2 + u * hidden + h, (levels_at(columns + u * hidden + h) - offset) * load(scales + h));
+}
+
 /* First phase, one work item: units_per_item units of one chosen expert, for all its routes, into this item's
    partial outputs of those routes. */
 static void expert(void *data, size_t item) {
@@ -147,8 +243,14 @@ static void expert(void *data, size_t item) {
   int64_t hidden = call->hidden, routes = call->tokens * call->k, first = call->first[expert], end = call->first[expert + 1];
   for (int64_t route = first; route < end; ++route) memset(call->partial + (part * routes + route) * hidden, 0, hidden * sizeof(float));
   int64_t last = (part + 1) * call->units_per_item < call->inter ? (part + 1) * call->units_per_item : call->inter;
+  /* QMoE: an expert many routes share (a prompt's) has each pass's weights turned into floats once, not once per
+     group of MAX_TOKENS routes; NULL (out of memory) keeps the levels. */
+  float *floats = call->fc1_levels && end - first > DEQUANTIZE_ROUTES ? malloc((size_t)(3 * UNITS * hidden) * sizeof(float)) : NULL;
   for (int64_t unit = part * call->units_per_item; unit < last; unit += UNITS) {
-    const float *fc1 = call->fc1 + (expert * 2 * call->inter + 2 * unit) * hidden, *fc2 = call->fc2 + (expert * call->inter + unit) * hidden;
+    int quantized = call->fc1_levels != NULL && !floats;
+    const float *fc1 = floats ? floats : quantized ? NULL : call->fc1 + (expert * 2 * call->inter + 2 * unit) * hidden;
+    const float *fc2 = floats ? floats + 2 * UNITS * hidden : quantized ? NULL : call->fc2 + (expert * call->inter + unit) * hidden;
+    if (floats) dequantize(call, expert, unit, floats, floats + 2 * UNITS * hidden);
     for (int64_t route = first; route < end; route += MAX_TOKENS) {
       int64_t count = end - route < MAX_TOKENS ? end - route : MAX_TOKENS;
       const float *xs[MAX_TOKENS];
@@ -158,14 +260,19 @@ static void expert(void *data, size_t item) {
         partials[t] = call->partial + (part * routes + route + t) * hidden;
       }
       const float *weights = call->route_weight + route;
-      switch (count) {
-        case 1: pass(call, fc1, fc2, xs, weights, 1, partials); break;
-        case 2: pass(call, fc1, fc2, xs, weights, 2, partials); break;
-        case 3: pass(call, fc1, fc2, xs, weights, 3, partials); break;
-        default: pass(call, fc1, fc2, xs, weights, 4, partials); break;
+      switch (count * 2 + quantized) { /* constants for the inlined loops */
+        case 2: pass(call, fc1, fc2, xs, weights, 1, partials); break;
+        case 4: pass(call, fc1, fc2, xs, weights, 2, partials); break;
+        case 6: pass(call, fc1, fc2, xs, weights, 3, partials); break;
+        case 8: pass(call, fc1, fc2, xs, weights, 4, partials); break;
+        case 3: pass_quantized(call, expert, unit, xs, weights, 1, partials); break;
+        case 5: pass_quantized(call, expert, unit, xs, weights, 2, partials); break;
+        case 7: pass_quantized(call, expert, unit, xs, weights, 3, partials); break;
+        default: pass_quantized(call, expert, unit, xs, weights, 4, partials); break;
       }
     }
   }
+  free(floats);
 }
 
 /* Second phase, one work item: HIDDEN_PER_SUM outputs of one token, the sum of its routes' partials (in a
@@ -233,19 +340,22 @@ static void route(Call *call, const float *logits, int64_t experts, int64_t *cho
   }
 }
 
-static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
-  const Kernel *kernel = state;
-  Tensor in[INPUT_COUNT], out;
-  for (size_t i = 0; i < INPUT_COUNT; ++i) CHECK(input(context, i, &in[i]));
+/* The tokens' hidden size, count and experts, from the input and router logits both ops take; NULL if they fit. */
+static OrtStatus *check_tokens(const Tensor *in, int64_t *hidden, int64_t *tokens, int64_t *experts, const Kernel *kernel) {
   if (in[INPUT].rank < 2 || in[INPUT].rank > 3) return fail("moecc.MoE: the input must be [tokens, H] or [B, S, H]");
-  int64_t hidden = in[INPUT].shape[in[INPUT].rank - 1], tokens = elements(&in[INPUT]) / (hidden ? hidden : 1);
-  if (!shaped(&in[ROUTER], 2, tokens, -1, -1)) return fail("moecc.MoE: the router logits must be [tokens, E]");
-  int64_t experts = in[ROUTER].shape[1];
-  if (!shaped(&in[FC1], 3, experts, -1, hidden) || in[FC1].shape[1] % 2) return fail("moecc.MoE: fc1 must be [E, 2I, H]");
-  int64_t inter = in[FC1].shape[1] / 2;
-  if (!shaped(&in[FC2], 3, experts, inter, hidden)) return fail("moecc.MoE: fc2 must be transposed, [E, I, H]");
+  *hidden = in[INPUT].shape[in[INPUT].rank - 1];
+  *tokens = elements(&in[INPUT]) / (*hidden ? *hidden : 1);
+  if (!shaped(&in[ROUTER], 2, *tokens, -1, -1)) return fail("moecc.MoE: the router logits must be [tokens, E]");
+  *experts = in[ROUTER].shape[1];
+  if (kernel->k > *experts) return fail("moecc.MoE: k is larger than the number of experts");
+  return NULL;
+}
+
+/* Both ops' call once its weights are checked (in `call`): each chunk of tokens routed, then the two phases. */
+static OrtStatus *run(const Kernel *kernel, OrtKernelContext *context, const Tensor *in, int64_t tokens, int64_t experts, Call call) {
+  int64_t hidden = call.hidden, inter = call.inter;
   if (hidden <= 0 || inter <= 0 || hidden % 16 || inter % UNITS) return fail("moecc.MoE: H and I must be positive multiples of 16");
-  if (kernel->k > experts) return fail("moecc.MoE: k is larger than the number of experts");
+  Tensor out;
   CHECK(output(context, 0, in[INPUT].shape, in[INPUT].rank, &out));
   if (!tokens) return NULL;
   /* Long prompts go in chunks of CHUNK tokens, so that the partial sums stay within tens of megabytes (each
@@ -256,7 +366,6 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   size_t integers = (size_t)(3 * experts + 1 + 3 * routes), floats = (size_t)(2 * routes + experts);
   void *scratch = malloc(integers * sizeof(int64_t) + floats * sizeof(float));
   if (!scratch) return ort->CreateStatus(ORT_FAIL, "moecc.MoE: out of memory");
-  Call call = {.hidden = hidden, .inter = inter, .k = kernel->k, .kernel = kernel, .fc1 = in[FC1].data, .fc2 = in[FC2].data};
   call.active = scratch;
   call.first = call.active + experts;
   int64_t *chosen = call.first + experts + 1;
@@ -288,6 +397,37 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   return status;
 }
 
+static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
+  const Kernel *kernel = state;
+  Tensor in[INPUT_COUNT];
+  for (size_t i = 0; i < INPUT_COUNT; ++i) CHECK(input(context, i, &in[i]));
+  int64_t hidden = 0, tokens = 0, experts = 0;
+  CHECK(check_tokens(in, &hidden, &tokens, &experts, kernel));
+  if (!shaped(&in[FC1], 3, experts, -1, hidden) || in[FC1].shape[1] % 2) return fail("moecc.MoE: fc1 must be [E, 2I, H]");
+  int64_t inter = in[FC1].shape[1] / 2;
+  if (!shaped(&in[FC2], 3, experts, inter, hidden)) return fail("moecc.MoE: fc2 must be transposed, [E, I, H]");
+  return run(kernel, context, in, tokens, experts, (Call){.hidden = hidden, .inter = inter, .k = kernel->k, .kernel = kernel, .fc1 = in[FC1].data, .fc2 = in[FC2].data});
+}
+
+static OrtStatus *ORT_API_CALL compute_quantized(void *state, OrtKernelContext *context) {
+  const Kernel *kernel = state;
+  Tensor in[QUANTIZED_INPUT_COUNT];
+  for (size_t i = 0; i < QUANTIZED_INPUT_COUNT; ++i) CHECK(input(context, i, &in[i]));
+  int64_t hidden = 0, tokens = 0, experts = 0;
+  CHECK(check_tokens(in, &hidden, &tokens, &experts, kernel));
+  if (!shaped(&in[FC1_LEVELS], 3, experts, -1, hidden) || in[FC1_LEVELS].shape[1] % 2) return fail("moecc.QMoE: fc1's levels must be [E, 2I, H]");
+  int64_t inter = in[FC1_LEVELS].shape[1] / 2;
+  if (!shaped(&in[FC2_LEVELS], 3, experts, inter, hidden)) return fail("moecc.QMoE: fc2's levels must be transposed, [E, I, H]");
+  int64_t blocks1 = in[FC1_SCALES].rank == 3 ? in[FC1_SCALES].shape[2] : 0, blocks2 = in[FC2_SCALES].rank == 3 ? in[FC2_SCALES].shape[1] : 0;
+  if (!shaped(&in[FC1_SCALES], 3, experts, 2 * inter, -1) || blocks1 <= 0 || hidden % blocks1 || hidden / blocks1 % 16)
+    return fail("moecc.QMoE: fc1's scales must be [E, 2I, H / B1], B1 a multiple of 16");
+  if (!shaped(&in[FC2_SCALES], 3, experts, -1, hidden) || blocks2 <= 0 || inter % blocks2 || inter / blocks2 % UNITS)
+    return fail("moecc.QMoE: fc2's scales must be transposed, [E, I / B2, H], B2 a multiple of 16");
+  return run(kernel, context, in, tokens, experts,
+             (Call){.hidden = hidden, .inter = inter, .k = kernel->k, .kernel = kernel, .fc1 = in[FC1_SCALES].data, .fc2 = in[FC2_SCALES].data,
+                    .fc1_levels = in[FC1_LEVELS].data, .fc2_levels = in[FC2_LEVELS].data, .block1 = hidden / blocks1, .block2 = inter / blocks2});
+}
+
 static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {
   (void)op, (void)api;
   Kernel *kernel = calloc(1, sizeof(Kernel));
@@ -307,12 +447,27 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   return NULL;
 }
 
+static OrtStatus *ORT_API_CALL create_quantized(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {
+  int64_t bits = int_attribute(info, "expert_weight_bits", 0);
+  if (bits != 4 && bits != 8) return fail("moecc.QMoE: expert_weight_bits must be 4 or 8");
+  CHECK(create(op, api, info, state));
+  ((Kernel *)*state)->offset = bits == 4 ? 8.f : 128.f;
+  return NULL;
+}
+
 static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "MoE"; }
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return INPUT_COUNT; }
 static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 1; }
 static ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, size_t index) {
   (void)op, (void)index;
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+static const char *ORT_API_CALL quantized_name(const OrtCustomOp *op) { (void)op; return "QMoE"; }
+static size_t ORT_API_CALL quantized_input_count(const OrtCustomOp *op) { (void)op; return QUANTIZED_INPUT_COUNT; }
+static ONNXTensorElementDataType ORT_API_CALL quantized_input_type(const OrtCustomOp *op, size_t index) {
+  (void)op;
+  return index == FC1_LEVELS || index == FC2_LEVELS ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
 static const OrtCustomOp moe_op = {
@@ -322,4 +477,14 @@ static const OrtCustomOp moe_op = {
     .CreateKernelV2 = create, .KernelComputeV2 = compute,
 };
 
-OrtStatus *add_moe_ops(OrtCustomOpDomain *domain) { return ort->CustomOpDomain_Add(domain, &moe_op); }
+static const OrtCustomOp quantized_moe_op = {
+    .version = ORT_API_VERSION, .GetName = quantized_name, .GetExecutionProviderType = cpu_provider, .GetInputType = quantized_input_type,
+    .GetInputTypeCount = quantized_input_count, .GetOutputType = float_type, .GetOutputTypeCount = output_count, .KernelDestroy = free_state,
+    .GetInputCharacteristic = required, .GetOutputCharacteristic = required, .GetInputMemoryType = cpu_memory,
+    .CreateKernelV2 = create_quantized, .KernelComputeV2 = compute_quantized,
+};
+
+OrtStatus *add_moe_ops(OrtCustomOpDomain *domain) {
+  CHECK(ort->CustomOpDomain_Add(domain, &moe_op));
+  return ort->CustomOpDomain_Add(domain, &quantized_moe_op);
+}

@@ -1,5 +1,5 @@
 """Open a CPU session with moecc's kernels in place of ONNX Runtime's: moecc.Attention (attention.c) for
-GroupQueryAttention and moecc.MoE (moe.c) for float32 MoE.
+GroupQueryAttention, moecc.MoE (moe.c) for float32 MoE and moecc.QMoE (moe.c) for INT4 and INT8 QMoE.
 
 The artifact keeps the standard nodes, which every ONNX Runtime and the TensorRT lowering read; the swap
 happens in memory when a CPU session loads, for each kind of node only when every node of that kind is one
@@ -30,6 +30,7 @@ _log = logging.getLogger(__name__)
 _KERNELS = {
     "moecc.Attention": ("GroupQueryAttention", attention.why_not, attention.swap),
     "moecc.MoE": ("MoE", lambda model, head_dim: moe.why_not(model), lambda model, head_dim: moe.swap(model)),
+    "moecc.QMoE": ("QMoE", lambda model, head_dim: moe.why_not_quantized(model), lambda model, head_dim: moe.swap_quantized(model)),
 }
 
 
@@ -44,10 +45,10 @@ def check_kernels(kernels: str) -> None:
 
 
 def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, kernels: Kernels) -> tuple[str, ...]:
-    """Which of moecc's kernels ("moecc.Attention", "moecc.MoE") sessions of the model at `model_path` run. Where
+    """Which of moecc's kernels ("moecc.Attention", "moecc.MoE", "moecc.QMoE") sessions of the model at `model_path` run. Where
     `kernels` asks for them and they apply, the graph `model` (without weights) is rewritten in place and
     `options` load the kernels; a session is then made from the graph's bytes, with EXTERNAL_FOLDER set.
-    "moecc" refuses to fall back: every attention and float MoE node must run moecc's kernel."""
+    "moecc" refuses to fall back: every attention, float MoE and QMoE node must run moecc's kernel."""
     check_kernels(kernels)
     if kernels == "onnxruntime":
         return ()

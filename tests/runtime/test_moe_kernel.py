@@ -1,5 +1,5 @@
-"""moecc.MoE (runtime/kernels/moe.c): the same results as ONNX Runtime's MoE node by node, its transposed
-weights folded when the session loads, and a clear word where it cannot stand in."""
+"""moecc.MoE and moecc.QMoE (runtime/kernels/moe.c): the same results as ONNX Runtime's MoE and QMoE node by node,
+their unpacked and transposed weights folded when the session loads, and a clear word where they cannot stand in."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from compiler.quantization import pack, round_to_nearest
 from runtime.kernels import DOMAIN, build
-from runtime.kernels.moe import swap, unsupported, why_not
+from runtime.kernels.moe import swap, swap_quantized, unsupported, unsupported_quantized, why_not, why_not_quantized
 
 
 def _moe_model(experts: int, hidden: int, inter: int, rank: int = 2, weight_type: int = TensorProto.FLOAT, **attributes) -> onnx.ModelProto:
@@ -33,12 +34,38 @@ def _moe_model(experts: int, hidden: int, inter: int, rank: int = 2, weight_type
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
 
 
+def _qmoe_model(experts: int, hidden: int, inter: int, bits: int, block: int = 32, **attributes) -> onnx.ModelProto:
+    """One QMoE node as the quantize stage writes it: levels in blocks of `block` along each row (INT4), or with one
+    scale per row where `block` is 0 (INT8), packed with their offset; fc1's rows are the interleaved gate and
+    linear rows."""
+    rng = np.random.default_rng(experts * hidden + inter + bits)
+    initializers = []
+    for name, shape in (("fc1", (experts, 2 * inter, hidden)), ("fc2", (experts, hidden, inter))):
+        weight = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        levels, scales = round_to_nearest(weight, block or shape[-1], bits)
+        initializers += [numpy_helper.from_array(pack(levels, bits), name), numpy_helper.from_array(scales if block else scales[..., 0], f"{name}.scales")]
+    node = helper.make_node(
+        "QMoE", ["input", "router", "fc1", "fc1.scales", "", "fc2", "fc2.scales"], ["output"], name="qmoe", domain="com.microsoft",
+        **({"k": 2, "activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 1, "expert_weight_bits": bits}
+           | ({"block_size": block} if block else {}) | attributes),
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "qmoe",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["tokens", hidden]), helper.make_tensor_value_info("router", TensorProto.FLOAT, ["tokens", experts])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], initializers,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
 def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     if ours:
         model = onnx.ModelProto.FromString(model.SerializeToString())
-        assert why_not(model) is None and swap(model) == 1
+        if any(node.op_type == "QMoE" for node in model.graph.node):
+            assert why_not_quantized(model) is None and swap_quantized(model) == 1
+        else:
+            assert why_not(model) is None and swap(model) == 1
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
         options.register_custom_ops_library(str(build.library()))
     if optimized:
@@ -47,7 +74,7 @@ def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None) -
 
 
 def _feeds(model: onnx.ModelProto, tokens: int, shape: tuple[int, ...] | None = None, router: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    experts, _, hidden = next(tensor.dims for tensor in model.graph.initializer if tensor.name == "fc1")
+    experts, hidden = next(tensor.dims[0] for tensor in model.graph.initializer if tensor.name == "fc1"), model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
     rng = np.random.default_rng(tokens)
     x = rng.standard_normal((tokens, hidden), dtype=np.float32)
     logits = rng.standard_normal((tokens, experts), dtype=np.float32) if router is None else router
@@ -135,3 +162,52 @@ def test_bad_shapes_are_refused_before_anything_is_read():
     feeds = _feeds(model, 3)
     with pytest.raises(Exception, match="router logits must be"):
         session.run(None, feeds | {"router": feeds["router"][:2]})
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 17, 600], ids=lambda t: f"{t}-tokens")  # decode, verify, an expert's routes past 8, a prompt in chunks
+@pytest.mark.parametrize(
+    "experts, k, hidden, inter, bits, block",
+    [(8, 2, 256, 128, 4, 32), (16, 4, 64, 32, 4, 16), (6, 2, 384, 48, 4, 16), (8, 2, 256, 128, 8, 0), (4, 4, 64, 16, 8, 0)],
+    ids=["int4", "int4-16x4", "int4-uneven", "int8-per-row", "int8-all-4"],
+)  # fmt: skip
+def test_quantized_kernel_matches_onnx_runtime_qmoe(experts, k, hidden, inter, bits, block, tokens):
+    """Float products on the levels times their scales, as ONNX Runtime's QMoE computes them (to float rounding),
+    for INT4 blocks of 32 and 16 (3 blocks per fc2 row), INT8 rows, k = E, and sizes that do not split evenly."""
+    model = _qmoe_model(experts, hidden, inter, bits, block, k=k)
+    _agree(model, _feeds(model, tokens))
+
+
+def test_quantized_weights_are_unpacked_and_transposed_when_the_session_loads(tmp_path):
+    """The swap's unpacking and transposes become constants: one level per byte, fc2 and its scales transposed,
+    and nothing of the packed weights left in the session."""
+    model = _qmoe_model(8, 64, 32, 4, 16)
+    _session(model, ours=True, optimized=str(tmp_path / "optimized.onnx"))
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert [node.op_type for node in optimized.graph.node] == ["QMoE"] and optimized.graph.node[0].domain == DOMAIN
+    shapes = {tensor.name: (tuple(tensor.dims), tensor.data_type) for tensor in optimized.graph.initializer}
+    assert sorted(shapes.values()) == sorted([((8, 64, 64), TensorProto.UINT8), ((8, 64, 4), TensorProto.FLOAT), ((8, 32, 64), TensorProto.UINT8), ((8, 2, 64), TensorProto.FLOAT)])
+    per_row = _qmoe_model(8, 64, 32, 8, 0)
+    _session(per_row, ours=True, optimized=str(tmp_path / "per_row.onnx"))
+    shapes = sorted((tuple(tensor.dims), tensor.data_type) for tensor in onnx.load(tmp_path / "per_row.onnx").graph.initializer)
+    assert shapes == sorted([((8, 64, 64), TensorProto.UINT8), ((8, 64, 1), TensorProto.FLOAT), ((8, 32, 64), TensorProto.UINT8), ((8, 1, 64), TensorProto.FLOAT)])
+
+
+def test_unsupported_quantized_nodes_stay_with_onnx_runtime_and_say_why():
+    def reason(model: onnx.ModelProto, known: dict | None = None) -> str | None:
+        return unsupported_quantized(model.graph.node[0], {tensor.name: tensor for tensor in model.graph.initializer} if known is None else known)
+
+    assert reason(_qmoe_model(8, 64, 32, 4)) is None
+    mixing = _qmoe_model(8, 64, 32, 4)
+    mixing.graph.node[0].input.extend([""] * 7 + ["router"])
+    assert reason(mixing) == "uses router_weights"
+    assert reason(_qmoe_model(8, 64, 32, 4, 8)).startswith("scales [8, 64, 8] for [8, 64, 64] weights")
+    assert reason(_qmoe_model(8, 64, 32, 4, activation_type="gelu")) == "sets activation_type=b'gelu'"
+    assert reason(_qmoe_model(8, 64, 32, 4), known={}) == "its expert weights or scales are not constants"
+    assert reason(_qmoe_model(8, 64, 32, 8, 32)) == "block-wise INT8 scales (the kernel takes one per row)"  # ONNX Runtime rounds their activations
+    assert reason(_qmoe_model(8, 64, 32, 8, 0, expert_weight_bits=2)) == "sets expert_weight_bits=2"
+    mismatched = _qmoe_model(8, 64, 32, 4)
+    mismatched.graph.node[0].attribute.remove(next(a for a in mismatched.graph.node[0].attribute if a.name == "expert_weight_bits"))
+    mismatched.graph.node[0].attribute.append(helper.make_attribute("expert_weight_bits", 8))
+    assert reason(mismatched).startswith("fc1 [8, 64, 32] and fc2")  # INT4's packed bytes read as INT8 levels
+    model = _qmoe_model(8, 64, 32, 4, k=9)
+    assert why_not_quantized(model) == "qmoe: k is larger than its 8 experts"
