@@ -11,9 +11,10 @@ its expert's weight, which fc2 (or its scales) absorbs by a factor P. Where a QM
 weights as router_weights (layers whose experts differ in precision), those are repeated unchanged.
 Two experts whose router logits tie exactly at the k-th place would each get some of their parts (the
 kernel breaks ties by index); in fp32 such a tie has vanishing odds, fp16 logits tie far more easily, so
-fp16 models keep their experts whole. moecc's own CPU MoE kernel (runtime/kernels/moe.c, float experts)
-splits every selected expert among the threads itself; to it the parts are a few more routes per token, and
-they keep ONNX Runtime's QMoE (and its MoE, with kernels="onnxruntime") busy.
+fp16 models keep their experts whole. moecc's own CPU MoE kernels (runtime/kernels/moe.c, float and
+quantized experts) split every selected expert among the threads themselves; to them the parts are a few more
+routes per token, and they keep ONNX Runtime's MoE and QMoE (with kernels="onnxruntime", and for QMoE nodes
+moecc's kernel does not take) busy.
 Legend: E experts, I intermediate width, H hidden width, P parts.
 """
 
