@@ -28,7 +28,9 @@ and transposes them in ops that ONNX Runtime folds into constants when the sessi
 
   inputs   0, 1 as moecc.MoE   2 fc1 levels [E, 2I, H] uint8   3 fc1 scales [E, 2I, H / B1]: per block of B1
            inputs   4 fc2 levels, transposed: [E, I, H] uint8   5 fc2 scales, transposed: [E, I / B2, H], per
-           block of B2 units, a multiple of 16
+           block of B2 units, a multiple of 16   6 (optional) mixing weights [tokens, E]: QMoE's router_weights,
+           each chosen expert's weight in place of its routing probability (experts the layer's full top k did
+           not choose have 0, and are skipped)
   attrs    those of moecc.MoE, and expert_weight_bits: 4 (levels stored with an offset of 8) or 8 (of 128)
 
 A weight is (level - offset) * its block's scale. */
@@ -45,7 +47,7 @@ A weight is (level - offset) * its block's scale. */
 #include "ops.h"
 
 enum { INPUT, ROUTER, FC1, FC2, INPUT_COUNT };
-enum { FC1_LEVELS = 2, FC1_SCALES, FC2_LEVELS, FC2_SCALES, QUANTIZED_INPUT_COUNT }; /* moecc.QMoE's */
+enum { FC1_LEVELS = 2, FC1_SCALES, FC2_LEVELS, FC2_SCALES, MIXING, QUANTIZED_INPUT_COUNT }; /* moecc.QMoE's */
 /* Units one pass reads (their fc1 and fc2 rows, 16 * 3 * H floats: 192 KiB at H = 1024, so that the passes
    of a long prompt's token groups reread them from the core's cache), and tokens per group. */
 enum { UNITS = 16, MAX_TOKENS = 4, HIDDEN_PER_SUM = 256 };
@@ -75,6 +77,7 @@ typedef struct {
   int64_t *route_token;          /* [routes], grouped by expert */
   int64_t *token_routes;         /* [tokens * k]: each token's routes, -1 where skipped */
   float *route_weight;           /* [routes] */
+  const float *mixing;           /* moecc.QMoE's optional mixing weights [tokens, E], else NULL */
   float *partial;                /* [items_per_expert, routes, H]: each route's weighted output, per item */
 } Call;
 
@@ -310,7 +313,7 @@ static void route(Call *call, const float *logits, int64_t experts, int64_t *cho
       int64_t best = 0;
       for (int64_t e = 1; e < experts; ++e) best = probabilities[e] >= probabilities[best] ? e : best;
       mine[j] = best;
-      chosen_sum += weight[j] = probabilities[best];
+      chosen_sum += weight[j] = call->mixing ? call->mixing[token * experts + best] : probabilities[best];
       probabilities[best] = -1.f; /* taken */
     }
     for (int64_t j = 0; j < k; ++j) {
@@ -379,6 +382,7 @@ static OrtStatus *run(const Kernel *kernel, OrtKernelContext *context, const Ten
     call.x = (const float *)in[INPUT].data + start * hidden;
     call.out = (float *)out.data + start * hidden;
     route(&call, (const float *)in[ROUTER].data + start * experts, experts, chosen, weights, probabilities);
+    if (call.mixing) call.mixing += call.tokens * experts; /* the next chunk's rows */
     int64_t blocks = inter / UNITS, wanted = call.active_count ? (TARGET_ITEMS + call.active_count - 1) / call.active_count : 1;
     int64_t blocks_per_item = wanted >= blocks ? 1 : (blocks + wanted - 1) / wanted;
     call.units_per_item = blocks_per_item * UNITS;
@@ -411,8 +415,10 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
 
 static OrtStatus *ORT_API_CALL compute_quantized(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
-  Tensor in[QUANTIZED_INPUT_COUNT];
-  for (size_t i = 0; i < QUANTIZED_INPUT_COUNT; ++i) CHECK(input(context, i, &in[i]));
+  Tensor in[QUANTIZED_INPUT_COUNT] = {0};
+  size_t given;
+  CHECK(ort->KernelContext_GetInputCount(context, &given));
+  for (size_t i = 0; i < QUANTIZED_INPUT_COUNT && i < given; ++i) CHECK(input(context, i, &in[i]));
   int64_t hidden = 0, tokens = 0, experts = 0;
   CHECK(check_tokens(in, &hidden, &tokens, &experts, kernel));
   if (!shaped(&in[FC1_LEVELS], 3, experts, -1, hidden) || in[FC1_LEVELS].shape[1] % 2) return fail("moecc.QMoE: fc1's levels must be [E, 2I, H]");
@@ -423,9 +429,11 @@ static OrtStatus *ORT_API_CALL compute_quantized(void *state, OrtKernelContext *
     return fail("moecc.QMoE: fc1's scales must be [E, 2I, H / B1], B1 a multiple of 16");
   if (!shaped(&in[FC2_SCALES], 3, experts, -1, hidden) || blocks2 <= 0 || inter % blocks2 || inter / blocks2 % UNITS)
     return fail("moecc.QMoE: fc2's scales must be transposed, [E, I / B2, H], B2 a multiple of 16");
+  if (in[MIXING].value && !shaped(&in[MIXING], 2, tokens, experts, -1)) return fail("moecc.QMoE: the mixing weights must be [tokens, E]");
   return run(kernel, context, in, tokens, experts,
              (Call){.hidden = hidden, .inter = inter, .k = kernel->k, .kernel = kernel, .fc1 = in[FC1_SCALES].data, .fc2 = in[FC2_SCALES].data,
-                    .fc1_levels = in[FC1_LEVELS].data, .fc2_levels = in[FC2_LEVELS].data, .block1 = hidden / blocks1, .block2 = inter / blocks2});
+                    .fc1_levels = in[FC1_LEVELS].data, .fc2_levels = in[FC2_LEVELS].data, .block1 = hidden / blocks1, .block2 = inter / blocks2,
+                    .mixing = in[MIXING].value ? in[MIXING].data : NULL});
 }
 
 static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {
@@ -470,6 +478,11 @@ static ONNXTensorElementDataType ORT_API_CALL quantized_input_type(const OrtCust
   return index == FC1_LEVELS || index == FC2_LEVELS ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL quantized_input_characteristic(const OrtCustomOp *op, size_t index) {
+  (void)op;
+  return index == MIXING ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+
 static const OrtCustomOp moe_op = {
     .version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider, .GetInputType = float_type,
     .GetInputTypeCount = input_count, .GetOutputType = float_type, .GetOutputTypeCount = output_count, .KernelDestroy = free_state,
@@ -480,7 +493,7 @@ static const OrtCustomOp moe_op = {
 static const OrtCustomOp quantized_moe_op = {
     .version = ORT_API_VERSION, .GetName = quantized_name, .GetExecutionProviderType = cpu_provider, .GetInputType = quantized_input_type,
     .GetInputTypeCount = quantized_input_count, .GetOutputType = float_type, .GetOutputTypeCount = output_count, .KernelDestroy = free_state,
-    .GetInputCharacteristic = required, .GetOutputCharacteristic = required, .GetInputMemoryType = cpu_memory,
+    .GetInputCharacteristic = quantized_input_characteristic, .GetOutputCharacteristic = required, .GetInputMemoryType = cpu_memory,
     .CreateKernelV2 = create_quantized, .KernelComputeV2 = compute_quantized,
 };
 

@@ -25,7 +25,7 @@ _ATTRIBUTES = {"k": None, "normalize_routing_weights": {0, 1}, "activation_alpha
                "activation_type": {b"swiglu"}, "swiglu_fusion": {1}, "use_sparse_mixer": {0}}  # fmt: skip
 _REQUIRED = ("k", "activation_type", "swiglu_fusion")  # ONNX Runtime's defaults (no activation named, fusion 0) are not ours
 _PASSED = ("k", "normalize_routing_weights", "activation_alpha", "activation_beta", "swiglu_limit")
-# QMoE's inputs, by position (those after fc2's scales: biases, fc3, zero points, router weights, none of which moecc.QMoE takes).
+# QMoE's inputs, by position (of those after fc2's scales moecc.QMoE takes the router weights; not biases, fc3 or zero points).
 _QMOE_INPUTS = (
     "input", "router_probs", "fc1_experts_weights", "fc1_scales", "fc1_experts_bias", "fc2_experts_weights", "fc2_scales", "fc2_experts_bias",
     "fc3_experts_weights", "fc3_scales", "fc3_experts_bias", "fc1_zero_points", "fc2_zero_points", "fc3_zero_points", "router_weights",
@@ -72,9 +72,12 @@ def unsupported(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) ->
 def unsupported_quantized(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> str | None:
     """Why moecc.QMoE cannot stand in for this QMoE node, whose graph has these `constants`; None when it can."""
     names = dict(zip(_QMOE_INPUTS, node.input))
-    used = ("input", "router_probs", "fc1_experts_weights", "fc1_scales", "fc2_experts_weights", "fc2_scales")
+    used = ("input", "router_probs", "fc1_experts_weights", "fc1_scales", "fc2_experts_weights", "fc2_scales", "router_weights")
     if reason := _unsupported_form(node, names, used, _QMOE_ATTRIBUTES, (*_REQUIRED, "expert_weight_bits")):
         return reason
+    normalized = any(attribute.name == "normalize_routing_weights" and attribute.i == 1 for attribute in node.attribute)
+    if names.get("router_weights") and normalized:
+        return "router weights with normalize_routing_weights=1"  # moecc's layers mix by router weights unnormalized
     weights = [constants.get(names.get(name, "")) for name in ("fc1_experts_weights", "fc1_scales", "fc2_experts_weights", "fc2_scales")]
     if any(weight is None for weight in weights):
         return "its expert weights or scales are not constants"
@@ -204,7 +207,8 @@ def swap_quantized(model: onnx.ModelProto) -> int:
                 else:
                     prepared[name] = _scales_by_block(model, nodes, name, 2 if kind == "fc1_scales" else 1, transposed=kind == "fc2_scales")
             inputs.append(prepared[name])
-        ours = helper.make_node("QMoE", [names["input"], names["router_probs"], *inputs], node.output, name=node.name, domain=DOMAIN)
+        mixing = [names["router_weights"]] if names.get("router_weights") else []
+        ours = helper.make_node("QMoE", [names["input"], names["router_probs"], *inputs, *mixing], node.output, name=node.name, domain=DOMAIN)
         ours.attribute.extend(attribute for attribute in node.attribute if attribute.name in (*_PASSED, "expert_weight_bits"))
         nodes.append(ours)
         swapped += 1

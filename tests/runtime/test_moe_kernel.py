@@ -199,7 +199,10 @@ def test_unsupported_quantized_nodes_stay_with_onnx_runtime_and_say_why():
     assert reason(_qmoe_model(8, 64, 32, 4)) is None
     mixing = _qmoe_model(8, 64, 32, 4)
     mixing.graph.node[0].input.extend([""] * 7 + ["router"])
-    assert reason(mixing) == "uses router_weights"
+    assert reason(mixing) == "router weights with normalize_routing_weights=1"
+    fc3 = _qmoe_model(8, 64, 32, 4)
+    fc3.graph.node[0].input.extend(["", "fc1"])
+    assert reason(fc3) == "uses fc3_experts_weights"
     assert reason(_qmoe_model(8, 64, 32, 4, 8)).startswith("scales [8, 64, 8] for [8, 64, 64] weights")
     assert reason(_qmoe_model(8, 64, 32, 4, activation_type="gelu")) == "sets activation_type=b'gelu'"
     assert reason(_qmoe_model(8, 64, 32, 4), known={}) == "its expert weights or scales are not constants"
@@ -211,3 +214,17 @@ def test_unsupported_quantized_nodes_stay_with_onnx_runtime_and_say_why():
     assert reason(mismatched).startswith("fc1 [8, 64, 32] and fc2")  # INT4's packed bytes read as INT8 levels
     model = _qmoe_model(8, 64, 32, 4, k=9)
     assert why_not_quantized(model) == "qmoe: k is larger than its 8 experts"
+
+
+def test_quantized_kernel_mixes_by_router_weights():
+    """A layer split over several QMoE nodes (experts of two precisions, or partitions) passes each node the full top
+    k's mixing weights, unnormalized: each node picks its top k by its own logits and weighs them by those (zero for
+    experts the layer did not choose, which it skips), as ONNX Runtime's QMoE does."""
+    model = _qmoe_model(8, 64, 32, 4, normalize_routing_weights=0)
+    model.graph.node[0].input.extend([""] * 7 + ["mixing"])
+    model.graph.input.append(helper.make_tensor_value_info("mixing", TensorProto.FLOAT, ["tokens", 8]))
+    for tokens in (1, 5, 17):
+        feeds = _feeds(model, tokens)
+        rng = np.random.default_rng(tokens)
+        feeds["mixing"] = (rng.random((tokens, 8)) * (rng.random((tokens, 8)) < 0.6)).astype(np.float32)
+        _agree(model, feeds)
