@@ -27,7 +27,7 @@ to). Its weights come one level per byte, fc2's transposed with its scales (runt
 and transposes them in ops that ONNX Runtime folds into constants when the session loads):
 
   inputs   0, 1 as moecc.MoE   2 fc1 levels [E, 2I, H] uint8   3 fc1 scales [E, 2I, H / B1]: per block of B1
-           inputs   4 fc2 levels, transposed: [E, I, H] uint8   5 fc2 scales, transposed: [E, I / B2, H], per
+           inputs (B1 a multiple of 16)   4 fc2 levels, transposed: [E, I, H] uint8   5 fc2 scales, transposed: [E, I / B2, H], per
            block of B2 units, a multiple of 16   6 (optional) mixing weights [tokens, E]: QMoE's router_weights,
            each chosen expert's weight in place of its routing probability (experts the layer's full top k did
            not choose have 0, and are skipped)
@@ -54,8 +54,6 @@ enum { UNITS = 16, MAX_TOKENS = 4, HIDDEN_PER_SUM = 256 };
 /* Work items a call aims for: a decode or verify step's few chosen experts are cut into this many pieces
    between them (each with its own partial sums), a prompt's many experts go whole. Tokens per chunk. */
 enum { TARGET_ITEMS = 32, CHUNK = 512 };
-/* moecc.QMoE: routes of one expert beyond which a pass's weights are turned into floats once for all of them. */
-enum { DEQUANTIZE_ROUTES = 2 * MAX_TOKENS };
 
 typedef struct {
   int64_t k;
@@ -220,24 +218,6 @@ static inline __attribute__((always_inline)) void pass_quantized(const Call *cal
   }
 }
 
-/* A pass's weights as floats, computed as pass_quantized() computes them (so that a token's output is the same
-   bits whichever of the two runs it): fc1's 2 * UNITS rows and fc2's UNITS transposed rows, into `fc1` and `fc2`. */
-static void dequantize(const Call *call, int64_t expert, int64_t unit, float *fc1, float *fc2) {
-  int64_t hidden = call->hidden, inter = call->inter, blocks = hidden / call->block1;
-  float offset = call->kernel->offset;
-  int64_t row = expert * 2 * inter + 2 * unit;
-  for (int64_t r = 0; r < 2 * UNITS; ++r)
-    for (int64_t block = 0; block < blocks; ++block) {
-      float scale = call->fc1[(row + r) * blocks + block], shift = offset * scale;
-      for (int64_t d = block * call->block1; d < (block + 1) * call->block1; d += LANES)
-        store(fc1 + r * hidden + d, levels_at(call->fc1_levels + (row + r) * hidden + d) * scale - shift);
-    }
-  const uint8_t *columns = call->fc2_levels + (expert * inter + unit) * hidden;
-  const float *scales = call->fc2 + (expert * (inter / call->block2) + unit / call->block2) * hidden;
-  for (int64_t u = 0; u < UNITS; ++u)
-    for (int64_t h = 0; h < hidden; h += LANES) store(fc2 + u * hidden + h, (levels_at(columns + u * hidden + h) - offset) * load(scales + h));
-}
-
 /* First phase, one work item: units_per_item units of one chosen expert, for all its routes, into this item's
    partial outputs of those routes. */
 static void expert(void *data, size_t item) {
@@ -246,14 +226,10 @@ static void expert(void *data, size_t item) {
   int64_t hidden = call->hidden, routes = call->tokens * call->k, first = call->first[expert], end = call->first[expert + 1];
   for (int64_t route = first; route < end; ++route) memset(call->partial + (part * routes + route) * hidden, 0, hidden * sizeof(float));
   int64_t last = (part + 1) * call->units_per_item < call->inter ? (part + 1) * call->units_per_item : call->inter;
-  /* QMoE: an expert many routes share (a prompt's) has each pass's weights turned into floats once, not once per
-     group of MAX_TOKENS routes; NULL (out of memory) keeps the levels. */
-  float *floats = call->fc1_levels && end - first > DEQUANTIZE_ROUTES ? malloc((size_t)(3 * UNITS * hidden) * sizeof(float)) : NULL;
+  int quantized = call->fc1_levels != NULL;
   for (int64_t unit = part * call->units_per_item; unit < last; unit += UNITS) {
-    int quantized = call->fc1_levels != NULL && !floats;
-    const float *fc1 = floats ? floats : quantized ? NULL : call->fc1 + (expert * 2 * call->inter + 2 * unit) * hidden;
-    const float *fc2 = floats ? floats + 2 * UNITS * hidden : quantized ? NULL : call->fc2 + (expert * call->inter + unit) * hidden;
-    if (floats) dequantize(call, expert, unit, floats, floats + 2 * UNITS * hidden);
+    const float *fc1 = quantized ? NULL : call->fc1 + (expert * 2 * call->inter + 2 * unit) * hidden;
+    const float *fc2 = quantized ? NULL : call->fc2 + (expert * call->inter + unit) * hidden;
     for (int64_t route = first; route < end; route += MAX_TOKENS) {
       int64_t count = end - route < MAX_TOKENS ? end - route : MAX_TOKENS;
       const float *xs[MAX_TOKENS];
@@ -275,7 +251,6 @@ static void expert(void *data, size_t item) {
       }
     }
   }
-  free(floats);
 }
 
 /* Second phase, one work item: HIDDEN_PER_SUM outputs of one token, the sum of its routes' partials (in a

@@ -32,6 +32,11 @@ _QMOE_INPUTS = (
 )  # fmt: skip
 _QMOE_ATTRIBUTES = _ATTRIBUTES | {"expert_weight_bits": {4, 8}, "block_size": None}
 HIDDEN_MULTIPLE, UNITS = 16, 16  # moe.c's: H a multiple of 16 (its widest vectors), I of UNITS (one pass); blocks of 16 too
+_UNPACK_OPSET = 18  # BitwiseAnd's
+
+
+def _attribute(node: onnx.NodeProto, name: str, default=None):
+    return next((onnx.helper.get_attribute_value(attribute) for attribute in node.attribute if attribute.name == name), default)
 
 
 def _unsupported_form(node: onnx.NodeProto, names: dict[str, str], used: tuple[str, ...], attributes: dict, required: tuple[str, ...]) -> str | None:
@@ -43,7 +48,8 @@ def _unsupported_form(node: onnx.NodeProto, names: dict[str, str], used: tuple[s
         if allowed is not None and onnx.helper.get_attribute_value(attribute) not in allowed:
             return f"sets {attribute.name}={onnx.helper.get_attribute_value(attribute)!r}"
     if missing := [name for name in required if not any(attribute.name == name for attribute in node.attribute)]:
-        return f"no {', '.join(missing)} (the kernel takes interleaved SwiGLU)"
+        swiglu = " (the kernel takes interleaved SwiGLU)" if {"activation_type", "swiglu_fusion"} & set(missing) else ""
+        return f"no {', '.join(missing)}{swiglu}"
     return None
 
 
@@ -69,15 +75,18 @@ def unsupported(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) ->
     return None
 
 
-def unsupported_quantized(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> str | None:
-    """Why moecc.QMoE cannot stand in for this QMoE node, whose graph has these `constants`; None when it can."""
+def unsupported_quantized(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], opset: int = 21) -> str | None:
+    """Why moecc.QMoE cannot stand in for this QMoE node, whose graph has these `constants` and this default-domain
+    `opset`; None when it can."""
     names = dict(zip(_QMOE_INPUTS, node.input))
     used = ("input", "router_probs", "fc1_experts_weights", "fc1_scales", "fc2_experts_weights", "fc2_scales", "router_weights")
     if reason := _unsupported_form(node, names, used, _QMOE_ATTRIBUTES, (*_REQUIRED, "expert_weight_bits")):
         return reason
-    normalized = any(attribute.name == "normalize_routing_weights" and attribute.i == 1 for attribute in node.attribute)
-    if names.get("router_weights") and normalized:
-        return "router weights with normalize_routing_weights=1"  # moecc's layers mix by router weights unnormalized
+    # ONNX Runtime's QMoE renormalizes the top k's probabilities whatever the attribute says, and moecc's layers
+    # mix by router weights unnormalized: the kernel takes those two forms.
+    normalize, mixed = _attribute(node, "normalize_routing_weights", 0), bool(names.get("router_weights"))
+    if normalize != (0 if mixed else 1):
+        return f"normalize_routing_weights={normalize} {'with' if mixed else 'without'} router weights"
     weights = [constants.get(names.get(name, "")) for name in ("fc1_experts_weights", "fc1_scales", "fc2_experts_weights", "fc2_scales")]
     if any(weight is None for weight in weights):
         return "its expert weights or scales are not constants"
@@ -86,31 +95,32 @@ def unsupported_quantized(node: onnx.NodeProto, constants: dict[str, onnx.Tensor
         return "its expert weights are not packed [E, rows, bytes] uint8"
     if fc1_scales.data_type != onnx.TensorProto.FLOAT or fc2_scales.data_type != onnx.TensorProto.FLOAT:
         return "its scales are not float32"
-    bits = next(attribute.i for attribute in node.attribute if attribute.name == "expert_weight_bits")
+    bits, block = _attribute(node, "expert_weight_bits"), _attribute(node, "block_size", 0)
+    if bits == 4 and opset < _UNPACK_OPSET:
+        return f"opset {opset} (unpacking INT4 levels takes BitwiseAnd, opset {_UNPACK_OPSET})"
     experts, hidden, inter = fc1.dims[0], fc1.dims[2] * 8 // bits, fc1.dims[1] // 2
     if list(fc2.dims) != [experts, hidden, inter * bits // 8]:
         return f"fc1 {list(fc1.dims)} and fc2 {list(fc2.dims)} do not match"
     if hidden <= 0 or inter <= 0 or hidden % HIDDEN_MULTIPLE or inter % UNITS:
         return f"hidden size {hidden} and expert size {inter} (the kernel takes positive multiples of 16)"
+    if bits == 8 and block:  # ONNX Runtime rounds the activations of block-wise INT8 experts: not float products
+        return "block-wise INT8 scales (the kernel takes one per row)"
     for scales, rows, width in ((fc1_scales, 2 * inter, hidden), (fc2_scales, hidden, inter)):
-        per_row = list(scales.dims) == [experts, rows]
-        if bits == 8 and not per_row:  # ONNX Runtime rounds the activations of block-wise INT8 experts: not float products
-            return "block-wise INT8 scales (the kernel takes one per row)"
-        if not per_row and not (len(scales.dims) == 3 and scales.dims[:2] == [experts, rows] and scales.dims[2] and width % scales.dims[2] == 0
-                                and width // scales.dims[2] % UNITS == 0):  # fmt: skip
-            return f"scales {list(scales.dims)} for [{experts}, {rows}, {width}] weights (the kernel takes blocks of a multiple of 16)"
-    if next(attribute.i for attribute in node.attribute if attribute.name == "k") > experts:
+        expected = [experts, rows, width // block] if block else [experts, rows]
+        if list(scales.dims) != expected or (block and (width % block or block % UNITS)):
+            return f"scales {list(scales.dims)} for [{experts}, {rows}, {width}] weights in blocks of {block or 'a row'} (the kernel takes blocks of a multiple of 16 that divide the rows)"
+    if _attribute(node, "k") > experts:
         return f"k is larger than its {experts} experts"
     return None
 
 
-_CHECKS = {"MoE": unsupported, "QMoE": unsupported_quantized}
-
-
 def _why_not(model: onnx.ModelProto, op_type: str) -> str | None:
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 1)
     for node in model.graph.node:
-        if node.op_type == op_type and node.domain == "com.microsoft" and (reason := _CHECKS[op_type](node, constants)):
+        if node.op_type != op_type or node.domain != "com.microsoft":
+            continue
+        if reason := unsupported(node, constants) if op_type == "MoE" else unsupported_quantized(node, constants, opset):
             return f"{node.name}: {reason}"
     return None
 
@@ -158,27 +168,30 @@ def _unpacked(model: onnx.ModelProto, nodes: list[onnx.NodeProto], name: str, bi
     names = {key: f"{name}.unpack.{key}" for key in constants}
     model.graph.initializer.extend(numpy_helper.from_array(value, names[key]) for key, value in constants.items())
     nodes += [
-        helper.make_node("BitwiseAnd", [name, names["mask"]], [f"{name}.low"]),
-        helper.make_node("BitShift", [name, names["shift"]], [f"{name}.high"], direction="RIGHT"),
-        helper.make_node("Unsqueeze", [f"{name}.low", names["last"]], [f"{name}.low.paired"]),
-        helper.make_node("Unsqueeze", [f"{name}.high", names["last"]], [f"{name}.high.paired"]),
-        helper.make_node("Concat", [f"{name}.low.paired", f"{name}.high.paired"], [f"{name}.pairs"], axis=-1),
-        helper.make_node("Reshape", [f"{name}.pairs", names["shape"]], [f"{name}.levels"]),
+        helper.make_node("BitwiseAnd", [name, names["mask"]], [f"{name}.low"], name=f"{name}.low"),
+        helper.make_node("BitShift", [name, names["shift"]], [f"{name}.high"], name=f"{name}.high", direction="RIGHT"),
+        helper.make_node("Unsqueeze", [f"{name}.low", names["last"]], [f"{name}.low.paired"], name=f"{name}.low.paired"),
+        helper.make_node("Unsqueeze", [f"{name}.high", names["last"]], [f"{name}.high.paired"], name=f"{name}.high.paired"),
+        helper.make_node("Concat", [f"{name}.low.paired", f"{name}.high.paired"], [f"{name}.pairs"], name=f"{name}.pairs", axis=-1),
+        helper.make_node("Reshape", [f"{name}.pairs", names["shape"]], [f"{name}.levels"], name=f"{name}.levels"),
     ]
     return f"{name}.levels"
 
 
-def _scales_by_block(model: onnx.ModelProto, nodes: list[onnx.NodeProto], name: str, per_row_axis: int, transposed: bool) -> str:
-    """Scales [E, rows, blocks] (or [E, rows], one block per row, given a block axis at `per_row_axis`), transposed
-    to [E, blocks, rows] where asked."""
-    dims = next(tensor.dims for tensor in model.graph.initializer if tensor.name == name)
-    output = name
-    if len(dims) == 2:
+# How each weight input of a QMoE node reaches moecc.QMoE: (levels to unpack, transposed, a per-row scale's block axis).
+_PREPARED = {"fc1_experts_weights": (True, False, None), "fc1_scales": (False, False, 2), "fc2_experts_weights": (True, True, None), "fc2_scales": (False, True, 1)}
+
+
+def _prepared(model: onnx.ModelProto, nodes: list[onnx.NodeProto], name: str, kind: str, bits: int, dims: list[int]) -> str:
+    """The value moecc.QMoE reads in place of the weight input `name` of this `kind`, from nodes appended to `nodes`."""
+    levels, transposed, block_axis = _PREPARED[kind]
+    output = _unpacked(model, nodes, name, bits, dims) if levels else name
+    if block_axis is not None and len(dims) == 2:  # one scale per row: a block axis of size 1
         axes = f"{name}.block_axis"
-        model.graph.initializer.append(numpy_helper.from_array(np.array([per_row_axis], np.int64), axes))
-        nodes.append(helper.make_node("Unsqueeze", [name, axes], [output := f"{name}.blocks"]))
+        model.graph.initializer.append(numpy_helper.from_array(np.array([block_axis], np.int64), axes))
+        nodes.append(helper.make_node("Unsqueeze", [name, axes], [output := f"{name}.blocks"], name=f"{name}.unsqueeze"))
     elif transposed:
-        nodes.append(helper.make_node("Transpose", [name], [output := f"{name}.transposed"], perm=[0, 2, 1]))
+        nodes.append(helper.make_node("Transpose", [output], [output := f"{output}.transposed"], name=f"{output}.transpose", perm=[0, 2, 1]))
     return output
 
 
@@ -193,22 +206,13 @@ def swap_quantized(model: onnx.ModelProto) -> int:
         if node.op_type != "QMoE" or node.domain != "com.microsoft":
             nodes.append(node)
             continue
-        names = dict(zip(_QMOE_INPUTS, node.input))
-        bits = next(attribute.i for attribute in node.attribute if attribute.name == "expert_weight_bits")
-        inputs = []
-        for kind, role in (("fc1_experts_weights", "levels"), ("fc1_scales", "scales"), ("fc2_experts_weights", "transposed levels"), ("fc2_scales", "transposed scales")):
-            name = names[kind]
-            if name not in prepared:
-                if role == "levels":
-                    prepared[name] = _unpacked(model, nodes, name, bits, shapes[name])
-                elif role == "transposed levels":
-                    levels = _unpacked(model, nodes, name, bits, shapes[name])
-                    nodes.append(helper.make_node("Transpose", [levels], [prepared.setdefault(name, f"{name}.levels.transposed")], perm=[0, 2, 1]))
-                else:
-                    prepared[name] = _scales_by_block(model, nodes, name, 2 if kind == "fc1_scales" else 1, transposed=kind == "fc2_scales")
-            inputs.append(prepared[name])
+        names, bits = dict(zip(_QMOE_INPUTS, node.input)), _attribute(node, "expert_weight_bits")
+        for kind in _PREPARED:
+            if names[kind] not in prepared:
+                prepared[names[kind]] = _prepared(model, nodes, names[kind], kind, bits, shapes[names[kind]])
         mixing = [names["router_weights"]] if names.get("router_weights") else []
-        ours = helper.make_node("QMoE", [names["input"], names["router_probs"], *inputs, *mixing], node.output, name=node.name, domain=DOMAIN)
+        inputs = [names["input"], names["router_probs"], *(prepared[names[kind]] for kind in _PREPARED), *mixing]
+        ours = helper.make_node("QMoE", inputs, node.output, name=node.name, domain=DOMAIN)
         ours.attribute.extend(attribute for attribute in node.attribute if attribute.name in (*_PASSED, "expert_weight_bits"))
         nodes.append(ours)
         swapped += 1

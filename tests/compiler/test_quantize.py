@@ -91,6 +91,10 @@ def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped
         assert quantized <= max_perplexity * full, (role, quantized, full)
 
     _assert_lossless(generator, tokens)
+    theirs = runtime.load(artifact, kernels="onnxruntime")  # ONNX Runtime's QMoE: the same logits and greedy tokens
+    np.testing.assert_allclose(generator.main.new_cache(64).feed(tokens[:40]), theirs.main.new_cache(64).feed(tokens[:40]), atol=1e-4, rtol=0)
+    prompt = tokens[:16]
+    assert generator.generate_batch_ids([prompt], max_new_tokens=24, speculative=False)[0] == theirs.generate_batch_ids([prompt], max_new_tokens=24, speculative=False)[0]
     expected_options = {"session.disable_quant_qdq": "1"} if weights == "int8" else {}
     assert generator.manifest.models["main"].session_options == expected_options
     assert generator.manifest.models["draft"].session_options == {}

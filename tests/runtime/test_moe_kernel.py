@@ -164,7 +164,7 @@ def test_bad_shapes_are_refused_before_anything_is_read():
         session.run(None, feeds | {"router": feeds["router"][:2]})
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 17, 600], ids=lambda t: f"{t}-tokens")  # decode, verify, an expert's routes past 8, a prompt in chunks
+@pytest.mark.parametrize("tokens", [1, 5, 17, 600], ids=lambda t: f"{t}-tokens")  # decode, verify, a short prompt, a prompt in two chunks
 @pytest.mark.parametrize(
     "experts, k, hidden, inter, bits, block",
     [(8, 2, 256, 128, 4, 32), (16, 4, 64, 32, 4, 16), (6, 2, 384, 48, 4, 16), (8, 2, 256, 128, 8, 0), (4, 4, 64, 16, 8, 0)],
@@ -199,7 +199,14 @@ def test_unsupported_quantized_nodes_stay_with_onnx_runtime_and_say_why():
     assert reason(_qmoe_model(8, 64, 32, 4)) is None
     mixing = _qmoe_model(8, 64, 32, 4)
     mixing.graph.node[0].input.extend([""] * 7 + ["router"])
-    assert reason(mixing) == "router weights with normalize_routing_weights=1"
+    assert reason(mixing) == "normalize_routing_weights=1 with router weights"
+    assert reason(_qmoe_model(8, 64, 32, 4, normalize_routing_weights=0)) == "normalize_routing_weights=0 without router weights"  # ONNX Runtime renormalizes
+    other_block = _qmoe_model(8, 64, 32, 4, 16)
+    next(a for a in other_block.graph.node[0].attribute if a.name == "block_size").i = 32
+    assert reason(other_block).startswith("scales [8, 64, 4] for [8, 64, 64] weights in blocks of 32")
+    old_opset = _qmoe_model(8, 64, 32, 4)
+    old_opset.opset_import[0].version = 17
+    assert why_not_quantized(old_opset) == "qmoe: opset 17 (unpacking INT4 levels takes BitwiseAnd, opset 18)"
     fc3 = _qmoe_model(8, 64, 32, 4)
     fc3.graph.node[0].input.extend(["", "fc1"])
     assert reason(fc3) == "uses fc3_experts_weights"
