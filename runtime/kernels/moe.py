@@ -32,7 +32,7 @@ _QMOE_INPUTS = (
 )  # fmt: skip
 _QMOE_ATTRIBUTES = _ATTRIBUTES | {"expert_weight_bits": {4, 8}, "block_size": None}
 HIDDEN_MULTIPLE, UNITS = 16, 16  # moe.c's: H a multiple of 16 (its widest vectors), I of UNITS (one pass); blocks of 16 too
-_UNPACK_OPSET = 18  # BitwiseAnd's
+_UNPACK_OPSET, _UNSQUEEZE_OPSET = 18, 13  # BitwiseAnd's; Unsqueeze's with its axes as an input
 
 
 def _attribute(node: onnx.NodeProto, name: str, default=None):
@@ -79,6 +79,8 @@ def unsupported_quantized(node: onnx.NodeProto, constants: dict[str, onnx.Tensor
     """Why moecc.QMoE cannot stand in for this QMoE node, whose graph has these `constants` and this default-domain
     `opset`; None when it can."""
     names = dict(zip(_QMOE_INPUTS, node.input))
+    if any(node.input[len(_QMOE_INPUTS) :]):  # newer ONNX Runtimes' global and activation scales
+        return "uses inputs past router_weights"
     used = ("input", "router_probs", "fc1_experts_weights", "fc1_scales", "fc2_experts_weights", "fc2_scales", "router_weights")
     if reason := _unsupported_form(node, names, used, _QMOE_ATTRIBUTES, (*_REQUIRED, "expert_weight_bits")):
         return reason
@@ -96,6 +98,8 @@ def unsupported_quantized(node: onnx.NodeProto, constants: dict[str, onnx.Tensor
     if fc1_scales.data_type != onnx.TensorProto.FLOAT or fc2_scales.data_type != onnx.TensorProto.FLOAT:
         return "its scales are not float32"
     bits, block = _attribute(node, "expert_weight_bits"), _attribute(node, "block_size", 0)
+    if opset < _UNSQUEEZE_OPSET:
+        return f"opset {opset} (the swap's Unsqueeze takes its axes as an input, opset {_UNSQUEEZE_OPSET})"
     if bits == 4 and opset < _UNPACK_OPSET:
         return f"opset {opset} (unpacking INT4 levels takes BitwiseAnd, opset {_UNPACK_OPSET})"
     experts, hidden, inter = fc1.dims[0], fc1.dims[2] * 8 // bits, fc1.dims[1] // 2
@@ -191,7 +195,8 @@ def _prepared(model: onnx.ModelProto, nodes: list[onnx.NodeProto], name: str, ki
         model.graph.initializer.append(numpy_helper.from_array(np.array([block_axis], np.int64), axes))
         nodes.append(helper.make_node("Unsqueeze", [name, axes], [output := f"{name}.blocks"], name=f"{name}.unsqueeze"))
     elif transposed:
-        nodes.append(helper.make_node("Transpose", [output], [output := f"{output}.transposed"], name=f"{output}.transpose", perm=[0, 2, 1]))
+        nodes.append(helper.make_node("Transpose", [output], [f"{output}.transposed"], name=f"{output}.transpose", perm=[0, 2, 1]))
+        output = f"{output}.transposed"
     return output
 
 

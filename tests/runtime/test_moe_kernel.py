@@ -167,12 +167,12 @@ def test_bad_shapes_are_refused_before_anything_is_read():
 @pytest.mark.parametrize("tokens", [1, 5, 17, 600], ids=lambda t: f"{t}-tokens")  # decode, verify, a short prompt, a prompt in two chunks
 @pytest.mark.parametrize(
     "experts, k, hidden, inter, bits, block",
-    [(8, 2, 256, 128, 4, 32), (16, 4, 64, 32, 4, 16), (6, 2, 384, 48, 4, 16), (8, 2, 256, 128, 8, 0), (4, 4, 64, 16, 8, 0)],
-    ids=["int4", "int4-16x4", "int4-uneven", "int8-per-row", "int8-all-4"],
+    [(8, 2, 256, 128, 4, 32), (16, 4, 64, 32, 4, 16), (6, 2, 384, 48, 4, 16), (8, 2, 256, 128, 4, 0), (8, 2, 256, 128, 8, 0), (4, 4, 64, 16, 8, 0)],
+    ids=["int4", "int4-16x4", "int4-uneven", "int4-per-row", "int8-per-row", "int8-all-4"],
 )  # fmt: skip
 def test_quantized_kernel_matches_onnx_runtime_qmoe(experts, k, hidden, inter, bits, block, tokens):
     """Float products on the levels times their scales, as ONNX Runtime's QMoE computes them (to float rounding),
-    for INT4 blocks of 32 and 16 (3 blocks per fc2 row), INT8 rows, k = E, and sizes that do not split evenly."""
+    for INT4 blocks of 32 and 16 (3 blocks per fc2 row), INT4 and INT8 rows, k = E, and sizes that do not split evenly."""
     model = _qmoe_model(experts, hidden, inter, bits, block, k=k)
     _agree(model, _feeds(model, tokens))
 
@@ -207,6 +207,12 @@ def test_unsupported_quantized_nodes_stay_with_onnx_runtime_and_say_why():
     old_opset = _qmoe_model(8, 64, 32, 4)
     old_opset.opset_import[0].version = 17
     assert why_not_quantized(old_opset) == "qmoe: opset 17 (unpacking INT4 levels takes BitwiseAnd, opset 18)"
+    old_opset = _qmoe_model(8, 64, 32, 8, 0)
+    old_opset.opset_import[0].version = 12
+    assert why_not_quantized(old_opset) == "qmoe: opset 12 (the swap's Unsqueeze takes its axes as an input, opset 13)"
+    later = _qmoe_model(8, 64, 32, 4)
+    later.graph.node[0].input.extend([""] * 8 + ["fc1.scales"])
+    assert reason(later) == "uses inputs past router_weights"
     fc3 = _qmoe_model(8, 64, 32, 4)
     fc3.graph.node[0].input.extend(["", "fc1"])
     assert reason(fc3) == "uses fc3_experts_weights"
@@ -230,7 +236,7 @@ def test_quantized_kernel_mixes_by_router_weights():
     model = _qmoe_model(8, 64, 32, 4, normalize_routing_weights=0)
     model.graph.node[0].input.extend([""] * 7 + ["mixing"])
     model.graph.input.append(helper.make_tensor_value_info("mixing", TensorProto.FLOAT, ["tokens", 8]))
-    for tokens in (1, 5, 17):
+    for tokens in (1, 5, 17, 600):  # 600: a second chunk reads its own rows of the mixing weights
         feeds = _feeds(model, tokens)
         rng = np.random.default_rng(tokens)
         feeds["mixing"] = (rng.random((tokens, 8)) * (rng.random((tokens, 8)) < 0.6)).astype(np.float32)
