@@ -1,5 +1,5 @@
 """moecc.MoE and moecc.QMoE (moe.c) in place of ONNX Runtime's com.microsoft MoE and QMoE, for the float32 SwiGLU
-experts moecc exports and their INT4 (block-wise) and INT8 (per-row) quantizations.
+experts moecc exports and their INT4 and INT8 quantizations (INT4 per block of a row or per row, INT8 per row).
 
 The kernels take each expert's fc2 transposed, so that a unit's output weights are one row they stream, and
 moecc.QMoE takes one level per byte: the swap feeds the weights through the ops that unpack and transpose
