@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx
 
-from runtime.kernels import DOMAIN
+from runtime.kernels import DOMAIN, attribute_value
 
 # moecc.Attention's inputs, as the names of GroupQueryAttention's inputs (ONNX Runtime's schema, by position).
 _GQA_INPUTS = (
@@ -20,10 +20,6 @@ _ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotar
                "k_quant_type": {b"NONE", b"PER_CHANNEL"}, "v_quant_type": {b"NONE", b"PER_CHANNEL"}, "kv_cache_bit_width": {8}}  # fmt: skip
 _DEFAULTS = {"local_window_size": {-1}, "softcap": {0.0}, "smooth_softmax": {0}, "causal": {1}}
 MAX_HEAD_SIZE, MAX_GROUP = 512, 16  # attention.c's limits
-
-
-def _attribute(node: onnx.NodeProto, name: str, default=None):
-    return next((onnx.helper.get_attribute_value(attribute) for attribute in node.attribute if attribute.name == name), default)
 
 
 def unsupported(node: onnx.NodeProto, head_dim: int, cache_type: int, shapes: dict[str, list[int]]) -> str | None:
@@ -96,16 +92,16 @@ def _folded_norms(graph: _Graph, names: dict[str, str], head_dim: int) -> tuple[
         flat = graph.only_reader(names.get(role, ""), "Reshape")
         norm = flat and graph.only_reader(flat.input[0], "SimplifiedLayerNormalization")
         per_head = norm and graph.only_reader(norm.input[0], "Reshape")
-        if not per_head or _attribute(norm, "axis", -1) != -1 or graph.shapes.get(norm.input[1]) != [head_dim]:
+        if not per_head or attribute_value(norm, "axis", -1) != -1 or graph.shapes.get(norm.input[1]) != [head_dim]:
             return None
         chains[role] = (per_head, norm, flat)
     split = graph.producer.get(chains["query"][0].input[0])
     parts = [chains["query"][0].input[0], chains["key"][0].input[0], names.get("value")]
-    if split is None or split.op_type != "Split" or list(split.output) != parts or _attribute(split, "axis", 0) not in (-1, 2):
+    if split is None or split.op_type != "Split" or list(split.output) != parts or attribute_value(split, "axis", 0) not in (-1, 2):
         return None
     if any(graph.readers.get(part) != 1 for part in parts):  # q, k and v go nowhere else
         return None
-    epsilons = {_attribute(norm, "epsilon", 1e-5) for _, norm, _ in chains.values()}
+    epsilons = {attribute_value(norm, "epsilon", 1e-5) for _, norm, _ in chains.values()}
     if len(epsilons) != 1:
         return None
     inputs = {"query": split.input[0], "key": "", "value": "", "q_norm_weight": chains["query"][1].input[1], "k_norm_weight": chains["key"][1].input[1]}

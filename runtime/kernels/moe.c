@@ -27,8 +27,8 @@ to). Its weights come one level per byte, fc2's transposed with its scales (runt
 and transposes them in ops that ONNX Runtime folds into constants when the session loads):
 
   inputs   0, 1 as moecc.MoE   2 fc1 levels [E, 2I, H] uint8   3 fc1 scales [E, 2I, H / B1]: per block of B1
-           inputs (B1 a multiple of 16)   4 fc2 levels, transposed: [E, I, H] uint8   5 fc2 scales, transposed: [E, I / B2, H], per
-           block of B2 units, a multiple of 16   6 (optional) mixing weights [tokens, E]: QMoE's router_weights,
+           inputs, a multiple of 16   4 fc2 levels, transposed: [E, I, H] uint8   5 fc2 scales, transposed:
+           [E, I / B2, H], per block of B2 units, a multiple of 16   6 (optional) mixing weights [tokens, E]: QMoE's router_weights,
            each chosen expert's weight in place of its routing probability, not negative (experts the layer's
            full top k did not choose have 0, and are skipped)
   attrs    those of moecc.MoE, and expert_weight_bits: 4 (levels stored with an offset of 8) or 8 (of 128)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from runtime.kernels import DOMAIN
+from runtime.kernels import DOMAIN, attribute_value
 
 # ONNX Runtime's MoE inputs, by position; the kernel takes input, router_probs, fc1 and fc2 (transposed).
 _MOE_INPUTS = (
@@ -33,10 +33,6 @@ _QMOE_INPUTS = (
 _QMOE_ATTRIBUTES = _ATTRIBUTES | {"expert_weight_bits": {4, 8}, "block_size": None}
 HIDDEN_MULTIPLE, UNITS = 16, 16  # moe.c's: H a multiple of 16 (its widest vectors), I of UNITS (one pass); blocks of 16 too
 _UNPACK_OPSET, _UNSQUEEZE_OPSET = 18, 13  # BitwiseAnd's; Unsqueeze's with its axes as an input
-
-
-def _attribute(node: onnx.NodeProto, name: str, default=None):
-    return next((onnx.helper.get_attribute_value(attribute) for attribute in node.attribute if attribute.name == name), default)
 
 
 def _unsupported_form(node: onnx.NodeProto, names: dict[str, str], used: tuple[str, ...], attributes: dict, required: tuple[str, ...]) -> str | None:
@@ -70,7 +66,7 @@ def unsupported(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) ->
         return f"fc1 {list(fc1.dims)} and fc2 {list(fc2.dims)} do not match"
     if hidden <= 0 or inter <= 0 or hidden % HIDDEN_MULTIPLE or inter % UNITS:
         return f"hidden size {hidden} and expert size {inter} (the kernel takes positive multiples of 16)"
-    if next(attribute.i for attribute in node.attribute if attribute.name == "k") > experts:
+    if attribute_value(node, "k") > experts:
         return f"k is larger than its {experts} experts"
     return None
 
@@ -86,7 +82,7 @@ def unsupported_quantized(node: onnx.NodeProto, constants: dict[str, onnx.Tensor
         return reason
     # ONNX Runtime's QMoE renormalizes the top k's probabilities whatever the attribute says, and moecc's layers
     # mix by router weights unnormalized: the kernel takes those two forms.
-    normalize, mixed = _attribute(node, "normalize_routing_weights", 0), bool(names.get("router_weights"))
+    normalize, mixed = attribute_value(node, "normalize_routing_weights", 0), bool(names.get("router_weights"))
     if normalize != (0 if mixed else 1):
         return f"normalize_routing_weights={normalize} {'with' if mixed else 'without'} router weights"
     weights = [constants.get(names.get(name, "")) for name in ("fc1_experts_weights", "fc1_scales", "fc2_experts_weights", "fc2_scales")]
@@ -97,7 +93,7 @@ def unsupported_quantized(node: onnx.NodeProto, constants: dict[str, onnx.Tensor
         return "its expert weights are not packed [E, rows, bytes] uint8"
     if fc1_scales.data_type != onnx.TensorProto.FLOAT or fc2_scales.data_type != onnx.TensorProto.FLOAT:
         return "its scales are not float32"
-    bits, block = _attribute(node, "expert_weight_bits"), _attribute(node, "block_size", 0)
+    bits, block = attribute_value(node, "expert_weight_bits"), attribute_value(node, "block_size", 0)
     if opset < _UNSQUEEZE_OPSET:
         return f"opset {opset} (the swap's Unsqueeze takes its axes as an input, opset {_UNSQUEEZE_OPSET})"
     if bits == 4 and opset < _UNPACK_OPSET:
@@ -113,7 +109,7 @@ def unsupported_quantized(node: onnx.NodeProto, constants: dict[str, onnx.Tensor
         expected = [experts, rows, width // block] if block else [experts, rows]
         if list(scales.dims) != expected or (block and (width % block or block % UNITS)):
             return f"scales {list(scales.dims)} for [{experts}, {rows}, {width}] weights in blocks of {block or 'a row'} (the kernel takes blocks of a multiple of 16 that divide the rows)"
-    if _attribute(node, "k") > experts:
+    if attribute_value(node, "k") > experts:
         return f"k is larger than its {experts} experts"
     return None
 
@@ -211,7 +207,7 @@ def swap_quantized(model: onnx.ModelProto) -> int:
         if node.op_type != "QMoE" or node.domain != "com.microsoft":
             nodes.append(node)
             continue
-        names, bits = dict(zip(_QMOE_INPUTS, node.input)), _attribute(node, "expert_weight_bits")
+        names, bits = dict(zip(_QMOE_INPUTS, node.input)), attribute_value(node, "expert_weight_bits")
         for kind in _PREPARED:
             if names[kind] not in prepared:
                 prepared[names[kind]] = _prepared(model, nodes, names[kind], kind, bits, shapes[names[kind]])
