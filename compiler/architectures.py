@@ -76,6 +76,10 @@ def architecture_of(config: dict[str, Any]) -> Architecture:
     for name in names:
         if name in REGISTRY:
             return REGISTRY[name]
+    if not names:  # a config saved without a model (Config.save_pretrained): its model_type, as transformers' Auto classes read it
+        for arch in REGISTRY.values():
+            if arch.name == config.get("model_type"):
+                return arch
     supported = ", ".join(sorted(REGISTRY))
     raise CheckpointError(f"unsupported architecture {names or config.get('model_type')!r}; supported: {supported}")
 

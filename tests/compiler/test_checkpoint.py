@@ -74,6 +74,17 @@ def test_unknown_architecture_lists_supported(main_copy):
         Checkpoint(main_copy)
 
 
+def test_config_without_architectures_is_read_by_model_type(main_copy):
+    config = json.loads((main_copy / "config.json").read_text())
+    del config["architectures"]  # as Qwen3MoeConfig(...).save_pretrained writes it
+    (main_copy / "config.json").write_text(json.dumps(config))
+    assert Checkpoint(main_copy).arch.hf_class == "Qwen3MoeForCausalLM"
+    config["model_type"] = "gpt_neox"
+    (main_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"unsupported architecture 'gpt_neox'; supported: LlamaForCausalLM"):
+        Checkpoint(main_copy)
+
+
 def test_pickle_weights_are_refused(main_copy):
     (main_copy / "model.safetensors").rename(main_copy / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pickle \.bin files"):
