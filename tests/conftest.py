@@ -1,4 +1,4 @@
-"""Shared fixtures: a random-init tiny pair, and the shipped tiny-coder pair, each built once per session."""
+"""Shared fixtures: a random-init tiny pair, and the shipped tiny-coder and small-coder pairs, each built once per session."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tiny_models import make_pair, tiny_tokenizer, write_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_RECIPE = REPO / "recipes" / "tiny-coder.yaml"
+SHIPPED_PAIRS = ("tiny-coder", "small-coder")
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +48,18 @@ def shipped_cache(tmp_path_factory) -> Path:
 def shipped_artifact(tmp_path_factory, shipped_cache) -> Path:
     output = tmp_path_factory.mktemp("shipped")
     return build(load_recipe(SHIPPED_RECIPE), output, cache_root=shipped_cache).artifact
+
+
+@pytest.fixture(scope="session")
+def small_coder_artifact(tmp_path_factory) -> Path:
+    return build(load_recipe(REPO / "recipes" / "small-coder.yaml"), tmp_path_factory.mktemp("small-coder")).artifact
+
+
+@pytest.fixture(scope="session", params=SHIPPED_PAIRS)
+def shipped_pair(request) -> tuple[Path, Path]:
+    """Each shipped pair: (its checkpoints' folder, its artifact)."""
+    artifact = request.getfixturevalue("shipped_artifact" if request.param == "tiny-coder" else "small_coder_artifact")
+    return REPO / "recipes" / request.param, artifact
 
 
 @pytest.fixture(scope="session")

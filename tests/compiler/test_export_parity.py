@@ -65,14 +65,12 @@ def test_tiny_random_pair_matches_transformers(tiny_artifact, tiny_pair, role):
 
 
 @pytest.mark.parametrize("role", ["main", "draft"])
-def test_shipped_pair_matches_transformers(shipped_artifact, role):
-    from conftest import REPO
-
-    generator = runtime.load(shipped_artifact)
-    folder = REPO / "recipes" / "tiny-coder" / role
+def test_shipped_pairs_match_transformers(shipped_pair, role):
+    checkpoints, artifact = shipped_pair
+    generator = runtime.load(artifact)
     vocab = generator.manifest.models[role].vocab_size
-    _check_cached_decoding(generator, role, folder, vocab)
-    _check_batched_prefill(shipped_artifact, role, folder, vocab)
+    _check_cached_decoding(generator, role, checkpoints / role, vocab)
+    _check_batched_prefill(artifact, role, checkpoints / role, vocab)
 
 
 def test_every_expert_is_in_the_graph(tiny_artifact):
@@ -109,12 +107,12 @@ def test_expert_unrouted_by_calibration_input_is_exported_and_correct(tiny_artif
     assert np.abs(cache.feed(later) - expected).max() <= TOLERANCE
 
 
-def test_shipped_main_greedy_continuations_match_transformers(shipped_artifact):
+def test_shipped_main_greedy_continuations_match_transformers(shipped_pair):
     from compiler import corpus
-    from conftest import REPO
 
-    generator = runtime.load(shipped_artifact)
-    model = _reference(REPO / "recipes" / "tiny-coder" / "main")
+    checkpoints, artifact = shipped_pair
+    generator = runtime.load(artifact)
+    model = _reference(checkpoints / "main")
     for prompt in corpus.heldout_prompts(3):
         ids = generator.encode(prompt)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The shipped pair is useful: the MoE main model beats its draft on held-out text."""
+"""The shipped pairs are useful: each MoE main model beats its draft on held-out text."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from compiler import corpus
 from runtime.evaluate import perplexity
 
 
-def test_main_has_lower_heldout_perplexity_than_draft(shipped_artifact):
-    generator = runtime.load(shipped_artifact)
+def test_main_has_lower_heldout_perplexity_than_draft(shipped_pair):
+    generator = runtime.load(shipped_pair[1])
     tokens = []
     for path in corpus.stdlib_files("heldout")[:8]:
         tokens.extend(generator.encode(corpus.read_text(path)))
