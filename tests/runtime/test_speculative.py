@@ -43,7 +43,7 @@ def test_tiny_pair_lossless_for_all_draft_lengths(tiny_artifact):
 
 def test_shipped_pairs_lossless_and_useful(shipped_pair):
     acceptance = _check_lossless(runtime.load(shipped_pair[1]))
-    assert acceptance[4] >= 0.5, acceptance
+    assert acceptance[1] >= 0.6, acceptance  # the draft guesses the main model's next token most of the time
 
 
 class _ContraryDraft:
