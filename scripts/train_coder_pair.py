@@ -30,6 +30,7 @@ from compiler import corpus
 END_OF_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 1024
 SEQ_LEN = 256
+PEAK_LR = 3e-3
 
 COMMON = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=4096, rms_norm_eps=1e-6)
 MOE_TRAINING = dict(router_aux_loss_coef=0.01, output_router_logits=True)
@@ -120,6 +121,20 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int = 100) -> floa
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def adamw(model) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def optimizer_step(model, optimizer, loss, step: int, steps: int) -> None:
+    """One step at the schedule's learning rate, gradients clipped to norm 1."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, steps, PEAK_LR)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
 @torch.no_grad()
 def heldout_perplexity(model, stream: np.ndarray, windows: int = 64) -> float:
     model.eval()
@@ -133,16 +148,11 @@ def heldout_perplexity(model, stream: np.ndarray, windows: int = 64) -> float:
 def train_main(pair: Pair, stream, steps: int, batch_size: int, log):
     torch.manual_seed(0)
     model = pair.main_class(pair.main_config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = adamw(model)
     started = time.time()
     for step, batch in zip(range(steps), batches(stream, batch_size, seed=1)):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, 3e-3)
         loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, step, steps)
         if step % 50 == 0 or step == steps - 1:
             log(f"main step {step}/{steps} loss {loss.item():.3f} {time.time() - started:.0f}s")
     return model.eval()
@@ -175,22 +185,16 @@ def distill_draft(pair: Pair, main, stream, steps: int, batch_size: int, log) ->
     picks = np.random.default_rng(4)
     torch.manual_seed(0)
     draft = Qwen3ForCausalLM(pair.draft_config)
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = adamw(draft)
     started = time.time()
     for step, text in zip(range(steps), batches(stream, batch_size - generated, seed=2)):
         batch = torch.cat([text, pool[picks.integers(0, len(pool), size=generated)]]) if generated else text
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, 3e-3)
         with torch.no_grad():
             teacher = F.log_softmax(main(input_ids=batch).logits, dim=-1)
         output = draft(input_ids=batch, labels=batch)
         student = F.log_softmax(output.logits, dim=-1)
         kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean") / SEQ_LEN
-        loss = kl + 0.1 * output.loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(draft, optimizer, kl + 0.1 * output.loss, step, steps)
         if step % 50 == 0 or step == steps - 1:
             log(f"draft step {step}/{steps} kl {kl.item():.3f} ce {output.loss.item():.3f} {time.time() - started:.0f}s")
     return draft.eval()
