@@ -63,8 +63,9 @@ PAIRS = {
         draft_steps=2000,
     ),
     # A pair shaped for speculation, as deployed pairs are: a main model whose weights read per token exceed
-    # the L3 cache (about 44 MB in fp32), most of them in a shared expert every token uses, so a verify
-    # call over several tokens reads little more than one token's call; and a draft about 1/30 of its cost.
+    # the L3 cache (41 MiB in fp32), most of them in a shared expert every token uses, so a verify call over
+    # several tokens reads little more than one token's call (5 positions: 1.6-1.7 calls in the decoding
+    # loop); and a draft costing a tenth of a main call per proposal there.
     "small-coder": Pair(
         Qwen2MoeForCausalLM,
         Qwen2MoeConfig(
