@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/profile_decode.py --artifact artifacts/bench-moe --contexts 128 2048
 
-For each context, the model reads that many held-out tokens, then decodes one token per call; the
-profile of those calls is summed per op type and divided by the number of calls. Profiling adds a fixed
+For each context, the model reads that many held-out tokens, then runs calls of --new-tokens tokens (1:
+a decode step; k + 1: a verify of k proposals) right after them, each rolled back by the next; the profile
+of those calls is summed per op type and divided by the number of calls. Profiling adds a fixed
 cost to every node, so read the table for where time grows with the context, and the wall-clock
 milliseconds (`moecc bench`) for how fast decoding is.
 """
@@ -28,8 +29,8 @@ from runtime.decoder import POSITIONS_INPUT, KvState, session_options
 from runtime.kernels.session import open_session
 
 
-def profile(artifact: Path, entry: ModelEntry, text: list[int], context: int, calls: int, threads: int, folder: Path, kernels: str) -> Counter[str]:
-    """Microseconds per decode call, by op type, after `context` tokens of `text`."""
+def profile(artifact: Path, entry: ModelEntry, text: list[int], context: int, calls: int, new_tokens: int, threads: int, folder: Path, kernels: str) -> Counter[str]:
+    """Microseconds per call of `new_tokens` tokens, by op type, after `context` tokens of `text`."""
     options = session_options(entry.session_options, threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(folder / f"profile-{context}")
@@ -41,13 +42,14 @@ def profile(artifact: Path, entry: ModelEntry, text: list[int], context: int, ca
     def call(tokens: list[int], cached: int) -> None:
         state.set_lengths([cached], [len(tokens)], len(tokens))
         binding.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
-        binding.bind_cpu_input(POSITIONS_INPUT, np.asarray([[[len(tokens) - 1]]], dtype=np.int64))  # the last token's, as decoding asks
+        positions = np.arange(len(tokens), dtype=np.int64).reshape(1, -1, 1)  # every new token's, as a verify asks
+        binding.bind_cpu_input(POSITIONS_INPUT, positions)
         binding.bind_output("logits", "cpu")
         session.run_with_iobinding(binding)
 
     call(text[:context], 0)
-    for position in range(context, context + calls):
-        call(text[position : position + 1], position)
+    for position in range(context, context + calls * new_tokens, new_tokens):  # different tokens route to different experts
+        call(text[position : position + new_tokens], context)
     events = json.loads(Path(session.end_profiling()).read_text())
     runs = sorted(event["ts"] for event in events if event.get("cat") == "Session" and event["name"] == "model_run")
     decoding = runs[1]  # the first run read the context
@@ -71,17 +73,19 @@ def main() -> None:
     parser.add_argument("--model", choices=("main", "draft"), default="main")
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 2048])
     parser.add_argument("--calls", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=1, help="tokens per call: 1 decodes, k + 1 verifies k proposals")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=10, help="op types shown, by time at the longest context")
     parser.add_argument("--kernels", choices=runtime.KERNELS, default="auto", help="moecc's attention and MoE kernels or ONNX Runtime's")
     args = parser.parse_args()
     entry, text = _entry_and_text(args.artifact, args.model)
-    if len(text) < max(args.contexts) + args.calls:
-        raise SystemExit(f"the held-out text has {len(text)} tokens; the longest context needs {max(args.contexts) + args.calls}")
+    needed = max(args.contexts) + args.calls * args.new_tokens
+    if len(text) < needed:
+        raise SystemExit(f"the held-out text has {len(text)} tokens; the longest context needs {needed}")
     with tempfile.TemporaryDirectory() as folder:
-        profiles = {context: profile(args.artifact, entry, text, context, args.calls, args.threads, Path(folder), args.kernels) for context in args.contexts}
+        profiles = {context: profile(args.artifact, entry, text, context, args.calls, args.new_tokens, args.threads, Path(folder), args.kernels) for context in args.contexts}
     longest = profiles[max(args.contexts)]
-    table = Table(title=f"{args.artifact.name} {args.model}: µs per decode call by op type (ONNX Runtime profile, {args.calls} calls, {args.threads} threads)")
+    table = Table(title=f"{args.artifact.name} {args.model}: µs per call of {args.new_tokens} new tokens by op type (ONNX Runtime profile, {args.calls} calls, {args.threads} threads)")
     table.add_column("op type")
     for context in args.contexts:
         table.add_column(f"context {context}", justify="right")

@@ -7,7 +7,7 @@ Reproducible: fixed seeds, single process, the CPython 3.11 standard library as 
 
 writes recipes/PAIR/main and recipes/PAIR/draft as Hugging Face checkpoints (config.json, model.safetensors,
 tokenizer.json) that transformers loads as they are. On 2 cores: tiny-coder about 60 minutes (30 for the
-main model, 30 for the draft), small-coder about 95 (70 and 25).
+main model, 30 for the draft), small-coder about 125 (75 and 50).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ PAIRS = {
             num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
         ),
         main_steps=1500,
-        draft_steps=1000,
+        draft_steps=3000,  # 1000 steps agreed with the main model's greedy continuations on 0.789 of tokens, 3000 on 0.839
         greedy_rows=8,
     ),
 }
@@ -173,6 +173,15 @@ def greedy_continuations(main, stream: np.ndarray, count: int, batch_size: int =
     ])
 
 
+@torch.no_grad()
+def greedy_agreement(main, draft, stream: np.ndarray, count: int = 64) -> float:
+    """Share of the main model's greedy continuations of `count` held-out prompts that the draft's argmax
+    predicts, token by token: the per-token acceptance of greedy speculation."""
+    rows = greedy_continuations(main, stream, count)
+    predicted = draft(input_ids=rows).logits.argmax(-1)[:, SEQ_LEN // 2 - 1 : -1]
+    return (predicted == rows[:, SEQ_LEN // 2 :]).float().mean().item()
+
+
 def distill_draft(pair: Pair, main, stream, steps: int, batch_size: int, log) -> Qwen3ForCausalLM:
     """Train the draft to match the main model's next-token distribution (forward KL), plus the data loss.
 
@@ -242,6 +251,7 @@ def main() -> None:
     draft = distill_draft(pair, main_model, train, args.draft_steps or pair.draft_steps, args.batch_size, log)
     save(draft, tokenizer, out / "draft")
     log(f"draft held-out perplexity {heldout_perplexity(draft, heldout):.2f}")
+    log(f"draft agreement with the main model's greedy continuations of held-out text {greedy_agreement(main_model, draft, heldout):.3f}")
 
 
 if __name__ == "__main__":
