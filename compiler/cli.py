@@ -324,9 +324,13 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
     for prompt_tokens in args.prompt_tokens:
         if prompt_tokens + args.new_tokens > generator.main.entry.max_sequence_length:
             raise MoeccError(f"{prompt_tokens} prompt + {args.new_tokens} new tokens exceed the maximum sequence length {generator.main.entry.max_sequence_length}")
-        for batch in args.batch_sizes:  # different prompts of the same length
-            prompts = tuple(tuple(heldout[row * prompt_tokens : (row + 1) * prompt_tokens]) for row in range(batch))
-            planned += [benchmark.Case(mode, prompts) for mode in benchmark.modes_for(generator, fixed)]
+        for batch in args.batch_sizes:  # different prompts of the same length; each run its own
+            windows = [tuple(heldout[start : start + prompt_tokens]) for start in range(0, args.runs * batch * prompt_tokens, prompt_tokens)]
+            if len(windows[-1]) < prompt_tokens:
+                raise MoeccError(f"the held-out text has {len(heldout)} tokens, too few for {args.runs} runs of {batch} prompts of {prompt_tokens} tokens",
+                                 hint="ask for fewer runs, a smaller batch or shorter prompts")  # fmt: skip
+            batches = tuple(tuple(windows[run * batch : (run + 1) * batch]) for run in range(args.runs))
+            planned += [benchmark.Case(mode, batches) for mode in benchmark.modes_for(generator, fixed)]
 
     def progress(round_index: int, case: benchmark.Case) -> None:
         if not args.json:
@@ -517,7 +521,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("artifact")
     bench.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths, from held-out text")
     bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--runs", type=int, default=3, help="timed rounds, each running every case once (so drift reaches all alike), after a warm-up round")
+    bench.add_argument("--runs", type=int, default=3, help="timed rounds, each running every case once (so drift reaches all alike) on text of its own, after a warm-up round")
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="prompts decoded together, each size in every mode")
     bench.add_argument("--draft-length", type=int, default=None, help="the fixed draft length to compare with auto (default: the recipe's, else 4)")
     _add_loading_options(bench)

@@ -66,29 +66,42 @@ def modes_for(generator: Generator, draft_length: int) -> list[Mode]:
     return modes + [Mode("prompt lookup", True, "auto", "prompt-lookup")]
 
 
+Batch = tuple[tuple[int, ...], ...]  # one prompt, or several of the same length decoded together
+
+
 @dataclass(frozen=True)
 class Case:
     mode: Mode
-    prompts: tuple[tuple[int, ...], ...]  # one prompt, or several of the same length decoded together as one batch
+    batches: tuple[Batch, ...]  # what each timed run decodes, in turn (the warm-up round the first)
+
+    @property
+    def prompts(self) -> Batch:
+        return self.batches[0]
+
+    def batch_of_run(self, run: int) -> Batch:
+        """The prompts of timed run `run` (1, 2, ...); 0, the warm-up round, takes the first batch."""
+        return self.batches[max(run - 1, 0) % len(self.batches)]
 
 
-def _generate(generator: Generator, case: Case, new_tokens: int) -> GenerationStats:
+def _generate(generator: Generator, mode: Mode, prompts: Batch, new_tokens: int) -> GenerationStats:
     """One generation of exactly `new_tokens` per prompt (end-of-text ignored)."""
-    options = {"draft_length": case.mode.draft_length, "proposer": case.mode.proposer} if case.mode.speculative else {}
-    if len(case.prompts) == 1:
+    options = {"draft_length": mode.draft_length, "proposer": mode.proposer} if mode.speculative else {}
+    if len(prompts) == 1:
         stats = GenerationStats()
-        for _ in generator.stream_ids(list(case.prompts[0]), max_new_tokens=new_tokens, speculative=case.mode.speculative, stats=stats, stop_tokens=set(), **options):
+        for _ in generator.stream_ids(list(prompts[0]), max_new_tokens=new_tokens, speculative=mode.speculative, stats=stats, stop_tokens=set(), **options):
             pass
         return stats
-    _, stats = generator.generate_batch_ids([list(p) for p in case.prompts], max_new_tokens=new_tokens, stop_tokens=set(), speculative=case.mode.speculative, **options)
+    _, stats = generator.generate_batch_ids([list(p) for p in prompts], max_new_tokens=new_tokens, stop_tokens=set(), speculative=mode.speculative, **options)
     return stats
 
 
 def run_cases(generator: Generator, cases: list[Case], new_tokens: int, runs: int, progress: Callable[[int, Case], None] | None = None) -> list[CaseResult]:
     """Each case `runs` times after a warm-up round (which warms caches and ONNX Runtime's allocations), in
     rounds that run every case once in turn, so the machine's drift reaches every case alike instead of the
-    ones that happen to run last. One prompt goes through the single-sequence loop; several are decoded
-    together as one batch, and tokens/s then counts every row's tokens. Each single-sequence case with an
+    ones that happen to run last. Each run decodes its case's batch for that run (case.batch_of_run): with
+    different text per run, the spread and the acceptance cover the text as well as the machine. One prompt
+    goes through the single-sequence loop; several are decoded together as one batch, and tokens/s then
+    counts every row's tokens. Each single-sequence case with an
     adaptive draft length keeps a policy of its own across the rounds, as it would running alone (a batched
     generation starts a fresh one every call anyway)."""
     records: list[list[GenerationStats]] = [[] for _ in cases]
@@ -100,7 +113,7 @@ def run_cases(generator: Generator, cases: list[Case], new_tokens: int, runs: in
                 if progress:
                     progress(round_index, case)
                 generator.adaptive_draft_length = policy
-                stats = _generate(generator, case, new_tokens)
+                stats = _generate(generator, case.mode, case.batch_of_run(round_index), new_tokens)
                 if round_index:
                     record.append(stats)
     finally:

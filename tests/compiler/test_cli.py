@@ -95,3 +95,5 @@ def test_bench_writes_table_json_and_chart(tiny_artifact, tmp_path):
 
     code, out, _ = _moecc("bench", str(tiny_artifact), "--prompt-tokens", "100000", "--json")
     assert code == 1 and "exceed the maximum sequence length" in json.loads(out)["error"]
+    code, out, _ = _moecc("bench", str(tiny_artifact), "--prompt-tokens", "128", "--runs", "10000", "--json")
+    assert code == 1 and "too few for 10000 runs of 1 prompts of 128 tokens" in json.loads(out)["error"]

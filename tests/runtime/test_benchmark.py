@@ -66,16 +66,22 @@ def test_speculation_costs_are_in_main_only_steps_with_the_free_draft_bound():
     assert lookup.draft_cost == 0 and lookup.free_draft_bound == pytest.approx(1.6)
 
 
+def test_each_timed_run_decodes_its_own_batch_in_turn():
+    case = Case(Mode("main only", False), (((1, 2),), ((3, 4),)))
+    assert case.prompts == ((1, 2),)
+    assert [case.batch_of_run(run) for run in range(5)] == [((1, 2),), ((1, 2),), ((3, 4),), ((1, 2),), ((3, 4),)]  # 0: the warm-up round
+
+
 def test_case_summary_times_each_main_call_and_each_proposal():
     runs = [
         GenerationStats(new_tokens=12, seconds=0.02, verify_seconds=0.010, verify_calls=4, draft_seconds=0.004, proposed=10, accepted=8, draft_lengths=[4, 4, 2, 0]),
         GenerationStats(new_tokens=12, seconds=0.02, verify_seconds=0.014, verify_calls=6, draft_seconds=0.002, proposed=6, accepted=4, draft_lengths=[2, 2, 2, 0, 0, 0]),
     ]
-    result = _summary(Case(Mode("speculative auto", True, "auto"), ((1, 2, 3),)), runs, new_tokens=12, runs=2)
+    result = _summary(Case(Mode("speculative auto", True, "auto"), (((1, 2, 3),),)), runs, new_tokens=12, runs=2)
     assert result.verify_milliseconds == pytest.approx(2.4)  # 24 ms over 10 calls
     assert result.draft_milliseconds == pytest.approx(0.375)  # 6 ms over 16 proposals
     assert result.mean_accepted_length == pytest.approx(2.4) and result.acceptance_rate == pytest.approx(0.75)
-    alone = _summary(Case(Mode("main only", False), ((1, 2, 3),)), [GenerationStats(new_tokens=5, seconds=0.01, verify_seconds=0.004, verify_calls=5)], 5, 1)
+    alone = _summary(Case(Mode("main only", False), (((1, 2, 3),),)), [GenerationStats(new_tokens=5, seconds=0.01, verify_seconds=0.004, verify_calls=5)], 5, 1)
     assert alone.verify_milliseconds == pytest.approx(0.8) and alone.draft_milliseconds == 0
 
 
