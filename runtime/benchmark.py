@@ -101,9 +101,8 @@ def run_cases(generator: Generator, cases: list[Case], new_tokens: int, runs: in
     ones that happen to run last. Each run decodes its case's batch for that run (case.batch_of_run): with
     different text per run, the spread and the acceptance cover the text as well as the machine. One prompt
     goes through the single-sequence loop; several are decoded together as one batch, and tokens/s then
-    counts every row's tokens. Each single-sequence case with an
-    adaptive draft length keeps a policy of its own across the rounds, as it would running alone (a batched
-    generation starts a fresh one every call anyway)."""
+    counts every row's tokens. Each single-sequence case with an adaptive draft length keeps a policy of its
+    own across the rounds, as it would running alone (a batched generation starts a fresh one every call anyway)."""
     records: list[list[GenerationStats]] = [[] for _ in cases]
     policies = [AdaptiveDraftLength(generator.manifest.generation.max_draft_length) for _ in cases]
     shared = generator.adaptive_draft_length
