@@ -78,7 +78,7 @@ PAIRS = {
             num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
         ),
         main_steps=1500,
-        draft_steps=3000,  # 1000 steps agreed with the main model's greedy continuations on 0.789 of tokens, 3000 on 0.839
+        draft_steps=3000,  # agreement with the main model's greedy continuations: 0.789 after 1000 steps, 0.839 after 3000, 0.843 after 4500
         greedy_rows=8,
     ),
 }
