@@ -325,10 +325,10 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
         if prompt_tokens + args.new_tokens > generator.main.entry.max_sequence_length:
             raise MoeccError(f"{prompt_tokens} prompt + {args.new_tokens} new tokens exceed the maximum sequence length {generator.main.entry.max_sequence_length}")
         for batch in args.batch_sizes:  # different prompts of the same length; each run its own
-            windows = [tuple(heldout[start : start + prompt_tokens]) for start in range(0, args.runs * batch * prompt_tokens, prompt_tokens)]
-            if len(windows[-1]) < prompt_tokens:
+            if args.runs * batch * prompt_tokens > len(heldout):
                 raise MoeccError(f"the held-out text has {len(heldout)} tokens, too few for {args.runs} runs of {batch} prompts of {prompt_tokens} tokens",
                                  hint="ask for fewer runs, a smaller batch or shorter prompts")  # fmt: skip
+            windows = [tuple(heldout[start : start + prompt_tokens]) for start in range(0, args.runs * batch * prompt_tokens, prompt_tokens)]
             batches = tuple(tuple(windows[run * batch : (run + 1) * batch]) for run in range(args.runs))
             planned += [benchmark.Case(mode, batches) for mode in benchmark.modes_for(generator, fixed)]
 
