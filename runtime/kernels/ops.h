@@ -46,5 +46,6 @@ OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op
 
 OrtStatus *add_attention_ops(OrtCustomOpDomain *domain);
 OrtStatus *add_moe_ops(OrtCustomOpDomain *domain);
+OrtStatus *add_matmul_ops(OrtCustomOpDomain *domain);
 
 #endif

@@ -1,0 +1,172 @@
+/* moecc.MatMul: x times a constant float32 weight matrix, reading the weights once per call however few rows x has.
+
+A verify call runs every dense layer of the model on the k + 1 positions it checks. ONNX Runtime's CPU MatMul
+took 1.5-1.6 times its one-row time for 5 rows on small-coder's [384, 3072] and [1536, 384] weights (2
+threads, an AVX-512 EPYC, weights beyond the last-level cache), where reading the weights, the same bytes for
+any row count, is the whole cost of one row: the product of a few rows should cost about what one does.
+This kernel walks the weights in panels of 32 columns stored one after another, and takes up to ROWS rows of
+x at a time against each, their sums in registers, so that a call of up to ROWS rows reads each weight once,
+in order, prefetched 8 KiB ahead: 1.13-1.17 times its one-row time for 5 rows there, and its one row 0.8-0.9
+of ONNX Runtime's time (scripts/bench_kernels.py --kernel moecc.MatMul for the whole model). Its contract is that of ONNX Runtime's
+MatMul with a constant B, except that B comes in panels (runtime/kernels/matmul.py swaps it in when a
+session loads, feeding the weights through a Reshape and a Transpose that ONNX Runtime folds):
+
+  inputs   0 x [..., K] float (rank 1 to 4)   1 weights [N / 32, K, 32]: panel p holds columns 32p .. 32p + 31
+  outputs  0 [..., N] */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+
+enum { INPUT, WEIGHTS, INPUT_COUNT };
+enum { PANEL = 32 }; /* columns of a panel: two AVX-512 vectors, four AVX2 ones */
+/* Rows of x one pass takes against a panel: their 32 sums each stay in registers where the machine has 32
+   vector registers (AVX-512: 12 rows in 24 of them, as MLAS's AVX-512 kernel); with AVX2's 16, 3 rows in 12.
+   A work item takes a panel for up to CHUNK rows, so that a prompt's rows spread over the threads too and
+   the panel (K * 128 bytes) is reread from the core's cache by each pass. */
+#if defined(__AVX512F__)
+#define LANES 16
+#define ROWS 12
+#elif defined(__AVX__)
+#define LANES 8
+#define ROWS 3
+#else
+#define LANES 4
+#define ROWS 2
+#endif
+enum { CHUNK = 4 * ROWS, VECTORS = PANEL / LANES };
+typedef float vector __attribute__((vector_size(LANES * sizeof(float))));
+
+typedef struct {
+  int64_t rows, inner, columns; /* M, K, N */
+  const float *x, *weights;
+  float *packed; /* x by blocks of ROWS rows, each K columns of ROWS values; NULL for one row */
+  float *out;
+} Call;
+
+/* out[r] = x[., r] . panel for `count` rows of x given column by column, `stride` floats apart (a constant where
+   it is called: with the loops unrolled, the sums stay in registers; as one 32-float vector per row, GCC kept
+   them on the stack). */
+static inline __attribute__((always_inline)) void pass(const float *x, int64_t stride, int64_t inner, const float *weights, float *out, int64_t columns,
+                                                       int count) {
+  vector sums[ROWS][VECTORS];
+#pragma GCC unroll 12
+  for (int r = 0; r < count; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < VECTORS; ++v) sums[r][v] = (vector){0};
+  for (int64_t k = 0; k < inner; ++k) {
+    vector row[VECTORS];
+    /* Without it, 5 rows took 1.3-1.45 times one row's time: the hardware's prefetcher alone fell behind the
+       loop. 8 KiB ahead measured better than 2 KiB or 16 KiB. */
+    __builtin_prefetch(weights + (k + 64) * PANEL);
+    __builtin_prefetch(weights + (k + 64) * PANEL + 16);
+#pragma GCC unroll 8
+    for (int v = 0; v < VECTORS; ++v) memcpy(&row[v], weights + k * PANEL + v * LANES, sizeof row[v]);
+#pragma GCC unroll 12
+    for (int r = 0; r < count; ++r) {
+      float value = x[k * stride + r];
+#pragma GCC unroll 8
+      for (int v = 0; v < VECTORS; ++v) sums[r][v] += value * row[v];
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < count; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < VECTORS; ++v) memcpy(out + r * columns + v * LANES, &sums[r][v], sizeof sums[r][v]);
+}
+
+#define PASS_CASE(count) \
+  case count: pass(x, stride, inner, weights, out, columns, count); break;
+
+static void pass_of(const float *x, int64_t stride, int64_t inner, const float *weights, float *out, int64_t columns, int64_t count) {
+  switch (count) {
+    PASS_CASE(1) PASS_CASE(2)
+#if ROWS > 2
+    PASS_CASE(3)
+#endif
+#if ROWS > 3
+    PASS_CASE(4) PASS_CASE(5) PASS_CASE(6) PASS_CASE(7) PASS_CASE(8) PASS_CASE(9) PASS_CASE(10) PASS_CASE(11) PASS_CASE(12)
+#endif
+    default: break; /* count is 1 .. ROWS */
+  }
+}
+
+/* Work item of the first phase: rows ROWS * item .. of x into their block of `packed`, column by column, so that
+   a pass reads its rows' values for a k from one cache line. Read in place, the rows K floats apart (6 KiB at
+   K = 1536) fell into few of the first cache's sets, and a 400-row call took 9 times ONNX Runtime's. */
+static void pack(void *data, size_t item) {
+  const Call *call = data;
+  int64_t first = (int64_t)item * ROWS, count = call->rows - first < ROWS ? call->rows - first : ROWS;
+  float *block = call->packed + first * call->inner;
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t k = 0; k < call->inner; ++k) block[k * ROWS + r] = call->x[(first + r) * call->inner + k];
+}
+
+/* Work item of the second phase: one panel against up to CHUNK rows. */
+static void multiply(void *data, size_t item) {
+  const Call *call = data;
+  int64_t panels = call->columns / PANEL, panel_index = (int64_t)item % panels, first = (int64_t)item / panels * CHUNK;
+  int64_t last = first + CHUNK < call->rows ? first + CHUNK : call->rows;
+  const float *weights = call->weights + panel_index * call->inner * PANEL;
+  for (int64_t row = first; row < last; row += ROWS) {
+    int64_t count = last - row < ROWS ? last - row : ROWS;
+    const float *x = call->packed ? call->packed + row * call->inner : call->x;
+    pass_of(x, call->packed ? ROWS : 1, call->inner, weights, call->out + row * call->columns + panel_index * PANEL, call->columns, count);
+  }
+}
+
+static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
+  (void)state;
+  Tensor in[INPUT_COUNT], out;
+  for (size_t i = 0; i < INPUT_COUNT; ++i) CHECK(input(context, i, &in[i]));
+  if (in[INPUT].rank < 1 || in[WEIGHTS].rank != 3 || in[WEIGHTS].shape[2] != PANEL)
+    return fail("moecc.MatMul: x must be [..., K] and the weights [N / 32, K, 32]");
+  Call call = {.inner = in[WEIGHTS].shape[1], .columns = in[WEIGHTS].shape[0] * PANEL};
+  if (in[INPUT].shape[in[INPUT].rank - 1] != call.inner) return fail("moecc.MatMul: x's last dimension is not the weights' K");
+  int64_t shape[4];
+  memcpy(shape, in[INPUT].shape, sizeof(int64_t) * in[INPUT].rank);
+  shape[in[INPUT].rank - 1] = call.columns;
+  CHECK(output(context, 0, shape, in[INPUT].rank, &out));
+  call.rows = call.inner ? elements(&in[INPUT]) / call.inner : 0;
+  call.x = in[INPUT].data, call.weights = in[WEIGHTS].data, call.out = out.data;
+  if (call.rows == 0 || call.columns == 0) return NULL;
+  if (call.inner == 0) {
+    memset(call.out, 0, (size_t)(call.rows * call.columns) * sizeof(float));
+    return NULL;
+  }
+  int64_t blocks = (call.rows + ROWS - 1) / ROWS;
+  if (call.rows > 1) {
+    call.packed = malloc((size_t)(blocks * ROWS * call.inner) * sizeof(float));
+    if (!call.packed) return fail("moecc.MatMul: out of memory");
+  }
+  OrtStatus *status = call.packed ? ort->KernelContext_ParallelFor(context, pack, (size_t)blocks, 0, &call) : NULL;
+  size_t items = (size_t)((call.rows + CHUNK - 1) / CHUNK * (call.columns / PANEL));
+  if (!status) status = ort->KernelContext_ParallelFor(context, multiply, items, 0, &call);
+  free(call.packed);
+  return status;
+}
+
+static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {
+  (void)op, (void)api, (void)info;
+  *state = NULL;
+  return NULL;
+}
+
+static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "MatMul"; }
+static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return INPUT_COUNT; }
+static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 1; }
+static ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, size_t index) {
+  (void)op, (void)index;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+/* Written once, at load: sessions registering the library concurrently only read it. */
+static const OrtCustomOp matmul_op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider,
+                                      .GetInputType = float_type, .GetInputTypeCount = input_count, .GetOutputType = float_type,
+                                      .GetOutputTypeCount = output_count, .KernelDestroy = free_state, .GetInputCharacteristic = required,
+                                      .GetOutputCharacteristic = required, .GetInputMemoryType = cpu_memory, .CreateKernelV2 = create,
+                                      .KernelComputeV2 = compute};
+
+OrtStatus *add_matmul_ops(OrtCustomOpDomain *domain) { return ort->CustomOpDomain_Add(domain, &matmul_op); }

@@ -1,0 +1,55 @@
+"""moecc.MatMul (matmul.c) in place of ONNX Runtime's MatMul where the weights are a float32 constant, node by
+node: a MatMul whose weights are computed, quantized or of a width that is not a multiple of 32 (a router's)
+stays ONNX Runtime's. The weights reach the kernel in panels of 32 columns through a Reshape and a Transpose
+that ONNX Runtime folds into a new constant when the session loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from runtime.kernels import DOMAIN
+
+PANEL = 32  # matmul.c's columns per panel
+
+
+def _swappable(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> bool:
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        return False
+    weights = constants.get(node.input[1])
+    return weights is not None and weights.data_type == onnx.TensorProto.FLOAT and len(weights.dims) == 2 and weights.dims[1] % PANEL == 0
+
+
+def why_not(model: onnx.ModelProto) -> str | None:
+    """Why moecc.MatMul stands in for no MatMul of `model`, or None when it stands in for some."""
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    if any(_swappable(node, constants) for node in model.graph.node):
+        return None
+    return f"no MatMul has float32 constant weights of a multiple of {PANEL} columns"
+
+
+def swap(model: onnx.ModelProto) -> int:
+    """Swap every MatMul of `model` with float32 constant weights of a multiple of 32 columns for moecc.MatMul, fed
+    the weights as panels (one Reshape and Transpose per weight, however many nodes read it); returns how many."""
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    panelled: set[str] = set()
+    swapped = 0
+    for node in model.graph.node:
+        if not _swappable(node, constants):
+            nodes.append(node)
+            continue
+        weights = node.input[1]
+        inner, columns = constants[weights].dims
+        if weights not in panelled:
+            shape = f"{weights}.panel_shape"
+            model.graph.initializer.append(numpy_helper.from_array(np.array([inner, columns // PANEL, PANEL], np.int64), shape))
+            nodes.append(helper.make_node("Reshape", [weights, shape], [f"{weights}.columns"], name=f"{weights}.reshape"))
+            nodes.append(helper.make_node("Transpose", [f"{weights}.columns"], [f"{weights}.panels"], name=f"{weights}.panel", perm=[1, 0, 2]))
+            panelled.add(weights)
+        nodes.append(helper.make_node("MatMul", [node.input[0], f"{weights}.panels"], node.output, name=node.name, domain=DOMAIN))
+        swapped += 1
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    return swapped
