@@ -277,7 +277,10 @@ static float softmax(float *scores, int64_t length) { /* length >= 1: a token at
 }
 
 /* Work item of the second phase: one row, one key/value head, a block of new tokens; each token's `group`
-   queries attend to the cache up to and including its own position. */
+   queries attend to the cache up to and including its own position. The block's tokens go a few at a time
+   (as many as fit MAX_GROUP query rows), their queries together as one larger group, so that a verify's
+   k + 1 tokens walk the cache once instead of once each: every row scores up to the last token's position,
+   and a row's weights past its own position are zeroed after its softmax. */
 static void attend(void *data, size_t item) {
   Call *call = data;
   int64_t blocks = (call->new_width + QUERY_BLOCK - 1) / QUERY_BLOCK;
@@ -286,36 +289,48 @@ static void attend(void *data, size_t item) {
   int64_t count = call->query_seqlens[row], past = past_length(call, row);
   int64_t last = first + QUERY_BLOCK < count ? first + QUERY_BLOCK : count;
   if (first >= last) return;
-  int64_t stride = past + last;
-  float *weights = malloc(group * stride * sizeof(float)), queries[MAX_GROUP * 512];
+  int64_t stride = past + last, span = MAX_GROUP / group;
+  float *weights = malloc(MAX_GROUP * stride * sizeof(float)), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512];
   if (!weights) {
     fail_once(&call->error, "moecc.Attention: out of memory");
     return;
   }
   int64_t cache = (row * call->kv_heads + head) * call->capacity * dim;
-  for (int64_t token = first; token < last; ++token) {
-    int64_t length = past + token + 1;
-    float *out = call->output + ((row * call->new_width + token) * call->heads + head * group) * dim;
-    for (int64_t i = 0; i < group * dim; ++i) queries[i] = out[i] * call->scale;
+  for (int64_t start = first; start < last; start += span) {
+    int64_t end = start + span < last ? start + span : last, rows = (end - start) * group, length = past + end;
+    for (int64_t token = start; token < end; ++token) {
+      const float *out = call->output + ((row * call->new_width + token) * call->heads + head * group) * dim;
+      float *q = queries + (token - start) * group * dim;
+      for (int64_t i = 0; i < group * dim; ++i) q[i] = out[i] * call->scale;
+      if (call->quantized) {
+        const float *key_scale = call->key_scale + head * dim;
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t d = 0; d < dim; ++d) q[g * dim + d] *= key_scale[d];
+      }
+    }
     if (call->quantized) {
-      const float *key_scale = call->key_scale + head * dim;
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < dim; ++d) queries[g * dim + d] *= key_scale[d];
 #define SCORE_INT8(g) scores_int8((const int8_t *)call->cache_key + cache, length, queries, g, dim, weights, stride)
-      BY_GROUP(SCORE_INT8, group)
+      BY_GROUP(SCORE_INT8, rows)
     } else {
 #define SCORE_FLOAT(g) scores_float((const float *)call->cache_key + cache, length, queries, g, dim, weights, stride)
-      BY_GROUP(SCORE_FLOAT, group)
+      BY_GROUP(SCORE_FLOAT, rows)
     }
     float inverse[MAX_GROUP];
-    for (int64_t g = 0; g < group; ++g) inverse[g] = softmax(weights + g * stride, length);
-    if (call->quantized) {
-#define WEIGH_INT8(g) weigh_int8((const int8_t *)call->cache_value + cache, length, weights, g, dim, stride, inverse, call->value_scale + head * dim, out)
-      BY_GROUP(WEIGH_INT8, group)
-    } else {
-#define WEIGH_FLOAT(g) weigh_float((const float *)call->cache_value + cache, length, weights, g, dim, stride, inverse, NULL, out)
-      BY_GROUP(WEIGH_FLOAT, group)
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t own = past + start + r / group + 1; /* the row's token attends up to its own position */
+      inverse[r] = softmax(weights + r * stride, own);
+      memset(weights + r * stride + own, 0, (length - own) * sizeof(float));
     }
+    if (call->quantized) {
+#define WEIGH_INT8(g) weigh_int8((const int8_t *)call->cache_value + cache, length, weights, g, dim, stride, inverse, call->value_scale + head * dim, merged)
+      BY_GROUP(WEIGH_INT8, rows)
+    } else {
+#define WEIGH_FLOAT(g) weigh_float((const float *)call->cache_value + cache, length, weights, g, dim, stride, inverse, NULL, merged)
+      BY_GROUP(WEIGH_FLOAT, rows)
+    }
+    for (int64_t token = start; token < end; ++token)
+      memcpy(call->output + ((row * call->new_width + token) * call->heads + head * group) * dim, merged + (token - start) * group * dim,
+             group * dim * sizeof(float));
   }
   free(weights);
 }
