@@ -1,6 +1,6 @@
-"""moecc.MatMul (matmul.c) in place of ONNX Runtime's MatMul where the weights are a float32 constant, node by
-node: a MatMul whose weights are computed, quantized or of a width that is not a multiple of 32 (a router's)
-stays ONNX Runtime's. The weights reach the kernel in panels of 32 columns through a Reshape and a Transpose
+"""moecc.MatMul (matmul.c) in place of ONNX Runtime's MatMul where the weights are a large float32 constant, node
+by node: a MatMul whose weights are computed, quantized, small (MIN_WEIGHTS) or of a width that is not a
+multiple of 32 (a router's) stays ONNX Runtime's. The weights reach the kernel in panels of 32 columns through a Reshape and a Transpose
 that ONNX Runtime folds into a new constant when the session loads."""
 
 from __future__ import annotations
@@ -12,13 +12,19 @@ from onnx import helper, numpy_helper
 from runtime.kernels import DOMAIN
 
 PANEL = 32  # matmul.c's columns per panel
+# Weights of fewer floats stay with ONNX Runtime: they fit a core's own cache, where reading them once per call
+# is not what a call costs, and ONNX Runtime's kernel is called for less (the small-coder draft, whose largest
+# weights are 128 K floats, decoded 0.89x as fast with moecc.MatMul for all of them).
+MIN_WEIGHTS = 1 << 18
 
 
 def _swappable(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> bool:
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
         return False
     weights = constants.get(node.input[1])
-    return weights is not None and weights.data_type == onnx.TensorProto.FLOAT and len(weights.dims) == 2 and weights.dims[1] % PANEL == 0
+    if weights is None or weights.data_type != onnx.TensorProto.FLOAT or len(weights.dims) != 2:
+        return False
+    return weights.dims[1] % PANEL == 0 and weights.dims[0] * weights.dims[1] >= MIN_WEIGHTS
 
 
 def why_not(model: onnx.ModelProto) -> str | None:
@@ -26,11 +32,11 @@ def why_not(model: onnx.ModelProto) -> str | None:
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
     if any(_swappable(node, constants) for node in model.graph.node):
         return None
-    return f"no MatMul has float32 constant weights of a multiple of {PANEL} columns"
+    return f"no MatMul has float32 constant weights of a multiple of {PANEL} columns and at least {MIN_WEIGHTS} of them"
 
 
 def swap(model: onnx.ModelProto) -> int:
-    """Swap every MatMul of `model` with float32 constant weights of a multiple of 32 columns for moecc.MatMul, fed
+    """Swap every MatMul of `model` with large float32 constant weights of a multiple of 32 columns for moecc.MatMul, fed
     the weights as panels (one Reshape and Transpose per weight, however many nodes read it); returns how many."""
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
     nodes: list[onnx.NodeProto] = []

@@ -10,8 +10,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.kernels import DOMAIN, build
+from runtime.kernels import DOMAIN, build, matmul
 from runtime.kernels.matmul import swap, why_not
+
+
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch):
+    """The kernel's arithmetic on small weights too: the swap's size floor is tested on its own."""
+    monkeypatch.setattr(matmul, "MIN_WEIGHTS", 0)
 
 
 def _model(inner: int, columns: int, rank: int = 3, weight_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
@@ -70,10 +76,16 @@ def test_the_panels_are_folded_when_the_session_loads(tmp_path):
     assert [list(tensor.dims) for tensor in optimized.graph.initializer] == [[3, 64, 32]]
 
 
+def test_weights_a_core_keeps_in_cache_stay_with_onnx_runtime(monkeypatch):
+    monkeypatch.setattr(matmul, "MIN_WEIGHTS", 1 << 18)
+    assert why_not(_model(384, 640)) == "no MatMul has float32 constant weights of a multiple of 32 columns and at least 262144 of them"
+    assert why_not(_model(384, 1024)) is None
+
+
 def test_matmuls_it_cannot_run_stay_with_onnx_runtime_and_say_why():
     """A router's 8 columns, integer weights and computed weights are not the kernel's; a model with some of
     each swaps only the MatMul it can run, sharing one panelled copy between the nodes that read its weights."""
-    assert why_not(_model(64, 8)) == "no MatMul has float32 constant weights of a multiple of 32 columns"
+    assert why_not(_model(64, 8)) == "no MatMul has float32 constant weights of a multiple of 32 columns and at least 0 of them"
     assert why_not(_model(64, 64, weight_type=TensorProto.INT32)) is not None
     model = _model(64, 64)
     router = numpy_helper.from_array(np.ones((64, 8), np.float32), "router")
