@@ -118,7 +118,11 @@ class AdaptiveDraftLength:
     SETTLE_STEPS main-alone steps in a row of the same sequence: right after draft calls the main model runs
     up to a third slower (the draft's weights took its place in cache), which decoding without the draft
     never pays; timed there, the main model alone looks slower than it is and speculation wins where it
-    loses. The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
+    loses. Every EXPLORE_EVERY speculative steps the length next to the best (one longer, then one shorter)
+    runs instead: a length's cost is measured only when it runs, so without it a figure taken in a slow
+    moment would keep its length out for good (small-coder: costs learned in a warm-up kept auto near
+    k = 2 at 1.25x main-only while k = 5 made 1.54x). Near the best the rates are flat, so a step next to it
+    costs little. The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
     prompt, calls run slower while the weights return to cache, and those times would mislead every later
     generation (a cost not measured otherwise takes a warm-up time until the first later one replaces it).
 
@@ -134,6 +138,8 @@ class AdaptiveDraftLength:
     MAX_REFRESH_STEPS = 8  # room for SETTLE_STEPS + 1 in a row in each of a few generations sharing the policy
     SETTLE_STEPS = 2
     WARMUP_STEPS = 4
+    EXPLORE_EVERY = 8
+    STALE_STEPS = 8
 
     def __init__(self, max_length: int):
         self.max_length = max_length
@@ -145,8 +151,11 @@ class AdaptiveDraftLength:
         self.busy_steps = 0
         self.refresh_left = 0  # main-alone steps this refresh may still take
         self._provisional: set[int | str] = set()  # costs (verify positions, "draft") measured only in warm-up steps
+        self._steps = 0  # steps reported so far
+        self._sampled: dict[int | str, int] = {}  # each figure's last sample, in self._steps
         self.probe_interval = self.PROBE_EVERY
         self._probing = False
+        self._explore_longer = False  # the direction of the next step next to the best
         self._lock = threading.Lock()
 
     @property
@@ -198,6 +207,10 @@ class AdaptiveDraftLength:
             if self.busy_steps >= self.REFRESH_EVERY:
                 self.busy_steps, self.refresh_left = 0, self.MAX_REFRESH_STEPS - 1
                 return 0
+            if self.busy_steps % self.EXPLORE_EVERY == 0:
+                self._explore_longer = not self._explore_longer
+                longer = best == 1 or (self._explore_longer and best < self.max_length)
+                return best + 1 if longer else best - 1
         return best
 
     def update(
@@ -211,13 +224,21 @@ class AdaptiveDraftLength:
             self._update(length, kept, draft_seconds, verify_seconds, draft_backlog, step >= self.WARMUP_STEPS, alone_before)
 
     def _measured(self, key: int | str, previous: float | None, sample: float, timed: bool) -> float:
-        """The decayed average of timed samples; a warm-up sample stands in only until the first timed one."""
+        """The decayed average of timed samples; a warm-up sample stands in only until the first timed one. The
+        old figure decays once per step since its last sample, up to STALE_STEPS: a length run only now and then
+        (explored, or the main model alone) moves most of the way to its new sample, one run every step by a tenth."""
         if previous is None or key in self._provisional:
             (self._provisional.discard if timed else self._provisional.add)(key)
+            self._sampled[key] = self._steps
             return sample
-        return self.DECAY * previous + (1 - self.DECAY) * sample if timed else previous
+        if not timed:
+            return previous
+        kept = self.DECAY ** min(self._steps - self._sampled.get(key, self._steps - 1), self.STALE_STEPS)
+        self._sampled[key] = self._steps
+        return kept * previous + (1 - kept) * sample
 
     def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool, alone_before: int) -> None:
+        self._steps += 1
         if length == 0:
             self._probing = False  # a probe cut to nothing (a generation's last token) tells nothing
             settled = timed and alone_before >= self.SETTLE_STEPS

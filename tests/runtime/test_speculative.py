@@ -271,10 +271,11 @@ def test_a_probe_that_makes_speculation_pay_ends_the_idle_spell():
 def test_while_speculation_pays_the_draft_sits_out_now_and_then_until_the_main_model_alone_is_timed():
     policy = _policy(0.9, 0.1, lambda n: 1.0)
     every, most, settle = AdaptiveDraftLength.REFRESH_EVERY, AdaptiveDraftLength.MAX_REFRESH_STEPS, AdaptiveDraftLength.SETTLE_STEPS
+    speculating = [7 if step % AdaptiveDraftLength.EXPLORE_EVERY == 0 else 8 for step in range(1, every)]  # 8 is the longest: explored below
     choices = [policy.choose() for _ in range(2 * (every - 1 + most))]  # no step timed: each refresh runs its course
-    assert choices == ([8] * (every - 1) + [0] * most) * 2
+    assert choices == (speculating + [0] * most) * 2
     choices = [policy.choose() for _ in range(every)]
-    assert choices == [8] * (every - 1) + [0]
+    assert choices == speculating + [0]
     for alone_before in range(settle + 1):  # the refresh's steps, timed: it ends at the first settled one
         policy.update(0, 0, 0.0, 1.0, alone_before=alone_before)
         assert policy.choose() == (8 if alone_before == settle else 0)
@@ -289,7 +290,8 @@ def test_the_main_model_alone_is_timed_only_once_the_draft_has_been_out_for_a_fe
         policy.update(0, 0, 0.0, 5.0, alone_before=alone_before)
     assert policy.verify_cost[1] == 1.0
     policy.update(0, 0, 0.0, 5.0, alone_before=settle)
-    assert policy.verify_cost[1] == pytest.approx(1.4)
+    kept = AdaptiveDraftLength.DECAY**AdaptiveDraftLength.STALE_STEPS  # its last timed sample is more than that many steps old
+    assert policy.verify_cost[1] == pytest.approx(kept * 1.0 + (1 - kept) * 5.0)
 
 
 class _Recording(_ScriptedLength):
@@ -361,6 +363,25 @@ def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
     assert policy._verify_costs()[2] == 1.0  # unmeasured 3 positions: as cheap as the nearest below
     policy.update(4, 0, 0.4, 50.0)  # the long verify turns out costly
     assert policy.choose() < 4
+
+
+def test_adaptive_draft_length_explores_next_to_its_choice_so_a_stale_figure_cannot_lock_it_in():
+    """Every length above 2 timed once in a slow moment, at three times its cost: the policy settles on k = 2 at
+    first, and the steps next to its choice re-time the longer lengths until it reaches the best one (k = 6) or
+    one as good within a percent."""
+    acceptance, draft = 0.85, 0.05
+    true_cost = lambda positions: 1.0 + 0.1 * positions  # noqa: E731
+
+    def rate(k: int) -> float:
+        return (1 - acceptance ** (k + 1)) / (1 - acceptance) / (k * draft + true_cost(k + 1))
+
+    policy = _policy(acceptance, draft, lambda positions: true_cost(positions) * (3 if positions > 3 else 1))
+    assert policy._best() == 2
+    for _ in range(400):
+        length = policy.choose()
+        policy.update(length, length, draft * length, true_cost(length + 1), alone_before=AdaptiveDraftLength.SETTLE_STEPS)
+        policy.accepted, policy.rejected = 1000 * acceptance, 1000 * (1 - acceptance)
+    assert rate(policy._best()) >= 0.99 * max(rate(k) for k in range(9))  # the best, or next to it where the rates are flat
 
 
 def test_adaptive_draft_length_keeps_verify_costs_ordered_by_the_latest_measure():
