@@ -259,7 +259,7 @@ def _add_loading_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kernels", choices=runtime.KERNELS, default="auto",
-        help="cpu target: moecc's attention and MoE kernels (built for this machine on first use) or ONNX Runtime's; auto: ours where they build and apply",
+        help="cpu target: moecc's attention, MoE and MatMul kernels (built for this machine on first use) or ONNX Runtime's; auto: ours where they build and apply",
     )
 
 

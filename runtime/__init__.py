@@ -42,9 +42,9 @@ def load(path: str | Path, target: str = "auto", threads: int | None = None, pla
     placement: single (the main model in one session or engine, every partition of its experts together) or
     expert-parallel (cpu target, a partitioned artifact: one worker per partition of the experts, the main
     model sending each MoE layer's tokens to the workers holding their experts and adding up what comes back).
-    kernels (cpu target): auto (moecc's attention and MoE kernels, built for this machine on first use, where
-    they build and apply; else ONNX Runtime's GroupQueryAttention and MoE), moecc (refuse to fall back) or
-    onnxruntime.
+    kernels (cpu target): auto (moecc's attention, MoE and MatMul kernels, built for this machine on first use,
+    where they build and apply; else ONNX Runtime's GroupQueryAttention, MoE and MatMul), moecc (refuse to fall
+    back) or onnxruntime.
     """
     if target not in ("auto", *TARGETS):
         raise MoeccError(f"unknown target {target!r}; available: auto, {', '.join(TARGETS)}")

@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--genai-ngram-size", type=int, default=GENAI_NGRAM_SIZE, help="onnxruntime-genai's n-gram size for its prompt lookup")
-    parser.add_argument("--kernels", choices=runtime.KERNELS, default="auto", help="our attention and MoE kernels or ONNX Runtime's (runtime.load)")
+    parser.add_argument("--kernels", choices=runtime.KERNELS, default="auto", help="our attention, MoE and MatMul kernels or ONNX Runtime's (runtime.load)")
     parser.add_argument("--json-out", type=Path, default=None, help="default: artifacts/bench-NAME-vs-genai.json")
     args = parser.parse_args()
     console = Console(width=140)
