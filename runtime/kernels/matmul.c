@@ -156,16 +156,11 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
 
 static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "MatMul"; }
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return INPUT_COUNT; }
-static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 1; }
-static ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, size_t index) {
-  (void)op, (void)index;
-  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
 
 /* Written once, at load: sessions registering the library concurrently only read it. */
 static const OrtCustomOp matmul_op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider,
                                       .GetInputType = float_type, .GetInputTypeCount = input_count, .GetOutputType = float_type,
-                                      .GetOutputTypeCount = output_count, .KernelDestroy = free_state, .GetInputCharacteristic = required,
+                                      .GetOutputTypeCount = one_output, .KernelDestroy = free_state, .GetInputCharacteristic = required,
                                       .GetOutputCharacteristic = required, .GetInputMemoryType = cpu_memory, .CreateKernelV2 = create,
                                       .KernelComputeV2 = compute};
 

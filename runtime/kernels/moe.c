@@ -440,11 +440,6 @@ static OrtStatus *ORT_API_CALL create_quantized(const OrtCustomOp *op, const Ort
 
 static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "MoE"; }
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return INPUT_COUNT; }
-static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 1; }
-static ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, size_t index) {
-  (void)op, (void)index;
-  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
 
 static const char *ORT_API_CALL quantized_name(const OrtCustomOp *op) { (void)op; return "QMoE"; }
 static size_t ORT_API_CALL quantized_input_count(const OrtCustomOp *op) { (void)op; return QUANTIZED_INPUT_COUNT; }
@@ -460,14 +455,14 @@ static OrtCustomOpInputOutputCharacteristic ORT_API_CALL quantized_input_charact
 
 static const OrtCustomOp moe_op = {
     .version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider, .GetInputType = float_type,
-    .GetInputTypeCount = input_count, .GetOutputType = float_type, .GetOutputTypeCount = output_count, .KernelDestroy = free_state,
+    .GetInputTypeCount = input_count, .GetOutputType = float_type, .GetOutputTypeCount = one_output, .KernelDestroy = free_state,
     .GetInputCharacteristic = required, .GetOutputCharacteristic = required, .GetInputMemoryType = cpu_memory,
     .CreateKernelV2 = create, .KernelComputeV2 = compute,
 };
 
 static const OrtCustomOp quantized_moe_op = {
     .version = ORT_API_VERSION, .GetName = quantized_name, .GetExecutionProviderType = cpu_provider, .GetInputType = quantized_input_type,
-    .GetInputTypeCount = quantized_input_count, .GetOutputType = float_type, .GetOutputTypeCount = output_count, .KernelDestroy = free_state,
+    .GetInputTypeCount = quantized_input_count, .GetOutputType = float_type, .GetOutputTypeCount = one_output, .KernelDestroy = free_state,
     .GetInputCharacteristic = quantized_input_characteristic, .GetOutputCharacteristic = required, .GetInputMemoryType = cpu_memory,
     .CreateKernelV2 = create_quantized, .KernelComputeV2 = compute_quantized,
 };

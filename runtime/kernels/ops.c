@@ -89,6 +89,16 @@ OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op
   return INPUT_OUTPUT_REQUIRED;
 }
 
+ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, size_t index) {
+  (void)op, (void)index;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+size_t ORT_API_CALL one_output(const OrtCustomOp *op) {
+  (void)op;
+  return 1;
+}
+
 /* The library's entry point (SessionOptions.register_custom_ops_library). ONNX Runtime keeps the domain for
    the sessions made with these options; one small domain per registration is not released. The API pointer
    is written on every registration, always with the same value. */

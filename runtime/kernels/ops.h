@@ -43,6 +43,9 @@ void ORT_API_CALL free_state(void *state);
 const char *ORT_API_CALL cpu_provider(const OrtCustomOp *op);
 OrtMemType ORT_API_CALL cpu_memory(const OrtCustomOp *op, size_t index);
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op, size_t index);
+/* ... and those of ops whose inputs and outputs are all float, with one output (MoE, QMoE's output, MatMul). */
+ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, size_t index);
+size_t ORT_API_CALL one_output(const OrtCustomOp *op);
 
 OrtStatus *add_attention_ops(OrtCustomOpDomain *domain);
 OrtStatus *add_moe_ops(OrtCustomOpDomain *domain);

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from runtime.kernels import DOMAIN, build
+from kernel_sessions import kernel_session
 from runtime.kernels.attention import swap, unsupported, why_not
 
 CAPACITY = 96
@@ -61,14 +61,11 @@ def _cache_scales(kv_heads: int, dim: int) -> dict[str, np.ndarray]:
 
 
 def _session(model: onnx.ModelProto, dim: int, fused: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    if fused:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
-        assert why_not(model, dim) is None and swap(model, dim) == 1
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-        options.register_custom_ops_library(str(build.library()))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    def swapped(model: onnx.ModelProto) -> int:
+        assert why_not(model, dim) is None
+        return swap(model, dim)
+
+    return kernel_session(model, swapped if fused else None)
 
 
 def _run(session, feeds: dict, caches: dict, bound: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.kernels import DOMAIN, build, matmul
+from kernel_sessions import kernel_session
+from runtime.kernels import DOMAIN, matmul
 from runtime.kernels.matmul import swap, why_not
 
 
@@ -33,17 +34,13 @@ def _model(inner: int, columns: int, rank: int = 3, weight_type: int = TensorPro
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
+def _swap(model: onnx.ModelProto) -> int:
+    assert why_not(model) is None
+    return swap(model)
+
+
 def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    if ours:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
-        assert why_not(model) is None and swap(model) == 1
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-        options.register_custom_ops_library(str(build.library()))
-    if optimized:
-        options.optimized_model_filepath = optimized
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return kernel_session(model, _swap if ours else None, optimized)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 12, 13, 49, 400], ids=lambda rows: f"{rows}-rows")  # decode, verify, row blocks and chunks, prefill

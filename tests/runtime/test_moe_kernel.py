@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.quantization import pack, round_to_nearest
-from runtime.kernels import DOMAIN, build
+from kernel_sessions import kernel_session
+from runtime.kernels import DOMAIN
 from runtime.kernels.moe import swap, swap_quantized, unsupported, unsupported_quantized, why_not, why_not_quantized
 
 
@@ -57,20 +58,16 @@ def _qmoe_model(experts: int, hidden: int, inter: int, bits: int, block: int = 3
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
 
 
+def _swap(model: onnx.ModelProto) -> int:
+    if any(node.op_type == "QMoE" for node in model.graph.node):
+        assert why_not_quantized(model) is None
+        return swap_quantized(model)
+    assert why_not(model) is None
+    return swap(model)
+
+
 def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    if ours:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
-        if any(node.op_type == "QMoE" for node in model.graph.node):
-            assert why_not_quantized(model) is None and swap_quantized(model) == 1
-        else:
-            assert why_not(model) is None and swap(model) == 1
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-        options.register_custom_ops_library(str(build.library()))
-    if optimized:
-        options.optimized_model_filepath = optimized
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return kernel_session(model, _swap if ours else None, optimized)
 
 
 def _feeds(model: onnx.ModelProto, tokens: int, shape: tuple[int, ...] | None = None, router: np.ndarray | None = None) -> dict[str, np.ndarray]:
