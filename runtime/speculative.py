@@ -120,8 +120,8 @@ class AdaptiveDraftLength:
     never pays; timed there, the main model alone looks slower than it is and speculation wins where it
     loses. Every EXPLORE_EVERY speculative steps the length next to the best (one longer, then one shorter)
     runs instead: a length's cost is measured only when it runs, so without it a figure taken in a slow
-    moment would keep its length out for good (small-coder: costs learned in a warm-up kept auto near
-    k = 2 at 1.25x main-only while k = 5 made 1.54x). Near the best the rates are flat, so a step next to it
+    moment would keep its length out for good (small-coder in scripts/bench_vs_transformers.py: auto
+    averaged 2.3 tokens per verify at 1.25x main-only where k = 5 made 1.54x). Near the best the rates are flat, so a step next to it
     costs little. The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
     prompt, calls run slower while the weights return to cache, and those times would mislead every later
     generation (a cost not measured otherwise takes a warm-up time until the first later one replaces it).
@@ -226,7 +226,7 @@ class AdaptiveDraftLength:
     def _measured(self, key: int | str, previous: float | None, sample: float, timed: bool) -> float:
         """The decayed average of timed samples; a warm-up sample stands in only until the first timed one. The
         old figure decays once per step since its last sample, up to STALE_STEPS: a length run only now and then
-        (explored, or the main model alone) moves most of the way to its new sample, one run every step by a tenth."""
+        (explored, or the main model alone) moves more than half way to its new sample, one run every step a tenth."""
         if previous is None or key in self._provisional:
             (self._provisional.discard if timed else self._provisional.add)(key)
             self._sampled[key] = self._steps

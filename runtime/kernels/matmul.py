@@ -1,7 +1,7 @@
 """moecc.MatMul (matmul.c) in place of ONNX Runtime's MatMul where the weights are a large float32 constant, node
 by node: a MatMul whose weights are computed, quantized, small (MIN_WEIGHTS) or of a width that is not a
-multiple of 32 (a router's) stays ONNX Runtime's. The weights reach the kernel in panels of 32 columns through a Reshape and a Transpose
-that ONNX Runtime folds into a new constant when the session loads."""
+multiple of 32 (a router's) stays ONNX Runtime's. The weights reach the kernel in panels of 32 columns
+through a Reshape and a Transpose that ONNX Runtime folds into a new constant when the session loads."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def why_not(model: onnx.ModelProto) -> str | None:
 
 
 def swap(model: onnx.ModelProto) -> int:
-    """Swap every MatMul of `model` with large float32 constant weights of a multiple of 32 columns for moecc.MatMul, fed
-    the weights as panels (one Reshape and Transpose per weight, however many nodes read it); returns how many."""
+    """Swap every MatMul of `model` with large float32 constant weights of a multiple of 32 columns for
+    moecc.MatMul, fed the weights as panels (one Reshape and Transpose per weight, however many nodes read
+    it); returns how many."""
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
     nodes: list[onnx.NodeProto] = []
     panelled: set[str] = set()

@@ -1,6 +1,6 @@
 """Open a CPU session with moecc's kernels in place of ONNX Runtime's: moecc.Attention (attention.c) for
 GroupQueryAttention, moecc.MoE (moe.c) for float32 MoE, moecc.QMoE (moe.c) for INT4 and INT8 QMoE, and
-moecc.MatMul (matmul.c) for MatMuls by float32 constant weights.
+moecc.MatMul (matmul.c) for MatMuls by large float32 constant weights.
 
 The artifact keeps the standard nodes, which every ONNX Runtime and the TensorRT lowering read; the swap
 happens in memory when a CPU session loads, for each kind of node only when every node of that kind is one
