@@ -57,6 +57,7 @@ class CaseResult:
     verify_milliseconds: float  # per main-model call (a main-only step, or a verify of a step's proposals)
     draft_milliseconds: float  # the draft's time per proposed token, catching up included (0 without proposals)
     draft_lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed (a lookup's found, a draft's chosen) -> steps
+    decode_by_run: list[float] = field(default_factory=list)  # decode tokens/s of each timed run, in round order
 
 
 def modes_for(generator: Generator, draft_length: int) -> list[Mode]:
@@ -136,6 +137,7 @@ def _summary(case: Case, records: list[GenerationStats], new_tokens: int, runs: 
         verify_milliseconds=1000 * sum(s.verify_seconds for s in records) / calls if calls else 0.0,
         draft_milliseconds=1000 * sum(s.draft_seconds for s in records) / proposed if proposed else 0.0,
         draft_lengths={k: lengths.count(k) for k in sorted(set(lengths))} if case.mode.speculative else {},
+        decode_by_run=[s.decode_tokens_per_second for s in records],
     )
 
 
@@ -155,6 +157,9 @@ class SpeculationCost:
     draft_cost: float  # the time per proposal (a draft's reading of the tokens it lacked included), in main-only calls
     tokens_per_verify: float
     free_draft_bound: float
+    # The speed-up of each round over main-only in the same round, on the same text: its median and range show
+    # how much the machine's state moves it (None when the two cases' rounds do not pair up).
+    speed_up_by_round: Spread | None = None
 
 
 def speculation_costs(cases: list[CaseResult]) -> list[SpeculationCost]:
@@ -166,12 +171,15 @@ def speculation_costs(cases: list[CaseResult]) -> list[SpeculationCost]:
         if main is None or case.batch_size != 1 or not case.mean_draft_length or not main.verify_milliseconds:  # main-only proposes nothing
             continue
         verify_cost = case.verify_milliseconds / main.verify_milliseconds
+        paired = len(case.decode_by_run) == len(main.decode_by_run) > 0
+        by_round = Spread.of([ours / alone for ours, alone in zip(case.decode_by_run, main.decode_by_run)]) if paired else None
         costs.append(
             SpeculationCost(
                 mode=case.mode, prompt_tokens=case.prompt_tokens,
                 speed_up=case.decode_tokens_per_second.median / main.decode_tokens_per_second.median,
                 verify_cost=verify_cost, draft_cost=case.draft_milliseconds / main.verify_milliseconds,
                 tokens_per_verify=case.mean_accepted_length, free_draft_bound=case.mean_accepted_length / verify_cost,
+                speed_up_by_round=by_round,
             )
         )
     return costs

@@ -85,6 +85,19 @@ def test_case_summary_times_each_main_call_and_each_proposal():
     assert alone.verify_milliseconds == pytest.approx(0.8) and alone.draft_milliseconds == 0
 
 
+def test_speed_up_by_round_pairs_each_round_with_main_only_on_the_same_text():
+    """The machine's state moves both cases of a round alike: the per-round ratios (here 2x, 1.5x and 1.25x) show
+    the spread that the ratio of the medians does not."""
+    main, ours = _case("main only", 1000, verify_ms=0.8), _case("speculative k=4", 1500, verify_ms=2.0, draft_ms=0.2, tokens_per_verify=4.0, mean_k=4)
+    main.decode_by_run, ours.decode_by_run = [500, 1000, 1200], [1000, 1500, 1500]
+    main.decode_tokens_per_second, ours.decode_tokens_per_second = Spread.of(main.decode_by_run), Spread.of(ours.decode_by_run)
+    cost = speculation_costs([main, ours])[0]
+    assert cost.speed_up == pytest.approx(1.5) and cost.speed_up_by_round == Spread(pytest.approx(1.5), pytest.approx(1.25), pytest.approx(2.0))
+    assert "1.50x main-only (by round, on the same text: median 1.50x, 1.25-2.00x);" in speculation_line(as_json(cost))
+    ours.decode_by_run = [1000]  # rounds that do not pair up: no spread claimed
+    assert speculation_costs([main, ours])[0].speed_up_by_round is None
+
+
 def test_speculation_line_says_what_the_costs_mean():
     cost = speculation_costs([_case("main only", 1000, verify_ms=0.8), _case("speculative k=4", 1250, verify_ms=2.0, draft_ms=0.2, tokens_per_verify=4.0, mean_k=4)])[0]
     assert speculation_line(as_json(cost)) == (
