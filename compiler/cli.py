@@ -297,7 +297,7 @@ def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
     if not args.json:
         out.print()
         setting = args.draft_length or generator.manifest.generation.draft_length
-        proposals = "prompt lookup" if args.proposer == "prompt-lookup" else "draft model"
+        proposals = {"prompt-lookup": "prompt lookup", "lookup-then-draft": "lookup, then draft model"}.get(args.proposer, "draft model")
         mode = f"speculative ({proposals}), draft length {setting} (mean {stats['mean_draft_length']:.1f})" if not args.no_speculative else "main model only"
         err.print(
             f"[dim]{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_second']:.1f} tokens/s ({mode}); "
@@ -511,7 +511,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-speculative", action="store_true", help="decode with the main model alone")
     generate.add_argument(
         "--proposer", choices=runtime.PROPOSERS, default="draft",
-        help="who proposes: the draft model, or prompt-lookup (tokens copied from the prompt and the text so far; no draft model runs)",
+        help="who proposes: the draft model; prompt-lookup (tokens copied from the prompt and the text so far; no draft model runs); "
+        "or lookup-then-draft (copied where the text's last 3 tokens occurred before, the draft model's elsewhere)",
     )
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.add_argument("--top-k", type=int, default=0)

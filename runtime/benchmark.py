@@ -24,7 +24,7 @@ from runtime.speculative import AdaptiveDraftLength, GenerationStats
 
 @dataclass(frozen=True)
 class Mode:
-    name: str  # "main only", "speculative k=4", "speculative auto", "prompt lookup"
+    name: str  # "main only", "speculative k=4", "speculative auto", "prompt lookup", "lookup then draft"
     speculative: bool
     draft_length: int | str | None = None
     proposer: str = "draft"
@@ -64,7 +64,10 @@ def modes_for(generator: Generator, draft_length: int) -> list[Mode]:
     modes = [Mode("main only", speculative=False)]
     if generator.draft is not None:
         modes += [Mode(f"speculative k={draft_length}", True, draft_length), Mode("speculative auto", True, "auto")]
-    return modes + [Mode("prompt lookup", True, "auto", "prompt-lookup")]
+    modes.append(Mode("prompt lookup", True, "auto", "prompt-lookup"))
+    if generator.draft is not None:
+        modes.append(Mode("lookup then draft", True, "auto", "lookup-then-draft"))
+    return modes
 
 
 Batch = tuple[tuple[int, ...], ...]  # one prompt, or several of the same length decoded together

@@ -14,7 +14,10 @@ from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
 from runtime.kernels.session import Kernels
 from runtime.sampling import SamplingParams
-from runtime.speculative import AdaptiveDraftLength, BatchDraft, BatchLookupDraft, BatchModelDraft, Draft, FixedDraftLength, GenerationStats, LookupDraft, ModelDraft, decode, decode_batch
+from runtime.speculative import (
+    AdaptiveDraftLength, BatchDraft, BatchLookupDraft, BatchLookupThenDraft, BatchModelDraft, Draft, FixedDraftLength, GenerationStats, LookupDraft,
+    LookupThenDraft, ModelDraft, decode, decode_batch,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,9 @@ class Stream:
 
 
 SEEDED_DRAFT_LENGTH = 4  # what "auto" means for seeded sampling, which must repeat itself
-Proposer = Literal["draft", "prompt-lookup"]  # the draft model, or tokens copied from the sequence (runtime.prompt_lookup)
+# The draft model; tokens copied from the sequence (runtime.prompt_lookup); or copied where the sequence's last
+# 3 tokens occurred before and the draft model's elsewhere (speculative.LookupThenDraft).
+Proposer = Literal["draft", "prompt-lookup", "lookup-then-draft"]
 PROPOSERS: tuple[str, ...] = get_args(Proposer)
 
 
@@ -96,6 +101,12 @@ class Generator:
             raise MoeccError(f"draft_length must be a positive integer or 'auto', not {draft_length!r}")
         return FixedDraftLength(draft_length)
 
+    def _required_draft(self, proposer: str):
+        """The draft model's decoder, which `proposer` cannot do without."""
+        if self.draft is None:
+            raise MoeccError(f"proposer {proposer!r} needs a draft model; {self.path} has none", hint="use proposer='prompt-lookup'")
+        return self.draft
+
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids
         if not ids:
@@ -116,10 +127,11 @@ class Generator:
         """The token-level loop: yields the tokens committed at each step.
 
         proposer "draft" proposes with the artifact's draft model (none: the main model alone), "prompt-lookup"
-        copies tokens from the sequence itself (no draft model runs). draft_length "auto" adapts the number of
-        a draft model's proposals per step to measured acceptance and costs (seeded sampling uses a fixed
-        SEEDED_DRAFT_LENGTH instead, so that the same seed gives the same tokens); a lookup proposes up to
-        max_draft_length tokens every step. stop_tokens (any iterable of token ids) defaults to the
+        copies tokens from the sequence itself (no draft model runs), "lookup-then-draft" copies where the
+        sequence's last 3 tokens occurred before and asks the draft model elsewhere. draft_length "auto" adapts
+        the number of a draft model's proposals per step to measured acceptance and costs (seeded sampling uses
+        a fixed SEEDED_DRAFT_LENGTH instead, so that the same seed gives the same tokens); a lookup proposes up
+        to max_draft_length tokens every step. stop_tokens (any iterable of token ids) defaults to the
         artifact's end-of-text token; pass an empty set to ignore it.
         """
         defaults = self.manifest.generation
@@ -131,6 +143,8 @@ class Generator:
         draft: Draft | None = None
         if speculative and proposer == "prompt-lookup":
             draft = LookupDraft(self.main.entry.vocab_size)
+        elif speculative and proposer == "lookup-then-draft":
+            draft = LookupThenDraft(self._required_draft(proposer).new_cache(), self.main.entry.vocab_size, defaults.max_draft_length)
         elif speculative and self.draft is not None:
             draft = ModelDraft(self.draft.new_cache())
         return decode(
@@ -207,6 +221,9 @@ class Generator:
         draft: BatchDraft | None = None
         if speculative and proposer == "prompt-lookup":
             draft = BatchLookupDraft(self.main.entry.vocab_size, len(prompt_ids))
+        elif speculative and proposer == "lookup-then-draft":
+            cache = BatchKvCache(self._required_draft(proposer), len(prompt_ids), capacity)
+            draft = BatchLookupThenDraft(cache, self.main.entry.vocab_size, len(prompt_ids), defaults.max_draft_length)
         elif speculative and self.draft is not None:
             draft = BatchModelDraft(BatchKvCache(self.draft, len(prompt_ids), capacity))
         stats = GenerationStats()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
 
 from runtime.decoder import BatchKvCache, TokenLedger
-from runtime.prompt_lookup import PromptLookup
+from runtime.prompt_lookup import MAX_NGRAM, MIN_NGRAM, PromptLookup
 from runtime.sampling import SamplingParams, distribution, draw, one_hot
 
 
@@ -22,6 +22,13 @@ from runtime.sampling import SamplingParams, distribution, draw, one_hot
 class Proposal:
     tokens: list[int]
     probs: list[np.ndarray]  # q_i: the draft distribution each token was drawn from, [V] each; none when greedy
+    # Copied in place of the draft model's proposals (LookupThenDraft): its step tells the draft model's length
+    # policy nothing.
+    instead_of_draft: bool = False
+
+    def cut(self, limit: int) -> Proposal:
+        """At most `limit` tokens: a lookup copies its own number of tokens, which must fit the step's room too."""
+        return self if len(self.tokens) <= limit else replace(self, tokens=self.tokens[:limit], probs=self.probs[:limit])
 
 
 @dataclass
@@ -352,8 +359,8 @@ class LookupDraft:
     matches. A copied token is certain, so the distribution it was drawn from is one-hot, and speculative
     sampling keeps it with the main model's probability of it."""
 
-    def __init__(self, vocab_size: int):
-        self.lookup = PromptLookup()
+    def __init__(self, vocab_size: int, min_ngram: int = MIN_NGRAM):
+        self.lookup = PromptLookup(min_ngram=min_ngram)
         self.vocab_size = vocab_size
 
     def prefill(self, prompt: list[int]) -> None:
@@ -370,7 +377,35 @@ class LookupDraft:
         pass  # no cache
 
 
-Draft = ModelDraft | LookupDraft
+class LookupThenDraft:
+    """The sequence's own continuation where its last MAX_NGRAM tokens occurred before (up to `lookup_length`
+    copied tokens, for no model call), else the draft model's proposals. On code a 3-token match is repeated
+    text often enough that copying it beats the draft: with k = 4 for the draft, small-coder committed 3.98
+    tokens per verify against the draft alone's 3.59 and ran 1.70-1.97x main-only against 1.56-1.67x (16
+    held-out prompts, interleaved rounds). A shorter match (2 tokens) is wrong too often to displace the
+    draft (1.65x against 1.63x)."""
+
+    def __init__(self, cache: TokenLedger, vocab_size: int, lookup_length: int):
+        self.model = ModelDraft(cache)
+        self.lookup = LookupDraft(vocab_size, min_ngram=MAX_NGRAM)
+        self.lookup_length = lookup_length
+
+    def prefill(self, prompt: list[int]) -> None:
+        self.model.prefill(prompt)
+        self.lookup.prefill(prompt)
+
+    def backlog(self, tokens: list[int]) -> int:
+        return self.model.backlog(tokens)
+
+    def propose(self, tokens: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
+        copied = self.lookup.propose(tokens, self.lookup_length, params, rng)
+        return replace(copied, instead_of_draft=True) if copied.tokens else self.model.propose(tokens, length, params, rng)
+
+    def keep(self, length: int) -> None:
+        self.model.keep(length)
+
+
+Draft = ModelDraft | LookupDraft | LookupThenDraft
 
 
 class BatchModelDraft:
@@ -413,7 +448,34 @@ class BatchLookupDraft:
         pass
 
 
-BatchDraft = BatchModelDraft | BatchLookupDraft
+class BatchLookupThenDraft:
+    """LookupThenDraft for the rows of a batch: the rows whose sequence repeats itself copy, the others go
+    through the draft model in one batched call per proposed position."""
+
+    def __init__(self, cache: BatchKvCache, vocab_size: int, rows: int, lookup_length: int):
+        self.model = BatchModelDraft(cache)
+        self.lookups = [LookupDraft(vocab_size, min_ngram=MAX_NGRAM) for _ in range(rows)]
+        self.lookup_length = lookup_length
+
+    def prefill(self, prompts: list[list[int]]) -> None:
+        self.model.prefill(prompts)
+        for lookup, prompt in zip(self.lookups, prompts):
+            lookup.prefill(prompt)
+
+    def backlog(self, row: int, tokens: list[int]) -> int:
+        return self.model.backlog(row, tokens)
+
+    def propose(self, histories: list[list[int]], lengths: dict[int, int], params: SamplingParams, rngs: list[np.random.Generator]) -> dict[int, Proposal]:
+        copied = {row: self.lookups[row].propose(histories[row], self.lookup_length, params, rngs[row]) for row in lengths}
+        drafted = {row: length for row, length in lengths.items() if not copied[row].tokens}
+        found = {row: replace(proposal, instead_of_draft=True) for row, proposal in copied.items() if proposal.tokens}
+        return found | (self.model.propose(histories, drafted, params, rngs) if drafted else {})
+
+    def keep(self, row: int, length: int) -> None:
+        self.model.keep(row, length)
+
+
+BatchDraft = BatchModelDraft | BatchLookupDraft | BatchLookupThenDraft
 
 
 def accept(proposal: Proposal, target: list[np.ndarray], rng: np.random.Generator) -> tuple[int, int]:
@@ -508,15 +570,17 @@ def decode(
         room = main.capacity - len(tokens)  # the main cache must hold the unread token and the proposals
         if room < 0:
             break
-        length = min(draft_length.choose(), max_new_tokens - stats.new_tokens - 1, room) if draft is not None else 0
+        limit = min(max_new_tokens - stats.new_tokens - 1, room)
+        length = min(draft_length.choose(), limit) if draft is not None else 0
         backlog = draft.backlog(tokens) if length > 0 else 0  # every cache holds a prefix of tokens (agreed_length)
         tick = time.perf_counter()
-        proposal = draft.propose(tokens, length, params, rng) if length > 0 else Proposal([], [])
+        proposal = draft.propose(tokens, length, params, rng).cut(limit) if length > 0 else Proposal([], [])
         length = len(proposal.tokens)  # a lookup may find fewer, or none: then the main model runs alone
         tock = time.perf_counter()
         kept, next_token = judge(proposal, score(main, unread_tokens(main.ids, tokens), proposal), params, rng)
         verified = time.perf_counter()
-        draft_length.update(length, kept, tock - tick, verified - tock, backlog, stats.verify_calls, alone)
+        if not proposal.instead_of_draft:
+            draft_length.update(length, kept, tock - tick, verified - tock, backlog, stats.verify_calls, alone)
         alone = alone + 1 if length == 0 else 0
         stats.draft_seconds += tock - tick
         stats.verify_seconds += verified - tock
@@ -575,7 +639,7 @@ def decode_batch(
         tick = time.perf_counter()
         proposals = draft.propose(histories, proposing, params, rngs) if proposing else {}
         draft_seconds = (time.perf_counter() - tick) / max(len(proposing), 1)  # one row's share of the batched calls
-        proposals = {row: proposals.get(row, Proposal([], [])) for row in lengths}
+        proposals = {row: proposals.get(row, Proposal([], [])).cut(max_new_tokens - len(outputs[row]) - 1) for row in lengths}
         lengths = {row: len(proposal.tokens) for row, proposal in proposals.items()}  # a lookup may find fewer
         tock = time.perf_counter()
         targets = score_batch(main, {row: unread_tokens(main.ids[row], histories[row]) for row in proposals}, proposals)
@@ -583,7 +647,8 @@ def decode_batch(
         for row, length in lengths.items():
             proposal, row_draft_seconds = proposals[row], draft_seconds if row in proposing else 0.0
             kept, next_token = judge(proposal, targets[row], params, rngs[row])
-            draft_length.update(length, kept, row_draft_seconds, verify_seconds, backlogs.get(row, 1), step, alone[row])
+            if not proposal.instead_of_draft:
+                draft_length.update(length, kept, row_draft_seconds, verify_seconds, backlogs.get(row, 1), step, alone[row])
             alone[row] = alone[row] + 1 if length == 0 else 0
             stats.draft_seconds += row_draft_seconds
             stats.verify_seconds += verify_seconds

@@ -69,14 +69,14 @@ def test_bench_writes_table_json_and_chart(tiny_artifact, tmp_path):
     assert report == json.loads(report_path.read_text()) | {"ok": True, "json": str(report_path), "chart": str(report_path.with_suffix(".png"))}
     assert report_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     modes = [(case["mode"], case["prompt_tokens"]) for case in report["cases"]]
-    single = ("main only", "speculative k=4", "speculative auto", "prompt lookup")
+    single = ("main only", "speculative k=4", "speculative auto", "prompt lookup", "lookup then draft")
     assert modes == [(m, p) for p in (16, 40) for m in (*single, *(f"{mode}, batch 3" for mode in single))]
     for case in report["cases"]:
         decode = case["decode_tokens_per_second"]
         assert case["runs"] == 2 and case["new_tokens"] == 12 and case["batch_size"] == (3 if "batch" in case["mode"] else 1)
         assert 0 < decode["low"] <= decode["median"] <= decode["high"]
         assert case["prefill_tokens_per_second"]["median"] > 0
-        if not case["mode"].startswith(("speculative auto", "prompt lookup")):  # auto may settle on the main model alone, a lookup find nothing
+        if not case["mode"].startswith(("speculative auto", "prompt lookup", "lookup then draft")):  # auto may settle on the main model alone, a lookup find nothing
             assert (case["mean_draft_length"] == 0) == case["mode"].startswith("main only")
     assert report["peak_rss_bytes"] > 50 * 2**20
     for case in report["cases"]:  # every case calls the main model; only proposals take draft time

@@ -1,4 +1,5 @@
-"""Prompt lookup: what it proposes, and that decoding with its proposals stays the main model's own output."""
+"""Prompt lookup: what it proposes, alone and before the draft model (lookup-then-draft), and that decoding with
+its proposals stays the main model's own output."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 import runtime
 from compiler import corpus
 from runtime.prompt_lookup import PromptLookup
+from runtime.sampling import SamplingParams
+from runtime.speculative import FixedDraftLength, GenerationStats, LookupThenDraft, decode
 
 PROMPTS = corpus.heldout_prompts(6, prompt_chars=200)
 NEW_TOKENS = 48
@@ -83,5 +86,59 @@ def test_prompt_lookup_in_a_batch_matches_each_row_alone(tiny_artifact):
 
 
 def test_an_unknown_proposer_is_refused(tiny_artifact):
-    with pytest.raises(runtime.MoeccError, match="proposer must be one of draft, prompt-lookup"):
+    with pytest.raises(runtime.MoeccError, match="proposer must be one of draft, prompt-lookup, lookup-then-draft"):
         runtime.load(tiny_artifact).generate("def f():", proposer="ngram")
+
+
+def test_lookup_then_draft_copies_a_repeated_three_token_tail_and_drafts_otherwise(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    proposer = LookupThenDraft(generator.draft.new_cache(), generator.main.entry.vocab_size, lookup_length=6)
+    repeated, fresh = [5, 6, 7, 8, 9, 5, 6, 7], [5, 6, 7, 8, 9, 1, 6, 7]  # the second repeats only a 2-token tail (6, 7)
+    for tokens in (repeated, fresh):
+        proposer.prefill(tokens)
+    copied = proposer.propose(repeated, 2, SamplingParams(), np.random.default_rng(0))
+    assert copied.instead_of_draft and copied.tokens == [8, 9, 5, 6, 7, 8]  # the policy's 2 does not bound a copy: copies cost nothing
+    assert copied.cut(3).tokens == [8, 9, 5] and copied.cut(3).instead_of_draft
+    drafted = proposer.propose(fresh, 2, SamplingParams(), np.random.default_rng(0))
+    assert not drafted.instead_of_draft and len(drafted.tokens) == 2
+
+
+@pytest.mark.parametrize("draft_length", [4, "auto"])
+def test_lookup_then_draft_decoding_is_lossless_alone_and_in_a_batch(tiny_artifact, draft_length):
+    generator = runtime.load(tiny_artifact)
+    prompts = [generator.encode(text) for text in PROMPTS[:3]]
+    alone = [_tokens(generator.stream_ids(ids, max_new_tokens=NEW_TOKENS, speculative=False, stop_tokens=set())) for ids in prompts]
+    for ids, reference in zip(prompts, alone):
+        steps = generator.stream_ids(ids, max_new_tokens=NEW_TOKENS, proposer="lookup-then-draft", draft_length=draft_length, stop_tokens=set())
+        assert _tokens(steps) == reference
+    rows, stats = generator.generate_batch_ids(prompts, max_new_tokens=NEW_TOKENS, stop_tokens=set(), proposer="lookup-then-draft", draft_length=draft_length)
+    assert rows == alone and stats.proposed > 0
+
+
+class _Recording(FixedDraftLength):
+    """A fixed length that records the lengths of the steps reported to it."""
+
+    def __init__(self, length: int):
+        super().__init__(length)
+        self.reported: list[int] = []
+
+    def update(self, length: int, *args, **kwargs) -> None:
+        self.reported.append(length)
+
+
+def test_copied_steps_tell_the_draft_length_policy_nothing(tiny_artifact):
+    """A copy costs no draft call and may run past the policy's length: its step must not reach the policy's
+    measures of the draft model. The prompt repeats itself, so copies come early and often."""
+    generator = runtime.load(tiny_artifact)
+    ids = generator.encode("x = 1\ny = 2\n" * 6)
+    policy, stats = _Recording(2), GenerationStats()
+    proposer = LookupThenDraft(generator.draft.new_cache(), generator.main.entry.vocab_size, lookup_length=6)
+    list(decode(generator.main.new_cache(), proposer, ids, NEW_TOKENS, policy, SamplingParams(), set(), stats))
+    assert len(policy.reported) < stats.verify_calls and set(policy.reported) <= {0, 1, 2}
+
+
+def test_lookup_then_draft_needs_a_draft_model(tiny_artifact):
+    generator = runtime.load(tiny_artifact)
+    generator.draft = None
+    with pytest.raises(runtime.MoeccError, match="proposer 'lookup-then-draft' needs a draft model"):
+        generator.generate("def f():", proposer="lookup-then-draft")
