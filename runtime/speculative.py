@@ -379,11 +379,12 @@ class LookupDraft:
 
 class LookupThenDraft:
     """The sequence's own continuation where its last MAX_NGRAM tokens occurred before (up to `lookup_length`
-    copied tokens, for no model call), else the draft model's proposals. On code a 3-token match is repeated
-    text often enough that copying it beats the draft: with k = 4 for the draft, small-coder committed 3.98
-    tokens per verify against the draft alone's 3.59 and ran 1.70-1.97x main-only against 1.56-1.67x (16
-    held-out prompts, interleaved rounds). A shorter match (2 tokens) is wrong too often to displace the
-    draft (1.65x against 1.63x)."""
+    copied tokens, for no model call), else the draft model's proposals. Where code repeats itself a 3-token
+    match is repeated text often enough that copying it beats the draft: with k = 4 for the draft, small-coder
+    committed 3.98 tokens per verify against the draft alone's 3.59 and ran 1.70-1.97x main-only against
+    1.56-1.67x over 16 held-out 128-token windows; on 8 prompts that each start a function it ran level with
+    the draft alone (scripts/bench_vs_transformers.py). A shorter match (2 tokens) is wrong too often to
+    displace the draft (1.65x against 1.63x)."""
 
     def __init__(self, cache: TokenLedger, vocab_size: int, lookup_length: int):
         self.model = ModelDraft(cache)

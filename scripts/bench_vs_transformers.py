@@ -1,7 +1,8 @@
 """Benchmark a built pair side by side: our runtime against transformers, speculative against main-only.
 
 Three pairings: main-only against transformers' generate, speculative decoding with the draft model
-against its assisted generation with the same draft, and our prompt lookup against its prompt lookup.
+against its assisted generation with the same draft, and our prompt lookup against its prompt lookup;
+and ours alone: lookup-then-draft (copies where the text repeats, the draft elsewhere) against main-only.
 
     .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/tiny-coder.yaml --artifact artifacts/tiny-coder
     .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/bench-moe.yaml --artifact artifacts/bench-moe \
@@ -180,6 +181,9 @@ def main() -> None:
         lookup, measured["ours prompt lookup, decode"], outputs = ours(generator, prompts, args.new_tokens, proposer="prompt-lookup", draft_length=lookup_tokens)
         assert outputs == reference, "prompt lookup diverged from main-only greedy"
         measured["ours prompt lookup"] = lookup.tokens_per_second
+        both, measured["ours lookup then draft, decode"], outputs = ours(generator, prompts, args.new_tokens, proposer="lookup-then-draft")
+        assert outputs == reference, "lookup-then-draft diverged from main-only greedy"
+        measured["ours lookup then draft"] = both.tokens_per_second
         measured["transformers prompt lookup"], measured["transformers prompt lookup, decode"], _ = theirs(
             main_model, prompts, args.new_tokens, lookup_tokens=lookup_tokens
         )
@@ -187,6 +191,7 @@ def main() -> None:
             lookup_stats = results.setdefault("prompt_lookup", {"acceptance": [], "accepted_length": []})
             lookup_stats["acceptance"].append(lookup.acceptance_rate)
             lookup_stats["accepted_length"].append(lookup.mean_accepted_length)
+            results.setdefault("lookup_then_draft", {"accepted_length": []})["accepted_length"].append(both.mean_accepted_length)
             for name, value in measured.items():
                 rounds.setdefault(name, []).append(value)
 
@@ -218,6 +223,12 @@ def main() -> None:
         "transformers_speedup_vs_generate": paired("transformers prompt lookup", "transformers generate"),
         "ratio_vs_transformers_prompt_lookup": paired("ours prompt lookup", "transformers prompt lookup"),
         "ratio_decode_vs_transformers_prompt_lookup": paired("ours prompt lookup, decode", "transformers prompt lookup, decode"),
+    }
+    results["lookup_then_draft"] = {
+        "draft_length": generator.manifest.generation.draft_length,  # the recipe's, for the draft's proposals
+        "tokens_per_second": round(statistics.median(rounds["ours lookup then draft"]), 1),
+        "speedup_vs_main_only": paired("ours lookup then draft", "ours main only"),
+        "mean_accepted_length": round(statistics.mean(results["lookup_then_draft"]["accepted_length"]), 2),
     }
     agreement = statistics.mean(float(np.mean(np.array(a) == np.array(b))) for a, b in zip(hf_outputs, reference))
     best = results["speculative"][default_k]
@@ -255,10 +266,12 @@ def main() -> None:
             (f"speculative k={k}: tokens/s, speed-up, acceptance greedy / T=0.8, mean accepted",
              f"{row['tokens_per_second']}, {row['speedup_vs_main_only']}x, {row['acceptance_greedy']} / {row['acceptance_sampled_t0.8']}, {row['mean_accepted_length']}")
         )
-    lookup = results["prompt_lookup"]
+    lookup, both = results["prompt_lookup"], results["lookup_then_draft"]
     rows += [
         (f"prompt lookup ({lookup_tokens} tokens): tokens/s, speed-up, acceptance, mean accepted",
          f"{lookup['tokens_per_second']}, {lookup['speedup_vs_main_only']}x, {lookup['acceptance_greedy']}, {lookup['mean_accepted_length']}"),
+        (f"lookup then draft (draft k={both['draft_length']}): tokens/s, speed-up, mean accepted",
+         f"{both['tokens_per_second']}, {both['speedup_vs_main_only']}x, {both['mean_accepted_length']}"),
         (f"transformers prompt lookup ({lookup_tokens} tokens): tokens/s, speed-up over its generate",
          f"{lookup['transformers_tokens_per_second']}, {lookup['transformers_speedup_vs_generate']}x"),
         ("ratio prompt lookup ours / transformers, end to end / decode",
