@@ -128,10 +128,11 @@ class AdaptiveDraftLength:
     loses. Every EXPLORE_EVERY speculative steps the length next to the best (one longer, then one shorter)
     runs instead: a length's cost is measured only when it runs, so without it a figure taken in a slow
     moment would keep its length out for good (small-coder in scripts/bench_vs_transformers.py: auto
-    averaged 2.3 tokens per verify at 1.25x main-only where k = 5 made 1.54x). Near the best the rates are flat, so a step next to it
-    costs little. The first WARMUP_STEPS of a generation update the acceptance but not the costs: right after a
-    prompt, calls run slower while the weights return to cache, and those times would mislead every later
-    generation (a cost not measured otherwise takes a warm-up time until the first later one replaces it).
+    averaged 2.3 tokens per verify at 1.25x main-only where k = 5 made 1.54x). Near the best the rates are
+    flat, so a step next to it costs little. The first WARMUP_STEPS of a generation update the acceptance but
+    not the costs: right after a prompt, calls run slower while the weights return to cache, and those times
+    would mislead every later generation (a cost not measured otherwise takes a warm-up time until the first
+    later one replaces it).
 
     A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
     keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
@@ -240,7 +241,7 @@ class AdaptiveDraftLength:
             return sample
         if not timed:
             return previous
-        kept = self.DECAY ** min(self._steps - self._sampled.get(key, self._steps - 1), self.STALE_STEPS)
+        kept = self.DECAY ** min(self._steps - self._sampled[key], self.STALE_STEPS)
         self._sampled[key] = self._steps
         return kept * previous + (1 - kept) * sample
 
@@ -633,14 +634,15 @@ def decode_batch(
     step = 0  # of this batch, for the policy's warm-up
     while active:
         chosen = draft_length.choose() if draft is not None else 0
-        lengths = {row: min(chosen, max_new_tokens - len(outputs[row]) - 1) for row in sorted(active)}
+        limits = {row: max_new_tokens - len(outputs[row]) - 1 for row in sorted(active)}  # the most a row's step may propose
+        lengths = {row: min(chosen, limit) for row, limit in limits.items()}
         proposing = {row: length for row, length in lengths.items() if length > 0}
         # Every row's caches hold a prefix of its history (agreed_length): what they have not read is its tail.
         backlogs = {row: draft.backlog(row, histories[row]) for row in proposing}
         tick = time.perf_counter()
         proposals = draft.propose(histories, proposing, params, rngs) if proposing else {}
         draft_seconds = (time.perf_counter() - tick) / max(len(proposing), 1)  # one row's share of the batched calls
-        proposals = {row: proposals.get(row, Proposal([], [])).cut(max_new_tokens - len(outputs[row]) - 1) for row in lengths}
+        proposals = {row: proposals.get(row, Proposal([], [])).cut(limits[row]) for row in lengths}
         lengths = {row: len(proposal.tokens) for row, proposal in proposals.items()}  # a lookup may find fewer
         tock = time.perf_counter()
         targets = score_batch(main, {row: unread_tokens(main.ids[row], histories[row]) for row in proposals}, proposals)

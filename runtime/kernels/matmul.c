@@ -141,7 +141,12 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
     call.packed = malloc((size_t)(blocks * ROWS * call.inner) * sizeof(float));
     if (!call.packed) return fail("moecc.MatMul: out of memory");
   }
-  OrtStatus *status = call.packed ? ort->KernelContext_ParallelFor(context, pack, (size_t)blocks, 0, &call) : NULL;
+  OrtStatus *status = NULL;
+  if (blocks > 1) { /* a prompt's rows: packed by the threads */
+    status = ort->KernelContext_ParallelFor(context, pack, (size_t)blocks, 0, &call);
+  } else if (call.packed) { /* a verify's few: a copy too small to hand to the thread pool */
+    pack(&call, 0);
+  }
   size_t items = (size_t)((call.rows + CHUNK - 1) / CHUNK * (call.columns / PANEL));
   if (!status) status = ort->KernelContext_ParallelFor(context, multiply, items, 0, &call);
   free(call.packed);
