@@ -129,7 +129,10 @@ class AdaptiveDraftLength:
     runs instead: a length's cost is measured only when it runs, so without it a figure taken in a slow
     moment would keep its length out for good (small-coder in scripts/bench_vs_transformers.py: auto
     averaged 2.3 tokens per verify at 1.25x main-only where k = 5 made 1.54x). Near the best the rates are
-    flat, so a step next to it costs little. The first WARMUP_STEPS of a generation update the acceptance but
+    flat, so a step next to it costs little. A sample more than OUTLIER times its figure (a call slowed down by
+    something else on the machine) is bounded and counts as one step's: on small-coder, one such sample at a
+    short length, raising every longer length through the ordering, switched speculation off for whole
+    generations, at 0.6x its speed. The first WARMUP_STEPS of a generation update the acceptance but
     not the costs: right after a prompt, calls run slower while the weights return to cache, and those times
     would mislead every later generation (a cost not measured otherwise takes a warm-up time until the first
     later one replaces it).
@@ -148,6 +151,7 @@ class AdaptiveDraftLength:
     WARMUP_STEPS = 4
     EXPLORE_EVERY = 8
     STALE_STEPS = 8
+    OUTLIER = 2.0  # a timed sample above this many times its figure counts as an outlier (_measured)
 
     def __init__(self, max_length: int):
         self.max_length = max_length
@@ -241,8 +245,14 @@ class AdaptiveDraftLength:
             return sample
         if not timed:
             return previous
-        kept = self.DECAY ** min(self._steps - self._sampled[key], self.STALE_STEPS)
-        self._sampled[key] = self._steps
+        self._sampled[key], since = self._steps, self._steps - self._sampled[key]
+        if sample > previous * self.OUTLIER:
+            # A call the OS set aside, or a burst of a neighbour's traffic (a call is never slowed down to less than
+            # its cost, so only slow samples are suspect): bounded, and weighed as one step's sample whatever its
+            # age, so that it cannot drag its length (and, through _keep_ordered, every longer one) far enough to
+            # switch speculation off. A lasting slowdown still raises the figure step by step.
+            sample, since = previous * self.OUTLIER, 1
+        kept = self.DECAY ** min(since, self.STALE_STEPS)
         return kept * previous + (1 - kept) * sample
 
     def _update(self, length: int, kept: int, draft_seconds: float, verify_seconds: float, draft_backlog: int, timed: bool, alone_before: int) -> None:

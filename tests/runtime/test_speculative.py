@@ -384,6 +384,21 @@ def test_adaptive_draft_length_explores_next_to_its_choice_so_a_stale_figure_can
     assert rate(policy._best()) >= 0.99 * max(rate(k) for k in range(9))  # the best, or next to it where the rates are flat
 
 
+def test_adaptive_draft_length_keeps_speculating_through_calls_slowed_by_the_machine():
+    """One step in ten slowed down by something else on the machine (its draft calls 30 times, its verify 4
+    times their cost, as a shared 2-core machine measured): the policy's best length stays where speculation
+    pays, instead of an outlier raising its length and every longer one until the main model alone wins."""
+    acceptance, draft = 0.85, 0.05
+    true_cost = lambda positions: 1.0 + 0.1 * positions  # noqa: E731
+    policy = _policy(acceptance, draft, true_cost)
+    for step in range(400):
+        length = policy.choose()
+        slowed = step % 10 == 9
+        policy.update(length, length, draft * length * (30 if slowed else 1), true_cost(length + 1) * (4 if slowed else 1), alone_before=AdaptiveDraftLength.SETTLE_STEPS)
+        policy.accepted, policy.rejected = 1000 * acceptance, 1000 * (1 - acceptance)
+        assert policy._best() >= 3, f"step {step}"
+
+
 def test_adaptive_draft_length_keeps_verify_costs_ordered_by_the_latest_measure():
     """A length timed once in a slow moment (or a quiet one) is not judged by that figure for good: a verify
     measured since over more positions, cheaper, lowers it; one over fewer, dearer, raises it."""
