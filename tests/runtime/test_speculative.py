@@ -287,11 +287,11 @@ def test_the_main_model_alone_is_timed_only_once_the_draft_has_been_out_for_a_fe
     policy = _policy(0.5, 0.1, lambda n: 1.0)
     settle = AdaptiveDraftLength.SETTLE_STEPS
     for alone_before in range(settle):  # the first main-alone steps after a speculative one
-        policy.update(0, 0, 0.0, 5.0, alone_before=alone_before)
+        policy.update(0, 0, 0.0, 1.8, alone_before=alone_before)
     assert policy.verify_cost[1] == 1.0
-    policy.update(0, 0, 0.0, 5.0, alone_before=settle)
+    policy.update(0, 0, 0.0, 1.8, alone_before=settle)
     kept = AdaptiveDraftLength.DECAY**AdaptiveDraftLength.STALE_STEPS  # its last timed sample is more than that many steps old
-    assert policy.verify_cost[1] == pytest.approx(kept * 1.0 + (1 - kept) * 5.0)
+    assert policy.verify_cost[1] == pytest.approx(kept * 1.0 + (1 - kept) * 1.8)
 
 
 class _Recording(_ScriptedLength):
