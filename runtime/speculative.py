@@ -116,10 +116,12 @@ class AdaptiveDraftLength:
     measured as generation runs, with decay so they follow the text. A length whose verify cost was never
     measured is assumed as cheap as the nearest measured one below it: it gets tried, then judged by its
     own cost; each timed measure keeps the figures ordered by length (_keep_ordered). k = 0 (main model
-    alone) is a candidate; while it wins, a 1-token probe keeps the acceptance estimate current: after
-    PROBE_EVERY idle steps, then twice as long after each probe that leaves the main model alone the better
-    choice (a probe costs the draft's catch-up on every token since its last call),
-    back to PROBE_EVERY once a probe makes speculation pay. While speculation wins, every REFRESH_EVERY steps
+    alone) is a candidate; while it wins, a probe keeps the acceptance estimate current: after PROBE_EVERY
+    idle steps, then twice as long after each probe that leaves the main model alone the better choice (a
+    probe costs the draft's catch-up on every token since its last call), back to PROBE_EVERY once a probe
+    makes speculation pay. A probe runs the best length but 0, not 1: one proposal is the length that pays
+    least, and judged by it alone, a spell of hard text on small-coder kept the main model alone for
+    hundreds of steps while the probes backed off. While speculation wins, every REFRESH_EVERY steps
     the draft sits out until the main model's cost alone has been timed (at most MAX_REFRESH_STEPS steps),
     so that cost stays measured too: it is what speculation is judged against. It counts only after
     SETTLE_STEPS main-alone steps in a row of the same sequence: right after draft calls the main model runs
@@ -208,12 +210,13 @@ class AdaptiveDraftLength:
         if self.refresh_left:
             self.refresh_left -= 1
             return 0
-        best = self._best()
+        rates = self.rates()
+        best = rates.index(max(rates))
         if best == 0:
             self.idle_steps += 1
             if self.idle_steps >= self.probe_interval:
                 self.idle_steps, self._probing = 0, True
-                return 1
+                return rates.index(max(rates[1:]), 1)  # the length speculation would run at
         else:
             self.busy_steps += 1
             if self.busy_steps >= self.REFRESH_EVERY:

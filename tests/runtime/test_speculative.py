@@ -235,6 +235,16 @@ def test_adaptive_draft_length_probes_while_the_draft_sits_idle_and_backs_off():
     assert policy.probe_interval == 4 * every
 
 
+def test_a_probe_runs_the_length_speculation_would_run_at():
+    """Verifying costs a large step over the main model alone and little more per position: one proposal
+    pays least of all lengths, so a probe of one token would judge speculation by its worst case."""
+    policy = _policy(0.9, 0.1, lambda n: 1.0 if n == 1 else 6.0)
+    rates = policy.rates()
+    assert rates.index(max(rates)) == 0 and rates.index(max(rates[1:])) == 8 and rates[1] < rates[8] / 2
+    probe = [policy.choose() for _ in range(AdaptiveDraftLength.PROBE_EVERY)][-1]
+    assert probe == 8
+
+
 def test_a_probe_cut_to_nothing_judges_no_later_step():
     """A probe on a generation's last token proposes nothing; the next speculative step is no probe, so it must
     leave the probe interval as it is."""
