@@ -133,8 +133,8 @@ class AdaptiveDraftLength:
     averaged 2.3 tokens per verify at 1.25x main-only where k = 5 made 1.54x). Near the best the rates are
     flat, so a step next to it costs little. A sample more than OUTLIER times its figure (a call slowed down by
     something else on the machine) is bounded and counts as one step's: on small-coder, one such sample at a
-    short length, raising every longer length through the ordering, switched speculation off for whole
-    generations, at 0.6x its speed. The first WARMUP_STEPS of a generation update the acceptance but
+    short length raised every longer length through the ordering and, with a few rejections, switched
+    speculation off for hundreds of steps. The first WARMUP_STEPS of a generation update the acceptance but
     not the costs: right after a prompt, calls run slower while the weights return to cache, and those times
     would mislead every later generation (a cost not measured otherwise takes a warm-up time until the first
     later one replaces it).
