@@ -295,8 +295,8 @@ static float softmax(float *scores, int64_t length) { /* length >= 1: a token at
 
 /* Work item of the second phase: one row, one key/value head, a block of new tokens; each token's `group`
    queries attend to the cache up to and including its own position. The block's tokens go a few at a time
-   (as many as fit MAX_GROUP query rows), their queries together as one larger group, so that a verify's
-   k + 1 tokens walk the cache once instead of once each: every row scores up to the last token's position,
+   (walk_span's), their queries together as one larger group, so that a verify's k + 1 tokens walk the
+   cache once or twice instead of once each: every row scores up to the last token's position,
    and a row's weights past its own position are zeroed after its softmax. */
 static void attend(void *data, size_t item) {
   Call *call = data;
