@@ -44,6 +44,7 @@ typedef struct {
 /* One call's geometry and buffers, shared by the work items. */
 typedef struct {
   int64_t batch, new_width, heads, kv_heads, group, dim, capacity;
+  int64_t span; /* new tokens per walk of the cache (walk_span) */
   float scale;
   const float *query, *key, *value, *cos, *sin, *key_scale, *value_scale, *query_norm, *key_norm;
   float epsilon;
@@ -306,7 +307,7 @@ static void attend(void *data, size_t item) {
   int64_t count = call->query_seqlens[row], past = past_length(call, row);
   int64_t last = first + QUERY_BLOCK < count ? first + QUERY_BLOCK : count;
   if (first >= last) return;
-  int64_t stride = past + last, span = walk_span(group);
+  int64_t stride = past + last, span = call->span;
   float *weights = malloc(MAX_GROUP * stride * sizeof(float)), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512];
   if (!weights) {
     fail_once(&call->error, "moecc.Attention: out of memory");
@@ -390,6 +391,7 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   call.quantized = in[PAST_KEY].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
   if (call.dim > 512 || call.dim % (2 * LANES)) return fail("moecc.Attention: the head size must be a multiple of 16, at most 512");
   if (call.group > MAX_GROUP) return fail("moecc.Attention: more than 16 query heads per key/value head");
+  call.span = walk_span(call.group);
   if (call.quantized && (!in[KEY_SCALE].value || !in[VALUE_SCALE].value)) return fail("moecc.Attention: an int8 cache needs key and value scales");
   call.query = in[QUERY].data;
   int64_t output_shape[3] = {call.batch, call.new_width, call.heads * call.dim};
