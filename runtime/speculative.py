@@ -123,7 +123,11 @@ class AdaptiveDraftLength:
     least, and judged by it alone, a spell of hard text on small-coder kept the main model alone for
     hundreds of steps while the probes backed off. While speculation wins, every REFRESH_EVERY steps
     the draft sits out until the main model's cost alone has been timed (at most MAX_REFRESH_STEPS steps),
-    so that cost stays measured too: it is what speculation is judged against. It counts only after
+    so that cost stays measured too: it is what speculation is judged against. After a refresh that finds
+    speculation ahead by REFRESH_MARGIN or more the interval doubles, up to MAX_REFRESH_INTERVAL, and after
+    one that does not it returns to REFRESH_EVERY: a lead that large does not turn on a drift of the main
+    model's cost alone, while a refresh every 32 steps kept small-coder's main model alone for 9 % of its
+    steps (scripts/speculation_ceiling.py --replay). The main model alone is timed only after
     SETTLE_STEPS main-alone steps in a row of the same sequence: right after draft calls the main model runs
     up to a third slower (the draft's weights took its place in cache), which decoding without the draft
     never pays; timed there, the main model alone looks slower than it is and speculation wins where it
@@ -148,6 +152,8 @@ class AdaptiveDraftLength:
     PROBE_EVERY = 16
     MAX_PROBE_INTERVAL = 1024
     REFRESH_EVERY = 32
+    REFRESH_MARGIN = 1.25  # speculation's rate over the main model's alone beyond which refreshes back off
+    MAX_REFRESH_INTERVAL = 512
     MAX_REFRESH_STEPS = 8  # room for SETTLE_STEPS + 1 in a row in each of a few generations sharing the policy
     SETTLE_STEPS = 2
     WARMUP_STEPS = 4
@@ -164,6 +170,7 @@ class AdaptiveDraftLength:
         self.idle_steps = 0
         self.busy_steps = 0
         self.refresh_left = 0  # main-alone steps this refresh may still take
+        self.refresh_interval = self.REFRESH_EVERY
         self._provisional: set[int | str] = set()  # costs (verify positions, "draft") measured only in warm-up steps
         self._steps = 0  # steps reported so far
         self._sampled: dict[int | str, int] = {}  # each figure's last sample, in self._steps
@@ -219,7 +226,7 @@ class AdaptiveDraftLength:
                 return rates.index(max(rates[1:]), 1)  # the length speculation would run at
         else:
             self.busy_steps += 1
-            if self.busy_steps >= self.REFRESH_EVERY:
+            if self.busy_steps >= self.refresh_interval:
                 self.busy_steps, self.refresh_left = 0, self.MAX_REFRESH_STEPS - 1
                 return 0
             if self.busy_steps % self.EXPLORE_EVERY == 0:
@@ -264,8 +271,11 @@ class AdaptiveDraftLength:
             self._probing = False  # a probe cut to nothing (a generation's last token) tells nothing
             settled = timed and alone_before >= self.SETTLE_STEPS
             self.verify_cost[1] = self._measured(1, self.verify_cost.get(1), verify_seconds, settled)
-            if settled:
-                self.refresh_left = 0  # the main model alone is measured: back to speculation
+            if settled and self.refresh_left:  # the main model alone is measured: back to speculation
+                self.refresh_left = 0
+                rates = self.rates()
+                clear = max(rates[1:]) >= self.REFRESH_MARGIN * rates[0]
+                self.refresh_interval = min(2 * self.refresh_interval, self.MAX_REFRESH_INTERVAL) if clear else self.REFRESH_EVERY
             return
         self.verify_cost[length + 1] = self._measured(length + 1, self.verify_cost.get(length + 1), verify_seconds, timed)
         if timed:  # a warm-up figure stands in for its own length only

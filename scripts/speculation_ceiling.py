@@ -1,13 +1,22 @@
-"""How much speculation can gain on this machine: measured call costs of an artifact's models, and the
-speed-up they allow at given acceptance rates.
+"""How much speculation can gain on this machine: measured call costs of an artifact's models, the
+speed-up they allow at given acceptance rates, and how close each draft-length policy comes on real text.
 
     .venv/bin/python scripts/speculation_ceiling.py --artifact artifacts/tiny-coder --acceptance 0.84 0.92
+    .venv/bin/python scripts/speculation_ceiling.py --artifact artifacts/small-coder --replay 24
 
 Times one main-model call over 1, 2, ..., max+1 new tokens (a verify of k proposals reads k+1) and one
 draft call, on held-out text after a 128-token context, median of many calls. With acceptance a, k
 proposals commit E(k) = (1 - a^(k+1)) / (1 - a) tokens per step, so speculation runs at
 E(k) * main(1) / (k * draft(1) + main(k+1)) times main-only speed; with a draft that cost nothing the
 bound is E(k) * main(1) / main(k+1).
+
+--replay N records, on N held-out prompts, where the draft's greedy proposal agrees with the main model's
+greedy continuation; in greedy decoding that alone decides how far any chain of proposals is accepted. It
+then replays every fixed draft length and the adaptive policy (runtime.speculative.AdaptiveDraftLength)
+over those sequences with the measured costs, each call's cost scattered as this machine scatters it
+(--noise, --outliers; seeded). On a shared machine two timed runs differ by more than a policy change
+gains; the replay compares policies on the same text and the same costs, and shows what speculation
+loses to text whose hard tokens come in runs, which the geometric bound above does not see.
 """
 
 from __future__ import annotations
@@ -15,12 +24,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 import runtime
 from compiler import corpus
+from runtime.speculative import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
 
 CONTEXT = 128
 
@@ -39,6 +52,102 @@ def call_milliseconds(decoder, text: list[int], new_tokens: int, calls: int) -> 
     return 1000 * statistics.median(timings)
 
 
+def greedy_agreement(generator, prompts: list[list[int]], new_tokens: int) -> list[np.ndarray]:
+    """Per prompt, whether the draft's argmax after each token of the main model's greedy continuation (read
+    with the true prefix) is the continuation's next token."""
+    sequences = []
+    for prompt in prompts:
+        continuation = [token for piece in generator.stream_ids(prompt, max_new_tokens=new_tokens, speculative=False, stop_tokens=()) for token in piece]
+        logits = generator.draft.new_cache().feed(prompt + continuation[:-1], last=len(continuation))
+        sequences.append(logits.argmax(-1) == np.asarray(continuation))
+    return sequences
+
+
+def decoding_loop_costs(generator, text: list[int], max_length: int, calls: int) -> tuple[dict[int, float], list[float]]:
+    """Seconds per call as the decoding loop runs them, each model right after the other: a verify of n
+    positions right after n - 1 draft calls, and the j-th draft call after a verify (its weights and threads
+    start cold there, so the first calls of a step cost more than a draft call in a loop of its own)."""
+    main, draft = generator.main.new_cache(), generator.draft.new_cache()
+    main.feed(text[:CONTEXT], last=1)
+    draft.feed(text[:CONTEXT], last=1)
+    verify: dict[int, list[float]] = {n: [] for n in range(2, max_length + 2)}
+    proposal: list[list[float]] = [[] for _ in range(max_length)]
+    for call in range(calls):
+        for length in range(1, max_length + 1):
+            start = CONTEXT + (call * 7 + length) % (len(text) - CONTEXT - max_length - 1)
+            draft.keep(CONTEXT)
+            for j in range(length):
+                started = time.perf_counter()
+                draft.feed([text[start + j]])
+                proposal[j].append(time.perf_counter() - started)
+            main.keep(CONTEXT)
+            started = time.perf_counter()
+            main.feed(text[start : start + length + 1])
+            verify[length + 1].append(time.perf_counter() - started)
+    return {n: statistics.median(times) for n, times in verify.items()}, [statistics.median(times) for times in proposal]
+
+
+@dataclass(frozen=True)
+class CallCosts:
+    main: dict[int, float]  # positions -> seconds per call (1: the main model alone, in a loop of its own)
+    proposals: list[float]  # seconds of the j-th draft call of a step
+    noise: float  # sigma of each call's log-normal scatter
+    outliers: float  # share of calls slowed 3-30x (preempted, or a neighbour's burst)
+
+    def sample(self, seconds: float, rng: np.random.Generator) -> float:
+        slowed = rng.uniform(3, 30) if rng.random() < self.outliers else 1.0
+        return seconds * slowed * rng.lognormal(0.0, self.noise)
+
+
+@dataclass
+class Replay:
+    seconds: float = 0.0
+    tokens: int = 0
+    verify_calls: int = 0
+    lengths: Counter = field(default_factory=Counter)
+
+
+def replay(policy: DraftLengthPolicy, sequences: list[np.ndarray], costs: CallCosts, rng: np.random.Generator) -> Replay:
+    """Greedy speculative decoding of the recorded sequences, step by step as runtime.speculative.decode runs
+    it, with sampled call costs in place of calls; one policy for all, as a Generator keeps one."""
+    result = Replay()
+    for agrees in sequences:
+        position, step, alone, backlog = 0, 0, 0, 1  # backlog: tokens the draft has yet to read
+        while position < len(agrees):
+            length = min(policy.choose(), len(agrees) - position - 1)
+            kept = 0
+            while kept < length and agrees[position + kept]:
+                kept += 1
+            draft_seconds = sum(costs.sample(seconds, rng) for seconds in costs.proposals[:length])
+            verify_seconds = costs.sample(costs.main[length + 1], rng)
+            policy.update(length, kept, draft_seconds, verify_seconds, backlog, step, alone)
+            # The draft read its backlog and all proposals but the last; it keeps what was accepted.
+            backlog = backlog + 1 if length == 0 else 1 + (kept == length)
+            alone = alone + 1 if length == 0 else 0
+            position += kept + 1
+            step += 1
+            result.seconds += draft_seconds + verify_seconds
+            result.tokens += kept + 1
+            result.verify_calls += 1
+            result.lengths[length] += 1
+    return result
+
+
+def replay_table(sequences: list[np.ndarray], costs: CallCosts, max_length: int, seed: int) -> Table:
+    agreement = float(np.concatenate(sequences).mean())
+    table = Table(title=f"replayed on {len(sequences)} held-out prompts (draft agrees with {agreement:.3f} of greedy tokens; noise {costs.noise}, outliers {costs.outliers})")
+    for column in ("draft length", "speed-up over main-only", "tokens per verify", "mean draft length", "main alone"):
+        table.add_column(column, justify="right")
+    policies: dict[str, DraftLengthPolicy] = {str(k): FixedDraftLength(k) for k in range(1, max_length + 1)}
+    policies["auto"] = AdaptiveDraftLength(max_length)
+    for name, policy in policies.items():
+        result = replay(policy, sequences, costs, np.random.default_rng(seed))
+        speed_up = result.tokens * costs.main[1] / result.seconds
+        mean_length = sum(k * n for k, n in result.lengths.items()) / result.verify_calls
+        table.add_row(name, f"{speed_up:.3f}", f"{result.tokens / result.verify_calls:.2f}", f"{mean_length:.2f}", f"{result.lengths[0] / result.verify_calls:.1%}")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", default="artifacts/tiny-coder")
@@ -46,6 +155,11 @@ def main() -> None:
     parser.add_argument("--max-draft-length", type=int, default=8)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--replay", type=int, default=0, metavar="PROMPTS", help="replay the draft-length policies on this many held-out prompts")
+    parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per replayed prompt")
+    parser.add_argument("--noise", type=float, default=0.1, help="sigma of the log-normal scatter of each replayed call")
+    parser.add_argument("--outliers", type=float, default=0.01, help="share of replayed calls slowed 3-30x")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     generator = runtime.load(args.artifact, threads=args.threads)
     text = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:5]))[:4096]
@@ -71,6 +185,15 @@ def main() -> None:
             row.append(f"{expected * main_ms[1] / (k * draft_ms + main_ms[k + 1]):.2f} / {expected * main_ms[1] / main_ms[k + 1]:.2f}")
         bounds.add_row(str(k), *row)
     console.print(bounds)
+    if args.replay:
+        heldout = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:80]))
+        prompts = [heldout[i * CONTEXT : (i + 1) * CONTEXT] for i in range(args.replay)]
+        sequences = greedy_agreement(generator, prompts, args.new_tokens)
+        verify, proposals = decoding_loop_costs(generator, text, args.max_draft_length, args.calls // 4)
+        costs = CallCosts({1: main_ms[1] / 1000, **verify}, proposals, args.noise, args.outliers)
+        loop = " ".join(f"{n}: {seconds / costs.main[1]:.2f}" for n, seconds in verify.items())
+        console.print(f"in the decoding loop, in main-only calls: verify of n positions {loop}; draft calls of a step {' '.join(f'{s / costs.main[1]:.3f}' for s in proposals)}")
+        console.print(replay_table(sequences, costs, args.max_draft_length, args.seed))
 
 
 if __name__ == "__main__":

@@ -291,6 +291,30 @@ def test_while_speculation_pays_the_draft_sits_out_now_and_then_until_the_main_m
         assert policy.choose() == (8 if alone_before == settle else 0)
 
 
+def test_refreshes_back_off_while_speculation_leads_clearly_and_return_after_a_close_call():
+    """Each refresh keeps the main model alone for a few steps; while speculation leads by REFRESH_MARGIN or
+    more, the wait for the next one doubles, up to MAX_REFRESH_INTERVAL."""
+    policy = _policy(0.9, 0.1, lambda n: 1.0)  # speculation runs at about 3x the main model alone
+    settle = AdaptiveDraftLength.SETTLE_STEPS
+
+    def steps_to_next_refresh() -> int:
+        steps = 1
+        while policy.choose():
+            steps += 1
+        for alone_before in range(settle + 1):  # timed main-alone steps until one counts
+            if alone_before:
+                assert policy.choose() == 0
+            policy.update(0, 0, 0.0, 1.0, alone_before=alone_before)
+        return steps
+
+    every, most = AdaptiveDraftLength.REFRESH_EVERY, AdaptiveDraftLength.MAX_REFRESH_INTERVAL
+    assert [steps_to_next_refresh() for _ in range(6)] == [every, 2 * every, 4 * every, 8 * every, most, most]
+    policy.accepted, policy.rejected = 300.0, 700.0  # now one proposal gains 1.18x, under the margin
+    rates = policy.rates()
+    assert rates[0] < max(rates) < AdaptiveDraftLength.REFRESH_MARGIN * rates[0]  # speculation still the choice
+    assert [steps_to_next_refresh() for _ in range(3)] == [most, every, every]
+
+
 def test_the_main_model_alone_is_timed_only_once_the_draft_has_been_out_for_a_few_steps():
     """Right after draft calls the main model runs slower than it does without a draft: those times must not
     make the main model alone look slower than it is."""

@@ -1,0 +1,39 @@
+"""scripts/speculation_ceiling.py --replay steps through recorded greedy agreement as the decoding loop steps
+through the models: the same steps, proposals and accepted tokens."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from compiler import corpus
+from runtime.speculative import FixedDraftLength, GenerationStats
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "speculation_ceiling.py"
+_spec = importlib.util.spec_from_file_location("speculation_ceiling", _SCRIPT)
+speculation_ceiling = sys.modules["speculation_ceiling"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
+_spec.loader.exec_module(speculation_ceiling)
+
+NEW_TOKENS = 48
+
+
+@pytest.mark.parametrize("length", [1, 3, 6])
+def test_replay_takes_the_decoding_loops_steps(shipped_artifact, length):
+    generator = runtime.load(shipped_artifact)
+    prompts = [generator.encode(prompt) for prompt in corpus.heldout_prompts(6, prompt_chars=200)]
+    sequences = speculation_ceiling.greedy_agreement(generator, prompts, NEW_TOKENS)
+    decoded = [GenerationStats() for _ in prompts]
+    for prompt, stats in zip(prompts, decoded):
+        list(generator.stream_ids(prompt, max_new_tokens=NEW_TOKENS, draft_length=length, stop_tokens=(), stats=stats))
+    costs = speculation_ceiling.CallCosts({n: 1.0 for n in range(1, length + 2)}, [0.1] * length, noise=0.0, outliers=0.0)
+    replayed = speculation_ceiling.replay(FixedDraftLength(length), sequences, costs, np.random.default_rng(0))
+    assert replayed.tokens == sum(stats.new_tokens for stats in decoded) == len(prompts) * NEW_TOKENS
+    assert replayed.verify_calls == sum(stats.verify_calls for stats in decoded)
+    assert replayed.lengths == sum((Counter(stats.draft_lengths) for stats in decoded), Counter())
+    assert replayed.seconds == pytest.approx(sum(1.0 + 0.1 * k for stats in decoded for k in stats.draft_lengths))
