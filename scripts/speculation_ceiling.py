@@ -64,32 +64,39 @@ def greedy_agreement(generator, prompts: list[list[int]], new_tokens: int) -> li
 
 
 def decoding_loop_costs(generator, text: list[int], max_length: int, calls: int) -> tuple[dict[int, float], list[float]]:
-    """Seconds per call as the decoding loop runs them, each model right after the other: a verify of n
-    positions right after n - 1 draft calls, and the j-th draft call after a verify (its weights and threads
-    start cold there, so the first calls of a step cost more than a draft call in a loop of its own)."""
+    """Seconds per call as the decoding loop runs them, taken in turn so that the machine's drift reaches all
+    alike: the main model alone after two calls of its own (1 position), a verify of n positions right after
+    n - 1 draft calls, and the j-th draft call after a verify (its weights and threads start cold there, so
+    the first calls of a step cost more than a draft call in a loop of its own)."""
     main, draft = generator.main.new_cache(), generator.draft.new_cache()
     main.feed(text[:CONTEXT], last=1)
     draft.feed(text[:CONTEXT], last=1)
-    verify: dict[int, list[float]] = {n: [] for n in range(2, max_length + 2)}
+    main_calls: dict[int, list[float]] = {n: [] for n in range(1, max_length + 2)}
     proposal: list[list[float]] = [[] for _ in range(max_length)]
     for call in range(calls):
-        for length in range(1, max_length + 1):
-            start = CONTEXT + (call * 7 + length) % (len(text) - CONTEXT - max_length - 1)
-            draft.keep(CONTEXT)
-            for j in range(length):
-                started = time.perf_counter()
-                draft.feed([text[start + j]])
-                proposal[j].append(time.perf_counter() - started)
+        for length in range(max_length + 1):
+            start = CONTEXT + (call * 7 + length) % (len(text) - CONTEXT - max_length - 3)
+            if length:
+                draft.keep(CONTEXT)
+                for j in range(length):
+                    started = time.perf_counter()
+                    draft.feed([text[start + j]])
+                    proposal[j].append(time.perf_counter() - started)
+            else:
+                for token in text[start : start + 2]:  # settle: the draft's weights leave the cache
+                    main.keep(CONTEXT)
+                    main.feed([token])
+                start += 2
             main.keep(CONTEXT)
             started = time.perf_counter()
             main.feed(text[start : start + length + 1])
-            verify[length + 1].append(time.perf_counter() - started)
-    return {n: statistics.median(times) for n, times in verify.items()}, [statistics.median(times) for times in proposal]
+            main_calls[length + 1].append(time.perf_counter() - started)
+    return {n: statistics.median(times) for n, times in main_calls.items()}, [statistics.median(times) for times in proposal]
 
 
 @dataclass(frozen=True)
 class CallCosts:
-    main: dict[int, float]  # positions -> seconds per call (1: the main model alone, in a loop of its own)
+    main: dict[int, float]  # positions -> seconds per call (1: the main model alone)
     proposals: list[float]  # seconds of the j-th draft call of a step
     noise: float  # sigma of each call's log-normal scatter
     outliers: float  # share of calls slowed 3-30x (preempted, or a neighbour's burst)
@@ -189,10 +196,11 @@ def main() -> None:
         heldout = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:80]))
         prompts = [heldout[i * CONTEXT : (i + 1) * CONTEXT] for i in range(args.replay)]
         sequences = greedy_agreement(generator, prompts, args.new_tokens)
-        verify, proposals = decoding_loop_costs(generator, text, args.max_draft_length, args.calls // 4)
-        costs = CallCosts({1: main_ms[1] / 1000, **verify}, proposals, args.noise, args.outliers)
-        loop = " ".join(f"{n}: {seconds / costs.main[1]:.2f}" for n, seconds in verify.items())
-        console.print(f"in the decoding loop, in main-only calls: verify of n positions {loop}; draft calls of a step {' '.join(f'{s / costs.main[1]:.3f}' for s in proposals)}")
+        main_seconds, proposals = decoding_loop_costs(generator, text, args.max_draft_length, args.calls // 4)
+        costs = CallCosts(main_seconds, proposals, args.noise, args.outliers)
+        alone = main_seconds[1]
+        loop = " ".join(f"{n}: {seconds / alone:.2f}" for n, seconds in main_seconds.items() if n > 1)
+        console.print(f"in the decoding loop, in main-alone calls ({alone * 1000:.3f} ms): verify of n positions {loop}; draft calls of a step {' '.join(f'{s / alone:.3f}' for s in proposals)}")
         console.print(replay_table(sequences, costs, args.max_draft_length, args.seed))
 
 
