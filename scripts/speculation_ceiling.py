@@ -174,12 +174,12 @@ def main() -> None:
     draft_ms = call_milliseconds(generator.draft, text, 1, args.calls)
 
     console = Console()
-    costs = Table(title=f"{generator.manifest.name}: milliseconds per call after {CONTEXT} tokens, median of {args.calls}")
+    call_table = Table(title=f"{generator.manifest.name}: milliseconds per call after {CONTEXT} tokens, median of {args.calls}")
     for column in ("new tokens", "main", "main / main(1)"):
-        costs.add_column(column, justify="right")
+        call_table.add_column(column, justify="right")
     for n, ms in main_ms.items():
-        costs.add_row(str(n), f"{ms:.3f}", f"{ms / main_ms[1]:.2f}")
-    console.print(costs)
+        call_table.add_row(str(n), f"{ms:.3f}", f"{ms / main_ms[1]:.2f}")
+    console.print(call_table)
     console.print(f"draft, one token: {draft_ms:.3f} ms ({draft_ms / main_ms[1]:.2f} of a main call)")
     bounds = Table(title="speed-up over main-only: with this draft / with a free draft")
     bounds.add_column("k", justify="right")
