@@ -41,20 +41,6 @@ typedef struct {
   float scale, epsilon;
 } Kernel;
 
-/* One call's geometry and buffers, shared by the work items. */
-typedef struct {
-  int64_t batch, new_width, heads, kv_heads, group, dim, capacity;
-  int64_t span; /* new tokens per walk of the cache (walk_span) */
-  float scale;
-  const float *query, *key, *value, *cos, *sin, *key_scale, *value_scale, *query_norm, *key_norm;
-  float epsilon;
-  int64_t query_stride, key_stride; /* floats per token: packed inputs hold a token's queries, keys and values in one row */
-  const int32_t *seqlens_k, *query_seqlens;
-  float *output;
-  void *cache_key, *cache_value; /* float or int8 */
-  int quantized;
-  OrtStatus *error;
-} Call;
 
 /* One head's rotary embedding, after its RMS norm when it has one (out may not alias x). */
 static void rotate(const float *x, const float *norm, float epsilon, const float *cos, const float *sin, int64_t dim, float *out) {
@@ -73,9 +59,9 @@ static void rotate(const float *x, const float *norm, float epsilon, const float
   }
 }
 
-static int64_t past_length(const Call *call, int64_t row) { return (int64_t)call->seqlens_k[row] + 1 - call->query_seqlens[row]; }
+static int64_t past_length(const AttentionCall *call, int64_t row) { return (int64_t)call->seqlens_k[row] + 1 - call->query_seqlens[row]; }
 
-static void store(const Call *call, void *cache, const float *scale, int64_t row, int64_t head, int64_t position, const float *x) {
+static void store(const AttentionCall *call, void *cache, const float *scale, int64_t row, int64_t head, int64_t position, const float *x) {
   int64_t offset = ((row * call->kv_heads + head) * call->capacity + position) * call->dim;
   if (!call->quantized) {
     memcpy((float *)cache + offset, x, call->dim * sizeof(float));
@@ -91,7 +77,7 @@ static void store(const Call *call, void *cache, const float *scale, int64_t row
 /* Work item `item` of the first phase: one row's new token, its keys and values rotated and cached, its
    queries rotated into the output (the second phase reads them from there). */
 static void append(void *data, size_t item) {
-  const Call *call = data;
+  const AttentionCall *call = data;
   int64_t row = (int64_t)item / call->new_width, token = (int64_t)item % call->new_width, dim = call->dim;
   float *out = call->output + ((int64_t)item * call->heads) * dim;
   if (token >= call->query_seqlens[row]) {
@@ -300,7 +286,7 @@ static float softmax(float *scores, int64_t length) { /* length >= 1: a token at
    cache once or twice instead of once each: every row scores up to the last token's position,
    and a row's weights past its own position are zeroed after its softmax. */
 static void attend(void *data, size_t item) {
-  Call *call = data;
+  AttentionCall *call = data;
   int64_t blocks = (call->new_width + QUERY_BLOCK - 1) / QUERY_BLOCK;
   int64_t row = (int64_t)item / (call->kv_heads * blocks), head = (int64_t)item / blocks % call->kv_heads;
   int64_t first = (int64_t)item % blocks * QUERY_BLOCK, group = call->group, dim = call->dim;
@@ -353,6 +339,25 @@ static void attend(void *data, size_t item) {
   free(weights);
 }
 
+OrtStatus *check_call(const AttentionCall *call, int64_t positions) {
+  if (call->dim > 512 || call->dim % (2 * LANES)) return fail("moecc.Attention: the head size must be a multiple of 16, at most 512");
+  if (call->group > MAX_GROUP) return fail("moecc.Attention: more than 16 query heads per key/value head");
+  for (int64_t row = 0; row < call->batch; ++row) {
+    if (call->query_seqlens[row] < 0 || call->query_seqlens[row] > call->new_width || past_length(call, row) < 0 ||
+        call->seqlens_k[row] >= call->capacity || call->seqlens_k[row] >= positions)
+      return fail("moecc.Attention: a row's lengths do not fit its call or the cache");
+  }
+  return NULL;
+}
+
+OrtStatus *attention_run(OrtKernelContext *context, AttentionCall *call) {
+  call->span = walk_span(call->group);
+  CHECK(ort->KernelContext_ParallelFor(context, append, (size_t)(call->batch * call->new_width), 0, call));
+  int64_t blocks = (call->new_width + QUERY_BLOCK - 1) / QUERY_BLOCK;
+  CHECK(ort->KernelContext_ParallelFor(context, attend, (size_t)(call->batch * call->kv_heads * blocks), 0, call));
+  return call->error;
+}
+
 /* Every input's shape against the query's and the cache's, before anything is read. */
 static OrtStatus *check_shapes(const Tensor *in, const Kernel *kernel) {
   if (in[QUERY].rank != 3 || !shaped(&in[PAST_KEY], 4, in[QUERY].shape[0], kernel->kv_num_heads, -1))
@@ -379,7 +384,7 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   Tensor in[INPUT_COUNT], out[OUTPUT_COUNT];
   for (size_t i = 0; i < INPUT_COUNT; ++i) CHECK(input(context, i, &in[i]));
   CHECK(check_shapes(in, kernel));
-  Call call = {0};
+  AttentionCall call = {0};
   call.batch = in[QUERY].shape[0];
   call.new_width = in[QUERY].shape[1];
   call.heads = kernel->num_heads;
@@ -389,9 +394,6 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   call.capacity = in[PAST_KEY].shape[2];
   call.scale = kernel->scale != 0.f ? kernel->scale : 1.f / sqrtf((float)call.dim);
   call.quantized = in[PAST_KEY].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-  if (call.dim > 512 || call.dim % (2 * LANES)) return fail("moecc.Attention: the head size must be a multiple of 16, at most 512");
-  if (call.group > MAX_GROUP) return fail("moecc.Attention: more than 16 query heads per key/value head");
-  call.span = walk_span(call.group);
   if (call.quantized && (!in[KEY_SCALE].value || !in[VALUE_SCALE].value)) return fail("moecc.Attention: an int8 cache needs key and value scales");
   call.query = in[QUERY].data;
   int64_t output_shape[3] = {call.batch, call.new_width, call.heads * call.dim};
@@ -410,11 +412,7 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   call.epsilon = kernel->epsilon;
   call.key_scale = call.quantized ? in[KEY_SCALE].data : NULL;
   call.value_scale = call.quantized ? in[VALUE_SCALE].data : NULL;
-  for (int64_t row = 0; row < call.batch; ++row) {
-    if (call.query_seqlens[row] < 0 || call.query_seqlens[row] > call.new_width || past_length(&call, row) < 0 ||
-        call.seqlens_k[row] >= call.capacity || call.seqlens_k[row] >= in[COS].shape[0])
-      return fail("moecc.Attention: a row's lengths do not fit its call or the cache");
-  }
+  CHECK(check_call(&call, in[COS].shape[0]));
   CHECK(output(context, OUTPUT, output_shape, 3, &out[OUTPUT]));
   CHECK(output(context, PRESENT_KEY, in[PAST_KEY].shape, 4, &out[PRESENT_KEY]));
   CHECK(output(context, PRESENT_VALUE, in[PAST_VALUE].shape, 4, &out[PRESENT_VALUE]));
@@ -424,10 +422,7 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   }
   call.output = out[OUTPUT].data;
   call.cache_key = out[PRESENT_KEY].data, call.cache_value = out[PRESENT_VALUE].data;
-  CHECK(ort->KernelContext_ParallelFor(context, append, (size_t)(call.batch * call.new_width), 0, &call));
-  int64_t blocks = (call.new_width + QUERY_BLOCK - 1) / QUERY_BLOCK;
-  CHECK(ort->KernelContext_ParallelFor(context, attend, (size_t)(call.batch * call.kv_heads * blocks), 0, &call));
-  return call.error;
+  return attention_run(context, &call);
 }
 
 static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {

@@ -123,14 +123,18 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   for (size_t i = 0; i < INPUT_COUNT; ++i) CHECK(input(context, i, &in[i]));
   if (in[INPUT].rank < 1 || in[WEIGHTS].rank != 3 || in[WEIGHTS].shape[2] != PANEL)
     return fail("moecc.MatMul: x must be [..., K] and the weights [N / 32, K, 32]");
-  Call call = {.inner = in[WEIGHTS].shape[1], .columns = in[WEIGHTS].shape[0] * PANEL};
-  if (in[INPUT].shape[in[INPUT].rank - 1] != call.inner) return fail("moecc.MatMul: x's last dimension is not the weights' K");
+  int64_t inner = in[WEIGHTS].shape[1], columns = in[WEIGHTS].shape[0] * PANEL;
+  if (in[INPUT].shape[in[INPUT].rank - 1] != inner) return fail("moecc.MatMul: x's last dimension is not the weights' K");
   int64_t shape[4];
   memcpy(shape, in[INPUT].shape, sizeof(int64_t) * in[INPUT].rank);
-  shape[in[INPUT].rank - 1] = call.columns;
+  shape[in[INPUT].rank - 1] = columns;
   CHECK(output(context, 0, shape, in[INPUT].rank, &out));
-  call.rows = call.inner ? elements(&in[INPUT]) / call.inner : 0;
-  call.x = in[INPUT].data, call.weights = in[WEIGHTS].data, call.out = out.data;
+  int64_t rows = inner ? elements(&in[INPUT]) / inner : 0;
+  return matmul_run(context, in[INPUT].data, rows, inner, in[WEIGHTS].data, columns, out.data);
+}
+
+OrtStatus *matmul_run(OrtKernelContext *context, const float *x, int64_t rows, int64_t inner, const float *panels, int64_t columns, float *out) {
+  Call call = {.rows = rows, .inner = inner, .columns = columns, .x = x, .weights = panels, .out = out};
   if (call.rows == 0 || call.columns == 0) return NULL;
   if (call.inner == 0) {
     memset(call.out, 0, (size_t)(call.rows * call.columns) * sizeof(float));

@@ -35,27 +35,33 @@ def why_not(model: onnx.ModelProto) -> str | None:
     return f"no MatMul has float32 constant weights of a multiple of {PANEL} columns and at least {MIN_WEIGHTS} of them"
 
 
+def panelled(model: onnx.ModelProto, nodes: list[onnx.NodeProto], weights: str) -> str:
+    """The name of `weights` [K, N] (a float32 constant of `model`) as panels [N / 32, K, 32]: a Reshape and a
+    Transpose appended to `nodes`, which ONNX Runtime folds into a new constant when the session loads."""
+    inner, columns = next(tensor.dims for tensor in model.graph.initializer if tensor.name == weights)
+    shape = f"{weights}.panel_shape"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([inner, columns // PANEL, PANEL], np.int64), shape))
+    nodes.append(helper.make_node("Reshape", [weights, shape], [f"{weights}.columns"], name=f"{weights}.reshape"))
+    nodes.append(helper.make_node("Transpose", [f"{weights}.columns"], [f"{weights}.panels"], name=f"{weights}.panel", perm=[1, 0, 2]))
+    return f"{weights}.panels"
+
+
 def swap(model: onnx.ModelProto) -> int:
     """Swap every MatMul of `model` with large float32 constant weights of a multiple of 32 columns for
     moecc.MatMul, fed the weights as panels (one Reshape and Transpose per weight, however many nodes read
     it); returns how many."""
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
     nodes: list[onnx.NodeProto] = []
-    panelled: set[str] = set()
+    panels: dict[str, str] = {}
     swapped = 0
     for node in model.graph.node:
         if not _swappable(node, constants):
             nodes.append(node)
             continue
         weights = node.input[1]
-        inner, columns = constants[weights].dims
-        if weights not in panelled:
-            shape = f"{weights}.panel_shape"
-            model.graph.initializer.append(numpy_helper.from_array(np.array([inner, columns // PANEL, PANEL], np.int64), shape))
-            nodes.append(helper.make_node("Reshape", [weights, shape], [f"{weights}.columns"], name=f"{weights}.reshape"))
-            nodes.append(helper.make_node("Transpose", [f"{weights}.columns"], [f"{weights}.panels"], name=f"{weights}.panel", perm=[1, 0, 2]))
-            panelled.add(weights)
-        nodes.append(helper.make_node("MatMul", [node.input[0], f"{weights}.panels"], node.output, name=node.name, domain=DOMAIN))
+        if weights not in panels:
+            panels[weights] = panelled(model, nodes, weights)
+        nodes.append(helper.make_node("MatMul", [node.input[0], panels[weights]], node.output, name=node.name, domain=DOMAIN))
         swapped += 1
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)

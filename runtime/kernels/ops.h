@@ -47,8 +47,33 @@ OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op
 ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, size_t index);
 size_t ORT_API_CALL one_output(const OrtCustomOp *op);
 
+/* One attention call's geometry and buffers (attention.c), shared by its work items and filled by the kernels
+   that run it: moecc.Attention and moecc.DenseDecoder. */
+typedef struct {
+  int64_t batch, new_width, heads, kv_heads, group, dim, capacity;
+  int64_t span; /* new tokens per walk of the cache (walk_span) */
+  float scale;
+  const float *query, *key, *value, *cos, *sin, *key_scale, *value_scale, *query_norm, *key_norm;
+  float epsilon;
+  int64_t query_stride, key_stride; /* floats per token: packed inputs hold a token's queries, keys and values in one row */
+  const int32_t *seqlens_k, *query_seqlens;
+  float *output;
+  void *cache_key, *cache_value; /* float or int8 */
+  int quantized;
+  OrtStatus *error;
+} AttentionCall;
+
+/* Whether the kernel takes the call's head size and group, and every row's lengths fit the call, the cache and
+   the rotary tables' `positions`. */
+OrtStatus *check_call(const AttentionCall *call, int64_t positions);
+/* Cache the call's new keys and values and attend: the call's queries rotated, then attended, into its output. */
+OrtStatus *attention_run(OrtKernelContext *context, AttentionCall *call);
+/* out [rows, columns] = x [rows, inner] times weights in panels [columns / 32, inner, 32] (matmul.c). */
+OrtStatus *matmul_run(OrtKernelContext *context, const float *x, int64_t rows, int64_t inner, const float *panels, int64_t columns, float *out);
+
 OrtStatus *add_attention_ops(OrtCustomOpDomain *domain);
 OrtStatus *add_moe_ops(OrtCustomOpDomain *domain);
 OrtStatus *add_matmul_ops(OrtCustomOpDomain *domain);
+OrtStatus *add_dense_ops(OrtCustomOpDomain *domain);
 
 #endif

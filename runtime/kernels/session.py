@@ -1,6 +1,7 @@
-"""Open a CPU session with moecc's kernels in place of ONNX Runtime's: moecc.Attention (attention.c) for
-GroupQueryAttention, moecc.MoE (moe.c) for float32 MoE, moecc.QMoE (moe.c) for INT4 and INT8 QMoE, and
-moecc.MatMul (matmul.c) for MatMuls by large float32 constant weights.
+"""Open a CPU session with moecc's kernels in place of ONNX Runtime's: moecc.DenseDecoder (dense.c) for the whole
+graph of a dense float32 decoder (a draft), else moecc.Attention (attention.c) for GroupQueryAttention,
+moecc.MoE (moe.c) for float32 MoE, moecc.QMoE (moe.c) for INT4 and INT8 QMoE, and moecc.MatMul (matmul.c) for
+MatMuls by large float32 constant weights.
 
 The artifact keeps the standard nodes, which every ONNX Runtime and the TensorRT lowering read; the swap
 happens in memory when a CPU session loads, for each kind of node only when every node of that kind is one
@@ -18,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from runtime.errors import MoeccError
-from runtime.kernels import DOMAIN, attention, matmul, moe
+from runtime.kernels import DOMAIN, attention, dense, matmul, moe
 from runtime.kernels.build import KernelUnavailable, library
 
 Kernels = Literal["auto", "moecc", "onnxruntime"]  # auto: moecc's kernels where they build and apply, else ONNX Runtime's
@@ -30,6 +31,7 @@ _log = logging.getLogger(__name__)
 # Each kernel: the op type it stands in for (com.microsoft's, or the standard domain's), why it cannot in a model,
 # and its swap.
 _KERNELS = {
+    "moecc.DenseDecoder": ("GroupQueryAttention", dense.why_not, dense.swap),
     "moecc.Attention": ("GroupQueryAttention", attention.why_not, attention.swap),
     "moecc.MoE": ("MoE", lambda model, head_dim: moe.why_not(model), lambda model, head_dim: moe.swap(model)),
     "moecc.QMoE": ("QMoE", lambda model, head_dim: moe.why_not_quantized(model), lambda model, head_dim: moe.swap_quantized(model)),
@@ -37,6 +39,8 @@ _KERNELS = {
 }
 # Kernels that stand in node by node: the nodes they cannot run (a router's narrow MatMul) are not a fallback.
 _NODE_BY_NODE = {"moecc.MatMul"}
+# Kernels that stand in for the whole graph where they apply, and leave it to the others where they do not.
+_WHOLE_GRAPH = {"moecc.DenseDecoder"}
 
 
 @cache
@@ -50,7 +54,7 @@ def check_kernels(kernels: str) -> None:
 
 
 def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, kernels: Kernels) -> tuple[str, ...]:
-    """Which of moecc's kernels ("moecc.Attention", "moecc.MoE", "moecc.QMoE", "moecc.MatMul") sessions of the model at `model_path` run. Where
+    """Which of moecc's kernels ("moecc.DenseDecoder", or "moecc.Attention", "moecc.MoE", "moecc.QMoE", "moecc.MatMul") sessions of the model at `model_path` run. Where
     `kernels` asks for them and they apply, the graph `model` (without weights) is rewritten in place and
     `options` load the kernels; a session is then made from the graph's bytes, with EXTERNAL_FOLDER set.
     "moecc" refuses to fall back: every attention, float MoE and QMoE node must run moecc's kernel (MatMuls run
@@ -61,7 +65,7 @@ def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options
     # Checked before the build, so that a model the kernels cannot run never needs a compiler.
     ops = {node.op_type for node in model.graph.node if node.domain in ("com.microsoft", "", "ai.onnx")}
     reasons = {name: why_not(model, head_dim) for name, (op_type, why_not, _) in _KERNELS.items() if op_type in ops}
-    refused = {name: reason for name, reason in reasons.items() if reason and name not in _NODE_BY_NODE}
+    refused = {name: reason for name, reason in reasons.items() if reason and name not in _NODE_BY_NODE | _WHOLE_GRAPH}
     if kernels == "moecc" and refused:
         raise MoeccError(f"{model_path}: moecc's kernels do not apply: {'; '.join(f'{name}: {reason}' for name, reason in refused.items())}",
                          hint="load with kernels='auto'")  # fmt: skip
@@ -69,6 +73,7 @@ def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options
         if reason:
             _log.info("%s: ONNX Runtime's kernel instead of %s (%s)", model_path, name, reason)
     chosen = [name for name, reason in reasons.items() if reason is None]
+    chosen = [name for name in chosen if name in _WHOLE_GRAPH][:1] or chosen
     if not chosen:
         return ()
     try:

@@ -1,0 +1,229 @@
+"""moecc.DenseDecoder (dense.c) in place of a whole dense decoder's graph, as moecc's export writes it for a
+Qwen3 or Llama draft: float32 weights and cache, no biases (session.py decides when to swap).
+
+Why a whole graph in one node: a draft's call is small (small-coder's 2-layer draft reads 2 MiB of weights),
+and the decoding loop makes it right after the main model's verify has filled the caches with other data.
+ONNX Runtime then spends more on walking 24 nodes, each with its own code and buffers to fetch again, than on
+the arithmetic: 230 µs for the first call after 96 MiB of other reads and 100 µs for the second, 42 µs in a
+tight loop (scripts/bench_kernels.py --kernel moecc.DenseDecoder has today's figures).
+
+The match is exact: the graph, with moecc.Attention already in place of its attention, must be this and
+nothing else, walked back from the logits:
+
+    Gather(embedding, input_ids) -> SimplifiedLayerNormalization
+    per layer: MatMul(qkv) -> moecc.Attention -> MatMul(o) -> SkipSimplifiedLayerNormalization
+               -> MatMul(gate_up) -> Split -> Mul(gate, Sigmoid(gate)) -> Mul(., up) -> MatMul(down)
+               -> SkipSimplifiedLayerNormalization (the next layer's input norm, or the final norm)
+    GatherND(h, logit_positions) -> MatMul(head) -> logits
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import helper
+
+from runtime.kernels import DOMAIN, attention, attribute_value
+from runtime.kernels.matmul import PANEL, panelled
+
+_SKIP_NORM = "SkipSimplifiedLayerNormalization"
+_OP_TYPES = {"Gather", "SimplifiedLayerNormalization", _SKIP_NORM, "MatMul", "Attention", "Split", "Sigmoid", "Mul", "GatherND"}
+
+
+class _NoMatch(Exception):
+    """The graph is not the dense decoder the kernel runs; the message says where it differs."""
+
+
+@dataclass
+class _Layer:
+    past: list[str]  # past key, past value
+    present: list[str]  # present key, present value
+    input_norm: str
+    qkv: str
+    qk_norms: list[str]  # query and key norm weights, or none
+    out: str
+    post_norm: str
+    gate_up: str
+    down: str
+
+
+@dataclass
+class _Decoder:
+    embedding: str
+    final_norm: str
+    head: str
+    cos: str
+    sin: str
+    attributes: dict
+    layers: list[_Layer] = field(default_factory=list)
+
+
+class _Walk:
+    """The graph read backwards: each value's producer, and the nodes the match has accounted for."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.producer = {name: node for node in model.graph.node for name in node.output}
+        self.constants = {tensor.name: tensor for tensor in model.graph.initializer}
+        self.inputs = {value.name: value for value in model.graph.input}
+        self.seen: set[int] = set()
+        self.epsilons: set[float] = set()
+
+    def node(self, value: str, op_type: str, domain: str = "") -> onnx.NodeProto:
+        node = self.producer.get(value)
+        if node is None or node.op_type != op_type or (node.domain or "") not in ({domain, "ai.onnx"} if not domain else {domain}):
+            found = f"{node.domain + '.' if node is not None and node.domain else ''}{node.op_type}" if node is not None else "a graph input or constant"
+            raise _NoMatch(f"{value} comes from {found}, not {op_type}")
+        self.seen.add(id(node))
+        return node
+
+    def weights(self, name: str, rank: int) -> list[int]:
+        tensor = self.constants.get(name)
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) != rank:
+            raise _NoMatch(f"{name} is not a float32 constant of rank {rank}")
+        return list(tensor.dims)
+
+    def norm(self, node: onnx.NodeProto, inputs: int) -> str:
+        if len(node.input) != inputs or attribute_value(node, "axis", -1) != -1:
+            raise _NoMatch(f"{node.name}: a norm with a bias or not over the last axis")
+        self.epsilons.add(attribute_value(node, "epsilon", 1e-5))
+        return node.input[inputs - 1]
+
+
+def _layer(walk: _Walk, closing: onnx.NodeProto, head_dim: int) -> tuple[_Layer, onnx.NodeProto, dict]:
+    """The layer that `closing` (the norm after its MLP) ends, and the norm node in front of it."""
+    down = walk.node(closing.input[0], "MatMul")
+    product = walk.node(down.input[0], "Mul")
+    silu = walk.node(product.input[0], "Mul")
+    sigmoid = walk.node(silu.input[1], "Sigmoid")
+    split = walk.node(silu.input[0], "Split")
+    if sigmoid.input[0] != silu.input[0] or list(split.output) != [silu.input[0], product.input[1]] or attribute_value(split, "axis", 0) not in (-1, 2):
+        raise _NoMatch(f"{split.name}: not a SiLU-gated MLP")
+    gate_up = walk.node(split.input[0], "MatMul")
+    post = walk.node(gate_up.input[0], _SKIP_NORM, "com.microsoft")
+    if len(post.output) < 4 or closing.input[1] != post.output[3]:
+        raise _NoMatch(f"{closing.name}: its residual is not the attention block's")
+    out = walk.node(post.input[0], "MatMul")
+    attend = walk.node(out.input[0], "Attention", DOMAIN)
+    names = dict(zip(attention._OURS, attend.input))
+    if any(names.get(name) for name in ("key", "value", "k_scale", "v_scale")) or attend.output[0] != out.input[0]:
+        raise _NoMatch(f"{attend.name}: q, k and v not packed, or an int8 cache")
+    norms = [names.get("q_norm_weight", ""), names.get("k_norm_weight", "")]
+    if any(norms) and not all(norms):
+        raise _NoMatch(f"{attend.name}: a query norm without a key norm")
+    if all(norms):
+        walk.epsilons.add(attribute_value(attend, "epsilon", 1e-6))
+    qkv = walk.node(attend.input[0], "MatMul")
+    hidden, width = walk.weights(qkv.input[1], 2)
+    attributes = {name: attribute_value(attend, name) for name in ("num_heads", "kv_num_heads", "scale") if attribute_value(attend, name) is not None}
+    if width != (attributes["num_heads"] + 2 * attributes["kv_num_heads"]) * head_dim:
+        raise _NoMatch(f"{qkv.name}: q, k and v are not {attributes['num_heads']} + 2 x {attributes['kv_num_heads']} heads of {head_dim}")
+    before = walk.producer.get(qkv.input[0])
+    if before is None or before.op_type not in (_SKIP_NORM, "SimplifiedLayerNormalization") or before.output[0] != qkv.input[0]:
+        raise _NoMatch(f"{qkv.name}: its input is not a norm")
+    walk.seen.add(id(before))
+    residual = before.output[3] if before.op_type == _SKIP_NORM and len(before.output) >= 4 else before.input[0]
+    if post.input[1] != residual:
+        raise _NoMatch(f"{post.name}: its residual is not the layer's input")
+    for node, columns in ((out, hidden), (gate_up, None), (down, hidden)):
+        dims = walk.weights(node.input[1], 2)
+        if columns is not None and dims[1] != columns:
+            raise _NoMatch(f"{node.name}: weights {dims} do not end in the hidden size {hidden}")
+    layer = _Layer(
+        past=[names["past_key"], names["past_value"]], present=list(attend.output[1:3]), input_norm="", qkv=qkv.input[1],
+        qk_norms=norms if all(norms) else [], out=out.input[1], post_norm=walk.norm(post, 3), gate_up=gate_up.input[1], down=down.input[1],
+    )  # fmt: skip
+    return layer, before, attributes | {"rotary": (names["cos_cache"], names["sin_cache"]), "lengths": (names["seqlens_k"], names["query_seqlens"])}
+
+
+def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
+    """The dense decoder `model` (moecc.Attention in place) is, or _NoMatch saying where it is not one."""
+    if extra := sorted({node.op_type for node in model.graph.node} - _OP_TYPES):
+        raise _NoMatch(f"it has {', '.join(extra)} nodes")
+    walk = _Walk(model)
+    outputs = [value.name for value in model.graph.output]
+    if not outputs or outputs[0] != "logits":
+        raise _NoMatch("the first output is not the logits")
+    head = walk.node("logits", "MatMul")
+    gather = walk.node(head.input[0], "GatherND")
+    if gather.input[1] != "logit_positions" or attribute_value(gather, "batch_dims", 0) != 1:
+        raise _NoMatch(f"{gather.name}: not the logits' positions")
+    closing = walk.node(gather.input[0], _SKIP_NORM, "com.microsoft")
+    final_norm = walk.norm(closing, 3)
+    layers, shared = [], set()
+    while True:
+        layer, before, found = _layer(walk, closing, head_dim)
+        shared.add(tuple(sorted(found.items())))
+        layers.insert(0, layer)
+        if before.op_type == "SimplifiedLayerNormalization":
+            layer.input_norm = walk.norm(before, 2)
+            break
+        layer.input_norm = walk.norm(before, 3)
+        closing = before
+    if len(shared) != 1:
+        raise _NoMatch("the layers' attention differs in heads, scale, rotary tables or lengths")
+    found = dict(shared.pop())
+    embed = walk.node(before.input[0], "Gather")
+    vocab, hidden = walk.weights(embed.input[0], 2)
+    if embed.input[1] != "input_ids" or attribute_value(embed, "axis", 0) != 0:
+        raise _NoMatch(f"{embed.name}: not the token embedding")
+    if walk.weights(head.input[1], 2) != [hidden, vocab]:
+        raise _NoMatch(f"{head.name}: the head is not [hidden, vocabulary]")
+    if len(walk.epsilons) != 1:
+        raise _NoMatch("the norms differ in epsilon")
+    if len(walk.seen) != len(model.graph.node):
+        raise _NoMatch(f"{len(model.graph.node) - len(walk.seen)} nodes beyond a dense decoder's")
+    if outputs[1:] != [name for layer in layers for name in layer.present]:
+        raise _NoMatch("the outputs are not the logits and each layer's present key and value")
+    for layer in layers:
+        if walk.weights(layer.gate_up, 2)[1] != 2 * walk.weights(layer.down, 2)[0]:
+            raise _NoMatch(f"{layer.gate_up}: gate and up are not twice down's inner size")
+    for name in (layer_weight for layer in layers for layer_weight in (layer.qkv, layer.out, layer.gate_up, layer.down)):
+        if walk.weights(name, 2)[1] % PANEL:
+            raise _NoMatch(f"{name}: its width is not a multiple of {PANEL}")
+    if vocab % PANEL:
+        raise _NoMatch(f"a vocabulary of {vocab}, not a multiple of {PANEL}")
+    (seqlens_k, query_seqlens), (cos, sin) = found["lengths"], found["rotary"]
+    if (seqlens_k, query_seqlens) != ("seqlens_k", "query_seqlens"):
+        raise _NoMatch("the attention does not read the graph's lengths")
+    attributes = {name: found[name] for name in ("num_heads", "kv_num_heads", "scale") if name in found}
+    attributes |= {"epsilon": walk.epsilons.pop(), "qk_norm": int(bool(layers[0].qk_norms))}
+    if any(bool(layer.qk_norms) != bool(attributes["qk_norm"]) for layer in layers):
+        raise _NoMatch("some layers have query and key norms and some do not")
+    return _Decoder(embedding=embed.input[0], final_norm=final_norm, head=head.input[1], cos=cos, sin=sin, attributes=attributes, layers=layers)
+
+
+def _attention_in_place(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProto:
+    if reason := attention.why_not(model, head_dim):
+        raise _NoMatch(reason)
+    attention.swap(model, head_dim)
+    return model
+
+
+def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
+    """Why moecc.DenseDecoder cannot stand in for `model`'s graph, or None when it can."""
+    try:
+        _match(_attention_in_place(copy.deepcopy(model), head_dim), head_dim)
+    except _NoMatch as reason:
+        return f"not a dense decoder moecc.DenseDecoder runs: {reason}"
+    return None
+
+
+def swap(model: onnx.ModelProto, head_dim: int) -> None:
+    """Replace `model`'s graph (which why_not() accepted) with one moecc.DenseDecoder, its weights in panels."""
+    decoder = _match(_attention_in_place(model, head_dim), head_dim)
+    nodes: list[onnx.NodeProto] = []
+    inputs = ["input_ids", "seqlens_k", "query_seqlens", "logit_positions", decoder.cos, decoder.sin, decoder.embedding, decoder.final_norm]
+    inputs.append(panelled(model, nodes, decoder.head))
+    for layer in decoder.layers:
+        inputs += [*layer.past, layer.input_norm, panelled(model, nodes, layer.qkv), *layer.qk_norms, panelled(model, nodes, layer.out)]
+        inputs += [layer.post_norm, panelled(model, nodes, layer.gate_up), panelled(model, nodes, layer.down)]
+    outputs = ["logits", *(name for layer in decoder.layers for name in layer.present)]
+    nodes.append(helper.make_node("DenseDecoder", inputs, outputs, name="dense_decoder", domain=DOMAIN, **decoder.attributes))
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    read = {name for node in nodes for name in node.input}
+    for constant in [tensor for tensor in model.graph.initializer if tensor.name not in read]:  # the Splits' widths
+        model.graph.initializer.remove(constant)

@@ -1,0 +1,105 @@
+"""moecc.DenseDecoder (runtime/kernels/dense.c): a dense decoder's whole graph in one node computes what ONNX
+Runtime's nodes do (with and without per-head query and key norms, a batch of uneven rows, verify blocks,
+rollbacks), and stands aside with its reason from a graph it does not run."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import runtime
+from compiler.pipeline import build
+from compiler.recipe import load_recipe
+from runtime.decoder import BatchKvCache, session_options
+from runtime.kernels import dense, session
+from tiny_models import VOCAB, save_model, write_recipe
+
+TOLERANCE = 1e-4  # float32 sums in another order
+SIZES = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512, eos_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def dense_pair(tmp_path_factory, tokenizer):
+    """A Llama main model (no query or key norms, untied head) and a Qwen3 draft (norms, tied head, one KV head)."""
+    root = tmp_path_factory.mktemp("dense-pair")
+    save_model(LlamaForCausalLM(LlamaConfig(**SIZES, num_key_value_heads=2, intermediate_size=96)), tokenizer, root / "main", seed=5)
+    save_model(Qwen3ForCausalLM(Qwen3Config(**SIZES, num_key_value_heads=1, head_dim=16, intermediate_size=64, tie_word_embeddings=True)), tokenizer, root / "draft", seed=6)
+    return build(load_recipe(write_recipe(root, name="dense-pair")), root / "out").artifact
+
+
+@pytest.fixture(scope="module")
+def fused_and_unfused(dense_pair):
+    fused = runtime.load(dense_pair, target="cpu", threads=2)
+    withheld = session._KERNELS.pop("moecc.DenseDecoder")
+    try:
+        unfused = runtime.load(dense_pair, target="cpu", threads=2)
+    finally:
+        session._KERNELS["moecc.DenseDecoder"] = withheld
+    return fused, unfused
+
+
+@pytest.mark.parametrize("role", ["main", "draft"])
+def test_a_dense_decoder_runs_as_one_node_with_the_graphs_results(fused_and_unfused, role):
+    fused, unfused = (getattr(generator, role) for generator in fused_and_unfused)
+    assert fused.kernels == ("moecc.DenseDecoder",) and "moecc.DenseDecoder" not in unfused.kernels
+    graph = onnx.load(fused_and_unfused[0].path / role / "model.onnx", load_external_data=False)
+    session.use_kernels(fused_and_unfused[0].path / role / "model.onnx", graph, fused.entry.head_dim, session_options({}), "auto")
+    assert {node.op_type for node in graph.graph.node} == {"DenseDecoder", "Reshape", "Transpose"}  # the weights' panels, folded at load
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in (19, 4, 11)]
+    ours, theirs = (BatchKvCache(decoder, 3, 64) for decoder in (fused, unfused))
+    np.testing.assert_allclose(ours.prefill(prompts), theirs.prefill(prompts), atol=TOLERANCE, rtol=0)
+    # Rows of uneven new tokens, one row idle; then a rollback and the same positions fed other tokens.
+    for step in ({0: [5, 6, 7], 2: [9]}, {0: [1], 1: [2, 3, 4, 5, 6], 2: [7, 8]}):
+        for got, expected in zip(ours.feed(step).values(), theirs.feed(step).values()):
+            np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+    for cache in (ours, theirs):
+        cache.keep(1, 5)
+    np.testing.assert_allclose(ours.feed({1: [30, 31]})[1], theirs.feed({1: [30, 31]})[1], atol=TOLERANCE, rtol=0)
+    single = [fused.new_cache(64), unfused.new_cache(64)]
+    logits = [cache.feed(prompts[0], last=1) for cache in single]
+    for token in (12, 13, 14):
+        logits = [cache.feed([token]) for cache in single]
+        np.testing.assert_allclose(*logits, atol=TOLERANCE, rtol=0)
+
+
+def test_the_pair_decodes_alike_fused_or_not(fused_and_unfused):
+    fused, unfused = fused_and_unfused
+    prompt = np.random.default_rng(4).integers(1, VOCAB, size=9).tolist()
+    for speculative in (False, True):
+        ours = [t for step in fused.stream_ids(prompt, max_new_tokens=32, speculative=speculative, stop_tokens=set()) for t in step]
+        assert ours == [t for step in unfused.stream_ids(prompt, max_new_tokens=32, speculative=speculative, stop_tokens=set()) for t in step]
+
+
+def test_a_token_outside_the_vocabulary_is_refused_by_name(fused_and_unfused):
+    draft = fused_and_unfused[0].draft
+    feeds = {"input_ids": np.array([[VOCAB]]), "seqlens_k": np.zeros(1, np.int32), "total_sequence_length": np.array(1, np.int32),
+             "query_seqlens": np.ones(1, np.int32), "logit_positions": np.zeros((1, 1, 1), np.int64)}  # fmt: skip
+    for value in draft.session.get_inputs():
+        if value.name.startswith("past_key_values"):
+            feeds[value.name] = np.zeros((1, draft.entry.num_kv_heads, 8, draft.entry.head_dim), np.float32)
+    with pytest.raises(Exception, match="moecc.DenseDecoder: a token id is outside the vocabulary"):
+        draft.session.run(None, feeds)
+
+
+def test_it_stands_aside_from_graphs_it_does_not_run(dense_pair, tiny_artifact):
+    """An MoE model, an int8 cache and a graph with a node more each keep the node-by-node kernels, with the reason."""
+    moe = onnx.load(tiny_artifact / "main" / "model.onnx", load_external_data=False)
+    assert "not a dense decoder" in dense.why_not(moe, 16) and "MoE" in dense.why_not(moe, 16)
+    draft = onnx.load(dense_pair / "draft" / "model.onnx", load_external_data=False)
+    assert dense.why_not(draft, 16) is None
+    extra = onnx.ModelProto.FromString(draft.SerializeToString())
+    logits = next(node for node in extra.graph.node if "logits" in node.output)
+    logits.output[0] = "raw_logits"
+    extra.graph.node.append(onnx.helper.make_node("Tanh", ["raw_logits"], ["logits"]))
+    assert "it has Tanh nodes" in dense.why_not(extra, 16)
+    extra.graph.node[-1].op_type = "Sigmoid"  # known op types, one node too many
+    assert "comes from Sigmoid, not MatMul" in dense.why_not(extra, 16)
+    int8 = onnx.ModelProto.FromString(draft.SerializeToString())
+    for value in int8.graph.input:
+        if value.name.startswith("past_key_values"):
+            value.type.tensor_type.elem_type = onnx.TensorProto.INT8
+    assert "int8" in dense.why_not(int8, 16)
+
