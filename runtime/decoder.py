@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from runtime.artifact import ModelEntry
 from runtime.errors import ArtifactError
+from runtime.kernels.dense import GREEDY_STEPS, GREEDY_TOKENS, MAX_CHAIN
 from runtime.kernels.session import Kernels, open_session
 
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
@@ -85,6 +86,8 @@ class Decoder:
         check_inputs(model_path, model)
         self.session, self.kernels = open_session(model_path, model, entry.head_dim, session_options(entry.session_options, threads), kernels)
         self.entry = entry
+        # moecc.DenseDecoder proposes greedy tokens after a call in the same call (see KvCache.greedy_chain).
+        self.chains_greedily = GREEDY_STEPS in {value.name for value in self.session.get_inputs()}
 
     def new_cache(self, capacity: int | None = None) -> KvCache:
         return KvCache(self, capacity or self.entry.max_sequence_length)
@@ -188,6 +191,13 @@ class BoundBuffers:
         self._filled: tuple | None = None  # (N, new, last) of the positions in the buffer: decode steps reuse them
         self._small_call: tuple[int, int] | None = None  # (S, N) the small-call views are bound at now
         self._small_views: tuple[np.ndarray, np.ndarray] | None = None  # their logit positions and logits
+        self._steps: memoryview | None = None  # a call's greedy steps, written in place, where the model chains them
+        if decoder.chains_greedily:
+            steps, self.chained = np.zeros(1, dtype=np.int64), np.full((batch, MAX_CHAIN), -1, dtype=np.int64)
+            self._values += [ort.OrtValue.ortvalue_from_numpy(steps.reshape(())), ort.OrtValue.ortvalue_from_numpy(self.chained)]
+            self.binding.bind_ortvalue_input(GREEDY_STEPS, self._values[-2])
+            self.binding.bind_ortvalue_output(GREEDY_TOKENS, self._values[-1])
+            self._steps = memoryview(steps)
 
     def _bound_view(self, name: str, size: int) -> np.ndarray:
         """The leading [B, size(, V or 1)] view of a flat buffer (contiguous at every size, so one buffer serves
@@ -211,12 +221,17 @@ class BoundBuffers:
             self._bound[name] = size
         return view
 
-    def run(self, rows: list[list[int]], cached: list[int], last: list[int]) -> np.ndarray:
+    def run(self, rows: list[list[int]], cached: list[int], last: list[int], greedy_steps: int = 0) -> np.ndarray:
         """One call: each row's new tokens after its `cached` ones, right-padded to the longest row; returns the
         logits [B,N,V] at each row's last[row] last new tokens, N = max(last) or 1 (the caller's to keep; a row's
-        positions beyond its own last[row] hold nothing it asked for)."""
+        positions beyond its own last[row] hold nothing it asked for). With `greedy_steps` (a model that chains
+        them, one row), the call then proposes that many tokens greedily into `chained` [0, :greedy_steps]."""
         new = [len(tokens) for tokens in rows]
         check_last(new, last)
+        if self._steps is not None:
+            self._steps[0] = greedy_steps
+        elif greedy_steps:
+            raise ValueError("this model does not chain greedy proposals")
         width, kept = max(new), max(max(last), 1)
         self.state.set_lengths(cached, new, width)
         if width <= SMALL_CALL:
@@ -281,6 +296,15 @@ class TokenLedger:
         (all by default): a prompt's prefill asks for one, a verify block for k + 1."""
         raise NotImplementedError
 
+    def greedy_chain(self, tokens: list[int], count: int) -> list[int]:
+        """Run `tokens` after the cached ones, then propose `count` tokens greedily (each the argmax after the
+        one before), caching each but the last; returns the proposals."""
+        logits = self.feed(tokens, last=1)[-1]
+        chain = [int(logits.argmax())]
+        while len(chain) < count:
+            chain.append(int(self.feed(chain[-1:])[-1].argmax()))
+        return chain
+
     def _check_room(self, new_tokens: int) -> None:
         check_capacity(len(self.ids) + new_tokens, self.capacity)
 
@@ -299,6 +323,20 @@ class KvCache(TokenLedger):
         logits = self.buffers.run([tokens], [len(self.ids)], [last])
         self.ids.extend(tokens)
         return logits[0, :last]
+
+    def greedy_chain(self, tokens: list[int], count: int) -> list[int]:
+        if not self.buffers.decoder.chains_greedily:
+            return super().greedy_chain(tokens, count)
+        chain: list[int] = []
+        while len(chain) < count:  # MAX_CHAIN proposals per call
+            steps = min(count - len(chain), MAX_CHAIN)
+            check_capacity(len(self.ids) + len(tokens) + steps - 1, self.capacity)
+            self.buffers.run([tokens], [len(self.ids)], [1], greedy_steps=steps)
+            proposed = self.buffers.chained[0, :steps].tolist()
+            self.ids.extend(tokens + proposed[:-1])
+            chain += proposed
+            tokens = proposed[-1:]
+        return chain
 
 
 class BatchKvCache:

@@ -125,6 +125,8 @@ def _segments(graph: onnx.GraphProto, layers: list[ExpertLayer]) -> list[tuple[l
 class ExpertParallelDecoder:
     """The main model as dense segments and one worker per partition; caches are KvCaches whose calls run the cut model."""
 
+    chains_greedily = False  # proposals are a draft's, one call each (KvCache.greedy_chain)
+
     def __init__(self, artifact: Path, entry: ModelEntry, allowed_files: set[str], threads: int | None = None, kernels: Kernels = "auto"):
         if not entry.expert_layers:
             raise ArtifactError(

@@ -321,7 +321,9 @@ def _propose_one(proposal: Proposal, logits: np.ndarray, params: SamplingParams,
 
 def propose(draft: TokenLedger, unread: list[int], length: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
     """Draw `length` tokens from the draft after it reads `unread` (the sequence's tokens it does not hold, at
-    least the last), one draft call each."""
+    least the last): one draft call each, or greedy ones chained in as few as the draft can."""
+    if params.greedy:
+        return Proposal(draft.greedy_chain(unread, length), [])
     proposal = Proposal([], [])
     logits = draft.feed(unread, last=1)[-1]
     for position in range(length):

@@ -9,14 +9,21 @@ the products. Its contract is the graph's (runtime/kernels/dense.py swaps it in 
 
   inputs   0 input_ids [B, S] int64   1 seqlens_k [B] int32   2 query_seqlens [B] int32 (GroupQueryAttention's)
            3 logit_positions [B, N, 1] int64: the positions whose logits the call returns
-           4 cos, 5 sin [positions, D/2]: rotary tables   6 embedding [V, H]   7 the final norm's weight [H]
-           8 the head's weights in panels [V / 32, H, 32]
-           9... per layer: past_key, past_value [B, KVH, capacity, D]; the input norm's weight [H]; q, k and v
+           4 greedy_steps [] int64: after the call, propose this many tokens greedily (batch 1 only)
+           5 cos, 6 sin [positions, D/2]: rotary tables   7 embedding [V, H]   8 the final norm's weight [H]
+           9 the head's weights in panels [V / 32, H, 32]
+           10... per layer: past_key, past_value [B, KVH, capacity, D]; the input norm's weight [H]; q, k and v
              packed in panels [(H_q + 2 KVH) D / 32, H, 32]; with qk_norm, the query and key norms' weights [D];
              the output projection in panels [H / 32, H_q D, 32]; the post-attention norm's weight [H]; gate and
              up packed in panels [2F / 32, H, 32] (gate's F columns first); down in panels [H / 32, F, 32]
-  outputs  0 logits [B, N, V]   1... per layer: present_key, present_value (in place when bound to the past)
-  attrs    num_heads, kv_num_heads, qk_norm (0 or 1), epsilon (every RMS norm's), scale (0: 1/sqrt(D))
+  outputs  0 logits [B, N, V]   1 greedy_tokens [B, max_chain] int64: the greedy proposals, then -1
+           2... per layer: present_key, present_value (in place when bound to the past)
+  attrs    num_heads, kv_num_heads, qk_norm (0 or 1), epsilon (every RMS norm's), scale (0: 1/sqrt(D)), max_chain
+
+The greedy proposals continue from the last logits the call returns: the argmax of each, the first index of
+the largest as numpy's, is the next token, and each but the last is run through the model in turn (its keys
+and values cached after the call's tokens). A draft's k proposals are then one call, not k: each of ONNX
+Runtime's calls and the Python around it costs more than the draft's own arithmetic.
 
 Every block is y = x + f(rms_norm(x)), SiLU-gated in the MLP; padding positions of a row are computed and
 ignored, as in the graph. */
@@ -28,17 +35,31 @@ ignored, as in the graph. */
 
 #include "ops.h"
 
-enum { INPUT_IDS, SEQLENS_K, QUERY_SEQLENS, LOGIT_POSITIONS, COS, SIN, EMBEDDING, FINAL_NORM, HEAD, LAYERS, FIXED_INPUTS = LAYERS };
+enum { INPUT_IDS, SEQLENS_K, QUERY_SEQLENS, LOGIT_POSITIONS, GREEDY_STEPS, COS, SIN, EMBEDDING, FINAL_NORM, HEAD, FIXED_INPUTS };
+enum { LOGITS, GREEDY_TOKENS, PRESENTS };
 
 typedef struct {
-  int64_t num_heads, kv_num_heads, qk_norm;
+  int64_t num_heads, kv_num_heads, qk_norm, max_chain;
   float epsilon, scale;
 } Kernel;
 
-/* One layer's inputs, by name. */
+/* One layer's inputs, by name, and its cache as the call writes it. */
 typedef struct {
   Tensor past_key, past_value, input_norm, qkv, query_norm, key_norm, out, post_norm, gate_up, down;
+  float *cache_key, *cache_value;
 } Layer;
+
+/* The model's weights and sizes, and room for the activations of up to `rows` tokens. */
+typedef struct {
+  const Kernel *kernel;
+  Layer *layers;
+  size_t layer_count;
+  const float *embedding, *final_norm, *head, *cos, *sin;
+  int64_t rotary_positions, vocab, hidden, dim, heads, kv_heads, packed, ffn, capacity;
+  /* The residual stream x, its norm h, an update, q/k/v or gate/up, the attention's output, the gated product,
+     the normed rows whose logits are asked for. */
+  float *x, *h, *update, *wide, *attended, *gated, *last;
+} Model;
 
 /* out[r] = x[r] / rms(x[r]) * weight for `rows` rows of `width` floats. */
 static void rms_norm(const float *x, const float *weight, int64_t rows, int64_t width, float epsilon, float *out) {
@@ -54,6 +75,14 @@ static void add(float *x, const float *update, int64_t count) {
   for (int64_t i = 0; i < count; ++i) x[i] += update[i];
 }
 
+/* The first index of the largest value, as numpy's argmax. */
+static int64_t argmax(const float *values, int64_t count) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < count; ++i)
+    if (values[i] > values[best]) best = i;
+  return best;
+}
+
 /* Whether `tensor` holds weights in panels [columns / 32, inner, 32] for these columns and inner size. */
 static int panels(const Tensor *tensor, int64_t columns, int64_t inner) {
   return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && columns % 32 == 0 && shaped(tensor, 3, columns / 32, inner, 32);
@@ -61,135 +90,164 @@ static int panels(const Tensor *tensor, int64_t columns, int64_t inner) {
 
 static int vector_of(const Tensor *tensor, int64_t size) { return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && shaped(tensor, 1, size, -1, -1); }
 
-static OrtStatus *read_layers(OrtKernelContext *context, const Kernel *kernel, size_t count, Layer *layers) {
-  for (size_t l = 0, index = LAYERS; l < count; ++l) {
+static OrtStatus *read_layers(OrtKernelContext *context, const Kernel *kernel, Layer *layers, size_t count) {
+  for (size_t l = 0, index = FIXED_INPUTS; l < count; ++l) {
     Layer *layer = &layers[l];
-    Tensor *order[10] = {&layer->past_key, &layer->past_value, &layer->input_norm, &layer->qkv, &layer->query_norm,
-                         &layer->key_norm, &layer->out, &layer->post_norm, &layer->gate_up, &layer->down};
-    for (size_t i = 0; i < 10; ++i) {
-      if (!kernel->qk_norm && (i == 4 || i == 5)) {
-        order[i]->value = NULL;
-        continue;
-      }
+    Tensor *order[] = {&layer->past_key, &layer->past_value, &layer->input_norm, &layer->qkv, &layer->query_norm,
+                       &layer->key_norm, &layer->out, &layer->post_norm, &layer->gate_up, &layer->down};
+    for (size_t i = 0; i < sizeof order / sizeof *order; ++i) {
+      if (!kernel->qk_norm && (order[i] == &layer->query_norm || order[i] == &layer->key_norm)) continue;
       CHECK(input(context, index++, order[i]));
     }
   }
   return NULL;
 }
 
+/* Whether every layer's cache and weights have the model's sizes, for a batch of `batch`. */
+static int layers_fit(const Model *model, int64_t batch) {
+  for (size_t l = 0; l < model->layer_count; ++l) {
+    const Layer *layer = &model->layers[l];
+    if (!(shaped(&layer->past_key, 4, batch, model->kv_heads, model->capacity) && layer->past_key.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
+          layer->past_value.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && layer->past_key.shape[3] == model->dim &&
+          !memcmp(layer->past_value.shape, layer->past_key.shape, sizeof(int64_t) * 4) && vector_of(&layer->input_norm, model->hidden) &&
+          panels(&layer->qkv, model->packed, model->hidden) && panels(&layer->out, model->hidden, model->heads * model->dim) &&
+          vector_of(&layer->post_norm, model->hidden) && panels(&layer->gate_up, 2 * model->ffn, model->hidden) &&
+          panels(&layer->down, model->hidden, model->ffn) &&
+          (!model->kernel->qk_norm || (vector_of(&layer->query_norm, model->dim) && vector_of(&layer->key_norm, model->dim)))))
+      return 0;
+  }
+  return 1;
+}
+
+/* One pass over `width` new tokens per row of `batch` (ids checked), each row's lengths as GroupQueryAttention
+   reads them; logits [batch, kept, V] at each row's `positions` among its new tokens. */
+static OrtStatus *forward(OrtKernelContext *context, const Model *model, const int64_t *ids, int64_t batch, int64_t width, const int32_t *seqlens_k,
+                          const int32_t *query_seqlens, const int64_t *positions, int64_t kept, float *logits) {
+  const Kernel *kernel = model->kernel;
+  int64_t tokens = batch * width, hidden = model->hidden, dim = model->dim, heads = model->heads;
+  float *x = model->x, *h = model->h, *wide = model->wide;
+  for (int64_t t = 0; t < tokens; ++t) memcpy(x + t * hidden, model->embedding + ids[t] * hidden, hidden * sizeof(float));
+  AttentionCall call = {.batch = batch, .new_width = width, .heads = heads, .kv_heads = model->kv_heads, .group = heads / model->kv_heads,
+                        .dim = dim, .capacity = model->capacity, .scale = kernel->scale != 0.f ? kernel->scale : 1.f / sqrtf((float)dim),
+                        .epsilon = kernel->epsilon, .query_stride = model->packed, .key_stride = model->packed, .seqlens_k = seqlens_k,
+                        .query_seqlens = query_seqlens, .cos = model->cos, .sin = model->sin, .output = model->attended,
+                        .query = wide, .key = wide + heads * dim, .value = wide + (heads + model->kv_heads) * dim};
+  CHECK(check_call(&call, model->rotary_positions));
+  for (size_t l = 0; l < model->layer_count; ++l) {
+    const Layer *layer = &model->layers[l];
+    call.query_norm = layer->query_norm.value ? layer->query_norm.data : NULL;
+    call.key_norm = layer->key_norm.value ? layer->key_norm.data : NULL;
+    call.cache_key = layer->cache_key, call.cache_value = layer->cache_value;
+    rms_norm(x, layer->input_norm.data, tokens, hidden, kernel->epsilon, h);
+    CHECK(matmul_run(context, h, tokens, hidden, layer->qkv.data, model->packed, wide));
+    CHECK(attention_run(context, &call));
+    CHECK(matmul_run(context, model->attended, tokens, heads * dim, layer->out.data, hidden, model->update));
+    add(x, model->update, tokens * hidden);
+    rms_norm(x, layer->post_norm.data, tokens, hidden, kernel->epsilon, h);
+    CHECK(matmul_run(context, h, tokens, hidden, layer->gate_up.data, 2 * model->ffn, wide));
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float *gate = wide + t * 2 * model->ffn, *up = gate + model->ffn;
+      float *out = model->gated + t * model->ffn;
+      for (int64_t i = 0; i < model->ffn; ++i) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+    }
+    CHECK(matmul_run(context, model->gated, tokens, model->ffn, layer->down.data, hidden, model->update));
+    add(x, model->update, tokens * hidden);
+  }
+  for (int64_t row = 0; row < batch; ++row)
+    for (int64_t n = 0; n < kept; ++n)
+      rms_norm(x + (row * width + positions[row * kept + n]) * hidden, model->final_norm, 1, hidden, kernel->epsilon, model->last + (row * kept + n) * hidden);
+  return matmul_run(context, model->last, batch * kept, hidden, model->head, model->vocab, logits);
+}
+
+/* `steps` greedy proposals of the call's only row into `chain`, continuing from `logits` (its last), after the
+   row's `length` tokens (the call's included); `next` has room for one token's logits. */
+static OrtStatus *chain_greedily(OrtKernelContext *context, const Model *model, const float *logits, int32_t length, int64_t steps, int64_t *chain, float *next) {
+  for (int64_t step = 0; step < steps; ++step) {
+    chain[step] = argmax(logits, model->vocab);
+    if (step + 1 == steps) break;
+    int32_t seqlens_k = length + (int32_t)step, one = 1; /* the proposal's position: its length after the step, minus one */
+    int64_t position = 0;
+    CHECK(forward(context, model, &chain[step], 1, 1, &seqlens_k, &one, &position, 1, next));
+    logits = next;
+  }
+  return NULL;
+}
+
 static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
-  size_t given;
+  size_t given, per_layer = kernel->qk_norm ? 10 : 8;
   CHECK(ort->KernelContext_GetInputCount(context, &given));
-  size_t per_layer = kernel->qk_norm ? 10 : 8;
   if (given <= FIXED_INPUTS || (given - FIXED_INPUTS) % per_layer) return fail("moecc.DenseDecoder: the inputs are not whole layers");
-  size_t layer_count = (given - FIXED_INPUTS) / per_layer;
   Tensor in[FIXED_INPUTS];
   for (size_t i = 0; i < FIXED_INPUTS; ++i) CHECK(input(context, i, &in[i]));
-  Layer *layers = calloc(layer_count, sizeof(Layer));
-  if (!layers) return fail("moecc.DenseDecoder: out of memory");
-  OrtStatus *status = read_layers(context, kernel, layer_count, layers);
+  Model model = {.kernel = kernel, .layer_count = (given - FIXED_INPUTS) / per_layer};
+  model.layers = calloc(model.layer_count, sizeof(Layer));
+  if (!model.layers) return fail("moecc.DenseDecoder: out of memory");
   float *scratch = NULL;
+  OrtStatus *status = read_layers(context, kernel, model.layers, model.layer_count);
   if (status) goto done;
 
-  int64_t batch = in[INPUT_IDS].shape[0], width = in[INPUT_IDS].shape[1], tokens = batch * width;
-  int64_t vocab = in[EMBEDDING].shape[0], hidden = in[EMBEDDING].shape[1], dim = layers[0].past_key.shape[3];
-  int64_t heads = kernel->num_heads, kv_heads = kernel->kv_num_heads, packed = (heads + 2 * kv_heads) * dim;
-  int64_t ffn = layers[0].down.shape[1], kept = in[LOGIT_POSITIONS].shape[1];
-  if (in[INPUT_IDS].rank != 2 || !shaped(&in[LOGIT_POSITIONS], 3, batch, -1, 1) || in[EMBEDDING].rank != 2 || !vector_of(&in[FINAL_NORM], hidden) ||
-      !panels(&in[HEAD], vocab, hidden) || !shaped(&in[COS], 2, -1, dim / 2, -1) || !shaped(&in[SIN], 2, in[COS].shape[0], dim / 2, -1)) {
-    status = fail("moecc.DenseDecoder: the ids, logit positions, rotary tables, embedding, final norm or head do not fit each other");
+  int64_t batch = in[INPUT_IDS].shape[0], width = in[INPUT_IDS].shape[1], kept = in[LOGIT_POSITIONS].shape[1];
+  model.vocab = in[EMBEDDING].shape[0], model.hidden = in[EMBEDDING].shape[1], model.dim = model.layers[0].past_key.shape[3];
+  model.heads = kernel->num_heads, model.kv_heads = kernel->kv_num_heads, model.packed = (model.heads + 2 * model.kv_heads) * model.dim;
+  model.ffn = model.layers[0].down.shape[1], model.capacity = model.layers[0].past_key.shape[2], model.rotary_positions = in[COS].shape[0];
+  model.embedding = in[EMBEDDING].data, model.final_norm = in[FINAL_NORM].data, model.head = in[HEAD].data;
+  model.cos = in[COS].data, model.sin = in[SIN].data;
+  if (in[INPUT_IDS].rank != 2 || !shaped(&in[LOGIT_POSITIONS], 3, batch, -1, 1) || !shaped(&in[SEQLENS_K], 1, batch, -1, -1) ||
+      !shaped(&in[QUERY_SEQLENS], 1, batch, -1, -1) || elements(&in[GREEDY_STEPS]) != 1 || in[EMBEDDING].rank != 2 ||
+      !vector_of(&in[FINAL_NORM], model.hidden) || !panels(&in[HEAD], model.vocab, model.hidden) || !shaped(&in[COS], 2, -1, model.dim / 2, -1) ||
+      !shaped(&in[SIN], 2, model.rotary_positions, model.dim / 2, -1)) {
+    status = fail("moecc.DenseDecoder: the ids, lengths, logit positions, greedy steps, rotary tables, embedding, final norm or head do not fit each other");
     goto done;
   }
-  for (size_t l = 0; l < layer_count; ++l) {
-    const Layer *layer = &layers[l];
-    int fits = shaped(&layer->past_key, 4, batch, kv_heads, -1) && layer->past_key.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
-               layer->past_value.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && layer->past_key.shape[3] == dim &&
-               !memcmp(layer->past_value.shape, layer->past_key.shape, sizeof(int64_t) * 4) && vector_of(&layer->input_norm, hidden) &&
-               panels(&layer->qkv, packed, hidden) && panels(&layer->out, hidden, heads * dim) && vector_of(&layer->post_norm, hidden) &&
-               panels(&layer->gate_up, 2 * ffn, hidden) && panels(&layer->down, hidden, ffn) &&
-               (!kernel->qk_norm || (vector_of(&layer->query_norm, dim) && vector_of(&layer->key_norm, dim)));
-    if (!fits) {
-      status = fail("moecc.DenseDecoder: a layer's cache or weights do not fit the model's sizes");
-      goto done;
-    }
+  if (!layers_fit(&model, batch)) {
+    status = fail("moecc.DenseDecoder: a layer's cache or weights do not fit the model's sizes");
+    goto done;
   }
-  const int64_t *ids = in[INPUT_IDS].data, *positions = in[LOGIT_POSITIONS].data;
-  for (int64_t t = 0; t < tokens; ++t)
-    if (ids[t] < 0 || ids[t] >= vocab) {
-      status = fail("moecc.DenseDecoder: a token id is outside the vocabulary");
-      goto done;
-    }
-  for (int64_t i = 0; i < batch * kept; ++i)
-    if (positions[i] < 0 || positions[i] >= width) {
-      status = fail("moecc.DenseDecoder: a logit position is outside the call");
-      goto done;
-    }
+  const int64_t *ids = in[INPUT_IDS].data, *positions = in[LOGIT_POSITIONS].data, steps = *(const int64_t *)in[GREEDY_STEPS].data;
+  for (int64_t t = 0; t < batch * width && !status; ++t)
+    if (ids[t] < 0 || ids[t] >= model.vocab) status = fail("moecc.DenseDecoder: a token id is outside the vocabulary");
+  for (int64_t i = 0; i < batch * kept && !status; ++i)
+    if (positions[i] < 0 || positions[i] >= width) status = fail("moecc.DenseDecoder: a logit position is outside the call");
+  if (!status && (steps < 0 || steps > kernel->max_chain || (steps && (batch != 1 || kept < 1))))
+    status = fail("moecc.DenseDecoder: greedy steps run from 0 to max_chain, on a batch of one row with logits");
+  if (status) goto done;
 
-  /* The residual stream x, its norm h, q/k/v, the attention's output, gate and up, their product, an update. */
-  int64_t widest = packed > 2 * ffn ? packed : 2 * ffn;
-  size_t floats = (size_t)(tokens * (3 * hidden + widest + heads * dim + ffn) + batch * kept * hidden);
-  scratch = malloc(floats * sizeof(float));
+  int64_t tokens = batch * width, widest = model.packed > 2 * model.ffn ? model.packed : 2 * model.ffn;
+  scratch = malloc((size_t)(tokens * (3 * model.hidden + widest + model.heads * model.dim + model.ffn) + batch * kept * model.hidden + model.vocab) * sizeof(float));
   if (!scratch) {
     status = fail("moecc.DenseDecoder: out of memory");
     goto done;
   }
-  float *x = scratch, *h = x + tokens * hidden, *update = h + tokens * hidden, *wide = update + tokens * hidden;
-  float *attended = wide + tokens * widest, *gated = attended + tokens * heads * dim, *last = gated + tokens * ffn;
-  const float *embedding = in[EMBEDDING].data;
-  for (int64_t t = 0; t < tokens; ++t) memcpy(x + t * hidden, embedding + ids[t] * hidden, hidden * sizeof(float));
+  model.x = scratch, model.h = model.x + tokens * model.hidden, model.update = model.h + tokens * model.hidden;
+  model.wide = model.update + tokens * model.hidden, model.attended = model.wide + tokens * widest;
+  model.gated = model.attended + tokens * model.heads * model.dim, model.last = model.gated + tokens * model.ffn;
+  float *next = model.last + batch * kept * model.hidden;
 
-  Tensor logits;
-  int64_t logits_shape[3] = {batch, kept, vocab};
-  if ((status = output(context, 0, logits_shape, 3, &logits))) goto done;
-  AttentionCall call = {.batch = batch, .new_width = width, .heads = heads, .kv_heads = kv_heads, .group = heads / kv_heads, .dim = dim,
-                        .scale = kernel->scale != 0.f ? kernel->scale : 1.f / sqrtf((float)dim), .epsilon = kernel->epsilon,
-                        .query_stride = packed, .key_stride = packed, .seqlens_k = in[SEQLENS_K].data,
-                        .query_seqlens = in[QUERY_SEQLENS].data, .cos = in[COS].data, .sin = in[SIN].data, .output = attended};
-  if (!shaped(&in[SEQLENS_K], 1, batch, -1, -1) || !shaped(&in[QUERY_SEQLENS], 1, batch, -1, -1)) {
-    status = fail("moecc.DenseDecoder: seqlens_k and query_seqlens must be [B]");
-    goto done;
-  }
-  for (size_t l = 0; l < layer_count && !status; ++l) {
-    const Layer *layer = &layers[l];
+  Tensor logits, chain;
+  int64_t logits_shape[3] = {batch, kept, model.vocab}, chain_shape[2] = {batch, kernel->max_chain};
+  if ((status = output(context, LOGITS, logits_shape, 3, &logits)) || (status = output(context, GREEDY_TOKENS, chain_shape, 2, &chain))) goto done;
+  for (size_t l = 0; l < model.layer_count && !status; ++l) {
+    Layer *layer = &model.layers[l];
     Tensor present[2];
     for (int kind = 0; kind < 2 && !status; ++kind) {
       const Tensor *past = kind ? &layer->past_value : &layer->past_key;
-      status = output(context, 1 + 2 * l + kind, past->shape, 4, &present[kind]);
+      status = output(context, PRESENTS + 2 * l + kind, past->shape, 4, &present[kind]);
       if (!status && present[kind].data != past->data) /* not bound to the past: start from a copy of it */
         memcpy(present[kind].data, past->data, (size_t)elements(past) * sizeof(float));
     }
-    if (status) break;
-    call.capacity = layer->past_key.shape[2];
-    call.query = wide, call.key = wide + heads * dim, call.value = call.key + kv_heads * dim;
-    call.query_norm = layer->query_norm.value ? layer->query_norm.data : NULL;
-    call.key_norm = layer->key_norm.value ? layer->key_norm.data : NULL;
-    call.cache_key = present[0].data, call.cache_value = present[1].data;
-    if ((status = check_call(&call, in[COS].shape[0]))) break;
-
-    rms_norm(x, layer->input_norm.data, tokens, hidden, kernel->epsilon, h);
-    if ((status = matmul_run(context, h, tokens, hidden, layer->qkv.data, packed, wide))) break;
-    if ((status = attention_run(context, &call))) break;
-    if ((status = matmul_run(context, attended, tokens, heads * dim, layer->out.data, hidden, update))) break;
-    add(x, update, tokens * hidden);
-    rms_norm(x, layer->post_norm.data, tokens, hidden, kernel->epsilon, h);
-    if ((status = matmul_run(context, h, tokens, hidden, layer->gate_up.data, 2 * ffn, wide))) break;
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float *gate = wide + t * 2 * ffn, *up = gate + ffn;
-      float *out = gated + t * ffn;
-      for (int64_t i = 0; i < ffn; ++i) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
-    }
-    if ((status = matmul_run(context, gated, tokens, ffn, layer->down.data, hidden, update))) break;
-    add(x, update, tokens * hidden);
+    layer->cache_key = present[0].data, layer->cache_value = present[1].data;
   }
-  if (status) goto done;
-  for (int64_t row = 0; row < batch; ++row)
-    for (int64_t n = 0; n < kept; ++n)
-      rms_norm(x + (row * width + positions[row * kept + n]) * hidden, in[FINAL_NORM].data, 1, hidden, kernel->epsilon, last + (row * kept + n) * hidden);
-  status = matmul_run(context, last, batch * kept, hidden, in[HEAD].data, vocab, logits.data);
+  if (!status) status = forward(context, &model, ids, batch, width, in[SEQLENS_K].data, in[QUERY_SEQLENS].data, positions, kept, logits.data);
+  int64_t *proposed = chain.data;
+  for (int64_t i = 0; i < batch * kernel->max_chain; ++i) proposed[i] = -1;
+  if (!status && steps) {
+    int32_t length = ((const int32_t *)in[SEQLENS_K].data)[0] + 1;
+    status = chain_greedily(context, &model, (const float *)logits.data + (kept - 1) * model.vocab, length, steps, proposed, next);
+  }
 done:
   free(scratch);
-  free(layers);
+  free(model.layers);
   return status;
 }
 
@@ -202,8 +260,10 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   if (!status && (kernel->kv_num_heads <= 0 || kernel->num_heads % kernel->kv_num_heads))
     status = fail("moecc.DenseDecoder: num_heads must be a multiple of kv_num_heads");
   kernel->qk_norm = int_attribute(info, "qk_norm", 0);
+  kernel->max_chain = int_attribute(info, "max_chain", 0);
   kernel->epsilon = float_attribute(info, "epsilon", 1e-6f, NULL);
   kernel->scale = float_attribute(info, "scale", 0.f, NULL);
+  if (!status && kernel->max_chain < 0) status = fail("moecc.DenseDecoder: max_chain must not be negative");
   if (status) {
     free(kernel);
     return status;
@@ -214,13 +274,18 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
 
 static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "DenseDecoder"; }
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return FIXED_INPUTS + 1; }
-static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 2; }
+static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return PRESENTS + 1; }
 
 static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t index) {
   (void)op;
-  if (index == INPUT_IDS || index == LOGIT_POSITIONS) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  if (index == INPUT_IDS || index == LOGIT_POSITIONS || index == GREEDY_STEPS) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   if (index == SEQLENS_K || index == QUERY_SEQLENS) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t index) {
+  (void)op;
+  return index == GREEDY_TOKENS ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
 /* The last input (the layers') and output (their caches) repeat: one or more float tensors. */
@@ -231,14 +296,14 @@ static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(co
 
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp *op, size_t index) {
   (void)op;
-  return index == 1 ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
+  return index == PRESENTS ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
 }
 
 static int ORT_API_CALL one_or_more(const OrtCustomOp *op) { (void)op; return 1; }
 
 /* Written once, at load: sessions registering the library concurrently only read it. */
 static const OrtCustomOp dense_op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider,
-                                     .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = float_type,
+                                     .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
                                      .GetOutputTypeCount = output_count, .KernelDestroy = free_state, .GetInputCharacteristic = input_characteristic,
                                      .GetOutputCharacteristic = output_characteristic, .GetInputMemoryType = cpu_memory,
                                      .GetVariadicInputMinArity = one_or_more, .GetVariadicInputHomogeneity = one_or_more,

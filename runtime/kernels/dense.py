@@ -29,6 +29,9 @@ from runtime.kernels import DOMAIN, attention, attribute_value
 from runtime.kernels.matmul import PANEL, panelled
 
 _SKIP_NORM = "SkipSimplifiedLayerNormalization"
+# The swapped graph's own input and output (not the artifact's): how many greedy proposals to chain after a
+# call, and the proposals, up to MAX_CHAIN (the longest draft a recipe may ask for) per call.
+GREEDY_STEPS, GREEDY_TOKENS, MAX_CHAIN = "greedy_steps", "greedy_tokens", 32
 _OP_TYPES = {"Gather", "SimplifiedLayerNormalization", _SKIP_NORM, "MatMul", "Attention", "Split", "Sigmoid", "Mul", "GatherND"}
 
 
@@ -212,16 +215,19 @@ def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
 
 
 def swap(model: onnx.ModelProto, head_dim: int) -> None:
-    """Replace `model`'s graph (which why_not() accepted) with one moecc.DenseDecoder, its weights in panels."""
+    """Replace `model`'s graph (which why_not() accepted) with one moecc.DenseDecoder, its weights in panels; the
+    graph gains the input GREEDY_STEPS and the output GREEDY_TOKENS (see dense.c)."""
     decoder = _match(_attention_in_place(model, head_dim), head_dim)
     nodes: list[onnx.NodeProto] = []
-    inputs = ["input_ids", "seqlens_k", "query_seqlens", "logit_positions", decoder.cos, decoder.sin, decoder.embedding, decoder.final_norm]
+    inputs = ["input_ids", "seqlens_k", "query_seqlens", "logit_positions", GREEDY_STEPS, decoder.cos, decoder.sin, decoder.embedding, decoder.final_norm]
     inputs.append(panelled(model, nodes, decoder.head))
     for layer in decoder.layers:
         inputs += [*layer.past, layer.input_norm, panelled(model, nodes, layer.qkv), *layer.qk_norms, panelled(model, nodes, layer.out)]
         inputs += [layer.post_norm, panelled(model, nodes, layer.gate_up), panelled(model, nodes, layer.down)]
-    outputs = ["logits", *(name for layer in decoder.layers for name in layer.present)]
-    nodes.append(helper.make_node("DenseDecoder", inputs, outputs, name="dense_decoder", domain=DOMAIN, **decoder.attributes))
+    outputs = ["logits", GREEDY_TOKENS, *(name for layer in decoder.layers for name in layer.present)]
+    nodes.append(helper.make_node("DenseDecoder", inputs, outputs, name="dense_decoder", domain=DOMAIN, max_chain=MAX_CHAIN, **decoder.attributes))
+    model.graph.input.append(helper.make_tensor_value_info(GREEDY_STEPS, onnx.TensorProto.INT64, []))
+    model.graph.output.append(helper.make_tensor_value_info(GREEDY_TOKENS, onnx.TensorProto.INT64, ["batch", MAX_CHAIN]))
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     read = {name for node in nodes for name in node.input}

@@ -73,10 +73,30 @@ def test_the_pair_decodes_alike_fused_or_not(fused_and_unfused):
         assert ours == [t for step in unfused.stream_ids(prompt, max_new_tokens=32, speculative=speculative, stop_tokens=set()) for t in step]
 
 
+@pytest.mark.parametrize("role", ["main", "draft"])
+def test_greedy_proposals_chained_in_one_call_are_those_of_one_call_each(fused_and_unfused, role):
+    """The kernel's chain (past MAX_CHAIN too, in two calls) proposes the argmax tokens of calls made one by
+    one, and leaves the cache as they do: each proposal but the last cached, the next call's logits alike."""
+    fused, unfused = (getattr(generator, role) for generator in fused_and_unfused)
+    assert fused.chains_greedily and not unfused.chains_greedily
+    prompt = np.random.default_rng(8).integers(1, VOCAB, size=13).tolist()
+    ours, theirs = fused.new_cache(128), unfused.new_cache(128)
+    for count in (1, 5, dense.MAX_CHAIN + 7):
+        chained, one_by_one = ours.greedy_chain(prompt, count), theirs.greedy_chain(prompt, count)
+        assert chained == one_by_one and len(chained) == count and ours.ids == theirs.ids == prompt + chained[:-1]
+        np.testing.assert_allclose(ours.feed(chained[-1:]), theirs.feed(chained[-1:]), atol=TOLERANCE, rtol=0)
+        for cache in (ours, theirs):
+            cache.keep(0)
+    with pytest.raises(ValueError, match="exceeds the KV cache capacity"):
+        ours.greedy_chain(prompt, 128)
+    with pytest.raises(Exception, match="greedy steps run from 0 to max_chain, on a batch of one row"):
+        BatchKvCache(fused, 2, 64).buffers.run([[1], [2]], [0, 0], [1, 1], greedy_steps=2)
+
+
 def test_a_token_outside_the_vocabulary_is_refused_by_name(fused_and_unfused):
     draft = fused_and_unfused[0].draft
     feeds = {"input_ids": np.array([[VOCAB]]), "seqlens_k": np.zeros(1, np.int32), "total_sequence_length": np.array(1, np.int32),
-             "query_seqlens": np.ones(1, np.int32), "logit_positions": np.zeros((1, 1, 1), np.int64)}  # fmt: skip
+             "query_seqlens": np.ones(1, np.int32), "logit_positions": np.zeros((1, 1, 1), np.int64), "greedy_steps": np.array(0)}  # fmt: skip
     for value in draft.session.get_inputs():
         if value.name.startswith("past_key_values"):
             feeds[value.name] = np.zeros((1, draft.entry.num_kv_heads, 8, draft.entry.head_dim), np.float32)

@@ -10,7 +10,7 @@ from compiler import corpus
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.sampling import SamplingParams
-from runtime.decoder import BatchKvCache
+from runtime.decoder import BatchKvCache, TokenLedger
 from runtime.speculative import AdaptiveDraftLength, BatchLookupDraft, BatchModelDraft, FixedDraftLength, GenerationStats, LookupDraft, ModelDraft, decode, decode_batch
 
 PROMPTS = corpus.heldout_prompts(20, prompt_chars=120)
@@ -60,6 +60,8 @@ class _ContraryDraft:
 
     def feed(self, tokens, last=None):
         return -self.cache.feed(tokens, last)
+
+    greedy_chain = TokenLedger.greedy_chain  # greedy proposals through the negated feed, one call each
 
 
 def test_always_disagreeing_draft_is_still_lossless(tiny_artifact):
