@@ -66,22 +66,22 @@ def greedy_agreement(generator, prompts: list[list[int]], new_tokens: int) -> li
 def decoding_loop_costs(generator, text: list[int], max_length: int, calls: int) -> tuple[dict[int, float], list[float]]:
     """Seconds per call as the decoding loop runs them, taken in turn so that the machine's drift reaches all
     alike: the main model alone after two calls of its own (1 position), a verify of n positions right after
-    n - 1 draft calls, and the j-th draft call after a verify (its weights and threads start cold there, so
-    the first calls of a step cost more than a draft call in a loop of its own)."""
+    n - 1 greedy proposals, and those proposals (one draft call each, or chained in one where the draft's
+    kernel does; their weights and threads start cold after a verify). Returns the main model's seconds by
+    positions and what the j-th proposal of a step adds (the first, then a fitted cost per further one)."""
     main, draft = generator.main.new_cache(), generator.draft.new_cache()
     main.feed(text[:CONTEXT], last=1)
     draft.feed(text[:CONTEXT], last=1)
     main_calls: dict[int, list[float]] = {n: [] for n in range(1, max_length + 2)}
-    proposal: list[list[float]] = [[] for _ in range(max_length)]
+    proposing: dict[int, list[float]] = {n: [] for n in range(1, max_length + 1)}
     for call in range(calls):
         for length in range(max_length + 1):
             start = CONTEXT + (call * 7 + length) % (len(text) - CONTEXT - max_length - 3)
             if length:
                 draft.keep(CONTEXT)
-                for j in range(length):
-                    started = time.perf_counter()
-                    draft.feed([text[start + j]])
-                    proposal[j].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                draft.greedy_chain([text[start]], length)
+                proposing[length].append(time.perf_counter() - started)
             else:
                 for token in text[start : start + 2]:  # settle: the draft's weights leave the cache
                     main.keep(CONTEXT)
@@ -91,13 +91,19 @@ def decoding_loop_costs(generator, text: list[int], max_length: int, calls: int)
             started = time.perf_counter()
             main.feed(text[start : start + length + 1])
             main_calls[length + 1].append(time.perf_counter() - started)
-    return {n: statistics.median(times) for n, times in main_calls.items()}, [statistics.median(times) for times in proposal]
+    # A step's proposals as a first one and a cost per further one, fitted over every length: the differences of
+    # two medians taken at different moments scatter by more than a proposal costs.
+    lengths = np.arange(1, max_length + 1)
+    per_proposal, fixed = np.polyfit(lengths, [statistics.median(proposing[n]) for n in lengths], 1) if max_length > 1 else (0.0, 0.0)
+    per_proposal = max(float(per_proposal), 0.0)
+    first = statistics.median(proposing[1]) if max_length == 1 else max(float(fixed) + per_proposal, per_proposal)
+    return {n: statistics.median(times) for n, times in main_calls.items()}, [first] + [per_proposal] * (max_length - 1)
 
 
 @dataclass(frozen=True)
 class CallCosts:
     main: dict[int, float]  # positions -> seconds per call (1: the main model alone)
-    proposals: list[float]  # seconds of the j-th draft call of a step
+    proposals: list[float]  # seconds the j-th proposal of a step adds (draft calls, or a chain)
     noise: float  # sigma of each call's log-normal scatter
     outliers: float  # share of calls slowed 3-30x (preempted, or a neighbour's burst)
 
@@ -200,7 +206,7 @@ def main() -> None:
         costs = CallCosts(main_seconds, proposals, args.noise, args.outliers)
         alone = main_seconds[1]
         loop = " ".join(f"{n}: {seconds / alone:.2f}" for n, seconds in main_seconds.items() if n > 1)
-        console.print(f"in the decoding loop, in main-alone calls ({alone * 1000:.3f} ms): verify of n positions {loop}; draft calls of a step {' '.join(f'{s / alone:.3f}' for s in proposals)}")
+        console.print(f"in the decoding loop, in main-alone calls ({alone * 1000:.3f} ms): verify of n positions {loop}; proposals of a step {' '.join(f'{s / alone:.3f}' for s in proposals)}")
         console.print(replay_table(sequences, costs, args.max_draft_length, args.seed))
 
 

@@ -203,6 +203,13 @@ def test_one_generator_serves_several_threads(tiny_artifact):
     assert together == alone
 
 
+def _force_acceptance(policy: AdaptiveDraftLength, acceptance: float) -> None:
+    """Counts as of many steps in which every proposal was accepted at this rate, whatever came before."""
+    policy.accepted, policy.rejected = 1000 * acceptance, 1000 * (1 - acceptance)
+    policy.reached = [1000.0] * len(policy.reached)
+    policy.kept_at = [1000.0 * acceptance] * len(policy.kept_at)
+
+
 def _policy(acceptance: float, draft_cost: float, verify_cost) -> AdaptiveDraftLength:
     """A policy that has already measured: `acceptance` per token, `draft_cost` per call, verify_cost(positions)."""
     policy = AdaptiveDraftLength(max_length=8)
@@ -210,7 +217,7 @@ def _policy(acceptance: float, draft_cost: float, verify_cost) -> AdaptiveDraftL
         for length in range(9):
             kept = sum(1 for _ in range(length))  # every proposal accepted ...
             policy.update(length, kept, draft_cost * length, verify_cost(length + 1))
-    policy.accepted, policy.rejected = 1000 * acceptance, 1000 * (1 - acceptance)  # ... then the rate we want
+    _force_acceptance(policy, acceptance)  # ... then the rate we want
     return policy
 
 
@@ -223,6 +230,18 @@ def test_adaptive_draft_length_follows_acceptance_and_costs():
     assert rates[middle] == max(rates)
     acceptance, draft, verify = 0.8, 0.2, lambda n: 1.0 + 0.5 * n
     assert rates == pytest.approx([(1 - acceptance ** (k + 1)) / (1 - acceptance) / (k * draft + verify(k + 1)) for k in range(9)], rel=1e-2)
+
+
+def test_adaptive_draft_length_expects_the_tokens_each_length_committed():
+    """Steps whose proposals are all rejected or all accepted (hard and easy stretches of text) commit 1 + k/2
+    tokens at length k; the policy, from each position's rate (the first shrunk toward the rate over all
+    proposals), expects that within a tenth, where the single rate over all proposals (16 of 18 accepted)
+    would expect 5.9 at length 8."""
+    policy = AdaptiveDraftLength(max_length=8)
+    for step in range(400):
+        policy.update(8, 8 if step % 4 >= 2 else 0, 0.0, 1.0)
+    single = policy.acceptance
+    assert policy.rates()[8] == pytest.approx(5.0, rel=0.1) and (1 - single**9) / (1 - single) > 5.8
 
 
 def test_adaptive_draft_length_probes_while_the_draft_sits_idle_and_backs_off():
@@ -311,7 +330,7 @@ def test_refreshes_back_off_while_speculation_leads_clearly_and_return_after_a_c
 
     every, most = AdaptiveDraftLength.REFRESH_EVERY, AdaptiveDraftLength.MAX_REFRESH_INTERVAL
     assert [steps_to_next_refresh() for _ in range(6)] == [every, 2 * every, 4 * every, 8 * every, most, most]
-    policy.accepted, policy.rejected = 300.0, 700.0  # now one proposal gains 1.18x, under the margin
+    _force_acceptance(policy, 0.3)  # now one proposal gains 1.18x, under the margin
     rates = policy.rates()
     assert rates[0] < max(rates) < AdaptiveDraftLength.REFRESH_MARGIN * rates[0]  # speculation still the choice
     assert [steps_to_next_refresh() for _ in range(3)] == [most, every, every]
@@ -375,20 +394,20 @@ def test_decoding_loops_report_the_main_alone_steps_before_each_step(tiny_artifa
 def test_a_generations_first_steps_update_acceptance_but_not_costs():
     """Right after a prompt the calls run slow; those times must not steer later generations."""
     policy = _policy(0.5, 0.1, lambda n: 1.0)
-    costs, draft_cost = dict(policy.verify_cost), policy.draft_cost
+    costs, draft_cost = dict(policy.verify_cost), dict(policy.draft_cost)
     for step in range(AdaptiveDraftLength.WARMUP_STEPS):
         policy.update(0, 0, 0.0, 50.0, step=step)
         policy.update(2, 2, 10.0, 50.0, step=step)
     assert policy.verify_cost == costs and policy.draft_cost == draft_cost and policy.acceptance > 0.5  # every proposal kept
     policy.update(2, 2, 10.0, 50.0, step=AdaptiveDraftLength.WARMUP_STEPS)
-    assert policy.verify_cost[3] > costs[3] and policy.draft_cost > draft_cost
+    assert policy.verify_cost[3] > costs[3] and policy.draft_cost[2] > draft_cost[2]
     fresh = AdaptiveDraftLength(max_length=4)
     fresh.update(3, 1, 0.3, 2.0, step=0)  # nothing measured yet: a warm-up time beats none ...
-    assert fresh.verify_cost == {4: 2.0} and fresh.draft_cost == pytest.approx(0.1)
+    assert fresh.verify_cost == {4: 2.0} and fresh.draft_cost == {3: pytest.approx(0.3)}
     fresh.update(3, 1, 0.6, 1.0, step=AdaptiveDraftLength.WARMUP_STEPS)  # ... until the first timed one replaces it
-    assert fresh.verify_cost == {4: 1.0} and fresh.draft_cost == pytest.approx(0.2)
+    assert fresh.verify_cost == {4: 1.0} and fresh.draft_cost == {3: pytest.approx(0.6)}
     fresh.update(3, 1, 0.3, 2.0, step=AdaptiveDraftLength.WARMUP_STEPS)  # from then on, timed steps average
-    assert fresh.verify_cost[4] == pytest.approx(1.1) and fresh.draft_cost == pytest.approx(0.19)
+    assert fresh.verify_cost[4] == pytest.approx(1.1) and fresh.draft_cost[3] == pytest.approx(0.57)
 
 
 def test_adaptive_draft_length_tries_an_unmeasured_length_then_judges_it():
@@ -417,7 +436,7 @@ def test_adaptive_draft_length_explores_next_to_its_choice_so_a_stale_figure_can
     for _ in range(400):
         length = policy.choose()
         policy.update(length, length, draft * length, true_cost(length + 1), alone_before=AdaptiveDraftLength.SETTLE_STEPS)
-        policy.accepted, policy.rejected = 1000 * acceptance, 1000 * (1 - acceptance)
+        _force_acceptance(policy, acceptance)
     assert rate(policy._best()) >= 0.99 * max(rate(k) for k in range(9))  # the best, or next to it where the rates are flat
 
 
@@ -432,29 +451,43 @@ def test_adaptive_draft_length_keeps_speculating_through_calls_slowed_by_the_mac
         length = policy.choose()
         slowed = step % 10 == 9
         policy.update(length, length, draft * length * (30 if slowed else 1), true_cost(length + 1) * (4 if slowed else 1), alone_before=AdaptiveDraftLength.SETTLE_STEPS)
-        policy.accepted, policy.rejected = 1000 * acceptance, 1000 * (1 - acceptance)
+        _force_acceptance(policy, acceptance)
         assert policy._best() >= 3, f"step {step}"
 
 
 def test_adaptive_draft_length_keeps_verify_costs_ordered_by_the_latest_measure():
-    """A length timed once in a slow moment (or a quiet one) is not judged by that figure for good: a verify
-    measured since over more positions, cheaper, lowers it; one over fewer, dearer, raises it."""
+    """A length timed once in a slow moment is not judged by that figure for good: a verify measured since over
+    more positions, cheaper, lowers it. A dearer one over fewer positions leaves a longer length's figure as it
+    is: that length, looking cheap, gets chosen and so timed again."""
     policy = AdaptiveDraftLength(max_length=4)
     policy.update(0, 0, 0.0, 1.0)  # the main model alone: the refresh's figure, left as measured
     policy.update(2, 2, 0.2, 9.0)  # 3 positions, timed while something else held the cores
     policy.update(4, 4, 0.4, 0.5)  # 5 positions in a quiet moment
     assert policy.verify_cost == {1: 1.0, 3: 0.5, 5: 0.5}
     policy.update(1, 1, 0.1, 2.0)  # 2 positions, now
-    assert policy.verify_cost == {1: 1.0, 2: 2.0, 3: 2.0, 5: 2.0}
+    assert policy.verify_cost == {1: 1.0, 2: 2.0, 3: 0.5, 5: 0.5}
     policy.update(3, 3, 0.3, 9.0, step=0)  # 4 positions in a generation's warm-up: its own stand-in only
-    assert policy.verify_cost == {1: 1.0, 2: 2.0, 3: 2.0, 4: 9.0, 5: 2.0}
+    assert policy.verify_cost == {1: 1.0, 2: 2.0, 3: 0.5, 4: 9.0, 5: 0.5}
+
+
+def test_adaptive_draft_length_prices_proposals_by_their_number_as_measured():
+    """A draft whose first proposal of a step costs more than the others (one that chains them) is priced as
+    measured, between measured numbers on the line joining them, and beyond them at the nearest's rate; a
+    dearer figure for fewer proposals is lowered by a cheaper one for more."""
+    policy = AdaptiveDraftLength(max_length=8)
+    policy.update(2, 2, 0.30, 1.0)  # 0.26 for the first proposal, 0.04 for the second
+    policy.update(6, 6, 0.46, 1.0)
+    assert policy._draft_costs() == pytest.approx([0.0, 0.15, 0.30, 0.34, 0.38, 0.42, 0.46, 0.46 * 7 / 6, 0.46 * 8 / 6])
+    policy.update(1, 1, 0.5, 1.0)  # one proposal, timed in a slow moment
+    policy.update(4, 4, 0.2, 1.0)  # four, in a quiet one
+    assert policy.draft_cost == {1: 0.2, 2: 0.2, 4: 0.2, 6: 0.46}
 
 
 def test_adaptive_draft_length_ignores_the_drafts_catch_up_in_its_cost():
     policy = AdaptiveDraftLength(max_length=4)
-    policy.update(2, 2, 0.2, 1.0)  # 0.1 s per proposal
+    policy.update(2, 2, 0.2, 1.0)  # 0.2 s for two proposals
     policy.update(2, 2, 5.0, 1.0, draft_backlog=40)  # first read 40 tokens it had skipped while idle
-    assert policy.draft_cost == pytest.approx(0.1)
+    assert policy.draft_cost == {2: pytest.approx(0.2)}
 
 
 @pytest.mark.parametrize("options", [{"speculative": False}, {"draft_length": 3}, {"draft_length": "auto"}], ids=["main only", "k=3", "auto"])
