@@ -22,6 +22,7 @@ session loads):
 Padding positions of a row produce zeros and write nothing to the cache. */
 
 #include <math.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -425,14 +426,20 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   return attention_run(context, &call);
 }
 
+OrtStatus *read_heads(const OrtKernelInfo *info, const char *op, int64_t *num_heads, int64_t *kv_num_heads) {
+  CHECK(ort->KernelInfoGetAttribute_int64(info, "num_heads", num_heads));
+  CHECK(ort->KernelInfoGetAttribute_int64(info, "kv_num_heads", kv_num_heads));
+  if (*kv_num_heads > 0 && *num_heads % *kv_num_heads == 0) return NULL;
+  char message[128];
+  snprintf(message, sizeof message, "%s: num_heads must be a multiple of kv_num_heads", op);
+  return fail(message);
+}
+
 static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {
   (void)op, (void)api;
   Kernel *kernel = calloc(1, sizeof(Kernel));
   if (!kernel) return fail("moecc.Attention: out of memory");
-  OrtStatus *status = ort->KernelInfoGetAttribute_int64(info, "num_heads", &kernel->num_heads);
-  if (!status) status = ort->KernelInfoGetAttribute_int64(info, "kv_num_heads", &kernel->kv_num_heads);
-  if (!status && (kernel->kv_num_heads <= 0 || kernel->num_heads % kernel->kv_num_heads))
-    status = fail("moecc.Attention: num_heads must be a multiple of kv_num_heads");
+  OrtStatus *status = read_heads(info, "moecc.Attention", &kernel->num_heads, &kernel->kv_num_heads);
   kernel->scale = float_attribute(info, "scale", 0.f, NULL); /* 0: 1/sqrt(D) */
   kernel->epsilon = float_attribute(info, "epsilon", 1e-6f, NULL);
   if (status) {

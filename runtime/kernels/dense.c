@@ -255,10 +255,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   (void)op, (void)api;
   Kernel *kernel = calloc(1, sizeof(Kernel));
   if (!kernel) return fail("moecc.DenseDecoder: out of memory");
-  OrtStatus *status = ort->KernelInfoGetAttribute_int64(info, "num_heads", &kernel->num_heads);
-  if (!status) status = ort->KernelInfoGetAttribute_int64(info, "kv_num_heads", &kernel->kv_num_heads);
-  if (!status && (kernel->kv_num_heads <= 0 || kernel->num_heads % kernel->kv_num_heads))
-    status = fail("moecc.DenseDecoder: num_heads must be a multiple of kv_num_heads");
+  OrtStatus *status = read_heads(info, "moecc.DenseDecoder", &kernel->num_heads, &kernel->kv_num_heads);
   kernel->qk_norm = int_attribute(info, "qk_norm", 0);
   kernel->max_chain = int_attribute(info, "max_chain", 0);
   kernel->epsilon = float_attribute(info, "epsilon", 1e-6f, NULL);

@@ -66,6 +66,8 @@ typedef struct {
 /* Whether the kernel takes the call's head size and group, and every row's lengths fit the call, the cache and
    the rotary tables' `positions`. */
 OrtStatus *check_call(const AttentionCall *call, int64_t positions);
+/* An attention op's num_heads and kv_num_heads attributes, kv_num_heads dividing num_heads (`op` names it). */
+OrtStatus *read_heads(const OrtKernelInfo *info, const char *op, int64_t *num_heads, int64_t *kv_num_heads);
 /* Cache the call's new keys and values and attend: the call's queries rotated, then attended, into its output. */
 OrtStatus *attention_run(OrtKernelContext *context, AttentionCall *call);
 /* out [rows, columns] = x [rows, inner] times weights in panels [columns / 32, inner, 32] (matmul.c). */
