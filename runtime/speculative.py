@@ -110,50 +110,51 @@ class FixedDraftLength:
 class AdaptiveDraftLength:
     """The draft length, per step, that maximizes expected committed tokens per second.
 
-    k proposals commit E(k) = 1 + s(1) + ... + s(k) tokens in one main call, where s(i) is the chance that
-    the first i are all accepted, at the cost of the draft's k proposals and one verify call over k + 1
-    positions. s(i) is the product of each position's rate of acceptance among the steps that reached it,
+    k proposals commit E(k) = 1 + s(1) + ... + s(k) tokens in one main call, at the cost of the draft's k
+    proposals and one verify call over k + 1 positions; s(i), the chance that the first i proposals are
+    all accepted, is the product of each position's rate of acceptance among the steps that reached it,
     each shrunk toward the rate before it (POSITION_PRIOR steps' worth; the first toward the rate over all
-    proposals): a text's hard tokens come in runs, so proposals that got as far as i are likelier to be
+    proposals). A text's hard tokens come in runs, so proposals that got as far as i are likelier to be
     accepted than the average one, and a single rate a (E(k) = (1 - a^(k+1)) / (1 - a)) undervalues long
-    drafts. On small-coder's held-out text E(8) is 5.00 where a single rate says 4.68; in
-    scripts/speculation_ceiling.py's replay, with a draft that chains its proposals, auto drafted 6.4 tokens
-    per step instead of 3.0 and ran 1.11x as fast, level with the best fixed length (with one draft call
-    per proposal, as fast as with a single rate). Both costs
-    are measured per length, not assumed: on an MoE a longer verify touches more experts, and a draft that
-    chains its greedy proposals in one call (moecc.DenseDecoder) pays for its first proposal several times
-    what it pays for each further one (small-coder: 0.26 and 0.02 main-model calls), where a cost per
-    proposal would make long drafts look dear. Rates and costs are measured as generation runs, with decay
-    so they follow the text. A length whose cost was never measured is assumed as cheap as the nearest
-    measured one below it: it gets tried, then judged by its own cost; each timed measure lowers a shorter
-    length's dearer figure (_keep_ordered). A number of proposals never measured is priced between the
-    measured ones, or beyond them at the nearest one's cost per proposal. k = 0 (main model
-    alone) is a candidate; while it wins, a probe keeps the acceptance estimate current: after PROBE_EVERY
-    idle steps, then twice as long after each probe that leaves the main model alone the better choice (a
-    probe costs the draft's catch-up on every token since its last call), back to PROBE_EVERY once a probe
-    makes speculation pay. A probe runs the best length but 0, not 1: one proposal is the length that pays
-    least, and judged by it alone, a spell of hard text on small-coder kept the main model alone for
-    hundreds of steps while the probes backed off. While speculation wins, every REFRESH_EVERY steps
-    the draft sits out until the main model's cost alone has been timed (at most MAX_REFRESH_STEPS steps),
-    so that cost stays measured too: it is what speculation is judged against. After a refresh that finds
-    speculation ahead by REFRESH_MARGIN or more the interval doubles, up to MAX_REFRESH_INTERVAL, and after
-    one that does not it returns to REFRESH_EVERY: a lead that large does not turn on a drift of the main
-    model's cost alone, while a refresh every 32 steps kept small-coder's main model alone for 9 % of its
-    steps (scripts/speculation_ceiling.py --replay). The main model alone is timed only after
-    SETTLE_STEPS main-alone steps in a row of the same sequence: right after draft calls the main model runs
-    up to a third slower (the draft's weights took its place in cache), which decoding without the draft
-    never pays; timed there, the main model alone looks slower than it is and speculation wins where it
-    loses. Every EXPLORE_EVERY speculative steps the length next to the best (one longer, then one shorter)
-    runs instead: a length's cost is measured only when it runs, so without it a figure taken in a slow
-    moment would keep its length out for good (small-coder in scripts/bench_vs_transformers.py: auto
-    averaged 2.3 tokens per verify at 1.25x main-only where k = 5 made 1.54x). Near the best the rates are
-    flat, so a step next to it costs little. A sample more than OUTLIER times its figure (a call slowed down by
-    something else on the machine) is bounded and counts as one step's: on small-coder, one such sample at a
-    short length raised every longer length through the ordering and, with a few rejections, switched
-    speculation off for hundreds of steps. The first WARMUP_STEPS of a generation update the acceptance but
-    not the costs: right after a prompt, calls run slower while the weights return to cache, and those times
-    would mislead every later generation (a cost not measured otherwise takes a warm-up time until the first
-    later one replaces it).
+    drafts: on small-coder's held-out text E(8) is 5.00 where a single rate says 4.68, and in
+    scripts/speculation_ceiling.py's replay with a draft that chains its proposals, auto drafted 6.4
+    tokens per step instead of 3.0 and ran 1.11x as fast, level with the best fixed length (with one draft
+    call per proposal, as fast as with a single rate).
+
+    Both costs are measured per length, not assumed: on an MoE a longer verify touches more experts, and a
+    draft that chains its greedy proposals in one call (moecc.DenseDecoder) pays for a step's first
+    proposal several times what it pays for each further one (small-coder: about 0.21 and 0.06 main-model
+    calls), where a cost per proposal would make long drafts look dear. Rates and costs are measured as
+    generation runs, with decay so they follow the text. A verify length never measured is assumed as
+    cheap as the nearest measured one below it: it gets tried, then judged by its own cost; each timed
+    measure lowers a shorter length's dearer figure (_keep_ordered). A number of proposals never measured is
+    priced between the measured ones, or beyond them at the nearest one's cost per proposal.
+
+    k = 0 (main model alone) is a candidate; while it wins, a probe keeps the acceptance estimate current: after
+    PROBE_EVERY idle steps, then twice as long after each probe that leaves the main model alone the better
+    choice (a probe costs the draft's catch-up on every token since its last call), back to PROBE_EVERY once a
+    probe makes speculation pay. A probe runs the best length but 0, not 1: one proposal is the length that pays
+    least, and judged by it alone, a spell of hard text on small-coder kept the main model alone for hundreds of
+    steps while the probes backed off. While speculation wins, every REFRESH_EVERY steps the draft sits out
+    until the main model's cost alone has been timed (at most MAX_REFRESH_STEPS steps), so that cost stays
+    measured too: it is what speculation is judged against. After a refresh that finds speculation ahead by
+    REFRESH_MARGIN or more the interval doubles, up to MAX_REFRESH_INTERVAL, and after one that does not it
+    returns to REFRESH_EVERY: a lead that large does not turn on a drift of the main model's cost alone, while a
+    refresh every 32 steps kept small-coder's main model alone for 9 % of its steps
+    (scripts/speculation_ceiling.py --replay). The main model alone is timed only after SETTLE_STEPS main-alone
+    steps in a row of the same sequence: right after draft calls the main model runs up to a third slower (the
+    draft's weights took its place in cache), which decoding without the draft never pays; timed there, the main
+    model alone looks slower than it is and speculation wins where it loses. Every EXPLORE_EVERY speculative
+    steps the length next to the best (one longer, then one shorter) runs instead: a length's cost is measured
+    only when it runs, so without it a figure taken in a slow moment would keep its length out for good
+    (small-coder in scripts/bench_vs_transformers.py: auto averaged 2.3 tokens per verify at 1.25x main-only
+    where k = 5 made 1.54x). Near the best the rates are flat, so a step next to it costs little. A sample more
+    than OUTLIER times its figure (a call slowed down by something else on the machine) is bounded and counts as
+    one step's: on small-coder, one such sample at a short length raised every longer length through the
+    ordering and, with a few rejections, switched speculation off for hundreds of steps. The first WARMUP_STEPS
+    of a generation update the acceptance but not the costs: right after a prompt, calls run slower while the
+    weights return to cache, and those times would mislead every later generation (a cost not measured otherwise
+    takes a warm-up time until the first later one replaces it).
 
     A Generator keeps one policy for all its generations, so what one learned the next starts from; a lock
     keeps concurrent generations from tearing its state (their interleaving only changes speed, never the
@@ -338,9 +339,10 @@ class AdaptiveDraftLength:
         (the shipped pair with the INT4 draft: 5 positions stuck at 6.3 ms while 8 measured 3.4, so auto kept
         k = 2). A longer length's cheaper figure is left as it is: it gets chosen, so measured again. Raising
         it too kept every longer length above a noisy sample of a shorter one, where only exploring now and
-        then could lower it again; in scripts/speculation_ceiling.py's replay under call noise, auto's drafts
-        grew from 3.9 to 5.6 proposals and its speed 1.08x. Lengths below `lowest` are left alone: the main
-        model alone (1 position verified) is the refresh's to time, settled."""
+        then could lower it again; in scripts/speculation_ceiling.py's replay with calls scattered by 10 %,
+        leaving them, with proposals priced by their number, grew auto's drafts from 3.9 to 4.9 proposals
+        and its speed 1.06x. Lengths below `lowest` are left alone: the main model alone (1 position
+        verified) is the refresh's to time, settled."""
         cost = figures[length]
         for other, figure in figures.items():
             if lowest <= other < length and figure > cost:

@@ -67,36 +67,41 @@ class _Walk:
     """The graph read backwards: each value's producer, and the nodes the match has accounted for."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.graph = model.graph
         self.producer = {name: node for node in model.graph.node for name in node.output}
         self.constants = {tensor.name: tensor for tensor in model.graph.initializer}
-        self.inputs = {value.name: value for value in model.graph.input}
         self.seen: set[int] = set()
         self.epsilons: set[float] = set()
 
     def node(self, value: str, op_type: str, domain: str = "") -> onnx.NodeProto:
+        """The node of this type that makes `value` as its first output (a norm's normed rows, not its sum)."""
         node = self.producer.get(value)
         if node is None or node.op_type != op_type or (node.domain or "") not in ({domain, "ai.onnx"} if not domain else {domain}):
             found = f"{node.domain + '.' if node is not None and node.domain else ''}{node.op_type}" if node is not None else "a graph input or constant"
             raise _NoMatch(f"{value} comes from {found}, not {op_type}")
+        if node.output[0] != value:
+            raise _NoMatch(f"{value} is not the first output of {node.name}")
         self.seen.add(id(node))
         return node
 
-    def weights(self, name: str, rank: int) -> list[int]:
+    def weights(self, name: str, shape: list[int | None]) -> list[int]:
+        """The dims of the float32 constant `name`, which must match `shape` (None: any size)."""
         tensor = self.constants.get(name)
-        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) != rank:
-            raise _NoMatch(f"{name} is not a float32 constant of rank {rank}")
-        return list(tensor.dims)
+        dims = list(tensor.dims) if tensor is not None else []
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or len(dims) != len(shape) or any(want not in (None, got) for want, got in zip(shape, dims)):
+            raise _NoMatch(f"{name} is not a float32 constant of shape {shape}")
+        return dims
 
-    def norm(self, node: onnx.NodeProto, inputs: int) -> str:
+    def norm(self, node: onnx.NodeProto, inputs: int, size: int | None) -> str:
         if len(node.input) != inputs or attribute_value(node, "axis", -1) != -1:
             raise _NoMatch(f"{node.name}: a norm with a bias or not over the last axis")
+        self.weights(node.input[inputs - 1], [size])
         self.epsilons.add(attribute_value(node, "epsilon", 1e-5))
         return node.input[inputs - 1]
 
 
-def _layer(walk: _Walk, closing: onnx.NodeProto, head_dim: int) -> tuple[_Layer, onnx.NodeProto, dict]:
-    """The layer that `closing` (the norm after its MLP) ends, and the norm node in front of it."""
+def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> tuple[_Layer, onnx.NodeProto, dict]:
+    """The layer that `closing` (the norm after its MLP) ends, the norm node in front of it, and the sizes and
+    inputs every layer must share."""
     down = walk.node(closing.input[0], "MatMul")
     product = walk.node(down.input[0], "Mul")
     silu = walk.node(product.input[0], "Mul")
@@ -119,10 +124,15 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, head_dim: int) -> tuple[_Layer,
     if all(norms):
         walk.epsilons.add(attribute_value(attend, "epsilon", 1e-6))
     qkv = walk.node(attend.input[0], "MatMul")
-    hidden, width = walk.weights(qkv.input[1], 2)
     attributes = {name: attribute_value(attend, name) for name in ("num_heads", "kv_num_heads", "scale") if attribute_value(attend, name) is not None}
-    if width != (attributes["num_heads"] + 2 * attributes["kv_num_heads"]) * head_dim:
-        raise _NoMatch(f"{qkv.name}: q, k and v are not {attributes['num_heads']} + 2 x {attributes['kv_num_heads']} heads of {head_dim}")
+    heads, kv_heads = attributes["num_heads"], attributes["kv_num_heads"]
+    walk.weights(qkv.input[1], [hidden, (heads + 2 * kv_heads) * head_dim])
+    walk.weights(out.input[1], [heads * head_dim, hidden])
+    _, gate_and_up = walk.weights(gate_up.input[1], [hidden, None])
+    walk.weights(down.input[1], [gate_and_up // 2, hidden])
+    if gate_and_up % 2:
+        raise _NoMatch(f"{gate_up.name}: gate and up of unequal widths")
+    attributes["ffn"] = gate_and_up // 2
     before = walk.producer.get(qkv.input[0])
     if before is None or before.op_type not in (_SKIP_NORM, "SimplifiedLayerNormalization") or before.output[0] != qkv.input[0]:
         raise _NoMatch(f"{qkv.name}: its input is not a norm")
@@ -130,13 +140,9 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, head_dim: int) -> tuple[_Layer,
     residual = before.output[3] if before.op_type == _SKIP_NORM and len(before.output) >= 4 else before.input[0]
     if post.input[1] != residual:
         raise _NoMatch(f"{post.name}: its residual is not the layer's input")
-    for node, columns in ((out, hidden), (gate_up, None), (down, hidden)):
-        dims = walk.weights(node.input[1], 2)
-        if columns is not None and dims[1] != columns:
-            raise _NoMatch(f"{node.name}: weights {dims} do not end in the hidden size {hidden}")
     layer = _Layer(
         past=[names["past_key"], names["past_value"]], present=list(attend.output[1:3]), input_norm="", qkv=qkv.input[1],
-        qk_norms=norms if all(norms) else [], out=out.input[1], post_norm=walk.norm(post, 3), gate_up=gate_up.input[1], down=down.input[1],
+        qk_norms=norms if all(norms) else [], out=out.input[1], post_norm=walk.norm(post, 3, hidden), gate_up=gate_up.input[1], down=down.input[1],
     )  # fmt: skip
     return layer, before, attributes | {"rotary": (names["cos_cache"], names["sin_cache"]), "lengths": (names["seqlens_k"], names["query_seqlens"])}
 
@@ -150,44 +156,38 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
     if not outputs or outputs[0] != "logits":
         raise _NoMatch("the first output is not the logits")
     head = walk.node("logits", "MatMul")
+    hidden, vocab = walk.weights(head.input[1], [None, None])
     gather = walk.node(head.input[0], "GatherND")
     if gather.input[1] != "logit_positions" or attribute_value(gather, "batch_dims", 0) != 1:
         raise _NoMatch(f"{gather.name}: not the logits' positions")
     closing = walk.node(gather.input[0], _SKIP_NORM, "com.microsoft")
-    final_norm = walk.norm(closing, 3)
+    final_norm = walk.norm(closing, 3, hidden)
     layers, shared = [], set()
     while True:
-        layer, before, found = _layer(walk, closing, head_dim)
+        layer, before, found = _layer(walk, closing, hidden, head_dim)
         shared.add(tuple(sorted(found.items())))
         layers.insert(0, layer)
         if before.op_type == "SimplifiedLayerNormalization":
-            layer.input_norm = walk.norm(before, 2)
+            layer.input_norm = walk.norm(before, 2, hidden)
             break
-        layer.input_norm = walk.norm(before, 3)
+        layer.input_norm = walk.norm(before, 3, hidden)
         closing = before
     if len(shared) != 1:
-        raise _NoMatch("the layers' attention differs in heads, scale, rotary tables or lengths")
+        raise _NoMatch("the layers differ in heads, scale, MLP width, rotary tables or lengths")
     found = dict(shared.pop())
     embed = walk.node(before.input[0], "Gather")
-    vocab, hidden = walk.weights(embed.input[0], 2)
+    walk.weights(embed.input[0], [vocab, hidden])
     if embed.input[1] != "input_ids" or attribute_value(embed, "axis", 0) != 0:
         raise _NoMatch(f"{embed.name}: not the token embedding")
-    if walk.weights(head.input[1], 2) != [hidden, vocab]:
-        raise _NoMatch(f"{head.name}: the head is not [hidden, vocabulary]")
     if len(walk.epsilons) != 1:
         raise _NoMatch("the norms differ in epsilon")
     if len(walk.seen) != len(model.graph.node):
         raise _NoMatch(f"{len(model.graph.node) - len(walk.seen)} nodes beyond a dense decoder's")
     if outputs[1:] != [name for layer in layers for name in layer.present]:
         raise _NoMatch("the outputs are not the logits and each layer's present key and value")
-    for layer in layers:
-        if walk.weights(layer.gate_up, 2)[1] != 2 * walk.weights(layer.down, 2)[0]:
-            raise _NoMatch(f"{layer.gate_up}: gate and up are not twice down's inner size")
-    for name in (layer_weight for layer in layers for layer_weight in (layer.qkv, layer.out, layer.gate_up, layer.down)):
-        if walk.weights(name, 2)[1] % PANEL:
-            raise _NoMatch(f"{name}: its width is not a multiple of {PANEL}")
-    if vocab % PANEL:
-        raise _NoMatch(f"a vocabulary of {vocab}, not a multiple of {PANEL}")
+    widths = {"vocabulary": vocab, "hidden size": hidden, "MLP": 2 * found["ffn"], "q, k and v": (found["num_heads"] + 2 * found["kv_num_heads"]) * head_dim}
+    if odd := [f"{name} {width}" for name, width in widths.items() if width % PANEL]:
+        raise _NoMatch(f"widths not a multiple of {PANEL}: {', '.join(odd)}")
     (seqlens_k, query_seqlens), (cos, sin) = found["lengths"], found["rotary"]
     if (seqlens_k, query_seqlens) != ("seqlens_k", "query_seqlens"):
         raise _NoMatch("the attention does not read the graph's lengths")

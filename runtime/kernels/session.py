@@ -71,7 +71,8 @@ def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options
                          hint="load with kernels='auto'")  # fmt: skip
     for name, reason in reasons.items():
         if reason:
-            _log.info("%s: ONNX Runtime's kernel instead of %s (%s)", model_path, name, reason)
+            instead = "the node-by-node kernels" if name in _WHOLE_GRAPH else "ONNX Runtime's kernel"
+            _log.info("%s: %s instead of %s (%s)", model_path, instead, name, reason)
     chosen = [name for name, reason in reasons.items() if reason is None]
     chosen = [name for name in chosen if name in _WHOLE_GRAPH][:1] or chosen
     if not chosen:

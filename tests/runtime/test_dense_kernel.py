@@ -105,9 +105,12 @@ def test_a_token_outside_the_vocabulary_is_refused_by_name(fused_and_unfused):
 
 
 def test_it_stands_aside_from_graphs_it_does_not_run(dense_pair, tiny_artifact):
-    """An MoE model, an int8 cache and a graph with a node more each keep the node-by-node kernels, with the reason."""
+    """An MoE model, widths matmul.c's panels cannot take, an int8 cache and a graph with a node more each keep the
+    node-by-node kernels, with the reason."""
     moe = onnx.load(tiny_artifact / "main" / "model.onnx", load_external_data=False)
     assert "not a dense decoder" in dense.why_not(moe, 16) and "MoE" in dense.why_not(moe, 16)
+    narrow = onnx.load(tiny_artifact / "draft" / "model.onnx", load_external_data=False)  # hidden size 48, 3 + 2 heads of 16
+    assert "widths not a multiple of 32: hidden size 48, q, k and v 80" in dense.why_not(narrow, 16)
     draft = onnx.load(dense_pair / "draft" / "model.onnx", load_external_data=False)
     assert dense.why_not(draft, 16) is None
     extra = onnx.ModelProto.FromString(draft.SerializeToString())
