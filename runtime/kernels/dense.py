@@ -207,6 +207,9 @@ def _attention_in_place(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProt
 
 def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
     """Why moecc.DenseDecoder cannot stand in for `model`'s graph, or None when it can."""
+    exported = _OP_TYPES - {"Attention"} | {"GroupQueryAttention", "Reshape"}  # as the export writes it, before moecc.Attention
+    if extra := sorted({node.op_type for node in model.graph.node} - exported):  # an MoE: said without copying the graph
+        return f"not a dense decoder moecc.DenseDecoder runs: it has {', '.join(extra)} nodes"
     try:
         _match(_attention_in_place(copy.deepcopy(model), head_dim), head_dim)
     except _NoMatch as reason:
