@@ -91,13 +91,15 @@ def decoding_loop_costs(generator, text: list[int], max_length: int, calls: int)
             started = time.perf_counter()
             main.feed(text[start : start + length + 1])
             main_calls[length + 1].append(time.perf_counter() - started)
+    main_seconds = {n: statistics.median(times) for n, times in main_calls.items()}
+    if max_length == 1:
+        return main_seconds, [statistics.median(proposing[1])]
     # A step's proposals as a first one and a cost per further one, fitted over every length: the differences of
     # two medians taken at different moments scatter by more than a proposal costs.
     lengths = np.arange(1, max_length + 1)
-    per_proposal, fixed = np.polyfit(lengths, [statistics.median(proposing[n]) for n in lengths], 1) if max_length > 1 else (0.0, 0.0)
+    per_proposal, fixed = np.polyfit(lengths, [statistics.median(proposing[n]) for n in lengths], 1)
     per_proposal = max(float(per_proposal), 0.0)
-    first = statistics.median(proposing[1]) if max_length == 1 else max(float(fixed) + per_proposal, per_proposal)
-    return {n: statistics.median(times) for n, times in main_calls.items()}, [first] + [per_proposal] * (max_length - 1)
+    return main_seconds, [max(float(fixed) + per_proposal, per_proposal)] + [per_proposal] * (max_length - 1)
 
 
 @dataclass(frozen=True)

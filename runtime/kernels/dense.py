@@ -20,7 +20,7 @@ nothing else, walked back from the logits:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx
 from onnx import helper
@@ -32,7 +32,8 @@ _SKIP_NORM = "SkipSimplifiedLayerNormalization"
 # The swapped graph's own input and output (not the artifact's): how many greedy proposals to chain after a
 # call, and the proposals, up to MAX_CHAIN (the longest draft a recipe may ask for) per call.
 GREEDY_STEPS, GREEDY_TOKENS, MAX_CHAIN = "greedy_steps", "greedy_tokens", 32
-_OP_TYPES = {"Gather", "SimplifiedLayerNormalization", _SKIP_NORM, "MatMul", "Attention", "Split", "Sigmoid", "Mul", "GatherND"}
+# The op types of the exported graph (before moecc.Attention stands in for its attention and query/key norms).
+_OP_TYPES = {"Gather", "SimplifiedLayerNormalization", _SKIP_NORM, "MatMul", "GroupQueryAttention", "Reshape", "Split", "Sigmoid", "Mul", "GatherND"}
 
 
 class _NoMatch(Exception):
@@ -60,7 +61,7 @@ class _Decoder:
     cos: str
     sin: str
     attributes: dict
-    layers: list[_Layer] = field(default_factory=list)
+    layers: list[_Layer]
 
 
 class _Walk:
@@ -133,6 +134,7 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     if gate_and_up % 2:
         raise _NoMatch(f"{gate_up.name}: gate and up of unequal widths")
     attributes["ffn"] = gate_and_up // 2
+    attributes["qk_norm"] = int(all(norms))
     before = walk.producer.get(qkv.input[0])
     if before is None or before.op_type not in (_SKIP_NORM, "SimplifiedLayerNormalization") or before.output[0] != qkv.input[0]:
         raise _NoMatch(f"{qkv.name}: its input is not a norm")
@@ -149,8 +151,6 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
 
 def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
     """The dense decoder `model` (moecc.Attention in place) is, or _NoMatch saying where it is not one."""
-    if extra := sorted({node.op_type for node in model.graph.node} - _OP_TYPES):
-        raise _NoMatch(f"it has {', '.join(extra)} nodes")
     walk = _Walk(model)
     outputs = [value.name for value in model.graph.output]
     if not outputs or outputs[0] != "logits":
@@ -173,7 +173,7 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
         layer.input_norm = walk.norm(before, 3, hidden)
         closing = before
     if len(shared) != 1:
-        raise _NoMatch("the layers differ in heads, scale, MLP width, rotary tables or lengths")
+        raise _NoMatch("the layers differ in heads, scale, MLP width, query and key norms, rotary tables or lengths")
     found = dict(shared.pop())
     embed = walk.node(before.input[0], "Gather")
     walk.weights(embed.input[0], [vocab, hidden])
@@ -191,10 +191,8 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
     (seqlens_k, query_seqlens), (cos, sin) = found["lengths"], found["rotary"]
     if (seqlens_k, query_seqlens) != ("seqlens_k", "query_seqlens"):
         raise _NoMatch("the attention does not read the graph's lengths")
-    attributes = {name: found[name] for name in ("num_heads", "kv_num_heads", "scale") if name in found}
-    attributes |= {"epsilon": walk.epsilons.pop(), "qk_norm": int(bool(layers[0].qk_norms))}
-    if any(bool(layer.qk_norms) != bool(attributes["qk_norm"]) for layer in layers):
-        raise _NoMatch("some layers have query and key norms and some do not")
+    attributes = {name: found[name] for name in ("num_heads", "kv_num_heads", "scale", "qk_norm") if name in found}
+    attributes["epsilon"] = walk.epsilons.pop()
     return _Decoder(embedding=embed.input[0], final_norm=final_norm, head=head.input[1], cos=cos, sin=sin, attributes=attributes, layers=layers)
 
 
@@ -207,8 +205,7 @@ def _attention_in_place(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProt
 
 def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
     """Why moecc.DenseDecoder cannot stand in for `model`'s graph, or None when it can."""
-    exported = _OP_TYPES - {"Attention"} | {"GroupQueryAttention", "Reshape"}  # as the export writes it, before moecc.Attention
-    if extra := sorted({node.op_type for node in model.graph.node} - exported):  # an MoE: said without copying the graph
+    if extra := sorted({node.op_type for node in model.graph.node} - _OP_TYPES):  # an MoE: said without copying the graph
         return f"not a dense decoder moecc.DenseDecoder runs: it has {', '.join(extra)} nodes"
     try:
         _match(_attention_in_place(copy.deepcopy(model), head_dim), head_dim)
