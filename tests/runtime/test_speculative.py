@@ -244,16 +244,33 @@ def test_adaptive_draft_length_expects_the_tokens_each_length_committed():
     assert policy.rates()[8] == pytest.approx(5.0, rel=0.1) and (1 - single**9) / (1 - single) > 5.8
 
 
+def _probe(policy: AdaptiveDraftLength, length: int, kept: int) -> None:
+    """A probe's PROBE_STEPS steps at `length`, each keeping `kept` proposals."""
+    for _ in range(AdaptiveDraftLength.PROBE_STEPS):
+        assert policy.choose() == length
+        policy.update(length, kept, 0.5 * length, 2.0)
+
+
 def test_adaptive_draft_length_probes_while_the_draft_sits_idle_and_backs_off():
     policy = _policy(0.1, 0.5, lambda n: n)
     every = AdaptiveDraftLength.PROBE_EVERY
-    choices = [policy.choose() for _ in range(every)]
-    assert choices[:-1] == [0] * (every - 1) and choices[-1] == 1
-    policy.update(1, 0, 0.5, 2.0)  # the probe was rejected: wait twice as long for the next
-    choices = [policy.choose() for _ in range(2 * every)]
-    assert choices.index(1) == 2 * every - 1
-    policy.update(1, 1, 0.5, 2.0)  # accepted, but one token does not make speculation pay here: longer still
+    assert [policy.choose() for _ in range(every - 1)] == [0] * (every - 1)
+    _probe(policy, 1, 0)  # the probe's steps were rejected: wait twice as long for the next
+    assert [policy.choose() for _ in range(2 * every - 1)] == [0] * (2 * every - 1)
+    _probe(policy, 1, 1)  # accepted, but one token does not make speculation pay here: longer still
     assert policy.probe_interval == 4 * every
+
+
+def test_a_policys_first_steps_speculate_whatever_they_find():
+    """A fresh policy's first PROBE_STEPS steps are a probe: one unlucky first step must not leave the main model
+    alone until the next probe, which would be judged on its own outcome and the prior."""
+    policy = AdaptiveDraftLength(max_length=4)
+    lengths = []
+    for _ in range(AdaptiveDraftLength.PROBE_STEPS):
+        lengths.append(policy.choose())
+        policy.update(lengths[-1], 0, 0.4 * lengths[-1], 2.0 + lengths[-1])  # rejected, and dear
+    assert lengths[0] == 4 and 0 not in lengths
+    assert policy.choose() == 0 and policy.probe_interval == 2 * AdaptiveDraftLength.PROBE_EVERY  # judged: the main model alone
 
 
 def test_a_probe_runs_the_length_speculation_would_run_at():
@@ -293,10 +310,14 @@ def test_a_probe_that_makes_speculation_pay_ends_the_idle_spell():
     policy.update(1, 0, 0.3, 1.0)
     policy.update(1, 0, 0.3, 1.0)  # two rejections: at these costs the main model alone is better
     policy.probe_interval = 64
-    choices = [policy.choose() for _ in range(64)]
-    assert choices[:-1] == [0] * 63 and choices[-1] == 1
-    policy.update(1, 1, 0.3, 1.0)  # the probe is accepted and tips the balance
-    assert policy.probe_interval == AdaptiveDraftLength.PROBE_EVERY and policy.choose() == 1
+    assert [policy.choose() for _ in range(63)] == [0] * 63
+    assert policy.choose() == 1  # the probe starts at the one length measured
+    policy.update(1, 1, 0.3, 1.0)
+    for _ in range(AdaptiveDraftLength.PROBE_STEPS - 1):  # its steps are accepted and tip the balance
+        length = policy.choose()
+        assert length >= 1
+        policy.update(length, length, 0.3 * length, 1.0)
+    assert policy.probe_interval == AdaptiveDraftLength.PROBE_EVERY and policy.choose() >= 1
 
 
 def test_while_speculation_pays_the_draft_sits_out_now_and_then_until_the_main_model_alone_is_timed():
