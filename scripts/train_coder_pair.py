@@ -56,7 +56,7 @@ class Pair:
     main_steps: int
     draft_steps: int
     on_policy: bool = False  # half of each distillation batch the main model's greedy continuations
-    context_steps: int = 0  # steps of each model on CONTEXT_LEN rows after the base stage
+    context_steps: int = 0  # the main model's steps on CONTEXT_LEN rows after the base stage; the draft's: 3x, a third of them on such rows
 
 
 PAIRS = {
