@@ -4,9 +4,11 @@ Three pairings: main-only against transformers' generate, speculative decoding w
 against its assisted generation with the same draft, and our prompt lookup against its prompt lookup;
 and ours alone: lookup-then-draft (copies where the text repeats, the draft elsewhere) against main-only.
 
-    .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/tiny-coder.yaml --artifact artifacts/tiny-coder
-    .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/bench-moe.yaml --artifact artifacts/bench-moe \
+    .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/tiny-coder.yaml
+    .venv/bin/python scripts/bench_vs_transformers.py --recipe recipes/bench-moe.yaml \
         --prompts 4 --new-tokens 64 --heldout-tokens 0 --draft-lengths 4 auto
+
+The artifact (default: artifacts/NAME, NAME the recipe's) must have been built from the recipe's checkpoints.
 
 Prints one table and writes JSON. Figures are tokens/s over held-out prompts with the end-of-text token
 ignored, so every run produces the same number of tokens: end to end (the prompt's reading included), and
@@ -36,6 +38,7 @@ import runtime
 from compiler import corpus
 from compiler.pipeline import with_generated_weights
 from compiler.recipe import load_recipe
+from runtime.artifact import sha256_of
 from runtime.benchmark import wait_until_idle
 from runtime.evaluate import perplexity
 from runtime.prompt_lookup import MAX_NGRAM
@@ -122,10 +125,21 @@ def theirs(model, prompts, new_tokens, assistant=None, lookup_tokens=None):
     return tokens / seconds, decode_rate(decode_tokens, decode_seconds), outputs
 
 
+def check_built_from(manifest, loaded, artifact: Path) -> None:
+    """Refuse an artifact built from other checkpoints than the recipe's: every figure would compare two
+    different models (with small-coder's recipe and tiny-coder's artifact, greedy agreement was 0.07)."""
+    for role in ("main", "draft"):
+        folder = getattr(loaded, f"{role}_checkpoint")
+        for name, digest in manifest.inputs.get(role, {}).items():
+            if (folder / name).is_file() and sha256_of(folder / name) != digest:
+                raise SystemExit(f"{artifact} was not built from {loaded.path}'s {role} checkpoint ({folder / name} differs): "
+                                 f"build it with `moecc build {loaded.path}`, or name one built from it with --artifact")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny-coder.yaml"))
-    parser.add_argument("--artifact", type=Path, default=Path("artifacts/tiny-coder"))
+    parser.add_argument("--artifact", type=Path, help="default: artifacts/NAME, NAME the recipe's")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -139,7 +153,9 @@ def main() -> None:
     console = Console(width=160)
 
     loaded = with_generated_weights(load_recipe(args.recipe), Path("artifacts/.cache"))  # random-init recipes: their generated weights
-    generator = runtime.load(args.artifact, threads=args.threads)
+    artifact = args.artifact or Path("artifacts") / loaded.recipe.name
+    generator = runtime.load(artifact, threads=args.threads)
+    check_built_from(generator.manifest, loaded, artifact)
     prompts = [generator.encode(text) for text in corpus.heldout_prompts(args.prompts)]
     results: dict = {"threads": args.threads, "prompts": len(prompts), "new_tokens": args.new_tokens}
 
