@@ -3,10 +3,7 @@ through the models: the same steps, proposals and accepted tokens."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +11,9 @@ import pytest
 import runtime
 from compiler import corpus
 from runtime.speculative import FixedDraftLength, GenerationStats
+from script_modules import load_script
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "speculation_ceiling.py"
-_spec = importlib.util.spec_from_file_location("speculation_ceiling", _SCRIPT)
-speculation_ceiling = sys.modules["speculation_ceiling"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
-_spec.loader.exec_module(speculation_ceiling)
+speculation_ceiling = load_script("speculation_ceiling")
 
 NEW_TOKENS = 48
 
