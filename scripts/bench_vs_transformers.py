@@ -36,9 +36,9 @@ from transformers.generation.streamers import BaseStreamer
 
 import runtime
 from compiler import corpus
+from compiler.checkpoint import Checkpoint
 from compiler.pipeline import with_generated_weights
 from compiler.recipe import load_recipe
-from runtime.artifact import sha256_of
 from runtime.benchmark import wait_until_idle
 from runtime.evaluate import perplexity
 from runtime.prompt_lookup import MAX_NGRAM
@@ -129,11 +129,12 @@ def check_built_from(manifest, loaded, artifact: Path) -> None:
     """Refuse an artifact built from other checkpoints than the recipe's: every figure would compare two
     different models (with small-coder's recipe and tiny-coder's artifact, greedy agreement was 0.07)."""
     for role in ("main", "draft"):
-        folder = getattr(loaded, f"{role}_checkpoint")
-        for name, digest in manifest.inputs.get(role, {}).items():
-            if (folder / name).is_file() and sha256_of(folder / name) != digest:
-                raise SystemExit(f"{artifact} was not built from {loaded.path}'s {role} checkpoint ({folder / name} differs): "
-                                 f"build it with `moecc build {loaded.path}`, or name one built from it with --artifact")
+        source = getattr(loaded.recipe, role)
+        checkpoint = Checkpoint(getattr(loaded, f"{role}_checkpoint"), source.allow_pickle, source.layers, source.experts_per_token)
+        differing = sorted(name for name, digest in checkpoint.digests().items() if manifest.inputs.get(role, {}).get(name) != digest)
+        if differing:  # the identity the build records: config.json, weight files, and what a derived draft cuts
+            raise SystemExit(f"{artifact} was not built from {loaded.path}'s {role} checkpoint ({', '.join(differing)} differ): "
+                             f"build it with `moecc build {loaded.path}`, or name one built from it with --artifact")
 
 
 def main() -> None:
