@@ -138,7 +138,9 @@ def test_int4_draft_proposes_as_the_float_draft_does_for_the_float_main_model(tm
     tokens = _heldout_tokens(generator, 2048)
     ours, theirs = generator.draft.new_cache().feed(tokens[:512]), reference.draft.new_cache().feed(tokens[:512])
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.85  # 0.91 measured
-    prompts = [generator.encode(prompt) for prompt in corpus.heldout_prompts(4)]
+    # 12 prompts: over 4, which prompts they were moved either rate by more than the margin (0.685 against 0.749;
+    # over 12, 0.666 against 0.653)
+    prompts = [generator.encode(prompt) for prompt in corpus.heldout_prompts(12)]
     rates = [model.generate_batch_ids(prompts, max_new_tokens=48, draft_length=4)[1].acceptance_rate for model in (generator, reference)]
     assert rates[0] >= rates[1] - 0.05, rates
     _assert_lossless(generator, tokens)
@@ -236,7 +238,8 @@ def test_failing_accuracy_gate_fails_the_build_with_figures(tmp_path):
     text = (REPO / "recipes" / "tiny-coder-int4.yaml").read_text().replace("name: tiny-coder-int4", "name: strict")
     recipe.write_text(text + "verify:\n  tokens: 1024\n  max_perplexity_increase: 0.0\n  min_top1_agreement: 1.0\n")
     shutil.copytree(REPO / "recipes" / "tiny-coder", tmp_path / "tiny-coder")
-    with pytest.raises(BuildError, match=r"main model, verify stage: accuracy gate failed: perplexity [\d.]+ vs [\d.]+ \(\+[\d.]+%, allowed \+0\.00%\), top-1 agreement"):
+    # INT4 can read these 1,024 tokens a little better than float (-0.19 %): top-1 agreement below 1 fails it then
+    with pytest.raises(BuildError, match=r"main model, verify stage: accuracy gate failed: perplexity [\d.]+ vs [\d.]+ \([+-][\d.]+%, allowed \+0\.00%\), top-1 agreement"):
         build(load_recipe(recipe), tmp_path / "out")
     assert not (tmp_path / "out" / "strict").exists()
 
