@@ -43,8 +43,10 @@ def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None) -
     return kernel_session(model, _swap if ours else None, optimized)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 12, 13, 49, 400], ids=lambda rows: f"{rows}-rows")  # decode, verify, row blocks and chunks, prefill
-@pytest.mark.parametrize("inner, columns", [(384, 3072), (1536, 384), (24, 32)], ids=["wide", "deep", "one-panel"])
+# decode, verify (whole-panel and half-panel passes), several passes per panel, chunks, prefill
+@pytest.mark.parametrize("rows", [1, 2, 5, 7, 12, 13, 49, 400], ids=lambda rows: f"{rows}-rows")
+# K in blocks of the panel's rows and not (100: three and a part), K below one block (24)
+@pytest.mark.parametrize("inner, columns", [(384, 3072), (1536, 384), (100, 64), (24, 32)], ids=["wide", "deep", "ragged", "one-panel"])
 def test_kernel_matches_onnx_runtime_matmul(inner, columns, rows):
     model = _model(inner, columns)
     x = np.random.default_rng(rows).standard_normal((1, rows, inner), dtype=np.float32)
