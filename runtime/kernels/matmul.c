@@ -140,7 +140,7 @@ static void multiply(void *data, size_t item) {
   int64_t last = first + CHUNK < call->rows ? first + CHUNK : call->rows;
   const float *weights = call->weights + panel_index * call->inner * PANEL;
   vector sums[CHUNK * VECTORS];
-  memset(sums, 0, sizeof sums);
+  memset(sums, 0, (size_t)(last - first) * sizeof(vector) * VECTORS);
   int64_t one_pass = last - first <= WIDE_ROWS, block = BLOCK && !one_pass ? BLOCK : call->inner;
   for (int64_t k0 = 0; k0 < call->inner; k0 += block) {
     int64_t k1 = k0 + block < call->inner ? k0 + block : call->inner;
