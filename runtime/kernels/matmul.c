@@ -98,7 +98,7 @@ static inline __attribute__((always_inline)) void pass(const float *x, int64_t s
     for (int v = 0; v < vectors; ++v) sums[r * VECTORS + v] = own[r][v];
 }
 
-/* The whole panel in one pass, or each half in turn (the second half's rows come in with the first's). */
+/* The whole panel in one pass, or each half in turn (the first half's pass prefetches both halves' lines). */
 #define WIDE(count) \
   case count: pass(x, stride, k0, k1, weights, sums, count, VECTORS, 1); break;
 #define HALVES(count)                                                              \
