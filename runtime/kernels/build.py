@@ -25,7 +25,9 @@ HEADERS = Path(__file__).with_name("include")
 # fast-math: vectorized expf. No -Werror: a warning a newer compiler adds must not cost users the kernels; the
 # tests compile the sources with it (tests/runtime/test_kernel_session.py). -Wno-psabi: the vector helpers are
 # static, so GCC's note that their ABI differs between vector extensions concerns no caller.
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c11", "-fPIC", "-Wall", "-Wno-psabi")
+# -march: native, as users get it; the tests also build for other machines this one can run (-march=x86-64,
+# haswell), so that each vector width's code is checked where the suite runs.
+FLAGS = ("-O3", "-ffast-math", "-std=c11", "-fPIC", "-Wall", "-Wno-psabi")
 
 
 class KernelUnavailable(MoeccError):
@@ -54,33 +56,34 @@ def _cpu() -> str:
         return platform.machine()
 
 
-def library() -> Path:
-    """The custom-op library's path, building it on this machine's first call; raises KernelUnavailable."""
-    built = _build()
+def library(march: str = "native") -> Path:
+    """The custom-op library's path, built for `march` (gcc's -march) on this machine's first call; raises
+    KernelUnavailable."""
+    built = _build(march)
     if isinstance(built, KernelUnavailable):
         raise built
     return built
 
 
-@cache  # a process tries once, whatever the outcome
-def _build() -> Path | KernelUnavailable:
+@cache  # a process tries once per march, whatever the outcome
+def _build(march: str) -> Path | KernelUnavailable:
     try:
-        return _compile()
+        return _compile(march)
     except KernelUnavailable as error:
         return error
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # an unwritable cache, no home folder, a compile past its time
         return KernelUnavailable(f"moecc's kernels could not be built: {error}", hint="set MOECC_KERNEL_CACHE to a writable folder")
 
 
-def _compile() -> Path:
-    compiler = _compiler()
+def _compile(march: str) -> Path:
+    compiler, flags = _compiler(), (*FLAGS, f"-march={march}")
     try:
         version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise KernelUnavailable(f"the C compiler {' '.join(compiler)} does not run: {error}", hint="install gcc or set CC") from error
     digest = hashlib.sha256()
-    # The key: the sources and headers, this file (its flags and build steps), the compiler and the CPU.
-    for part in (*(path.read_bytes() for path in (*SOURCES, *sorted(HEADERS.glob("*.h")), *sorted(Path(__file__).parent.glob("*.h")), Path(__file__))), " ".join(compiler).encode(), version.encode(), _cpu().encode()):
+    # The key: the sources and headers, this file (its flags and build steps), the compiler, -march and the CPU.
+    for part in (*(path.read_bytes() for path in (*SOURCES, *sorted(HEADERS.glob("*.h")), *sorted(Path(__file__).parent.glob("*.h")), Path(__file__))), " ".join(compiler).encode(), version.encode(), march.encode(), _cpu().encode()):
         digest.update(hashlib.sha256(part).digest())
     folder = cache_folder()
     target = folder / f"moecc-kernels-{digest.hexdigest()[:16]}.so"
@@ -91,7 +94,7 @@ def _compile() -> Path:
         objects = [str(Path(building) / f"{source.stem}.o") for source in SOURCES]
         # Compiled with fast-math but linked without it: linking with it would add a constructor that sets the
         # CPU to flush subnormal floats to zero, for the whole process that loads the library.
-        steps = [[*compiler, *FLAGS, "-I", str(HEADERS), "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
+        steps = [[*compiler, *flags, "-I", str(HEADERS), "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
         steps.append([*compiler, "-shared", *objects, "-o", str(Path(building) / target.name), "-lm"])
         for step in steps:
             result = subprocess.run(step, capture_output=True, text=True, timeout=300)

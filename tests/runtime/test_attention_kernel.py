@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from kernel_sessions import kernel_session
+from kernel_sessions import MARCHES, kernel_session
 from runtime.kernels.attention import swap, unsupported, why_not
 
 CAPACITY = 96
@@ -60,12 +60,12 @@ def _cache_scales(kv_heads: int, dim: int) -> dict[str, np.ndarray]:
     return {name: rng.uniform(0.02, 0.08, (kv_heads, dim)).astype(np.float32) for name in ("k_scale", "v_scale")}
 
 
-def _session(model: onnx.ModelProto, dim: int, fused: bool) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, dim: int, fused: bool, march: str = "native") -> ort.InferenceSession:
     def swapped(model: onnx.ModelProto) -> int:
         assert why_not(model, dim) is None
         return swap(model, dim)
 
-    return kernel_session(model, swapped if fused else None)
+    return kernel_session(model, swapped if fused else None, march=march)
 
 
 def _run(session, feeds: dict, caches: dict, bound: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,7 +94,8 @@ def _run(session, feeds: dict, caches: dict, bound: bool) -> tuple[np.ndarray, n
 )  # fmt: skip
 @pytest.mark.parametrize("width", [1, 5, 40], ids=["decode", "verify", "prefill"])
 @pytest.mark.parametrize("bound", [True, False], ids=["in-place", "copied"])
-def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scale, int8, width, bound):
+@pytest.mark.parametrize("march", MARCHES)  # each vector width's loops this machine can run
+def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scale, int8, width, bound, march):
     """Two rows with different cached lengths, the second right-padded (two new tokens fewer, or none new). The
     peaked case's scores spread over hundreds, so that some weights in most rows fall below the kernel's
     exponential's floor (without the floor, their exponent wraps around)."""
@@ -115,7 +116,7 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scal
         for name, scale_name in (("past_key", "k_scale"), ("past_value", "v_scale")):
             caches[name] = np.clip(np.round(caches[name] / scales[scale_name][None, :, None, :]), -127, 127).astype(np.int8)
     expected = _run(_session(model, dim, fused=False), feeds, caches, bound)
-    actual = _run(_session(model, dim, fused=True), feeds, caches, bound)
+    actual = _run(_session(model, dim, fused=True, march=march), feeds, caches, bound)
     for row in range(2):
         count = new[row]
         np.testing.assert_allclose(actual[0][row, :count], expected[0][row, :count], atol=2e-5, rtol=0)  # float rounding

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kernel_sessions import kernel_session
+from kernel_sessions import MARCHES, kernel_session
 from runtime.kernels import DOMAIN, matmul
 from runtime.kernels.matmul import swap, why_not
 
@@ -39,19 +39,20 @@ def _swap(model: onnx.ModelProto) -> int:
     return swap(model)
 
 
-def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None) -> ort.InferenceSession:
-    return kernel_session(model, _swap if ours else None, optimized)
+def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None, march: str = "native") -> ort.InferenceSession:
+    return kernel_session(model, _swap if ours else None, optimized, march)
 
 
 # decode, verify (whole-panel and half-panel passes), several passes per panel, chunks, prefill
 @pytest.mark.parametrize("rows", [1, 2, 5, 7, 12, 13, 49, 400], ids=lambda rows: f"{rows}-rows")
 # K in blocks of the panel's rows and not (100: three and a part), K below one block (24)
 @pytest.mark.parametrize("inner, columns", [(384, 3072), (1536, 384), (100, 64), (24, 32)], ids=["wide", "deep", "ragged", "one-panel"])
-def test_kernel_matches_onnx_runtime_matmul(inner, columns, rows):
+@pytest.mark.parametrize("march", MARCHES)  # each vector width's passes this machine can run
+def test_kernel_matches_onnx_runtime_matmul(inner, columns, rows, march):
     model = _model(inner, columns)
     x = np.random.default_rng(rows).standard_normal((1, rows, inner), dtype=np.float32)
     expected = _session(model, ours=False).run(None, {"x": x})[0]
-    actual = _session(model, ours=True).run(None, {"x": x})[0]
+    actual = _session(model, ours=True, march=march).run(None, {"x": x})[0]
     assert actual.shape == expected.shape == (1, rows, columns)
     assert np.abs(actual - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max()))
 

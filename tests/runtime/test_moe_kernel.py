@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.quantization import pack, round_to_nearest
-from kernel_sessions import kernel_session
+from kernel_sessions import MARCHES, kernel_session
 from runtime.kernels import DOMAIN
 from runtime.kernels.moe import swap, swap_quantized, unsupported, unsupported_quantized, why_not, why_not_quantized
 
@@ -66,8 +66,8 @@ def _swap(model: onnx.ModelProto) -> int:
     return swap(model)
 
 
-def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None) -> ort.InferenceSession:
-    return kernel_session(model, _swap if ours else None, optimized)
+def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None, march: str = "native") -> ort.InferenceSession:
+    return kernel_session(model, _swap if ours else None, optimized, march)
 
 
 def _feeds(model: onnx.ModelProto, tokens: int, shape: tuple[int, ...] | None = None, router: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -78,9 +78,9 @@ def _feeds(model: onnx.ModelProto, tokens: int, shape: tuple[int, ...] | None = 
     return {"input": x.reshape(shape or x.shape), "router": logits}
 
 
-def _agree(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+def _agree(model: onnx.ModelProto, feeds: dict[str, np.ndarray], march: str = "native") -> None:
     expected = _session(model, ours=False).run(None, feeds)[0]
-    actual = _session(model, ours=True).run(None, feeds)[0]
+    actual = _session(model, ours=True, march=march).run(None, feeds)[0]
     assert actual.shape == expected.shape
     assert np.abs(actual - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max()))
 
@@ -89,10 +89,11 @@ def _agree(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
 @pytest.mark.parametrize(
     "experts, k, hidden, inter", [(8, 2, 256, 128), (64, 8, 128, 64), (4, 4, 64, 16), (6, 2, 384, 48)], ids=["8x2", "64x8", "all-4", "uneven"]
 )
-def test_kernel_matches_onnx_runtime_moe(experts, k, hidden, inter, tokens):
+@pytest.mark.parametrize("march", MARCHES)  # each vector width's loops this machine can run
+def test_kernel_matches_onnx_runtime_moe(experts, k, hidden, inter, tokens, march):
     """Decode, verify and prefill widths; a few experts each chosen by many tokens, many chosen by few, k = E, and
     sizes that do not split evenly (3 units blocks per expert, a partial block of outputs per token)."""
-    _agree(_moe_model(experts, hidden, inter, k=k), _feeds(_moe_model(experts, hidden, inter, k=k), tokens))
+    _agree(_moe_model(experts, hidden, inter, k=k), _feeds(_moe_model(experts, hidden, inter, k=k), tokens), march)
 
 
 @pytest.mark.parametrize(
@@ -167,11 +168,12 @@ def test_bad_shapes_are_refused_before_anything_is_read():
     [(8, 2, 256, 128, 4, 32), (16, 4, 64, 32, 4, 16), (6, 2, 384, 48, 4, 16), (8, 2, 256, 128, 4, 0), (8, 2, 256, 128, 8, 0), (4, 4, 64, 16, 8, 0)],
     ids=["int4", "int4-16x4", "int4-uneven", "int4-per-row", "int8-per-row", "int8-all-4"],
 )  # fmt: skip
-def test_quantized_kernel_matches_onnx_runtime_qmoe(experts, k, hidden, inter, bits, block, tokens):
+@pytest.mark.parametrize("march", MARCHES)
+def test_quantized_kernel_matches_onnx_runtime_qmoe(experts, k, hidden, inter, bits, block, tokens, march):
     """Float products on the levels times their scales, as ONNX Runtime's QMoE computes them (to float rounding),
     for INT4 blocks of 32 and 16 (3 blocks per fc2 row), INT4 and INT8 rows, k = E, and sizes that do not split evenly."""
     model = _qmoe_model(experts, hidden, inter, bits, block, k=k)
-    _agree(model, _feeds(model, tokens))
+    _agree(model, _feeds(model, tokens), march)
 
 
 def test_quantized_weights_are_unpacked_and_transposed_when_the_session_loads(tmp_path):
