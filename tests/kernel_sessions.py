@@ -14,15 +14,20 @@ from onnx import helper
 from runtime.kernels import DOMAIN, build
 
 
+def compiler_targets_x86() -> bool:
+    """Whether the kernels' compiler builds x86-64 code (raises KernelUnavailable without a compiler)."""
+    return subprocess.run([*build._compiler(), "-dumpmachine"], capture_output=True, text=True).stdout.startswith("x86_64")
+
+
 def _marches() -> list[str]:
     """native, and on x86 the narrower vector widths this CPU also runs: SSE2 (x86-64) and, where native takes
     AVX-512's code, AVX2's (haswell). The kernels pick their loops by vector width at compile time, so a suite
     run on one kind of machine would otherwise check one width's code only."""
     try:
-        compiler = subprocess.run([*build._compiler(), "-dumpmachine"], capture_output=True, text=True).stdout
+        x86 = platform.machine() in ("x86_64", "AMD64") and compiler_targets_x86()
     except build.KernelUnavailable:  # no compiler: the kernel tests say so when they build
         return ["native"]
-    if platform.machine() not in ("x86_64", "AMD64") or not compiler.startswith("x86_64"):
+    if not x86:
         return ["native"]
     flags = set(build._cpu().split())
     haswell = {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"} <= flags and "avx512f" in flags

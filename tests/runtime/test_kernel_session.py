@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import runtime
+from kernel_sessions import compiler_targets_x86
 from runtime.errors import MoeccError
 from runtime.kernels import build
 
@@ -55,7 +56,7 @@ def test_kernel_sources_compile_without_warnings(target, tmp_path):
     """With warnings as errors, for this machine and, where the compiler targets x86, for SSE2, AVX, AVX2 and
     AVX-512 machines: each vector width's code path compiles cleanly wherever the library may be built."""
     compiler = build._compiler()
-    if target != "native" and not subprocess.run([*compiler, "-dumpmachine"], capture_output=True, text=True).stdout.startswith("x86_64"):
+    if target != "native" and not compiler_targets_x86():
         pytest.skip("the compiler does not target x86")
     for source in build.SOURCES:
         result = subprocess.run(
