@@ -52,6 +52,7 @@ size_t ORT_API_CALL one_output(const OrtCustomOp *op);
 typedef struct {
   int64_t batch, new_width, heads, kv_heads, group, dim, capacity;
   int64_t span; /* new tokens per walk of the cache (walk_span) */
+  int64_t column_span; /* ... per column walk, 0 where the kernel has none (column_span) */
   float scale;
   const float *query, *key, *value, *cos, *sin, *key_scale, *value_scale, *query_norm, *key_norm;
   float epsilon;

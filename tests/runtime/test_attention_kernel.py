@@ -18,20 +18,20 @@ from runtime.kernels.attention import swap, unsupported, why_not
 CAPACITY = 96
 
 
-def _attention_model(heads: int, kv_heads: int, dim: int, packed: bool, int8: bool, **attributes) -> onnx.ModelProto:
+def _attention_model(heads: int, kv_heads: int, dim: int, packed: bool, int8: bool, capacity: int = CAPACITY, **attributes) -> onnx.ModelProto:
     """One GroupQueryAttention node as the export writes it: rotary tables, query_seqlens, optional int8 cache."""
     cache_type = TensorProto.INT8 if int8 else TensorProto.FLOAT
     width = (heads + 2 * kv_heads) * dim if packed else heads * dim
     inputs = [helper.make_tensor_value_info("query", TensorProto.FLOAT, ["batch", "new", width])]
     if not packed:
         inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "new", kv_heads * dim]) for name in ("key", "value")]
-    inputs += [helper.make_tensor_value_info(name, cache_type, ["batch", kv_heads, CAPACITY, dim]) for name in ("past_key", "past_value")]
+    inputs += [helper.make_tensor_value_info(name, cache_type, ["batch", kv_heads, capacity, dim]) for name in ("past_key", "past_value")]
     inputs += [
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("query_seqlens", TensorProto.INT32, ["batch"]),
     ]
-    angles = np.arange(CAPACITY)[:, None] / 10000 ** (np.arange(dim // 2) / (dim // 2))
+    angles = np.arange(capacity)[:, None] / 10000 ** (np.arange(dim // 2) / (dim // 2))
     initializers = [
         helper.make_tensor("cos", TensorProto.FLOAT, angles.shape, np.cos(angles).astype(np.float32).ravel()),
         helper.make_tensor("sin", TensorProto.FLOAT, angles.shape, np.sin(angles).astype(np.float32).ravel()),
@@ -125,6 +125,28 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scal
             length = cached[row] + count
             difference = np.abs(present[row, :, :length].astype(np.float32) - reference[row, :, :length].astype(np.float32))
             assert difference.max() <= (1 if int8 else 1e-5), "an int8 cache may round a tie the other way, by one step"
+
+
+@pytest.mark.parametrize("width", [5, 9], ids=["verify-5", "verify-9"])
+@pytest.mark.parametrize("march", MARCHES)
+def test_a_verify_after_a_long_cache_matches_group_query_attention(width, march):
+    """Hundreds of cached rows, small-coder's heads: the AVX2 kernel walks them in blocks of 60 with a running
+    softmax, and the keys grow along the cache, so that nearly every block's scores rise above the maxima so
+    far and the sums are rescaled; the last block is ragged."""
+    heads, kv_heads, dim, capacity = 6, 2, 64, 512
+    rng = np.random.default_rng(width)
+    model = _attention_model(heads, kv_heads, dim, False, False, capacity)
+    cached, new = np.array([437, 301]), np.array([width, width - 2])
+    feeds = {"query": rng.standard_normal((2, width, heads * dim), dtype=np.float32)}
+    feeds |= {name: rng.standard_normal((2, width, kv_heads * dim), dtype=np.float32) for name in ("key", "value")}
+    feeds |= {"seqlens_k": (cached + new - 1).astype(np.int32), "total_sequence_length": np.array((cached + new).max(), np.int32), "query_seqlens": new.astype(np.int32)}
+    growth = np.linspace(0.5, 2.0, capacity, dtype=np.float32)[None, None, :, None]
+    caches = {name: rng.standard_normal((2, kv_heads, capacity, dim), dtype=np.float32) for name in ("past_key", "past_value")}
+    caches["past_key"] *= growth
+    expected = _run(_session(model, dim, fused=False), feeds, caches, True)
+    actual = _run(_session(model, dim, fused=True, march=march), feeds, caches, True)
+    for row in range(2):
+        np.testing.assert_allclose(actual[0][row, : new[row]], expected[0][row, : new[row]], atol=2e-5, rtol=0)
 
 
 def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():
