@@ -127,26 +127,37 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scal
             assert difference.max() <= (1 if int8 else 1e-5), "an int8 cache may round a tie the other way, by one step"
 
 
-@pytest.mark.parametrize("width", [5, 9], ids=["verify-5", "verify-9"])
+@pytest.mark.parametrize("int8", [False, True], ids=["float-cache", "int8-cache"])
+@pytest.mark.parametrize(
+    "heads, kv_heads, width",
+    [(6, 2, 5), (6, 2, 9), (2, 1, 1), (6, 2, 1)],
+    ids=["verify-5", "verify-9", "decode-one-kv-head", "decode-two-kv-heads"],
+)  # fmt: skip
 @pytest.mark.parametrize("march", MARCHES)
-def test_a_verify_after_a_long_cache_matches_group_query_attention(width, march):
-    """Hundreds of cached rows, small-coder's heads: the AVX2 kernel walks them in blocks of 60 with a running
-    softmax, and the keys grow along the cache, so that nearly every block's scores rise above the maxima so
-    far and the sums are rescaled; the last block is ragged."""
-    heads, kv_heads, dim, capacity = 6, 2, 64, 512
-    rng = np.random.default_rng(width)
-    model = _attention_model(heads, kv_heads, dim, False, False, capacity)
-    cached, new = np.array([437, 301]), np.array([width, width - 2])
+def test_a_call_after_a_long_cache_matches_group_query_attention(heads, kv_heads, width, int8, march):
+    """Hundreds of cached rows, small-coder's heads (main and draft). The AVX2 kernel walks a verify's in
+    blocks of 60 with a running softmax, and the keys grow along the cache, so that nearly every block's scores
+    rise above the maxima so far and the sums are rescaled; the last block is ragged. A decode step of a call
+    with few heads splits each row's cache into parts, 3 and 2 here, whose sums are merged."""
+    dim, capacity = 64, 1024
+    rng = np.random.default_rng(width + kv_heads)
+    model = _attention_model(heads, kv_heads, dim, False, int8, capacity)
+    cached, new = np.array([900, 301]), np.array([width, max(width - 2, 0)])
     feeds = {"query": rng.standard_normal((2, width, heads * dim), dtype=np.float32)}
     feeds |= {name: rng.standard_normal((2, width, kv_heads * dim), dtype=np.float32) for name in ("key", "value")}
     feeds |= {"seqlens_k": (cached + new - 1).astype(np.int32), "total_sequence_length": np.array((cached + new).max(), np.int32), "query_seqlens": new.astype(np.int32)}
     growth = np.linspace(0.5, 2.0, capacity, dtype=np.float32)[None, None, :, None]
     caches = {name: rng.standard_normal((2, kv_heads, capacity, dim), dtype=np.float32) for name in ("past_key", "past_value")}
     caches["past_key"] *= growth
+    if int8:
+        scales = _cache_scales(kv_heads, dim)
+        for name, scale_name in (("past_key", "k_scale"), ("past_value", "v_scale")):
+            caches[name] = np.clip(np.round(caches[name] / scales[scale_name][None, :, None, :]), -127, 127).astype(np.int8)
     expected = _run(_session(model, dim, fused=False), feeds, caches, True)
     actual = _run(_session(model, dim, fused=True, march=march), feeds, caches, True)
     for row in range(2):
         np.testing.assert_allclose(actual[0][row, : new[row]], expected[0][row, : new[row]], atol=2e-5, rtol=0)
+        assert not actual[0][row, new[row] :].any(), "padding positions are zeros"
 
 
 def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():
