@@ -26,6 +26,7 @@ import runtime
 from compiler import corpus
 from runtime.artifact import ModelEntry
 from runtime.decoder import POSITIONS_INPUT, KvState, session_options
+from runtime.kernels.dense import GREEDY_STEPS, GREEDY_TOKENS
 from runtime.kernels.session import open_session
 
 
@@ -37,7 +38,11 @@ def profile(artifact: Path, entry: ModelEntry, text: list[int], context: int, ca
     session, _ = open_session(artifact / entry.path, onnx.load(artifact / entry.path, load_external_data=False), entry.head_dim, options, kernels)
     state = KvState(entry, 1, entry.max_sequence_length)
     binding = session.io_binding()
-    state.bind(binding, {value.name for value in session.get_inputs()})
+    inputs = {value.name for value in session.get_inputs()}
+    state.bind(binding, inputs)
+    if GREEDY_STEPS in inputs:  # a draft run as one node (moecc.DenseDecoder): each call proposes nothing further
+        binding.bind_cpu_input(GREEDY_STEPS, np.zeros((), dtype=np.int64))
+        binding.bind_output(GREEDY_TOKENS, "cpu")
 
     def call(tokens: list[int], cached: int) -> None:
         state.set_lengths([cached], [len(tokens)], len(tokens))
