@@ -60,6 +60,12 @@ def _cache_scales(kv_heads: int, dim: int) -> dict[str, np.ndarray]:
     return {name: rng.uniform(0.02, 0.08, (kv_heads, dim)).astype(np.float32) for name in ("k_scale", "v_scale")}
 
 
+def _quantized(caches: dict[str, np.ndarray], kv_heads: int, dim: int) -> dict[str, np.ndarray]:
+    """Float caches as int8 levels at _cache_scales' scales (the model's own)."""
+    scales = _cache_scales(kv_heads, dim)
+    return {name: np.clip(np.round(caches[name] / scales[scale_name][None, :, None, :]), -127, 127).astype(np.int8) for name, scale_name in (("past_key", "k_scale"), ("past_value", "v_scale"))}
+
+
 def _session(model: onnx.ModelProto, dim: int, fused: bool, march: str = "native") -> ort.InferenceSession:
     def swapped(model: onnx.ModelProto) -> int:
         assert why_not(model, dim) is None
@@ -112,9 +118,7 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scal
     }
     caches = {name: rng.standard_normal((2, kv_heads, CAPACITY, dim), dtype=np.float32) for name in ("past_key", "past_value")}
     if int8:
-        scales = _cache_scales(kv_heads, dim)
-        for name, scale_name in (("past_key", "k_scale"), ("past_value", "v_scale")):
-            caches[name] = np.clip(np.round(caches[name] / scales[scale_name][None, :, None, :]), -127, 127).astype(np.int8)
+        caches = _quantized(caches, kv_heads, dim)
     expected = _run(_session(model, dim, fused=False), feeds, caches, bound)
     actual = _run(_session(model, dim, fused=True, march=march), feeds, caches, bound)
     for row in range(2):
@@ -150,9 +154,7 @@ def test_a_call_after_a_long_cache_matches_group_query_attention(heads, kv_heads
     caches = {name: rng.standard_normal((2, kv_heads, capacity, dim), dtype=np.float32) for name in ("past_key", "past_value")}
     caches["past_key"] *= growth
     if int8:
-        scales = _cache_scales(kv_heads, dim)
-        for name, scale_name in (("past_key", "k_scale"), ("past_value", "v_scale")):
-            caches[name] = np.clip(np.round(caches[name] / scales[scale_name][None, :, None, :]), -127, 127).astype(np.int8)
+        caches = _quantized(caches, kv_heads, dim)
     expected = _run(_session(model, dim, fused=False), feeds, caches, True)
     actual = _run(_session(model, dim, fused=True, march=march), feeds, caches, True)
     for row in range(2):
