@@ -75,12 +75,18 @@ static void store(const AttentionCall *call, void *cache, const float *scale, in
   }
 }
 
+/* Query head h of a row's new token in the output: the first phase leaves the rotated queries there, the second
+   writes the head's attention over them. */
+static float *head_output(const AttentionCall *call, int64_t row, int64_t token, int64_t h) {
+  return call->output + ((row * call->new_width + token) * call->heads + h) * call->dim;
+}
+
 /* Work item `item` of the first phase: one row's new token, its keys and values rotated and cached, its
    queries rotated into the output (the second phase reads them from there). */
 static void append(void *data, size_t item) {
   const AttentionCall *call = data;
   int64_t row = (int64_t)item / call->new_width, token = (int64_t)item % call->new_width, dim = call->dim;
-  float *out = call->output + ((int64_t)item * call->heads) * dim;
+  float *out = head_output(call, row, token, 0);
   if (token >= call->query_seqlens[row]) {
     memset(out, 0, call->heads * dim * sizeof(float));
     return;
@@ -485,7 +491,7 @@ static void attend_columns(AttentionCall *call, int64_t row, int64_t head, int64
     memset(queries, 0, width * dim * sizeof(float));
     memset(sums, 0, rows * dim * sizeof(float));
     for (int64_t r = 0; r < rows; ++r) {
-      const float *q = call->output + ((row * call->new_width + start + r / group) * call->heads + head * group + r % group) * dim;
+      const float *q = head_output(call, row, start + r / group, head * group + r % group);
       for (int64_t d = 0; d < dim; ++d) queries[d * width + r] = q[d] * call->scale;
     }
     Running running;
@@ -503,7 +509,7 @@ static void attend_columns(AttentionCall *call, int64_t row, int64_t head, int64
       column_weigh(v, count, scores, width, rows, dim, sums);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      float *out = call->output + ((row * call->new_width + start + r / group) * call->heads + head * group + r % group) * dim;
+      float *out = head_output(call, row, start + r / group, head * group + r % group);
       float inverse = 1.f / running.total[r / 8][r % 8];
       for (int64_t d = 0; d < dim; ++d) out[d] = sums[r * dim + d] * inverse;
     }
@@ -514,7 +520,7 @@ static void attend_columns(AttentionCall *call, int64_t row, int64_t head, int64
    scale, and times the key scales of an int8 cache. */
 static void scaled_queries(const AttentionCall *call, int64_t row, int64_t head, int64_t token, float *q) {
   int64_t group = call->group, dim = call->dim;
-  const float *out = call->output + ((row * call->new_width + token) * call->heads + head * group) * dim;
+  const float *out = head_output(call, row, token, head * group);
   for (int64_t i = 0; i < group * dim; ++i) q[i] = out[i] * call->scale;
   if (call->quantized) {
     const float *key_scale = call->key_scale + head * dim;
@@ -576,7 +582,7 @@ static void attend(void *data, size_t item) {
       BY_GROUP(WEIGH_FLOAT, rows)
     }
     for (int64_t token = start; token < end; ++token)
-      memcpy(call->output + ((row * call->new_width + token) * call->heads + head * group) * dim, merged + (token - start) * group * dim,
+      memcpy(head_output(call, row, token, head * group), merged + (token - start) * group * dim,
              group * dim * sizeof(float));
   }
   free(weights);
@@ -644,7 +650,7 @@ static void merge_parts(AttentionCall *call) {
     for (int64_t head = 0; head < call->kv_heads; ++head) {
       size_t first = (size_t)((row * call->kv_heads + head) * call->parts);
       for (int64_t g = 0; g < group; ++g) {
-        float top = -1e30f, total = 0.f, *out = call->output + (row * call->heads + head * group + g) * dim;
+        float top = -1e30f, total = 0.f, *out = head_output(call, row, 0, head * group + g);
         for (int64_t part = 0; part < call->parts; ++part) {
           float part_top = part_results(call, first + part)[group * dim + g];
           top = part_top > top ? part_top : top;
