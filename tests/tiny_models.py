@@ -62,10 +62,12 @@ def make_pair(root: Path, tokenizer: Tokenizer | None = None) -> tuple[Path, Pat
     return main, draft
 
 
-def write_recipe(root: Path, name: str = "tiny", extra: str = "") -> Path:
+def write_recipe(root: Path, name: str = "tiny", extra: str = "", draft: str = "") -> Path:
+    """A recipe for the pair in root/main and root/draft; `extra` adds top-level settings, `draft` the draft's own
+    (indented under it)."""
     path = root / f"{name}.yaml"
     path.write_text(
-        f"name: {name}\nmain:\n  checkpoint: main\ndraft:\n  checkpoint: draft\nexport:\n  max_sequence_length: 256\n"
+        f"name: {name}\nmain:\n  checkpoint: main\ndraft:\n  checkpoint: draft\n{draft}export:\n  max_sequence_length: 256\n"
         f"calibrate:\n  max_tokens: 1024\nverify:\n  tokens: 512\n{extra}"
     )
     return path

@@ -11,14 +11,17 @@ the products. Its contract is the graph's (runtime/kernels/dense.py swaps it in 
            3 logit_positions [B, N, 1] int64: the positions whose logits the call returns
            4 greedy_steps [] int64: after the call, propose this many tokens greedily (batch 1 only)
            5 cos, 6 sin [positions, D/2]: rotary tables   7 embedding [V, H]   8 the final norm's weight [H]
-           9 the head's weights in panels [V / 32, H, 32]
-           10... per layer: past_key, past_value [B, KVH, capacity, D]; the input norm's weight [H]; q, k and v
+           9 the head's weights in panels [V / 32, H, 32]   10 with quantized, their scales, else empty
+           11... per layer: past_key, past_value [B, KVH, capacity, D]; the input norm's weight [H]; q, k and v
              packed in panels [(H_q + 2 KVH) D / 32, H, 32]; with qk_norm, the query and key norms' weights [D];
              the output projection in panels [H / 32, H_q D, 32]; the post-attention norm's weight [H]; gate and
-             up packed in panels [2F / 32, H, 32] (gate's F columns first); down in panels [H / 32, F, 32]
+             up packed in panels [2F / 32, H, 32] (gate's F columns first); down in panels [H / 32, F, 32];
+             with quantized, each panelled weight 8-bit and followed by its scales [N / 32, K / 32, 32], one per
+             block of 32 rows of a column (MatMulNBits's 8-bit blocks of 32: unsigned, zero point 128)
   outputs  0 logits [B, N, V]   1 greedy_tokens [B, max_chain] int64: the greedy proposals, then -1
            2... per layer: present_key, present_value (in place when bound to the past)
-  attrs    num_heads, kv_num_heads, qk_norm (0 or 1), epsilon (every RMS norm's), scale (0: 1/sqrt(D)), max_chain
+  attrs    num_heads, kv_num_heads, qk_norm (0 or 1), epsilon (every RMS norm's), scale (0: 1/sqrt(D)), max_chain,
+           quantized (0 or 1: 8-bit weights)
 
 The greedy proposals continue from the last logits the call returns: the argmax of each, the first index of
 the largest as numpy's, is the next token, and each but the last is run through the model in turn (its keys
@@ -35,17 +38,18 @@ ignored, as in the graph. */
 
 #include "ops.h"
 
-enum { INPUT_IDS, SEQLENS_K, QUERY_SEQLENS, LOGIT_POSITIONS, GREEDY_STEPS, COS, SIN, EMBEDDING, FINAL_NORM, HEAD, FIXED_INPUTS };
+enum { INPUT_IDS, SEQLENS_K, QUERY_SEQLENS, LOGIT_POSITIONS, GREEDY_STEPS, COS, SIN, EMBEDDING, FINAL_NORM, HEAD, HEAD_SCALES, FIXED_INPUTS };
 enum { LOGITS, GREEDY_TOKENS, PRESENTS };
 
 typedef struct {
-  int64_t num_heads, kv_num_heads, qk_norm, max_chain;
+  int64_t num_heads, kv_num_heads, qk_norm, max_chain, quantized;
   float epsilon, scale;
 } Kernel;
 
 /* One layer's inputs, by name, and its cache as the call writes it. */
 typedef struct {
   Tensor past_key, past_value, input_norm, qkv, query_norm, key_norm, out, post_norm, gate_up, down;
+  Tensor qkv_scales, out_scales, gate_up_scales, down_scales; /* 8-bit weights' (quantized) */
   float *cache_key, *cache_value;
 } Layer;
 
@@ -54,7 +58,9 @@ typedef struct {
   const Kernel *kernel;
   Layer *layers;
   size_t layer_count;
-  const float *embedding, *final_norm, *head, *cos, *sin;
+  const float *embedding, *final_norm, *cos, *sin;
+  const void *head;
+  const float *head_scales; /* NULL: a float head */
   int64_t rotary_positions, vocab, hidden, dim, heads, kv_heads, packed, ffn, capacity;
   /* The residual stream x, its norm h, an update, q/k/v or gate/up, the attention's output, the gated product,
      the normed rows whose logits are asked for. */
@@ -83,9 +89,13 @@ static int64_t argmax(const float *values, int64_t count) {
   return best;
 }
 
-/* Whether `tensor` holds weights in panels [columns / 32, inner, 32] for these columns and inner size. */
-static int panels(const Tensor *tensor, int64_t columns, int64_t inner) {
-  return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && columns % 32 == 0 && shaped(tensor, 3, columns / 32, inner, 32);
+/* Whether `tensor` holds weights in panels [columns / 32, inner, 32] for these columns and inner size: float, or
+   8-bit with `scales` [columns / 32, inner / 32, 32] where the kernel is quantized. */
+static int panels(const Kernel *kernel, const Tensor *tensor, const Tensor *scales, int64_t columns, int64_t inner) {
+  if (columns % 32 || !shaped(tensor, 3, columns / 32, inner, 32)) return 0;
+  if (!kernel->quantized) return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && inner % 32 == 0 && scales->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
+         shaped(scales, 3, columns / 32, inner / 32, 32);
 }
 
 static int vector_of(const Tensor *tensor, int64_t size) { return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && shaped(tensor, 1, size, -1, -1); }
@@ -93,10 +103,14 @@ static int vector_of(const Tensor *tensor, int64_t size) { return tensor->type =
 static OrtStatus *read_layers(OrtKernelContext *context, const Kernel *kernel, Layer *layers, size_t count) {
   for (size_t l = 0, index = FIXED_INPUTS; l < count; ++l) {
     Layer *layer = &layers[l];
-    Tensor *order[] = {&layer->past_key, &layer->past_value, &layer->input_norm, &layer->qkv, &layer->query_norm,
-                       &layer->key_norm, &layer->out, &layer->post_norm, &layer->gate_up, &layer->down};
+    Tensor *order[] = {&layer->past_key, &layer->past_value, &layer->input_norm, &layer->qkv, &layer->qkv_scales, &layer->query_norm,
+                       &layer->key_norm, &layer->out, &layer->out_scales, &layer->post_norm, &layer->gate_up, &layer->gate_up_scales,
+                       &layer->down, &layer->down_scales};
     for (size_t i = 0; i < sizeof order / sizeof *order; ++i) {
       if (!kernel->qk_norm && (order[i] == &layer->query_norm || order[i] == &layer->key_norm)) continue;
+      if (!kernel->quantized && (order[i] == &layer->qkv_scales || order[i] == &layer->out_scales || order[i] == &layer->gate_up_scales ||
+                                 order[i] == &layer->down_scales))
+        continue;
       CHECK(input(context, index++, order[i]));
     }
   }
@@ -110,9 +124,10 @@ static int layers_fit(const Model *model, int64_t batch) {
     if (!(shaped(&layer->past_key, 4, batch, model->kv_heads, model->capacity) && layer->past_key.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
           layer->past_value.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && layer->past_key.shape[3] == model->dim &&
           !memcmp(layer->past_value.shape, layer->past_key.shape, sizeof(int64_t) * 4) && vector_of(&layer->input_norm, model->hidden) &&
-          panels(&layer->qkv, model->packed, model->hidden) && panels(&layer->out, model->hidden, model->heads * model->dim) &&
-          vector_of(&layer->post_norm, model->hidden) && panels(&layer->gate_up, 2 * model->ffn, model->hidden) &&
-          panels(&layer->down, model->hidden, model->ffn) &&
+          panels(model->kernel, &layer->qkv, &layer->qkv_scales, model->packed, model->hidden) &&
+          panels(model->kernel, &layer->out, &layer->out_scales, model->hidden, model->heads * model->dim) &&
+          vector_of(&layer->post_norm, model->hidden) && panels(model->kernel, &layer->gate_up, &layer->gate_up_scales, 2 * model->ffn, model->hidden) &&
+          panels(model->kernel, &layer->down, &layer->down_scales, model->hidden, model->ffn) &&
           (!model->kernel->qk_norm || (vector_of(&layer->query_norm, model->dim) && vector_of(&layer->key_norm, model->dim)))))
       return 0;
   }
@@ -139,24 +154,24 @@ static OrtStatus *forward(OrtKernelContext *context, const Model *model, const i
     call.key_norm = layer->key_norm.value ? layer->key_norm.data : NULL;
     call.cache_key = layer->cache_key, call.cache_value = layer->cache_value;
     rms_norm(x, layer->input_norm.data, tokens, hidden, kernel->epsilon, h);
-    CHECK(matmul_run(context, h, tokens, hidden, layer->qkv.data, model->packed, wide));
+    CHECK(matmul_run(context, h, tokens, hidden, layer->qkv.data, layer->qkv_scales.data, model->packed, wide));
     CHECK(attention_run(context, &call));
-    CHECK(matmul_run(context, model->attended, tokens, heads * dim, layer->out.data, hidden, model->update));
+    CHECK(matmul_run(context, model->attended, tokens, heads * dim, layer->out.data, layer->out_scales.data, hidden, model->update));
     add(x, model->update, tokens * hidden);
     rms_norm(x, layer->post_norm.data, tokens, hidden, kernel->epsilon, h);
-    CHECK(matmul_run(context, h, tokens, hidden, layer->gate_up.data, 2 * model->ffn, wide));
+    CHECK(matmul_run(context, h, tokens, hidden, layer->gate_up.data, layer->gate_up_scales.data, 2 * model->ffn, wide));
     for (int64_t t = 0; t < tokens; ++t) {
       const float *gate = wide + t * 2 * model->ffn, *up = gate + model->ffn;
       float *out = model->gated + t * model->ffn;
       for (int64_t i = 0; i < model->ffn; ++i) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
     }
-    CHECK(matmul_run(context, model->gated, tokens, model->ffn, layer->down.data, hidden, model->update));
+    CHECK(matmul_run(context, model->gated, tokens, model->ffn, layer->down.data, layer->down_scales.data, hidden, model->update));
     add(x, model->update, tokens * hidden);
   }
   for (int64_t row = 0; row < batch; ++row)
     for (int64_t n = 0; n < kept; ++n)
       rms_norm(x + (row * width + positions[row * kept + n]) * hidden, model->final_norm, 1, hidden, kernel->epsilon, model->last + (row * kept + n) * hidden);
-  return matmul_run(context, model->last, batch * kept, hidden, model->head, model->vocab, logits);
+  return matmul_run(context, model->last, batch * kept, hidden, model->head, model->head_scales, model->vocab, logits);
 }
 
 /* `steps` greedy proposals of the call's only row into `chain`, continuing from `logits` (its last), after the
@@ -175,7 +190,7 @@ static OrtStatus *chain_greedily(OrtKernelContext *context, const Model *model, 
 
 static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
-  size_t given, per_layer = kernel->qk_norm ? 10 : 8;
+  size_t given, per_layer = (kernel->qk_norm ? 10 : 8) + (kernel->quantized ? 4 : 0);
   CHECK(ort->KernelContext_GetInputCount(context, &given));
   if (given <= FIXED_INPUTS || (given - FIXED_INPUTS) % per_layer) return fail("moecc.DenseDecoder: the inputs are not whole layers");
   Tensor in[FIXED_INPUTS];
@@ -192,10 +207,11 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   model.heads = kernel->num_heads, model.kv_heads = kernel->kv_num_heads, model.packed = (model.heads + 2 * model.kv_heads) * model.dim;
   model.ffn = model.layers[0].down.shape[1], model.capacity = model.layers[0].past_key.shape[2], model.rotary_positions = in[COS].shape[0];
   model.embedding = in[EMBEDDING].data, model.final_norm = in[FINAL_NORM].data, model.head = in[HEAD].data;
+  model.head_scales = kernel->quantized ? in[HEAD_SCALES].data : NULL;
   model.cos = in[COS].data, model.sin = in[SIN].data;
   if (in[INPUT_IDS].rank != 2 || !shaped(&in[LOGIT_POSITIONS], 3, batch, -1, 1) || !shaped(&in[SEQLENS_K], 1, batch, -1, -1) ||
       !shaped(&in[QUERY_SEQLENS], 1, batch, -1, -1) || elements(&in[GREEDY_STEPS]) != 1 || in[EMBEDDING].rank != 2 ||
-      !vector_of(&in[FINAL_NORM], model.hidden) || !panels(&in[HEAD], model.vocab, model.hidden) || !shaped(&in[COS], 2, -1, model.dim / 2, -1) ||
+      !vector_of(&in[FINAL_NORM], model.hidden) || !panels(kernel, &in[HEAD], &in[HEAD_SCALES], model.vocab, model.hidden) || !shaped(&in[COS], 2, -1, model.dim / 2, -1) ||
       !shaped(&in[SIN], 2, model.rotary_positions, model.dim / 2, -1)) {
     status = fail("moecc.DenseDecoder: the ids, lengths, logit positions, greedy steps, rotary tables, embedding, final norm or head do not fit each other");
     goto done;
@@ -258,6 +274,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   OrtStatus *status = read_heads(info, "moecc.DenseDecoder", &kernel->num_heads, &kernel->kv_num_heads);
   kernel->qk_norm = int_attribute(info, "qk_norm", 0);
   kernel->max_chain = int_attribute(info, "max_chain", 0);
+  kernel->quantized = int_attribute(info, "quantized", 0);
   kernel->epsilon = float_attribute(info, "epsilon", 1e-6f, NULL);
   kernel->scale = float_attribute(info, "scale", 0.f, NULL);
   if (!status && kernel->max_chain < 0) status = fail("moecc.DenseDecoder: max_chain must not be negative");
@@ -277,6 +294,8 @@ static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, 
   (void)op;
   if (index == INPUT_IDS || index == LOGIT_POSITIONS || index == GREEDY_STEPS) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   if (index == SEQLENS_K || index == QUERY_SEQLENS) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+  /* the head and the layers' weights: float, or 8-bit (quantized), checked by the kernel */
+  if (index == HEAD || index == FIXED_INPUTS) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
@@ -285,7 +304,7 @@ static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op,
   return index == GREEDY_TOKENS ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
-/* The last input (the layers') and output (their caches) repeat: one or more float tensors. */
+/* The last input (the layers': float, or float and 8-bit) and output (their caches, float) repeat: one or more tensors. */
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp *op, size_t index) {
   (void)op;
   return index == FIXED_INPUTS ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
@@ -297,13 +316,14 @@ static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(c
 }
 
 static int ORT_API_CALL one_or_more(const OrtCustomOp *op) { (void)op; return 1; }
+static int ORT_API_CALL mixed(const OrtCustomOp *op) { (void)op; return 0; }
 
 /* Written once, at load: sessions registering the library concurrently only read it. */
 static const OrtCustomOp dense_op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider,
                                      .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
                                      .GetOutputTypeCount = output_count, .KernelDestroy = free_state, .GetInputCharacteristic = input_characteristic,
                                      .GetOutputCharacteristic = output_characteristic, .GetInputMemoryType = cpu_memory,
-                                     .GetVariadicInputMinArity = one_or_more, .GetVariadicInputHomogeneity = one_or_more,
+                                     .GetVariadicInputMinArity = one_or_more, .GetVariadicInputHomogeneity = mixed,
                                      .GetVariadicOutputMinArity = one_or_more, .GetVariadicOutputHomogeneity = one_or_more,
                                      .CreateKernelV2 = create, .KernelComputeV2 = compute};
 

@@ -1,5 +1,6 @@
 """moecc.DenseDecoder (dense.c) in place of a whole dense decoder's graph, as moecc's export writes it for a
-Qwen3 or Llama draft: float32 weights and cache, no biases (session.py decides when to swap).
+Qwen3 or Llama draft: float32 weights, or 8-bit ones as the quantize stage writes them (MatMulNBits, blocks of
+32), a float32 cache, no biases (session.py decides when to swap).
 
 Why a whole graph in one node: a draft's call is small (small-coder's 2-layer draft reads 2 MiB of weights),
 and the decoding loop makes it right after the main model's verify has filled the caches with other data.
@@ -15,15 +16,22 @@ nothing else, walked back from the logits:
                -> MatMul(gate_up) -> Split -> Mul(gate, Sigmoid(gate)) -> Mul(., up) -> MatMul(down)
                -> SkipSimplifiedLayerNormalization (the next layer's input norm, or the final norm)
     GatherND(h, logit_positions) -> MatMul(head) -> logits
+
+with every MatMul by a float32 constant, or every one a MatMulNBits by 8-bit blocks of 32 without zero points
+(the draft of a recipe that quantizes its weights to int8: a quarter of the bytes to fetch again after each
+verify). Those run in full precision, each weight dequantized and times float activations (MatMulNBits's
+accuracy_level 0), where the artifact's level 4 lets ONNX Runtime round the activations to 8 bits too.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from runtime.kernels import DOMAIN, attention, attribute_value
 from runtime.kernels.matmul import PANEL, panelled
@@ -33,11 +41,27 @@ _SKIP_NORM = "SkipSimplifiedLayerNormalization"
 # call, and the proposals, up to MAX_CHAIN (the longest draft a recipe may ask for) per call.
 GREEDY_STEPS, GREEDY_TOKENS, MAX_CHAIN = "greedy_steps", "greedy_tokens", 32
 # The op types of the exported graph (before moecc.Attention stands in for its attention and query/key norms).
-_OP_TYPES = {"Gather", "SimplifiedLayerNormalization", _SKIP_NORM, "MatMul", "GroupQueryAttention", "Reshape", "Split", "Sigmoid", "Mul", "GatherND"}
+_OP_TYPES = {"Gather", "SimplifiedLayerNormalization", _SKIP_NORM, "MatMul", "MatMulNBits", "GroupQueryAttention", "Reshape", "Split", "Sigmoid", "Mul", "GatherND"}
+QUANT_BLOCK = 32  # matmul.c's rows of a column per scale of 8-bit weights
 
 
 class _NoMatch(Exception):
     """The graph is not the dense decoder the kernel runs; the message says where it differs."""
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """A product's constant weights [inner, columns]: float32, or 8-bit blocks of 32 rows of a column [columns,
+    inner / 32, 32] with a scale each (MatMulNBits's B and scales)."""
+
+    name: str
+    inner: int
+    columns: int
+    scales: str | None = None
+
+    def fit(self, inner: int | None, columns: int | None) -> None:
+        if any(want not in (None, got) for want, got in ((inner, self.inner), (columns, self.columns))):
+            raise _NoMatch(f"{self.name} holds [{self.inner}, {self.columns}] weights, not [{inner}, {columns}]")
 
 
 @dataclass
@@ -45,19 +69,19 @@ class _Layer:
     past: list[str]  # past key, past value
     present: list[str]  # present key, present value
     input_norm: str
-    qkv: str
+    qkv: _Weights
     qk_norms: list[str]  # query and key norm weights, or none
-    out: str
+    out: _Weights
     post_norm: str
-    gate_up: str
-    down: str
+    gate_up: _Weights
+    down: _Weights
 
 
 @dataclass
 class _Decoder:
     embedding: str
     final_norm: str
-    head: str
+    head: _Weights
     cos: str
     sin: str
     attributes: dict
@@ -84,6 +108,24 @@ class _Walk:
         self.seen.add(id(node))
         return node
 
+    def product(self, value: str) -> tuple[onnx.NodeProto, _Weights]:
+        """The MatMul by float32 constant weights, or the MatMulNBits by 8-bit blocks of 32 of them, that makes `value`."""
+        node = self.producer.get(value)
+        if node is None or node.op_type != "MatMulNBits":
+            node = self.node(value, "MatMul")
+            inner, columns = self.weights(node.input[1], [None, None])
+            return node, _Weights(node.input[1], inner, columns)
+        node = self.node(value, "MatMulNBits", "com.microsoft")
+        bits, block, inner, columns = (attribute_value(node, name) for name in ("bits", "block_size", "K", "N"))
+        blocks, scales = (self.constants.get(name) for name in node.input[1:3])
+        if bits != 8 or block != QUANT_BLOCK or any(node.input[3:]) or blocks is None or scales is None or inner % QUANT_BLOCK:
+            raise _NoMatch(f"{node.name}: not 8-bit blocks of {QUANT_BLOCK} of constant weights without zero points, a group index or a bias")
+        if blocks.data_type != onnx.TensorProto.UINT8 or list(blocks.dims) != [columns, inner // QUANT_BLOCK, QUANT_BLOCK]:
+            raise _NoMatch(f"{node.name}: its blocks are not uint8 [{columns}, {inner // QUANT_BLOCK}, {QUANT_BLOCK}]")
+        if scales.data_type != onnx.TensorProto.FLOAT or math.prod(scales.dims) != columns * inner // QUANT_BLOCK:
+            raise _NoMatch(f"{node.name}: not one float32 scale per block")
+        return node, _Weights(node.input[1], inner, columns, node.input[2])
+
     def weights(self, name: str, shape: list[int | None]) -> list[int]:
         """The dims of the float32 constant `name`, which must match `shape` (None: any size)."""
         tensor = self.constants.get(name)
@@ -103,18 +145,18 @@ class _Walk:
 def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> tuple[_Layer, onnx.NodeProto, dict]:
     """The layer that `closing` (the norm after its MLP) ends, the norm node in front of it, and the sizes and
     inputs every layer must share."""
-    down = walk.node(closing.input[0], "MatMul")
+    down, down_weights = walk.product(closing.input[0])
     product = walk.node(down.input[0], "Mul")
     silu = walk.node(product.input[0], "Mul")
     sigmoid = walk.node(silu.input[1], "Sigmoid")
     split = walk.node(silu.input[0], "Split")
     if sigmoid.input[0] != silu.input[0] or list(split.output) != [silu.input[0], product.input[1]] or attribute_value(split, "axis", 0) not in (-1, 2):
         raise _NoMatch(f"{split.name}: not a SiLU-gated MLP")
-    gate_up = walk.node(split.input[0], "MatMul")
+    gate_up, gate_up_weights = walk.product(split.input[0])
     post = walk.node(gate_up.input[0], _SKIP_NORM, "com.microsoft")
     if len(post.output) < 4 or closing.input[1] != post.output[3]:
         raise _NoMatch(f"{closing.name}: its residual is not the attention block's")
-    out = walk.node(post.input[0], "MatMul")
+    out, out_weights = walk.product(post.input[0])
     attend = walk.node(out.input[0], "Attention", DOMAIN)
     names = dict(zip(attention._OURS, attend.input))
     if any(names.get(name) for name in ("key", "value", "k_scale", "v_scale")) or attend.output[0] != out.input[0]:
@@ -124,13 +166,14 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
         raise _NoMatch(f"{attend.name}: a query norm without a key norm")
     if all(norms):
         walk.epsilons.add(attribute_value(attend, "epsilon", 1e-6))
-    qkv = walk.node(attend.input[0], "MatMul")
+    qkv, qkv_weights = walk.product(attend.input[0])
     attributes = {name: attribute_value(attend, name) for name in ("num_heads", "kv_num_heads", "scale") if attribute_value(attend, name) is not None}
     heads, kv_heads = attributes["num_heads"], attributes["kv_num_heads"]
-    walk.weights(qkv.input[1], [hidden, (heads + 2 * kv_heads) * head_dim])
-    walk.weights(out.input[1], [heads * head_dim, hidden])
-    _, gate_and_up = walk.weights(gate_up.input[1], [hidden, None])
-    walk.weights(down.input[1], [gate_and_up // 2, hidden])
+    qkv_weights.fit(hidden, (heads + 2 * kv_heads) * head_dim)
+    out_weights.fit(heads * head_dim, hidden)
+    gate_up_weights.fit(hidden, None)
+    gate_and_up = gate_up_weights.columns
+    down_weights.fit(gate_and_up // 2, hidden)
     if gate_and_up % 2:
         raise _NoMatch(f"{gate_up.name}: gate and up of unequal widths")
     attributes["ffn"] = gate_and_up // 2
@@ -143,8 +186,8 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     if post.input[1] != residual:
         raise _NoMatch(f"{post.name}: its residual is not the layer's input")
     layer = _Layer(
-        past=[names["past_key"], names["past_value"]], present=list(attend.output[1:3]), input_norm="", qkv=qkv.input[1],
-        qk_norms=norms if all(norms) else [], out=out.input[1], post_norm=walk.norm(post, 3, hidden), gate_up=gate_up.input[1], down=down.input[1],
+        past=[names["past_key"], names["past_value"]], present=list(attend.output[1:3]), input_norm="", qkv=qkv_weights,
+        qk_norms=norms if all(norms) else [], out=out_weights, post_norm=walk.norm(post, 3, hidden), gate_up=gate_up_weights, down=down_weights,
     )  # fmt: skip
     return layer, before, attributes | {"rotary": (names["cos_cache"], names["sin_cache"]), "lengths": (names["seqlens_k"], names["query_seqlens"])}
 
@@ -155,8 +198,8 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
     outputs = [value.name for value in model.graph.output]
     if not outputs or outputs[0] != "logits":
         raise _NoMatch("the first output is not the logits")
-    head = walk.node("logits", "MatMul")
-    hidden, vocab = walk.weights(head.input[1], [None, None])
+    head, head_weights = walk.product("logits")
+    hidden, vocab = head_weights.inner, head_weights.columns
     gather = walk.node(head.input[0], "GatherND")
     if gather.input[1] != "logit_positions" or attribute_value(gather, "batch_dims", 0) != 1:
         raise _NoMatch(f"{gather.name}: not the logits' positions")
@@ -193,7 +236,12 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
         raise _NoMatch("the attention does not read the graph's lengths")
     attributes = {name: found[name] for name in ("num_heads", "kv_num_heads", "scale", "qk_norm") if name in found}
     attributes["epsilon"] = walk.epsilons.pop()
-    return _Decoder(embedding=embed.input[0], final_norm=final_norm, head=head.input[1], cos=cos, sin=sin, attributes=attributes, layers=layers)
+    products = [head_weights, *(weights for layer in layers for weights in (layer.qkv, layer.out, layer.gate_up, layer.down))]
+    quantized = {weights.scales is not None for weights in products}
+    if len(quantized) != 1:
+        raise _NoMatch("some products' weights are 8-bit and some float")
+    attributes["quantized"] = int(quantized.pop())
+    return _Decoder(embedding=embed.input[0], final_norm=final_norm, head=head_weights, cos=cos, sin=sin, attributes=attributes, layers=layers)
 
 
 def _attention_in_place(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProto:
@@ -214,16 +262,40 @@ def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
     return None
 
 
+def _relaid(model: onnx.ModelProto, nodes: list[onnx.NodeProto], name: str, shape: list[int], perm: list[int]) -> str:
+    """The constant `name` reshaped to `shape`, then transposed by `perm`: a Reshape and a Transpose appended to
+    `nodes`, which ONNX Runtime folds into a new constant when the session loads."""
+    model.graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), f"{name}.relaid_shape"))
+    nodes.append(helper.make_node("Reshape", [name, f"{name}.relaid_shape"], [f"{name}.reshaped"], name=f"{name}.reshape"))
+    nodes.append(helper.make_node("Transpose", [f"{name}.reshaped"], [f"{name}.relaid"], name=f"{name}.relay", perm=perm))
+    return f"{name}.relaid"
+
+
+def _panels(model: onnx.ModelProto, nodes: list[onnx.NodeProto], weights: _Weights) -> list[str]:
+    """The kernel's inputs for a product's weights: float panels [N / 32, K, 32]; or 8-bit ones and their scales
+    [N / 32, K / 32, 32], relaid from MatMulNBits's blocks [N, K / 32, 32] and scales [N * K / 32]."""
+    if weights.scales is None:
+        return [panelled(model, nodes, weights.name)]
+    panels, blocks = weights.columns // PANEL, weights.inner // QUANT_BLOCK
+    return [
+        _relaid(model, nodes, weights.name, [panels, PANEL, weights.inner], [0, 2, 1]),
+        _relaid(model, nodes, weights.scales, [panels, PANEL, blocks], [0, 2, 1]),
+    ]
+
+
 def swap(model: onnx.ModelProto, head_dim: int) -> None:
     """Replace `model`'s graph (which why_not() accepted) with one moecc.DenseDecoder, its weights in panels; the
     graph gains the input GREEDY_STEPS and the output GREEDY_TOKENS (see dense.c)."""
     decoder = _match(_attention_in_place(model, head_dim), head_dim)
     nodes: list[onnx.NodeProto] = []
     inputs = ["input_ids", "seqlens_k", "query_seqlens", "logit_positions", GREEDY_STEPS, decoder.cos, decoder.sin, decoder.embedding, decoder.final_norm]
-    inputs.append(panelled(model, nodes, decoder.head))
+    inputs += _panels(model, nodes, decoder.head)
+    if not decoder.attributes["quantized"]:  # the head's scales: none
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), "dense_decoder.no_scales"))
+        inputs.append("dense_decoder.no_scales")
     for layer in decoder.layers:
-        inputs += [*layer.past, layer.input_norm, panelled(model, nodes, layer.qkv), *layer.qk_norms, panelled(model, nodes, layer.out)]
-        inputs += [layer.post_norm, panelled(model, nodes, layer.gate_up), panelled(model, nodes, layer.down)]
+        inputs += [*layer.past, layer.input_norm, *_panels(model, nodes, layer.qkv), *layer.qk_norms, *_panels(model, nodes, layer.out)]
+        inputs += [layer.post_norm, *_panels(model, nodes, layer.gate_up), *_panels(model, nodes, layer.down)]
     outputs = ["logits", GREEDY_TOKENS, *(name for layer in decoder.layers for name in layer.present)]
     nodes.append(helper.make_node("DenseDecoder", inputs, outputs, name="dense_decoder", domain=DOMAIN, max_chain=MAX_CHAIN, **decoder.attributes))
     model.graph.input.append(helper.make_tensor_value_info(GREEDY_STEPS, onnx.TensorProto.INT64, []))

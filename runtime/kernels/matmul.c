@@ -14,6 +14,7 @@ session loads, feeding the weights through a Reshape and a Transpose that ONNX R
   inputs   0 x [..., K] float (rank 1 to 4)   1 weights [N / 32, K, 32]: panel p holds columns 32p .. 32p + 31
   outputs  0 [..., N] */
 
+#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,8 +60,10 @@ typedef float vector __attribute__((vector_size(LANES * sizeof(float))));
 
 typedef struct {
   int64_t rows, inner, columns; /* M, K, N */
-  const float *x, *weights;
-  float *packed; /* x by blocks of ROWS rows, each K columns of ROWS values; NULL for one row */
+  const float *x;
+  const void *weights; /* float, or 8-bit where there are scales */
+  const float *scales; /* 8-bit weights' scales: one per QUANT_BLOCK rows of a column, [N / 32, K / QUANT_BLOCK, 32] */
+  float *packed;       /* x by blocks of ROWS rows, each K columns of ROWS values; NULL for one row */
   float *out;
 } Call;
 
@@ -122,6 +125,75 @@ static void pass_of(const float *x, int64_t stride, int64_t k0, int64_t k1, cons
   }
 }
 
+/* 8-bit weights, as MatMulNBits keeps them (unsigned, zero point 128, a float scale per block of 32 rows of a
+   column): a draft's, whose calls come right after a verify has taken the cache, with a quarter of the bytes to
+   fetch again. A pass goes over the whole panel for up to QUANT_ROWS rows of x: with AVX2, 8 sums, the row's 4
+   vectors and its block's 4 scales fill the 16 registers. */
+enum { QUANT_BLOCK = 32, QUANT_ROWS = 2 };
+/* LANES 8-bit weights as floats. GCC's generic conversion of 8-bit lanes went one lane at a time (8 times
+   slower); the intrinsics widen in one instruction (builds without them: one lane at a time, for correctness). */
+static inline vector widened(const uint8_t *values) {
+#if defined(__AVX512F__)
+  return (vector)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)values)));
+#elif defined(__AVX2__)
+  return (vector)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)values)));
+#else
+  vector lanes;
+  for (int i = 0; i < LANES; ++i) lanes[i] = (float)values[i];
+  return lanes;
+#endif
+}
+
+/* pass() over a whole 8-bit panel: each row of it less the zero point, times its block's scales, then as pass()
+   (count <= QUANT_ROWS, a constant where it is called). */
+static inline __attribute__((always_inline)) void quantized_pass(const float *x, int64_t stride, int64_t inner, const uint8_t *weights,
+                                                                 const float *scales, vector *sums, int count) {
+  vector own[QUANT_ROWS][VECTORS];
+#pragma GCC unroll 2
+  for (int r = 0; r < count; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < VECTORS; ++v) own[r][v] = sums[r * VECTORS + v];
+  for (int64_t block = 0; block < inner; block += QUANT_BLOCK) {
+    vector scale[VECTORS], offset[VECTORS]; /* (u - 128) s as one multiply-add: u s + (-128 s) */
+#pragma GCC unroll 8
+    for (int v = 0; v < VECTORS; ++v) {
+      memcpy(&scale[v], scales + block / QUANT_BLOCK * PANEL + v * LANES, sizeof scale[v]);
+      offset[v] = scale[v] * -128.f;
+    }
+    for (int64_t k = block; k < block + QUANT_BLOCK; ++k) {
+      __builtin_prefetch(weights + (k + AHEAD) * PANEL);
+      vector row[VECTORS];
+#pragma GCC unroll 8
+      for (int v = 0; v < VECTORS; ++v) row[v] = widened(weights + k * PANEL + v * LANES) * scale[v] + offset[v];
+#pragma GCC unroll 2
+      for (int r = 0; r < count; ++r) {
+        float value = x[k * stride + r];
+#pragma GCC unroll 8
+        for (int v = 0; v < VECTORS; ++v) own[r][v] += value * row[v];
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < count; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < VECTORS; ++v) sums[r * VECTORS + v] = own[r][v];
+}
+
+/* Rows first .. last - 1 of x against 8-bit panel `panel_index`, QUANT_ROWS at a time. */
+static void multiply_quantized(const Call *call, int64_t panel_index, int64_t first, int64_t last, vector *sums) {
+  const uint8_t *weights = (const uint8_t *)call->weights + panel_index * call->inner * PANEL;
+  const float *scales = call->scales + panel_index * (call->inner / QUANT_BLOCK) * PANEL;
+  for (int64_t row = first; row < last; row += QUANT_ROWS) {
+    /* a packed block holds ROWS rows (a multiple of QUANT_ROWS), column by column */
+    const float *x = call->packed ? call->packed + (row - row % ROWS) * call->inner + row % ROWS : call->x;
+    int64_t stride = call->packed ? ROWS : 1;
+    if (last - row >= 2)
+      quantized_pass(x, stride, call->inner, weights, scales, sums + (row - first) * VECTORS, 2);
+    else
+      quantized_pass(x, stride, call->inner, weights, scales, sums + (row - first) * VECTORS, 1);
+  }
+}
+
 /* Work item of the first phase: rows ROWS * item .. of x into their block of `packed`, column by column, so that
    a pass reads its rows' values for a k from one cache line. Read in place, the rows K floats apart (6 KiB at
    K = 1536) fell into few of the first cache's sets, and a 400-row call took 9 times ONNX Runtime's. */
@@ -133,14 +205,9 @@ static void pack(void *data, size_t item) {
     for (int64_t k = 0; k < call->inner; ++k) block[k * ROWS + r] = call->x[(first + r) * call->inner + k];
 }
 
-/* Work item of the second phase: one panel against up to CHUNK rows. */
-static void multiply(void *data, size_t item) {
-  const Call *call = data;
-  int64_t panels = call->columns / PANEL, panel_index = (int64_t)item % panels, first = (int64_t)item / panels * CHUNK;
-  int64_t last = first + CHUNK < call->rows ? first + CHUNK : call->rows;
-  const float *weights = call->weights + panel_index * call->inner * PANEL;
-  vector sums[CHUNK * VECTORS];
-  memset(sums, 0, (size_t)(last - first) * sizeof(vector) * VECTORS);
+/* Rows first .. last - 1 of x against float panel `panel_index`, in passes of up to ROWS rows. */
+static void multiply_float(const Call *call, int64_t panel_index, int64_t first, int64_t last, vector *sums) {
+  const float *weights = (const float *)call->weights + panel_index * call->inner * PANEL;
   int64_t one_pass = last - first <= WIDE_ROWS, block = BLOCK && !one_pass ? BLOCK : call->inner;
   for (int64_t k0 = 0; k0 < call->inner; k0 += block) {
     int64_t k1 = k0 + block < call->inner ? k0 + block : call->inner;
@@ -150,6 +217,16 @@ static void multiply(void *data, size_t item) {
       pass_of(x, call->packed ? ROWS : 1, k0, k1, weights, sums + (row - first) * VECTORS, count);
     }
   }
+}
+
+/* Work item of the second phase: one panel against up to CHUNK rows. */
+static void multiply(void *data, size_t item) {
+  const Call *call = data;
+  int64_t panels = call->columns / PANEL, panel_index = (int64_t)item % panels, first = (int64_t)item / panels * CHUNK;
+  int64_t last = first + CHUNK < call->rows ? first + CHUNK : call->rows;
+  vector sums[CHUNK * VECTORS];
+  memset(sums, 0, (size_t)(last - first) * sizeof(vector) * VECTORS);
+  (call->scales ? multiply_quantized : multiply_float)(call, panel_index, first, last, sums);
   for (int64_t r = 0; r < last - first; ++r) memcpy(call->out + (first + r) * call->columns + panel_index * PANEL, sums + r * VECTORS, sizeof(vector) * VECTORS);
 }
 
@@ -166,11 +243,13 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   shape[in[INPUT].rank - 1] = columns;
   CHECK(output(context, 0, shape, in[INPUT].rank, &out));
   int64_t rows = inner ? elements(&in[INPUT]) / inner : 0;
-  return matmul_run(context, in[INPUT].data, rows, inner, in[WEIGHTS].data, columns, out.data);
+  return matmul_run(context, in[INPUT].data, rows, inner, in[WEIGHTS].data, NULL, columns, out.data);
 }
 
-OrtStatus *matmul_run(OrtKernelContext *context, const float *x, int64_t rows, int64_t inner, const float *panels, int64_t columns, float *out) {
-  Call call = {.rows = rows, .inner = inner, .columns = columns, .x = x, .weights = panels, .out = out};
+OrtStatus *matmul_run(OrtKernelContext *context, const float *x, int64_t rows, int64_t inner, const void *panels, const float *scales, int64_t columns,
+                      float *out) {
+  if (scales && inner % QUANT_BLOCK) return fail("moecc kernels: 8-bit weights need a multiple of 32 rows");
+  Call call = {.rows = rows, .inner = inner, .columns = columns, .x = x, .weights = panels, .scales = scales, .out = out};
   if (call.rows == 0 || call.columns == 0) return NULL;
   if (call.inner == 0) {
     memset(call.out, 0, (size_t)(call.rows * call.columns) * sizeof(float));

@@ -73,8 +73,11 @@ OrtStatus *check_call(const AttentionCall *call, int64_t positions);
 OrtStatus *read_heads(const OrtKernelInfo *info, const char *op, int64_t *num_heads, int64_t *kv_num_heads);
 /* Cache the call's new keys and values and attend: the call's queries rotated, then attended, into its output. */
 OrtStatus *attention_run(OrtKernelContext *context, AttentionCall *call);
-/* out [rows, columns] = x [rows, inner] times weights in panels [columns / 32, inner, 32] (matmul.c). */
-OrtStatus *matmul_run(OrtKernelContext *context, const float *x, int64_t rows, int64_t inner, const float *panels, int64_t columns, float *out);
+/* out [rows, columns] = x [rows, inner] times weights in panels [columns / 32, inner, 32] (matmul.c): float, or
+   with `scales`, 8-bit (unsigned, zero point 128), each value times the scale of its column's block of 32 rows
+   ([columns / 32, inner / 32, 32]). */
+OrtStatus *matmul_run(OrtKernelContext *context, const float *x, int64_t rows, int64_t inner, const void *panels, const float *scales, int64_t columns,
+                      float *out);
 
 OrtStatus *add_attention_ops(OrtCustomOpDomain *domain);
 OrtStatus *add_moe_ops(OrtCustomOpDomain *domain);

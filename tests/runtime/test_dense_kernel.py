@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 import runtime
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
-from runtime.decoder import BatchKvCache, session_options
+from runtime.decoder import BatchKvCache, Decoder, session_options
 from runtime.kernels import dense, session
 from tiny_models import VOCAB, save_model, write_recipe
 
@@ -21,12 +21,24 @@ SIZES = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attentio
 
 
 @pytest.fixture(scope="module")
-def dense_pair(tmp_path_factory, tokenizer):
+def dense_checkpoints(tmp_path_factory, tokenizer):
     """A Llama main model (no query or key norms, untied head) and a Qwen3 draft (norms, tied head, one KV head)."""
     root = tmp_path_factory.mktemp("dense-pair")
     save_model(LlamaForCausalLM(LlamaConfig(**SIZES, num_key_value_heads=2, intermediate_size=96)), tokenizer, root / "main", seed=5)
     save_model(Qwen3ForCausalLM(Qwen3Config(**SIZES, num_key_value_heads=1, head_dim=16, intermediate_size=64, tie_word_embeddings=True)), tokenizer, root / "draft", seed=6)
-    return build(load_recipe(write_recipe(root, name="dense-pair")), root / "out").artifact
+    return root
+
+
+@pytest.fixture(scope="module")
+def dense_pair(dense_checkpoints):
+    return build(load_recipe(write_recipe(dense_checkpoints, name="dense-pair")), dense_checkpoints / "out").artifact
+
+
+@pytest.fixture(scope="module")
+def int8_draft_pair(dense_checkpoints):
+    """The same pair with the draft's weights in 8-bit blocks of 32 (MatMulNBits), the main model's untouched."""
+    recipe = write_recipe(dense_checkpoints, name="dense-int8-draft", draft="  quantize:\n    weights: int8\n")
+    return build(load_recipe(recipe), dense_checkpoints / "out").artifact
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +103,56 @@ def test_greedy_proposals_chained_in_one_call_are_those_of_one_call_each(fused_a
         ours.greedy_chain(prompt, 128)
     with pytest.raises(Exception, match="greedy steps run from 0 to max_chain, on a batch of one row"):
         BatchKvCache(fused, 2, 64).buffers.run([[1], [2]], [0, 0], [1, 1], greedy_steps=2)
+
+
+def _full_precision_draft(artifact, folder):
+    """The artifact's draft node by node on ONNX Runtime's kernels, its 8-bit products in full precision
+    (accuracy_level 0: dequantized weights times float activations, what moecc.DenseDecoder computes), where the
+    artifact's level lets ONNX Runtime round the activations to 8 bits too."""
+    model = onnx.load(artifact / "draft" / "model.onnx")
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = 0
+    (folder / "draft").mkdir()
+    onnx.save(model, folder / "draft" / "model.onnx")
+    return Decoder(folder, runtime.load(artifact).manifest.models["draft"], {"draft/model.onnx"}, threads=2, kernels="onnxruntime")
+
+
+def test_an_8_bit_draft_runs_as_one_node_with_its_dequantized_weights(int8_draft_pair, tmp_path):
+    """MatMulNBits's 8-bit blocks of 32 reach the kernel relaid in panels, each weight (u - 128) times its block's
+    scale: logits of the graph in full precision within float rounding, for prompts (several rows a pass) and
+    verify blocks, and the same greedy chains."""
+    fused = runtime.load(int8_draft_pair, target="cpu", threads=2).draft
+    assert fused.kernels == ("moecc.DenseDecoder",) and fused.chains_greedily
+    graph = onnx.load(int8_draft_pair / "draft" / "model.onnx", load_external_data=False)
+    assert {node.op_type for node in graph.graph.node} >= {"MatMulNBits"}
+    reference = _full_precision_draft(int8_draft_pair, tmp_path)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in (19, 4, 11)]
+    ours, theirs = (BatchKvCache(decoder, 3, 64) for decoder in (fused, reference))
+    np.testing.assert_allclose(ours.prefill(prompts), theirs.prefill(prompts), atol=TOLERANCE, rtol=0)
+    step = {0: [5, 6, 7], 1: [2], 2: [9, 10]}
+    for got, expected in zip(ours.feed(step).values(), theirs.feed(step).values()):
+        np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+    chained, one_by_one = fused.new_cache(64), reference.new_cache(64)
+    assert chained.greedy_chain(prompts[0], 9) == one_by_one.greedy_chain(prompts[0], 9)
+
+
+def test_8_bit_weights_it_does_not_run_keep_the_node_by_node_kernels(int8_draft_pair):
+    """4-bit blocks, or 8-bit products beside a float one, are not what the kernel reads: it says so."""
+    draft = onnx.load(int8_draft_pair / "draft" / "model.onnx", load_external_data=False)
+    assert dense.why_not(draft, 16) is None
+    four_bit = onnx.ModelProto.FromString(draft.SerializeToString())
+    products = [node for node in four_bit.graph.node if node.op_type == "MatMulNBits"]
+    next(attribute for attribute in products[0].attribute if attribute.name == "bits").i = 4
+    assert "not 8-bit blocks of 32" in dense.why_not(four_bit, 16)
+    mixed = onnx.ModelProto.FromString(draft.SerializeToString())
+    head = next(node for node in mixed.graph.node if node.output[0] == "logits")
+    inner, columns = (next(attribute.i for attribute in head.attribute if attribute.name == name) for name in ("K", "N"))
+    mixed.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((inner, columns), np.float32), "float_head"))
+    head.CopyFrom(onnx.helper.make_node("MatMul", [head.input[0], "float_head"], ["logits"], name=head.name))
+    assert "some products' weights are 8-bit and some float" in dense.why_not(mixed, 16)
 
 
 def test_a_token_outside_the_vocabulary_is_refused_by_name(fused_and_unfused):
