@@ -1,7 +1,7 @@
 """Artifacts that share a main model, side by side in one process: decode time per token, main-only and
 speculative (fixed draft lengths and auto), each artifact's cases on the same held-out prompts in turn.
 
-    .venv/bin/python scripts/bench_artifacts.py artifacts/small-coder artifacts/small-coder-int8-draft
+    .venv/bin/python scripts/bench_artifacts.py artifacts/small-coder-float-draft artifacts/small-coder
 
 On a shared machine two `moecc bench` runs minutes apart differ by more than a draft's precision changes;
 here every case runs on a prompt before the next prompt is taken, so the machine's drift reaches all alike.

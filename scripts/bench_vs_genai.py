@@ -97,6 +97,9 @@ def main() -> None:
     checkpoint = loaded.main_checkpoint if args.model == "main" else loaded.draft_checkpoint
     generator = runtime.load(args.artifact, threads=args.threads, kernels=args.kernels)
     decoder = getattr(generator, args.model)
+    if decoder.entry.precision != "fp32":  # the builder converts the checkpoint in float32
+        raise SystemExit(f"{args.artifact}'s {args.model} model is {decoder.entry.precision}, onnxruntime-genai's here fp32: compare the same "
+                         f"precision, e.g. --recipe recipes/small-coder-float-draft.yaml --artifact artifacts/small-coder-float-draft")
     config = og.Config(str(build_genai_model(checkpoint, Path("artifacts/.cache/genai") / f"{loaded.recipe.name}-{args.model}")))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
     genai = og.Model(config)

@@ -66,8 +66,12 @@ def test_tiny_random_pair_matches_transformers(tiny_artifact, tiny_pair, role):
 
 @pytest.mark.parametrize("role", ["main", "draft"])
 def test_shipped_pairs_match_transformers(shipped_pair, role):
+    """The float models as exported; a model the recipe quantizes (small-coder's INT8 draft) is held to its
+    build's accuracy gate instead, and its architecture's export is checked here through tiny-coder's draft."""
     checkpoints, artifact = shipped_pair
     generator = runtime.load(artifact)
+    if generator.manifest.models[role].precision != "fp32":
+        pytest.skip(f"{role} is {generator.manifest.models[role].precision}: not transformers' float model")
     vocab = generator.manifest.models[role].vocab_size
     _check_cached_decoding(generator, role, checkpoints / role, vocab)
     _check_batched_prefill(artifact, role, checkpoints / role, vocab)
