@@ -14,7 +14,6 @@ session loads, feeding the weights through a Reshape and a Transpose that ONNX R
   inputs   0 x [..., K] float (rank 1 to 4)   1 weights [N / 32, K, 32]: panel p holds columns 32p .. 32p + 31
   outputs  0 [..., N] */
 
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -130,19 +129,7 @@ static void pass_of(const float *x, int64_t stride, int64_t k0, int64_t k1, cons
    fetch again. A pass goes over the whole panel for up to QUANT_ROWS rows of x: with AVX2, 8 sums, the row's 4
    vectors and its block's 4 scales fill the 16 registers. */
 enum { QUANT_BLOCK = 32, QUANT_ROWS = 2 };
-/* LANES 8-bit weights as floats. GCC's generic conversion of 8-bit lanes went one lane at a time (8 times
-   slower); the intrinsics widen in one instruction (builds without them: one lane at a time, for correctness). */
-static inline vector widened(const uint8_t *values) {
-#if defined(__AVX512F__)
-  return (vector)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)values)));
-#elif defined(__AVX2__)
-  return (vector)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)values)));
-#else
-  vector lanes;
-  for (int i = 0; i < LANES; ++i) lanes[i] = (float)values[i];
-  return lanes;
-#endif
-}
+#include "levels.h"
 
 /* pass() over a whole 8-bit panel: each row of it less the zero point, times its block's scales, then as pass()
    (count <= QUANT_ROWS, a constant where it is called). */
@@ -164,7 +151,7 @@ static inline __attribute__((always_inline)) void quantized_pass(const float *x,
       __builtin_prefetch(weights + (k + AHEAD) * PANEL);
       vector row[VECTORS];
 #pragma GCC unroll 8
-      for (int v = 0; v < VECTORS; ++v) row[v] = widened(weights + k * PANEL + v * LANES) * scale[v] + offset[v];
+      for (int v = 0; v < VECTORS; ++v) row[v] = levels_at(weights + k * PANEL + v * LANES) * scale[v] + offset[v];
 #pragma GCC unroll 2
       for (int r = 0; r < count; ++r) {
         float value = x[k * stride + r];

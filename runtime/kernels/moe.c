@@ -102,19 +102,7 @@ static inline vector load(const float *x) {
 
 static inline void store(float *x, vector v) { memcpy(x, &v, sizeof v); }
 
-/* LANES levels (bytes) as floats. By intrinsics where the machine has them: GCC (12) turns a vector-extension
-   conversion from bytes into one lane at a time. */
-static inline vector levels_at(const uint8_t *levels) {
-#if defined(__AVX512F__)
-  return (vector)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)levels)));
-#elif defined(__AVX2__)
-  return (vector)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)levels)));
-#else
-  float out[LANES];
-  for (int lane = 0; lane < LANES; ++lane) out[lane] = levels[lane];
-  return load(out);
-#endif
-}
+#include "levels.h"
 
 static inline float total(vector v) {
   float sum = 0;
