@@ -66,6 +66,30 @@ typedef struct {
   float *out;
 } Call;
 
+/* own[r] += x[r] * row for `count` rows of x and `vectors` vectors of a panel's row: constants where it is
+   called, so that the sums stay in registers. */
+static inline __attribute__((always_inline)) void accumulate(vector own[ROWS][VECTORS], const float *x, int count, int vectors, const vector *row) {
+#pragma GCC unroll 12
+  for (int r = 0; r < count; ++r) {
+    float value = x[r];
+#pragma GCC unroll 8
+    for (int v = 0; v < vectors; ++v) own[r][v] += value * row[v];
+  }
+}
+
+/* own[r] = sums[r] (in), or sums[r] = own[r] (out), for `count` rows of `vectors` vectors, VECTORS apart in sums. */
+static inline __attribute__((always_inline)) void exchange(vector own[ROWS][VECTORS], vector *sums, int count, int vectors, int in) {
+#pragma GCC unroll 12
+  for (int r = 0; r < count; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < vectors; ++v) {
+      if (in)
+        own[r][v] = sums[r * VECTORS + v];
+      else
+        sums[r * VECTORS + v] = own[r][v];
+    }
+}
+
 /* sums[r] += x[k, r] . panel[k] over rows k0 .. k1 - 1 of the panel, for `count` rows of x given column by
    column, `stride` floats apart, and the panel's first `vectors` vectors (count and vectors are constants where
    it is called: with the loops unrolled, the sums stay in registers; as one 32-float vector per row, GCC kept
@@ -73,10 +97,7 @@ typedef struct {
 static inline __attribute__((always_inline)) void pass(const float *x, int64_t stride, int64_t k0, int64_t k1, const float *weights, vector *sums,
                                                        int count, int vectors, int prefetch) {
   vector own[ROWS][VECTORS];
-#pragma GCC unroll 12
-  for (int r = 0; r < count; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < vectors; ++v) own[r][v] = sums[r * VECTORS + v];
+  exchange(own, sums, count, vectors, 1);
   for (int64_t k = k0; k < k1; ++k) {
     vector row[VECTORS];
     /* Without it, 5 rows took 1.3-1.45 times one row's time: the hardware's prefetcher alone fell behind the
@@ -87,17 +108,9 @@ static inline __attribute__((always_inline)) void pass(const float *x, int64_t s
     }
 #pragma GCC unroll 8
     for (int v = 0; v < vectors; ++v) memcpy(&row[v], weights + k * PANEL + v * LANES, sizeof row[v]);
-#pragma GCC unroll 12
-    for (int r = 0; r < count; ++r) {
-      float value = x[k * stride + r];
-#pragma GCC unroll 8
-      for (int v = 0; v < vectors; ++v) own[r][v] += value * row[v];
-    }
+    accumulate(own, x + k * stride, count, vectors, row);
   }
-#pragma GCC unroll 12
-  for (int r = 0; r < count; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < vectors; ++v) sums[r * VECTORS + v] = own[r][v];
+  exchange(own, sums, count, vectors, 0);
 }
 
 /* The whole panel in one pass, or each half in turn (the first half's pass prefetches both halves' lines). */
@@ -135,11 +148,8 @@ enum { QUANT_BLOCK = 32, QUANT_ROWS = 2 };
    (count <= QUANT_ROWS, a constant where it is called). */
 static inline __attribute__((always_inline)) void quantized_pass(const float *x, int64_t stride, int64_t inner, const uint8_t *weights,
                                                                  const float *scales, vector *sums, int count) {
-  vector own[QUANT_ROWS][VECTORS];
-#pragma GCC unroll 2
-  for (int r = 0; r < count; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < VECTORS; ++v) own[r][v] = sums[r * VECTORS + v];
+  vector own[ROWS][VECTORS];
+  exchange(own, sums, count, VECTORS, 1);
   for (int64_t block = 0; block < inner; block += QUANT_BLOCK) {
     vector scale[VECTORS], offset[VECTORS]; /* (u - 128) s as one multiply-add: u s + (-128 s) */
 #pragma GCC unroll 8
@@ -152,18 +162,10 @@ static inline __attribute__((always_inline)) void quantized_pass(const float *x,
       vector row[VECTORS];
 #pragma GCC unroll 8
       for (int v = 0; v < VECTORS; ++v) row[v] = levels_at(weights + k * PANEL + v * LANES) * scale[v] + offset[v];
-#pragma GCC unroll 2
-      for (int r = 0; r < count; ++r) {
-        float value = x[k * stride + r];
-#pragma GCC unroll 8
-        for (int v = 0; v < VECTORS; ++v) own[r][v] += value * row[v];
-      }
+      accumulate(own, x + k * stride, count, VECTORS, row);
     }
   }
-#pragma GCC unroll 2
-  for (int r = 0; r < count; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < VECTORS; ++v) sums[r * VECTORS + v] = own[r][v];
+  exchange(own, sums, count, VECTORS, 0);
 }
 
 /* Rows first .. last - 1 of x against 8-bit panel `panel_index`, QUANT_ROWS at a time. */
