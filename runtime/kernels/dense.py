@@ -34,7 +34,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from runtime.kernels import DOMAIN, attention, attribute_value
-from runtime.kernels.matmul import PANEL, panelled
+from runtime.kernels.matmul import PANEL, panelled, relaid
 
 _SKIP_NORM = "SkipSimplifiedLayerNormalization"
 # The swapped graph's own input and output (not the artifact's): how many greedy proposals to chain after a
@@ -262,15 +262,6 @@ def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
     return None
 
 
-def _relaid(model: onnx.ModelProto, nodes: list[onnx.NodeProto], name: str, shape: list[int], perm: list[int]) -> str:
-    """The constant `name` reshaped to `shape`, then transposed by `perm`: a Reshape and a Transpose appended to
-    `nodes`, which ONNX Runtime folds into a new constant when the session loads."""
-    model.graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), f"{name}.relaid_shape"))
-    nodes.append(helper.make_node("Reshape", [name, f"{name}.relaid_shape"], [f"{name}.reshaped"], name=f"{name}.reshape"))
-    nodes.append(helper.make_node("Transpose", [f"{name}.reshaped"], [f"{name}.relaid"], name=f"{name}.relay", perm=perm))
-    return f"{name}.relaid"
-
-
 def _panels(model: onnx.ModelProto, nodes: list[onnx.NodeProto], weights: _Weights) -> list[str]:
     """The kernel's inputs for a product's weights: float panels [N / 32, K, 32]; or 8-bit ones and their scales
     [N / 32, K / 32, 32], relaid from MatMulNBits's blocks [N, K / 32, 32] and scales [N * K / 32]."""
@@ -278,8 +269,8 @@ def _panels(model: onnx.ModelProto, nodes: list[onnx.NodeProto], weights: _Weigh
         return [panelled(model, nodes, weights.name)]
     panels, blocks = weights.columns // PANEL, weights.inner // QUANT_BLOCK
     return [
-        _relaid(model, nodes, weights.name, [panels, PANEL, weights.inner], [0, 2, 1]),
-        _relaid(model, nodes, weights.scales, [panels, PANEL, blocks], [0, 2, 1]),
+        relaid(model, nodes, weights.name, [panels, PANEL, weights.inner], [0, 2, 1]),
+        relaid(model, nodes, weights.scales, [panels, PANEL, blocks], [0, 2, 1]),
     ]
 
 

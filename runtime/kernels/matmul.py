@@ -35,15 +35,19 @@ def why_not(model: onnx.ModelProto) -> str | None:
     return f"no MatMul has float32 constant weights of a multiple of {PANEL} columns and at least {MIN_WEIGHTS} of them"
 
 
+def relaid(model: onnx.ModelProto, nodes: list[onnx.NodeProto], name: str, shape: list[int], perm: list[int]) -> str:
+    """The name of the constant `name` reshaped to `shape`, then transposed by `perm`: a Reshape and a Transpose
+    appended to `nodes`, which ONNX Runtime folds into a new constant when the session loads."""
+    model.graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), f"{name}.panel_shape"))
+    nodes.append(helper.make_node("Reshape", [name, f"{name}.panel_shape"], [f"{name}.columns"], name=f"{name}.reshape"))
+    nodes.append(helper.make_node("Transpose", [f"{name}.columns"], [f"{name}.panels"], name=f"{name}.panel", perm=perm))
+    return f"{name}.panels"
+
+
 def panelled(model: onnx.ModelProto, nodes: list[onnx.NodeProto], weights: str) -> str:
-    """The name of `weights` [K, N] (a float32 constant of `model`) as panels [N / 32, K, 32]: a Reshape and a
-    Transpose appended to `nodes`, which ONNX Runtime folds into a new constant when the session loads."""
+    """The name of `weights` [K, N] (a float32 constant of `model`) as panels [N / 32, K, 32]."""
     inner, columns = next(tensor.dims for tensor in model.graph.initializer if tensor.name == weights)
-    shape = f"{weights}.panel_shape"
-    model.graph.initializer.append(numpy_helper.from_array(np.array([inner, columns // PANEL, PANEL], np.int64), shape))
-    nodes.append(helper.make_node("Reshape", [weights, shape], [f"{weights}.columns"], name=f"{weights}.reshape"))
-    nodes.append(helper.make_node("Transpose", [f"{weights}.columns"], [f"{weights}.panels"], name=f"{weights}.panel", perm=[1, 0, 2]))
-    return f"{weights}.panels"
+    return relaid(model, nodes, weights, [inner, columns // PANEL, PANEL], [1, 0, 2])
 
 
 def swap(model: onnx.ModelProto) -> int:
