@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -39,6 +40,7 @@ from compiler import corpus
 from compiler.checkpoint import Checkpoint
 from compiler.pipeline import with_generated_weights
 from compiler.recipe import load_recipe
+from compiler.reference_weights import take_exported_weights
 from runtime.benchmark import wait_until_idle
 from runtime.evaluate import perplexity
 from runtime.prompt_lookup import MAX_NGRAM
@@ -125,6 +127,18 @@ def theirs(model, prompts, new_tokens, assistant=None, lookup_tokens=None):
     return tokens / seconds, decode_rate(decode_tokens, decode_seconds), outputs
 
 
+def assistant_weights(draft_model, generator, artifact: Path) -> str:
+    """Give transformers' assistant the draft our runtime runs: a draft whose products the recipe quantized
+    takes their dequantized weights (compiler.reference_weights). Returns which weights it has, for the table."""
+    if generator.manifest.models["draft"].precision == "fp32":
+        return "the checkpoint's"
+    try:
+        take_exported_weights(draft_model, onnx.load(str(artifact / "draft" / "model.onnx")))
+    except ValueError as error:  # a derived draft's quantized experts, for one
+        return f"the checkpoint's float weights, not the artifact's {generator.manifest.models['draft'].precision} ones ({error})"
+    return f"the artifact's, {generator.manifest.models['draft'].precision} dequantized"
+
+
 def check_built_from(manifest, loaded, artifact: Path) -> None:
     """Refuse an artifact built from other checkpoints than the recipe's: every figure would compare two
     different models (with small-coder's recipe and tiny-coder's artifact, greedy agreement was 0.07)."""
@@ -173,9 +187,10 @@ def main() -> None:
     main_model = AutoModelForCausalLM.from_pretrained(loaded.main_checkpoint, dtype=torch.float32).eval()
     layers = loaded.recipe.draft.layers  # a derived draft: the same checkpoint cut after its first layers
     overrides = {"num_hidden_layers": layers} if layers else {}
-    if loaded.recipe.draft.experts_per_token:  # or routed to fewer experts (its quantization is not reproduced)
+    if loaded.recipe.draft.experts_per_token:  # or routed to fewer experts
         overrides["num_experts_per_tok"] = loaded.recipe.draft.experts_per_token
     draft_model = AutoModelForCausalLM.from_pretrained(loaded.draft_checkpoint, dtype=torch.float32, **overrides).eval()
+    results["transformers_draft"] = assistant_weights(draft_model, generator, artifact)
     lengths = [int(k) if k.isdigit() else k for k in args.draft_lengths]
     lookup_tokens = args.lookup_tokens or generator.manifest.generation.max_draft_length  # what our "auto" proposes with a lookup
 
@@ -273,7 +288,7 @@ def main() -> None:
         ("ours main-only tokens/s, end to end / decode", f"{results['ours_main_only_tps']} / {results['ours_main_only_decode_tps']}"),
         ("transformers generate tokens/s, end to end / decode", f"{results['transformers_main_only_tps']} / {results['transformers_main_only_decode_tps']}"),
         ("ratio main-only ours / transformers, end to end / decode", f"{results['ratio_main_only_vs_transformers']} / {results['ratio_main_only_decode_vs_transformers']}"),
-        ("transformers assisted tokens/s", results["transformers_assisted_tps"]),
+        ("transformers assisted tokens/s (its draft's weights: " + results["transformers_draft"] + ")", results["transformers_assisted_tps"]),
         (f"ratio speculative (k={default_k}) ours / transformers assisted, end to end / decode",
          f"{results['ratio_speculative_vs_transformers_assisted']} / {results['ratio_speculative_decode_vs_transformers_assisted']}"),
         ("greedy token agreement with transformers", results["greedy_token_agreement_with_transformers"]),

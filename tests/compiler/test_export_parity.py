@@ -1,8 +1,7 @@
 """Parity: ONNX Runtime logits of the exported models match transformers' own forward pass (fp32, 1e-4).
 
-A model whose weights the recipe quantized is held to transformers given the same weights: each quantized
-product's levels and scales, dequantized, replace the checkpoint's (the runtime computes them in full
-precision, MatMulNBits's accuracy level 0).
+A model whose products the recipe quantized is held to transformers given the same weights, dequantized
+(compiler.reference_weights), through the runtime and through ONNX Runtime at MatMulNBits's accuracy level 0.
 """
 
 from __future__ import annotations
@@ -15,7 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import runtime
-from compiler import quantization
+from compiler.pipeline import build
+from compiler.recipe import load_recipe
+from compiler.reference_weights import take_exported_weights
+from conftest import REPO
 
 TOLERANCE = 1e-4
 
@@ -23,35 +25,8 @@ TOLERANCE = 1e-4
 def _reference(folder, exported: onnx.ModelProto | None = None):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if exported is not None:
-        _take_quantized_weights(model, exported)
+        take_exported_weights(model, exported)
     return model
-
-
-def _take_quantized_weights(model, exported: onnx.ModelProto) -> None:
-    """Put each 8-bit product's dequantized weights [N, K] in place of the checkpoint's, split where export fused them."""
-    arrays = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in exported.graph.initializer}
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    fused = {  # export's packed products, in their column order
-        "self_attn.qkv_proj": [("self_attn.q_proj", config.num_attention_heads * head_dim), ("self_attn.k_proj", config.num_key_value_heads * head_dim), ("self_attn.v_proj", config.num_key_value_heads * head_dim)],
-        "mlp.gate_up_proj": [("mlp.gate_proj", config.intermediate_size), ("mlp.up_proj", config.intermediate_size)],
-    }
-    for node in exported.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        sizes = {attribute.name: attribute.i for attribute in node.attribute}
-        assert sizes["bits"] == 8 and len(node.input) == 3, f"{node.name}: only 8-bit products without zero points are dequantized here"
-        rows, features = sizes["N"], sizes["K"]
-        levels = quantization.unpack(arrays[node.input[1]].reshape(rows, features), 8)
-        weight = torch.from_numpy(quantization.dequantize(levels, arrays[node.input[2]].reshape(rows, -1)))
-        name = node.input[1].removesuffix(".weight.T.q8")
-        if name in ("model.embed_tokens", "lm_head"):  # a tied head is quantized for the head only: the embedding stays float
-            model.lm_head.weight = torch.nn.Parameter(weight)
-            continue
-        layer, _, product = name.removeprefix("model.layers.").partition(".")
-        parts = fused.get(product, [(product, rows)])
-        for (part, width), piece in zip(parts, torch.split(weight, [width for _, width in parts])):
-            model.model.layers[int(layer)].get_submodule(part).weight.data = piece.clone()
 
 
 def _check_cached_decoding(generator, role, folder, vocab, exported=None):
@@ -167,3 +142,20 @@ def test_shipped_main_greedy_continuations_match_transformers(shipped_pair):
             expected = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
         ours = [t for step in generator.stream_ids(ids, max_new_tokens=32, speculative=False, stop_tokens=set()) for t in step]
         assert ours == expected[0, len(ids) :].tolist()
+
+
+def test_int4_draft_matches_transformers_given_its_weights(tmp_path, shipped_cache):
+    """4-bit blocks (GPTQ, packed two to a byte) put back as the 8-bit ones are; ONNX Runtime at accuracy level 0
+    (the recipe's level 4 also rounds the activations to 8 bits)."""
+    artifact = build(load_recipe(REPO / "recipes" / "tiny-coder-int4-draft.yaml"), tmp_path / "built", cache_root=shipped_cache).artifact
+    exported = onnx.load(str(artifact / "draft" / "model.onnx"))
+    assert {a.i for node in exported.graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "bits"} == {4}
+    vocab = runtime.load(artifact).manifest.models["draft"].vocab_size
+    _check_batched_prefill(artifact, "draft", REPO / "recipes" / "tiny-coder" / "draft", vocab, exported, tmp_path)
+
+
+def test_weights_that_cannot_be_put_back_are_refused_by_name():
+    """Quantized experts (QMoE) are not dense products: the reference would silently keep them float."""
+    graph = onnx.helper.make_graph([onnx.helper.make_node("QMoE", ["x"], ["y"], domain="com.microsoft")], "g", [], [])
+    with pytest.raises(ValueError, match="QMoE nodes: only MatMulNBits"):
+        take_exported_weights(None, onnx.helper.make_model(graph))

@@ -1,10 +1,15 @@
 """scripts/bench_vs_transformers.py compares an artifact with the checkpoints its recipe names: only with
-those the artifact was built from."""
+those the artifact was built from, its assistant the draft the artifact runs."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
+import runtime
+from compiler import corpus
 from compiler.recipe import load_recipe
 from conftest import REPO, SHIPPED_RECIPE
 from runtime.artifact import verify_artifact
@@ -18,3 +23,16 @@ def test_an_artifact_built_from_other_checkpoints_is_refused(shipped_artifact):
     bench_vs_transformers.check_built_from(manifest, load_recipe(SHIPPED_RECIPE), shipped_artifact)  # its own recipe
     with pytest.raises(SystemExit, match=r"was not built from .*small-coder.yaml's main checkpoint .*moecc build"):
         bench_vs_transformers.check_built_from(manifest, load_recipe(REPO / "recipes" / "small-coder.yaml"), shipped_artifact)
+
+
+def test_the_assistant_is_the_draft_the_runtime_runs(small_coder_artifact, shipped_artifact):
+    """small-coder's INT8 draft: transformers' assistant takes its dequantized weights and computes our draft's logits;
+    a float draft stays as its checkpoint has it."""
+    generator = runtime.load(small_coder_artifact)
+    draft = AutoModelForCausalLM.from_pretrained(REPO / "recipes" / "small-coder" / "draft", dtype=torch.float32).eval()
+    assert bench_vs_transformers.assistant_weights(draft, generator, small_coder_artifact) == "the artifact's, int8-rtn-b32 dequantized"
+    ids = generator.encode(corpus.heldout_prompts(1)[0])[:64]
+    with torch.no_grad():
+        theirs = draft(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(generator.draft.new_cache().feed(ids) - theirs).max() <= 1e-4
+    assert bench_vs_transformers.assistant_weights(None, runtime.load(shipped_artifact), shipped_artifact) == "the checkpoint's"
