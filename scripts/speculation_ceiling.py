@@ -14,7 +14,9 @@ bound is E(k) * main(1) / main(k+1).
 greedy continuation; in greedy decoding that alone decides how far any chain of proposals is accepted. It
 then replays every fixed draft length and the adaptive policy (runtime.speculative.AdaptiveDraftLength)
 over those sequences with the measured costs, each call's cost scattered as this machine scatters it
-(--noise, --outliers; seeded). On a shared machine two timed runs differ by more than a policy change
+(--noise, --outliers; seeded), and with --drift and --dwell through slow spells in which every call is
+dearer (the policy sees them; the speed-up is billed at the usual speed, so it shows what its choices cost).
+On a shared machine two timed runs differ by more than a policy change
 gains; the replay compares policies on the same text and the same costs, and shows what speculation
 loses to text whose hard tokens come in runs, which the geometric bound above does not see.
 """
@@ -108,15 +110,23 @@ class CallCosts:
     proposals: list[float]  # seconds the j-th proposal of a step adds (draft calls, or a chain)
     noise: float  # sigma of each call's log-normal scatter
     outliers: float  # share of calls slowed 3-30x (preempted, or a neighbour's burst)
+    drift: float = 1.0  # the machine's slow spells: every call this many times slower
+    dwell: int = 0  # steps a spell (slow or not) lasts on average; 0: no spells
 
     def sample(self, seconds: float, rng: np.random.Generator) -> float:
         slowed = rng.uniform(3, 30) if rng.random() < self.outliers else 1.0
         return seconds * slowed * rng.lognormal(0.0, self.noise)
 
+    def next_speed(self, factor: float, rng: np.random.Generator) -> float:
+        """The slowdown of the next step: a spell ends after `dwell` steps on average."""
+        if self.dwell and rng.random() < 1 / self.dwell:
+            return 1.0 if factor != 1.0 else self.drift
+        return factor
+
 
 @dataclass
 class Replay:
-    seconds: float = 0.0
+    seconds: float = 0.0  # at the machine's usual speed: what its slow spells cost every policy alike is left out
     tokens: int = 0
     verify_calls: int = 0
     lengths: Counter = field(default_factory=Counter)
@@ -125,7 +135,7 @@ class Replay:
 def replay(policy: DraftLengthPolicy, sequences: list[np.ndarray], costs: CallCosts, rng: np.random.Generator) -> Replay:
     """Greedy speculative decoding of the recorded sequences, step by step as runtime.speculative.decode runs
     it, with sampled call costs in place of calls; one policy for all, as a Generator keeps one."""
-    result = Replay()
+    result, factor = Replay(), 1.0
     for agrees in sequences:
         position, step, alone, backlog = 0, 0, 0, 1  # backlog: tokens the draft has yet to read
         while position < len(agrees):
@@ -133,9 +143,10 @@ def replay(policy: DraftLengthPolicy, sequences: list[np.ndarray], costs: CallCo
             kept = 0
             while kept < length and agrees[position + kept]:
                 kept += 1
+            factor = costs.next_speed(factor, rng)
             draft_seconds = sum(costs.sample(seconds, rng) for seconds in costs.proposals[:length])
             verify_seconds = costs.sample(costs.main[length + 1], rng)
-            policy.update(length, kept, draft_seconds, verify_seconds, backlog, step, alone)
+            policy.update(length, kept, factor * draft_seconds, factor * verify_seconds, backlog, step, alone)
             # The draft read its backlog and all proposals but the last; it keeps what was accepted.
             backlog = backlog + 1 if length == 0 else 1 + (kept == length)
             alone = alone + 1 if length == 0 else 0
@@ -150,7 +161,8 @@ def replay(policy: DraftLengthPolicy, sequences: list[np.ndarray], costs: CallCo
 
 def replay_table(sequences: list[np.ndarray], costs: CallCosts, max_length: int, seed: int) -> Table:
     agreement = float(np.concatenate(sequences).mean())
-    table = Table(title=f"replayed on {len(sequences)} held-out prompts (draft agrees with {agreement:.3f} of greedy tokens; noise {costs.noise}, outliers {costs.outliers})")
+    spells = f"; slow spells {costs.drift}x, about {costs.dwell} steps each" if costs.dwell else ""
+    table = Table(title=f"replayed on {len(sequences)} held-out prompts (draft agrees with {agreement:.3f} of greedy tokens; noise {costs.noise}, outliers {costs.outliers}{spells})")
     for column in ("draft length", "speed-up over main-only", "tokens per verify", "mean draft length", "main alone"):
         table.add_column(column, justify="right")
     policies: dict[str, DraftLengthPolicy] = {str(k): FixedDraftLength(k) for k in range(1, max_length + 1)}
@@ -174,6 +186,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per replayed prompt")
     parser.add_argument("--noise", type=float, default=0.1, help="sigma of the log-normal scatter of each replayed call")
     parser.add_argument("--outliers", type=float, default=0.01, help="share of replayed calls slowed 3-30x")
+    parser.add_argument("--drift", type=float, default=1.0, help="the policy sees slow spells: every call this many times slower")
+    parser.add_argument("--dwell", type=int, default=0, help="steps a slow spell, or the time between two, lasts on average (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     generator = runtime.load(args.artifact, threads=args.threads)
@@ -205,7 +219,7 @@ def main() -> None:
         prompts = [heldout[i * CONTEXT : (i + 1) * CONTEXT] for i in range(args.replay)]
         sequences = greedy_agreement(generator, prompts, args.new_tokens)
         main_seconds, proposals = decoding_loop_costs(generator, text, args.max_draft_length, args.calls // 4)
-        costs = CallCosts(main_seconds, proposals, args.noise, args.outliers)
+        costs = CallCosts(main_seconds, proposals, args.noise, args.outliers, args.drift, args.dwell)
         alone = main_seconds[1]
         loop = " ".join(f"{n}: {seconds / alone:.2f}" for n, seconds in main_seconds.items() if n > 1)
         console.print(f"in the decoding loop, in main-alone calls ({alone * 1000:.3f} ms): verify of n positions {loop}; proposals of a step {' '.join(f'{s / alone:.3f}' for s in proposals)}")

@@ -32,3 +32,26 @@ def test_replay_takes_the_decoding_loops_steps(shipped_artifact, length):
     assert replayed.verify_calls == sum(stats.verify_calls for stats in decoded)
     assert replayed.lengths == sum((Counter(stats.draft_lengths) for stats in decoded), Counter())
     assert replayed.seconds == pytest.approx(sum(1.0 + 0.1 * k for stats in decoded for k in stats.draft_lengths))
+
+
+def test_slow_spells_reach_what_the_policy_measures_not_the_bill():
+    """--drift: the policy sees every call of a slow spell `drift` times dearer; the replay's seconds, what the
+    choices cost at the machine's usual speed, stay those of the same steps without spells."""
+    sequences = [np.array([True, True, False] * 20)]
+
+    class Seen(FixedDraftLength):
+        def __init__(self):
+            super().__init__(2)
+            self.verify_seconds = []
+
+        def update(self, length, kept, draft_seconds, verify_seconds, *rest):
+            self.verify_seconds.append(verify_seconds)
+
+    steady, spells = (speculation_ceiling.CallCosts({n: 1.0 for n in (1, 2, 3)}, [0.1, 0.1], 0.0, 0.0, drift, dwell) for drift, dwell in ((1.0, 0), (3.0, 4)))
+    seen = {}
+    for name, costs in (("steady", steady), ("spells", spells)):
+        seen[name] = Seen()
+        result = speculation_ceiling.replay(seen[name], sequences, costs, np.random.default_rng(0))
+        assert result.seconds == pytest.approx(20 * 1.2)  # 20 steps of 2 proposals and a verify
+    assert set(seen["steady"].verify_seconds) == {1.0}
+    assert set(seen["spells"].verify_seconds) == {1.0, 3.0}
