@@ -13,6 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from compiler import quantization
+from compiler.architectures import architecture_of, dims_of
 
 _TIED_HEADS = ("model.embed_tokens", "lm_head")  # a tied head is quantized as the head only: the embedding stays float
 _NOT_PUT_BACK = ("QMoE", "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger")  # experts, W8A8, ...
@@ -28,15 +29,15 @@ def take_exported_weights(model, exported: onnx.ModelProto) -> None:
     if others:
         raise ValueError(f"the model has {', '.join(others)} nodes: only MatMulNBits products are put back")
     arrays = {tensor.name: numpy_helper.to_array(tensor) for tensor in exported.graph.initializer}
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config = model.config.to_dict()
+    dims = dims_of(architecture_of(config), config)  # the sizes export packed the products by
     fused = {  # export's packed products, in their column order
         "self_attn.qkv_proj": [
-            ("self_attn.q_proj", config.num_attention_heads * head_dim),
-            ("self_attn.k_proj", config.num_key_value_heads * head_dim),
-            ("self_attn.v_proj", config.num_key_value_heads * head_dim),
+            ("self_attn.q_proj", dims.num_heads * dims.head_dim),
+            ("self_attn.k_proj", dims.num_kv_heads * dims.head_dim),
+            ("self_attn.v_proj", dims.num_kv_heads * dims.head_dim),
         ],
-        "mlp.gate_up_proj": [("mlp.gate_proj", config.intermediate_size), ("mlp.up_proj", config.intermediate_size)],
+        "mlp.gate_up_proj": [("mlp.gate_proj", dims.intermediate_size), ("mlp.up_proj", dims.intermediate_size)],
     }
     for node in exported.graph.node:
         if node.op_type != "MatMulNBits":
