@@ -27,7 +27,11 @@ enum { PANEL = 32 }; /* columns of a panel: two AVX-512 vectors, four AVX2 ones 
    16, up to WIDE_ROWS = 3 rows of the whole panel (12 sums beside its 4 vectors) and 4 to 6 rows of each half
    in turn (12 sums, as MLAS's AVX2 kernel): on one core of an AVX2 EPYC, 42-44 G multiply-adds/s for 5 to 12
    rows, where passes of 3 rows over the whole panel made 34 (its peak: 47). A work item takes a panel for up
-   to CHUNK rows, so that a prompt's rows spread over the threads too. Where an item makes several passes over
+   to CHUNK rows, so that a prompt's rows spread over the threads too: four passes' worth with either width, so
+   that a call of up to 24 rows on AVX2 (a verify of 23 proposals, or of two rows' 9 positions each in a batch)
+   reads each weight once. With 12, a call of 13 to 24 rows read them twice: small-coder's MatMuls took 0.84x
+   ONNX Runtime's time over 13 new tokens and 0.83x over 18, and with 24, 1.03x and 1.01x, where 1 and 9 new
+   tokens stayed as they were (scripts/bench_kernels.py --kernel moecc.MatMul --widths 1 9 13 18). Where an item makes several passes over
    its panel (more rows than WIDE_ROWS), they go BLOCK rows of the panel at a time, each block's passes one
    after another while it is in the core's first cache, so that the first pass's prefetches overlap the
    others' multiplications: over the whole panel each, the later passes read it from the second cache while
@@ -45,7 +49,7 @@ enum { PANEL = 32 }; /* columns of a panel: two AVX-512 vectors, four AVX2 ones 
 #define LANES 8
 #define ROWS 6
 #define WIDE_ROWS 3
-#define CHUNK 12
+#define CHUNK 24
 #define BLOCK 32
 #else
 #define LANES 4

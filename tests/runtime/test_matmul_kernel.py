@@ -44,7 +44,7 @@ def _session(model: onnx.ModelProto, ours: bool, optimized: str | None = None, m
 
 
 # decode, verify (whole-panel and half-panel passes), several passes per panel, chunks, prefill
-@pytest.mark.parametrize("rows", [1, 2, 5, 7, 12, 13, 49, 400], ids=lambda rows: f"{rows}-rows")
+@pytest.mark.parametrize("rows", [1, 2, 5, 7, 12, 13, 24, 25, 49, 400], ids=lambda rows: f"{rows}-rows")
 # K in blocks of the panel's rows and not (100: three and a part), K below one block (24)
 @pytest.mark.parametrize("inner, columns", [(384, 3072), (1536, 384), (100, 64), (24, 32)], ids=["wide", "deep", "ragged", "one-panel"])
 @pytest.mark.parametrize("march", MARCHES)  # each vector width's passes this machine can run
