@@ -225,8 +225,11 @@ class AdaptiveDraftLength:
         return self._draft_line
 
     def _draft_line_now(self) -> list[float]:
-        measured, costs = sorted(self.draft_cost), [0.0]
+        figures, measured, costs = self.draft_cost, sorted(self.draft_cost), [0.0]
         for length in range(1, self.max_length + 1):
+            if length in figures:  # every length once a policy has run a while: the search below took 12 µs a step
+                costs.append(figures[length])
+                continue
             below = next((other for other in reversed(measured) if other <= length), None)
             above = next((other for other in measured if other >= length), None)
             if below is not None and above is not None and below != above:
