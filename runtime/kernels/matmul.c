@@ -29,18 +29,18 @@ enum { PANEL = 32 }; /* columns of a panel: two AVX-512 vectors, four AVX2 ones 
    rows, where passes of 3 rows over the whole panel made 34 (its peak: 47). A work item takes a panel for up
    to CHUNK rows, so that a prompt's rows spread over the threads too: four passes' worth with either width, so
    that a call of up to 24 rows on AVX2 (a verify of 23 proposals, or of two rows' 9 positions each in a batch)
-   reads each weight once. With 12, a call of 13 to 24 rows read them twice: small-coder's MatMuls took 0.84x
-   ONNX Runtime's time over 13 new tokens and 0.83x over 18, and with 24, 1.03x and 1.01x, where 1 and 9 new
-   tokens stayed as they were (scripts/bench_kernels.py --kernel moecc.MatMul --widths 1 9 13 18). Where an item makes several passes over
-   its panel (more rows than WIDE_ROWS), they go BLOCK rows of the panel at a time, each block's passes one
-   after another while it is in the core's first cache, so that the first pass's prefetches overlap the
-   others' multiplications: over the whole panel each, the later passes read it from the second cache while
-   the memory stood idle. With both, small-coder's verify of 9 positions on that machine took its MatMuls
-   1.10-1.16x as fast as ONNX Runtime's, 0.92-0.93x before, and of 5, 1.01-1.07x against 0.94-0.97x
-   (scripts/bench_kernels.py --kernel moecc.MatMul --widths 1 5 9). A prompt's items (a call of more than CHUNK
-   rows) pass over the whole panel each, fewer sums to store and reload: its prefill of 400 tokens ran at 0.96-0.99
-   of ONNX Runtime's speed where blocks made it 0.92. AVX-512 keeps whole-panel passes of 12 rows
-   and no blocks, as measured when it was written. */
+   reads each weight once. With 12, a call of 13 to 24 rows read them twice: small-coder's MatMuls ran 0.84x as
+   fast as ONNX Runtime's over 13 new tokens and 0.83x over 18, and with 24, 1.03x and 1.01x, where 1 and 9 new
+   tokens stayed as they were (scripts/bench_kernels.py --kernel moecc.MatMul --widths 1 9 13 18). Where a
+   verify's item (a call of up to CHUNK rows) makes several passes over its panel (more rows than WIDE_ROWS),
+   they go BLOCK rows of the panel at a time, each block's passes one after another while it is in the core's
+   first cache, so that the first pass's prefetches overlap the others' multiplications: over the whole panel
+   each, the later passes read it from the second cache while the memory stood idle. With both, small-coder's
+   verify of 9 positions on that machine ran its MatMuls 1.10-1.16x as fast as ONNX Runtime's, 0.92-0.93x
+   before, and of 5, 1.01-1.07x against 0.94-0.97x (--widths 1 5 9). A prompt's items pass over the whole
+   panel each, with fewer sums to store and reload: its prefill of 400 tokens 0.96-0.99x as fast as ONNX
+   Runtime's where blocks made it 0.92x. AVX-512 keeps whole-panel passes of 12 rows and no blocks, as
+   measured when it was written. */
 #if defined(__AVX512F__)
 #define LANES 16
 #define ROWS 12
