@@ -82,23 +82,15 @@ typedef struct {
 /* The widest vectors the machine has (GCC/Clang vector extensions; the kernel is built for the machine it runs
    on). Four fc1 rows at a time for MAX_TOKENS tokens: their sums stay in registers where there are 32 of them
    (AVX-512, Arm); with AVX2's 16 some spill to the core's first cache, which measured faster than two rows at
-   a time, and than 16-float vectors made of two halves. Where an expert has more routes than MAX_TOKENS (a
-   prompt's), AVX2 and narrower take them WIDE_TOKENS at a time, one unit's two fc1 rows per step (12 sums, as
-   many as MLAS's AVX2 kernel keeps), and each unit's rows are read from the cache a third as often. One MoE
-   node of small-coder's size (8 experts of 192 units, H = 384) on an AVX2 EPYC, both builds loaded in one
-   process and their calls interleaved, the fastest of 30 in each of three runs: 400 tokens in 0.71-0.86 of the
-   time of groups of four, 64 tokens in 0.81-0.90, 1 and 9 as before. H is a multiple of 16 and I of UNITS. */
+   a time, and than 16-float vectors made of two halves. H is a multiple of 16 and I of UNITS. */
 #if defined(__AVX512F__)
 #define LANES 16
-#define WIDE_TOKENS MAX_TOKENS /* not measured there: its four rows' sums already stay in registers */
 #elif defined(__AVX__)
 #define LANES 8
-#define WIDE_TOKENS 6
 #else
 #define LANES 4
-#define WIDE_TOKENS 6
 #endif
-enum { ROWS = 4, WIDE_ROWS = 2 };
+enum { ROWS = 4 };
 _Static_assert(16 % LANES == 0 && HIDDEN_PER_SUM % LANES == 0 && UNITS % (ROWS / 2) == 0, "the vectors and passes divide H and I");
 typedef float vector __attribute__((vector_size(LANES * sizeof(float))));
 
@@ -126,12 +118,11 @@ static inline float swiglu(const Kernel *kernel, float gate, float linear) {
   return gate / (1.f + expf(-kernel->alpha * gate)) * (linear + kernel->beta);
 }
 
-/* One pass over UNITS units for TOKENS (1 to WIDE_TOKENS, a constant where it is called, so that the sums stay
-   in registers) of an expert's routes: their activations from the units' fc1 rows, step_rows / 2 units at a
-   time (ROWS or WIDE_ROWS, a constant too), then each unit's fc2 row times its weighted activation added to the
-   routes' partial outputs. */
+/* One pass over UNITS units for TOKENS (1 to 4, a constant where it is called, so that the sums stay in
+   registers) of an expert's routes: their activations from the units' fc1 rows, ROWS / 2 units at a
+   time, then each unit's fc2 row times its weighted activation added to the routes' partial outputs. */
 static inline __attribute__((always_inline)) void pass(const Call *call, const float *fc1, const float *fc2, const float *const *xs,
-                                                       const float *weights, int64_t token_count, float *const *partials, int64_t step_rows) {
+                                                       const float *weights, int64_t token_count, float *const *partials) {
   int64_t hidden = call->hidden;
   /* Rows shorter than a 4 KiB page (H < 1024) leave the hardware's prefetcher, which stops at a page's end,
      cold at every group of rows; the loop then fetches the next group's fc1 rows and this group's fc2 rows
@@ -139,31 +130,31 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
      step's MoE 1.26x as fast at the shipped pair's H = 256 and a 5-token verify's 1.33-1.40x; 1.07-1.15x at
      H = 512; at H = 1024 the same prefetches cost 13-15 %, so they are left to the hardware there. */
   int fetch_ahead = hidden * (int64_t)sizeof(float) < 4096;
-  float coefficients[UNITS][WIDE_TOKENS];
-  for (int64_t u = 0; u < UNITS; u += step_rows / 2) {
-    vector sums[ROWS][WIDE_TOKENS];
-    for (int64_t r = 0; r < step_rows; ++r)
+  float coefficients[UNITS][MAX_TOKENS];
+  for (int64_t u = 0; u < UNITS; u += ROWS / 2) {
+    vector sums[ROWS][MAX_TOKENS];
+    for (int64_t r = 0; r < ROWS; ++r)
       for (int64_t t = 0; t < token_count; ++t) sums[r][t] = (vector){0};
     const float *rows = fc1 + 2 * u * hidden;
-    const char *next_rows = (const char *)(rows + step_rows * hidden), *outputs = (const char *)(fc2 + u * hidden);
+    const char *next_rows = (const char *)(rows + ROWS * hidden), *outputs = (const char *)(fc2 + u * hidden);
     for (int64_t d = 0; d < hidden; d += LANES) {
       if (fetch_ahead) { /* hints: past the end of fc1 they cannot fault */
-        for (int64_t p = 0; p < LANES * step_rows * (int64_t)sizeof(float); p += 64) __builtin_prefetch(next_rows + d * step_rows * sizeof(float) + p);
-        for (int64_t p = 0; p < LANES * step_rows / 2 * (int64_t)sizeof(float); p += 64) __builtin_prefetch(outputs + d * step_rows / 2 * sizeof(float) + p);
+        for (int64_t p = 0; p < LANES * ROWS * (int64_t)sizeof(float); p += 64) __builtin_prefetch(next_rows + d * ROWS * sizeof(float) + p);
+        for (int64_t p = 0; p < LANES * ROWS / 2 * (int64_t)sizeof(float); p += 64) __builtin_prefetch(outputs + d * ROWS / 2 * sizeof(float) + p);
       }
-      vector x[WIDE_TOKENS];
+      vector x[MAX_TOKENS];
       for (int64_t t = 0; t < token_count; ++t) x[t] = load(xs[t] + d);
-      for (int64_t r = 0; r < step_rows; ++r) {
+      for (int64_t r = 0; r < ROWS; ++r) {
         vector w = load(rows + r * hidden + d);
         for (int64_t t = 0; t < token_count; ++t) sums[r][t] += w * x[t];
       }
     }
-    for (int64_t p = 0; p < step_rows / 2; ++p)
+    for (int64_t p = 0; p < ROWS / 2; ++p)
       for (int64_t t = 0; t < token_count; ++t)
         coefficients[u + p][t] = weights[t] * swiglu(call->kernel, total(sums[2 * p][t]), total(sums[2 * p + 1][t]));
   }
   for (int64_t h = 0; h < hidden; h += LANES) {
-    vector out[WIDE_TOKENS];
+    vector out[MAX_TOKENS];
     for (int64_t t = 0; t < token_count; ++t) out[t] = load(partials[t] + h);
     for (int64_t u = 0; u < UNITS; ++u) {
       vector w = load(fc2 + u * hidden + h);
@@ -227,25 +218,20 @@ static void expert(void *data, size_t item) {
   for (int64_t unit = part * call->units_per_item; unit < last; unit += UNITS) {
     const float *fc1 = quantized ? NULL : call->fc1 + (expert * 2 * call->inter + 2 * unit) * hidden;
     const float *fc2 = quantized ? NULL : call->fc2 + (expert * call->inter + unit) * hidden;
-    for (int64_t route = first, count; route < end; route += count) {
-      int64_t group = quantized || end - route <= MAX_TOKENS ? MAX_TOKENS : WIDE_TOKENS; /* QMoE's passes: up to 4 */
-      count = end - route < group ? end - route : group;
-      const float *xs[WIDE_TOKENS];
-      float *partials[WIDE_TOKENS];
+    for (int64_t route = first; route < end; route += MAX_TOKENS) {
+      int64_t count = end - route < MAX_TOKENS ? end - route : MAX_TOKENS;
+      const float *xs[MAX_TOKENS];
+      float *partials[MAX_TOKENS];
       for (int64_t t = 0; t < count; ++t) {
         xs[t] = call->x + call->route_token[route + t] * hidden;
         partials[t] = call->partial + (part * routes + route + t) * hidden;
       }
       const float *weights = call->route_weight + route;
       switch (count * 2 + quantized) { /* constants for the inlined loops */
-        case 2: pass(call, fc1, fc2, xs, weights, 1, partials, ROWS); break;
-        case 4: pass(call, fc1, fc2, xs, weights, 2, partials, ROWS); break;
-        case 6: pass(call, fc1, fc2, xs, weights, 3, partials, ROWS); break;
-        case 8: pass(call, fc1, fc2, xs, weights, 4, partials, ROWS); break;
-#if WIDE_TOKENS > MAX_TOKENS
-        case 10: pass(call, fc1, fc2, xs, weights, 5, partials, WIDE_ROWS); break;
-        case 12: pass(call, fc1, fc2, xs, weights, 6, partials, WIDE_ROWS); break;
-#endif
+        case 2: pass(call, fc1, fc2, xs, weights, 1, partials); break;
+        case 4: pass(call, fc1, fc2, xs, weights, 2, partials); break;
+        case 6: pass(call, fc1, fc2, xs, weights, 3, partials); break;
+        case 8: pass(call, fc1, fc2, xs, weights, 4, partials); break;
         case 3: pass_quantized(call, expert, unit, xs, weights, 1, partials); break;
         case 5: pass_quantized(call, expert, unit, xs, weights, 2, partials); break;
         case 7: pass_quantized(call, expert, unit, xs, weights, 3, partials); break;
