@@ -64,6 +64,17 @@ def test_batched_and_two_dimensional_inputs():
         np.testing.assert_allclose(_session(model, ours=True).run(None, {"x": x})[0], x @ _weights(model), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("inner, columns", [(384, 3072), (1536, 384)], ids=["wide", "deep"])
+def test_a_row_gets_the_same_bits_in_a_call_of_any_width(inner, columns):
+    """Each row of a verify block or a prompt, bit for bit what it gets alone: greedy speculation is lossless only
+    if the main model's verify scores a position exactly as its own decode step would (a near-tie would flip)."""
+    session = _session(_model(inner, columns), ours=True)
+    x = np.random.default_rng(inner).standard_normal((1, 49, inner), dtype=np.float32)
+    alone = np.concatenate([session.run(None, {"x": x[:, [row]]})[0] for row in range(49)], axis=1)
+    for rows in (2, 5, 9, 13, 24, 25, 49):  # one pass, half-panel passes, blocks of several passes, a prompt's whole-panel passes
+        assert np.array_equal(session.run(None, {"x": x[:, :rows]})[0], alone[:, :rows]), f"{rows} rows"
+
+
 def _weights(model: onnx.ModelProto) -> np.ndarray:
     return numpy_helper.to_array(model.graph.initializer[0])
 
