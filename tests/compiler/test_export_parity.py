@@ -17,7 +17,7 @@ import runtime
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from compiler.reference_weights import take_exported_weights
-from conftest import REPO
+from conftest import REPO, in_full_precision
 
 TOLERANCE = 1e-4
 
@@ -56,11 +56,8 @@ def _check_batched_prefill(artifact, role, folder, vocab, exported=None, scratch
     """Two sequences in one call (dynamic batch), against transformers on the same batch."""
     model = _reference(folder, exported)
     path = artifact / role / "model.onnx"
-    if exported is not None:  # ONNX Runtime's kernels in full precision, as the runtime's own: accuracy level 0
-        for node in exported.graph.node:
-            for attribute in node.attribute:
-                if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
-                    attribute.i = 0
+    if exported is not None:  # ONNX Runtime's kernels in full precision, as the runtime's own
+        in_full_precision(exported)
         path = scratch / "model.onnx"
         onnx.save(exported, str(path), save_as_external_data=True, location="model.onnx.data")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -14,6 +14,7 @@ from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.decoder import BatchKvCache, Decoder, session_options
 from runtime.kernels import dense, session
+from conftest import in_full_precision
 from tiny_models import VOCAB, save_model, write_recipe
 
 TOLERANCE = 1e-4  # float32 sums in another order
@@ -106,14 +107,10 @@ def test_greedy_proposals_chained_in_one_call_are_those_of_one_call_each(fused_a
 
 
 def _full_precision_draft(artifact, folder):
-    """The artifact's draft node by node on ONNX Runtime's kernels, its 8-bit products in full precision
-    (accuracy_level 0: dequantized weights times float activations, what moecc.DenseDecoder computes), where the
-    artifact's level lets ONNX Runtime round the activations to 8 bits too."""
+    """The artifact's draft node by node on ONNX Runtime's kernels, its 8-bit products in full precision, what
+    moecc.DenseDecoder computes."""
     model = onnx.load(artifact / "draft" / "model.onnx")
-    for node in model.graph.node:
-        for attribute in node.attribute:
-            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
-                attribute.i = 0
+    in_full_precision(model)
     (folder / "draft").mkdir()
     onnx.save(model, folder / "draft" / "model.onnx")
     return Decoder(folder, runtime.load(artifact).manifest.models["draft"], {"draft/model.onnx"}, threads=2, kernels="onnxruntime")
