@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from runtime.artifact import Manifest, verify_artifact
 from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
+from runtime.kernels.dense import MAX_CHAIN
 from runtime.kernels.session import Kernels
 from runtime.sampling import SamplingParams
 from runtime.speculative import (
@@ -97,8 +98,10 @@ class Generator:
                 # Which tokens a seed draws depends on the draft lengths; measured timings would make them vary.
                 return FixedDraftLength(min(SEEDED_DRAFT_LENGTH, self.manifest.generation.max_draft_length))
             return self.adaptive_draft_length
-        if not isinstance(draft_length, int) or isinstance(draft_length, bool) or draft_length < 1:
-            raise MoeccError(f"draft_length must be a positive integer or 'auto', not {draft_length!r}")
+        # Up to MAX_CHAIN, as a recipe's: a verify of that many proposals is still a step, whose positions the main
+        # model scores exactly as its decode steps would (runtime/kernels/attention.c's STEP_TOKENS).
+        if not isinstance(draft_length, int) or isinstance(draft_length, bool) or not 1 <= draft_length <= MAX_CHAIN:
+            raise MoeccError(f"draft_length must be an integer from 1 to {MAX_CHAIN} or 'auto', not {draft_length!r}")
         return FixedDraftLength(draft_length)
 
     def _required_draft(self, proposer: str):

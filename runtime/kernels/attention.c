@@ -19,7 +19,8 @@ session loads):
            in place when the caller binds them to the past (a decode loop does), else a copy.
   attrs    num_heads, kv_num_heads, scale (0: 1/sqrt(D)), epsilon (the norms', default 1e-6)
 
-Padding positions of a row produce zeros and write nothing to the cache. */
+Padding positions of a row produce zeros and write nothing to the cache. A step's tokens (a decode step's one, a
+verify's up to 33) get bit for bit what each token's own decode step of its row alone gets (attend_block). */
 
 #include <math.h>
 #include <stdio.h>
@@ -32,6 +33,14 @@ Padding positions of a row produce zeros and write nothing to the cache. */
 #endif
 
 #include "ops.h"
+
+/* Fast-math, but sums in the order written: a step's tokens must get the same numbers in any walk of the
+   cache (attend_block), and regrouped, a token's sums differed between its verify's walk and its decode
+   step's in the SSE2 build. Where the machine has AVX and FMA, the sums that matter go through intrinsics
+   (total, multiply_add), which no compiler regroups. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-associative-math")
+#endif
 
 enum { QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS_K, COS, SIN, QUERY_SEQLENS, KEY_SCALE, VALUE_SCALE, QUERY_NORM, KEY_NORM, INPUT_COUNT };
 enum { OUTPUT, PRESENT_KEY, PRESENT_VALUE, OUTPUT_COUNT };
@@ -129,7 +138,30 @@ static inline f8 load_int8(const int8_t *x) {
 #endif
 }
 
-static inline float total(f8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+/* The sum of v's lanes in the order every horizontal add below takes them (the halves' pairs, then the halves):
+   a score is then the same number whichever loop computes it. */
+static inline float total(f8 v) {
+#ifdef __AVX__
+  __m256 pairs = _mm256_hadd_ps((__m256)v, (__m256)v), quads = _mm256_hadd_ps(pairs, pairs);
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(quads), _mm256_extractf128_ps(quads, 1)));
+#else
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+#endif
+}
+
+/* a * b + c, each product added on its own in the order written: fused where the machine has FMA, as an
+   intrinsic, which fast-math may not regroup. A step's tokens share walks of the cache whose lengths and
+   blocks differ from their decode steps' (attend_block), so a token's sums must
+   not depend on how a loop groups its terms. */
+static inline f8 multiply_add(f8 a, f8 b, f8 c) {
+#ifdef __FMA__
+  return (f8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+static inline f8 splat(float x) { return (f8){0} + x; }
 
 /* out[g * stride] = the total of sums[g]: four at a time with horizontal adds, which is most of what a dot
    product of a 64-wide head costs beyond its multiplications */
@@ -184,7 +216,7 @@ static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
         f8 sums[8] = {0};                                                                                         \
         for (int64_t d = 0; d < dim; d += LANES) {                                                                \
           f8 query = load_float(queries + g * dim + d);                                                           \
-          for (int j = 0; j < 8; ++j) sums[j] += query * LOAD(k + j * dim + d);                                   \
+          for (int j = 0; j < 8; ++j) sums[j] = multiply_add(query, LOAD(k + j * dim + d), sums[j]);              \
         }                                                                                                         \
         f8 eight = totals8(sums);                                                                                 \
         memcpy(scores + g * stride + t, &eight, sizeof eight);                                                    \
@@ -198,8 +230,8 @@ static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
         f8 key = LOAD(k + d), next = LOAD(k + dim + d);                                                           \
         for (int64_t g = 0; g < group; ++g) {                                                                     \
           f8 query = load_float(queries + g * dim + d);                                                           \
-          first[g] += query * key;                                                                                \
-          second[g] += query * next;                                                                              \
+          first[g] = multiply_add(query, key, first[g]);                                                          \
+          second[g] = multiply_add(query, next, second[g]);                                                       \
         }                                                                                                         \
       }                                                                                                           \
       store_totals(first, group, scores + t, stride);                                                             \
@@ -208,13 +240,14 @@ static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
     for (; t < length; ++t) {                                                                                     \
       f8 sums[MAX_GROUP] = {0};                                                                                   \
       for (int64_t d = 0; d < dim; d += LANES)                                                                    \
-        for (int64_t g = 0; g < group; ++g) sums[g] += load_float(queries + g * dim + d) * LOAD(keys + t * dim + d); \
+        for (int64_t g = 0; g < group; ++g) sums[g] = multiply_add(load_float(queries + g * dim + d), LOAD(keys + t * dim + d), sums[g]); \
       store_totals(sums, group, scores + t, stride);                                                              \
     }                                                                                                             \
   }
 
 /* out[g] = inverse[g] * the sum over t < length of weights[g * stride + t] * values[t] (times scale, per
-   column, where given). Whole cached rows, four at a time, each read once and in order, with the group's
+   column, where given), each row's terms added one after another whatever the length (a step's walks,
+   attend_block). Whole cached rows, four at a time, each read once and in order, with the group's
    sums in a local array in the core's first cache, updated once per four rows: an AVX2 machine ran a
    2048-token call in 0.79 of the time of the earlier loop, which took 16 columns of every row per pass (each
    row read four times, with gaps). The sums stay local: kept in the caller's array, which may alias the
@@ -235,14 +268,17 @@ static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
         f8 third = LOAD(rows + 2 * dim + c * LANES), fourth = LOAD(rows + 3 * dim + c * LANES);                   \
         for (int64_t g = 0; g < group; ++g) {                                                                     \
           const float *w = weights + g * stride + t;                                                              \
-          sums[g][c] += (w[0] * first + w[1] * second) + (w[2] * third + w[3] * fourth);                          \
+          f8 sum = multiply_add(splat(w[0]), first, sums[g][c]);                                                 \
+          sum = multiply_add(splat(w[1]), second, sum);                                                           \
+          sum = multiply_add(splat(w[2]), third, sum);                                                            \
+          sums[g][c] = multiply_add(splat(w[3]), fourth, sum);                                                    \
         }                                                                                                         \
       }                                                                                                           \
     }                                                                                                             \
     for (; t < length; ++t)                                                                                       \
       for (int64_t c = 0; c < vectors; ++c) {                                                                     \
         f8 value = LOAD(values + t * dim + c * LANES);                                                            \
-        for (int64_t g = 0; g < group; ++g) sums[g][c] += weights[g * stride + t] * value;                        \
+        for (int64_t g = 0; g < group; ++g) sums[g][c] = multiply_add(splat(weights[g * stride + t]), value, sums[g][c]); \
       }                                                                                                           \
     for (int64_t g = 0; g < group; ++g)                                                                           \
       for (int64_t c = 0; c < vectors; ++c) {                                                                     \
@@ -324,7 +360,7 @@ static float softmax(float *scores, int64_t length, float *largest) { /* length 
   return sum;
 }
 
-/* Several tokens' queries at once on AVX2 (a verify's, a prompt's): the walk runs as two small matrix
+/* A prompt's queries on AVX2 (a step's tokens take attend_block's walks): the walk runs as two small matrix
    products with the query rows across the vector lanes, the way a matrix product's kernel takes its panels,
    over blocks of KEY_BLOCK cached rows with a running softmax (flash attention's): each block's keys are
    scored, its weights taken against the running maxima (the sums so far rescaled when a maximum rises), and
@@ -338,7 +374,8 @@ static float softmax(float *scores, int64_t length, float *largest) { /* length 
    that fit COLUMN_ROWS rows. On a 2-core AVX2 EPYC, small-coder's verify call of 5
    tokens took 0.92-0.93 of its time after 512 or 1,536 cached and 0.95 after 128, 7 tokens 0.90 (whole
    main model, medians of 40 calls interleaved with the loops above in one process); its attention alone,
-   caches hot, 0.75. */
+   caches hot, 0.75. Verifies walked this way until their numbers had to be their decode steps' (attend_block):
+   a row's numbers here depend on the blocks' bounds and the running maxima. */
 #if defined(__AVX__) && !defined(__AVX512F__)
 #define COLUMN_WALKS 1
 #else
@@ -537,11 +574,11 @@ static void scaled_queries(const AttentionCall *call, int64_t row, int64_t head,
 #define WEIGH_INT8(g) weigh_int8((const int8_t *)call->cache_value + cache, length, weights, g, dim, stride, inverse, call->value_scale + head * dim, merged)
 #define WEIGH_FLOAT(g) weigh_float((const float *)call->cache_value + cache, length, weights, g, dim, stride, inverse, NULL, merged)
 
-/* Work item of the second phase: one row, one key/value head, a block of new tokens; each token's `group`
-   queries attend to the cache up to and including its own position. The block's tokens go a few at a time
-   (walk_span's), their queries together as one larger group, so that a verify's k + 1 tokens walk the
-   cache once or twice instead of once each: every row scores up to the last token's position,
-   and a row's weights past its own position are zeroed after its softmax. */
+/* Work item of a prompt's second phase (a call of more than STEP_TOKENS new tokens a row): one row, one
+   key/value head, a block of new tokens; each token's `group` queries attend to the cache up to and including
+   its own position. The block's tokens go a few at a time (walk_span's), their queries together as one larger
+   group, so that they walk the cache once per few tokens instead of once each: every row scores up to the
+   last token's position, and a row's weights past its own position are zeroed after its softmax. */
 static void attend(void *data, size_t item) {
   AttentionCall *call = data;
   int64_t blocks = (call->new_width + QUERY_BLOCK - 1) / QUERY_BLOCK;
@@ -588,84 +625,134 @@ static void attend(void *data, size_t item) {
   free(weights);
 }
 
-/* A decode call whose rows and heads are fewer work items than TARGET_ITEMS (a draft's one key/value head, one
-   sequence) splits each row's cache into parts of at least SPLIT_KEYS rows, flash decoding's way: each part's
-   weighted sums, unnormalized, with their maximum and total, then merged (merge_parts). One work item per head
-   read a long cache on one thread while the other waited: small-coder's draft (one key/value head) proposed
-   in 0.20 ms rather than 0.22 after a 1,536-token prompt on a 2-core AVX2 EPYC, and k = 4 decoding took 0.96
-   of its time (medians of 14 prompts, generators interleaved in one process); the main model's decode step
-   (two heads, 4 parts) as before. */
-enum { TARGET_ITEMS = 8, SPLIT_KEYS = 256 };
+/* A step's tokens (a decode step's one, a verify's k + 1: calls of up to STEP_TOKENS new tokens a row) each get
+   the numbers a decode step of that token alone gets, whatever else the call holds. Greedy speculation keeps
+   the main model's own output only if a verify scores each position exactly as the decode step would; where
+   a verify's tokens walked the cache together in column walks, small-coder's verify logits differed from its
+   decode steps' by up to 1.4e-5, enough to flip a near-tie. Here a step's tokens still share walks (up to
+   walk_span's at a time), with arithmetic that gives each query row the same numbers in any walk: a score is
+   its dot product in one order whichever loop computes it (total, multiply_add), each row's softmax runs over
+   its own keys only, and its weighted sum adds one key after another, a zero weight past its own position
+   adding nothing.
 
-static int64_t decode_parts(const AttentionCall *call) {
-  int64_t items = call->batch * call->kv_heads, longest = 0;
-  if (call->new_width != 1 || items >= TARGET_ITEMS) return 1;
-  for (int64_t row = 0; row < call->batch; ++row) longest = call->seqlens_k[row] + 1 > longest ? call->seqlens_k[row] + 1 : longest;
-  int64_t parts = (TARGET_ITEMS + items - 1) / items, most = longest / SPLIT_KEYS;
-  return parts < most ? parts : most > 1 ? most : 1;
+   A row's cache is cut at fixed multiples of SPLIT_KEYS into parts, where the model's key/value heads are
+   fewer than TARGET_ITEMS (a draft's one, the main model's two), so that a long cache spreads over the
+   threads, flash decoding's way: each part's weighted sums, unnormalized, with their maximum and total, then
+   merged (merge_parts). Fixed cuts keep a token's parts the same in a verify as in its decode step, and the
+   same beside other rows in a batch as alone. One work item per head read a long cache on one thread while
+   the other waited: small-coder's draft (one key/value head) proposed in 0.20 ms rather than 0.22 after a
+   1,536-token prompt on a 2-core AVX2 EPYC, and k = 4 decoding took 0.96 of its time (medians of 14 prompts,
+   generators interleaved in one process). */
+enum { STEP_TOKENS = 33, TARGET_ITEMS = 8, SPLIT_KEYS = 256 };
+
+/* Parts of the cache for a token with `total` cached rows up to and including its own. */
+static int64_t token_parts(const AttentionCall *call, int64_t total) {
+  return call->kv_heads < TARGET_ITEMS ? (total + SPLIT_KEYS - 1) / SPLIT_KEYS : 1;
 }
 
-/* Where a part's results go: its group's sums [group, dim], then their maxima and totals [group] each. */
-static float *part_results(const AttentionCall *call, size_t item) { return call->parts_results + item * call->group * (call->dim + 2); }
+/* Where a token's part leaves its results: its group's sums [group, dim], then their maxima and totals [group]
+   each. */
+static float *part_results(const AttentionCall *call, int64_t row, int64_t token, int64_t head, int64_t part) {
+  size_t index = (size_t)(((row * call->new_width + token) * call->kv_heads + head) * call->parts + part);
+  return call->parts_results + index * call->group * (call->dim + 2);
+}
 
-/* Work item of a split decode: one row, one key/value head, one part of the row's cache. */
-static void attend_part(void *data, size_t item) {
+/* Work item of a step: one row, one key/value head, one part of the cache, a block of walk_span's tokens, whose
+   queries walk the part together; each token's group of rows attends to the part up to its own position. A
+   token of one part writes its output, one of several its part's results. */
+static void attend_block(void *data, size_t item) {
   AttentionCall *call = data;
-  int64_t parts = call->parts, row = (int64_t)item / (call->kv_heads * parts), head = (int64_t)item / parts % call->kv_heads;
-  int64_t group = call->group, dim = call->dim, total = call->seqlens_k[row] + 1, size = (total + parts - 1) / parts;
-  int64_t from = (int64_t)item % parts * size, to = from + size < total ? from + size : total;
-  float *sums = part_results(call, item), *tops = sums + group * dim, *totals = tops + group;
-  for (int64_t g = 0; g < group; ++g) tops[g] = -1e30f, totals[g] = 0.f;
-  if (call->query_seqlens[row] == 0 || from >= to) return; /* a padding row, or a part past a short row's end */
-  int64_t length = to - from, stride = length, cache = ((row * call->kv_heads + head) * call->capacity + from) * dim;
-  float *weights = malloc(group * length * sizeof(float)), queries[MAX_GROUP * 512], inverse[MAX_GROUP];
+  int64_t span = call->span, blocks = (call->new_width + span - 1) / span, parts = call->parts;
+  int64_t block = (int64_t)item % blocks, part = (int64_t)item / blocks % parts, head = (int64_t)item / (blocks * parts) % call->kv_heads;
+  int64_t row = (int64_t)item / (blocks * parts * call->kv_heads), group = call->group, dim = call->dim, past = past_length(call, row);
+  int64_t first = block * span, last = first + span < call->query_seqlens[row] ? first + span : call->query_seqlens[row];
+  int64_t from = parts > 1 ? part * SPLIT_KEYS : 0, end = past + last; /* the block's keys end at its last token's */
+  if (first >= last || from >= end) return; /* padding, or a part past the block's tokens */
+  int64_t to = parts > 1 && from + SPLIT_KEYS < end ? from + SPLIT_KEYS : end;
+  int64_t rows = (last - first) * group, length = to - from, stride = length, cache = ((row * call->kv_heads + head) * call->capacity + from) * dim;
+  float *weights = malloc(rows * length * sizeof(float)), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512], inverse[MAX_GROUP], tops[MAX_GROUP], totals[MAX_GROUP];
   if (!weights) {
     fail_once(&call->error, "moecc.Attention: out of memory");
     return;
   }
-  scaled_queries(call, row, head, 0, queries);
+  for (int64_t token = first; token < last; ++token) scaled_queries(call, row, head, token, queries + (token - first) * group * dim);
   if (call->quantized) {
-    BY_GROUP(SCORE_INT8, group)
+    BY_GROUP(SCORE_INT8, rows)
   } else {
-    BY_GROUP(SCORE_FLOAT, group)
+    BY_GROUP(SCORE_FLOAT, rows)
   }
-  for (int64_t g = 0; g < group; ++g) {
-    totals[g] = softmax(weights + g * stride, length, &tops[g]);
-    inverse[g] = 1.f;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t own = past + first + r / group + 1, keys = (own < to ? own : to) - from; /* the row's keys in the part */
+    tops[r] = -1e30f, totals[r] = 0.f, inverse[r] = 1.f;
+    if (keys > 0) {
+      totals[r] = softmax(weights + r * stride, keys, &tops[r]);
+      if (token_parts(call, own) == 1) inverse[r] = 1.f / totals[r];
+    }
+    memset(weights + r * stride + (keys > 0 ? keys : 0), 0, (length - (keys > 0 ? keys : 0)) * sizeof(float));
   }
-  float *merged = sums;
   if (call->quantized) {
-    BY_GROUP(WEIGH_INT8, group)
+    BY_GROUP(WEIGH_INT8, rows)
   } else {
-    BY_GROUP(WEIGH_FLOAT, group)
+    BY_GROUP(WEIGH_FLOAT, rows)
   }
   free(weights);
+  for (int64_t token = first; token < last; ++token) {
+    int64_t own = past + token + 1, g0 = (token - first) * group;
+    if (own <= from) continue; /* the part lies past this token */
+    if (token_parts(call, own) == 1) {
+      memcpy(head_output(call, row, token, head * group), merged + g0 * dim, group * dim * sizeof(float));
+      continue;
+    }
+    float *results = part_results(call, row, token, head, part);
+    memcpy(results, merged + g0 * dim, group * dim * sizeof(float));
+    memcpy(results + group * dim, tops + g0, group * sizeof(float));
+    memcpy(results + group * dim + group, totals + g0, group * sizeof(float));
+  }
 }
 
-/* Each row's and head's parts into its output: the sums rescaled to the largest maximum, over their totals. */
+/* Each split token's parts into its output: the sums rescaled to the largest maximum, over their totals. */
 static void merge_parts(AttentionCall *call) {
   int64_t group = call->group, dim = call->dim;
-  for (int64_t row = 0; row < call->batch; ++row) {
-    if (call->query_seqlens[row] == 0) continue;
-    for (int64_t head = 0; head < call->kv_heads; ++head) {
-      size_t first = (size_t)((row * call->kv_heads + head) * call->parts);
-      for (int64_t g = 0; g < group; ++g) {
-        float top = -1e30f, total = 0.f, *out = head_output(call, row, 0, head * group + g);
-        for (int64_t part = 0; part < call->parts; ++part) {
-          float part_top = part_results(call, first + part)[group * dim + g];
-          top = part_top > top ? part_top : top;
+  for (int64_t row = 0; row < call->batch; ++row)
+    for (int64_t token = 0; token < call->query_seqlens[row]; ++token) {
+      int64_t parts = token_parts(call, past_length(call, row) + token + 1);
+      if (parts == 1) continue;
+      for (int64_t head = 0; head < call->kv_heads; ++head)
+        for (int64_t g = 0; g < group; ++g) {
+          float top = -1e30f, total = 0.f, *out = head_output(call, row, token, head * group + g);
+          for (int64_t part = 0; part < parts; ++part) {
+            float part_top = part_results(call, row, token, head, part)[group * dim + g];
+            top = part_top > top ? part_top : top;
+          }
+          memset(out, 0, dim * sizeof(float));
+          for (int64_t part = 0; part < parts; ++part) {
+            const float *sums = part_results(call, row, token, head, part), *part_tops = sums + group * dim, *part_totals = part_tops + group;
+            float weight = expf(part_tops[g] - top);
+            total += weight * part_totals[g];
+            for (int64_t d = 0; d < dim; ++d) out[d] += weight * sums[g * dim + d];
+          }
+          for (int64_t d = 0; d < dim; ++d) out[d] /= total;
         }
-        memset(out, 0, dim * sizeof(float));
-        for (int64_t part = 0; part < call->parts; ++part) {
-          const float *sums = part_results(call, first + part), *tops = sums + group * dim, *totals = tops + group;
-          float weight = expf(tops[g] - top);
-          total += weight * totals[g];
-          for (int64_t d = 0; d < dim; ++d) out[d] += weight * sums[g * dim + d];
-        }
-        for (int64_t d = 0; d < dim; ++d) out[d] /= total;
-      }
     }
+}
+
+/* The attention of a step's tokens: blocks of them per part as work items, then the split tokens merged. */
+static OrtStatus *attend_step(OrtKernelContext *context, AttentionCall *call) {
+  call->parts = 1;
+  for (int64_t row = 0; row < call->batch; ++row) {
+    int64_t parts = token_parts(call, call->seqlens_k[row] + 1); /* the row's last token has the most */
+    call->parts = parts > call->parts ? parts : call->parts;
   }
+  int64_t blocks = (call->new_width + call->span - 1) / call->span;
+  if (call->parts > 1) {
+    call->parts_results = malloc((size_t)(call->batch * call->new_width * call->kv_heads * call->parts * call->group * (call->dim + 2)) * sizeof(float));
+    if (!call->parts_results) return fail("moecc.Attention: out of memory");
+  }
+  size_t items = (size_t)(call->batch * call->kv_heads * call->parts * blocks);
+  OrtStatus *status = ort->KernelContext_ParallelFor(context, attend_block, items, 0, call);
+  if (!status && !call->error && call->parts > 1) merge_parts(call);
+  free(call->parts_results);
+  return status ? status : call->error;
 }
 
 OrtStatus *check_call(const AttentionCall *call, int64_t positions) {
@@ -683,16 +770,7 @@ OrtStatus *attention_run(OrtKernelContext *context, AttentionCall *call) {
   call->span = walk_span(call->group);
   call->column_span = column_span(call);
   CHECK(ort->KernelContext_ParallelFor(context, append, (size_t)(call->batch * call->new_width), 0, call));
-  call->parts = decode_parts(call);
-  if (call->parts > 1) {
-    size_t items = (size_t)(call->batch * call->kv_heads * call->parts);
-    call->parts_results = malloc(items * call->group * (call->dim + 2) * sizeof(float));
-    if (!call->parts_results) return fail("moecc.Attention: out of memory");
-    OrtStatus *status = ort->KernelContext_ParallelFor(context, attend_part, items, 0, call);
-    if (!status && !call->error) merge_parts(call);
-    free(call->parts_results);
-    return status ? status : call->error;
-  }
+  if (call->new_width <= STEP_TOKENS) return attend_step(context, call);
   int64_t blocks = (call->new_width + QUERY_BLOCK - 1) / QUERY_BLOCK;
   CHECK(ort->KernelContext_ParallelFor(context, attend, (size_t)(call->batch * call->kv_heads * blocks), 0, call));
   return call->error;

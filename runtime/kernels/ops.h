@@ -53,8 +53,8 @@ typedef struct {
   int64_t batch, new_width, heads, kv_heads, group, dim, capacity;
   int64_t span; /* new tokens per walk of the cache (walk_span) */
   int64_t column_span; /* ... per column walk, 0 where the kernel has none (column_span) */
-  int64_t parts;        /* a decode call's parts per row's cache (decode_parts) */
-  float *parts_results; /* ... and their results (attend_part) */
+  int64_t parts;        /* a step's parts per token's cache, the most any of its tokens has (attend_step) */
+  float *parts_results; /* ... and their results (attend_token) */
   float scale;
   const float *query, *key, *value, *cos, *sin, *key_scale, *value_scale, *query_norm, *key_norm;
   float epsilon;

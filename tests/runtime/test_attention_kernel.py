@@ -134,15 +134,16 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scal
 @pytest.mark.parametrize("int8", [False, True], ids=["float-cache", "int8-cache"])
 @pytest.mark.parametrize(
     "heads, kv_heads, width",
-    [(6, 2, 5), (6, 2, 9), (2, 1, 1), (6, 2, 1)],
-    ids=["verify-5", "verify-9", "decode-one-kv-head", "decode-two-kv-heads"],
+    [(6, 2, 5), (6, 2, 9), (2, 1, 1), (6, 2, 1), (6, 2, 40)],
+    ids=["verify-5", "verify-9", "decode-one-kv-head", "decode-two-kv-heads", "prefill-40"],
 )  # fmt: skip
 @pytest.mark.parametrize("march", MARCHES)
 def test_a_call_after_a_long_cache_matches_group_query_attention(heads, kv_heads, width, int8, march):
-    """Hundreds of cached rows, small-coder's heads (main and draft). The AVX2 kernel walks a verify's in
-    blocks of 60 with a running softmax, and the keys grow along the cache, so that nearly every block's scores
-    rise above the maxima so far and the sums are rescaled; the last block is ragged. A decode step of a call
-    with few heads splits each row's cache into parts, 3 and 2 here, whose sums are merged."""
+    """Hundreds of cached rows, small-coder's heads (main and draft). A decode step's or a verify's tokens, with
+    these few key/value heads, split the cache into parts at multiples of 256 rows, 4 and 2 here, whose sums
+    are merged. The AVX2 kernel walks a prompt's in blocks of 60 with a running softmax, and the keys grow
+    along the cache, so that nearly every block's scores rise above the maxima so far and the sums are
+    rescaled; the last block is ragged."""
     dim, capacity = 64, 1024
     rng = np.random.default_rng(width + kv_heads)
     model = _attention_model(heads, kv_heads, dim, False, int8, capacity)
@@ -160,6 +161,36 @@ def test_a_call_after_a_long_cache_matches_group_query_attention(heads, kv_heads
     for row in range(2):
         np.testing.assert_allclose(actual[0][row, : new[row]], expected[0][row, : new[row]], atol=2e-5, rtol=0)
         assert not actual[0][row, new[row] :].any(), "padding positions are zeros"
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float-cache", "int8-cache"])
+@pytest.mark.parametrize("heads, kv_heads", [(6, 2), (2, 1), (8, 2), (16, 1), (8, 8)], ids=["group3", "group2", "group4", "group16", "group1"])
+@pytest.mark.parametrize("march", MARCHES)
+def test_a_token_gets_the_same_bits_in_a_step_as_in_its_own_decode_step(heads, kv_heads, int8, march):
+    """A verify's tokens (up to 33, the most a step takes), each bit for bit what its own decode step of the row
+    alone gives: greedy speculation is lossless only if the main model's verify scores a position exactly as
+    its decode step would. Two rows, the second padded, after 250 and 500 cached rows, so that tokens cross
+    the cache's parts (multiples of 256 rows) within the call."""
+    dim, capacity, width = 64, 600, 33
+    rng = np.random.default_rng(heads + kv_heads)
+    model = _attention_model(heads, kv_heads, dim, True, int8, capacity)
+    session = _session(model, dim, fused=True, march=march)
+    cached, new = np.array([250, 500]), np.array([width, width - 4])
+    query = rng.standard_normal((2, width, (heads + 2 * kv_heads) * dim), dtype=np.float32)
+    caches = {name: rng.standard_normal((2, kv_heads, capacity, dim), dtype=np.float32) for name in ("past_key", "past_value")}
+    if int8:
+        caches = _quantized(caches, kv_heads, dim)
+    lengths = {"seqlens_k": (cached + new - 1).astype(np.int32), "total_sequence_length": np.array((cached + new).max(), np.int32), "query_seqlens": new.astype(np.int32)}
+    step = _run(session, {"query": query} | lengths, caches, True)[0]
+    for row in range(2):
+        cache = {name: array[row : row + 1] for name, array in caches.items()}
+        for token in range(new[row]):
+            length = cached[row] + token + 1
+            feeds = {"query": query[row : row + 1, token : token + 1], "seqlens_k": np.array([length - 1], np.int32),
+                     "total_sequence_length": np.array(length, np.int32), "query_seqlens": np.array([1], np.int32)}  # fmt: skip
+            alone, *present = _run(session, feeds, cache, False)
+            cache = dict(zip(("past_key", "past_value"), present))
+            assert np.array_equal(step[row, token], alone[0, 0]), f"row {row}, token {token}"
 
 
 def test_unsupported_nodes_stay_with_onnx_runtime_and_say_why():

@@ -96,16 +96,20 @@ def test_kernel_matches_onnx_runtime_moe(experts, k, hidden, inter, tokens, marc
     _agree(_moe_model(experts, hidden, inter, k=k), _feeds(_moe_model(experts, hidden, inter, k=k), tokens), march)
 
 
-def test_a_token_gets_the_same_bits_however_many_share_its_experts():
-    """A verify block's tokens, bit for bit what each gets alone, here with every token on the same two experts
-    (groups of up to four routes per pass, and more): greedy speculation is lossless only if the main model's
-    verify scores a position exactly as its own decode step would."""
+@pytest.mark.parametrize("shared", [True, False], ids=["same-two-experts", "spread-over-experts"])
+def test_a_token_gets_the_same_bits_however_many_share_its_experts(shared):
+    """A verify block's tokens, bit for bit what each gets alone: every token on the same two experts (groups of
+    up to four routes per pass, and more), or spread over all eight (so that a call's experts number from two
+    to eight, and each expert's units are cut into the same pieces however many there are): greedy
+    speculation is lossless only if the main model's verify scores a position exactly as its own decode step
+    would."""
     model = _moe_model(8, 384, 192)
     session = _session(model, ours=True)
     rng = np.random.default_rng(3)
     x, router = rng.standard_normal((13, 384), dtype=np.float32), rng.standard_normal((13, 8), dtype=np.float32)
-    router[:, 3] += 5.0
-    router[:, 5] += 4.0
+    if shared:
+        router[:, 3] += 5.0
+        router[:, 5] += 4.0
     alone = np.concatenate([session.run(None, {"input": x[[token]], "router": router[[token]]})[0] for token in range(13)])
     for tokens in (2, 4, 5, 9, 13):
         assert np.array_equal(session.run(None, {"input": x[:tokens], "router": router[:tokens]})[0], alone[:tokens]), f"{tokens} tokens"
