@@ -38,7 +38,7 @@ verify's up to 33) get bit for bit what each token's own decode step of its row 
    cache (attend_block), and regrouped, a token's sums differed between its verify's walk and its decode
    step's in the SSE2 build. Where the machine has AVX and FMA, the sums that matter go through intrinsics
    (total, multiply_add), which no compiler regroups. */
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__GNUC__) && !defined(__clang__) && !(defined(__AVX__) && defined(__FMA__))
 #pragma GCC optimize("no-associative-math")
 #endif
 
@@ -201,6 +201,14 @@ static inline f8 totals8(const f8 *a) {
 static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
 #endif
 
+/* Keeps a vector loaded once in a register: GCC would fold its load into each multiply-add that reads it, one
+   load per use (where loads, not multiply-adds, then bound the loop). */
+#ifdef __AVX__
+#define KEEP(v) __asm__("" : "+x"(v))
+#else
+#define KEEP(v) (void)(v)
+#endif
+
 /* scores[g * stride + t] = queries[g] . keys[t] for t < length; two rows at a time, so that twice as many
    sums are in flight as one row's group has (a row's sums alone wait on each other's latency). Both loops
    prefetch the rows 16 ahead: a long cache comes from memory, one stream per thread (measured 4 % faster per
@@ -212,7 +220,24 @@ static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
     for (; EIGHT_KEYS && sizeof(TYPE) == sizeof(float) && t + 8 <= length; t += 8) {                              \
       const TYPE *k = keys + t * dim;                                                                             \
       for (int64_t p = 0; p < 8 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(k + 16 * dim) + p); \
-      for (int64_t g = 0; g < group; ++g) {                                                                       \
+      int64_t g = 0;                                                                                              \
+      for (; group > 4 && g + 2 <= group; g += 2) /* several tokens' rows: two against four keys, each key loaded once for both */ \
+        for (int half = 0; half < 8; half += 4) {                                                                 \
+          f8 one[4] = {0}, two[4] = {0};                                                                          \
+          for (int64_t d = 0; d < dim; d += LANES) {                                                              \
+            f8 query = load_float(queries + g * dim + d), next = load_float(queries + (g + 1) * dim + d);        \
+            KEEP(query);                                                                                          \
+            KEEP(next);                                                                                           \
+            for (int j = 0; j < 4; ++j) {                                                                         \
+              f8 key = LOAD(k + (half + j) * dim + d);                                                            \
+              one[j] = multiply_add(query, key, one[j]);                                                          \
+              two[j] = multiply_add(next, key, two[j]);                                                           \
+            }                                                                                                     \
+          }                                                                                                       \
+          store_totals(one, 4, scores + g * stride + t + half, 1);                                                \
+          store_totals(two, 4, scores + (g + 1) * stride + t + half, 1);                                          \
+        }                                                                                                         \
+      for (; g < group; ++g) {                                                                                    \
         f8 sums[8] = {0};                                                                                         \
         for (int64_t d = 0; d < dim; d += LANES) {                                                                \
           f8 query = load_float(queries + g * dim + d);                                                           \
@@ -427,35 +452,39 @@ static inline __attribute__((always_inline)) void column_scores(const float *key
   }
 }
 
-/* out[r + i, c .. c + 8 * WEIGH_VECTORS] += the sum over t < count of weights[t * width + r + i] * values[t, c ..],
-   for i < rows (at most WEIGH_ROWS): their sums, a value row's vectors and a weight fill 15 of the 16 vector
-   registers. */
+/* out[r + i, c .. c + 8 * WEIGH_VECTORS] += the sum over t < count of weights[t * width + (r + i) * apart] *
+   values[t, c ..], for i < rows (at most WEIGH_ROWS), each row's terms in turn: their sums, a value row's
+   vectors and a weight fill 15 of the 16 vector registers. With `prefetch`, the values 16 rows ahead are
+   fetched (a walk's first pass, where nothing fetched them before). */
 enum { WEIGH_ROWS = 6, WEIGH_VECTORS = 2 };
 static inline __attribute__((always_inline)) void column_weigh_pass(const float *values, int64_t count, const float *weights, int64_t width,
-                                                                     int64_t r, int64_t c, int64_t dim, float *out, const int rows) {
+                                                                     int64_t apart, int64_t r, int64_t c, int64_t dim, float *out, const int rows,
+                                                                     int prefetch) {
   f8 sums[WEIGH_ROWS][WEIGH_VECTORS];
   for (int i = 0; i < rows; ++i)
     for (int v = 0; v < WEIGH_VECTORS; ++v) sums[i][v] = load_float(out + (r + i) * dim + c + 8 * v);
   for (int64_t t = 0; t < count; ++t) {
+    if (prefetch)
+      for (int64_t p = 0; p < dim; p += 16) __builtin_prefetch(values + (t + 16) * dim + p);
     f8 value[WEIGH_VECTORS];
     for (int v = 0; v < WEIGH_VECTORS; ++v) {
       value[v] = load_float(values + t * dim + c + 8 * v);
-#if COLUMN_WALKS
-      __asm__("" : "+x"(value[v])); /* loaded once: GCC would fold the load into each row's multiply-add */
-#endif
+      KEEP(value[v]);
     }
     for (int i = 0; i < rows; ++i) {
-      float w = weights[t * width + r + i];
-      for (int v = 0; v < WEIGH_VECTORS; ++v) sums[i][v] += w * value[v];
+      float w = weights[t * width + (r + i) * apart];
+      for (int v = 0; v < WEIGH_VECTORS; ++v) sums[i][v] = multiply_add(splat(w), value[v], sums[i][v]);
     }
   }
   for (int i = 0; i < rows; ++i)
     for (int v = 0; v < WEIGH_VECTORS; ++v) memcpy(out + (r + i) * dim + c + 8 * v, &sums[i][v], sizeof(f8));
 }
 
-/* out[r] += the sum over t < count of weights[t * width + r] * values[t], for r < rows. */
-#define WEIGH_PASS(n) column_weigh_pass(values, count, weights, width, r, c, dim, out, n)
-static void column_weigh(const float *values, int64_t count, const float *weights, int64_t width, int64_t rows, int64_t dim, float *out) {
+/* out[r] += the sum over t < count of weights[t * width + r * apart] * values[t], for r < rows (with
+   `prefetch`, fetching the values ahead in the first pass). */
+#define WEIGH_PASS(n) column_weigh_pass(values, count, weights, width, apart, r, c, dim, out, n, prefetch && r == 0 && c == 0)
+static void column_weigh(const float *values, int64_t count, const float *weights, int64_t width, int64_t apart, int64_t rows, int64_t dim,
+                         int prefetch, float *out) {
   for (int64_t r = 0; r < rows; r += WEIGH_ROWS)
     for (int64_t c = 0; c < dim; c += 8 * WEIGH_VECTORS) {
       switch (rows - r < WEIGH_ROWS ? rows - r : WEIGH_ROWS) {
@@ -467,6 +496,20 @@ static void column_weigh(const float *values, int64_t count, const float *weight
         default: WEIGH_PASS(WEIGH_ROWS); break;
       }
     }
+}
+
+/* weigh_float's sums for more rows than one token's group has (a verify's), in column_weigh's passes: 12
+   multiply-adds to 8 loads, where weigh_float's loop, one row's weight at a time against every column, makes
+   one to one. Each row's terms are added in turn either way, so a row gets the same numbers from both; a
+   decode step's few rows keep weigh_float, 0.92 of this one's time (one thread, small-coder's heads after
+   2,000 cached). (Laying the weights across first, a key's rows side by side as a column walk has them,
+   measured no faster.) */
+static void weigh_float_rows(const float *values, int64_t length, const float *weights, int64_t rows, int64_t dim, int64_t stride, const float *inverse,
+                             float *out) {
+  memset(out, 0, rows * dim * sizeof(float));
+  column_weigh(values, length, weights, 1, stride, rows, dim, 1, out);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < dim; ++d) out[r * dim + d] *= inverse[r];
 }
 
 static inline f8 larger(f8 a, f8 b) {
@@ -543,7 +586,7 @@ static void attend_columns(AttentionCall *call, int64_t row, int64_t head, int64
         default: column_scores(k, v, count, queries, dim, scores, 4, 3); break;
       }
       column_softmax(scores, from, count, width, rows, past + start + 1, group, &running, sums, dim);
-      column_weigh(v, count, scores, width, rows, dim, sums);
+      column_weigh(v, count, scores, width, 1, rows, dim, 0, sums); /* column_scores fetched the values */
     }
     for (int64_t r = 0; r < rows; ++r) {
       float *out = head_output(call, row, start + r / group, head * group + r % group);
@@ -566,13 +609,42 @@ static void scaled_queries(const AttentionCall *call, int64_t row, int64_t head,
   }
 }
 
-/* A walk's products for a group of g query rows, as attend and attend_part call them: over `length` cached rows
-   from element `cache` of the head's cache, `queries` and `weights` (rows `stride` apart), then `inverse`
-   and `merged`, the caller's. */
-#define SCORE_INT8(g) scores_int8((const int8_t *)call->cache_key + cache, length, queries, g, dim, weights, stride)
-#define SCORE_FLOAT(g) scores_float((const float *)call->cache_key + cache, length, queries, g, dim, weights, stride)
-#define WEIGH_INT8(g) weigh_int8((const int8_t *)call->cache_value + cache, length, weights, g, dim, stride, inverse, call->value_scale + head * dim, merged)
-#define WEIGH_FLOAT(g) weigh_float((const float *)call->cache_value + cache, length, weights, g, dim, stride, inverse, NULL, merged)
+/* A walk's products for `rows` query rows of one key/value head, as attend and attend_block call them: over
+   `length` cached rows from element `cache` of the head's cache, the rows' scores into `weights` (rows `stride`
+   apart), and their weighted sums, times `inverse`, into `merged`. The loops above hold up to MAX_GROUP rows'
+   sums, so more go MAX_GROUP at a time: each row's numbers are its own either way. */
+#define SCORE_INT8(g) scores_int8((const int8_t *)call->cache_key + cache, length, queries + done * dim, g, dim, weights + done * stride, stride)
+#define SCORE_FLOAT(g) scores_float((const float *)call->cache_key + cache, length, queries + done * dim, g, dim, weights + done * stride, stride)
+#define WEIGH_INT8(g) \
+  weigh_int8((const int8_t *)call->cache_value + cache, length, weights + done * stride, g, dim, stride, inverse + done, call->value_scale + head * dim, merged + done * dim)
+#define WEIGH_FLOAT(g) \
+  weigh_float((const float *)call->cache_value + cache, length, weights + done * stride, g, dim, stride, inverse + done, NULL, merged + done * dim)
+
+/* INT8 (an int8 cache) or FLOAT for rows `done` .. of `rows`, up to MAX_GROUP at a time. */
+#define IN_GROUPS(INT8, FLOAT)                                                 \
+  for (int64_t done = 0; done < rows; done += MAX_GROUP) {                     \
+    int64_t count = rows - done < MAX_GROUP ? rows - done : MAX_GROUP;         \
+    if (call->quantized) {                                                     \
+      BY_GROUP(INT8, count)                                                    \
+    } else {                                                                   \
+      BY_GROUP(FLOAT, count)                                                   \
+    }                                                                          \
+  }
+
+static void score_rows(const AttentionCall *call, int64_t cache, int64_t length, const float *queries, int64_t rows, float *weights, int64_t stride) {
+  int64_t dim = call->dim;
+  IN_GROUPS(SCORE_INT8, SCORE_FLOAT)
+}
+
+static void weigh_rows(const AttentionCall *call, int64_t head, int64_t cache, int64_t length, const float *weights, int64_t rows, int64_t stride,
+                       const float *inverse, float *merged) {
+  int64_t dim = call->dim;
+  if (!call->quantized && rows > 4) {
+    weigh_float_rows((const float *)call->cache_value + cache, length, weights, rows, dim, stride, inverse, merged);
+    return;
+  }
+  IN_GROUPS(WEIGH_INT8, WEIGH_FLOAT)
+}
 
 /* Work item of a prompt's second phase (a call of more than STEP_TOKENS new tokens a row): one row, one
    key/value head, a block of new tokens; each token's `group` queries attend to the cache up to and including
@@ -601,11 +673,7 @@ static void attend(void *data, size_t item) {
   for (int64_t start = first; start < last; start += span) {
     int64_t end = start + span < last ? start + span : last, rows = (end - start) * group, length = past + end;
     for (int64_t token = start; token < end; ++token) scaled_queries(call, row, head, token, queries + (token - start) * group * dim);
-    if (call->quantized) {
-      BY_GROUP(SCORE_INT8, rows)
-    } else {
-      BY_GROUP(SCORE_FLOAT, rows)
-    }
+    score_rows(call, cache, length, queries, rows, weights, stride);
     float inverse[MAX_GROUP];
     for (int64_t r = 0; r < rows; ++r) {
       int64_t own = past + start + r / group + 1; /* the row's token attends up to its own position */
@@ -613,11 +681,7 @@ static void attend(void *data, size_t item) {
       inverse[r] = 1.f / softmax(weights + r * stride, own, &top);
       memset(weights + r * stride + own, 0, (length - own) * sizeof(float));
     }
-    if (call->quantized) {
-      BY_GROUP(WEIGH_INT8, rows)
-    } else {
-      BY_GROUP(WEIGH_FLOAT, rows)
-    }
+    weigh_rows(call, head, cache, length, weights, rows, stride, inverse, merged);
     for (int64_t token = start; token < end; ++token)
       memcpy(head_output(call, row, token, head * group), merged + (token - start) * group * dim,
              group * dim * sizeof(float));
@@ -630,7 +694,7 @@ static void attend(void *data, size_t item) {
    the main model's own output only if a verify scores each position exactly as the decode step would; where
    a verify's tokens walked the cache together in column walks, small-coder's verify logits differed from its
    decode steps' by up to 1.4e-5, enough to flip a near-tie. Here a step's tokens still share walks (up to
-   walk_span's at a time), with arithmetic that gives each query row the same numbers in any walk: a score is
+   step_span's at a time), with arithmetic that gives each query row the same numbers in any walk: a score is
    its dot product in one order whichever loop computes it (total, multiply_add), each row's softmax runs over
    its own keys only, and its weighted sum adds one key after another, a zero weight past its own position
    adding nothing.
@@ -643,7 +707,19 @@ static void attend(void *data, size_t item) {
    the other waited: small-coder's draft (one key/value head) proposed in 0.20 ms rather than 0.22 after a
    1,536-token prompt on a 2-core AVX2 EPYC, and k = 4 decoding took 0.96 of its time (medians of 14 prompts,
    generators interleaved in one process). */
-enum { STEP_TOKENS = 33, TARGET_ITEMS = 8, SPLIT_KEYS = 256 };
+enum { STEP_TOKENS = 33, TARGET_ITEMS = 8, SPLIT_KEYS = 256, STEP_ROWS = 32 };
+
+/* Tokens per walk of a step: as many as fit STEP_ROWS query rows, their queries and sums the walk's buffers
+   (MAX_GROUP * 512 floats). A verify of 9 tokens of small-coder's 3 heads per key/value head then walks the
+   cache once, and the benchmark-size model's 4, twice. After 2,000 cached, on one thread, the attention of a
+   verify of 5 and of 9 tokens takes 1.08-1.10x and 0.99-1.02x the time the column walks took (small-coder's
+   heads), 1.10-1.13x and 1.12-1.18x (the benchmark-size model's); with walks of up to 16 rows and the loops
+   one row at a time, up to 1.47x. Small-coder's speculative decoding runs as fast as before (k = 8 and auto,
+   12 prompts, per-prompt ratios 0.99 and 1.00 against the column walks' build). */
+static int64_t step_span(const AttentionCall *call) {
+  int64_t rows = STEP_ROWS < MAX_GROUP * 512 / call->dim ? STEP_ROWS : MAX_GROUP * 512 / call->dim;
+  return rows / call->group > 1 ? rows / call->group : 1;
+}
 
 /* Parts of the cache for a token with `total` cached rows up to and including its own. */
 static int64_t token_parts(const AttentionCall *call, int64_t total) {
@@ -657,12 +733,12 @@ static float *part_results(const AttentionCall *call, int64_t row, int64_t token
   return call->parts_results + index * call->group * (call->dim + 2);
 }
 
-/* Work item of a step: one row, one key/value head, one part of the cache, a block of walk_span's tokens, whose
+/* Work item of a step: one row, one key/value head, one part of the cache, a block of step_span's tokens, whose
    queries walk the part together; each token's group of rows attends to the part up to its own position. A
    token of one part writes its output, one of several its part's results. */
 static void attend_block(void *data, size_t item) {
   AttentionCall *call = data;
-  int64_t span = call->span, blocks = (call->new_width + span - 1) / span, parts = call->parts;
+  int64_t span = step_span(call), blocks = (call->new_width + span - 1) / span, parts = call->parts;
   int64_t block = (int64_t)item % blocks, part = (int64_t)item / blocks % parts, head = (int64_t)item / (blocks * parts) % call->kv_heads;
   int64_t row = (int64_t)item / (blocks * parts * call->kv_heads), group = call->group, dim = call->dim, past = past_length(call, row);
   int64_t first = block * span, last = first + span < call->query_seqlens[row] ? first + span : call->query_seqlens[row];
@@ -670,17 +746,14 @@ static void attend_block(void *data, size_t item) {
   if (first >= last || from >= end) return; /* padding, or a part past the block's tokens */
   int64_t to = parts > 1 && from + SPLIT_KEYS < end ? from + SPLIT_KEYS : end;
   int64_t rows = (last - first) * group, length = to - from, stride = length, cache = ((row * call->kv_heads + head) * call->capacity + from) * dim;
-  float *weights = malloc(rows * length * sizeof(float)), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512], inverse[MAX_GROUP], tops[MAX_GROUP], totals[MAX_GROUP];
+  float *weights = malloc(rows * length * sizeof(float)), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512], tops[STEP_ROWS], totals[STEP_ROWS];
+  float inverse[STEP_ROWS] = {0}; /* each row's is set below; GCC cannot tell that every row read is one of them */
   if (!weights) {
     fail_once(&call->error, "moecc.Attention: out of memory");
     return;
   }
   for (int64_t token = first; token < last; ++token) scaled_queries(call, row, head, token, queries + (token - first) * group * dim);
-  if (call->quantized) {
-    BY_GROUP(SCORE_INT8, rows)
-  } else {
-    BY_GROUP(SCORE_FLOAT, rows)
-  }
+  score_rows(call, cache, length, queries, rows, weights, stride);
   for (int64_t r = 0; r < rows; ++r) {
     int64_t own = past + first + r / group + 1, keys = (own < to ? own : to) - from; /* the row's keys in the part */
     tops[r] = -1e30f, totals[r] = 0.f, inverse[r] = 1.f;
@@ -690,11 +763,7 @@ static void attend_block(void *data, size_t item) {
     }
     memset(weights + r * stride + (keys > 0 ? keys : 0), 0, (length - (keys > 0 ? keys : 0)) * sizeof(float));
   }
-  if (call->quantized) {
-    BY_GROUP(WEIGH_INT8, rows)
-  } else {
-    BY_GROUP(WEIGH_FLOAT, rows)
-  }
+  weigh_rows(call, head, cache, length, weights, rows, stride, inverse, merged);
   free(weights);
   for (int64_t token = first; token < last; ++token) {
     int64_t own = past + token + 1, g0 = (token - first) * group;
@@ -743,7 +812,7 @@ static OrtStatus *attend_step(OrtKernelContext *context, AttentionCall *call) {
     int64_t parts = token_parts(call, call->seqlens_k[row] + 1); /* the row's last token has the most */
     call->parts = parts > call->parts ? parts : call->parts;
   }
-  int64_t blocks = (call->new_width + call->span - 1) / call->span;
+  int64_t blocks = (call->new_width + step_span(call) - 1) / step_span(call);
   if (call->parts > 1) {
     call->parts_results = malloc((size_t)(call->batch * call->new_width * call->kv_heads * call->parts * call->group * (call->dim + 2)) * sizeof(float));
     if (!call->parts_results) return fail("moecc.Attention: out of memory");
