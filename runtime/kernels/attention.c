@@ -34,10 +34,10 @@ verify's up to 33) get bit for bit what each token's own decode step of its row 
 
 #include "ops.h"
 
-/* Fast-math, but sums in the order written: a step's tokens must get the same numbers in any walk of the
-   cache (attend_block), and regrouped, a token's sums differed between its verify's walk and its decode
-   step's in the SSE2 build. Where the machine has AVX and FMA, the sums that matter go through intrinsics
-   (total, multiply_add), which no compiler regroups. */
+/* A step's tokens must get the same numbers in any walk of the cache (attend_block). Where the machine has AVX
+   and FMA, the sums that matter go through intrinsics (total, multiply_add), which no compiler regroups;
+   elsewhere, with GCC, fast-math but sums in the order written: regrouped, a token's sums differed between its
+   verify's walk and its decode step's in the SSE2 build. (A Clang build without AVX and FMA may regroup them.) */
 #if defined(__GNUC__) && !defined(__clang__) && !(defined(__AVX__) && defined(__FMA__))
 #pragma GCC optimize("no-associative-math")
 #endif
