@@ -151,8 +151,8 @@ static inline float total(f8 v) {
 
 /* a * b + c, each product added on its own in the order written: fused where the machine has FMA, as an
    intrinsic, which fast-math may not regroup. A step's tokens share walks of the cache whose lengths and
-   blocks differ from their decode steps' (attend_block), so a token's sums must
-   not depend on how a loop groups its terms. */
+   blocks differ from their decode steps' (attend_block), so a token's sums must not depend on how a loop
+   groups its terms. */
 static inline f8 multiply_add(f8 a, f8 b, f8 c) {
 #ifdef __FMA__
   return (f8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
@@ -201,6 +201,10 @@ static inline f8 totals8(const f8 *a) {
 static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
 #endif
 
+/* Walks of up to FEW_ROWS query rows (a decode step's group of heads) score and weigh one row at a time; more
+   (a verify's tokens together) two rows against four keys, and in column_weigh's passes. */
+enum { FEW_ROWS = 4 };
+
 /* Keeps a vector loaded once in a register: GCC would fold its load into each multiply-add that reads it, one
    load per use (where loads, not multiply-adds, then bound the loop). */
 #ifdef __AVX__
@@ -221,7 +225,7 @@ static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
       const TYPE *k = keys + t * dim;                                                                             \
       for (int64_t p = 0; p < 8 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(k + 16 * dim) + p); \
       int64_t g = 0;                                                                                              \
-      for (; group > 4 && g + 2 <= group; g += 2) /* several tokens' rows: two against four keys, each key loaded once for both */ \
+      for (; group > FEW_ROWS && g + 2 <= group; g += 2) /* two rows against four keys, each key loaded once for both */ \
         for (int half = 0; half < 8; half += 4) {                                                                 \
           f8 one[4] = {0}, two[4] = {0};                                                                          \
           for (int64_t d = 0; d < dim; d += LANES) {                                                              \
@@ -500,10 +504,10 @@ static void column_weigh(const float *values, int64_t count, const float *weight
 
 /* weigh_float's sums for more rows than one token's group has (a verify's), in column_weigh's passes: 12
    multiply-adds to 8 loads, where weigh_float's loop, one row's weight at a time against every column, makes
-   one to one. Each row's terms are added in turn either way, so a row gets the same numbers from both; a
-   decode step's few rows keep weigh_float, 0.92 of this one's time (one thread, small-coder's heads after
-   2,000 cached). (Laying the weights across first, a key's rows side by side as a column walk has them,
-   measured no faster.) */
+   one to one. Each row's terms are added in turn either way, so a row gets the same numbers from both. A
+   decode step's few rows keep weigh_float and one row's scores at a time: with this loop and the paired
+   scores, small-coder's decode step's attention took 1.07x as long (one thread, 2,000 cached). (Laying the
+   weights across first, a key's rows side by side as a column walk has them, measured no faster.) */
 static void weigh_float_rows(const float *values, int64_t length, const float *weights, int64_t rows, int64_t dim, int64_t stride, const float *inverse,
                              float *out) {
   memset(out, 0, rows * dim * sizeof(float));
@@ -639,7 +643,7 @@ static void score_rows(const AttentionCall *call, int64_t cache, int64_t length,
 static void weigh_rows(const AttentionCall *call, int64_t head, int64_t cache, int64_t length, const float *weights, int64_t rows, int64_t stride,
                        const float *inverse, float *merged) {
   int64_t dim = call->dim;
-  if (!call->quantized && rows > 4) {
+  if (!call->quantized && rows > FEW_ROWS) {
     weigh_float_rows((const float *)call->cache_value + cache, length, weights, rows, dim, stride, inverse, merged);
     return;
   }
@@ -755,13 +759,14 @@ static void attend_block(void *data, size_t item) {
   for (int64_t token = first; token < last; ++token) scaled_queries(call, row, head, token, queries + (token - first) * group * dim);
   score_rows(call, cache, length, queries, rows, weights, stride);
   for (int64_t r = 0; r < rows; ++r) {
-    int64_t own = past + first + r / group + 1, keys = (own < to ? own : to) - from; /* the row's keys in the part */
+    int64_t own = past + first + r / group + 1, keys = own < to ? own - from : length; /* the row's keys in the part */
     tops[r] = -1e30f, totals[r] = 0.f, inverse[r] = 1.f;
     if (keys > 0) {
       totals[r] = softmax(weights + r * stride, keys, &tops[r]);
       if (token_parts(call, own) == 1) inverse[r] = 1.f / totals[r];
     }
-    memset(weights + r * stride + (keys > 0 ? keys : 0), 0, (length - (keys > 0 ? keys : 0)) * sizeof(float));
+    if (keys < 0) keys = 0; /* the part lies past this row's token */
+    memset(weights + r * stride + keys, 0, (length - keys) * sizeof(float));
   }
   weigh_rows(call, head, cache, length, weights, rows, stride, inverse, merged);
   free(weights);

@@ -51,10 +51,10 @@ size_t ORT_API_CALL one_output(const OrtCustomOp *op);
    that run it: moecc.Attention and moecc.DenseDecoder. */
 typedef struct {
   int64_t batch, new_width, heads, kv_heads, group, dim, capacity;
-  int64_t span; /* new tokens per walk of the cache (walk_span) */
+  int64_t span; /* a prompt's new tokens per walk of the cache (walk_span) */
   int64_t column_span; /* ... per column walk, 0 where the kernel has none (column_span) */
   int64_t parts;        /* a step's parts per token's cache, the most any of its tokens has (attend_step) */
-  float *parts_results; /* ... and their results (attend_token) */
+  float *parts_results; /* ... and their results (attend_block) */
   float scale;
   const float *query, *key, *value, *cos, *sin, *key_scale, *value_scale, *query_norm, *key_norm;
   float epsilon;
