@@ -37,10 +37,15 @@ enum { PANEL = 32 }; /* columns of a panel: two AVX-512 vectors, four AVX2 ones 
    first cache, so that the first pass's prefetches overlap the others' multiplications: over the whole panel
    each, the later passes read it from the second cache while the memory stood idle. With both, small-coder's
    verify of 9 positions on that machine ran its MatMuls 1.10-1.16x as fast as ONNX Runtime's, 0.92-0.93x
-   before, and of 5, 1.01-1.07x against 0.94-0.97x (--widths 1 5 9). A prompt's items pass over the whole
-   panel each, with fewer sums to store and reload: its prefill of 400 tokens 0.96-0.99x as fast as ONNX
-   Runtime's where blocks made it 0.92x. AVX-512 keeps whole-panel passes of 12 rows and no blocks, as
-   measured when it was written. */
+   before, and of 5, 1.01-1.07x against 0.94-0.97x (--widths 1 5 9). An item of 4 to ROWS rows (a verify of 3
+   to 5 proposals) passes over each block's whole panel, WIDE_ROWS rows at a time, instead of over each half
+   with all its rows: on one core of an AVX2 EPYC, small-coder's shared-expert products beyond the cache took
+   0.86-0.91x the time for 4 to 6 rows, and the whole model's verify of 4 to 6 positions 0.97-0.99x
+   (bench-moe's 0.92-0.97x). With 7 or more rows, passes of 3 took 1.05-1.2x what half-panel passes of 6 do,
+   so those stay. A prompt's items pass over the whole panel each, with fewer sums to store and reload: its
+   prefill of 400 tokens 0.96-0.99x as fast as ONNX Runtime's where blocks made it 0.92x (and passes of 3 by
+   blocks, 0.86-0.89x as fast as now, 64 or 400 tokens). AVX-512 keeps whole-panel passes of 12 rows and no
+   blocks, as measured when it was written. */
 #if defined(__AVX512F__)
 #define LANES 16
 #define ROWS 12
@@ -200,15 +205,18 @@ static void pack(void *data, size_t item) {
     for (int64_t k = 0; k < call->inner; ++k) block[k * ROWS + r] = call->x[(first + r) * call->inner + k];
 }
 
-/* Rows first .. last - 1 of x against float panel `panel_index`, in passes of up to ROWS rows. */
+/* Rows first .. last - 1 of x against float panel `panel_index`, in passes of up to ROWS rows (of up to WIDE_ROWS
+   where an item of at most ROWS rows goes by blocks). */
+_Static_assert(ROWS % WIDE_ROWS == 0, "a pass's rows lie in one packed block");
 static void multiply_float(const Call *call, int64_t panel_index, int64_t first, int64_t last, vector *sums) {
   const float *weights = (const float *)call->weights + panel_index * call->inner * PANEL;
-  int64_t one_pass = last - first <= WIDE_ROWS, block = BLOCK && !one_pass && call->rows <= CHUNK ? BLOCK : call->inner;
+  int64_t rows = last - first, blocked = BLOCK && rows > WIDE_ROWS && call->rows <= CHUNK;
+  int64_t block = blocked ? BLOCK : call->inner, rows_per_pass = blocked && rows <= ROWS ? WIDE_ROWS : ROWS;
   for (int64_t k0 = 0; k0 < call->inner; k0 += block) {
     int64_t k1 = k0 + block < call->inner ? k0 + block : call->inner;
-    for (int64_t row = first; row < last; row += ROWS) {
-      int64_t count = last - row < ROWS ? last - row : ROWS;
-      const float *x = call->packed ? call->packed + row * call->inner : call->x;
+    for (int64_t row = first; row < last; row += rows_per_pass) {
+      int64_t count = last - row < rows_per_pass ? last - row : rows_per_pass;
+      const float *x = call->packed ? call->packed + (row - row % ROWS) * call->inner + row % ROWS : call->x;
       pass_of(x, call->packed ? ROWS : 1, k0, k1, weights, sums + (row - first) * VECTORS, count);
     }
   }

@@ -71,7 +71,7 @@ def test_a_row_gets_the_same_bits_in_a_call_of_any_width(inner, columns):
     session = _session(_model(inner, columns), ours=True)
     x = np.random.default_rng(inner).standard_normal((1, 49, inner), dtype=np.float32)
     alone = np.concatenate([session.run(None, {"x": x[:, [row]]})[0] for row in range(49)], axis=1)
-    for rows in (2, 5, 9, 13, 24, 25, 49):  # one pass, half-panel passes, blocks of several passes, a prompt's whole-panel passes
+    for rows in (2, 5, 9, 13, 24, 25, 49):  # one pass, passes of 3 by blocks, half-panel passes by blocks, a prompt's whole-panel passes
         assert np.array_equal(session.run(None, {"x": x[:, :rows]})[0], alone[:, :rows]), f"{rows} rows"
 
 
