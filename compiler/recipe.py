@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from compiler import corpus
 from compiler.errors import RecipeError
+from runtime.speculative import MAX_DRAFT_LENGTH
 
 STDLIB_HELDOUT = "stdlib:heldout"
 
@@ -138,10 +139,10 @@ class VerifySettings(_Frozen):
 
 
 class GenerationDefaults(_Frozen):
-    draft_length: Annotated[int, Field(ge=1, le=32)] | Literal["auto"] = Field(
+    draft_length: Annotated[int, Field(ge=1, le=MAX_DRAFT_LENGTH)] | Literal["auto"] = Field(
         default="auto", description="proposals per step, or auto: chosen per step from measured acceptance and costs"
     )
-    max_draft_length: int = Field(default=8, ge=1, le=32, description="the longest an automatic draft length may be (a prompt lookup's, every step)")
+    max_draft_length: int = Field(default=8, ge=1, le=MAX_DRAFT_LENGTH, description="the longest an automatic draft length may be (a prompt lookup's, every step)")
     max_new_tokens: int = Field(default=128, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
 

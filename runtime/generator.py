@@ -12,12 +12,11 @@ from tokenizers import Tokenizer
 from runtime.artifact import Manifest, verify_artifact
 from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
-from runtime.kernels.dense import MAX_CHAIN
 from runtime.kernels.session import Kernels
 from runtime.sampling import SamplingParams
 from runtime.speculative import (
-    AdaptiveDraftLength, BatchDraft, BatchLookupDraft, BatchLookupThenDraft, BatchModelDraft, Draft, FixedDraftLength, GenerationStats, LookupDraft,
-    LookupThenDraft, ModelDraft, decode, decode_batch,
+    MAX_DRAFT_LENGTH, AdaptiveDraftLength, BatchDraft, BatchLookupDraft, BatchLookupThenDraft, BatchModelDraft, Draft, FixedDraftLength,
+    GenerationStats, LookupDraft, LookupThenDraft, ModelDraft, decode, decode_batch,
 )  # fmt: skip
 
 
@@ -98,10 +97,8 @@ class Generator:
                 # Which tokens a seed draws depends on the draft lengths; measured timings would make them vary.
                 return FixedDraftLength(min(SEEDED_DRAFT_LENGTH, self.manifest.generation.max_draft_length))
             return self.adaptive_draft_length
-        # Up to MAX_CHAIN, as a recipe's: a verify of that many proposals is still a step, whose positions the main
-        # model scores exactly as its decode steps would (runtime/kernels/attention.c's STEP_TOKENS).
-        if not isinstance(draft_length, int) or isinstance(draft_length, bool) or not 1 <= draft_length <= MAX_CHAIN:
-            raise MoeccError(f"draft_length must be an integer from 1 to {MAX_CHAIN} or 'auto', not {draft_length!r}")
+        if not isinstance(draft_length, int) or isinstance(draft_length, bool) or not 1 <= draft_length <= MAX_DRAFT_LENGTH:
+            raise MoeccError(f"draft_length must be an integer from 1 to {MAX_DRAFT_LENGTH} or 'auto', not {draft_length!r}")
         return FixedDraftLength(draft_length)
 
     def _required_draft(self, proposer: str):

@@ -17,6 +17,10 @@ from runtime.decoder import BatchKvCache, TokenLedger
 from runtime.prompt_lookup import MAX_NGRAM, MIN_NGRAM, PromptLookup
 from runtime.sampling import SamplingParams, distribution, draw, one_hot
 
+# The most proposals a step verifies: a verify of that many is still a step, whose positions the main model scores
+# exactly as its decode steps would (runtime/kernels/attention.c's STEP_TOKENS, 33 positions a row).
+MAX_DRAFT_LENGTH = 32
+
 
 @dataclass
 class Proposal:
