@@ -124,7 +124,8 @@ class Ours:
 
 def ours_in_turn(generator, prompts, new_tokens, settings: dict[str, dict]) -> dict[str, Ours]:
     """Every setting (name -> stream options) on each prompt before the next prompt is taken, so that the
-    machine's drift, which moves main-only decoding by 1.2x within a minute here, reaches all alike."""
+    machine's drift (main-only decoding ran 1.26x faster in one round than in another of one run here) reaches
+    all alike."""
     runs = {name: Ours() for name in settings}
     _start_idle()  # PyTorch's threads spin a while after its last call
     for ids in prompts:
