@@ -162,12 +162,32 @@ static inline float swiglu(const Kernel *kernel, float gate, float linear) {
   return gate / (1.f + expf(-kernel->alpha * gate)) * (linear + kernel->beta);
 }
 
-/* A unit's contribution to one route: the route's weight times swiglu of its gate and linear sums. Not inlined,
-   so that every loop that makes one (a decode step's, a prompt's) computes it with the same instructions: inlined,
-   fast-math let the compiler order its products and the lanes' sums by the code around them, and a token's
-   output changed with the number of tokens beside it. */
-static __attribute__((noinline)) float coefficient(const Kernel *kernel, float weight, vector gate, vector linear) {
-  return weight * swiglu(kernel, total(gate), total(linear));
+/* activate()'s arrays start on a cache line, so that a loop the compiler peels to align its vectors peels
+   nothing, and no coefficient comes out of its scalar code instead of its vector code. */
+#define ALIGNED __attribute__((aligned(64)))
+
+/* coefficients[i] = weights[i] * swiglu(gates[i], linears[i]) for i < count, a multiple of 16: each a unit's
+   contribution to one route, from the totals of its gate and linear sums. Every loop that makes them (a decode
+   step's, a prompt's) hands them here, so that they come out of the same instructions whatever the loop, and
+   in whole vectors (the compiler's vector exp): one at a time, inlined, they took a fifth of a prompt's time,
+   and fast-math ordered their products by the code around them, so that a token's output changed with the
+   number of tokens beside it. */
+static __attribute__((noinline, noclone)) void activate(const Kernel *kernel, const float *restrict gates, const float *restrict linears,
+                                               const float *restrict weights, float *restrict coefficients, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) coefficients[i] = weights[i] * swiglu(kernel, gates[i], linears[i]);
+}
+
+/* The totals of ROWS / 2 units' sums (from unit u: gate and linear rows in turn) for `tokens` tokens, with their
+   routes' weights, into activate()'s inputs laid out [unit][token]. */
+static inline __attribute__((always_inline)) void gather_totals(vector sums[ROWS][MAX_TOKENS], int64_t u, int64_t tokens, const float *weights,
+                                                                float *gates, float *linears, float *scales) {
+  for (int64_t p = 0; p < ROWS / 2; ++p)
+    for (int64_t t = 0; t < tokens; ++t) {
+      int64_t i = (u + p) * tokens + t;
+      gates[i] = total(sums[2 * p][t]);
+      linears[i] = total(sums[2 * p + 1][t]);
+      scales[i] = weights[t];
+    }
 }
 
 /* One pass over UNITS units for TOKENS (1 to 4, a constant where it is called, so that the sums stay in
@@ -182,7 +202,7 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
      step's MoE 1.26x as fast at the shipped pair's H = 256 and a 5-token verify's 1.33-1.40x; 1.07-1.15x at
      H = 512; at H = 1024 the same prefetches cost 13-15 %, so they are left to the hardware there. */
   int fetch_ahead = hidden * (int64_t)sizeof(float) < 4096;
-  float coefficients[UNITS][MAX_TOKENS];
+  ALIGNED float gates[UNITS * MAX_TOKENS], linears[UNITS * MAX_TOKENS], scales[UNITS * MAX_TOKENS], coefficients[UNITS * MAX_TOKENS]; /* [u][t] */
   for (int64_t u = 0; u < UNITS; u += ROWS / 2) {
     vector sums[ROWS][MAX_TOKENS];
     for (int64_t r = 0; r < ROWS; ++r)
@@ -201,16 +221,15 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
         for (int64_t t = 0; t < token_count; ++t) sums[r][t] = multiply_add(w, x[t], sums[r][t]);
       }
     }
-    for (int64_t p = 0; p < ROWS / 2; ++p)
-      for (int64_t t = 0; t < token_count; ++t)
-        coefficients[u + p][t] = coefficient(call->kernel, weights[t], sums[2 * p][t], sums[2 * p + 1][t]);
+    gather_totals(sums, u, token_count, weights, gates, linears, scales);
   }
+  activate(call->kernel, gates, linears, scales, coefficients, UNITS * token_count);
   for (int64_t h = 0; h < hidden; h += LANES) {
     vector out[MAX_TOKENS];
     for (int64_t t = 0; t < token_count; ++t) out[t] = load(partials[t] + h);
     for (int64_t u = 0; u < UNITS; ++u) {
       vector w = load(fc2 + u * hidden + h);
-      for (int64_t t = 0; t < token_count; ++t) out[t] = multiply_add(splat(coefficients[u][t]), w, out[t]);
+      for (int64_t t = 0; t < token_count; ++t) out[t] = multiply_add(splat(coefficients[u * token_count + t]), w, out[t]);
     }
     for (int64_t t = 0; t < token_count; ++t) store(partials[t] + h, out[t]);
   }
@@ -224,13 +243,14 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
    (12 sums), where pass() broadcast a coefficient for every multiply-add. On one core of an AVX2 EPYC, an
    expert's 8 to 32 routes took 0.82-0.90x pass()'s time (H = 384, I = 192) and 0.78-0.85x (H = 1024, I = 512),
    and the whole model's prefill of 64 and 400 tokens 0.86-0.89x on bench-moe (2 threads); 4 to 7 routes stay
-   with pass(). */
+   with pass(). With the coefficients made 8 at a time (activate), bench-moe's prefill took 0.84x its time
+   before both, small-coder's 0.93-0.96x, and decode and verify calls stayed level. */
 enum { MANY_ROUTES = 8, GROUP_TOKENS = 48, FC1_TOKENS = 4, FC2_TOKENS = 6, FC2_FLOATS = 16 };
 enum { FC2_VECTORS = FC2_FLOATS / LANES };
 
-/* coefficients[t * UNITS] for one unit's two fc1 rows (`rows`) and TOKENS tokens (a constant where it is called). */
+/* activate()'s inputs [t * UNITS] for one unit's two fc1 rows (`rows`) and TOKENS tokens (a constant where it is called). */
 static inline __attribute__((always_inline)) void unit_activations(const Call *call, const float *rows, const float *const *xs, const float *weights,
-                                                                   int tokens, float *coefficients) {
+                                                                   int tokens, float *gates, float *linears, float *scales) {
   int64_t hidden = call->hidden;
   vector gate[FC1_TOKENS], linear[FC1_TOKENS];
   for (int t = 0; t < tokens; ++t) gate[t] = linear[t] = (vector){0};
@@ -244,7 +264,11 @@ static inline __attribute__((always_inline)) void unit_activations(const Call *c
       linear[t] = multiply_add(l, x, linear[t]);
     }
   }
-  for (int t = 0; t < tokens; ++t) coefficients[t * UNITS] = coefficient(call->kernel, weights[t], gate[t], linear[t]);
+  for (int t = 0; t < tokens; ++t) {
+    gates[t * UNITS] = total(gate[t]);
+    linears[t * UNITS] = total(linear[t]);
+    scales[t * UNITS] = weights[t];
+  }
 }
 
 /* partials[t] += sum over UNITS units u of coefficients[t][u] * fc2[u], for TOKENS tokens (a constant where it is called). */
@@ -271,19 +295,20 @@ static inline __attribute__((always_inline)) void unit_outputs(int64_t hidden, c
 static void group_pass(const Call *call, const float *fc1, const float *fc2, const float *const *xs, const float *weights, int64_t count,
                        float *const *partials) {
   int64_t hidden = call->hidden;
-  float coefficients[GROUP_TOKENS][UNITS];
+  ALIGNED float gates[GROUP_TOKENS][UNITS], linears[GROUP_TOKENS][UNITS], scales[GROUP_TOKENS][UNITS], coefficients[GROUP_TOKENS][UNITS];
   for (int64_t u = 0; u < UNITS; ++u) {
     const float *rows = fc1 + 2 * u * hidden;
     for (int64_t t = 0; t < count; t += FC1_TOKENS) {
-      float *into = &coefficients[t][u];
+      float *g = &gates[t][u], *l = &linears[t][u], *w = &scales[t][u];
       switch (count - t < FC1_TOKENS ? count - t : FC1_TOKENS) {
-        case 1: unit_activations(call, rows, xs + t, weights + t, 1, into); break;
-        case 2: unit_activations(call, rows, xs + t, weights + t, 2, into); break;
-        case 3: unit_activations(call, rows, xs + t, weights + t, 3, into); break;
-        default: unit_activations(call, rows, xs + t, weights + t, 4, into); break;
+        case 1: unit_activations(call, rows, xs + t, weights + t, 1, g, l, w); break;
+        case 2: unit_activations(call, rows, xs + t, weights + t, 2, g, l, w); break;
+        case 3: unit_activations(call, rows, xs + t, weights + t, 3, g, l, w); break;
+        default: unit_activations(call, rows, xs + t, weights + t, 4, g, l, w); break;
       }
     }
   }
+  activate(call->kernel, gates[0], linears[0], scales[0], coefficients[0], count * UNITS);
   for (int64_t t = 0; t < count; t += FC2_TOKENS) {
     switch (count - t < FC2_TOKENS ? count - t : FC2_TOKENS) {
       case 1: unit_outputs(hidden, fc2, coefficients + t, 1, partials + t); break;
@@ -301,7 +326,8 @@ static void group_pass(const Call *call, const float *fc1, const float *fc2, con
 static inline __attribute__((always_inline)) void pass_quantized(const Call *call, int64_t expert, int64_t unit, const float *const *xs,
                                                                  const float *weights, int64_t token_count, float *const *partials) {
   int64_t hidden = call->hidden, inter = call->inter, blocks = hidden / call->block1;
-  float offset = call->kernel->offset, coefficients[UNITS][MAX_TOKENS];
+  float offset = call->kernel->offset;
+  ALIGNED float gates[UNITS * MAX_TOKENS], linears[UNITS * MAX_TOKENS], scales_of[UNITS * MAX_TOKENS], coefficients[UNITS * MAX_TOKENS]; /* [u][t] */
   for (int64_t u = 0; u < UNITS; u += ROWS / 2) {
     int64_t row = expert * 2 * inter + 2 * (unit + u); /* the first of this step's ROWS fc1 rows */
     const uint8_t *rows = call->fc1_levels + row * hidden;
@@ -321,10 +347,9 @@ static inline __attribute__((always_inline)) void pass_quantized(const Call *cal
         }
       }
     }
-    for (int64_t p = 0; p < ROWS / 2; ++p)
-      for (int64_t t = 0; t < token_count; ++t)
-        coefficients[u + p][t] = coefficient(call->kernel, weights[t], sums[2 * p][t], sums[2 * p + 1][t]);
+    gather_totals(sums, u, token_count, weights, gates, linears, scales_of);
   }
+  activate(call->kernel, gates, linears, scales_of, coefficients, UNITS * token_count);
   const uint8_t *columns = call->fc2_levels + (expert * inter + unit) * hidden;
   const float *scales = call->fc2 + (expert * (inter / call->block2) + unit / call->block2) * hidden;
   for (int64_t h = 0; h < hidden; h += LANES) {
@@ -332,7 +357,7 @@ static inline __attribute__((always_inline)) void pass_quantized(const Call *cal
     for (int64_t t = 0; t < token_count; ++t) out[t] = load(partials[t] + h);
     for (int64_t u = 0; u < UNITS; ++u) {
       vector w = (levels_at(columns + u * hidden + h) - offset) * scale;
-      for (int64_t t = 0; t < token_count; ++t) out[t] = multiply_add(splat(coefficients[u][t]), w, out[t]);
+      for (int64_t t = 0; t < token_count; ++t) out[t] = multiply_add(splat(coefficients[u * token_count + t]), w, out[t]);
     }
     for (int64_t t = 0; t < token_count; ++t) store(partials[t] + h, out[t]);
   }
