@@ -165,6 +165,12 @@ static inline float swiglu(const Kernel *kernel, float gate, float linear) {
 /* activate()'s arrays start on a cache line, so that a loop the compiler peels to align its vectors peels
    nothing, and no coefficient comes out of its scalar code instead of its vector code. */
 #define ALIGNED __attribute__((aligned(64)))
+/* One body for every caller: GCC would otherwise clone it for each constant count, each its own code. */
+#if defined(__clang__)
+#define ONE_BODY __attribute__((noinline))
+#else
+#define ONE_BODY __attribute__((noinline, noclone))
+#endif
 
 /* coefficients[i] = weights[i] * swiglu(gates[i], linears[i]) for i < count, a multiple of 16: each a unit's
    contribution to one route, from the totals of its gate and linear sums. Every loop that makes them (a decode
@@ -172,7 +178,7 @@ static inline float swiglu(const Kernel *kernel, float gate, float linear) {
    in whole vectors (the compiler's vector exp): one at a time, inlined, they took a fifth of a prompt's time,
    and fast-math ordered their products by the code around them, so that a token's output changed with the
    number of tokens beside it. */
-static __attribute__((noinline, noclone)) void activate(const Kernel *kernel, const float *restrict gates, const float *restrict linears,
+static ONE_BODY void activate(const Kernel *kernel, const float *restrict gates, const float *restrict linears,
                                                const float *restrict weights, float *restrict coefficients, int64_t count) {
   for (int64_t i = 0; i < count; ++i) coefficients[i] = weights[i] * swiglu(kernel, gates[i], linears[i]);
 }
