@@ -250,7 +250,9 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
    expert's 8 to 32 routes took 0.82-0.90x pass()'s time (H = 384, I = 192) and 0.78-0.85x (H = 1024, I = 512),
    and the whole model's prefill of 64 and 400 tokens 0.86-0.89x on bench-moe (2 threads); 4 to 7 routes stay
    with pass(). With the coefficients made 8 at a time (activate), bench-moe's prefill took 0.84x its time
-   before both, small-coder's 0.93-0.96x, and decode and verify calls stayed level. */
+   before both, small-coder's 0.93-0.96x, and decode and verify calls stayed level. moecc.QMoE's experts go
+   the same way, 16 units at a time turned into floats (dequantize): one core, INT4 and INT8 experts at H = 384,
+   64 tokens 0.77-0.84x the time of pass_quantized(), 400 tokens 0.71-0.81x. */
 enum { MANY_ROUTES = 8, GROUP_TOKENS = 48, FC1_TOKENS = 4, FC2_TOKENS = 6, FC2_FLOATS = 16 };
 enum { FC2_VECTORS = FC2_FLOATS / LANES };
 
@@ -327,6 +329,30 @@ static void group_pass(const Call *call, const float *fc1, const float *fc2, con
   }
 }
 
+/* moecc.QMoE's weights as floats, in every loop alike: fc1's at inputs d .. d + LANES of a row (its level times
+   its block's scale, less the offset times it), and fc2's at outputs h .. h + LANES of a unit's row. */
+static inline vector fc1_weight(const uint8_t *levels, float scale, float shift) { return multiply_add(levels_at(levels), splat(scale), splat(-shift)); }
+static inline vector fc2_weight(const uint8_t *levels, float offset, vector scale) { return (levels_at(levels) - offset) * scale; }
+
+/* UNITS units of a quantized expert from `unit` as group_pass's float rows: their 2 * UNITS fc1 rows, then their
+   UNITS fc2 rows, each weight the number pass_quantized() makes of it. */
+static void dequantize(const Call *call, int64_t expert, int64_t unit, float *out) {
+  int64_t hidden = call->hidden, inter = call->inter, blocks = hidden / call->block1;
+  float offset = call->kernel->offset;
+  for (int64_t r = 0; r < 2 * UNITS; ++r) {
+    int64_t row = expert * 2 * inter + 2 * unit + r;
+    const uint8_t *levels = call->fc1_levels + row * hidden;
+    for (int64_t block = 0; block < blocks; ++block) {
+      float scale = call->fc1[row * blocks + block], shift = offset * scale;
+      for (int64_t d = block * call->block1; d < (block + 1) * call->block1; d += LANES) store(out + r * hidden + d, fc1_weight(levels + d, scale, shift));
+    }
+  }
+  const uint8_t *columns = call->fc2_levels + (expert * inter + unit) * hidden;
+  const float *scales = call->fc2 + (expert * (inter / call->block2) + unit / call->block2) * hidden;
+  for (int64_t u = 0; u < UNITS; ++u)
+    for (int64_t h = 0; h < hidden; h += LANES) store(out + (2 * UNITS + u) * hidden + h, fc2_weight(columns + u * hidden + h, offset, load(scales + h)));
+}
+
 /* pass() for moecc.QMoE: the same steps, on levels turned into floats as they are read and scaled per block (a
    pass's UNITS units lie in one block of fc2's: B2 is a multiple of UNITS). */
 static inline __attribute__((always_inline)) void pass_quantized(const Call *call, int64_t expert, int64_t unit, const float *const *xs,
@@ -348,7 +374,7 @@ static inline __attribute__((always_inline)) void pass_quantized(const Call *cal
         vector x[MAX_TOKENS];
         for (int64_t t = 0; t < token_count; ++t) x[t] = load(xs[t] + d);
         for (int64_t r = 0; r < ROWS; ++r) {
-          vector w = levels_at(rows + r * hidden + d) * scale[r] - shift[r];
+          vector w = fc1_weight(rows + r * hidden + d, scale[r], shift[r]);
           for (int64_t t = 0; t < token_count; ++t) sums[r][t] = multiply_add(w, x[t], sums[r][t]);
         }
       }
@@ -362,7 +388,7 @@ static inline __attribute__((always_inline)) void pass_quantized(const Call *cal
     vector out[MAX_TOKENS], scale = load(scales + h);
     for (int64_t t = 0; t < token_count; ++t) out[t] = load(partials[t] + h);
     for (int64_t u = 0; u < UNITS; ++u) {
-      vector w = (levels_at(columns + u * hidden + h) - offset) * scale;
+      vector w = fc2_weight(columns + u * hidden + h, offset, scale);
       for (int64_t t = 0; t < token_count; ++t) out[t] = multiply_add(splat(coefficients[u * token_count + t]), w, out[t]);
     }
     for (int64_t t = 0; t < token_count; ++t) store(partials[t] + h, out[t]);
@@ -377,11 +403,14 @@ static void expert(void *data, size_t item) {
   int64_t hidden = call->hidden, routes = call->tokens * call->k, first = call->first[expert], end = call->first[expert + 1];
   for (int64_t route = first; route < end; ++route) memset(call->partial + (part * routes + route) * hidden, 0, hidden * sizeof(float));
   int64_t last = (part + 1) * call->units_per_item < call->inter ? (part + 1) * call->units_per_item : call->inter;
-  int quantized = call->fc1_levels != NULL;
+  int quantized = call->fc1_levels != NULL, many = end - first >= MANY_ROUTES;
+  /* a quantized expert's units as floats for group_pass, once per UNITS units; without the memory, pass_quantized() */
+  float *floats = quantized && many ? malloc((size_t)(3 * UNITS * hidden) * sizeof(float)) : NULL;
   for (int64_t unit = part * call->units_per_item; unit < last; unit += UNITS) {
-    const float *fc1 = quantized ? NULL : call->fc1 + (expert * 2 * call->inter + 2 * unit) * hidden;
-    const float *fc2 = quantized ? NULL : call->fc2 + (expert * call->inter + unit) * hidden;
-    if (!quantized && end - first >= MANY_ROUTES) {
+    const float *fc1 = quantized ? floats : call->fc1 + (expert * 2 * call->inter + 2 * unit) * hidden;
+    const float *fc2 = quantized ? (floats ? floats + 2 * UNITS * hidden : NULL) : call->fc2 + (expert * call->inter + unit) * hidden;
+    if (many && (!quantized || floats)) {
+      if (quantized) dequantize(call, expert, unit, floats);
       for (int64_t route = first; route < end; route += GROUP_TOKENS) {
         int64_t count = end - route < GROUP_TOKENS ? end - route : GROUP_TOKENS;
         const float *xs[GROUP_TOKENS];
@@ -415,6 +444,7 @@ static void expert(void *data, size_t item) {
       }
     }
   }
+  free(floats);
 }
 
 /* Second phase, one work item: HIDDEN_PER_SUM outputs of one token, the sum of its routes' partials (in a

@@ -96,14 +96,15 @@ def test_kernel_matches_onnx_runtime_moe(experts, k, hidden, inter, tokens, marc
     _agree(_moe_model(experts, hidden, inter, k=k), _feeds(_moe_model(experts, hidden, inter, k=k), tokens), march)
 
 
+@pytest.mark.parametrize("bits, block", [(None, 0), (8, 0), (4, 32)], ids=["float", "int8-per-row", "int4"])
 @pytest.mark.parametrize("shared", [True, False], ids=["same-two-experts", "spread-over-experts"])
-def test_a_token_gets_the_same_bits_however_many_share_its_experts(shared):
+def test_a_token_gets_the_same_bits_however_many_share_its_experts(shared, bits, block):
     """A verify block's tokens, bit for bit what each gets alone: every token on the same two experts (groups of
-    up to four routes per pass, and more), or spread over all eight (so that a call's experts number from two
-    to eight, and each expert's units are cut into the same pieces however many there are): greedy
-    speculation is lossless only if the main model's verify scores a position exactly as its own decode step
-    would."""
-    model = _moe_model(8, 384, 192)
+    up to four routes per pass, and from 8 routes an expert's units one by one, as a prompt's), or spread over
+    all eight (so that a call's experts number from two to eight, and each expert's units are cut into the same
+    pieces however many there are): greedy speculation is lossless only if the main model's verify scores a
+    position exactly as its own decode step would."""
+    model = _moe_model(8, 384, 192) if bits is None else _qmoe_model(8, 384, 192, bits, block)
     session = _session(model, ours=True)
     rng = np.random.default_rng(3)
     x, router = rng.standard_normal((13, 384), dtype=np.float32), rng.standard_normal((13, 8), dtype=np.float32)
