@@ -395,6 +395,15 @@ static inline __attribute__((always_inline)) void pass_quantized(const Call *cal
   }
 }
 
+/* Routes route .. route + count - 1: each one's token (its input row) and its partial output of item `part`. */
+static void route_rows(const Call *call, int64_t part, int64_t route, int64_t count, const float **xs, float **partials) {
+  int64_t hidden = call->hidden, routes = call->tokens * call->k;
+  for (int64_t t = 0; t < count; ++t) {
+    xs[t] = call->x + call->route_token[route + t] * hidden;
+    partials[t] = call->partial + (part * routes + route + t) * hidden;
+  }
+}
+
 /* First phase, one work item: units_per_item units of one chosen expert, for all its routes, into this item's
    partial outputs of those routes. */
 static void expert(void *data, size_t item) {
@@ -415,10 +424,7 @@ static void expert(void *data, size_t item) {
         int64_t count = end - route < GROUP_TOKENS ? end - route : GROUP_TOKENS;
         const float *xs[GROUP_TOKENS];
         float *partials[GROUP_TOKENS];
-        for (int64_t t = 0; t < count; ++t) {
-          xs[t] = call->x + call->route_token[route + t] * hidden;
-          partials[t] = call->partial + (part * routes + route + t) * hidden;
-        }
+        route_rows(call, part, route, count, xs, partials);
         group_pass(call, fc1, fc2, xs, call->route_weight + route, count, partials);
       }
       continue;
@@ -427,10 +433,7 @@ static void expert(void *data, size_t item) {
       int64_t count = end - route < MAX_TOKENS ? end - route : MAX_TOKENS;
       const float *xs[MAX_TOKENS];
       float *partials[MAX_TOKENS];
-      for (int64_t t = 0; t < count; ++t) {
-        xs[t] = call->x + call->route_token[route + t] * hidden;
-        partials[t] = call->partial + (part * routes + route + t) * hidden;
-      }
+      route_rows(call, part, route, count, xs, partials);
       const float *weights = call->route_weight + route;
       switch (count * 2 + quantized) { /* constants for the inlined loops */
         case 2: pass(call, fc1, fc2, xs, weights, 1, partials); break;
