@@ -241,28 +241,37 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
   }
 }
 
-/* An expert's routes when it has MANY_ROUTES or more (a prompt's): the same sums as pass() gives each route, in
-   other loops. pass() keeps 16 sums (4 fc1 rows for 4 tokens), more than AVX2's 16 registers hold beside its
-   rows and tokens, and rereads its UNITS units' rows from the second cache for every 4 tokens. Here each unit's
-   two fc1 rows stay in the first cache while up to GROUP_TOKENS tokens go past them FC1_TOKENS at a time (8
-   sums, every row and token loaded once per step), and fc2 adds 16 outputs of FC2_TOKENS tokens at a time
-   (12 sums), where pass() broadcast a coefficient for every multiply-add. On one core of an AVX2 EPYC, an
-   expert's 8 to 32 routes took 0.82-0.90x pass()'s time (H = 384, I = 192) and 0.78-0.85x (H = 1024, I = 512),
-   and the whole model's prefill of 64 and 400 tokens 0.86-0.89x on bench-moe (2 threads); 4 to 7 routes stay
-   with pass(). With the coefficients made 8 at a time (activate), bench-moe's prefill took 0.84x its time
-   before both, small-coder's 0.93-0.96x, and decode and verify calls stayed level. moecc.QMoE's experts go
-   the same way, 16 units at a time turned into floats (dequantize): one core, INT4 and INT8 experts at H = 384,
-   64 tokens 0.77-0.84x the time of pass_quantized(), 400 tokens 0.71-0.81x. */
-enum { MANY_ROUTES = 8, GROUP_TOKENS = 48, FC1_TOKENS = 4, FC2_TOKENS = 6, FC2_FLOATS = 16 };
+/* An expert's routes when it has MANY_ROUTES or more (a verify's several tokens on one expert, a prompt's): the
+   same sums as pass() gives each route, in other loops. pass() keeps 16 sums (4 fc1 rows for 4 tokens), more
+   than AVX2's 16 registers hold beside its rows and tokens, and rereads its UNITS units' rows from the second
+   cache for every 4 tokens. Here each unit's two fc1 rows stay in the first cache while up to GROUP_TOKENS
+   tokens go past them FC1_TOKENS at a time (8 sums, every row and token loaded once per step), the next unit's
+   rows and this unit's fc2 row fetched meanwhile, and fc2 adds 16 outputs of FC2_TOKENS tokens at a time (12
+   sums), where pass() broadcast a coefficient for every multiply-add. On one core of an AVX2 EPYC, an expert's
+   8 to 32 routes took 0.82-0.90x pass()'s time (H = 384, I = 192) and 0.78-0.85x (H = 1024, I = 512), and with
+   the coefficients made 8 at a time (activate) bench-moe's prefill of 64 and 400 tokens 0.84x (2 threads),
+   small-coder's 0.93-0.96x. With its weights beyond the cache (4 of 64 experts chosen per call), 3 routes took
+   0.84-0.90x pass()'s time and 6 0.69-0.70x (2 routes 0.77-0.88x, but whole verify calls no faster than with
+   3): the whole model's verify of 6 and 9 positions 0.97-0.99x on small-coder, of 5 and 9 0.94-0.95x on
+   bench-moe, prefill and decode level. moecc.QMoE's experts take it from
+   MANY_QUANTIZED_ROUTES, 16 units at a time turned into floats (dequantize): one core, INT4 and INT8 experts at
+   H = 384, 64 tokens 0.77-0.84x the time of pass_quantized(), 400 tokens 0.71-0.81x; with 9 or 16 tokens on 8
+   experts, 1.1-1.25x, where turning them into floats costs more than it saves. */
+enum { MANY_ROUTES = 3, MANY_QUANTIZED_ROUTES = 8, PROMPT_ROUTES = 8, GROUP_TOKENS = 48, FC1_TOKENS = 4, FC2_TOKENS = 6, FC2_FLOATS = 16 };
 enum { FC2_VECTORS = FC2_FLOATS / LANES };
 
 /* activate()'s inputs [t * UNITS] for one unit's two fc1 rows (`rows`) and TOKENS tokens (a constant where it is called). */
-static inline __attribute__((always_inline)) void unit_activations(const Call *call, const float *rows, const float *const *xs, const float *weights,
-                                                                   int tokens, float *gates, float *linears, float *scales) {
+static inline __attribute__((always_inline)) void unit_activations(const Call *call, const float *rows, const float *fc2_row, int fetch, const float *const *xs,
+                                                                   const float *weights, int tokens, float *gates, float *linears, float *scales) {
   int64_t hidden = call->hidden;
   vector gate[FC1_TOKENS], linear[FC1_TOKENS];
   for (int t = 0; t < tokens; ++t) gate[t] = linear[t] = (vector){0};
+  const char *next = (const char *)(rows + 2 * hidden), *output = (const char *)fc2_row;
   for (int64_t d = 0; d < hidden; d += LANES) {
+    if (fetch) {
+      __builtin_prefetch(next + 2 * d * sizeof(float));
+      __builtin_prefetch(output + d * sizeof(float));
+    }
     vector g = load(rows + d), l = load(rows + hidden + d);
     KEEP(g);
     KEEP(l);
@@ -299,9 +308,12 @@ static inline __attribute__((always_inline)) void unit_outputs(int64_t hidden, c
   }
 }
 
-/* One pass over UNITS units for up to GROUP_TOKENS routes (`count`), as pass(). */
+/* One pass over UNITS units for up to GROUP_TOKENS routes (`count`), as pass(); `fetch`: the next unit's rows
+   fetched ahead, for an expert with fewer than PROMPT_ROUTES routes (a verify's), which waits on its weights
+   while the hardware's prefetcher fetches them late. A prompt's many have time for them, and the hints cost it:
+   bench-moe's prefill of 400 tokens 1.04x the time with them. */
 static void group_pass(const Call *call, const float *fc1, const float *fc2, const float *const *xs, const float *weights, int64_t count,
-                       float *const *partials) {
+                       float *const *partials, int fetch) {
   int64_t hidden = call->hidden;
   ALIGNED float gates[GROUP_TOKENS][UNITS], linears[GROUP_TOKENS][UNITS], scales[GROUP_TOKENS][UNITS], coefficients[GROUP_TOKENS][UNITS];
   for (int64_t u = 0; u < UNITS; ++u) {
@@ -309,10 +321,10 @@ static void group_pass(const Call *call, const float *fc1, const float *fc2, con
     for (int64_t t = 0; t < count; t += FC1_TOKENS) {
       float *g = &gates[t][u], *l = &linears[t][u], *w = &scales[t][u];
       switch (count - t < FC1_TOKENS ? count - t : FC1_TOKENS) {
-        case 1: unit_activations(call, rows, xs + t, weights + t, 1, g, l, w); break;
-        case 2: unit_activations(call, rows, xs + t, weights + t, 2, g, l, w); break;
-        case 3: unit_activations(call, rows, xs + t, weights + t, 3, g, l, w); break;
-        default: unit_activations(call, rows, xs + t, weights + t, 4, g, l, w); break;
+        case 1: unit_activations(call, rows, fc2 + u * hidden, fetch, xs + t, weights + t, 1, g, l, w); break;
+        case 2: unit_activations(call, rows, fc2 + u * hidden, fetch, xs + t, weights + t, 2, g, l, w); break;
+        case 3: unit_activations(call, rows, fc2 + u * hidden, fetch, xs + t, weights + t, 3, g, l, w); break;
+        default: unit_activations(call, rows, fc2 + u * hidden, fetch, xs + t, weights + t, 4, g, l, w); break;
       }
     }
   }
@@ -412,7 +424,7 @@ static void expert(void *data, size_t item) {
   int64_t hidden = call->hidden, routes = call->tokens * call->k, first = call->first[expert], end = call->first[expert + 1];
   for (int64_t route = first; route < end; ++route) memset(call->partial + (part * routes + route) * hidden, 0, hidden * sizeof(float));
   int64_t last = (part + 1) * call->units_per_item < call->inter ? (part + 1) * call->units_per_item : call->inter;
-  int quantized = call->fc1_levels != NULL, many = end - first >= MANY_ROUTES;
+  int quantized = call->fc1_levels != NULL, many = end - first >= (quantized ? MANY_QUANTIZED_ROUTES : MANY_ROUTES);
   /* a quantized expert's units as floats for group_pass, once per UNITS units; without the memory, pass_quantized() */
   float *floats = quantized && many ? malloc((size_t)(3 * UNITS * hidden) * sizeof(float)) : NULL;
   for (int64_t unit = part * call->units_per_item; unit < last; unit += UNITS) {
@@ -425,7 +437,7 @@ static void expert(void *data, size_t item) {
         const float *xs[GROUP_TOKENS];
         float *partials[GROUP_TOKENS];
         route_rows(call, part, route, count, xs, partials);
-        group_pass(call, fc1, fc2, xs, call->route_weight + route, count, partials);
+        group_pass(call, fc1, fc2, xs, call->route_weight + route, count, partials, end - first < PROMPT_ROUTES);
       }
       continue;
     }
