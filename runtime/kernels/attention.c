@@ -205,14 +205,6 @@ static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
    (a verify's tokens together) two rows against four keys, and in column_weigh's passes. */
 enum { FEW_ROWS = 4 };
 
-/* Keeps a vector loaded once in a register: GCC would fold its load into each multiply-add that reads it, one
-   load per use (where loads, not multiply-adds, then bound the loop). */
-#ifdef __AVX__
-#define KEEP(v) __asm__("" : "+x"(v))
-#else
-#define KEEP(v) (void)(v)
-#endif
-
 /* scores[g * stride + t] = queries[g] . keys[t] for t < length; two rows at a time, so that twice as many
    sums are in flight as one row's group has (a row's sums alone wait on each other's latency). Both loops
    prefetch the rows 16 ahead: a long cache comes from memory, one stream per thread (measured 4 % faster per

@@ -4,7 +4,8 @@ ONNX Runtime's CPU MoE gives each thread a contiguous range of experts and runs 
 expert, so a decode step's few chosen experts often land on one thread, and a prompt's small per-expert
 batches run far below the machine's arithmetic rate. Here every chosen expert's units are split among the
 threads, each unit's weights are read in one sequential pass for all the tokens that chose its expert (four
-at a time, while a row is in registers; a prompt's many, unit by unit from the core's first cache: group_pass),
+at a time, while a row is in registers; an expert's 3 or more, a verify's or a prompt's, unit by unit from the
+core's first cache: group_pass),
 and the experts' contributions are summed per token at the end.
 Its contract is that of the com.microsoft MoE node it replaces for the float32 SwiGLU experts moecc exports
 (runtime/kernels/session.py swaps it in when a session loads), except that fc2 comes transposed, so that a
@@ -50,7 +51,7 @@ A weight is (level - offset) * its block's scale. */
 enum { INPUT, ROUTER, FC1, FC2, INPUT_COUNT };
 enum { FC1_LEVELS = 2, FC1_SCALES, FC2_LEVELS, FC2_SCALES, MIXING, QUANTIZED_INPUT_COUNT }; /* moecc.QMoE's */
 /* Units one pass reads (their fc1 and fc2 rows, 16 * 3 * H floats: 192 KiB at H = 1024, so that the passes
-   of a long prompt's token groups reread them from the core's cache), and tokens per group. */
+   of an expert's token groups reread them from the core's cache), and tokens per group of pass(). */
 enum { UNITS = 16, MAX_TOKENS = 4, HIDDEN_PER_SUM = 256 };
 /* Work items a decode step aims for: its k chosen experts are cut into at least this many pieces between them
    (each with its own partial sums). Every call cuts an expert as a decode step does, whatever its tokens
@@ -129,14 +130,6 @@ static inline vector multiply_add(vector a, vector b, vector c) {
   return a * b + c;
 #endif
 }
-
-/* Keeps a vector loaded once in a register: GCC folds its load into each multiply-add that reads it otherwise,
-   one load per use, and loads then bound the loop. */
-#if defined(__AVX__)
-#define KEEP(v) __asm__("" : "+x"(v))
-#else
-#define KEEP(v) (void)(v)
-#endif
 
 static inline vector splat(float x) { return (vector){0} + x; }
 

@@ -16,6 +16,14 @@ extern const OrtApi *ort; /* set when the library registers its ops */
 
 OrtStatus *fail(const char *message);
 
+/* Keeps a vector loaded once in a register: GCC would fold its load into each multiply-add that reads it, one
+   load per use (where loads, not multiply-adds, then bound the loop). */
+#ifdef __AVX__
+#define KEEP(v) __asm__("" : "+x"(v))
+#else
+#define KEEP(v) (void)(v)
+#endif
+
 /* An input or output as the kernels read it: its data, shape (at most 4 dimensions) and element type; an
    absent optional input has no value. */
 typedef struct {
