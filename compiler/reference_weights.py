@@ -3,8 +3,9 @@
 A recipe that quantizes a dense model's products (MatMulNBits: 8- or 4-bit blocks, no zero points) changes
 the function the artifact computes; transformers given the dequantized weights computes the same one. Export
 parity checks against that model, and the transformers benchmark gives its assisted generation that draft,
-so both sides speculate with the same model. The runtime computes such products in full precision
-(MatMulNBits's accuracy level 0), so the two agree to float rounding.
+so both sides speculate with the same weights. Given the artifact's graph at MatMulNBits's accuracy level 0
+(full precision), ONNX Runtime agrees with it to float rounding; at the artifact's own level 4, as the runtime
+computes a draft's products, the activations are rounded to 8 bits too.
 """
 
 from __future__ import annotations

@@ -162,7 +162,10 @@ def theirs(model, prompts, new_tokens, assistant=None, lookup_tokens=None):
 
 def assistant_weights(draft_model, generator, artifact: Path) -> str:
     """Give transformers' assistant the draft our runtime runs: a draft whose products the recipe quantized
-    takes their dequantized weights (compiler.reference_weights). Returns which weights it has, for the table."""
+    takes their dequantized weights (compiler.reference_weights). Our runtime also rounds such a draft's
+    activations to 8 bits, as the artifact's MatMulNBits accuracy level asks and transformers does not: on
+    small-coder that moves the draft's greedy agreement with the main model from 0.858 to 0.856 (24 held-out
+    prompts, 128 tokens each). Returns which weights it has, for the table."""
     if generator.manifest.models["draft"].precision == "fp32":
         return "the checkpoint's"
     try:

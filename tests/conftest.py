@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import runtime  # noqa: E402
 from compiler.pipeline import build  # noqa: E402
 from compiler.recipe import load_recipe  # noqa: E402
 from tiny_models import make_pair, tiny_tokenizer, write_recipe  # noqa: E402
@@ -20,12 +22,24 @@ SHIPPED_PAIRS = ("tiny-coder", "small-coder")
 
 def in_full_precision(model) -> None:
     """Set every MatMulNBits of `model` (an onnx.ModelProto) to accuracy level 0: ONNX Runtime then multiplies the
-    dequantized weights by float activations, as the runtime's own 8-bit products do, where a recipe's level 4
-    lets it round the activations to 8 bits too."""
+    dequantized weights by float activations, which is what transformers computes given those weights, where a
+    recipe's level 4 (which the runtime's 8-bit products keep) rounds the activations to 8 bits too."""
     for node in model.graph.node:
         for attribute in node.attribute:
             if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
                 attribute.i = 0
+
+
+def full_precision_decoder(artifact, role: str, folder):
+    """The artifact's `role` model on ONNX Runtime's node-by-node kernels with its 8-bit products in full
+    precision (in_full_precision), written under `folder`."""
+    from runtime.decoder import Decoder
+
+    model = onnx.load(artifact / role / "model.onnx")
+    in_full_precision(model)
+    (folder / role).mkdir(parents=True)
+    onnx.save(model, folder / role / "model.onnx")
+    return Decoder(folder, runtime.load(artifact).manifest.models[role], {f"{role}/model.onnx"}, threads=2, kernels="onnxruntime")
 
 
 @pytest.fixture(scope="session")

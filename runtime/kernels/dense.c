@@ -89,13 +89,14 @@ static int64_t argmax(const float *values, int64_t count) {
   return best;
 }
 
-/* Whether `tensor` holds weights in panels [columns / 32, inner, 32] for these columns and inner size: float, or
-   8-bit with `scales` [columns / 32, inner / 32, 32] where the kernel is quantized. */
+/* Whether `tensor` holds weights in panels for these columns and inner size: float ones [columns / 32, inner, 32],
+   or where the kernel is quantized 8-bit ones in quads [columns / 32, inner / 4, 32, 4] with `scales`
+   [columns / 32, inner / 32, 32]. */
 static int panels(const Kernel *kernel, const Tensor *tensor, const Tensor *scales, int64_t columns, int64_t inner) {
-  if (columns % 32 || !shaped(tensor, 3, columns / 32, inner, 32)) return 0;
-  if (!kernel->quantized) return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && inner % 32 == 0 && scales->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
-         shaped(scales, 3, columns / 32, inner / 32, 32);
+  if (columns % 32) return 0;
+  if (!kernel->quantized) return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && shaped(tensor, 3, columns / 32, inner, 32);
+  return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && inner % 32 == 0 && shaped(tensor, 4, columns / 32, inner / 4, 32) &&
+         tensor->shape[3] == 4 && scales->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && shaped(scales, 3, columns / 32, inner / 32, 32);
 }
 
 static int vector_of(const Tensor *tensor, int64_t size) { return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && shaped(tensor, 1, size, -1, -1); }
@@ -205,7 +206,7 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   int64_t batch = in[INPUT_IDS].shape[0], width = in[INPUT_IDS].shape[1], kept = in[LOGIT_POSITIONS].shape[1];
   model.vocab = in[EMBEDDING].shape[0], model.hidden = in[EMBEDDING].shape[1], model.dim = model.layers[0].past_key.shape[3];
   model.heads = kernel->num_heads, model.kv_heads = kernel->kv_num_heads, model.packed = (model.heads + 2 * model.kv_heads) * model.dim;
-  model.ffn = model.layers[0].down.shape[1], model.capacity = model.layers[0].past_key.shape[2], model.rotary_positions = in[COS].shape[0];
+  model.ffn = model.layers[0].down.shape[1] * (kernel->quantized ? 4 : 1) /* 8-bit panels count rows in quads */, model.capacity = model.layers[0].past_key.shape[2], model.rotary_positions = in[COS].shape[0];
   model.embedding = in[EMBEDDING].data, model.final_norm = in[FINAL_NORM].data, model.head = in[HEAD].data;
   model.head_scales = kernel->quantized ? in[HEAD_SCALES].data : NULL;
   model.cos = in[COS].data, model.sin = in[SIN].data;

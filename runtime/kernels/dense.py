@@ -18,9 +18,10 @@ nothing else, walked back from the logits:
     GatherND(h, logit_positions) -> MatMul(head) -> logits
 
 with every MatMul by a float32 constant, or every one a MatMulNBits by 8-bit blocks of 32 without zero points
-(the draft of a recipe that quantizes its weights to int8: a quarter of the bytes to fetch again after each
-verify). Those run in full precision, each weight dequantized and times float activations (MatMulNBits's
-accuracy_level 0), where the artifact's level 4 lets ONNX Runtime round the activations to 8 bits too.
+at accuracy_level 4 (the draft of a recipe that quantizes its weights to int8: a quarter of the bytes to fetch
+again after each verify). Those run as that level lets ONNX Runtime run them: each row of activations rounded
+to 8 bits per block of 32 and multiplied in integers (runtime/kernels/matmul.c), within float rounding of
+ONNX Runtime's own kernel for the same node.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ GREEDY_STEPS, GREEDY_TOKENS, MAX_CHAIN = "greedy_steps", "greedy_tokens", 32
 # The op types of the exported graph (before moecc.Attention stands in for its attention and query/key norms).
 _OP_TYPES = {"Gather", "SimplifiedLayerNormalization", _SKIP_NORM, "MatMul", "MatMulNBits", "GroupQueryAttention", "Reshape", "Split", "Sigmoid", "Mul", "GatherND"}
 QUANT_BLOCK = 32  # matmul.c's rows of a column per scale of 8-bit weights
+INTEGER_PRODUCTS = 4  # MatMulNBits's accuracy_level with 8-bit activations, which matmul.c's 8-bit products compute
 
 
 class _NoMatch(Exception):
@@ -124,6 +126,8 @@ class _Walk:
             raise _NoMatch(f"{node.name}: its blocks are not uint8 [{columns}, {inner // QUANT_BLOCK}, {QUANT_BLOCK}]")
         if scales.data_type != onnx.TensorProto.FLOAT or math.prod(scales.dims) != columns * inner // QUANT_BLOCK:
             raise _NoMatch(f"{node.name}: not one float32 scale per block")
+        if attribute_value(node, "accuracy_level") != INTEGER_PRODUCTS:
+            raise _NoMatch(f"{node.name}: accuracy_level is not {INTEGER_PRODUCTS} (the kernel rounds the activations to 8 bits, as that level lets ONNX Runtime do)")
         return node, _Weights(node.input[1], inner, columns, node.input[2])
 
     def weights(self, name: str, shape: list[int | None]) -> list[int]:
@@ -263,13 +267,14 @@ def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
 
 
 def _panels(model: onnx.ModelProto, nodes: list[onnx.NodeProto], weights: _Weights) -> list[str]:
-    """The kernel's inputs for a product's weights: float panels [N / 32, K, 32]; or 8-bit ones and their scales
+    """The kernel's inputs for a product's weights: float panels [N / 32, K, 32]; or 8-bit ones in quads [N / 32,
+    K / 4, 32, 4] (4 rows of a column side by side, as matmul.c's integer products read them) and their scales
     [N / 32, K / 32, 32], relaid from MatMulNBits's blocks [N, K / 32, 32] and scales [N * K / 32]."""
     if weights.scales is None:
         return [panelled(model, nodes, weights.name)]
     panels, blocks = weights.columns // PANEL, weights.inner // QUANT_BLOCK
     return [
-        relaid(model, nodes, weights.name, [panels, PANEL, weights.inner], [0, 2, 1]),
+        relaid(model, nodes, weights.name, [panels, PANEL, weights.inner // 4, 4], [0, 2, 1, 3]),
         relaid(model, nodes, weights.scales, [panels, PANEL, blocks], [0, 2, 1]),
     ]
 

@@ -1,4 +1,4 @@
-/* Bytes as floats, for the kernels that read 8-bit levels (moe.c's quantized experts, matmul.c's 8-bit weights);
+/* Bytes as floats, for the kernels that read 8-bit levels as floats (moe.c's quantized experts);
    the includer defines LANES and its float `vector` of LANES lanes. */
 #ifndef MOECC_LEVELS_H
 #define MOECC_LEVELS_H

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import runtime
 from compiler import corpus
 from compiler.recipe import load_recipe
-from conftest import REPO, SHIPPED_RECIPE
+from conftest import REPO, SHIPPED_RECIPE, full_precision_decoder
 from runtime.artifact import verify_artifact
 from script_modules import load_script
 
@@ -25,14 +25,15 @@ def test_an_artifact_built_from_other_checkpoints_is_refused(shipped_artifact):
         bench_vs_transformers.check_built_from(manifest, load_recipe(REPO / "recipes" / "small-coder.yaml"), shipped_artifact)
 
 
-def test_the_assistant_is_the_draft_the_runtime_runs(small_coder_artifact, shipped_artifact):
-    """small-coder's INT8 draft: transformers' assistant takes its dequantized weights and computes our draft's logits;
-    a float draft stays as its checkpoint has it."""
+def test_the_assistant_is_the_draft_the_runtime_runs(small_coder_artifact, shipped_artifact, tmp_path):
+    """small-coder's INT8 draft: transformers' assistant takes its dequantized weights and computes the artifact's
+    draft in full precision (the runtime's rounds its activations to 8 bits too, as the artifact asks); a float
+    draft stays as its checkpoint has it."""
     generator = runtime.load(small_coder_artifact)
     draft = AutoModelForCausalLM.from_pretrained(REPO / "recipes" / "small-coder" / "draft", dtype=torch.float32).eval()
     assert bench_vs_transformers.assistant_weights(draft, generator, small_coder_artifact) == "the artifact's, int8-rtn-b32 dequantized"
     ids = generator.encode(corpus.heldout_prompts(1)[0])[:64]
     with torch.no_grad():
         theirs = draft(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(generator.draft.new_cache().feed(ids) - theirs).max() <= 1e-4
+    assert np.abs(full_precision_decoder(small_coder_artifact, "draft", tmp_path).new_cache().feed(ids) - theirs).max() <= 1e-4
     assert bench_vs_transformers.assistant_weights(None, runtime.load(shipped_artifact), shipped_artifact) == "the checkpoint's"

@@ -14,7 +14,9 @@ from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.decoder import BatchKvCache, Decoder, session_options
 from runtime.kernels import dense, session
-from conftest import in_full_precision
+from runtime.kernels.build import library as kernel_library
+from conftest import full_precision_decoder
+from kernel_sessions import MARCHES
 from tiny_models import VOCAB, save_model, write_recipe
 
 TOLERANCE = 1e-4  # float32 sums in another order
@@ -106,29 +108,25 @@ def test_greedy_proposals_chained_in_one_call_are_those_of_one_call_each(fused_a
         BatchKvCache(fused, 2, 64).buffers.run([[1], [2]], [0, 0], [1, 1], greedy_steps=2)
 
 
-def _full_precision_draft(artifact, folder):
-    """The artifact's draft node by node on ONNX Runtime's kernels, its 8-bit products in full precision, what
-    moecc.DenseDecoder computes."""
-    model = onnx.load(artifact / "draft" / "model.onnx")
-    in_full_precision(model)
-    (folder / "draft").mkdir()
-    onnx.save(model, folder / "draft" / "model.onnx")
-    return Decoder(folder, runtime.load(artifact).manifest.models["draft"], {"draft/model.onnx"}, threads=2, kernels="onnxruntime")
-
-
-def test_an_8_bit_draft_runs_as_one_node_with_its_dequantized_weights(int8_draft_pair, tmp_path):
-    """MatMulNBits's 8-bit blocks of 32 reach the kernel relaid in panels, each weight (u - 128) times its block's
-    scale: logits of the graph in full precision within float rounding, for prompts (several rows a pass) and
-    verify blocks, and the same greedy chains."""
+@pytest.mark.parametrize("march", MARCHES)  # AVX2's byte-pair products, and the plain loops of a machine without them
+def test_an_8_bit_draft_runs_as_one_node_with_integer_products(int8_draft_pair, tmp_path, monkeypatch, march):
+    """MatMulNBits's 8-bit blocks of 32 at accuracy level 4 reach the kernel relaid in quads, and it computes what
+    that level lets ONNX Runtime compute (each row of activations rounded to 8 bits per block, integer sums, then
+    both scales): ONNX Runtime's own nodes' logits within float rounding, for prompts (two rows a pass) and verify
+    blocks, and the same greedy chains. The full-precision products (level 0) differ by far more."""
+    monkeypatch.setattr(session, "library", lambda: kernel_library(march))
     fused = runtime.load(int8_draft_pair, target="cpu", threads=2).draft
     assert fused.kernels == ("moecc.DenseDecoder",) and fused.chains_greedily
     graph = onnx.load(int8_draft_pair / "draft" / "model.onnx", load_external_data=False)
     assert {node.op_type for node in graph.graph.node} >= {"MatMulNBits"}
-    reference = _full_precision_draft(int8_draft_pair, tmp_path)
+    manifest = runtime.load(int8_draft_pair).manifest
+    reference = Decoder(int8_draft_pair, manifest.models["draft"], set(manifest.files), threads=2, kernels="onnxruntime")
     rng = np.random.default_rng(9)
     prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in (19, 4, 11)]
-    ours, theirs = (BatchKvCache(decoder, 3, 64) for decoder in (fused, reference))
-    np.testing.assert_allclose(ours.prefill(prompts), theirs.prefill(prompts), atol=TOLERANCE, rtol=0)
+    ours, theirs, full = (BatchKvCache(decoder, 3, 64) for decoder in (fused, reference, full_precision_decoder(int8_draft_pair, "draft", tmp_path)))
+    logits = ours.prefill(prompts)
+    np.testing.assert_allclose(logits, theirs.prefill(prompts), atol=TOLERANCE, rtol=0)
+    assert np.abs(logits - full.prefill(prompts)).max() > 100 * TOLERANCE
     step = {0: [5, 6, 7], 1: [2], 2: [9, 10]}
     for got, expected in zip(ours.feed(step).values(), theirs.feed(step).values()):
         np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
@@ -137,13 +135,18 @@ def test_an_8_bit_draft_runs_as_one_node_with_its_dequantized_weights(int8_draft
 
 
 def test_8_bit_weights_it_does_not_run_keep_the_node_by_node_kernels(int8_draft_pair):
-    """4-bit blocks, or 8-bit products beside a float one, are not what the kernel reads: it says so."""
+    """4-bit blocks, 8-bit products in full precision (accuracy level 0), or 8-bit products beside a float one are
+    not what the kernel computes: it says so."""
     draft = onnx.load(int8_draft_pair / "draft" / "model.onnx", load_external_data=False)
     assert dense.why_not(draft, 16) is None
     four_bit = onnx.ModelProto.FromString(draft.SerializeToString())
     products = [node for node in four_bit.graph.node if node.op_type == "MatMulNBits"]
     next(attribute for attribute in products[0].attribute if attribute.name == "bits").i = 4
     assert "not 8-bit blocks of 32" in dense.why_not(four_bit, 16)
+    float_products = onnx.ModelProto.FromString(draft.SerializeToString())
+    products = [node for node in float_products.graph.node if node.op_type == "MatMulNBits"]
+    next(attribute for attribute in products[-1].attribute if attribute.name == "accuracy_level").i = 0
+    assert "accuracy_level is not 4" in dense.why_not(float_products, 16)
     mixed = onnx.ModelProto.FromString(draft.SerializeToString())
     head = next(node for node in mixed.graph.node if node.output[0] == "logits")
     inner, columns = (next(attribute.i for attribute in head.attribute if attribute.name == name) for name in ("K", "N"))
