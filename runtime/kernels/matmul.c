@@ -200,8 +200,6 @@ static inline __attribute__((always_inline)) void quantized_pass(const int8_t *l
 #pragma GCC unroll 4
       for (int v = 0; v < COLUMN_VECTORS; ++v) total[r][v] = _mm256_setzero_si256();
     const uint8_t *quads = weights + block * QUANT_BLOCK * PANEL;
-    __builtin_prefetch(quads + AHEAD * PANEL);
-    __builtin_prefetch(quads + AHEAD * PANEL + 64);
 #pragma GCC unroll 8
     for (int quad = 0; quad < QUANT_BLOCK / QUAD; ++quad) {
       __m256i x[QUANT_ROWS];
@@ -226,8 +224,8 @@ static inline __attribute__((always_inline)) void quantized_pass(const int8_t *l
 #pragma GCC unroll 4
       for (int v = 0; v < COLUMN_VECTORS; ++v) {
         __m256 weight = _mm256_mul_ps(level_scale, _mm256_loadu_ps(scales + block * PANEL + v * 8));
-        __m256 *sum = (__m256 *)(sums + r * PANEL + v * 8);
-        _mm256_storeu_ps((float *)sum, _mm256_fmadd_ps(_mm256_cvtepi32_ps(total[r][v]), weight, _mm256_loadu_ps((const float *)sum)));
+        float *sum = sums + r * PANEL + v * 8;
+        _mm256_storeu_ps(sum, _mm256_fmadd_ps(_mm256_cvtepi32_ps(total[r][v]), weight, _mm256_loadu_ps(sum)));
       }
     }
   }

@@ -60,7 +60,7 @@ def family_artifacts(tmp_path_factory, tiny_pair):
 def test_family_matches_transformers(family_artifacts, family):
     root, artifact = family_artifacts[family]
     generator = runtime.load(artifact)
-    _check_cached_decoding(generator, "main", root / "main", VOCAB)
+    _check_cached_decoding(generator.main, root / "main", VOCAB)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
