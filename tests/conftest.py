@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import runtime  # noqa: E402
 from compiler.pipeline import build  # noqa: E402
 from compiler.recipe import load_recipe  # noqa: E402
+from runtime.decoder import Decoder  # noqa: E402
 from tiny_models import make_pair, tiny_tokenizer, write_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +34,6 @@ def in_full_precision(model) -> None:
 def full_precision_decoder(artifact, role: str, folder):
     """The artifact's `role` model on ONNX Runtime's node-by-node kernels with its 8-bit products in full
     precision (in_full_precision), written under `folder`."""
-    from runtime.decoder import Decoder
-
     model = onnx.load(artifact / role / "model.onnx")
     in_full_precision(model)
     (folder / role).mkdir(parents=True)
