@@ -17,9 +17,9 @@ nothing else, walked back from the logits:
                -> SkipSimplifiedLayerNormalization (the next layer's input norm, or the final norm)
     GatherND(h, logit_positions) -> MatMul(head) -> logits
 
-with every MatMul by a float32 constant, or every one a MatMulNBits by 8-bit blocks of 32 without zero points
-at accuracy_level 4 (the draft of a recipe that quantizes its weights to int8: a quarter of the bytes to fetch
-again after each verify). Those run as that level lets ONNX Runtime run them: each row of activations rounded
+with every MatMul by a float32 constant, or every one a MatMulNBits by 8- or 4-bit blocks of 32 without zero
+points at accuracy_level 4 (the draft of a recipe that quantizes its weights to int8 or int4: a quarter of the
+bytes to fetch again after each verify; 4-bit blocks are widened to 8 bits when the session loads). Those run as that level lets ONNX Runtime run them: each row of activations rounded
 to 8 bits per block of 32 and multiplied in integers (runtime/kernels/matmul.c): ONNX Runtime's own kernel's
 numbers for the node up to float rounding, which now and then tips an activation to the next level (small-coder's
 draft: logits within 4e-6 of ONNX Runtime's graph for most prompts, 0.06 for one of three).
@@ -54,13 +54,14 @@ class _NoMatch(Exception):
 
 @dataclass(frozen=True)
 class _Weights:
-    """A product's constant weights [inner, columns]: float32, or 8-bit blocks of 32 rows of a column [columns,
-    inner / 32, 32] with a scale each (MatMulNBits's B and scales)."""
+    """A product's constant weights [inner, columns]: float32, or 8- or 4-bit blocks of 32 rows of a column
+    [columns, inner / 32, 32 * bits / 8] with a scale each (MatMulNBits's B and scales)."""
 
     name: str
     inner: int
     columns: int
     scales: str | None = None
+    bits: int = 32
 
     def fit(self, inner: int | None, columns: int | None) -> None:
         if any(want not in (None, got) for want, got in ((inner, self.inner), (columns, self.columns))):
@@ -112,7 +113,7 @@ class _Walk:
         return node
 
     def product(self, value: str) -> tuple[onnx.NodeProto, _Weights]:
-        """The MatMul by float32 constant weights, or the MatMulNBits by 8-bit blocks of 32 of them, that makes `value`."""
+        """The MatMul by float32 constant weights, or the MatMulNBits by 8- or 4-bit blocks of 32 of them, that makes `value`."""
         node = self.producer.get(value)
         if node is None or node.op_type != "MatMulNBits":
             node = self.node(value, "MatMul")
@@ -121,15 +122,15 @@ class _Walk:
         node = self.node(value, "MatMulNBits", "com.microsoft")
         bits, block, inner, columns = (attribute_value(node, name) for name in ("bits", "block_size", "K", "N"))
         blocks, scales = (self.constants.get(name) for name in node.input[1:3])
-        if bits != 8 or block != QUANT_BLOCK or any(node.input[3:]) or blocks is None or scales is None or inner % QUANT_BLOCK:
-            raise _NoMatch(f"{node.name}: not 8-bit blocks of {QUANT_BLOCK} of constant weights without zero points, a group index or a bias")
-        if blocks.data_type != onnx.TensorProto.UINT8 or list(blocks.dims) != [columns, inner // QUANT_BLOCK, QUANT_BLOCK]:
-            raise _NoMatch(f"{node.name}: its blocks are not uint8 [{columns}, {inner // QUANT_BLOCK}, {QUANT_BLOCK}]")
+        if bits not in (8, 4) or block != QUANT_BLOCK or any(node.input[3:]) or blocks is None or scales is None or inner % QUANT_BLOCK:
+            raise _NoMatch(f"{node.name}: not 8- or 4-bit blocks of {QUANT_BLOCK} of constant weights without zero points, a group index or a bias")
+        if blocks.data_type != onnx.TensorProto.UINT8 or list(blocks.dims) != [columns, inner // QUANT_BLOCK, QUANT_BLOCK * bits // 8]:
+            raise _NoMatch(f"{node.name}: its blocks are not uint8 [{columns}, {inner // QUANT_BLOCK}, {QUANT_BLOCK * bits // 8}]")
         if scales.data_type != onnx.TensorProto.FLOAT or math.prod(scales.dims) != columns * inner // QUANT_BLOCK:
             raise _NoMatch(f"{node.name}: not one float32 scale per block")
         if attribute_value(node, "accuracy_level") != INTEGER_PRODUCTS:
             raise _NoMatch(f"{node.name}: accuracy_level is not {INTEGER_PRODUCTS} (the kernel rounds the activations to 8 bits, as that level lets ONNX Runtime do)")
-        return node, _Weights(node.input[1], inner, columns, node.input[2])
+        return node, _Weights(node.input[1], inner, columns, node.input[2], bits)
 
     def weights(self, name: str, shape: list[int | None]) -> list[int]:
         """The dims of the float32 constant `name`, which must match `shape` (None: any size)."""
@@ -267,6 +268,30 @@ def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
     return None
 
 
+def _widened(model: onnx.ModelProto, nodes: list[onnx.NodeProto], name: str, columns: int, inner: int) -> str:
+    """The name of 4-bit blocks `name` [columns, inner / 32, 16] (two levels a byte, low nibble first, zero point
+    8) as 8-bit ones [columns, inner / 32, 32] of the same values (zero point 128): nodes appended to `nodes`,
+    which ONNX Runtime folds into a constant when the session loads, so that the kernel's one 8-bit loop takes
+    both. A draft's weights are small: twice their 4-bit bytes is a fraction of a verify's reads."""
+    constants = {
+        f"{name}.low_mask": np.array(0x0F, np.uint8), f"{name}.high_shift": np.array(4, np.uint8), f"{name}.pair_axis": np.array([-1], np.int64),
+        f"{name}.widened_shape": np.array([columns, inner // QUANT_BLOCK, QUANT_BLOCK], np.int64), f"{name}.offset": np.array(128 - 8, np.int32),
+    }  # fmt: skip
+    model.graph.initializer.extend(numpy_helper.from_array(value, key) for key, value in constants.items())
+    nodes += [
+        helper.make_node("BitwiseAnd", [name, f"{name}.low_mask"], [f"{name}.low"], name=f"{name}.low"),
+        helper.make_node("BitShift", [name, f"{name}.high_shift"], [f"{name}.high"], name=f"{name}.high", direction="RIGHT"),
+        helper.make_node("Unsqueeze", [f"{name}.low", f"{name}.pair_axis"], [f"{name}.low_pairs"], name=f"{name}.low_pairs"),
+        helper.make_node("Unsqueeze", [f"{name}.high", f"{name}.pair_axis"], [f"{name}.high_pairs"], name=f"{name}.high_pairs"),
+        helper.make_node("Concat", [f"{name}.low_pairs", f"{name}.high_pairs"], [f"{name}.pairs"], name=f"{name}.pairs", axis=-1),
+        helper.make_node("Reshape", [f"{name}.pairs", f"{name}.widened_shape"], [f"{name}.levels4"], name=f"{name}.levels4"),
+        helper.make_node("Cast", [f"{name}.levels4"], [f"{name}.levels32"], name=f"{name}.levels32", to=onnx.TensorProto.INT32),
+        helper.make_node("Add", [f"{name}.levels32", f"{name}.offset"], [f"{name}.offset32"], name=f"{name}.offset32"),
+        helper.make_node("Cast", [f"{name}.offset32"], [f"{name}.widened"], name=f"{name}.widened", to=onnx.TensorProto.UINT8),
+    ]
+    return f"{name}.widened"
+
+
 def _panels(model: onnx.ModelProto, nodes: list[onnx.NodeProto], weights: _Weights) -> list[str]:
     """The kernel's inputs for a product's weights: float panels [N / 32, K, 32]; or 8-bit ones in quads [N / 32,
     K / 4, 32, 4] (4 rows of a column side by side, as matmul.c's integer products read them) and their scales
@@ -274,8 +299,9 @@ def _panels(model: onnx.ModelProto, nodes: list[onnx.NodeProto], weights: _Weigh
     if weights.scales is None:
         return [panelled(model, nodes, weights.name)]
     panels, blocks = weights.columns // PANEL, weights.inner // QUANT_BLOCK
+    levels = weights.name if weights.bits == 8 else _widened(model, nodes, weights.name, weights.columns, weights.inner)
     return [
-        relaid(model, nodes, weights.name, [panels, PANEL, weights.inner // 4, 4], [0, 2, 1, 3]),
+        relaid(model, nodes, levels, [panels, PANEL, weights.inner // 4, 4], [0, 2, 1, 3]),
         relaid(model, nodes, weights.scales, [panels, PANEL, blocks], [0, 2, 1]),
     ]
 

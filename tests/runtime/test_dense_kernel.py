@@ -45,6 +45,15 @@ def int8_draft_pair(dense_checkpoints):
 
 
 @pytest.fixture(scope="module")
+def int4_draft_pair(dense_checkpoints):
+    """The same pair with the draft's weights in 4-bit blocks of 32, two levels a byte (MatMulNBits); the gate let
+    through, since 4 bits of a random model's weights move its top token often."""
+    loose_gate = "  min_top1_agreement: 0.0\n"  # under the recipe's verify block
+    recipe = write_recipe(dense_checkpoints, name="dense-int4-draft", extra=loose_gate, draft="  quantize:\n    weights: int4\n")
+    return build(load_recipe(recipe), dense_checkpoints / "out").artifact
+
+
+@pytest.fixture(scope="module")
 def fused_and_unfused(dense_pair):
     fused = runtime.load(dense_pair, target="cpu", threads=2)
     withheld = session._KERNELS.pop("moecc.DenseDecoder")
@@ -109,21 +118,24 @@ def test_greedy_proposals_chained_in_one_call_are_those_of_one_call_each(fused_a
 
 
 @pytest.mark.parametrize("march", MARCHES)  # AVX2's byte-pair products, and the plain loops of a machine without them
-def test_an_8_bit_draft_runs_as_one_node_with_integer_products(int8_draft_pair, tmp_path, monkeypatch, march):
-    """MatMulNBits's 8-bit blocks of 32 at accuracy level 4 reach the kernel relaid in quads, and it computes what
-    that level lets ONNX Runtime compute (each row of activations rounded to 8 bits per block, integer sums, then
-    both scales): ONNX Runtime's own nodes' logits within float rounding, for prompts (two rows a pass) and verify
-    blocks, and the same greedy chains. The full-precision products (level 0) differ by far more."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_draft_runs_as_one_node_with_integer_products(request, bits, tmp_path, monkeypatch, march):
+    """MatMulNBits's 8-bit blocks of 32 at accuracy level 4 (4-bit ones widened to 8 bits at load) reach the kernel
+    relaid in quads, and it computes what that level lets ONNX Runtime compute (each row of activations rounded to
+    8 bits per block, integer sums, then both scales): ONNX Runtime's own nodes' logits within float rounding, for
+    prompts (two rows a pass) and verify blocks, and the same greedy chains. The full-precision products (level 0)
+    differ by far more."""
+    pair = request.getfixturevalue(f"int{bits}_draft_pair")
     monkeypatch.setattr(session, "library", lambda: kernel_library(march))
-    fused = runtime.load(int8_draft_pair, target="cpu", threads=2).draft
+    fused = runtime.load(pair, target="cpu", threads=2).draft
     assert fused.kernels == ("moecc.DenseDecoder",) and fused.chains_greedily
-    graph = onnx.load(int8_draft_pair / "draft" / "model.onnx", load_external_data=False)
+    graph = onnx.load(pair / "draft" / "model.onnx", load_external_data=False)
     assert {node.op_type for node in graph.graph.node} >= {"MatMulNBits"}
-    manifest = runtime.load(int8_draft_pair).manifest
-    reference = Decoder(int8_draft_pair, manifest.models["draft"], set(manifest.files), threads=2, kernels="onnxruntime")
+    manifest = runtime.load(pair).manifest
+    reference = Decoder(pair, manifest.models["draft"], set(manifest.files), threads=2, kernels="onnxruntime")
     rng = np.random.default_rng(9)
     prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in (19, 4, 11)]
-    ours, theirs, full = (BatchKvCache(decoder, 3, 64) for decoder in (fused, reference, full_precision_decoder(int8_draft_pair, "draft", tmp_path)))
+    ours, theirs, full = (BatchKvCache(decoder, 3, 64) for decoder in (fused, reference, full_precision_decoder(pair, "draft", tmp_path)))
     logits = ours.prefill(prompts)
     np.testing.assert_allclose(logits, theirs.prefill(prompts), atol=TOLERANCE, rtol=0)
     assert np.abs(logits - full.prefill(prompts)).max() > 100 * TOLERANCE
@@ -135,14 +147,14 @@ def test_an_8_bit_draft_runs_as_one_node_with_integer_products(int8_draft_pair, 
 
 
 def test_8_bit_weights_it_does_not_run_keep_the_node_by_node_kernels(int8_draft_pair):
-    """4-bit blocks, 8-bit products in full precision (accuracy level 0), or 8-bit products beside a float one are
+    """2-bit blocks, 8-bit products in full precision (accuracy level 0), or 8-bit products beside a float one are
     not what the kernel computes: it says so."""
     draft = onnx.load(int8_draft_pair / "draft" / "model.onnx", load_external_data=False)
     assert dense.why_not(draft, 16) is None
-    four_bit = onnx.ModelProto.FromString(draft.SerializeToString())
-    products = [node for node in four_bit.graph.node if node.op_type == "MatMulNBits"]
-    next(attribute for attribute in products[0].attribute if attribute.name == "bits").i = 4
-    assert "not 8-bit blocks of 32" in dense.why_not(four_bit, 16)
+    two_bit = onnx.ModelProto.FromString(draft.SerializeToString())
+    products = [node for node in two_bit.graph.node if node.op_type == "MatMulNBits"]
+    next(attribute for attribute in products[0].attribute if attribute.name == "bits").i = 2
+    assert "not 8- or 4-bit blocks of 32" in dense.why_not(two_bit, 16)
     float_products = onnx.ModelProto.FromString(draft.SerializeToString())
     products = [node for node in float_products.graph.node if node.op_type == "MatMulNBits"]
     next(attribute for attribute in products[-1].attribute if attribute.name == "accuracy_level").i = 0
