@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import runtime  # noqa: E402
 from compiler.pipeline import build  # noqa: E402
 from compiler.recipe import load_recipe  # noqa: E402
+from runtime.artifact import read_manifest  # noqa: E402
 from runtime.decoder import Decoder  # noqa: E402
 from tiny_models import make_pair, tiny_tokenizer, write_recipe  # noqa: E402
 
@@ -38,7 +38,7 @@ def full_precision_decoder(artifact, role: str, folder):
     in_full_precision(model)
     (folder / role).mkdir(parents=True)
     onnx.save(model, folder / role / "model.onnx")
-    return Decoder(folder, runtime.load(artifact).manifest.models[role], {f"{role}/model.onnx"}, threads=2, kernels="onnxruntime")
+    return Decoder(folder, read_manifest(artifact).models[role], {f"{role}/model.onnx"}, threads=2, kernels="onnxruntime")
 
 
 @pytest.fixture(scope="session")

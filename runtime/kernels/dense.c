@@ -206,7 +206,7 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   int64_t batch = in[INPUT_IDS].shape[0], width = in[INPUT_IDS].shape[1], kept = in[LOGIT_POSITIONS].shape[1];
   model.vocab = in[EMBEDDING].shape[0], model.hidden = in[EMBEDDING].shape[1], model.dim = model.layers[0].past_key.shape[3];
   model.heads = kernel->num_heads, model.kv_heads = kernel->kv_num_heads, model.packed = (model.heads + 2 * model.kv_heads) * model.dim;
-  model.ffn = model.layers[0].down.shape[1] * (kernel->quantized ? 4 : 1) /* 8-bit panels count rows in quads */, model.capacity = model.layers[0].past_key.shape[2], model.rotary_positions = in[COS].shape[0];
+  model.ffn = model.layers[0].gate_up.shape[0] * 32 / 2 /* gate's and up's columns, in panels of 32 */, model.capacity = model.layers[0].past_key.shape[2], model.rotary_positions = in[COS].shape[0];
   model.embedding = in[EMBEDDING].data, model.final_norm = in[FINAL_NORM].data, model.head = in[HEAD].data;
   model.head_scales = kernel->quantized ? in[HEAD_SCALES].data : NULL;
   model.cos = in[COS].data, model.sin = in[SIN].data;

@@ -127,11 +127,11 @@ def test_a_quantized_draft_runs_as_one_node_with_integer_products(request, bits,
     differ by far more."""
     pair = request.getfixturevalue(f"int{bits}_draft_pair")
     monkeypatch.setattr(session, "library", lambda: kernel_library(march))
-    fused = runtime.load(pair, target="cpu", threads=2).draft
+    generator = runtime.load(pair, target="cpu", threads=2)
+    fused, manifest = generator.draft, generator.manifest
     assert fused.kernels == ("moecc.DenseDecoder",) and fused.chains_greedily
     graph = onnx.load(pair / "draft" / "model.onnx", load_external_data=False)
     assert {node.op_type for node in graph.graph.node} >= {"MatMulNBits"}
-    manifest = runtime.load(pair).manifest
     reference = Decoder(pair, manifest.models["draft"], set(manifest.files), threads=2, kernels="onnxruntime")
     rng = np.random.default_rng(9)
     prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in (19, 4, 11)]
