@@ -815,7 +815,7 @@ static OrtStatus *attend_step(OrtKernelContext *context, AttentionCall *call) {
     if (!call->parts_results) return fail("moecc.Attention: out of memory");
   }
   size_t items = (size_t)(call->batch * call->kv_heads * call->parts * blocks);
-  OrtStatus *status = ort->KernelContext_ParallelFor(context, attend_block, items, 0, call);
+  OrtStatus *status = for_each_item(context, attend_block, items, call);
   if (!status && !call->error && call->parts > 1) merge_parts(call);
   free(call->parts_results);
   return status ? status : call->error;
@@ -835,10 +835,10 @@ OrtStatus *check_call(const AttentionCall *call, int64_t positions) {
 OrtStatus *attention_run(OrtKernelContext *context, AttentionCall *call) {
   call->span = walk_span(call->group);
   call->column_span = column_span(call);
-  CHECK(ort->KernelContext_ParallelFor(context, append, (size_t)(call->batch * call->new_width), 0, call));
+  CHECK(for_each_item(context, append, (size_t)(call->batch * call->new_width), call));
   if (call->new_width <= STEP_TOKENS) return attend_step(context, call);
   int64_t blocks = (call->new_width + QUERY_BLOCK - 1) / QUERY_BLOCK;
-  CHECK(ort->KernelContext_ParallelFor(context, attend, (size_t)(call->batch * call->kv_heads * blocks), 0, call));
+  CHECK(for_each_item(context, attend, (size_t)(call->batch * call->kv_heads * blocks), call));
   return call->error;
 }
 

@@ -74,9 +74,17 @@ enum { VECTORS = PANEL / LANES, HALF = VECTORS / 2, AHEAD = 64 /* rows of the pa
 typedef float vector __attribute__((vector_size(LANES * sizeof(float))));
 
 enum { QUANT_BLOCK = 32, QUANT_ROWS = 2, QUAD = 4 };
+/* AVX-512 VNNI's byte multiply-add takes the weights' stored levels as they are (quantized_pass). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define VNNI 1
+#else
+#define VNNI 0
+#endif
+
 typedef struct {
-  int8_t *levels; /* x's rows as levels, [M, K] */
-  float *scales;  /* each block's scale, [M, K / QUANT_BLOCK] */
+  int8_t *levels;  /* x's rows as levels, [M, K] */
+  float *scales;   /* each block's scale, [M, K / QUANT_BLOCK] */
+  int32_t *totals; /* with VNNI, each block's levels summed, [M, K / QUANT_BLOCK] */
 } QuantizedRows;
 
 typedef struct {
@@ -179,15 +187,62 @@ static void quantize_rows(const float *x, int64_t rows, int64_t inner, Quantized
     float scale = top / 127.f, inverse = scale ? 1.f / scale : 0.f;
     out->scales[block] = scale;
     for (int k = 0; k < QUANT_BLOCK; ++k) out->levels[block * QUANT_BLOCK + k] = (int8_t)lrintf(values[k] * inverse);
+#if VNNI
+    int32_t total = 0;
+    for (int k = 0; k < QUANT_BLOCK; ++k) total += out->levels[block * QUANT_BLOCK + k];
+    out->totals[block] = total;
+#endif
   }
 }
 
 /* sums[r][c] += over x's blocks: x's block scale * the weights' block scale * the block's integer dot product, for
    `count` rows (<= QUANT_ROWS, a constant where it is called) of levels `inner` apart, against one 8-bit panel. */
-static inline __attribute__((always_inline)) void quantized_pass(const int8_t *levels, const float *level_scales, int64_t inner, const uint8_t *weights,
-                                                                 const float *scales, float *sums, int count) {
+static inline __attribute__((always_inline)) void quantized_pass(const int8_t *levels, const float *level_scales, const int32_t *level_totals,
+                                                                 int64_t inner, const uint8_t *weights, const float *scales, float *sums, int count) {
   int64_t blocks = inner / QUANT_BLOCK;
-#if defined(__AVX2__)
+#if VNNI
+  /* One instruction sums 4 byte products into each 32-bit lane, unsigned weights times signed levels, without
+     saturating: the weights go in as stored (their levels plus 128), and 128 times the block's levels summed
+     comes off the block's total after. The same integers as the AVX2 loop's, in a twelfth of its instructions per
+     weight byte: small-coder's draft (a 1-thread session, a 2-core Xeon) chained 8 proposals in 183 µs instead
+     of 306. */
+  enum { COLUMN_VECTORS = PANEL * QUAD / 64 }; /* a quad's 32 columns, 16 per vector */
+  for (int64_t block = 0; block < blocks; ++block) {
+    __m512i total[QUANT_ROWS][COLUMN_VECTORS];
+#pragma GCC unroll 2
+    for (int r = 0; r < count; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < COLUMN_VECTORS; ++v) total[r][v] = _mm512_setzero_si512();
+    const uint8_t *quads = weights + block * QUANT_BLOCK * PANEL;
+#pragma GCC unroll 8
+    for (int quad = 0; quad < QUANT_BLOCK / QUAD; ++quad) {
+      __m512i x[QUANT_ROWS];
+#pragma GCC unroll 2
+      for (int r = 0; r < count; ++r) {
+        int32_t four;
+        memcpy(&four, levels + r * inner + block * QUANT_BLOCK + quad * QUAD, sizeof four);
+        x[r] = _mm512_set1_epi32(four);
+      }
+#pragma GCC unroll 2
+      for (int v = 0; v < COLUMN_VECTORS; ++v) {
+        __m512i w = _mm512_loadu_si512(quads + quad * QUAD * PANEL + v * 64);
+#pragma GCC unroll 2
+        for (int r = 0; r < count; ++r) total[r][v] = _mm512_dpbusd_epi32(total[r][v], w, x[r]);
+      }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < count; ++r) {
+      __m512 level_scale = _mm512_set1_ps(level_scales[r * blocks + block]);
+      __m512i offset = _mm512_set1_epi32(128 * level_totals[r * blocks + block]);
+#pragma GCC unroll 2
+      for (int v = 0; v < COLUMN_VECTORS; ++v) {
+        __m512 weight = _mm512_mul_ps(level_scale, _mm512_loadu_ps(scales + block * PANEL + v * 16));
+        float *sum = sums + r * PANEL + v * 16;
+        _mm512_storeu_ps(sum, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(total[r][v], offset)), weight, _mm512_loadu_ps(sum)));
+      }
+    }
+  }
+#elif defined(__AVX2__)
   /* The byte-pair multiply-add takes unsigned bytes times signed ones. The weights (levels less 128: -128 .. 127)
      go in as magnitudes, their signs moved onto x's levels (-127 .. 127, so negating one cannot overflow): each
      pair's sum stays within 2 * 128 * 127, short of 16 bits' limit. */
@@ -248,11 +303,12 @@ static void multiply_quantized(const Call *call, int64_t panel_index, int64_t fi
   for (int64_t row = first; row < last; row += QUANT_ROWS) {
     const int8_t *levels = call->quantized.levels + row * call->inner;
     const float *level_scales = call->quantized.scales + row * (call->inner / QUANT_BLOCK);
+    const int32_t *level_totals = call->quantized.totals + row * (call->inner / QUANT_BLOCK);
     float *own = (float *)(sums + (row - first) * VECTORS);
     if (last - row >= 2)
-      quantized_pass(levels, level_scales, call->inner, weights, scales, own, 2);
+      quantized_pass(levels, level_scales, level_totals, call->inner, weights, scales, own, 2);
     else
-      quantized_pass(levels, level_scales, call->inner, weights, scales, own, 1);
+      quantized_pass(levels, level_scales, level_totals, call->inner, weights, scales, own, 1);
   }
 }
 
@@ -325,7 +381,8 @@ OrtStatus *matmul_run(OrtKernelContext *context, const float *x, int64_t rows, i
   if (scales) { /* x as levels, here: a few microseconds beside the products, even for a prompt's rows */
     call.quantized.levels = malloc((size_t)(call.rows * call.inner));
     call.quantized.scales = malloc((size_t)(call.rows * call.inner / QUANT_BLOCK) * sizeof(float));
-    if (call.quantized.levels && call.quantized.scales)
+    call.quantized.totals = VNNI ? malloc((size_t)(call.rows * call.inner / QUANT_BLOCK) * sizeof(int32_t)) : NULL;
+    if (call.quantized.levels && call.quantized.scales && (call.quantized.totals || !VNNI))
       quantize_rows(x, call.rows, call.inner, &call.quantized);
     else
       status = fail("moecc.MatMul: out of memory");
@@ -333,15 +390,16 @@ OrtStatus *matmul_run(OrtKernelContext *context, const float *x, int64_t rows, i
     call.packed = malloc((size_t)(blocks * ROWS * call.inner) * sizeof(float));
     if (!call.packed) return fail("moecc.MatMul: out of memory");
     if (blocks > 1) /* a prompt's rows: packed by the threads */
-      status = ort->KernelContext_ParallelFor(context, pack, (size_t)blocks, 0, &call);
+      status = for_each_item(context, pack, (size_t)blocks, &call);
     else /* a verify's few: a copy too small to hand to the thread pool */
       pack(&call, 0);
   }
   size_t items = (size_t)((call.rows + CHUNK - 1) / CHUNK * (call.columns / PANEL));
-  if (!status) status = ort->KernelContext_ParallelFor(context, multiply, items, 0, &call);
+  if (!status) status = for_each_item(context, multiply, items, &call);
   free(call.packed);
   free(call.quantized.levels);
   free(call.quantized.scales);
+  free(call.quantized.totals);
   return status;
 }
 

@@ -7,6 +7,12 @@ const OrtApi *ort;
 
 OrtStatus *fail(const char *message) { return ort->CreateStatus(ORT_INVALID_ARGUMENT, message); }
 
+OrtStatus *for_each_item(OrtKernelContext *context, void (*fn)(void *, size_t), size_t items, void *data) {
+  if (context) return ort->KernelContext_ParallelFor(context, fn, items, 0, data);
+  for (size_t item = 0; item < items; ++item) fn(data, item);
+  return NULL;
+}
+
 void fail_once(OrtStatus **error, const char *message) {
   OrtStatus *status = ort->CreateStatus(ORT_FAIL, message);
   if (!__atomic_compare_exchange_n(error, &(OrtStatus *){NULL}, status, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) ort->ReleaseStatus(status);
