@@ -73,8 +73,9 @@ typedef struct {
   float *x, *h, *update, *wide, *attended, *gated, *last;
 } Model;
 
-/* out[r] = x[r] / rms(x[r]) * weight for `rows` rows of `width` floats. */
-static void rms_norm(const float *x, const float *weight, int64_t rows, int64_t width, float epsilon, float *out) {
+/* out[r] = x[r] / rms(x[r]) * weight for `rows` rows of `width` floats. (The loops here take restrict pointers
+   so that the compiler vectorizes them: the buffers all lie in one allocation.) */
+static void rms_norm(const float *restrict x, const float *restrict weight, int64_t rows, int64_t width, float epsilon, float *restrict out) {
   for (int64_t r = 0; r < rows; ++r, x += width, out += width) {
     float squares = 0.f;
     for (int64_t i = 0; i < width; ++i) squares += x[i] * x[i];
@@ -83,15 +84,22 @@ static void rms_norm(const float *x, const float *weight, int64_t rows, int64_t 
   }
 }
 
-static void add(float *x, const float *update, int64_t count) {
+static void add(float *restrict x, const float *restrict update, int64_t count) {
   for (int64_t i = 0; i < count; ++i) x[i] += update[i];
 }
 
-/* The first index of the largest value, as numpy's argmax. */
+/* out = silu(gate) * up, SiLU through the vectorized expf of glibc's libmvec. */
+static void gated_silu(const float *restrict gate, const float *restrict up, int64_t count, float *restrict out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+}
+
+/* The first index of the largest value, as numpy's argmax: the largest found in one vectorized pass, then its
+   first place (a loop keeping the index of the best so far stays scalar). */
 static int64_t argmax(const float *values, int64_t count) {
+  float top = values[0];
+  for (int64_t i = 1; i < count; ++i) top = values[i] > top ? values[i] : top;
   int64_t best = 0;
-  for (int64_t i = 1; i < count; ++i)
-    if (values[i] > values[best]) best = i;
+  while (values[best] != top) ++best;
   return best;
 }
 
@@ -143,6 +151,7 @@ static int layers_fit(const Model *model, int64_t batch) {
 
 /* One pass over `width` new tokens per row of `batch` (ids checked), each row's lengths as GroupQueryAttention
    reads them; logits [batch, kept, V] at each row's `positions` among its new tokens. */
+__attribute__((noinline)) /* inlined into compute(), none of its loops were vectorized (GCC 12); so chain_greedily */
 static OrtStatus *forward(OrtKernelContext *context, const Model *model, const int64_t *ids, int64_t batch, int64_t width, const int32_t *seqlens_k,
                           const int32_t *query_seqlens, const int64_t *positions, int64_t kept, float *logits) {
   const Kernel *kernel = model->kernel;
@@ -168,11 +177,7 @@ static OrtStatus *forward(OrtKernelContext *context, const Model *model, const i
     add(x, model->update, tokens * hidden);
     rms_norm(x, layer->post_norm.data, tokens, hidden, kernel->epsilon, h);
     CHECK(matmul_run(context, h, tokens, hidden, layer->gate_up.data, layer->gate_up_scales.data, 2 * model->ffn, wide));
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float *gate = wide + t * 2 * model->ffn, *up = gate + model->ffn;
-      float *out = model->gated + t * model->ffn;
-      for (int64_t i = 0; i < model->ffn; ++i) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
-    }
+    for (int64_t t = 0; t < tokens; ++t) gated_silu(wide + t * 2 * model->ffn, wide + t * 2 * model->ffn + model->ffn, model->ffn, model->gated + t * model->ffn);
     CHECK(matmul_run(context, model->gated, tokens, model->ffn, layer->down.data, layer->down_scales.data, hidden, model->update));
     add(x, model->update, tokens * hidden);
   }
@@ -184,7 +189,7 @@ static OrtStatus *forward(OrtKernelContext *context, const Model *model, const i
 
 /* `steps` greedy proposals of the call's only row into `chain`, continuing from `logits` (its last), after the
    row's `length` tokens (the call's included); `next` has room for one token's logits. */
-static OrtStatus *chain_greedily(OrtKernelContext *context, const Model *model, const float *logits, int32_t length, int64_t steps, int64_t *chain, float *next) {
+__attribute__((noinline)) static OrtStatus *chain_greedily(OrtKernelContext *context, const Model *model, const float *logits, int32_t length, int64_t steps, int64_t *chain, float *next) {
   for (int64_t step = 0; step < steps; ++step) {
     chain[step] = argmax(logits, model->vocab);
     if (step + 1 == steps) break;

@@ -179,17 +179,23 @@ static void pass_of(const float *x, int64_t stride, int64_t k0, int64_t k1, cons
    multiply-add and one word-pair one turn into 8 columns' sums over 4 rows. */
 
 /* x's rows as 8-bit levels, block by block: the block's largest magnitude maps to 127, rounded to nearest even. */
-static void quantize_rows(const float *x, int64_t rows, int64_t inner, QuantizedRows *out) {
+static void quantize_rows(const float *restrict x, int64_t rows, int64_t inner, QuantizedRows *out) {
+  /* Locals, restrict: stores through out->levels (bytes, which may alias anything) made GCC reload the pointer
+     and round one value at a time, 26 % of the rounding's time. nearbyintf rounds as lrintf (to nearest even),
+     and vectorizes. */
+  int8_t *restrict levels = out->levels;
+  float *restrict scales = out->scales;
   for (int64_t block = 0; block < rows * inner / QUANT_BLOCK; ++block) {
     const float *values = x + block * QUANT_BLOCK;
+    int8_t *level = levels + block * QUANT_BLOCK;
     float top = 0.f;
     for (int k = 0; k < QUANT_BLOCK; ++k) top = fmaxf(top, fabsf(values[k]));
     float scale = top / 127.f, inverse = scale ? 1.f / scale : 0.f;
-    out->scales[block] = scale;
-    for (int k = 0; k < QUANT_BLOCK; ++k) out->levels[block * QUANT_BLOCK + k] = (int8_t)lrintf(values[k] * inverse);
+    scales[block] = scale;
+    for (int k = 0; k < QUANT_BLOCK; ++k) level[k] = (int8_t)(int32_t)nearbyintf(values[k] * inverse);
 #if VNNI
     int32_t total = 0;
-    for (int k = 0; k < QUANT_BLOCK; ++k) total += out->levels[block * QUANT_BLOCK + k];
+    for (int k = 0; k < QUANT_BLOCK; ++k) total += level[k];
     out->totals[block] = total;
 #endif
   }
