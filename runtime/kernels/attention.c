@@ -616,10 +616,21 @@ static void scaled_queries(const AttentionCall *call, int64_t row, int64_t head,
 #define WEIGH_FLOAT(g) \
   weigh_float((const float *)call->cache_value + cache, length, weights + done * stride, g, dim, stride, inverse + done, NULL, merged + done * dim)
 
-/* INT8 (an int8 cache) or FLOAT for rows `done` .. of `rows`, up to MAX_GROUP at a time. */
+/* The most of `rows` rows one unrolled walk takes: the largest of UNROLLED_ROWS not above it. */
+static int64_t unrolled_part(int64_t rows) {
+  int64_t count = 1;
+  for (size_t i = 0; i < sizeof UNROLLED_ROWS / sizeof *UNROLLED_ROWS; ++i)
+    if (UNROLLED_ROWS[i] <= rows) count = UNROLLED_ROWS[i];
+  return count;
+}
+
+/* INT8 (an int8 cache) or FLOAT for rows `done` .. of `rows`, in walks of counts BY_GROUP unrolls (each row's
+   numbers are its own in any walk): a verify of 5 tokens of small-coder's 3 heads per key/value head walks 12
+   rows and then 3, with the sums in registers, where one walk of a generic 15 kept them in memory and took 2.4
+   times a decode step's attention (40.8 µs against 17.0 per layer, 128 tokens cached, a 2-core Xeon). */
 #define IN_GROUPS(INT8, FLOAT)                                                 \
-  for (int64_t done = 0; done < rows; done += MAX_GROUP) {                     \
-    int64_t count = rows - done < MAX_GROUP ? rows - done : MAX_GROUP;         \
+  for (int64_t done = 0, count; done < rows; done += count) {                  \
+    count = unrolled_part(rows - done);                                        \
     if (call->quantized) {                                                     \
       BY_GROUP(INT8, count)                                                    \
     } else {                                                                   \
