@@ -201,96 +201,81 @@ static void quantize_rows(const float *restrict x, int64_t rows, int64_t inner, 
   }
 }
 
+#if VNNI
+/* One instruction sums 4 byte products into each 32-bit lane, unsigned weights times signed levels, without
+   saturating: the weights go in as stored (their levels plus 128), and 128 times the block's levels summed comes
+   off the block's total after. The same integers as the AVX2 loop's, in a twelfth of its instructions per weight
+   byte: small-coder's draft (a 1-thread session, a 2-core Xeon) chained 8 proposals in 183 µs instead of 306. */
+typedef __m512i sums_i;
+typedef __m512 sums_f;
+enum { COLUMNS_PER_VECTOR = 16, LEVEL_OFFSET = 128 };
+static inline sums_i zero_sums(void) { return _mm512_setzero_si512(); }
+static inline sums_i broadcast_quad(int32_t four) { return _mm512_set1_epi32(four); }
+static inline sums_i load_quads(const uint8_t *weights) { return _mm512_loadu_si512(weights); }
+static inline sums_i add_products(sums_i total, sums_i weights, sums_i x) { return _mm512_dpbusd_epi32(total, weights, x); }
+static inline sums_f as_floats(sums_i total, int32_t offset) { return _mm512_cvtepi32_ps(_mm512_sub_epi32(total, _mm512_set1_epi32(offset))); }
+static inline void add_weighed(float *sums, sums_f values, float level_scale, const float *scales) {
+  _mm512_storeu_ps(sums, _mm512_fmadd_ps(values, _mm512_mul_ps(_mm512_set1_ps(level_scale), _mm512_loadu_ps(scales)), _mm512_loadu_ps(sums)));
+}
+#elif defined(__AVX2__)
+/* The byte-pair multiply-add takes unsigned bytes times signed ones. The weights (levels less 128: -128 .. 127)
+   go in as magnitudes, their signs moved onto x's levels (-127 .. 127, so negating one cannot overflow): each
+   pair's sum stays within 2 * 128 * 127, short of 16 bits' limit. */
+typedef __m256i sums_i;
+typedef __m256 sums_f;
+enum { COLUMNS_PER_VECTOR = 8, LEVEL_OFFSET = 0 };
+static inline sums_i zero_sums(void) { return _mm256_setzero_si256(); }
+static inline sums_i broadcast_quad(int32_t four) { return _mm256_set1_epi32(four); }
+static inline sums_i load_quads(const uint8_t *weights) { return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)weights), _mm256_set1_epi8((char)0x80)); }
+static inline sums_i add_products(sums_i total, sums_i weights, sums_i x) {
+  return _mm256_add_epi32(total, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(weights), _mm256_sign_epi8(x, weights)), _mm256_set1_epi16(1)));
+}
+static inline sums_f as_floats(sums_i total, int32_t offset) { return (void)offset, _mm256_cvtepi32_ps(total); /* the weights came in signed */ }
+static inline void add_weighed(float *sums, sums_f values, float level_scale, const float *scales) {
+  _mm256_storeu_ps(sums, _mm256_fmadd_ps(values, _mm256_mul_ps(_mm256_set1_ps(level_scale), _mm256_loadu_ps(scales)), _mm256_loadu_ps(sums)));
+}
+#endif
+
 /* sums[r][c] += over x's blocks: x's block scale * the weights' block scale * the block's integer dot product, for
    `count` rows (<= QUANT_ROWS, a constant where it is called) of levels `inner` apart, against one 8-bit panel. */
 static inline __attribute__((always_inline)) void quantized_pass(const int8_t *levels, const float *level_scales, const int32_t *level_totals,
                                                                  int64_t inner, const uint8_t *weights, const float *scales, float *sums, int count) {
   int64_t blocks = inner / QUANT_BLOCK;
-#if VNNI
-  /* One instruction sums 4 byte products into each 32-bit lane, unsigned weights times signed levels, without
-     saturating: the weights go in as stored (their levels plus 128), and 128 times the block's levels summed
-     comes off the block's total after. The same integers as the AVX2 loop's, in a twelfth of its instructions per
-     weight byte: small-coder's draft (a 1-thread session, a 2-core Xeon) chained 8 proposals in 183 µs instead
-     of 306. */
-  enum { COLUMN_VECTORS = PANEL * QUAD / 64 }; /* a quad's 32 columns, 16 per vector */
+#if VNNI || defined(__AVX2__)
+  enum { COLUMN_VECTORS = PANEL / COLUMNS_PER_VECTOR };
   for (int64_t block = 0; block < blocks; ++block) {
-    __m512i total[QUANT_ROWS][COLUMN_VECTORS];
+    sums_i total[QUANT_ROWS][COLUMN_VECTORS];
 #pragma GCC unroll 2
     for (int r = 0; r < count; ++r)
-#pragma GCC unroll 2
-      for (int v = 0; v < COLUMN_VECTORS; ++v) total[r][v] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int v = 0; v < COLUMN_VECTORS; ++v) total[r][v] = zero_sums();
     const uint8_t *quads = weights + block * QUANT_BLOCK * PANEL;
 #pragma GCC unroll 8
     for (int quad = 0; quad < QUANT_BLOCK / QUAD; ++quad) {
-      __m512i x[QUANT_ROWS];
+      sums_i x[QUANT_ROWS];
 #pragma GCC unroll 2
       for (int r = 0; r < count; ++r) {
         int32_t four;
         memcpy(&four, levels + r * inner + block * QUANT_BLOCK + quad * QUAD, sizeof four);
-        x[r] = _mm512_set1_epi32(four);
+        x[r] = broadcast_quad(four);
       }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
       for (int v = 0; v < COLUMN_VECTORS; ++v) {
-        __m512i w = _mm512_loadu_si512(quads + quad * QUAD * PANEL + v * 64);
+        sums_i w = load_quads(quads + (quad * PANEL + v * COLUMNS_PER_VECTOR) * QUAD);
 #pragma GCC unroll 2
-        for (int r = 0; r < count; ++r) total[r][v] = _mm512_dpbusd_epi32(total[r][v], w, x[r]);
+        for (int r = 0; r < count; ++r) total[r][v] = add_products(total[r][v], w, x[r]);
       }
     }
 #pragma GCC unroll 2
     for (int r = 0; r < count; ++r) {
-      __m512 level_scale = _mm512_set1_ps(level_scales[r * blocks + block]);
-      __m512i offset = _mm512_set1_epi32(128 * level_totals[r * blocks + block]);
-#pragma GCC unroll 2
-      for (int v = 0; v < COLUMN_VECTORS; ++v) {
-        __m512 weight = _mm512_mul_ps(level_scale, _mm512_loadu_ps(scales + block * PANEL + v * 16));
-        float *sum = sums + r * PANEL + v * 16;
-        _mm512_storeu_ps(sum, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(total[r][v], offset)), weight, _mm512_loadu_ps(sum)));
-      }
-    }
-  }
-#elif defined(__AVX2__)
-  /* The byte-pair multiply-add takes unsigned bytes times signed ones. The weights (levels less 128: -128 .. 127)
-     go in as magnitudes, their signs moved onto x's levels (-127 .. 127, so negating one cannot overflow): each
-     pair's sum stays within 2 * 128 * 127, short of 16 bits' limit. */
-  const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-  enum { COLUMN_VECTORS = PANEL / 8 };
-  for (int64_t block = 0; block < blocks; ++block) {
-    __m256i total[QUANT_ROWS][COLUMN_VECTORS];
-#pragma GCC unroll 2
-    for (int r = 0; r < count; ++r)
+      int32_t offset = LEVEL_OFFSET ? LEVEL_OFFSET * level_totals[r * blocks + block] : 0;
 #pragma GCC unroll 4
-      for (int v = 0; v < COLUMN_VECTORS; ++v) total[r][v] = _mm256_setzero_si256();
-    const uint8_t *quads = weights + block * QUANT_BLOCK * PANEL;
-#pragma GCC unroll 8
-    for (int quad = 0; quad < QUANT_BLOCK / QUAD; ++quad) {
-      __m256i x[QUANT_ROWS];
-#pragma GCC unroll 2
-      for (int r = 0; r < count; ++r) {
-        int32_t four;
-        memcpy(&four, levels + r * inner + block * QUANT_BLOCK + quad * QUAD, sizeof four);
-        x[r] = _mm256_set1_epi32(four);
-      }
-#pragma GCC unroll 4
-      for (int v = 0; v < COLUMN_VECTORS; ++v) {
-        __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(quads + quad * QUAD * PANEL + v * 32)), flip);
-        __m256i magnitude = _mm256_abs_epi8(w);
-#pragma GCC unroll 2
-        for (int r = 0; r < count; ++r)
-          total[r][v] = _mm256_add_epi32(total[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x[r], w)), ones));
-      }
-    }
-#pragma GCC unroll 2
-    for (int r = 0; r < count; ++r) {
-      __m256 level_scale = _mm256_set1_ps(level_scales[r * blocks + block]);
-#pragma GCC unroll 4
-      for (int v = 0; v < COLUMN_VECTORS; ++v) {
-        __m256 weight = _mm256_mul_ps(level_scale, _mm256_loadu_ps(scales + block * PANEL + v * 8));
-        float *sum = sums + r * PANEL + v * 8;
-        _mm256_storeu_ps(sum, _mm256_fmadd_ps(_mm256_cvtepi32_ps(total[r][v]), weight, _mm256_loadu_ps(sum)));
-      }
+      for (int v = 0; v < COLUMN_VECTORS; ++v)
+        add_weighed(sums + r * PANEL + v * COLUMNS_PER_VECTOR, as_floats(total[r][v], offset), level_scales[r * blocks + block], scales + block * PANEL + v * COLUMNS_PER_VECTOR);
     }
   }
 #else
+  (void)level_totals;
   for (int64_t block = 0; block < blocks; ++block)
     for (int r = 0; r < count; ++r)
       for (int c = 0; c < PANEL; ++c) {
