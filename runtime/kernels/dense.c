@@ -99,7 +99,7 @@ static int64_t argmax(const float *values, int64_t count) {
   float top = values[0];
   for (int64_t i = 1; i < count; ++i) top = values[i] > top ? values[i] : top;
   int64_t best = 0;
-  while (values[best] != top) ++best;
+  while (best + 1 < count && values[best] != top) ++best; /* bounded: a NaN first value is no one's equal */
   return best;
 }
 
