@@ -181,8 +181,8 @@ static void pass_of(const float *x, int64_t stride, int64_t k0, int64_t k1, cons
 /* x's rows as 8-bit levels, block by block: the block's largest magnitude maps to 127, rounded to nearest even. */
 static void quantize_rows(const float *restrict x, int64_t rows, int64_t inner, QuantizedRows *out) {
   /* Locals, restrict: stores through out->levels (bytes, which may alias anything) made GCC reload the pointer
-     and round one value at a time, 26 % of the rounding's time. nearbyintf rounds as lrintf (to nearest even),
-     and vectorizes. */
+     and round one value at a time, a quarter of matmul_run's samples (perf) in small-coder's draft proposals.
+     nearbyintf rounds as lrintf (to nearest even), and vectorizes. */
   int8_t *restrict levels = out->levels;
   float *restrict scales = out->scales;
   for (int64_t block = 0; block < rows * inner / QUANT_BLOCK; ++block) {
@@ -294,7 +294,7 @@ static void multiply_quantized(const Call *call, int64_t panel_index, int64_t fi
   for (int64_t row = first; row < last; row += QUANT_ROWS) {
     const int8_t *levels = call->quantized.levels + row * call->inner;
     const float *level_scales = call->quantized.scales + row * (call->inner / QUANT_BLOCK);
-    const int32_t *level_totals = call->quantized.totals + row * (call->inner / QUANT_BLOCK);
+    const int32_t *level_totals = VNNI ? call->quantized.totals + row * (call->inner / QUANT_BLOCK) : NULL; /* none without VNNI */
     float *own = (float *)(sums + (row - first) * VECTORS);
     if (last - row >= 2)
       quantized_pass(levels, level_scales, level_totals, call->inner, weights, scales, own, 2);
