@@ -18,7 +18,9 @@ over those sequences with the measured costs, each call's cost scattered as this
 dearer (the policy sees them; the speed-up is billed at the usual speed, so it shows what its choices cost).
 On a shared machine two timed runs differ by more than a policy change
 gains; the replay compares policies on the same text and the same costs, and shows what speculation
-loses to text whose hard tokens come in runs, which the geometric bound above does not see.
+loses to text whose hard tokens come in runs, which the geometric bound above does not see. Last, it
+splits the draft's agreement by the main model's probability of its own greedy token: where the agreement
+is lost, and so what a better draft could win back.
 """
 
 from __future__ import annotations
@@ -54,15 +56,38 @@ def call_milliseconds(decoder, text: list[int], new_tokens: int, calls: int) -> 
     return 1000 * statistics.median(timings)
 
 
-def greedy_agreement(generator, prompts: list[list[int]], new_tokens: int) -> list[np.ndarray]:
+def greedy_agreement(generator, prompts: list[list[int]], new_tokens: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per prompt, whether the draft's argmax after each token of the main model's greedy continuation (read
-    with the true prefix) is the continuation's next token."""
-    sequences = []
+    with the true prefix) is the continuation's next token; and the main model's probability of that token
+    there (its confidence, read the same way)."""
+    sequences, confidences = [], []
     for prompt in prompts:
         continuation = [token for piece in generator.stream_ids(prompt, max_new_tokens=new_tokens, speculative=False, stop_tokens=()) for token in piece]
-        logits = generator.draft.new_cache().feed(prompt + continuation[:-1], last=len(continuation))
+        read = prompt + continuation[:-1]
+        logits = generator.draft.new_cache().feed(read, last=len(continuation))
         sequences.append(logits.argmax(-1) == np.asarray(continuation))
-    return sequences
+        main_logits = generator.main.new_cache().feed(read, last=len(continuation))
+        shifted = np.exp(main_logits - main_logits.max(-1, keepdims=True))
+        confidences.append(shifted[np.arange(len(continuation)), continuation] / shifted.sum(-1))
+    return sequences, confidences
+
+
+CONFIDENCE_BANDS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def confidence_table(sequences: list[np.ndarray], confidences: list[np.ndarray]) -> Table:
+    """Where the draft loses agreement: by how sure the main model was of its own greedy token. A draft of its
+    own cannot tell the main model's near-ties apart as the main model does; past them it rarely disagrees."""
+    agrees, sure = np.concatenate(sequences), np.concatenate(confidences)
+    table = Table(title=f"draft agreement by the main model's probability of its greedy token ({len(agrees)} tokens)")
+    for column in ("main model's probability", "share of tokens", "draft agrees", "share of disagreements"):
+        table.add_column(column, justify="right")
+    misses = max(int((~agrees).sum()), 1)
+    for low, high in zip(CONFIDENCE_BANDS, CONFIDENCE_BANDS[1:]):
+        band = (sure >= low) & ((sure < high) if high < 1.0 else (sure <= high))
+        agreement = f"{agrees[band].mean():.3f}" if band.any() else "-"
+        table.add_row(f"{low:.1f} - {high:.1f}", f"{band.mean():.3f}", agreement, f"{(band & ~agrees).sum() / misses:.3f}")
+    return table
 
 
 def decoding_loop_costs(generator, text: list[int], max_length: int, calls: int) -> tuple[dict[int, float], list[float]]:
@@ -217,13 +242,14 @@ def main() -> None:
     if args.replay:
         heldout = generator.encode("\n".join(corpus.read_text(path) for path in corpus.stdlib_files("heldout")[:80]))
         prompts = [heldout[i * CONTEXT : (i + 1) * CONTEXT] for i in range(args.replay)]
-        sequences = greedy_agreement(generator, prompts, args.new_tokens)
+        sequences, confidences = greedy_agreement(generator, prompts, args.new_tokens)
         main_seconds, proposals = decoding_loop_costs(generator, text, args.max_draft_length, args.calls // 4)
         costs = CallCosts(main_seconds, proposals, args.noise, args.outliers, args.drift, args.dwell)
         alone = main_seconds[1]
         loop = " ".join(f"{n}: {seconds / alone:.2f}" for n, seconds in main_seconds.items() if n > 1)
         console.print(f"in the decoding loop, in main-alone calls ({alone * 1000:.3f} ms): verify of n positions {loop}; proposals of a step {' '.join(f'{s / alone:.3f}' for s in proposals)}")
         console.print(replay_table(sequences, costs, args.max_draft_length, args.seed))
+        console.print(confidence_table(sequences, confidences))
 
 
 if __name__ == "__main__":

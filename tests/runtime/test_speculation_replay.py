@@ -22,7 +22,9 @@ NEW_TOKENS = 48
 def test_replay_takes_the_decoding_loops_steps(shipped_artifact, length):
     generator = runtime.load(shipped_artifact)
     prompts = [generator.encode(prompt) for prompt in corpus.heldout_prompts(6, prompt_chars=200)]
-    sequences = speculation_ceiling.greedy_agreement(generator, prompts, NEW_TOKENS)
+    sequences, confidences = speculation_ceiling.greedy_agreement(generator, prompts, NEW_TOKENS)
+    for agrees, sure in zip(sequences, confidences):  # the main model's probability of each of its greedy tokens
+        assert sure.shape == agrees.shape and np.all((sure > 0) & (sure <= 1 + 1e-6))
     decoded = [GenerationStats() for _ in prompts]
     for prompt, stats in zip(prompts, decoded):
         list(generator.stream_ids(prompt, max_new_tokens=NEW_TOKENS, draft_length=length, stop_tokens=(), stats=stats))
@@ -55,3 +57,17 @@ def test_slow_spells_reach_what_the_policy_measures_not_the_bill():
         assert result.seconds == pytest.approx(20 * 1.2)  # 20 steps of 2 proposals and a verify
     assert set(seen["steady"].verify_seconds) == {1.0}
     assert set(seen["spells"].verify_seconds) == {1.0, 3.0}
+
+
+def test_confidence_bands_hold_every_token_once():
+    """Each token falls in one band (a probability of exactly 1 in the last), and the bands' shares of the
+    disagreements add up to all of them."""
+    sequences = [np.array([True, False, True, False, True, True])]
+    confidences = [np.array([0.0, 0.29, 0.3, 0.95, 1.0, 0.6])]
+    table = speculation_ceiling.confidence_table(sequences, confidences)
+    shares, agreement, misses = (list(column.cells) for column in table.columns[1:])
+    assert sum(float(share) for share in shares) == pytest.approx(1.0)
+    assert sum(float(share) for share in misses) == pytest.approx(1.0)
+    assert shares == ["0.333", "0.167", "0.167", "0.000", "0.333"]
+    assert agreement == ["0.500", "1.000", "1.000", "-", "0.500"]
+    assert misses == ["0.500", "0.000", "0.000", "0.000", "0.500"]
