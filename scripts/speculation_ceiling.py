@@ -37,9 +37,11 @@ from rich.table import Table
 
 import runtime
 from compiler import corpus
+from runtime.sampling import SamplingParams, distribution
 from runtime.speculative import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
 
 CONTEXT = 128
+UNTEMPERED = SamplingParams(temperature=1.0)  # the main model's own distribution over the next token
 
 
 def call_milliseconds(decoder, text: list[int], new_tokens: int, calls: int) -> float:
@@ -67,8 +69,7 @@ def greedy_agreement(generator, prompts: list[list[int]], new_tokens: int) -> tu
         logits = generator.draft.new_cache().feed(read, last=len(continuation))
         sequences.append(logits.argmax(-1) == np.asarray(continuation))
         main_logits = generator.main.new_cache().feed(read, last=len(continuation))
-        shifted = np.exp(main_logits - main_logits.max(-1, keepdims=True))
-        confidences.append(shifted[np.arange(len(continuation)), continuation] / shifted.sum(-1))
+        confidences.append(np.array([distribution(row, UNTEMPERED)[token] for row, token in zip(main_logits, continuation)]))
     return sequences, confidences
 
 
