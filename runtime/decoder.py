@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from runtime.artifact import ModelEntry
 from runtime.errors import ArtifactError
-from runtime.kernels.dense import GREEDY_STEPS, GREEDY_TOKENS, MAX_CHAIN
+from runtime.kernels.fused_decoder import GREEDY_STEPS, GREEDY_TOKENS, MAX_CHAIN
 from runtime.kernels.session import Kernels, open_session
 
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
@@ -86,7 +86,7 @@ class Decoder:
         check_inputs(model_path, model)
         self.session, self.kernels = open_session(model_path, model, entry.head_dim, session_options(entry.session_options, threads), kernels)
         self.entry = entry
-        # moecc.DenseDecoder proposes greedy tokens after a call in the same call (see KvCache.greedy_chain).
+        # moecc.FusedDecoder proposes greedy tokens after a call in the same call (see KvCache.greedy_chain).
         self.chains_greedily = GREEDY_STEPS in {value.name for value in self.session.get_inputs()}
 
     def new_cache(self, capacity: int | None = None) -> KvCache:

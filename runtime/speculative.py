@@ -126,7 +126,7 @@ class AdaptiveDraftLength:
     call per proposal, as fast as with a single rate).
 
     Both costs are measured per length, not assumed: on an MoE a longer verify touches more experts, and a
-    draft that chains its greedy proposals in one call (moecc.DenseDecoder) pays for a step's first
+    draft that chains its greedy proposals in one call (moecc.FusedDecoder) pays for a step's first
     proposal several times what it pays for each further one (small-coder: about 0.21 and 0.06 main-model
     calls), where a cost per proposal would make long drafts look dear. Rates and costs are measured as
     generation runs, with decay so they follow the text. A verify length never measured is assumed as

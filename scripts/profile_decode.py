@@ -15,6 +15,7 @@ import argparse
 import json
 import tempfile
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +27,25 @@ import runtime
 from compiler import corpus
 from runtime.artifact import ModelEntry
 from runtime.decoder import POSITIONS_INPUT, KvState, session_options
-from runtime.kernels.dense import GREEDY_STEPS, GREEDY_TOKENS
-from runtime.kernels.session import open_session
+from runtime.kernels.fused_decoder import GREEDY_STEPS, GREEDY_TOKENS
+from runtime.kernels.session import node_by_node, open_session
 
 
-def profile(artifact: Path, entry: ModelEntry, text: list[int], context: int, calls: int, new_tokens: int, threads: int, folder: Path, kernels: str) -> Counter[str]:
-    """Microseconds per call of `new_tokens` tokens, by op type, after `context` tokens of `text`."""
+def profile(
+    artifact: Path, entry: ModelEntry, text: list[int], context: int, calls: int, new_tokens: int, threads: int, folder: Path, kernels: str, whole_graph: bool = True
+) -> Counter[str]:
+    """Microseconds per call of `new_tokens` tokens, by op type, after `context` tokens of `text`; without
+    `whole_graph`, moecc's kernels node by node where one node would run the whole model."""
     options = session_options(entry.session_options, threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(folder / f"profile-{context}")
-    session, _ = open_session(artifact / entry.path, onnx.load(artifact / entry.path, load_external_data=False), entry.head_dim, options, kernels)
+    with nullcontext() if whole_graph else node_by_node():
+        session, _ = open_session(artifact / entry.path, onnx.load(artifact / entry.path, load_external_data=False), entry.head_dim, options, kernels)
     state = KvState(entry, 1, entry.max_sequence_length)
     binding = session.io_binding()
     inputs = {value.name for value in session.get_inputs()}
     state.bind(binding, inputs)
-    if GREEDY_STEPS in inputs:  # a draft run as one node (moecc.DenseDecoder): each call proposes nothing further
+    if GREEDY_STEPS in inputs:  # a model run as one node (moecc.FusedDecoder): each call proposes nothing further
         binding.bind_cpu_input(GREEDY_STEPS, np.zeros((), dtype=np.int64))
         binding.bind_output(GREEDY_TOKENS, "cpu")
 
@@ -82,13 +87,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=10, help="op types shown, by time at the longest context")
     parser.add_argument("--kernels", choices=runtime.KERNELS, default="auto", help="moecc's attention, MoE and MatMul kernels or ONNX Runtime's")
+    parser.add_argument("--node-by-node", action="store_true", help="moecc's kernels node by node, where one node (moecc.FusedDecoder) would run the whole model")
     args = parser.parse_args()
     entry, text = _entry_and_text(args.artifact, args.model)
     needed = max(args.contexts) + args.calls * args.new_tokens
     if len(text) < needed:
         raise SystemExit(f"the held-out text has {len(text)} tokens; the longest context needs {needed}")
     with tempfile.TemporaryDirectory() as folder:
-        profiles = {context: profile(args.artifact, entry, text, context, args.calls, args.new_tokens, args.threads, Path(folder), args.kernels) for context in args.contexts}
+        profiles = {
+            context: profile(args.artifact, entry, text, context, args.calls, args.new_tokens, args.threads, Path(folder), args.kernels, not args.node_by_node)
+            for context in args.contexts
+        }
     longest = profiles[max(args.contexts)]
     table = Table(title=f"{args.artifact.name} {args.model}: µs per call of {args.new_tokens} new tokens by op type (ONNX Runtime profile, {args.calls} calls, {args.threads} threads)")
     table.add_column("op type")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runtime.errors import MoeccError
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("ops.c", "attention.c", "moe.c", "matmul.c", "dense.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("ops.c", "attention.c", "moe.c", "matmul.c", "fused_decoder.c"))
 HEADERS = Path(__file__).with_name("include")
 # fast-math: vectorized expf. No -Werror: a warning a newer compiler adds must not cost users the kernels; the
 # tests compile the sources with it (tests/runtime/test_kernel_session.py). -Wno-psabi: the vector helpers are

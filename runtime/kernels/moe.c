@@ -63,12 +63,7 @@ enum { UNITS = 16, MAX_TOKENS = 4, HIDDEN_PER_SUM = 256 };
    take what they took before (whole model, 2 threads). Tokens per chunk. */
 enum { TARGET_ITEMS = 8, CHUNK = 512 };
 
-typedef struct {
-  int64_t k;
-  int normalize, limited;
-  float alpha, beta, limit;
-  float offset; /* moecc.QMoE: the levels' offset (8 or 128); 0 for moecc.MoE's float weights */
-} Kernel;
+typedef ExpertMix Kernel;
 
 /* One call: the routes grouped by expert, and the buffers the two phases share. */
 typedef struct {
@@ -531,12 +526,11 @@ static OrtStatus *check_tokens(const Tensor *in, int64_t *hidden, int64_t *token
   return NULL;
 }
 
-/* Both ops' call once its weights are checked (in `call`): each chunk of tokens routed, then the two phases. */
-static OrtStatus *run(const Kernel *kernel, OrtKernelContext *context, const Tensor *in, int64_t tokens, int64_t experts, Call call) {
+/* The routed tokens' outputs `out` [tokens, H] once the weights are checked (in `call`): each chunk of tokens
+   routed by its rows of `logits` [tokens, E], then the two phases. */
+static OrtStatus *mix(const Kernel *kernel, OrtKernelContext *context, const float *x, const float *logits, int64_t tokens, int64_t experts, Call call, float *out) {
   int64_t hidden = call.hidden, inter = call.inter;
   if (hidden <= 0 || inter <= 0 || hidden % 16 || inter % UNITS) return fail("moecc.MoE: H and I must be positive multiples of 16");
-  Tensor out;
-  CHECK(output(context, 0, in[INPUT].shape, in[INPUT].rank, &out));
   if (!tokens) return NULL;
   /* Long prompts go in chunks of CHUNK tokens, so that the partial sums stay within tens of megabytes (each
      chunk reads the chosen experts again, but then every expert has many of the chunk's tokens to share it). */
@@ -556,9 +550,9 @@ static OrtStatus *run(const Kernel *kernel, OrtKernelContext *context, const Ten
   OrtStatus *status = NULL;
   for (int64_t start = 0; start < tokens && !status; start += chunk) {
     call.tokens = tokens - start < chunk ? tokens - start : chunk;
-    call.x = (const float *)in[INPUT].data + start * hidden;
-    call.out = (float *)out.data + start * hidden;
-    route(&call, (const float *)in[ROUTER].data + start * experts, experts, chosen, weights, probabilities);
+    call.x = x + start * hidden;
+    call.out = out + start * hidden;
+    route(&call, logits + start * experts, experts, chosen, weights, probabilities);
     if (call.mixing) call.mixing += call.tokens * experts; /* the next chunk's rows */
     int64_t blocks = inter / UNITS, wanted = (TARGET_ITEMS + kernel->k - 1) / kernel->k;
     int64_t blocks_per_item = wanted >= blocks ? 1 : (blocks + wanted - 1) / wanted;
@@ -569,13 +563,25 @@ static OrtStatus *run(const Kernel *kernel, OrtKernelContext *context, const Ten
       status = ort->CreateStatus(ORT_FAIL, "moecc.MoE: out of memory");
       break;
     }
-    status = ort->KernelContext_ParallelFor(context, expert, (size_t)(call.active_count * call.items_per_expert), 0, &call);
+    status = for_each_item(context, expert, (size_t)(call.active_count * call.items_per_expert), &call);
     int64_t sums = (hidden + HIDDEN_PER_SUM - 1) / HIDDEN_PER_SUM;
-    if (!status) status = ort->KernelContext_ParallelFor(context, sum, (size_t)(call.tokens * sums), 0, &call);
+    if (!status) status = for_each_item(context, sum, (size_t)(call.tokens * sums), &call);
     free(call.partial);
   }
   free(scratch);
   return status;
+}
+
+/* Both ops' call once its weights are checked (in `call`), into their output. */
+static OrtStatus *run(const Kernel *kernel, OrtKernelContext *context, const Tensor *in, int64_t tokens, int64_t experts, Call call) {
+  Tensor out;
+  CHECK(output(context, 0, in[INPUT].shape, in[INPUT].rank, &out));
+  return mix(kernel, context, in[INPUT].data, in[ROUTER].data, tokens, experts, call, out.data);
+}
+
+OrtStatus *experts_run(OrtKernelContext *context, const ExpertMix *kernel, const float *x, const float *logits, int64_t tokens, int64_t experts,
+                       int64_t hidden, int64_t inter, const float *fc1, const float *fc2, float *out) {
+  return mix(kernel, context, x, logits, tokens, experts, (Call){.hidden = hidden, .inter = inter, .k = kernel->k, .kernel = kernel, .fc1 = fc1, .fc2 = fc2}, out);
 }
 
 static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
@@ -613,21 +619,26 @@ static OrtStatus *ORT_API_CALL compute_quantized(void *state, OrtKernelContext *
                     .mixing = in[MIXING].value ? in[MIXING].data : NULL});
 }
 
+OrtStatus *read_expert_mix(const OrtKernelInfo *info, const char *message, ExpertMix *mix) {
+  *mix = (ExpertMix){.k = int_attribute(info, "k", 0)};
+  if (mix->k <= 0) return fail(message);
+  mix->normalize = int_attribute(info, "normalize_routing_weights", 0) == 1; /* as ONNX Runtime's */
+  mix->alpha = float_attribute(info, "activation_alpha", 1.f, NULL);
+  mix->beta = float_attribute(info, "activation_beta", 0.f, NULL);
+  mix->limit = float_attribute(info, "swiglu_limit", 0.f, &mix->limited);
+  mix->limited = mix->limited && mix->limit < 3.4e38f; /* ONNX Runtime's default is no limit */
+  return NULL;
+}
+
 static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {
   (void)op, (void)api;
   Kernel *kernel = calloc(1, sizeof(Kernel));
   if (!kernel) return ort->CreateStatus(ORT_FAIL, "moecc.MoE: out of memory");
-  OrtStatus *status = ort->KernelInfoGetAttribute_int64(info, "k", &kernel->k);
-  if (!status && kernel->k <= 0) status = fail("moecc.MoE: k must be positive");
+  OrtStatus *status = read_expert_mix(info, "moecc.MoE: k must be positive", kernel);
   if (status) {
     free(kernel);
     return status;
   }
-  kernel->normalize = int_attribute(info, "normalize_routing_weights", 0) == 1; /* as ONNX Runtime's */
-  kernel->alpha = float_attribute(info, "activation_alpha", 1.f, NULL);
-  kernel->beta = float_attribute(info, "activation_beta", 0.f, NULL);
-  kernel->limit = float_attribute(info, "swiglu_limit", 0.f, &kernel->limited);
-  kernel->limited = kernel->limited && kernel->limit < 3.4e38f; /* ONNX Runtime's default is no limit */
   *state = kernel;
   return NULL;
 }

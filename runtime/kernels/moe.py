@@ -135,11 +135,18 @@ def why_not_quantized(model: onnx.ModelProto) -> str | None:
     return _why_not(model, "QMoE")
 
 
+def transposed(nodes: list[onnx.NodeProto], fc2: str) -> str:
+    """The name of experts' fc2 [E, H, I] transposed to [E, I, H], as the kernels take it: a Transpose appended to
+    `nodes`, which ONNX Runtime folds into a constant when the session loads."""
+    nodes.append(onnx.helper.make_node("Transpose", [fc2], [f"{fc2}.transposed"], name=f"{fc2}.transpose", perm=[0, 2, 1]))
+    return f"{fc2}.transposed"
+
+
 def swap(model: onnx.ModelProto) -> int:
     """Swap every MoE node of `model` (which why_not() accepted) for moecc.MoE, fed its fc2 through a
     Transpose (one per weight, however many nodes read it); returns how many."""
     nodes: list[onnx.NodeProto] = []
-    transposed: set[str] = set()
+    swapped_weights: dict[str, str] = {}
     swapped = 0
     for node in model.graph.node:
         if node.op_type != "MoE" or node.domain != "com.microsoft":
@@ -147,10 +154,9 @@ def swap(model: onnx.ModelProto) -> int:
             continue
         names = dict(zip(_MOE_INPUTS, node.input))
         fc2 = names["fc2_experts_weights"]
-        if fc2 not in transposed:
-            nodes.append(onnx.helper.make_node("Transpose", [fc2], [f"{fc2}.transposed"], name=f"{fc2}.transpose", perm=[0, 2, 1]))
-            transposed.add(fc2)
-        ours = onnx.helper.make_node("MoE", [names["input"], names["router_probs"], names["fc1_experts_weights"], f"{fc2}.transposed"], node.output, name=node.name, domain=DOMAIN)
+        if fc2 not in swapped_weights:
+            swapped_weights[fc2] = transposed(nodes, fc2)
+        ours = onnx.helper.make_node("MoE", [names["input"], names["router_probs"], names["fc1_experts_weights"], swapped_weights[fc2]], node.output, name=node.name, domain=DOMAIN)
         ours.attribute.extend(attribute for attribute in node.attribute if attribute.name in _PASSED)
         nodes.append(ours)
         swapped += 1

@@ -116,7 +116,7 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
   OrtStatus *status = add_attention_ops(domain);
   if (!status) status = add_moe_ops(domain);
   if (!status) status = add_matmul_ops(domain);
-  if (!status) status = add_dense_ops(domain);
+  if (!status) status = add_fused_decoder_ops(domain);
   if (!status) status = ort->AddCustomOpDomain(options, domain);
   if (status) ort->ReleaseCustomOpDomain(domain);
   return status;

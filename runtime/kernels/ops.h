@@ -43,7 +43,7 @@ int64_t int_attribute(const OrtKernelInfo *info, const char *name, int64_t fallb
 /* Whether the tensor has this rank and these leading dimensions (-1: any; only the first three are checked). */
 int shaped(const Tensor *tensor, size_t rank, int64_t first, int64_t second, int64_t third);
 /* fn(data, item) for every item < items: spread over the session's threads, or where `context` is NULL, in
-   order on the calling thread (for calls smaller than what waking the threads costs: moecc.DenseDecoder's). */
+   order on the calling thread (for calls smaller than what waking the threads costs: moecc.FusedDecoder's). */
 OrtStatus *for_each_item(OrtKernelContext *context, void (*fn)(void *, size_t), size_t items, void *data);
 /* Records the first error of a parallel phase; later ones are released. */
 void fail_once(OrtStatus **error, const char *message);
@@ -59,7 +59,7 @@ ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp *op, size_t 
 size_t ORT_API_CALL one_output(const OrtCustomOp *op);
 
 /* One attention call's geometry and buffers (attention.c), shared by its work items and filled by the kernels
-   that run it: moecc.Attention and moecc.DenseDecoder. */
+   that run it: moecc.Attention and moecc.FusedDecoder. */
 typedef struct {
   int64_t batch, new_width, heads, kv_heads, group, dim, capacity;
   int64_t span; /* a prompt's new tokens per walk of the cache (walk_span) */
@@ -90,9 +90,26 @@ OrtStatus *attention_run(OrtKernelContext *context, AttentionCall *call);
 OrtStatus *matmul_run(OrtKernelContext *context, const float *x, int64_t rows, int64_t inner, const void *panels, const float *scales, int64_t columns,
                       float *out);
 
+/* A mixture of experts' routing and activation (moe.c): each token's k experts are the k largest of the softmax
+   of its router logits, their weights divided by their sum where `normalize`; swiglu(gate, linear) =
+   g * sigmoid(alpha g) * (l + beta), g and l clamped to `limit` where `limited`. */
+typedef struct {
+  int64_t k;
+  int normalize, limited;
+  float alpha, beta, limit;
+  float offset; /* moecc.QMoE: the levels' offset (8 or 128); 0 for float weights */
+} ExpertMix;
+/* A node's k (positive, else the error `message`), normalize_routing_weights, activation_alpha, activation_beta
+   and swiglu_limit attributes, as ONNX Runtime's MoE reads them. */
+OrtStatus *read_expert_mix(const OrtKernelInfo *info, const char *message, ExpertMix *mix);
+/* out [tokens, H] = the mix of each token's chosen experts of x [tokens, H], routed by logits [tokens, E], the float
+   weights as moecc.MoE takes them: fc1 [E, 2I, H] (gate and linear rows interleaved), fc2 transposed [E, I, H]. */
+OrtStatus *experts_run(OrtKernelContext *context, const ExpertMix *mix, const float *x, const float *logits, int64_t tokens, int64_t experts,
+                       int64_t hidden, int64_t inter, const float *fc1, const float *fc2, float *out);
+
 OrtStatus *add_attention_ops(OrtCustomOpDomain *domain);
 OrtStatus *add_moe_ops(OrtCustomOpDomain *domain);
 OrtStatus *add_matmul_ops(OrtCustomOpDomain *domain);
-OrtStatus *add_dense_ops(OrtCustomOpDomain *domain);
+OrtStatus *add_fused_decoder_ops(OrtCustomOpDomain *domain);
 
 #endif

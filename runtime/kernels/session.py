@@ -1,5 +1,5 @@
-"""Open a CPU session with moecc's kernels in place of ONNX Runtime's: moecc.DenseDecoder (dense.c) for the whole
-graph of a dense float32 decoder (a draft), else moecc.Attention (attention.c) for GroupQueryAttention,
+"""Open a CPU session with moecc's kernels in place of ONNX Runtime's: moecc.FusedDecoder (fused_decoder.c) for the whole
+graph of a decoder it runs (a dense draft, a float32 MoE main model), else moecc.Attention (attention.c) for GroupQueryAttention,
 moecc.MoE (moe.c) for float32 MoE, moecc.QMoE (moe.c) for INT4 and INT8 QMoE, and moecc.MatMul (matmul.c) for
 MatMuls by large float32 constant weights.
 
@@ -11,6 +11,7 @@ the kernel implements, and the weights stay in the artifact's external data, rea
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Literal, get_args
@@ -19,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from runtime.errors import MoeccError
-from runtime.kernels import DOMAIN, attention, dense, matmul, moe
+from runtime.kernels import DOMAIN, attention, fused_decoder, matmul, moe
 from runtime.kernels.build import KernelUnavailable, library
 
 Kernels = Literal["auto", "moecc", "onnxruntime"]  # auto: moecc's kernels where they build and apply, else ONNX Runtime's
@@ -31,7 +32,7 @@ _log = logging.getLogger(__name__)
 # Each kernel: the op type it stands in for (com.microsoft's, or the standard domain's), why it cannot in a model,
 # and its swap.
 _KERNELS = {
-    "moecc.DenseDecoder": ("GroupQueryAttention", dense.why_not, dense.swap),
+    "moecc.FusedDecoder": ("GroupQueryAttention", fused_decoder.why_not, fused_decoder.swap),
     "moecc.Attention": ("GroupQueryAttention", attention.why_not, attention.swap),
     "moecc.MoE": ("MoE", lambda model, head_dim: moe.why_not(model), lambda model, head_dim: moe.swap(model)),
     "moecc.QMoE": ("QMoE", lambda model, head_dim: moe.why_not_quantized(model), lambda model, head_dim: moe.swap_quantized(model)),
@@ -40,7 +41,19 @@ _KERNELS = {
 # Kernels that stand in node by node: the nodes they cannot run (a router's narrow MatMul) are not a fallback.
 _NODE_BY_NODE = {"moecc.MatMul"}
 # Kernels that stand in for the whole graph where they apply, and leave it to the others where they do not.
-_WHOLE_GRAPH = {"moecc.DenseDecoder"}
+_WHOLE_GRAPH = {"moecc.FusedDecoder"}
+
+
+@contextmanager
+def node_by_node():
+    """Sessions opened inside run moecc's kernels node by node, never a whole graph in one node (moecc.FusedDecoder):
+    for an ONNX Runtime profile per op type, and as the reference the fused kernel is checked against. Not for
+    concurrent use: it changes the kernels every session of the process chooses from while it lasts."""
+    withheld = {name: _KERNELS.pop(name) for name in _WHOLE_GRAPH}
+    try:
+        yield
+    finally:
+        _KERNELS.update(withheld)
 
 
 @cache
@@ -54,7 +67,7 @@ def check_kernels(kernels: str) -> None:
 
 
 def use_kernels(model_path: Path, model: onnx.ModelProto, head_dim: int, options: ort.SessionOptions, kernels: Kernels) -> tuple[str, ...]:
-    """Which of moecc's kernels ("moecc.DenseDecoder", or "moecc.Attention", "moecc.MoE", "moecc.QMoE", "moecc.MatMul") sessions of the model at `model_path` run. Where
+    """Which of moecc's kernels ("moecc.FusedDecoder", or "moecc.Attention", "moecc.MoE", "moecc.QMoE", "moecc.MatMul") sessions of the model at `model_path` run. Where
     `kernels` asks for them and they apply, the graph `model` (without weights) is rewritten in place and
     `options` load the kernels; a session is then made from the graph's bytes, with EXTERNAL_FOLDER set.
     "moecc" refuses to fall back: every attention, float MoE and QMoE node must run moecc's kernel (MatMuls run

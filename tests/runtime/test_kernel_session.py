@@ -15,11 +15,11 @@ from runtime.kernels import build
 
 
 def test_models_decode_alike_with_either_kernels(shipped_artifact):
-    """The shipped pair (Qwen3-MoE main with moecc's attention, MoE and MatMul kernels; Qwen3 draft as one
-    moecc.DenseDecoder) and with ONNX Runtime's kernels: logits within float rounding, token-exact greedy output in a padded batch
+    """The shipped pair (a Qwen3-MoE main model and a Qwen3 draft, each one moecc.FusedDecoder) with moecc's kernels
+    and with ONNX Runtime's: logits within float rounding, token-exact greedy output in a padded batch
     with speculation (rollbacks), and for a single sequence."""
     ours, theirs = (runtime.load(shipped_artifact, target="cpu", kernels=kernels) for kernels in ("moecc", "onnxruntime"))
-    assert (ours.main.kernels, ours.draft.kernels, theirs.main.kernels) == (("moecc.Attention", "moecc.MoE", "moecc.MatMul"), ("moecc.DenseDecoder",), ())
+    assert (ours.main.kernels, ours.draft.kernels, theirs.main.kernels) == (("moecc.FusedDecoder",), ("moecc.FusedDecoder",), ())
     history = ours.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
     np.testing.assert_allclose(ours.main.new_cache(128).feed(history), theirs.main.new_cache(128).feed(history), atol=1e-4, rtol=0)
     prompts = [history, history[:7], ours.encode("import os\nimport sys\n\n\ndef main():\n")]

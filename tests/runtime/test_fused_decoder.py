@@ -1,6 +1,7 @@
-"""moecc.DenseDecoder (runtime/kernels/dense.c): a dense decoder's whole graph in one node computes what ONNX
-Runtime's nodes do (with and without per-head query and key norms, a batch of uneven rows, verify blocks,
-rollbacks), and stands aside with its reason from a graph it does not run."""
+"""moecc.FusedDecoder (runtime/kernels/fused_decoder.c): a decoder's whole graph in one node computes what the
+node-by-node kernels do (dense and MoE, with and without per-head query and key norms, a q/k/v bias, a shared
+expert, experts cut into parts; a batch of uneven rows, verify blocks, rollbacks), and stands aside with its
+reason from a graph it does not run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import runtime
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.decoder import BatchKvCache, Decoder, session_options
-from runtime.kernels import dense, session
+from runtime.kernels import fused_decoder, session
 from runtime.kernels.build import library as kernel_library
 from conftest import full_precision_decoder
 from kernel_sessions import MARCHES
@@ -53,26 +54,41 @@ def int4_draft_pair(dense_checkpoints):
     return build(load_recipe(recipe), dense_checkpoints / "out").artifact
 
 
-@pytest.fixture(scope="module")
-def fused_and_unfused(dense_pair):
-    fused = runtime.load(dense_pair, target="cpu", threads=2)
-    withheld = session._KERNELS.pop("moecc.DenseDecoder")
-    try:
-        unfused = runtime.load(dense_pair, target="cpu", threads=2)
-    finally:
-        session._KERNELS["moecc.DenseDecoder"] = withheld
+def _both_ways(artifact):
+    """The artifact loaded with moecc.FusedDecoder where it applies, and without it (the node-by-node kernels)."""
+    fused = runtime.load(artifact, target="cpu", threads=2)
+    with session.node_by_node():
+        unfused = runtime.load(artifact, target="cpu", threads=2)
     return fused, unfused
 
 
-@pytest.mark.parametrize("role", ["main", "draft"])
-def test_a_dense_decoder_runs_as_one_node_with_the_graphs_results(fused_and_unfused, role):
-    fused, unfused = (getattr(generator, role) for generator in fused_and_unfused)
-    assert fused.kernels == ("moecc.DenseDecoder",) and "moecc.DenseDecoder" not in unfused.kernels
-    graph = onnx.load(fused_and_unfused[0].path / role / "model.onnx", load_external_data=False)
-    session.use_kernels(fused_and_unfused[0].path / role / "model.onnx", graph, fused.entry.head_dim, session_options({}), "auto")
-    assert {node.op_type for node in graph.graph.node} == {"DenseDecoder", "Reshape", "Transpose"}  # the weights' panels, folded at load
+@pytest.fixture(scope="module")
+def fused_and_unfused(dense_pair):
+    return _both_ways(dense_pair)
+
+
+# (artifact fixture, role, the nodes left beside the kernel: those making the weights' panels, folded at load)
+ONE_NODE_MODELS = {
+    "dense Llama": ("dense_pair", "main", {"Reshape", "Transpose"}),
+    "dense Qwen3": ("dense_pair", "draft", {"Reshape", "Transpose"}),
+    # Query and key norms, no shared expert; the router's columns padded to a panel, fc2 transposed.
+    "Qwen3-MoE": ("tiny_artifact", "main", {"Reshape", "Transpose", "Concat"}),
+    # A q/k/v bias and a shared expert with its sigmoid gate; each expert cut in 2 parts by the lowering.
+    "Qwen2-MoE": ("small_coder_artifact", "main", {"Reshape", "Transpose", "Concat"}),
+}
+
+
+@pytest.mark.parametrize("model", ONE_NODE_MODELS)
+def test_a_decoder_runs_as_one_node_with_the_graphs_results(request, model):
+    fixture, role, beside = ONE_NODE_MODELS[model]
+    artifact = request.getfixturevalue(fixture)
+    fused, unfused = (getattr(generator, role) for generator in _both_ways(artifact))
+    assert fused.kernels == ("moecc.FusedDecoder",) and "moecc.FusedDecoder" not in unfused.kernels
+    graph = onnx.load(artifact / role / "model.onnx", load_external_data=False)
+    session.use_kernels(artifact / role / "model.onnx", graph, fused.entry.head_dim, session_options({}), "auto")
+    assert {node.op_type for node in graph.graph.node} == {"FusedDecoder"} | beside
     rng = np.random.default_rng(3)
-    prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in (19, 4, 11)]
+    prompts = [rng.integers(1, fused.entry.vocab_size, size=n).tolist() for n in (19, 4, 11)]
     ours, theirs = (BatchKvCache(decoder, 3, 64) for decoder in (fused, unfused))
     np.testing.assert_allclose(ours.prefill(prompts), theirs.prefill(prompts), atol=TOLERANCE, rtol=0)
     # Rows of uneven new tokens, one row idle; then a rollback and the same positions fed other tokens.
@@ -105,7 +121,7 @@ def test_greedy_proposals_chained_in_one_call_are_those_of_one_call_each(fused_a
     assert fused.chains_greedily and not unfused.chains_greedily
     prompt = np.random.default_rng(8).integers(1, VOCAB, size=13).tolist()
     ours, theirs = fused.new_cache(128), unfused.new_cache(128)
-    for count in (1, 5, dense.MAX_CHAIN + 7):
+    for count in (1, 5, fused_decoder.MAX_CHAIN + 7):
         chained, one_by_one = ours.greedy_chain(prompt, count), theirs.greedy_chain(prompt, count)
         assert chained == one_by_one and len(chained) == count and ours.ids == theirs.ids == prompt + chained[:-1]
         np.testing.assert_allclose(ours.feed(chained[-1:]), theirs.feed(chained[-1:]), atol=TOLERANCE, rtol=0)
@@ -129,7 +145,7 @@ def test_a_quantized_draft_runs_as_one_node_with_integer_products(request, bits,
     monkeypatch.setattr(session, "library", lambda: kernel_library(march))
     generator = runtime.load(pair, target="cpu", threads=2)
     fused, manifest = generator.draft, generator.manifest
-    assert fused.kernels == ("moecc.DenseDecoder",) and fused.chains_greedily
+    assert fused.kernels == ("moecc.FusedDecoder",) and fused.chains_greedily
     graph = onnx.load(pair / "draft" / "model.onnx", load_external_data=False)
     assert {node.op_type for node in graph.graph.node} >= {"MatMulNBits"}
     reference = Decoder(pair, manifest.models["draft"], set(manifest.files), threads=2, kernels="onnxruntime")
@@ -150,21 +166,21 @@ def test_8_bit_weights_it_does_not_run_keep_the_node_by_node_kernels(int8_draft_
     """2-bit blocks, 8-bit products in full precision (accuracy level 0), or 8-bit products beside a float one are
     not what the kernel computes: it says so."""
     draft = onnx.load(int8_draft_pair / "draft" / "model.onnx", load_external_data=False)
-    assert dense.why_not(draft, 16) is None
+    assert fused_decoder.why_not(draft, 16) is None
     two_bit = onnx.ModelProto.FromString(draft.SerializeToString())
     products = [node for node in two_bit.graph.node if node.op_type == "MatMulNBits"]
     next(attribute for attribute in products[0].attribute if attribute.name == "bits").i = 2
-    assert "not 8- or 4-bit blocks of 32" in dense.why_not(two_bit, 16)
+    assert "not 8- or 4-bit blocks of 32" in fused_decoder.why_not(two_bit, 16)
     float_products = onnx.ModelProto.FromString(draft.SerializeToString())
     products = [node for node in float_products.graph.node if node.op_type == "MatMulNBits"]
     next(attribute for attribute in products[-1].attribute if attribute.name == "accuracy_level").i = 0
-    assert "accuracy_level is not 4" in dense.why_not(float_products, 16)
+    assert "accuracy_level is not 4" in fused_decoder.why_not(float_products, 16)
     mixed = onnx.ModelProto.FromString(draft.SerializeToString())
     head = next(node for node in mixed.graph.node if node.output[0] == "logits")
     inner, columns = (next(attribute.i for attribute in head.attribute if attribute.name == name) for name in ("K", "N"))
     mixed.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((inner, columns), np.float32), "float_head"))
     head.CopyFrom(onnx.helper.make_node("MatMul", [head.input[0], "float_head"], ["logits"], name=head.name))
-    assert "some products' weights are 8-bit and some float" in dense.why_not(mixed, 16)
+    assert "some products' weights are 8-bit and some float" in fused_decoder.why_not(mixed, 16)
 
 
 def test_a_token_outside_the_vocabulary_is_refused_by_name(fused_and_unfused):
@@ -174,29 +190,35 @@ def test_a_token_outside_the_vocabulary_is_refused_by_name(fused_and_unfused):
     for value in draft.session.get_inputs():
         if value.name.startswith("past_key_values"):
             feeds[value.name] = np.zeros((1, draft.entry.num_kv_heads, 8, draft.entry.head_dim), np.float32)
-    with pytest.raises(Exception, match="moecc.DenseDecoder: a token id is outside the vocabulary"):
+    with pytest.raises(Exception, match="moecc.FusedDecoder: a token id is outside the vocabulary"):
         draft.session.run(None, feeds)
 
 
 def test_it_stands_aside_from_graphs_it_does_not_run(dense_pair, tiny_artifact):
-    """An MoE model, widths matmul.c's panels cannot take, an int8 cache and a graph with a node more each keep the
-    node-by-node kernels, with the reason."""
+    """A quantized MoE, an MoE node moecc.MoE does not run, widths matmul.c's panels cannot take, an int8 cache and a
+    graph with a node more each keep the node-by-node kernels, with the reason."""
     moe = onnx.load(tiny_artifact / "main" / "model.onnx", load_external_data=False)
-    assert "not a dense decoder" in dense.why_not(moe, 16) and "MoE" in dense.why_not(moe, 16)
+    assert fused_decoder.why_not(moe, 16) is None
+    quantized = onnx.ModelProto.FromString(moe.SerializeToString())
+    next(node for node in quantized.graph.node if node.op_type == "MoE").op_type = "QMoE"
+    assert "not a decoder moecc.FusedDecoder runs: it has QMoE nodes" in fused_decoder.why_not(quantized, 16)
+    sparse = onnx.ModelProto.FromString(moe.SerializeToString())
+    next(node for node in sparse.graph.node if node.op_type == "MoE").attribute.append(onnx.helper.make_attribute("use_sparse_mixer", 1))
+    assert "sets use_sparse_mixer=1" in fused_decoder.why_not(sparse, 16)
     narrow = onnx.load(tiny_artifact / "draft" / "model.onnx", load_external_data=False)  # hidden size 48, 3 + 2 heads of 16
-    assert "widths not a multiple of 32: hidden size 48, q, k and v 80" in dense.why_not(narrow, 16)
+    assert "widths not a multiple of 32: hidden size 48, q, k and v 80" in fused_decoder.why_not(narrow, 16)
     draft = onnx.load(dense_pair / "draft" / "model.onnx", load_external_data=False)
-    assert dense.why_not(draft, 16) is None
+    assert fused_decoder.why_not(draft, 16) is None
     extra = onnx.ModelProto.FromString(draft.SerializeToString())
     logits = next(node for node in extra.graph.node if "logits" in node.output)
     logits.output[0] = "raw_logits"
     extra.graph.node.append(onnx.helper.make_node("Tanh", ["raw_logits"], ["logits"]))
-    assert "it has Tanh nodes" in dense.why_not(extra, 16)
+    assert "it has Tanh nodes" in fused_decoder.why_not(extra, 16)
     extra.graph.node[-1].op_type = "Sigmoid"  # known op types, one node too many
-    assert "comes from Sigmoid, not MatMul" in dense.why_not(extra, 16)
+    assert "comes from Sigmoid, not MatMul" in fused_decoder.why_not(extra, 16)
     int8 = onnx.ModelProto.FromString(draft.SerializeToString())
     for value in int8.graph.input:
         if value.name.startswith("past_key_values"):
             value.type.tensor_type.elem_type = onnx.TensorProto.INT8
-    assert "int8" in dense.why_not(int8, 16)
+    assert "int8" in fused_decoder.why_not(int8, 16)
 

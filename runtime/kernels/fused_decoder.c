@@ -1,11 +1,14 @@
-/* moecc.DenseDecoder: a whole dense decoder (Qwen3, Llama) with its KV cache, in one node.
+/* moecc.FusedDecoder: a whole decoder with its KV cache, in one node: a dense one (Qwen3, Llama), or an MoE
+(Qwen3-MoE, Qwen2-MoE with its shared expert, Mixtral).
 
 A draft model proposes one token per call, and the decoding loop calls it between the main model's verifies,
 which leave the caches cold: on small-coder's 2-layer draft, ONNX Runtime's 24 nodes took 230 µs for the first
 call after 96 MiB of other reads and 100 µs for the second, where the same arithmetic in one kernel's loops
-takes a fraction of that (runtime/kernels/dense.py has the figures). This kernel runs the exported graph's
-computation in one pass over its weights, with moecc.Attention's and moecc.MatMul's code for the attention and
-the products. Its contract is the graph's (runtime/kernels/dense.py swaps it in when a session loads):
+takes a fraction of that (runtime/kernels/fused_decoder.py has the figures). An MoE main model's many small
+nodes per layer cost ONNX Runtime's executor and threads a tenth of a decode step. This kernel runs the
+exported graph's computation in one pass over its weights, with moecc.Attention's, moecc.MatMul's and
+moecc.MoE's code for the attention, the products and the routed experts. Its contract is the graph's
+(runtime/kernels/fused_decoder.py swaps it in when a session loads):
 
   inputs   0 input_ids [B, S] int64   1 seqlens_k [B] int32   2 query_seqlens [B] int32 (GroupQueryAttention's)
            3 logit_positions [B, N, 1] int64: the positions whose logits the call returns
@@ -13,22 +16,32 @@ the products. Its contract is the graph's (runtime/kernels/dense.py swaps it in 
            5 cos, 6 sin [positions, D/2]: rotary tables   7 embedding [V, H]   8 the final norm's weight [H]
            9 the head's weights in panels [V / 32, H, 32]   10 with quantized, their scales, else empty
            11... per layer: past_key, past_value [B, KVH, capacity, D]; the input norm's weight [H]; q, k and v
-             packed in panels [(H_q + 2 KVH) D / 32, H, 32]; with qk_norm, the query and key norms' weights [D];
-             the output projection in panels [H / 32, H_q D, 32]; the post-attention norm's weight [H]; gate and
-             up packed in panels [2F / 32, H, 32] (gate's F columns first); down in panels [H / 32, F, 32];
-             with quantized, each panelled weight 8-bit and followed by its scales [N / 32, K / 32, 32], one per
-             block of 32 rows of a column (MatMulNBits's 8-bit blocks of 32: unsigned, zero point 128)
+             packed in panels [(H_q + 2 KVH) D / 32, H, 32]; with qkv_bias, their bias [(H_q + 2 KVH) D]; with
+             qk_norm, the query and key norms' weights [D]; the output projection in panels [H / 32, H_q D, 32];
+             the post-attention norm's weight [H]; then the MLP's:
+             a dense one's gate and up packed in panels [2F / 32, H, 32] (gate's F columns first) and down in
+             panels [H / 32, F, 32]; with quantized, each panelled weight 8-bit and followed by its scales
+             [N / 32, K / 32, 32], one per block of 32 rows of a column (MatMulNBits's 8-bit blocks of 32:
+             unsigned, zero point 128);
+             an MoE block's product after the norm in panels [(2F + R) / 32, H, 32]: its shared expert's gate
+             and up (F = 0 without one), then the router's E columns, the shared expert's gate (one column) and
+             zeros to R, a multiple of 32; the shared expert's down in panels [H / 32, F, 32], if it has one;
+             the experts' fc1 [E P, 2I, H] and fc2 transposed [E P, I, H], as moecc.MoE takes them
   outputs  0 logits [B, N, V]   1 greedy_tokens [B, max_chain] int64: the greedy proposals, then -1
            2... per layer: present_key, present_value (in place when bound to the past)
   attrs    num_heads, kv_num_heads, qk_norm (0 or 1), epsilon (every RMS norm's), scale (0: 1/sqrt(D)), max_chain,
-           quantized (0 or 1: 8-bit weights)
+           quantized (0 or 1: 8-bit weights), qkv_bias (0 or 1); an MoE's experts (E, the router's columns; 0:
+           a dense MLP), expert_parts (P: the lowering's parts of each expert, part p of expert e the MoE's
+           expert p E + e, each given the router's logit of its expert), shared_expert (0 or 1), and moecc.MoE's
+           k, normalize_routing_weights, activation_alpha, activation_beta and swiglu_limit
 
 The greedy proposals continue from the last logits the call returns: the argmax of each, the first index of
 the largest as numpy's, is the next token, and each but the last is run through the model in turn (its keys
 and values cached after the call's tokens). A draft's k proposals are then one call, not k: each of ONNX
 Runtime's calls and the Python around it costs more than the draft's own arithmetic.
 
-Every block is y = x + f(rms_norm(x)), SiLU-gated in the MLP; padding positions of a row are computed and
+Every block is y = x + f(rms_norm(x)), SiLU-gated in a dense MLP; an MoE block's f is the routed experts' mix
+plus the shared expert's output times the sigmoid of its gate; padding positions of a row are computed and
 ignored, as in the graph. */
 
 #include <math.h>
@@ -46,15 +59,21 @@ enum { LOGITS, GREEDY_TOKENS, PRESENTS };
    of 4 proposals took 129 µs instead of 195, 16 tokens 242 instead of 316; prompts of 24 to 128 tokens took
    about as long either way, so they keep the threads, which a wider draft's prompts need. */
 enum { SMALL_CALL_TOKENS = 16 };
+/* ... when the model's weights are at most this many bytes: a larger model's stream from memory at both cores'
+   rate (small-coder's MoE main model, 64 MiB, 41 read per token, took 1.72 ms a decode step on one thread
+   against 0.88-0.91 on two). */
+#define SMALL_MODEL_BYTES (8 << 20)
 
 typedef struct {
-  int64_t num_heads, kv_num_heads, qk_norm, max_chain, quantized;
+  int64_t num_heads, kv_num_heads, qk_norm, max_chain, quantized, qkv_bias;
+  int64_t experts, expert_parts, shared_expert; /* experts 0: a dense MLP */
+  ExpertMix mix;
   float epsilon, scale;
 } Kernel;
 
 /* One layer's inputs, by name, and its cache as the call writes it. */
 typedef struct {
-  Tensor past_key, past_value, input_norm, qkv, query_norm, key_norm, out, post_norm, gate_up, down;
+  Tensor past_key, past_value, input_norm, qkv, qkv_bias, query_norm, key_norm, out, post_norm, gate_up, down, fc1, fc2;
   Tensor qkv_scales, out_scales, gate_up_scales, down_scales; /* 8-bit weights' (quantized) */
   float *cache_key, *cache_value;
 } Layer;
@@ -68,9 +87,14 @@ typedef struct {
   const void *head;
   const float *head_scales; /* NULL: a float head */
   int64_t rotary_positions, vocab, hidden, dim, heads, kv_heads, packed, ffn, capacity;
+  /* An MoE layer's: the columns of its product after the post-attention norm (the shared expert's gate and up,
+     2 ffn, then route_columns: the router's logits, the shared expert's gate, zeros up to a panel), and each
+     expert part's units. */
+  int64_t mixer, route_columns, inter;
+  int small; /* weights few enough that a small call runs on the calling thread (SMALL_MODEL_BYTES) */
   /* The residual stream x, its norm h, an update, q/k/v or gate/up, the attention's output, the gated product,
-     the normed rows whose logits are asked for. */
-  float *x, *h, *update, *wide, *attended, *gated, *last;
+     the normed rows whose logits are asked for; an MoE layer's routed output and router logits. */
+  float *x, *h, *update, *wide, *attended, *gated, *last, *routed, *router;
 } Model;
 
 /* out[r] = x[r] / rms(x[r]) * weight for `rows` rows of `width` floats. (The loops here take restrict pointers
@@ -91,6 +115,20 @@ static void add(float *restrict x, const float *restrict update, int64_t count) 
 /* out = silu(gate) * up, SiLU through the vectorized expf of glibc's libmvec. */
 static void gated_silu(const float *restrict gate, const float *restrict up, int64_t count, float *restrict out) {
   for (int64_t i = 0; i < count; ++i) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+}
+
+/* A work item of gate_rows(): GATE_ROWS tokens' gated products. */
+enum { GATE_ROWS = 16 };
+typedef struct {
+  const Model *model;
+  int64_t tokens;
+} GateRows;
+
+static void gate_rows(void *data, size_t item) {
+  const GateRows *rows = data;
+  const Model *model = rows->model;
+  int64_t first = (int64_t)item * GATE_ROWS, last = first + GATE_ROWS < rows->tokens ? first + GATE_ROWS : rows->tokens;
+  for (int64_t t = first; t < last; ++t) gated_silu(model->wide + t * model->mixer, model->wide + t * model->mixer + model->ffn, model->ffn, model->gated + t * model->ffn);
 }
 
 /* The first index of the largest value, as numpy's argmax: the largest found in one vectorized pass, then its
@@ -118,15 +156,18 @@ static int vector_of(const Tensor *tensor, int64_t size) { return tensor->type =
 static OrtStatus *read_layers(OrtKernelContext *context, const Kernel *kernel, Layer *layers, size_t count) {
   for (size_t l = 0, index = FIXED_INPUTS; l < count; ++l) {
     Layer *layer = &layers[l];
-    Tensor *order[] = {&layer->past_key, &layer->past_value, &layer->input_norm, &layer->qkv, &layer->qkv_scales, &layer->query_norm,
-                       &layer->key_norm, &layer->out, &layer->out_scales, &layer->post_norm, &layer->gate_up, &layer->gate_up_scales,
-                       &layer->down, &layer->down_scales};
+    Tensor *order[] = {&layer->past_key, &layer->past_value, &layer->input_norm, &layer->qkv, &layer->qkv_scales, &layer->qkv_bias,
+                       &layer->query_norm, &layer->key_norm, &layer->out, &layer->out_scales, &layer->post_norm, &layer->gate_up,
+                       &layer->gate_up_scales, &layer->down, &layer->down_scales, &layer->fc1, &layer->fc2};
     for (size_t i = 0; i < sizeof order / sizeof *order; ++i) {
-      if (!kernel->qk_norm && (order[i] == &layer->query_norm || order[i] == &layer->key_norm)) continue;
-      if (!kernel->quantized && (order[i] == &layer->qkv_scales || order[i] == &layer->out_scales || order[i] == &layer->gate_up_scales ||
-                                 order[i] == &layer->down_scales))
+      Tensor *tensor = order[i];
+      if (!kernel->qk_norm && (tensor == &layer->query_norm || tensor == &layer->key_norm)) continue;
+      if (!kernel->quantized && (tensor == &layer->qkv_scales || tensor == &layer->out_scales || tensor == &layer->gate_up_scales || tensor == &layer->down_scales))
         continue;
-      CHECK(input(context, index++, order[i]));
+      if (!kernel->qkv_bias && tensor == &layer->qkv_bias) continue;
+      if (kernel->experts && !kernel->shared_expert && (tensor == &layer->down || tensor == &layer->down_scales)) continue;
+      if (!kernel->experts && (tensor == &layer->fc1 || tensor == &layer->fc2)) continue;
+      CHECK(input(context, index++, tensor));
     }
   }
   return NULL;
@@ -141,12 +182,41 @@ static int layers_fit(const Model *model, int64_t batch) {
           !memcmp(layer->past_value.shape, layer->past_key.shape, sizeof(int64_t) * 4) && vector_of(&layer->input_norm, model->hidden) &&
           panels(model->kernel, &layer->qkv, &layer->qkv_scales, model->packed, model->hidden) &&
           panels(model->kernel, &layer->out, &layer->out_scales, model->hidden, model->heads * model->dim) &&
-          vector_of(&layer->post_norm, model->hidden) && panels(model->kernel, &layer->gate_up, &layer->gate_up_scales, 2 * model->ffn, model->hidden) &&
-          panels(model->kernel, &layer->down, &layer->down_scales, model->hidden, model->ffn) &&
+          vector_of(&layer->post_norm, model->hidden) && panels(model->kernel, &layer->gate_up, &layer->gate_up_scales, model->mixer, model->hidden) &&
+          (!model->ffn || panels(model->kernel, &layer->down, &layer->down_scales, model->hidden, model->ffn)) &&
+          (!model->kernel->qkv_bias || vector_of(&layer->qkv_bias, model->packed)) &&
           (!model->kernel->qk_norm || (vector_of(&layer->query_norm, model->dim) && vector_of(&layer->key_norm, model->dim)))))
+      return 0;
+    const Tensor *fc1 = &layer->fc1, *fc2 = &layer->fc2;
+    int64_t parts = model->kernel->experts * model->kernel->expert_parts;
+    if (model->kernel->experts && !(fc1->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && shaped(fc1, 3, parts, 2 * model->inter, model->hidden) &&
+                                    fc2->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && shaped(fc2, 3, parts, model->inter, model->hidden)))
       return 0;
   }
   return 1;
+}
+
+/* An MoE layer's routed experts for the call's normed rows h, into `routed`: each token's router logits (after its
+   shared expert's gate and up in `wide`) repeated for each part of the experts, as the exported graph's
+   Concat feeds them to its MoE node (part p of expert e is expert p E + e there). */
+static OrtStatus *route_experts(OrtKernelContext *context, const Model *model, const Layer *layer, int64_t tokens) {
+  int64_t experts = model->kernel->experts, parts = model->kernel->expert_parts;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t p = 0; p < parts; ++p) memcpy(model->router + (t * parts + p) * experts, model->wide + t * model->mixer + 2 * model->ffn, experts * sizeof(float));
+  return experts_run(context, &model->kernel->mix, model->h, model->router, tokens, experts * parts, model->hidden, model->inter, layer->fc1.data,
+                     layer->fc2.data, model->routed);
+}
+
+/* routed += the shared expert's output (in `update`) times the sigmoid of its gate (the column after the router's),
+   as the graph's Mul and Add: a layer without a shared expert leaves `routed` as it is. */
+static void mix_shared(const Model *model, int64_t tokens) {
+  if (!model->kernel->shared_expert) return;
+  for (int64_t t = 0; t < tokens; ++t) {
+    float gate = 1.f / (1.f + expf(-model->wide[t * model->mixer + 2 * model->ffn + model->kernel->experts]));
+    float *restrict routed = model->routed + t * model->hidden;
+    const float *restrict shared = model->update + t * model->hidden;
+    for (int64_t i = 0; i < model->hidden; ++i) routed[i] += shared[i] * gate;
+  }
 }
 
 /* One pass over `width` new tokens per row of `batch` (ids checked), each row's lengths as GroupQueryAttention
@@ -156,7 +226,7 @@ static OrtStatus *forward(OrtKernelContext *context, const Model *model, const i
                           const int32_t *query_seqlens, const int64_t *positions, int64_t kept, float *logits) {
   const Kernel *kernel = model->kernel;
   int64_t tokens = batch * width, hidden = model->hidden, dim = model->dim, heads = model->heads;
-  if (tokens <= SMALL_CALL_TOKENS) context = NULL; /* every phase on this thread */
+  if (model->small && tokens <= SMALL_CALL_TOKENS) context = NULL; /* every phase on this thread */
   float *x = model->x, *h = model->h, *wide = model->wide;
   for (int64_t t = 0; t < tokens; ++t) memcpy(x + t * hidden, model->embedding + ids[t] * hidden, hidden * sizeof(float));
   AttentionCall call = {.batch = batch, .new_width = width, .heads = heads, .kv_heads = model->kv_heads, .group = heads / model->kv_heads,
@@ -172,14 +242,23 @@ static OrtStatus *forward(OrtKernelContext *context, const Model *model, const i
     call.cache_key = layer->cache_key, call.cache_value = layer->cache_value;
     rms_norm(x, layer->input_norm.data, tokens, hidden, kernel->epsilon, h);
     CHECK(matmul_run(context, h, tokens, hidden, layer->qkv.data, layer->qkv_scales.data, model->packed, wide));
+    if (kernel->qkv_bias)
+      for (int64_t t = 0; t < tokens; ++t) add(wide + t * model->packed, layer->qkv_bias.data, model->packed);
     CHECK(attention_run(context, &call));
     CHECK(matmul_run(context, model->attended, tokens, heads * dim, layer->out.data, layer->out_scales.data, hidden, model->update));
     add(x, model->update, tokens * hidden);
     rms_norm(x, layer->post_norm.data, tokens, hidden, kernel->epsilon, h);
-    CHECK(matmul_run(context, h, tokens, hidden, layer->gate_up.data, layer->gate_up_scales.data, 2 * model->ffn, wide));
-    for (int64_t t = 0; t < tokens; ++t) gated_silu(wide + t * 2 * model->ffn, wide + t * 2 * model->ffn + model->ffn, model->ffn, model->gated + t * model->ffn);
-    CHECK(matmul_run(context, model->gated, tokens, model->ffn, layer->down.data, layer->down_scales.data, hidden, model->update));
-    add(x, model->update, tokens * hidden);
+    CHECK(matmul_run(context, h, tokens, hidden, layer->gate_up.data, layer->gate_up_scales.data, model->mixer, wide));
+    if (kernel->experts) CHECK(route_experts(context, model, layer, tokens));
+    if (model->ffn) {
+      /* A prompt's spread over the threads: on one, its SiLUs (an expf each) made small-coder's prefill of 400
+         tokens 0.92x as fast as the node-by-node kernels' (1.03x spread). */
+      size_t items = (size_t)((tokens + GATE_ROWS - 1) / GATE_ROWS);
+      CHECK(for_each_item(items > 1 ? context : NULL, gate_rows, items, &(GateRows){.model = model, .tokens = tokens}));
+      CHECK(matmul_run(context, model->gated, tokens, model->ffn, layer->down.data, layer->down_scales.data, hidden, model->update));
+    }
+    if (kernel->experts) mix_shared(model, tokens);
+    add(x, kernel->experts ? model->routed : model->update, tokens * hidden);
   }
   for (int64_t row = 0; row < batch; ++row)
     for (int64_t n = 0; n < kept; ++n)
@@ -203,14 +282,16 @@ __attribute__((noinline)) static OrtStatus *chain_greedily(OrtKernelContext *con
 
 static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
-  size_t given, per_layer = (kernel->qk_norm ? 10 : 8) + (kernel->quantized ? 4 : 0);
+  /* per layer: caches, norms, q/k/v, output, gate/up (an MoE layer's mixer), down (absent in an MoE layer without a
+     shared expert); query and key norms, the scales, the q/k/v bias and the experts' fc1 and fc2 where there are */
+  size_t given, per_layer = 8 + (kernel->qk_norm ? 2 : 0) + (kernel->quantized ? 4 : 0) + (kernel->qkv_bias ? 1 : 0) + (kernel->experts ? 2 - !kernel->shared_expert : 0);
   CHECK(ort->KernelContext_GetInputCount(context, &given));
-  if (given <= FIXED_INPUTS || (given - FIXED_INPUTS) % per_layer) return fail("moecc.DenseDecoder: the inputs are not whole layers");
+  if (given <= FIXED_INPUTS || (given - FIXED_INPUTS) % per_layer) return fail("moecc.FusedDecoder: the inputs are not whole layers");
   Tensor in[FIXED_INPUTS];
   for (size_t i = 0; i < FIXED_INPUTS; ++i) CHECK(input(context, i, &in[i]));
   Model model = {.kernel = kernel, .layer_count = (given - FIXED_INPUTS) / per_layer};
   model.layers = calloc(model.layer_count, sizeof(Layer));
-  if (!model.layers) return fail("moecc.DenseDecoder: out of memory");
+  if (!model.layers) return fail("moecc.FusedDecoder: out of memory");
   float *scratch = NULL;
   OrtStatus *status = read_layers(context, kernel, model.layers, model.layer_count);
   if (status) goto done;
@@ -218,7 +299,11 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   int64_t batch = in[INPUT_IDS].shape[0], width = in[INPUT_IDS].shape[1], kept = in[LOGIT_POSITIONS].shape[1];
   model.vocab = in[EMBEDDING].shape[0], model.hidden = in[EMBEDDING].shape[1], model.dim = model.layers[0].past_key.shape[3];
   model.heads = kernel->num_heads, model.kv_heads = kernel->kv_num_heads, model.packed = (model.heads + 2 * model.kv_heads) * model.dim;
-  model.ffn = model.layers[0].gate_up.shape[0] * 32 / 2 /* gate's and up's columns, in panels of 32 */, model.capacity = model.layers[0].past_key.shape[2], model.rotary_positions = in[COS].shape[0];
+  model.mixer = model.layers[0].gate_up.shape[0] * 32; /* gate's and up's columns (and an MoE layer's routing), in panels of 32 */
+  model.route_columns = kernel->experts ? (kernel->experts + kernel->shared_expert + 31) / 32 * 32 : 0;
+  model.ffn = kernel->experts && !kernel->shared_expert ? 0 : (model.mixer - model.route_columns) / 2;
+  model.inter = kernel->experts ? model.layers[0].fc1.shape[1] / 2 : 0;
+  model.capacity = model.layers[0].past_key.shape[2], model.rotary_positions = in[COS].shape[0];
   model.embedding = in[EMBEDDING].data, model.final_norm = in[FINAL_NORM].data, model.head = in[HEAD].data;
   model.head_scales = kernel->quantized ? in[HEAD_SCALES].data : NULL;
   model.cos = in[COS].data, model.sin = in[SIN].data;
@@ -226,32 +311,50 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
       !shaped(&in[QUERY_SEQLENS], 1, batch, -1, -1) || elements(&in[GREEDY_STEPS]) != 1 || in[EMBEDDING].rank != 2 ||
       !vector_of(&in[FINAL_NORM], model.hidden) || !panels(kernel, &in[HEAD], &in[HEAD_SCALES], model.vocab, model.hidden) || !shaped(&in[COS], 2, -1, model.dim / 2, -1) ||
       !shaped(&in[SIN], 2, model.rotary_positions, model.dim / 2, -1)) {
-    status = fail("moecc.DenseDecoder: the ids, lengths, logit positions, greedy steps, rotary tables, embedding, final norm or head do not fit each other");
+    status = fail("moecc.FusedDecoder: the ids, lengths, logit positions, greedy steps, rotary tables, embedding, final norm or head do not fit each other");
     goto done;
   }
-  if (!layers_fit(&model, batch)) {
-    status = fail("moecc.DenseDecoder: a layer's cache or weights do not fit the model's sizes");
+  int mixer_fits = kernel->experts ? model.mixer >= model.route_columns && (model.mixer - model.route_columns) % 2 == 0 &&
+                                         (kernel->shared_expert ? model.ffn > 0 : model.mixer == model.route_columns)
+                                   : model.ffn > 0;
+  if (!mixer_fits || !layers_fit(&model, batch)) {
+    status = fail("moecc.FusedDecoder: a layer's cache or weights do not fit the model's sizes");
     goto done;
   }
   const int64_t *ids = in[INPUT_IDS].data, *positions = in[LOGIT_POSITIONS].data, steps = *(const int64_t *)in[GREEDY_STEPS].data;
   for (int64_t t = 0; t < batch * width && !status; ++t)
-    if (ids[t] < 0 || ids[t] >= model.vocab) status = fail("moecc.DenseDecoder: a token id is outside the vocabulary");
+    if (ids[t] < 0 || ids[t] >= model.vocab) status = fail("moecc.FusedDecoder: a token id is outside the vocabulary");
   for (int64_t i = 0; i < batch * kept && !status; ++i)
-    if (positions[i] < 0 || positions[i] >= width) status = fail("moecc.DenseDecoder: a logit position is outside the call");
+    if (positions[i] < 0 || positions[i] >= width) status = fail("moecc.FusedDecoder: a logit position is outside the call");
   if (!status && (steps < 0 || steps > kernel->max_chain || (steps && (batch != 1 || kept < 1))))
-    status = fail("moecc.DenseDecoder: greedy steps run from 0 to max_chain, on a batch of one row with logits");
+    status = fail("moecc.FusedDecoder: greedy steps run from 0 to max_chain, on a batch of one row with logits");
   if (status) goto done;
 
-  int64_t tokens = batch * width, widest = model.packed > 2 * model.ffn ? model.packed : 2 * model.ffn;
-  scratch = malloc((size_t)(tokens * (3 * model.hidden + widest + model.heads * model.dim + model.ffn) + batch * kept * model.hidden + model.vocab) * sizeof(float));
+  size_t weight_bytes = (size_t)elements(&in[HEAD]) * (kernel->quantized ? 1 : 4);
+  for (size_t l = 0; l < model.layer_count; ++l) {
+    const Layer *layer = &model.layers[l];
+    const Tensor *weights[] = {&layer->qkv, &layer->out, &layer->gate_up, &layer->down, &layer->fc1, &layer->fc2};
+    for (size_t i = 0; i < sizeof weights / sizeof *weights; ++i)
+      if (weights[i]->value) weight_bytes += (size_t)elements(weights[i]) * (weights[i]->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 1);
+  }
+  model.small = weight_bytes <= SMALL_MODEL_BYTES;
+  int64_t tokens = batch * width, widest = model.packed > model.mixer ? model.packed : model.mixer;
+  int64_t experts = kernel->experts ? kernel->experts * kernel->expert_parts : 0;
+  /* The call's buffers in one allocation, each starting a cache line (rows of a multiple of 16 floats then never
+     straddle two): from a plain malloc, a prompt's routed experts, which read their tokens' rows in vectors of
+     16 floats, took 1.3 times as long. */
+  float *next;
+  float **buffers[] = {&model.x, &model.h, &model.update, &model.wide, &model.attended, &model.gated, &model.last, &model.routed, &model.router, &next};
+  int64_t sizes[] = {tokens * model.hidden, tokens * model.hidden, tokens * model.hidden, tokens * widest, tokens * model.heads * model.dim, tokens * model.ffn,
+                     batch * kept * model.hidden, experts ? tokens * model.hidden : 0, tokens * experts, model.vocab};
+  size_t total = 0;
+  for (size_t i = 0; i < sizeof sizes / sizeof *sizes; ++i) total += (size_t)(sizes[i] + 15) / 16 * 16;
+  scratch = aligned_alloc(64, total * sizeof(float));
   if (!scratch) {
-    status = fail("moecc.DenseDecoder: out of memory");
+    status = fail("moecc.FusedDecoder: out of memory");
     goto done;
   }
-  model.x = scratch, model.h = model.x + tokens * model.hidden, model.update = model.h + tokens * model.hidden;
-  model.wide = model.update + tokens * model.hidden, model.attended = model.wide + tokens * widest;
-  model.gated = model.attended + tokens * model.heads * model.dim, model.last = model.gated + tokens * model.ffn;
-  float *next = model.last + batch * kept * model.hidden;
+  for (size_t i = 0, offset = 0; i < sizeof sizes / sizeof *sizes; offset += (size_t)(sizes[i] + 15) / 16 * 16, ++i) *buffers[i] = scratch + offset;
 
   Tensor logits, chain;
   int64_t logits_shape[3] = {batch, kept, model.vocab}, chain_shape[2] = {batch, kernel->max_chain};
@@ -283,14 +386,22 @@ done:
 static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {
   (void)op, (void)api;
   Kernel *kernel = calloc(1, sizeof(Kernel));
-  if (!kernel) return fail("moecc.DenseDecoder: out of memory");
-  OrtStatus *status = read_heads(info, "moecc.DenseDecoder", &kernel->num_heads, &kernel->kv_num_heads);
+  if (!kernel) return fail("moecc.FusedDecoder: out of memory");
+  OrtStatus *status = read_heads(info, "moecc.FusedDecoder", &kernel->num_heads, &kernel->kv_num_heads);
   kernel->qk_norm = int_attribute(info, "qk_norm", 0);
   kernel->max_chain = int_attribute(info, "max_chain", 0);
   kernel->quantized = int_attribute(info, "quantized", 0);
   kernel->epsilon = float_attribute(info, "epsilon", 1e-6f, NULL);
   kernel->scale = float_attribute(info, "scale", 0.f, NULL);
-  if (!status && kernel->max_chain < 0) status = fail("moecc.DenseDecoder: max_chain must not be negative");
+  kernel->qkv_bias = int_attribute(info, "qkv_bias", 0);
+  kernel->experts = int_attribute(info, "experts", 0);
+  kernel->expert_parts = int_attribute(info, "expert_parts", 1);
+  kernel->shared_expert = int_attribute(info, "shared_expert", 0);
+  if (!status && kernel->experts) status = read_expert_mix(info, "moecc.FusedDecoder: an MoE's k must be positive", &kernel->mix);
+  if (!status && kernel->max_chain < 0) status = fail("moecc.FusedDecoder: max_chain must not be negative");
+  if (!status && kernel->experts &&
+      (kernel->experts < 0 || kernel->expert_parts < 1 || kernel->mix.k < 1 || kernel->mix.k > kernel->experts * kernel->expert_parts || kernel->quantized))
+    status = fail("moecc.FusedDecoder: an MoE needs experts, expert_parts and k that fit each other, and float weights");
   if (status) {
     free(kernel);
     return status;
@@ -299,7 +410,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   return NULL;
 }
 
-static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "DenseDecoder"; }
+static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "FusedDecoder"; }
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return FIXED_INPUTS + 1; }
 static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return PRESENTS + 1; }
 
@@ -332,7 +443,7 @@ static int ORT_API_CALL one_or_more(const OrtCustomOp *op) { (void)op; return 1;
 static int ORT_API_CALL mixed(const OrtCustomOp *op) { (void)op; return 0; }
 
 /* Written once, at load: sessions registering the library concurrently only read it. */
-static const OrtCustomOp dense_op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider,
+static const OrtCustomOp fused_decoder_op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider,
                                      .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
                                      .GetOutputTypeCount = output_count, .KernelDestroy = free_state, .GetInputCharacteristic = input_characteristic,
                                      .GetOutputCharacteristic = output_characteristic, .GetInputMemoryType = cpu_memory,
@@ -340,4 +451,4 @@ static const OrtCustomOp dense_op = {.version = ORT_API_VERSION, .GetName = name
                                      .GetVariadicOutputMinArity = one_or_more, .GetVariadicOutputHomogeneity = one_or_more,
                                      .CreateKernelV2 = create, .KernelComputeV2 = compute};
 
-OrtStatus *add_dense_ops(OrtCustomOpDomain *domain) { return ort->CustomOpDomain_Add(domain, &dense_op); }
+OrtStatus *add_fused_decoder_ops(OrtCustomOpDomain *domain) { return ort->CustomOpDomain_Add(domain, &fused_decoder_op); }

@@ -1,25 +1,41 @@
-"""moecc.DenseDecoder (dense.c) in place of a whole dense decoder's graph, as moecc's export writes it for a
-Qwen3 or Llama draft: float32 weights, or 8-bit ones as the quantize stage writes them (MatMulNBits, blocks of
-32), a float32 cache, no biases (session.py decides when to swap).
+"""moecc.FusedDecoder (fused_decoder.c) in place of a whole decoder's graph, as moecc's export writes it: a dense
+Qwen3 or Llama draft (float32 weights, or 8-bit ones as the quantize stage writes them: MatMulNBits, blocks of
+32) or a float32 Qwen3-MoE, Qwen2-MoE or Mixtral main model, with a float32 cache (session.py decides when to
+swap).
 
 Why a whole graph in one node: a draft's call is small (small-coder's 2-layer draft reads 2 MiB of weights),
 and the decoding loop makes it right after the main model's verify has filled the caches with other data.
 ONNX Runtime then spends more on walking 24 nodes, each with its own code and buffers to fetch again, than on
 the arithmetic: 230 µs for the first call after 96 MiB of other reads and 100 µs for the second, 42 µs in a
-tight loop (scripts/bench_kernels.py --kernel moecc.DenseDecoder has today's figures).
+tight loop (scripts/bench_kernels.py --kernel moecc.FusedDecoder has today's figures). An MoE main model's
+graph has 23 nodes a layer, most of them small (the router's and the shared expert's gate's products of 8
+and 1 columns, a bias, reshapes, activations), each costing ONNX Runtime a few microseconds and its threads a
+wake-up: in one node, small-coder's main model decodes 1.10-1.12x as fast and verifies 5 tokens 1.09-1.12x
+(scripts/bench_kernels.py --kernel moecc.FusedDecoder: 2 threads, a 2-core Xeon, alternating rounds in one
+process).
 
 The match is exact: the graph, with moecc.Attention already in place of its attention, must be this and
 nothing else, walked back from the logits:
 
     Gather(embedding, input_ids) -> SimplifiedLayerNormalization
-    per layer: MatMul(qkv) -> moecc.Attention -> MatMul(o) -> SkipSimplifiedLayerNormalization
-               -> MatMul(gate_up) -> Split -> Mul(gate, Sigmoid(gate)) -> Mul(., up) -> MatMul(down)
-               -> SkipSimplifiedLayerNormalization (the next layer's input norm, or the final norm)
+    per layer: MatMul(qkv) [-> Add(bias)] -> moecc.Attention -> MatMul(o) -> SkipSimplifiedLayerNormalization
+               -> an MLP -> SkipSimplifiedLayerNormalization (the next layer's input norm, or the final norm)
     GatherND(h, logit_positions) -> MatMul(head) -> logits
 
-with every MatMul by a float32 constant, or every one a MatMulNBits by 8- or 4-bit blocks of 32 without zero
-points at accuracy_level 4 (the draft of a recipe that quantizes its weights to int8 or int4: a quarter of the
-bytes to fetch again after each verify; 4-bit blocks are widened to 8 bits when the session loads). Those run as that level lets ONNX Runtime run them: each row of activations rounded
+where every layer's MLP is the same kind: a SiLU-gated one,
+
+    MatMul(gate_up) -> Split -> Mul(gate, Sigmoid(gate)) -> Mul(., up) -> MatMul(down)
+
+or an MoE block (com.microsoft MoE, float32 SwiGLU experts that moecc.MoE runs, perhaps cut into parts by the
+lowering, which repeats the router's logits for each part), with a shared expert in a Qwen2-MoE:
+
+    Reshape(MoE(Reshape(h, [-1, H]), Concat(MatMul(., router) x parts), fc1, fc2), Shape(h))
+    [-> Add(., Mul(the SiLU-gated MLP of h, Sigmoid(MatMul(h, shared gate))))]
+
+Every MatMul is by a float32 constant, or (in a dense decoder) every one a MatMulNBits by 8- or 4-bit blocks
+of 32 without zero points at accuracy_level 4 (the draft of a recipe that quantizes its weights to int8 or
+int4: a quarter of the bytes to fetch again after each verify; 4-bit blocks are widened to 8 bits when the
+session loads). Those run as that level lets ONNX Runtime run them: each row of activations rounded
 to 8 bits per block of 32 and multiplied in integers (runtime/kernels/matmul.c): ONNX Runtime's own kernel's
 numbers for the node up to float rounding, which now and then tips an activation to the next level (small-coder's
 draft: logits within 4e-6 of ONNX Runtime's graph for most prompts, 0.06 for one of three).
@@ -35,7 +51,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from runtime.kernels import DOMAIN, attention, attribute_value
+from runtime.kernels import DOMAIN, attention, attribute_value, moe
 from runtime.kernels.matmul import PANEL, panelled, relaid
 
 _SKIP_NORM = "SkipSimplifiedLayerNormalization"
@@ -44,12 +60,13 @@ _SKIP_NORM = "SkipSimplifiedLayerNormalization"
 GREEDY_STEPS, GREEDY_TOKENS, MAX_CHAIN = "greedy_steps", "greedy_tokens", 32
 # The op types of the exported graph (before moecc.Attention stands in for its attention and query/key norms).
 _OP_TYPES = {"Gather", "SimplifiedLayerNormalization", _SKIP_NORM, "MatMul", "MatMulNBits", "GroupQueryAttention", "Reshape", "Split", "Sigmoid", "Mul", "GatherND"}
+_OP_TYPES |= {"Add", "MoE", "Concat", "Shape"}  # q, k and v's bias; an MoE block's
 QUANT_BLOCK = 32  # matmul.c's rows of a column per scale of 8-bit weights
 INTEGER_PRODUCTS = 4  # MatMulNBits's accuracy_level with 8-bit activations, which matmul.c's 8-bit products compute
 
 
 class _NoMatch(Exception):
-    """The graph is not the dense decoder the kernel runs; the message says where it differs."""
+    """The graph is not a decoder the kernel runs; the message says where it differs."""
 
 
 @dataclass(frozen=True)
@@ -69,16 +86,29 @@ class _Weights:
 
 
 @dataclass
+class _Experts:
+    """An MoE layer's routed experts: the router's weights [H, E] and the MoE node's, which the lowering may have
+    cut into `parts` parts each (its router logits then repeated as many times)."""
+
+    router: _Weights
+    node: onnx.NodeProto
+    parts: int
+    shared_gate: _Weights | None  # [H, 1]: the sigmoid gate of a shared expert (Qwen2-MoE's), if the layer has one
+
+
+@dataclass
 class _Layer:
     past: list[str]  # past key, past value
     present: list[str]  # present key, present value
     input_norm: str
     qkv: _Weights
+    qkv_bias: str | None
     qk_norms: list[str]  # query and key norm weights, or none
     out: _Weights
     post_norm: str
-    gate_up: _Weights
-    down: _Weights
+    gate_up: _Weights | None  # a dense MLP's or an MoE layer's shared expert's, else none
+    down: _Weights | None
+    experts: _Experts | None
 
 
 @dataclass
@@ -148,10 +178,9 @@ class _Walk:
         return node.input[inputs - 1]
 
 
-def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> tuple[_Layer, onnx.NodeProto, dict]:
-    """The layer that `closing` (the norm after its MLP) ends, the norm node in front of it, and the sizes and
-    inputs every layer must share."""
-    down, down_weights = walk.product(closing.input[0])
+def _gated_mlp(walk: _Walk, value: str, hidden: int) -> tuple[str, _Weights, _Weights]:
+    """The SiLU-gated MLP that makes `value`: its input, and its gate and up weights (one product) and down weights."""
+    down, down_weights = walk.product(value)
     product = walk.node(down.input[0], "Mul")
     silu = walk.node(product.input[0], "Mul")
     sigmoid = walk.node(silu.input[1], "Sigmoid")
@@ -159,7 +188,74 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     if sigmoid.input[0] != silu.input[0] or list(split.output) != [silu.input[0], product.input[1]] or attribute_value(split, "axis", 0) not in (-1, 2):
         raise _NoMatch(f"{split.name}: not a SiLU-gated MLP")
     gate_up, gate_up_weights = walk.product(split.input[0])
-    post = walk.node(gate_up.input[0], _SKIP_NORM, "com.microsoft")
+    gate_up_weights.fit(hidden, None)
+    down_weights.fit(gate_up_weights.columns // 2, hidden)
+    if gate_up_weights.columns % 2:
+        raise _NoMatch(f"{gate_up.name}: gate and up of unequal widths")
+    return gate_up.input[0], gate_up_weights, down_weights
+
+
+def _same_input(values: dict[str, str]) -> str:
+    """The one value all of `values` (each node's input, by node name) are."""
+    if len(set(values.values())) != 1:
+        raise _NoMatch(f"{', '.join(values)} do not read the same normed rows")
+    return next(iter(values.values()))
+
+
+def _experts(walk: _Walk, value: str, hidden: int) -> tuple[str, _Experts, _Weights | None, _Weights | None]:
+    """The MoE block that makes `value` (moecc's export, lowered): its input, its routed experts, and its shared
+    expert's gate and up and down weights, if it has one.
+
+        Reshape(MoE(Reshape(h, [-1, H]), Concat(MatMul(., router) x parts), fc1, fc2), Shape(h))
+        [+ Mul(SiLU-gated MLP(h), Sigmoid(MatMul(h, shared gate)))]
+    """
+    node, shared = walk.producer.get(value), None
+    if node is not None and node.op_type == "Add" and node.domain in ("", "ai.onnx"):
+        walk.node(value, "Add")
+        value, scaled = node.input
+        scale = walk.node(scaled, "Mul")
+        gate = walk.node(scale.input[1], "Sigmoid")
+        shared_gate, shared_gate_weights = walk.product(gate.input[0])
+        shared_gate_weights.fit(hidden, 1)
+        mlp_input, gate_up, down = _gated_mlp(walk, scale.input[0], hidden)
+        shared = (shared_gate.input[0], mlp_input, shared_gate_weights, gate_up, down)
+    reshape = walk.node(value, "Reshape")
+    moe_node = walk.node(reshape.input[0], "MoE", "com.microsoft")
+    if reason := moe.unsupported(moe_node, walk.constants):
+        raise _NoMatch(f"{moe_node.name}: {reason}")
+    shape = walk.node(reshape.input[1], "Shape")
+    tokens = walk.node(moe_node.input[0], "Reshape")
+    rows = walk.constants.get(tokens.input[1])
+    if rows is None or numpy_helper.to_array(rows).tolist() != [-1, hidden]:
+        raise _NoMatch(f"{tokens.name}: not the tokens' rows [-1, {hidden}]")
+    logits, parts = moe_node.input[1], 1
+    concat = walk.producer.get(logits)
+    if concat is not None and concat.op_type == "Concat":
+        walk.node(logits, "Concat")
+        if len(set(concat.input)) != 1 or attribute_value(concat, "axis") not in (-1, 1):
+            raise _NoMatch(f"{concat.name}: not the router's logits repeated for each part of the experts")
+        logits, parts = concat.input[0], len(concat.input)
+    router, router_weights = walk.product(logits)
+    router_weights.fit(hidden, None)
+    if router.input[0] != tokens.output[0] or walk.constants[moe_node.input[2]].dims[0] != router_weights.columns * parts:
+        raise _NoMatch(f"{router.name}: not the router of {moe_node.name}'s experts")
+    readers = {tokens.name: tokens.input[0], shape.name: shape.input[0]}
+    if shared:
+        readers |= {"the shared expert's gate": shared[0], "the shared expert": shared[1]}
+    experts = _Experts(router=router_weights, node=moe_node, parts=parts, shared_gate=shared[2] if shared else None)
+    return _same_input(readers), experts, *(shared[3:] if shared else (None, None))
+
+
+def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> tuple[_Layer, onnx.NodeProto, dict]:
+    """The layer that `closing` (the norm after its MLP) ends, the norm node in front of it, and the sizes and
+    inputs every layer must share."""
+    producer = walk.producer.get(closing.input[0])
+    experts = None
+    if producer is not None and (producer.op_type in ("Add", "Reshape")):  # an MoE block
+        mlp_input, experts, gate_up_weights, down_weights = _experts(walk, closing.input[0], hidden)
+    else:
+        mlp_input, gate_up_weights, down_weights = _gated_mlp(walk, closing.input[0], hidden)
+    post = walk.node(mlp_input, _SKIP_NORM, "com.microsoft")
     if len(post.output) < 4 or closing.input[1] != post.output[3]:
         raise _NoMatch(f"{closing.name}: its residual is not the attention block's")
     out, out_weights = walk.product(post.input[0])
@@ -172,18 +268,24 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
         raise _NoMatch(f"{attend.name}: a query norm without a key norm")
     if all(norms):
         walk.epsilons.add(attribute_value(attend, "epsilon", 1e-6))
-    qkv, qkv_weights = walk.product(attend.input[0])
+    packed, bias = attend.input[0], None
+    add = walk.producer.get(packed)
+    if add is not None and add.op_type == "Add":  # q, k and v's bias (Qwen2-MoE's)
+        walk.node(packed, "Add")
+        packed, bias = add.input
+    qkv, qkv_weights = walk.product(packed)
     attributes = {name: attribute_value(attend, name) for name in ("num_heads", "kv_num_heads", "scale") if attribute_value(attend, name) is not None}
     heads, kv_heads = attributes["num_heads"], attributes["kv_num_heads"]
     qkv_weights.fit(hidden, (heads + 2 * kv_heads) * head_dim)
+    if bias is not None:
+        walk.weights(bias, [qkv_weights.columns])
     out_weights.fit(heads * head_dim, hidden)
-    gate_up_weights.fit(hidden, None)
-    gate_and_up = gate_up_weights.columns
-    down_weights.fit(gate_and_up // 2, hidden)
-    if gate_and_up % 2:
-        raise _NoMatch(f"{gate_up.name}: gate and up of unequal widths")
-    attributes["ffn"] = gate_and_up // 2
+    attributes["ffn"] = gate_up_weights.columns // 2 if gate_up_weights else 0
     attributes["qk_norm"] = int(all(norms))
+    attributes["qkv_bias"] = int(bias is not None)
+    if experts:
+        attributes |= {"experts": experts.router.columns, "expert_parts": experts.parts, "shared_expert": int(experts.shared_gate is not None)}
+        attributes |= {name: attribute_value(experts.node, name) for name in moe._PASSED if attribute_value(experts.node, name) is not None}
     before = walk.producer.get(qkv.input[0])
     if before is None or before.op_type not in (_SKIP_NORM, "SimplifiedLayerNormalization") or before.output[0] != qkv.input[0]:
         raise _NoMatch(f"{qkv.name}: its input is not a norm")
@@ -192,14 +294,15 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     if post.input[1] != residual:
         raise _NoMatch(f"{post.name}: its residual is not the layer's input")
     layer = _Layer(
-        past=[names["past_key"], names["past_value"]], present=list(attend.output[1:3]), input_norm="", qkv=qkv_weights,
+        past=[names["past_key"], names["past_value"]], present=list(attend.output[1:3]), input_norm="", qkv=qkv_weights, qkv_bias=bias,
         qk_norms=norms if all(norms) else [], out=out_weights, post_norm=walk.norm(post, 3, hidden), gate_up=gate_up_weights, down=down_weights,
+        experts=experts,
     )  # fmt: skip
     return layer, before, attributes | {"rotary": (names["cos_cache"], names["sin_cache"]), "lengths": (names["seqlens_k"], names["query_seqlens"])}
 
 
 def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
-    """The dense decoder `model` (moecc.Attention in place) is, or _NoMatch saying where it is not one."""
+    """The decoder `model` (moecc.Attention in place) is, or _NoMatch saying where it is not one."""
     walk = _Walk(model)
     outputs = [value.name for value in model.graph.output]
     if not outputs or outputs[0] != "logits":
@@ -222,7 +325,7 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
         layer.input_norm = walk.norm(before, 3, hidden)
         closing = before
     if len(shared) != 1:
-        raise _NoMatch("the layers differ in heads, scale, MLP width, query and key norms, rotary tables or lengths")
+        raise _NoMatch("the layers differ in heads, scale, MLP width, query and key norms, biases, experts, rotary tables or lengths")
     found = dict(shared.pop())
     embed = walk.node(before.input[0], "Gather")
     walk.weights(embed.input[0], [vocab, hidden])
@@ -231,7 +334,7 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
     if len(walk.epsilons) != 1:
         raise _NoMatch("the norms differ in epsilon")
     if len(walk.seen) != len(model.graph.node):
-        raise _NoMatch(f"{len(model.graph.node) - len(walk.seen)} nodes beyond a dense decoder's")
+        raise _NoMatch(f"{len(model.graph.node) - len(walk.seen)} nodes beyond a decoder's")
     if outputs[1:] != [name for layer in layers for name in layer.present]:
         raise _NoMatch("the outputs are not the logits and each layer's present key and value")
     widths = {"vocabulary": vocab, "hidden size": hidden, "MLP": 2 * found["ffn"], "q, k and v": (found["num_heads"] + 2 * found["kv_num_heads"]) * head_dim}
@@ -240,13 +343,15 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
     (seqlens_k, query_seqlens), (cos, sin) = found["lengths"], found["rotary"]
     if (seqlens_k, query_seqlens) != ("seqlens_k", "query_seqlens"):
         raise _NoMatch("the attention does not read the graph's lengths")
-    attributes = {name: found[name] for name in ("num_heads", "kv_num_heads", "scale", "qk_norm") if name in found}
+    attributes = {name: value for name, value in found.items() if name not in ("ffn", "rotary", "lengths")}
     attributes["epsilon"] = walk.epsilons.pop()
-    products = [head_weights, *(weights for layer in layers for weights in (layer.qkv, layer.out, layer.gate_up, layer.down))]
+    products = [head_weights, *(weights for layer in layers for weights in (layer.qkv, layer.out, layer.gate_up, layer.down) if weights)]
     quantized = {weights.scales is not None for weights in products}
     if len(quantized) != 1:
         raise _NoMatch("some products' weights are 8-bit and some float")
     attributes["quantized"] = int(quantized.pop())
+    if attributes["quantized"] and "experts" in found:
+        raise _NoMatch("an MoE with 8-bit products (the kernel takes float ones)")
     return _Decoder(embedding=embed.input[0], final_norm=final_norm, head=head_weights, cos=cos, sin=sin, attributes=attributes, layers=layers)
 
 
@@ -258,13 +363,13 @@ def _attention_in_place(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProt
 
 
 def why_not(model: onnx.ModelProto, head_dim: int) -> str | None:
-    """Why moecc.DenseDecoder cannot stand in for `model`'s graph, or None when it can."""
-    if extra := sorted({node.op_type for node in model.graph.node} - _OP_TYPES):  # an MoE: said without copying the graph
-        return f"not a dense decoder moecc.DenseDecoder runs: it has {', '.join(extra)} nodes"
+    """Why moecc.FusedDecoder cannot stand in for `model`'s graph, or None when it can."""
+    if extra := sorted({node.op_type for node in model.graph.node} - _OP_TYPES):  # a quantized MoE: said without copying the graph
+        return f"not a decoder moecc.FusedDecoder runs: it has {', '.join(extra)} nodes"
     try:
         _match(_attention_in_place(copy.deepcopy(model), head_dim), head_dim)
     except _NoMatch as reason:
-        return f"not a dense decoder moecc.DenseDecoder runs: {reason}"
+        return f"not a decoder moecc.FusedDecoder runs: {reason}"
     return None
 
 
@@ -306,21 +411,43 @@ def _panels(model: onnx.ModelProto, nodes: list[onnx.NodeProto], weights: _Weigh
     ]
 
 
+def _mixer(model: onnx.ModelProto, nodes: list[onnx.NodeProto], layer: _Layer) -> str:
+    """An MoE layer's one product after its post-attention norm, in panels: its shared expert's gate and up, then
+    the router's E columns, the shared expert's gate and zeros up to a panel (a Concat that ONNX Runtime folds
+    into a constant when the session loads): the router and the gate would each be a product of a few columns."""
+    experts = layer.experts
+    parts = [weights.name for weights in (layer.gate_up, experts.router, experts.shared_gate) if weights]
+    columns = sum(weights.columns for weights in (layer.gate_up, experts.router, experts.shared_gate) if weights)
+    padding = -columns % PANEL
+    if padding:
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros((experts.router.inner, padding), np.float32), f"{experts.router.name}.padding"))
+        parts.append(f"{experts.router.name}.padding")
+    name = f"{experts.router.name}.mixer"
+    nodes.append(helper.make_node("Concat", parts, [name], name=name, axis=1))
+    return relaid(model, nodes, name, [experts.router.inner, (columns + padding) // PANEL, PANEL], [1, 0, 2])
+
+
 def swap(model: onnx.ModelProto, head_dim: int) -> None:
-    """Replace `model`'s graph (which why_not() accepted) with one moecc.DenseDecoder, its weights in panels; the
-    graph gains the input GREEDY_STEPS and the output GREEDY_TOKENS (see dense.c)."""
+    """Replace `model`'s graph (which why_not() accepted) with one moecc.FusedDecoder, its weights in panels; the
+    graph gains the input GREEDY_STEPS and the output GREEDY_TOKENS (see fused_decoder.c)."""
     decoder = _match(_attention_in_place(model, head_dim), head_dim)
     nodes: list[onnx.NodeProto] = []
     inputs = ["input_ids", "seqlens_k", "query_seqlens", "logit_positions", GREEDY_STEPS, decoder.cos, decoder.sin, decoder.embedding, decoder.final_norm]
     inputs += _panels(model, nodes, decoder.head)
     if not decoder.attributes["quantized"]:  # the head's scales: none
-        model.graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), "dense_decoder.no_scales"))
-        inputs.append("dense_decoder.no_scales")
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), "fused_decoder.no_scales"))
+        inputs.append("fused_decoder.no_scales")
     for layer in decoder.layers:
-        inputs += [*layer.past, layer.input_norm, *_panels(model, nodes, layer.qkv), *layer.qk_norms, *_panels(model, nodes, layer.out)]
-        inputs += [layer.post_norm, *_panels(model, nodes, layer.gate_up), *_panels(model, nodes, layer.down)]
+        inputs += [*layer.past, layer.input_norm, *_panels(model, nodes, layer.qkv), *([layer.qkv_bias] if layer.qkv_bias else []), *layer.qk_norms]
+        inputs += [*_panels(model, nodes, layer.out), layer.post_norm]
+        if layer.experts is None:
+            inputs += [*_panels(model, nodes, layer.gate_up), *_panels(model, nodes, layer.down)]
+            continue
+        inputs.append(_mixer(model, nodes, layer))
+        inputs += _panels(model, nodes, layer.down) if layer.down else []
+        inputs += [layer.experts.node.input[2], moe.transposed(nodes, layer.experts.node.input[4])]
     outputs = ["logits", GREEDY_TOKENS, *(name for layer in decoder.layers for name in layer.present)]
-    nodes.append(helper.make_node("DenseDecoder", inputs, outputs, name="dense_decoder", domain=DOMAIN, max_chain=MAX_CHAIN, **decoder.attributes))
+    nodes.append(helper.make_node("FusedDecoder", inputs, outputs, name="fused_decoder", domain=DOMAIN, max_chain=MAX_CHAIN, **decoder.attributes))
     model.graph.input.append(helper.make_tensor_value_info(GREEDY_STEPS, onnx.TensorProto.INT64, []))
     model.graph.output.append(helper.make_tensor_value_info(GREEDY_TOKENS, onnx.TensorProto.INT64, ["batch", MAX_CHAIN]))
     model.graph.ClearField("node")
