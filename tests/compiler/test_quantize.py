@@ -77,8 +77,8 @@ def test_quantized_shipped_pair_is_small_accurate_and_lossless(tmp_path, shipped
     assert size <= max_size * sum(f.size for f in reference.manifest.files.values())
 
     ops = {node.op_type for node in onnx.load(str(artifact / "main" / "model.onnx"), load_external_data=False).graph.node}
-    fused_decoder_op = {"int4": "MatMulNBits", "int8": "DequantizeLinear"}[weights]
-    assert {"QMoE", fused_decoder_op, "MatMul"} <= ops and "MoE" not in ops  # MatMul left: the routers
+    dense_op = {"int4": "MatMulNBits", "int8": "DequantizeLinear"}[weights]
+    assert {"QMoE", dense_op, "MatMul"} <= ops and "MoE" not in ops  # MatMul left: the routers
     bits = {"int4": 4, "int8": 8}[weights]
     for role, level in (("main", None), ("draft", 4)):  # only the draft multiplies INT8-rounded activations
         nodes = [node for node in onnx.load(str(artifact / role / "model.onnx"), load_external_data=False).graph.node if node.op_type == "MatMulNBits"]
