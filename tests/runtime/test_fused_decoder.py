@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -192,6 +193,20 @@ def test_a_token_outside_the_vocabulary_is_refused_by_name(fused_and_unfused):
             feeds[value.name] = np.zeros((1, draft.entry.num_kv_heads, 8, draft.entry.head_dim), np.float32)
     with pytest.raises(Exception, match="moecc.FusedDecoder: a token id is outside the vocabulary"):
         draft.session.run(None, feeds)
+
+
+@pytest.mark.parametrize("attribute, value", [("k", 100), ("expert_parts", 0)])
+def test_an_moe_node_whose_routing_does_not_fit_its_experts_is_refused_at_load(tiny_artifact, attribute, value):
+    """The kernel checks its MoE attributes when the session is made, before any call: k beyond the experts' parts,
+    or no parts."""
+    path = tiny_artifact / "main" / "model.onnx"
+    graph, options = onnx.load(path, load_external_data=False), session_options({})
+    assert session.use_kernels(path, graph, 16, options, "moecc") == ("moecc.FusedDecoder",)
+    node = next(node for node in graph.graph.node if node.op_type == "FusedDecoder")
+    next(entry for entry in node.attribute if entry.name == attribute).i = value
+    options.add_session_config_entry(session.EXTERNAL_FOLDER, str(path.parent))
+    with pytest.raises(Exception, match="moecc.FusedDecoder: an MoE needs experts, expert_parts and k that fit each other"):
+        ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def test_it_stands_aside_from_graphs_it_does_not_run(dense_pair, tiny_artifact):
