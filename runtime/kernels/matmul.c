@@ -92,7 +92,12 @@ typedef struct {
   const float *x;
   const void *weights; /* float, or 8-bit where there are scales */
   const float *scales; /* 8-bit weights' scales: one per QUANT_BLOCK rows of a column, [N / 32, K / QUANT_BLOCK, 32] */
-  float *packed;       /* x by blocks of ROWS rows, each K columns of ROWS values; NULL for one row or 8-bit weights */
+  float *packed;       /* x by blocks of ROWS rows, each K columns of `width` values; NULL for one row or 8-bit weights */
+  /* ROWS, or a call's rows where they are fewer (a verify's): a pass then reads its rows' values from K * rows
+     floats, not K * ROWS of which most are unused, which at K = 1536 overflowed the core's first cache beside the
+     streaming panel (small-coder's shared expert's down projection over 2 to 9 rows took 1.10-1.15x as long, and
+     its main model's verify of 5 tokens 1.06x; a decode step and a prompt as long either way). */
+  int64_t width;
   QuantizedRows quantized; /* x as levels, for 8-bit weights */
   float *out;
 } Call;
@@ -311,7 +316,7 @@ static void pack(void *data, size_t item) {
   int64_t first = (int64_t)item * ROWS, count = call->rows - first < ROWS ? call->rows - first : ROWS;
   float *block = call->packed + first * call->inner;
   for (int64_t r = 0; r < count; ++r)
-    for (int64_t k = 0; k < call->inner; ++k) block[k * ROWS + r] = call->x[(first + r) * call->inner + k];
+    for (int64_t k = 0; k < call->inner; ++k) block[k * call->width + r] = call->x[(first + r) * call->inner + k];
 }
 
 /* Rows first .. last - 1 of x against float panel `panel_index`, in passes of up to ROWS rows (of up to WIDE_ROWS
@@ -326,7 +331,7 @@ static void multiply_float(const Call *call, int64_t panel_index, int64_t first,
     for (int64_t row = first; row < last; row += rows_per_pass) {
       int64_t count = last - row < rows_per_pass ? last - row : rows_per_pass;
       const float *x = call->packed ? call->packed + (row - row % ROWS) * call->inner + row % ROWS : call->x;
-      pass_of(x, call->packed ? ROWS : 1, k0, k1, weights, sums + (row - first) * VECTORS, count);
+      pass_of(x, call->packed ? call->width : 1, k0, k1, weights, sums + (row - first) * VECTORS, count);
     }
   }
 }
@@ -378,6 +383,7 @@ OrtStatus *matmul_run(OrtKernelContext *context, const float *x, int64_t rows, i
     else
       status = fail("moecc.MatMul: out of memory");
   } else if (call.rows > 1) {
+    call.width = call.rows < ROWS ? call.rows : ROWS;
     call.packed = malloc((size_t)(blocks * ROWS * call.inner) * sizeof(float));
     if (!call.packed) return fail("moecc.MatMul: out of memory");
     if (blocks > 1) /* a prompt's rows: packed by the threads */
