@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=1, help="tokens per call: 1 decodes, k + 1 verifies k proposals")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=10, help="op types shown, by time at the longest context")
-    parser.add_argument("--kernels", choices=runtime.KERNELS, default="auto", help="moecc's attention, MoE and MatMul kernels or ONNX Runtime's")
+    parser.add_argument("--kernels", choices=runtime.KERNELS, default="auto", help="moecc's kernels (the whole model in one node where it applies) or ONNX Runtime's")
     parser.add_argument("--node-by-node", action="store_true", help="moecc's kernels node by node, where one node (moecc.FusedDecoder) would run the whole model")
     args = parser.parse_args()
     entry, text = _entry_and_text(args.artifact, args.model)

@@ -78,7 +78,7 @@ typedef struct {
   float *cache_key, *cache_value;
 } Layer;
 
-/* The model's weights and sizes, and room for the activations of up to `rows` tokens. */
+/* The model's weights and sizes, and room for the activations of the call's tokens. */
 typedef struct {
   const Kernel *kernel;
   Layer *layers;
@@ -88,9 +88,8 @@ typedef struct {
   const float *head_scales; /* NULL: a float head */
   int64_t rotary_positions, vocab, hidden, dim, heads, kv_heads, packed, ffn, capacity;
   /* An MoE layer's: the columns of its product after the post-attention norm (the shared expert's gate and up,
-     2 ffn, then route_columns: the router's logits, the shared expert's gate, zeros up to a panel), and each
-     expert part's units. */
-  int64_t mixer, route_columns, inter;
+     2 ffn, then the router's logits, the shared expert's gate, zeros up to a panel), and each expert part's units. */
+  int64_t mixer, inter;
   int small; /* weights few enough that a small call runs on the calling thread (SMALL_MODEL_BYTES) */
   /* The residual stream x, its norm h, an update, q/k/v or gate/up, the attention's output, the gated product,
      the normed rows whose logits are asked for; an MoE layer's routed output and router logits. */
@@ -300,8 +299,9 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   model.vocab = in[EMBEDDING].shape[0], model.hidden = in[EMBEDDING].shape[1], model.dim = model.layers[0].past_key.shape[3];
   model.heads = kernel->num_heads, model.kv_heads = kernel->kv_num_heads, model.packed = (model.heads + 2 * model.kv_heads) * model.dim;
   model.mixer = model.layers[0].gate_up.shape[0] * 32; /* gate's and up's columns (and an MoE layer's routing), in panels of 32 */
-  model.route_columns = kernel->experts ? (kernel->experts + kernel->shared_expert + 31) / 32 * 32 : 0;
-  model.ffn = kernel->experts && !kernel->shared_expert ? 0 : (model.mixer - model.route_columns) / 2;
+  /* an MoE layer's mixer: 2 ffn columns, then the router's and the shared expert's gate's, up to a panel */
+  int64_t route_columns = kernel->experts ? (kernel->experts + kernel->shared_expert + 31) / 32 * 32 : 0;
+  model.ffn = kernel->experts && !kernel->shared_expert ? 0 : (model.mixer - route_columns) / 2;
   model.inter = kernel->experts ? model.layers[0].fc1.shape[1] / 2 : 0;
   model.capacity = model.layers[0].past_key.shape[2], model.rotary_positions = in[COS].shape[0];
   model.embedding = in[EMBEDDING].data, model.final_norm = in[FINAL_NORM].data, model.head = in[HEAD].data;
@@ -314,9 +314,7 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
     status = fail("moecc.FusedDecoder: the ids, lengths, logit positions, greedy steps, rotary tables, embedding, final norm or head do not fit each other");
     goto done;
   }
-  int mixer_fits = kernel->experts ? model.mixer >= model.route_columns && (model.mixer - model.route_columns) % 2 == 0 &&
-                                         (kernel->shared_expert ? model.ffn > 0 : model.mixer == model.route_columns)
-                                   : model.ffn > 0;
+  int mixer_fits = kernel->experts ? kernel->shared_expert ? model.ffn > 0 : model.mixer == route_columns : model.ffn > 0;
   if (!mixer_fits || !layers_fit(&model, batch)) {
     status = fail("moecc.FusedDecoder: a layer's cache or weights do not fit the model's sizes");
     goto done;
@@ -399,8 +397,11 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   kernel->shared_expert = int_attribute(info, "shared_expert", 0);
   if (!status && kernel->experts) status = read_expert_mix(info, "moecc.FusedDecoder: an MoE's k must be positive", &kernel->mix);
   if (!status && kernel->max_chain < 0) status = fail("moecc.FusedDecoder: max_chain must not be negative");
+  int64_t flags[] = {kernel->qk_norm, kernel->quantized, kernel->qkv_bias, kernel->shared_expert};
+  for (size_t i = 0; i < sizeof flags / sizeof *flags && !status; ++i)
+    if (flags[i] != 0 && flags[i] != 1) status = fail("moecc.FusedDecoder: qk_norm, quantized, qkv_bias and shared_expert are 0 or 1");
   if (!status && kernel->experts &&
-      (kernel->experts < 0 || kernel->expert_parts < 1 || kernel->mix.k < 1 || kernel->mix.k > kernel->experts * kernel->expert_parts || kernel->quantized))
+      (kernel->experts < 0 || kernel->expert_parts < 1 || kernel->mix.k > kernel->experts * kernel->expert_parts || kernel->quantized))
     status = fail("moecc.FusedDecoder: an MoE needs experts, expert_parts and k that fit each other, and float weights");
   if (status) {
     free(kernel);

@@ -224,6 +224,11 @@ def _experts(walk: _Walk, value: str, hidden: int) -> tuple[str, _Experts, _Weig
     if reason := moe.unsupported(moe_node, walk.constants):
         raise _NoMatch(f"{moe_node.name}: {reason}")
     shape = walk.node(reshape.input[1], "Shape")
+    if shape.attribute:
+        raise _NoMatch(f"{shape.name}: not the whole shape of the normed rows")
+    fc1 = walk.constants[moe_node.input[2]]  # moe.unsupported(): a float32 constant [E P, 2I, H], fc2 alike
+    if fc1.dims[2] != hidden:
+        raise _NoMatch(f"{moe_node.name}: experts of hidden size {fc1.dims[2]}, not {hidden}")
     tokens = walk.node(moe_node.input[0], "Reshape")
     rows = walk.constants.get(tokens.input[1])
     if rows is None or numpy_helper.to_array(rows).tolist() != [-1, hidden]:
@@ -237,8 +242,10 @@ def _experts(walk: _Walk, value: str, hidden: int) -> tuple[str, _Experts, _Weig
         logits, parts = concat.input[0], len(concat.input)
     router, router_weights = walk.product(logits)
     router_weights.fit(hidden, None)
-    if router.input[0] != tokens.output[0] or walk.constants[moe_node.input[2]].dims[0] != router_weights.columns * parts:
+    if router.input[0] != tokens.output[0] or fc1.dims[0] != router_weights.columns * parts:
         raise _NoMatch(f"{router.name}: not the router of {moe_node.name}'s experts")
+    if router_weights.scales or (shared and shared[2].scales):
+        raise _NoMatch(f"{moe_node.name}: a quantized router or shared expert's gate (the kernel takes float ones)")
     readers = {tokens.name: tokens.input[0], shape.name: shape.input[0]}
     if shared:
         readers |= {"the shared expert's gate": shared[0], "the shared expert": shared[1]}
@@ -285,6 +292,7 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     attributes["qkv_bias"] = int(bias is not None)
     if experts:
         attributes |= {"experts": experts.router.columns, "expert_parts": experts.parts, "shared_expert": int(experts.shared_gate is not None)}
+        attributes["expert_size"] = walk.constants[experts.node.input[2]].dims[1] // 2  # shared by every layer, like the rest
         attributes |= {name: attribute_value(experts.node, name) for name in moe._PASSED if attribute_value(experts.node, name) is not None}
     before = walk.producer.get(qkv.input[0])
     if before is None or before.op_type not in (_SKIP_NORM, "SimplifiedLayerNormalization") or before.output[0] != qkv.input[0]:
@@ -343,7 +351,7 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
     (seqlens_k, query_seqlens), (cos, sin) = found["lengths"], found["rotary"]
     if (seqlens_k, query_seqlens) != ("seqlens_k", "query_seqlens"):
         raise _NoMatch("the attention does not read the graph's lengths")
-    attributes = {name: value for name, value in found.items() if name not in ("ffn", "rotary", "lengths")}
+    attributes = {name: value for name, value in found.items() if name not in ("ffn", "expert_size", "rotary", "lengths")}
     attributes["epsilon"] = walk.epsilons.pop()
     products = [head_weights, *(weights for layer in layers for weights in (layer.qkv, layer.out, layer.gate_up, layer.down) if weights)]
     quantized = {weights.scales is not None for weights in products}

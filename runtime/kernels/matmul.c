@@ -95,7 +95,7 @@ typedef struct {
   float *packed;       /* x by blocks of ROWS rows, each K columns of `width` values; NULL for one row or 8-bit weights */
   /* ROWS, or a call's rows where they are fewer (a verify's): a pass then reads its rows' values from K * rows
      floats, not K * ROWS of which most are unused, which at K = 1536 overflowed the core's first cache beside the
-     streaming panel (small-coder's shared expert's down projection over 2 to 9 rows took 1.09-1.16x as long, and
+     streaming panel (AVX-512, ROWS = 12: small-coder's shared expert's down projection over 2 to 9 rows took 1.09-1.16x as long, and
      its main model's verify of 5 tokens 1.06x; a decode step and a prompt as long either way). */
   int64_t width;
   QuantizedRows quantized; /* x as levels, for 8-bit weights */

@@ -530,7 +530,7 @@ static OrtStatus *check_tokens(const Tensor *in, int64_t *hidden, int64_t *token
    routed by its rows of `logits` [tokens, E], then the two phases. */
 static OrtStatus *mix(const Kernel *kernel, OrtKernelContext *context, const float *x, const float *logits, int64_t tokens, int64_t experts, Call call, float *out) {
   int64_t hidden = call.hidden, inter = call.inter;
-  if (hidden <= 0 || inter <= 0 || hidden % 16 || inter % UNITS) return fail("moecc.MoE: H and I must be positive multiples of 16");
+  if (hidden <= 0 || inter <= 0 || hidden % 16 || inter % UNITS) return fail("moecc kernels: experts' H and I must be positive multiples of 16");
   if (!tokens) return NULL;
   /* Long prompts go in chunks of CHUNK tokens, so that the partial sums stay within tens of megabytes (each
      chunk reads the chosen experts again, but then every expert has many of the chunk's tokens to share it). */

@@ -14,7 +14,7 @@ import logging
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Iterable, Literal, get_args
 
 import onnx
 import onnxruntime as ort
@@ -45,15 +45,21 @@ _WHOLE_GRAPH = {"moecc.FusedDecoder"}
 
 
 @contextmanager
-def node_by_node():
-    """Sessions opened inside run moecc's kernels node by node, never a whole graph in one node (moecc.FusedDecoder):
-    for an ONNX Runtime profile per op type, and as the reference the fused kernel is checked against. Not for
-    concurrent use: it changes the kernels every session of the process chooses from while it lasts."""
-    withheld = {name: _KERNELS.pop(name) for name in _WHOLE_GRAPH}
+def withholding(kernels: Iterable[str]):
+    """Sessions opened inside run none of `kernels` (names of _KERNELS): their nodes run what they would without
+    them (ONNX Runtime's kernel; for moecc.FusedDecoder, moecc's kernels node by node). For benchmarks against
+    a kernel and an ONNX Runtime profile per op type; not for concurrent use, since it changes the kernels every
+    session of the process chooses from while it lasts."""
+    withheld = {name: _KERNELS.pop(name) for name in kernels if name in _KERNELS}  # nested: the outer one restores
     try:
         yield
     finally:
         _KERNELS.update(withheld)
+
+
+def node_by_node():
+    """withholding() the kernels that run a whole graph in one node: moecc's kernels node by node."""
+    return withholding(_WHOLE_GRAPH)
 
 
 @cache

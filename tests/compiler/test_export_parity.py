@@ -85,7 +85,7 @@ def test_tiny_random_pair_matches_transformers(tiny_artifact, tiny_pair, role):
 def test_shipped_pairs_match_transformers(shipped_pair, role, tmp_path):
     """small-coder's INT8 draft against transformers given its dequantized weights, through the runtime's KV cache
     on ONNX Runtime's kernels in full precision: the runtime's own 8-bit products round the activations too, as
-    the artifact's accuracy level 4 asks (tests/runtime/test_dense_kernel.py holds them to ONNX Runtime's)."""
+    the artifact's accuracy level 4 asks (tests/runtime/test_fused_decoder.py holds them to ONNX Runtime's)."""
     checkpoints, artifact = shipped_pair
     generator = runtime.load(artifact)
     quantized = generator.manifest.models[role].precision != "fp32"

@@ -106,6 +106,22 @@ def test_a_decoder_runs_as_one_node_with_the_graphs_results(request, model):
         np.testing.assert_allclose(*logits, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("model", ["dense Qwen3", "Qwen3-MoE", "Qwen2-MoE"])
+def test_a_call_of_up_to_33_tokens_scores_each_as_its_decode_step(request, model):
+    """Bit for bit, as lossless speculation needs of a verify of up to 32 proposals: a small model's calls of up to
+    16 tokens on the calling thread and longer ones on the session's threads, a large model's all on its threads."""
+    fixture, role, _ = ONE_NODE_MODELS[model]
+    decoder = getattr(runtime.load(request.getfixturevalue(fixture), target="cpu", threads=2), role)
+    assert decoder.kernels == ("moecc.FusedDecoder",)
+    tokens = np.random.default_rng(11).integers(1, decoder.entry.vocab_size, size=40 + 33).tolist()
+    cache = decoder.new_cache(128)
+    cache.feed(tokens[:40], last=1)
+    one_by_one = np.concatenate([cache.feed([token]) for token in tokens[40:]])
+    for count in (2, 5, 16, 17, 33):
+        cache.keep(40)
+        assert np.array_equal(cache.feed(tokens[40 : 40 + count]), one_by_one[:count]), f"{count} tokens in one call"
+
+
 def test_the_pair_decodes_alike_fused_or_not(fused_and_unfused):
     fused, unfused = fused_and_unfused
     prompt = np.random.default_rng(4).integers(1, VOCAB, size=9).tolist()
@@ -195,23 +211,27 @@ def test_a_token_outside_the_vocabulary_is_refused_by_name(fused_and_unfused):
         draft.session.run(None, feeds)
 
 
-@pytest.mark.parametrize("attribute, value", [("k", 100), ("expert_parts", 0)])
-def test_an_moe_node_whose_routing_does_not_fit_its_experts_is_refused_at_load(tiny_artifact, attribute, value):
-    """The kernel checks its MoE attributes when the session is made, before any call: k beyond the experts' parts,
-    or no parts."""
+FITS = "an MoE needs experts, expert_parts and k that fit each other"
+FLAG = "qk_norm, quantized, qkv_bias and shared_expert are 0 or 1"
+
+
+@pytest.mark.parametrize("attribute, value, message", [("k", 100, FITS), ("expert_parts", 0, FITS), ("shared_expert", 2, FLAG), ("qk_norm", -1, FLAG)])
+def test_an_moe_node_whose_attributes_do_not_fit_is_refused_at_load(tiny_artifact, attribute, value, message):
+    """The kernel checks its attributes when the session is made, before any call: k beyond the experts' parts, no
+    parts, a flag that is neither 0 nor 1 (which would shift where the kernel reads the router's columns)."""
     path = tiny_artifact / "main" / "model.onnx"
     graph, options = onnx.load(path, load_external_data=False), session_options({})
     assert session.use_kernels(path, graph, 16, options, "moecc") == ("moecc.FusedDecoder",)
     node = next(node for node in graph.graph.node if node.op_type == "FusedDecoder")
     next(entry for entry in node.attribute if entry.name == attribute).i = value
     options.add_session_config_entry(session.EXTERNAL_FOLDER, str(path.parent))
-    with pytest.raises(Exception, match="moecc.FusedDecoder: an MoE needs experts, expert_parts and k that fit each other"):
+    with pytest.raises(Exception, match=f"moecc.FusedDecoder: {message}"):
         ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def test_it_stands_aside_from_graphs_it_does_not_run(dense_pair, tiny_artifact):
-    """A quantized MoE, an MoE node moecc.MoE does not run, widths matmul.c's panels cannot take, an int8 cache and a
-    graph with a node more each keep the node-by-node kernels, with the reason."""
+    """A quantized MoE, an MoE node moecc.MoE does not run, a quantized router, widths matmul.c's panels cannot take,
+    an int8 cache and a graph with a node more each keep the node-by-node kernels, with the reason."""
     moe = onnx.load(tiny_artifact / "main" / "model.onnx", load_external_data=False)
     assert fused_decoder.why_not(moe, 16) is None
     quantized = onnx.ModelProto.FromString(moe.SerializeToString())
@@ -220,6 +240,14 @@ def test_it_stands_aside_from_graphs_it_does_not_run(dense_pair, tiny_artifact):
     sparse = onnx.ModelProto.FromString(moe.SerializeToString())
     next(node for node in sparse.graph.node if node.op_type == "MoE").attribute.append(onnx.helper.make_attribute("use_sparse_mixer", 1))
     assert "sets use_sparse_mixer=1" in fused_decoder.why_not(sparse, 16)
+    quantized_router = onnx.ModelProto.FromString(moe.SerializeToString())  # a recipe's `classes: {router: int8}`
+    router = next(node for node in quantized_router.graph.node if node.op_type == "MatMul" and ".mlp.gate." in node.input[1])
+    inner, columns = next(tensor.dims for tensor in quantized_router.graph.initializer if tensor.name == router.input[1])
+    blocks, scales = np.full((columns, inner // 32, 32), 128, np.uint8), np.ones(columns * inner // 32, np.float32)
+    quantized_router.graph.initializer.extend([onnx.numpy_helper.from_array(blocks, "router.blocks"), onnx.numpy_helper.from_array(scales, "router.scales")])
+    router.CopyFrom(onnx.helper.make_node("MatMulNBits", [router.input[0], "router.blocks", "router.scales"], router.output, name=router.name,
+                                          domain="com.microsoft", K=inner, N=columns, bits=8, block_size=32, accuracy_level=4))  # fmt: skip
+    assert "a quantized router or shared expert's gate" in fused_decoder.why_not(quantized_router, 16)
     narrow = onnx.load(tiny_artifact / "draft" / "model.onnx", load_external_data=False)  # hidden size 48, 3 + 2 heads of 16
     assert "widths not a multiple of 32: hidden size 48, q, k and v 80" in fused_decoder.why_not(narrow, 16)
     draft = onnx.load(dense_pair / "draft" / "model.onnx", load_external_data=False)
