@@ -60,6 +60,7 @@ def family_artifacts(tmp_path_factory, tiny_pair):
 def test_family_matches_transformers(family_artifacts, family):
     root, artifact = family_artifacts[family]
     generator = runtime.load(artifact)
+    assert generator.main.kernels == ("moecc.FusedDecoder",)  # every family's whole graph in one node on the CPU
     _check_cached_decoding(generator.main, root / "main", VOCAB)
 
 
