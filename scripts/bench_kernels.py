@@ -4,10 +4,10 @@
 
 Loads the artifact twice in one process, once with every kernel that applies and once without `--kernel`
 (its nodes then run ONNX Runtime's kernel, the other swaps stay; without moecc.FusedDecoder, the model runs
-moecc's kernels node by node, and a node-by-node kernel is measured in a model run node by node), and times calls over 1, 2, 5 and 9 new
-tokens after a prompt (a decode step and verify blocks) in alternating rounds, so that the machine's drift
-reaches both alike; then a prompt's prefill. Prints medians over rounds and the ratio. Also checks that both
-give the same greedy tokens.
+moecc's kernels node by node, and a node-by-node kernel is measured in a model run node by node), and times
+calls over 1, 2, 5 and 9 new tokens after a prompt (a decode step and verify blocks) in alternating rounds, so
+that the machine's drift reaches both alike; then a prompt's prefill. Prints medians over rounds and the
+ratio. Also checks that both give the same greedy tokens.
 """
 
 from __future__ import annotations

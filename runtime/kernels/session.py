@@ -1,7 +1,7 @@
-"""Open a CPU session with moecc's kernels in place of ONNX Runtime's: moecc.FusedDecoder (fused_decoder.c) for the whole
-graph of a decoder it runs (a dense draft, a float32 MoE main model), else moecc.Attention (attention.c) for GroupQueryAttention,
-moecc.MoE (moe.c) for float32 MoE, moecc.QMoE (moe.c) for INT4 and INT8 QMoE, and moecc.MatMul (matmul.c) for
-MatMuls by large float32 constant weights.
+"""Open a CPU session with moecc's kernels in place of ONNX Runtime's: moecc.FusedDecoder (fused_decoder.c) for
+the whole graph of a decoder it runs (a dense draft, a float32 MoE main model), else moecc.Attention
+(attention.c) for GroupQueryAttention, moecc.MoE (moe.c) for float32 MoE, moecc.QMoE (moe.c) for INT4 and INT8
+QMoE, and moecc.MatMul (matmul.c) for MatMuls by large float32 constant weights.
 
 The artifact keeps the standard nodes, which every ONNX Runtime and the TensorRT lowering read; the swap
 happens in memory when a CPU session loads, for each kind of node only when every node of that kind is one
