@@ -93,6 +93,7 @@ class _Experts:
     router: _Weights
     node: onnx.NodeProto
     parts: int
+    size: int  # each part's units (I / parts)
     shared_gate: _Weights | None  # [H, 1]: the sigmoid gate of a shared expert (Qwen2-MoE's), if the layer has one
 
 
@@ -209,7 +210,8 @@ def _experts(walk: _Walk, value: str, hidden: int) -> tuple[str, _Experts, _Weig
         Reshape(MoE(Reshape(h, [-1, H]), Concat(MatMul(., router) x parts), fc1, fc2), Shape(h))
         [+ Mul(SiLU-gated MLP(h), Sigmoid(MatMul(h, shared gate)))]
     """
-    node, shared = walk.producer.get(value), None
+    node, readers = walk.producer.get(value), {}  # the nodes that must read the same normed rows h
+    shared_gate_weights = gate_up = down = None
     if node is not None and node.op_type == "Add" and node.domain in ("", "ai.onnx"):
         walk.node(value, "Add")
         value, scaled = node.input
@@ -218,7 +220,7 @@ def _experts(walk: _Walk, value: str, hidden: int) -> tuple[str, _Experts, _Weig
         shared_gate, shared_gate_weights = walk.product(gate.input[0])
         shared_gate_weights.fit(hidden, 1)
         mlp_input, gate_up, down = _gated_mlp(walk, scale.input[0], hidden)
-        shared = (shared_gate.input[0], mlp_input, shared_gate_weights, gate_up, down)
+        readers = {"the shared expert's gate": shared_gate.input[0], "the shared expert": mlp_input}
     reshape = walk.node(value, "Reshape")
     moe_node = walk.node(reshape.input[0], "MoE", "com.microsoft")
     if reason := moe.unsupported(moe_node, walk.constants):
@@ -244,13 +246,11 @@ def _experts(walk: _Walk, value: str, hidden: int) -> tuple[str, _Experts, _Weig
     router_weights.fit(hidden, None)
     if router.input[0] != tokens.output[0] or fc1.dims[0] != router_weights.columns * parts:
         raise _NoMatch(f"{router.name}: not the router of {moe_node.name}'s experts")
-    if router_weights.scales or (shared and shared[2].scales):
+    if router_weights.scales or (shared_gate_weights and shared_gate_weights.scales):
         raise _NoMatch(f"{moe_node.name}: a quantized router or shared expert's gate (the kernel takes float ones)")
-    readers = {tokens.name: tokens.input[0], shape.name: shape.input[0]}
-    if shared:
-        readers |= {"the shared expert's gate": shared[0], "the shared expert": shared[1]}
-    experts = _Experts(router=router_weights, node=moe_node, parts=parts, shared_gate=shared[2] if shared else None)
-    return _same_input(readers), experts, *(shared[3:] if shared else (None, None))
+    readers |= {tokens.name: tokens.input[0], shape.name: shape.input[0]}
+    experts = _Experts(router=router_weights, node=moe_node, parts=parts, size=fc1.dims[1] // 2, shared_gate=shared_gate_weights)
+    return _same_input(readers), experts, gate_up, down
 
 
 def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> tuple[_Layer, onnx.NodeProto, dict]:
@@ -258,7 +258,7 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     inputs every layer must share."""
     producer = walk.producer.get(closing.input[0])
     experts = None
-    if producer is not None and (producer.op_type in ("Add", "Reshape")):  # an MoE block
+    if producer is not None and producer.op_type in ("Add", "Reshape"):  # an MoE block
         mlp_input, experts, gate_up_weights, down_weights = _experts(walk, closing.input[0], hidden)
     else:
         mlp_input, gate_up_weights, down_weights = _gated_mlp(walk, closing.input[0], hidden)
@@ -292,7 +292,7 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     attributes["qkv_bias"] = int(bias is not None)
     if experts:
         attributes |= {"experts": experts.router.columns, "expert_parts": experts.parts, "shared_expert": int(experts.shared_gate is not None)}
-        attributes["expert_size"] = walk.constants[experts.node.input[2]].dims[1] // 2  # shared by every layer, like the rest
+        attributes["expert_size"] = experts.size  # shared by every layer, like the rest
         attributes |= {name: attribute_value(experts.node, name) for name in moe._PASSED if attribute_value(experts.node, name) is not None}
     before = walk.producer.get(qkv.input[0])
     if before is None or before.op_type not in (_SKIP_NORM, "SimplifiedLayerNormalization") or before.output[0] != qkv.input[0]:
