@@ -233,8 +233,8 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
    same sums as pass() gives each route, in other loops. pass() keeps 16 sums (4 fc1 rows for 4 tokens), more
    than AVX2's 16 registers hold beside its rows and tokens, and rereads its UNITS units' rows from the second
    cache for every 4 tokens. Here each unit's two fc1 rows stay in the first cache while up to GROUP_TOKENS
-   tokens go past them FC1_TOKENS at a time (8 sums, every row and token loaded once per step), the next unit's
-   rows and this unit's fc2 row fetched meanwhile, and fc2 adds 16 outputs of FC2_TOKENS tokens at a time (12
+   tokens go past them FC1_TOKENS at a time (every row and token loaded once per step), the next unit's rows
+   and this unit's fc2 row fetched meanwhile, and fc2 adds 16 outputs of FC2_TOKENS tokens at a time (12
    sums), where pass() broadcast a coefficient for every multiply-add. On one core of an AVX2 EPYC, an expert's
    8 to 32 routes took 0.82-0.90x pass()'s time (H = 384, I = 192) and 0.78-0.85x (H = 1024, I = 512), and with
    the coefficients made 8 at a time (activate) bench-moe's prefill of 64 and 400 tokens 0.84x (2 threads),
@@ -245,35 +245,56 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
    MANY_QUANTIZED_ROUTES, 16 units at a time turned into floats (dequantize): one core, INT4 and INT8 experts at
    H = 384, 64 tokens 0.77-0.84x the time of pass_quantized(), 400 tokens 0.71-0.81x; with 9 or 16 tokens on 8
    experts, 1.1-1.25x, where turning them into floats costs more than it saves. */
-enum { MANY_ROUTES = 3, MANY_QUANTIZED_ROUTES = 8, PROMPT_ROUTES = 8, GROUP_TOKENS = 48, FC1_TOKENS = 4, FC2_TOKENS = 6, FC2_FLOATS = 16 };
+enum { MANY_ROUTES = 3, MANY_QUANTIZED_ROUTES = 8, PROMPT_ROUTES = 8, GROUP_TOKENS = 48, FC2_TOKENS = 6, FC2_FLOATS = 16 };
+/* fc1's step: FC1_UNITS units' rows against FC1_TOKENS tokens, 2 * FC1_UNITS * FC1_TOKENS sums. AVX-512's 32
+   registers hold two units' for 6 tokens (24 sums; 10 loads for 24 multiply-adds, where one unit's for 4 tokens
+   made 8 from 6 loads): bench-moe's prefill of 70 tokens 0.89x the time, small-coder's 0.97x, decode steps and
+   verifies level, the numbers the same bit for bit (every sum still runs over the inputs in one order). */
+#if defined(__AVX512F__)
+#define FC1_UNITS 2
+#define FC1_TOKENS 6
+#else
+#define FC1_UNITS 1
+#define FC1_TOKENS 4
+#endif
 enum { FC2_VECTORS = FC2_FLOATS / LANES };
 
-/* activate()'s inputs [t * UNITS] for one unit's two fc1 rows (`rows`) and TOKENS tokens (a constant where it is called). */
+/* activate()'s inputs [t * UNITS + p] for `units` units' fc1 rows from `rows` (each unit's gate and linear rows
+   in turn) and `tokens` tokens (constants where it is called). */
 static inline __attribute__((always_inline)) void unit_activations(const Call *call, const float *rows, const float *fc2_row, int fetch, const float *const *xs,
-                                                                   const float *weights, int tokens, float *gates, float *linears, float *scales) {
+                                                                   const float *weights, int units, int tokens, float *gates, float *linears, float *scales) {
   int64_t hidden = call->hidden;
-  vector gate[FC1_TOKENS], linear[FC1_TOKENS];
-  for (int t = 0; t < tokens; ++t) gate[t] = linear[t] = (vector){0};
-  const char *next = (const char *)(rows + 2 * hidden), *output = (const char *)fc2_row;
+  vector gate[FC1_UNITS][FC1_TOKENS], linear[FC1_UNITS][FC1_TOKENS];
+  for (int p = 0; p < units; ++p)
+    for (int t = 0; t < tokens; ++t) gate[p][t] = linear[p][t] = (vector){0};
+  const char *next = (const char *)(rows + 2 * units * hidden), *output = (const char *)fc2_row;
   for (int64_t d = 0; d < hidden; d += LANES) {
     if (fetch) {
-      __builtin_prefetch(next + 2 * d * sizeof(float));
-      __builtin_prefetch(output + d * sizeof(float));
+      for (int p = 0; p < units; ++p) {
+        __builtin_prefetch(next + (2 * p * hidden + 2 * d) * sizeof(float));
+        __builtin_prefetch(output + (p * hidden + d) * sizeof(float));
+      }
     }
-    vector g = load(rows + d), l = load(rows + hidden + d);
-    KEEP(g);
-    KEEP(l);
+    vector g[FC1_UNITS], l[FC1_UNITS];
+    for (int p = 0; p < units; ++p) {
+      g[p] = load(rows + 2 * p * hidden + d), l[p] = load(rows + (2 * p + 1) * hidden + d);
+      KEEP(g[p]);
+      KEEP(l[p]);
+    }
     for (int t = 0; t < tokens; ++t) {
       vector x = load(xs[t] + d);
-      gate[t] = multiply_add(g, x, gate[t]);
-      linear[t] = multiply_add(l, x, linear[t]);
+      for (int p = 0; p < units; ++p) {
+        gate[p][t] = multiply_add(g[p], x, gate[p][t]);
+        linear[p][t] = multiply_add(l[p], x, linear[p][t]);
+      }
     }
   }
-  for (int t = 0; t < tokens; ++t) {
-    gates[t * UNITS] = total(gate[t]);
-    linears[t * UNITS] = total(linear[t]);
-    scales[t * UNITS] = weights[t];
-  }
+  for (int t = 0; t < tokens; ++t)
+    for (int p = 0; p < units; ++p) {
+      gates[t * UNITS + p] = total(gate[p][t]);
+      linears[t * UNITS + p] = total(linear[p][t]);
+      scales[t * UNITS + p] = weights[t];
+    }
 }
 
 /* partials[t] += sum over UNITS units u of coefficients[t][u] * fc2[u], for TOKENS tokens (a constant where it is called). */
@@ -304,15 +325,21 @@ static void group_pass(const Call *call, const float *fc1, const float *fc2, con
                        float *const *partials, int fetch) {
   int64_t hidden = call->hidden;
   ALIGNED float gates[GROUP_TOKENS][UNITS], linears[GROUP_TOKENS][UNITS], scales[GROUP_TOKENS][UNITS], coefficients[GROUP_TOKENS][UNITS];
-  for (int64_t u = 0; u < UNITS; ++u) {
+  for (int64_t u = 0; u < UNITS; u += FC1_UNITS) {
     const float *rows = fc1 + 2 * u * hidden;
     for (int64_t t = 0; t < count; t += FC1_TOKENS) {
       float *g = &gates[t][u], *l = &linears[t][u], *w = &scales[t][u];
+      const float *const *x = xs + t;
+      const float *fc2_row = fc2 + u * hidden, *weight = weights + t;
       switch (count - t < FC1_TOKENS ? count - t : FC1_TOKENS) {
-        case 1: unit_activations(call, rows, fc2 + u * hidden, fetch, xs + t, weights + t, 1, g, l, w); break;
-        case 2: unit_activations(call, rows, fc2 + u * hidden, fetch, xs + t, weights + t, 2, g, l, w); break;
-        case 3: unit_activations(call, rows, fc2 + u * hidden, fetch, xs + t, weights + t, 3, g, l, w); break;
-        default: unit_activations(call, rows, fc2 + u * hidden, fetch, xs + t, weights + t, 4, g, l, w); break;
+        case 1: unit_activations(call, rows, fc2_row, fetch, x, weight, FC1_UNITS, 1, g, l, w); break;
+        case 2: unit_activations(call, rows, fc2_row, fetch, x, weight, FC1_UNITS, 2, g, l, w); break;
+        case 3: unit_activations(call, rows, fc2_row, fetch, x, weight, FC1_UNITS, 3, g, l, w); break;
+#if FC1_TOKENS > 4
+        case 4: unit_activations(call, rows, fc2_row, fetch, x, weight, FC1_UNITS, 4, g, l, w); break;
+        case 5: unit_activations(call, rows, fc2_row, fetch, x, weight, FC1_UNITS, 5, g, l, w); break;
+#endif
+        default: unit_activations(call, rows, fc2_row, fetch, x, weight, FC1_UNITS, FC1_TOKENS, g, l, w); break;
       }
     }
   }
