@@ -396,7 +396,7 @@ def speculation_line(cost: dict[str, Any]) -> str:
     spread = f" (by round, on the same text: median {rounds['median']:.2f}x, {rounds['low']:.2f}-{rounds['high']:.2f}x)" if rounds else ""
     return (
         f"{cost['mode']}, prompt {cost['prompt_tokens']}: {cost['speed_up']:.2f}x main-only{spread}; a verify call took {cost['verify_cost']:.2f} main-only "
-        f"calls, and proposing {cost['draft_cost']:.2f} per proposal (catching up included); at {cost['tokens_per_verify']:.2f} tokens per verify, "
+        f"steps, and proposing {cost['draft_cost']:.2f} per proposal (catching up included); at {cost['tokens_per_verify']:.2f} tokens per verify, "
         f"proposals that cost nothing would reach {cost['free_draft_bound']:.2f}x"
     )
 

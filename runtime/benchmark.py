@@ -146,18 +146,18 @@ def _summary(case: Case, records: list[GenerationStats], new_tokens: int, runs: 
 
 @dataclass(frozen=True)
 class SpeculationCost:
-    """A speculative case's step costs against main-only decoding of the same prompt, in main-only calls (one
-    per main-only step), and the most any draft could gain at its measured tokens per verify. Counting the
-    model calls only, speed-up = tokens per verify / (verify cost + proposals * draft cost), so a draft that
-    cost nothing reaches tokens per verify / verify cost. On an MoE a verify of k + 1 positions reads the
-    experts of every position's routes, so this bound, not the draft, can be what keeps speculation short of
-    a goal."""
+    """A speculative case's step costs against main-only decoding of the same prompt, in main-only steps (one
+    per token, several to a call: speculative.MAIN_ONLY_STEPS), and the most any draft could gain at its
+    measured tokens per verify. Counting the model calls only, speed-up = tokens per verify / (verify cost +
+    proposals * draft cost), so a draft that cost nothing reaches tokens per verify / verify cost. On an MoE a
+    verify of k + 1 positions reads the experts of every position's routes, so this bound, not the draft, can
+    be what keeps speculation short of a goal."""
 
     mode: str
     prompt_tokens: int
     speed_up: float  # decode tokens/s over main-only's (medians)
-    verify_cost: float  # a verify call's time, in main-only calls (one per main-only step)
-    draft_cost: float  # the time per proposal (a draft's reading of the tokens it lacked included), in main-only calls
+    verify_cost: float  # a verify call's time, in main-only steps
+    draft_cost: float  # the time per proposal (a draft's reading of the tokens it lacked included), in main-only steps
     tokens_per_verify: float
     free_draft_bound: float
     # The speed-up of each round over main-only in the same round, on the same text: its median and range show
@@ -173,14 +173,15 @@ def speculation_costs(cases: list[CaseResult]) -> list[SpeculationCost]:
         main = main_only.get(case.prompt_tokens)
         if main is None or case.batch_size != 1 or not case.mean_draft_length or not main.verify_milliseconds:  # main-only proposes nothing
             continue
-        verify_cost = case.verify_milliseconds / main.verify_milliseconds
+        step = main.verify_milliseconds / main.mean_accepted_length  # one main-only token's share of its call
+        verify_cost = case.verify_milliseconds / step
         paired = len(case.decode_by_run) == len(main.decode_by_run) > 0
         by_round = Spread.of([ours / alone for ours, alone in zip(case.decode_by_run, main.decode_by_run)]) if paired else None
         costs.append(
             SpeculationCost(
                 mode=case.mode, prompt_tokens=case.prompt_tokens,
                 speed_up=case.decode_tokens_per_second.median / main.decode_tokens_per_second.median,
-                verify_cost=verify_cost, draft_cost=case.draft_milliseconds / main.verify_milliseconds,
+                verify_cost=verify_cost, draft_cost=case.draft_milliseconds / step,
                 tokens_per_verify=case.mean_accepted_length, free_draft_bound=case.mean_accepted_length / verify_cost,
                 speed_up_by_round=by_round,
             )

@@ -64,6 +64,9 @@ def test_speculation_costs_are_in_main_only_steps_with_the_free_draft_bound():
     assert draft.speed_up == pytest.approx(1.25) and draft.verify_cost == pytest.approx(2.5) and draft.draft_cost == pytest.approx(0.25)
     assert draft.tokens_per_verify == 4.0 and draft.free_draft_bound == pytest.approx(1.6)  # 4 tokens for 2.5 steps
     assert lookup.draft_cost == 0 and lookup.free_draft_bound == pytest.approx(1.6)
+    # Main-only greedy calls take several steps each (MAIN_ONLY_STEPS): a step is a call's share per token.
+    chained = speculation_costs([_case("main only", 1000, verify_ms=6.4, tokens_per_verify=8.0), cases[1]])[0]
+    assert chained.verify_cost == pytest.approx(2.5) and chained.draft_cost == pytest.approx(0.25)
 
 
 def test_each_timed_run_decodes_its_own_batch_in_turn():
@@ -101,7 +104,7 @@ def test_speed_up_by_round_pairs_each_round_with_main_only_on_the_same_text():
 def test_speculation_line_says_what_the_costs_mean():
     cost = speculation_costs([_case("main only", 1000, verify_ms=0.8), _case("speculative k=4", 1250, verify_ms=2.0, draft_ms=0.2, tokens_per_verify=4.0, mean_k=4)])[0]
     assert speculation_line(as_json(cost)) == (
-        "speculative k=4, prompt 128: 1.25x main-only; a verify call took 2.50 main-only calls, and proposing 0.25 per proposal (catching up "
+        "speculative k=4, prompt 128: 1.25x main-only; a verify call took 2.50 main-only steps, and proposing 0.25 per proposal (catching up "
         "included); at 4.00 tokens per verify, proposals that cost nothing would reach 1.60x"
     )
 

@@ -11,7 +11,9 @@ from compiler.pipeline import build
 from compiler.recipe import load_recipe
 from runtime.sampling import SamplingParams
 from runtime.decoder import BatchKvCache, TokenLedger
-from runtime.speculative import AdaptiveDraftLength, BatchLookupDraft, BatchModelDraft, FixedDraftLength, GenerationStats, LookupDraft, ModelDraft, decode, decode_batch
+from runtime.speculative import (
+    MAIN_ONLY_STEPS, AdaptiveDraftLength, BatchLookupDraft, BatchModelDraft, FixedDraftLength, GenerationStats, LookupDraft, ModelDraft, decode, decode_batch,
+)  # fmt: skip
 
 PROMPTS = corpus.heldout_prompts(20, prompt_chars=120)
 NEW_TOKENS = 32
@@ -153,6 +155,38 @@ def test_caches_stay_a_prefix_of_the_sequence_after_every_step(tiny_artifact):
             _assert_prefix(main.ids, tokens)
             _assert_prefix(draft.ids, tokens)
         assert tokens[len(ids) :] == (reference[: reference.index(reference[9]) + 1] if stop_tokens else reference)
+
+
+def _one_step_a_call(generator, prompt_ids, count):
+    """The main model's greedy tokens from decode steps of one token each: the reference for main-only decoding."""
+    cache = generator.main.new_cache()
+    cache.feed(prompt_ids[:-1], last=1)
+    tokens = [prompt_ids[-1]]
+    for _ in range(count):
+        tokens.append(int(cache.feed(tokens[-1:])[-1].argmax()))
+    return tokens[1:]
+
+
+@pytest.mark.parametrize("kernels", ["auto", "onnxruntime"])
+def test_main_only_greedy_takes_several_steps_a_call_and_the_tokens_of_one_step_a_call(shipped_pair, kernels):
+    """Main-only greedy decoding runs MAIN_ONLY_STEPS steps per main call after its first (in one call where the
+    model chains them, moecc.FusedDecoder; a call per step elsewhere): the same tokens as decode steps one call
+    each, its first token alone, a stop token inside a call ending the output there and rolling the cache back."""
+    generator = runtime.load(shipped_pair[1], kernels=kernels)
+    for prompt in PROMPTS[:4]:
+        ids = generator.encode(prompt)
+        reference = _one_step_a_call(generator, ids, NEW_TOKENS)
+        stats = GenerationStats()
+        steps = list(generator.stream_ids(ids, max_new_tokens=NEW_TOKENS, speculative=False, stop_tokens=set(), stats=stats))
+        assert [token for step in steps for token in step] == reference
+        assert [len(step) for step in steps] == [1] + [MAIN_ONLY_STEPS] * ((NEW_TOKENS - 1) // MAIN_ONLY_STEPS) + [(NEW_TOKENS - 1) % MAIN_ONLY_STEPS]
+        assert stats.verify_calls == len(steps) and stats.proposed == stats.accepted == 0
+    stop = reference[MAIN_ONLY_STEPS + 3]  # inside the second call
+    main, tokens = generator.main.new_cache(), list(ids)
+    for step in decode(main, None, ids, NEW_TOKENS, FixedDraftLength(1), SamplingParams(), {stop}, GenerationStats()):
+        tokens += step
+        _assert_prefix(main.ids, tokens)
+    assert tokens[len(ids) :] == reference[: reference.index(stop) + 1]
 
 
 def test_batched_caches_stay_a_prefix_of_every_row(tiny_artifact):
