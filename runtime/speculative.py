@@ -1,7 +1,8 @@
 """Speculative decoding in three verbs: the draft proposes, the main model scores, the acceptance rule commits.
 
 The draft is a draft model (ModelDraft) or the sequence itself (LookupDraft: prompt lookup, no model run).
-Main-only decoding is the same loop with no proposals: the main model scores one position per call.
+Main-only decoding is the same loop with no proposals: the main model scores one position per call, or, greedy,
+takes MAIN_ONLY_STEPS of its own steps per call, as if it had proposed them and kept them all.
 """
 
 from __future__ import annotations
