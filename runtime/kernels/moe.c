@@ -257,6 +257,7 @@ enum { MANY_ROUTES = 3, MANY_QUANTIZED_ROUTES = 8, PROMPT_ROUTES = 8, GROUP_TOKE
 #define FC1_UNITS 1
 #define FC1_TOKENS 4
 #endif
+_Static_assert(UNITS % FC1_UNITS == 0, "a pass's units go FC1_UNITS at a time");
 enum { FC2_VECTORS = FC2_FLOATS / LANES };
 
 /* activate()'s inputs [t * UNITS + p] for `units` units' fc1 rows from `rows` (each unit's gate and linear rows
