@@ -299,11 +299,13 @@ def cmd_generate(args, out: Console, err: Console) -> dict[str, Any]:
         setting = args.draft_length or generator.manifest.generation.draft_length
         proposals = {"prompt-lookup": "prompt lookup", "lookup-then-draft": "lookup, then draft model"}.get(args.proposer, "draft model")
         mode = f"speculative ({proposals}), draft length {setting} (mean {stats['mean_draft_length']:.1f})" if not args.no_speculative else "main model only"
-        err.print(
-            f"[dim]{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_second']:.1f} tokens/s ({mode}); "
-            f"acceptance {stats['acceptance_rate']:.2f}, mean accepted length {stats['mean_accepted_length']:.2f}, "
-            f"draft {stats['draft_seconds']:.2f}s, verify {stats['verify_seconds']:.2f}s[/dim]"
+        calls = (
+            f"{stats['verify_calls']} main-model calls ({stats['mean_accepted_length']:.2f} tokens each), {stats['verify_seconds']:.2f}s"
+            if args.no_speculative
+            else f"acceptance {stats['acceptance_rate']:.2f}, mean accepted length {stats['mean_accepted_length']:.2f}, "
+            f"draft {stats['draft_seconds']:.2f}s, verify {stats['verify_seconds']:.2f}s"
         )
+        err.print(f"[dim]{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_second']:.1f} tokens/s ({mode}); {calls}[/dim]")
     result = {"text": "".join(pieces), "token_ids": stream.token_ids, "stats": stats}
     if generator.placement == "expert-parallel":
         result["partitions_per_token"] = round(generator.main.partitions_per_token(), 4)

@@ -54,7 +54,7 @@ class CaseResult:
     acceptance_rate: float
     mean_accepted_length: float
     mean_draft_length: float
-    verify_milliseconds: float  # per main-model call (a main-only step, or a verify of a step's proposals)
+    verify_milliseconds: float  # per main-model call (main-only: up to MAIN_ONLY_STEPS steps; else a verify of a step's proposals)
     draft_milliseconds: float  # the draft's time per proposed token, catching up included (0 without proposals)
     draft_lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed (a lookup's found, a draft's chosen) -> steps
     decode_by_run: list[float] = field(default_factory=list)  # decode tokens/s of each timed run, in round order

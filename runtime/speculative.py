@@ -77,7 +77,8 @@ class GenerationStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens committed per main-model call (accepted draft tokens plus the main model's own)."""
+        """Tokens committed per main-model call (accepted draft tokens plus the main model's own; main-only greedy
+        decoding, its steps per call: MAIN_ONLY_STEPS)."""
         return self.new_tokens / self.verify_calls if self.verify_calls else 0.0
 
     def as_dict(self) -> dict:
@@ -688,7 +689,7 @@ def decode(
         else:
             kept, next_token = judge(proposal, score(main, unread_tokens(main.ids, tokens), proposal), params, rng)
         verified = time.perf_counter()
-        if not (chained or proposal.instead_of_draft):  # a call of several steps tells the policy nothing
+        if not (chained or proposal.instead_of_draft):  # main-only decoding's calls are not the policy's to judge
             draft_length.update(length, kept, tock - tick, verified - tock, backlog, stats.verify_calls, alone)
         alone = alone + 1 if length == 0 else 0
         stats.draft_seconds += tock - tick

@@ -72,7 +72,8 @@ def table(paths: list[Path], cases: list[Case], rounds: int, prompt_tokens: int)
     for case in cases:
         seconds = statistics.median(case.seconds_per_token)
         proposal = f"{1000 * statistics.median(case.seconds_per_proposal):.3f}" if case.seconds_per_proposal else "-"
-        result.add_row(paths[case.artifact].name, case.mode, f"{1000 * seconds:.3f}", f"{main_only / seconds:.2f}x", f"{statistics.mean(case.tokens_per_verify):.2f}", proposal, "yes" if case.lossless else "NO")
+        per_verify = f"{statistics.mean(case.tokens_per_verify):.2f}" if case.mode != MAIN_ONLY else "-"  # main-only calls verify nothing
+        result.add_row(paths[case.artifact].name, case.mode, f"{1000 * seconds:.3f}", f"{main_only / seconds:.2f}x", per_verify, proposal, "yes" if case.lossless else "NO")
     return result
 
 

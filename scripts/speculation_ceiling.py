@@ -8,7 +8,8 @@ Times one main-model call over 1, 2, ..., max+1 new tokens (a verify of k propos
 draft call, on held-out text after a 128-token context, median of many calls. With acceptance a, k
 proposals commit E(k) = (1 - a^(k+1)) / (1 - a) tokens per step, so speculation runs at
 E(k) * main(1) / (k * draft(1) + main(k+1)) times main-only speed; with a draft that cost nothing the
-bound is E(k) * main(1) / main(k+1).
+bound is E(k) * main(1) / main(k+1). main(1) is a call per token: main-only greedy decoding chains
+MAIN_ONLY_STEPS in one call (about 0.92x the time on small-coder), so these read that much above moecc bench's.
 
 --replay N records, on N held-out prompts, where the draft's greedy proposal agrees with the main model's
 greedy continuation; in greedy decoding that alone decides how far any chain of proposals is accepted. It

@@ -232,9 +232,9 @@ static inline __attribute__((always_inline)) void pass(const Call *call, const f
 /* An expert's routes when it has MANY_ROUTES or more (a verify's several tokens on one expert, a prompt's): the
    same sums as pass() gives each route, in other loops. pass() keeps 16 sums (4 fc1 rows for 4 tokens), more
    than AVX2's 16 registers hold beside its rows and tokens, and rereads its UNITS units' rows from the second
-   cache for every 4 tokens. Here each unit's two fc1 rows stay in the first cache while up to GROUP_TOKENS
-   tokens go past them FC1_TOKENS at a time (every row and token loaded once per step), the next unit's rows
-   and this unit's fc2 row fetched meanwhile, and fc2 adds 16 outputs of FC2_TOKENS tokens at a time (12
+   cache for every 4 tokens. Here a step's units' fc1 rows (FC1_UNITS units) stay in the first cache while up to
+   GROUP_TOKENS tokens go past them FC1_TOKENS at a time (every row and token loaded once per step), the next
+   units' rows and these units' fc2 rows fetched meanwhile, and fc2 adds 16 outputs of FC2_TOKENS tokens at a time (12
    sums), where pass() broadcast a coefficient for every multiply-add. On one core of an AVX2 EPYC, an expert's
    8 to 32 routes took 0.82-0.90x pass()'s time (H = 384, I = 192) and 0.78-0.85x (H = 1024, I = 512), and with
    the coefficients made 8 at a time (activate) bench-moe's prefill of 64 and 400 tokens 0.84x (2 threads),
@@ -257,7 +257,7 @@ enum { MANY_ROUTES = 3, MANY_QUANTIZED_ROUTES = 8, PROMPT_ROUTES = 8, GROUP_TOKE
 #define FC1_UNITS 1
 #define FC1_TOKENS 4
 #endif
-_Static_assert(UNITS % FC1_UNITS == 0, "a pass's units go FC1_UNITS at a time");
+_Static_assert(UNITS % FC1_UNITS == 0 && FC1_TOKENS <= 6, "a pass's units go FC1_UNITS at a time; group_pass's cases cover up to 6 tokens");
 enum { FC2_VECTORS = FC2_FLOATS / LANES };
 
 /* activate()'s inputs [t * UNITS + p] for `units` units' fc1 rows from `rows` (each unit's gate and linear rows
@@ -318,7 +318,7 @@ static inline __attribute__((always_inline)) void unit_outputs(int64_t hidden, c
   }
 }
 
-/* One pass over UNITS units for up to GROUP_TOKENS routes (`count`), as pass(); `fetch`: the next unit's rows
+/* One pass over UNITS units for up to GROUP_TOKENS routes (`count`), as pass(); `fetch`: the next units' rows
    fetched ahead, for an expert with fewer than PROMPT_ROUTES routes (a verify's), which waits on its weights
    while the hardware's prefetcher fetches them late. A prompt's many have time for them, and the hints cost it:
    bench-moe's prefill of 400 tokens 1.04x the time with them. */

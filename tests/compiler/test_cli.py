@@ -50,6 +50,9 @@ def test_human_output_ends_with_a_summary(tiny_pair, tmp_path):
     code, out, err = _moecc("generate", str(tmp_path / "tiny"), "--prompt", "import os", "--max-new-tokens", "8")
     assert code == 0, err
     assert out.startswith("import os") and "tokens/s" in err and "acceptance" in err
+    code, out, err = _moecc("generate", str(tmp_path / "tiny"), "--prompt", "import os", "--max-new-tokens", "8", "--no-speculative")
+    assert code == 0, err
+    assert "main model only" in err and "main-model calls" in err and "acceptance" not in err
 
 
 def test_missing_artifact_is_a_clear_error(tmp_path):

@@ -95,8 +95,8 @@ def _run(session, feeds: dict, caches: dict, bound: bool) -> tuple[np.ndarray, n
 @pytest.mark.parametrize(
     "heads, kv_heads, dim, packed, scale",
     [(8, 2, 64, False, 0.0), (8, 2, 64, True, 0.0), (6, 2, 32, False, 0.0), (8, 8, 16, True, 0.0), (16, 2, 128, False, 0.0),
-     (4, 2, 48, False, 0.3), (16, 1, 32, True, 0.0), (8, 2, 64, False, 3.0)],
-    ids=["group4", "group4-packed", "group3", "group1-packed", "group8-dim128", "group2-dim48-scaled", "group16-packed", "group4-peaked"],
+     (4, 2, 48, False, 0.3), (16, 1, 32, True, 0.0), (8, 2, 64, False, 3.0), (4, 2, 80, False, 0.0)],
+    ids=["group4", "group4-packed", "group3", "group1-packed", "group8-dim128", "group2-dim48-scaled", "group16-packed", "group4-peaked", "group2-dim80"],
 )  # fmt: skip
 @pytest.mark.parametrize("width", [1, 5, 40], ids=["decode", "verify", "prefill"])
 @pytest.mark.parametrize("bound", [True, False], ids=["in-place", "copied"])
@@ -164,14 +164,17 @@ def test_a_call_after_a_long_cache_matches_group_query_attention(heads, kv_heads
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float-cache", "int8-cache"])
-@pytest.mark.parametrize("heads, kv_heads", [(6, 2), (2, 1), (8, 2), (16, 1), (8, 8)], ids=["group3", "group2", "group4", "group16", "group1"])
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim", [(6, 2, 64), (2, 1, 64), (8, 2, 64), (16, 1, 64), (8, 8, 64), (6, 2, 80)],
+    ids=["group3", "group2", "group4", "group16", "group1", "group3-dim80"],  # 80: a head wider than whole passes of the weighted sums
+)  # fmt: skip
 @pytest.mark.parametrize("march", MARCHES)
-def test_a_token_gets_the_same_bits_in_a_step_as_in_its_own_decode_step(heads, kv_heads, int8, march):
+def test_a_token_gets_the_same_bits_in_a_step_as_in_its_own_decode_step(heads, kv_heads, dim, int8, march):
     """A verify's tokens (up to 33, the most a step takes), each bit for bit what its own decode step of the row
     alone gives: greedy speculation is lossless only if the main model's verify scores a position exactly as
     its decode step would. Two rows, the second padded, after 250 and 500 cached rows, so that tokens cross
     the cache's parts (multiples of 256 rows) within the call."""
-    dim, capacity, width = 64, 600, 33
+    capacity, width = 600, 33
     rng = np.random.default_rng(heads + kv_heads)
     model = _attention_model(heads, kv_heads, dim, True, int8, capacity)
     session = _session(model, dim, fused=True, march=march)

@@ -100,7 +100,7 @@ def test_kernel_matches_onnx_runtime_moe(experts, k, hidden, inter, tokens, marc
 @pytest.mark.parametrize("shared", [True, False], ids=["same-two-experts", "spread-over-experts"])
 def test_a_token_gets_the_same_bits_however_many_share_its_experts(shared, bits, block):
     """A verify block's tokens, bit for bit what each gets alone: every token on the same two experts (groups of
-    up to four routes per pass, and from 3 routes, 8 for quantized experts, an expert's units one by one), or spread over
+    up to four routes per pass, and from 3 routes, 8 for quantized experts, an expert's units a step at a time), or spread over
     all eight (so that a call's experts number from two to eight, and each expert's units are cut into the same
     pieces however many there are): greedy speculation is lossless only if the main model's verify scores a
     position exactly as its own decode step would."""
@@ -112,7 +112,7 @@ def test_a_token_gets_the_same_bits_however_many_share_its_experts(shared, bits,
         router[:, 3] += 5.0
         router[:, 5] += 4.0
     alone = np.concatenate([session.run(None, {"input": x[[token]], "router": router[[token]]})[0] for token in range(13)])
-    for tokens in (2, 4, 5, 9, 13):
+    for tokens in (2, 4, 5, 8, 9, 10, 13):  # groups of up to 4 or 6 tokens per step, and every remainder
         assert np.array_equal(session.run(None, {"input": x[:tokens], "router": router[:tokens]})[0], alone[:tokens]), f"{tokens} tokens"
 
 

@@ -171,8 +171,10 @@ def _one_step_a_call(generator, prompt_ids, count):
 def test_main_only_greedy_takes_several_steps_a_call_and_the_tokens_of_one_step_a_call(shipped_pair, kernels):
     """Main-only greedy decoding runs MAIN_ONLY_STEPS steps per main call after its first (in one call where the
     model chains them, moecc.FusedDecoder; a call per step elsewhere): the same tokens as decode steps one call
-    each, its first token alone, a stop token inside a call ending the output there and rolling the cache back."""
+    each, its first token alone, a stop token inside a call ending the output there and rolling the cache back,
+    and no more than the cache holds."""
     generator = runtime.load(shipped_pair[1], kernels=kernels)
+    assert generator.main.chains_greedily == (kernels == "auto")
     for prompt in PROMPTS[:4]:
         ids = generator.encode(prompt)
         reference = _one_step_a_call(generator, ids, NEW_TOKENS)
@@ -181,12 +183,18 @@ def test_main_only_greedy_takes_several_steps_a_call_and_the_tokens_of_one_step_
         assert [token for step in steps for token in step] == reference
         assert [len(step) for step in steps] == [1] + [MAIN_ONLY_STEPS] * ((NEW_TOKENS - 1) // MAIN_ONLY_STEPS) + [(NEW_TOKENS - 1) % MAIN_ONLY_STEPS]
         assert stats.verify_calls == len(steps) and stats.proposed == stats.accepted == 0
-    stop = reference[MAIN_ONLY_STEPS + 3]  # inside the second call
+    # A token first seen strictly inside a call (after the one-token first call, not a call's last): the cache read
+    # the call's tokens past it, which must go.
+    inside = next(i for i, token in enumerate(reference) if i > 1 and (i - 1) % MAIN_ONLY_STEPS != MAIN_ONLY_STEPS - 1 and token not in reference[:i])
     main, tokens = generator.main.new_cache(), list(ids)
-    for step in decode(main, None, ids, NEW_TOKENS, FixedDraftLength(1), SamplingParams(), {stop}, GenerationStats()):
+    for step in decode(main, None, ids, NEW_TOKENS, FixedDraftLength(1), SamplingParams(), {reference[inside]}, GenerationStats()):
         tokens += step
         _assert_prefix(main.ids, tokens)
-    assert tokens[len(ids) :] == reference[: reference.index(stop) + 1]
+    assert tokens[len(ids) :] == reference[: inside + 1]
+    capacity = generator.manifest.models["main"].max_sequence_length
+    near_the_end = (ids * capacity)[: capacity - 5]  # room for 5 more in the cache, and one token past it
+    tokens, _ = _greedy(generator, near_the_end, speculative=False, stop_tokens=set())
+    assert tokens == _one_step_a_call(generator, near_the_end, 6)
 
 
 def test_batched_caches_stay_a_prefix_of_every_row(tiny_artifact):
