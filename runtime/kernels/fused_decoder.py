@@ -293,7 +293,7 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     if experts:
         attributes |= {"experts": experts.router.columns, "expert_parts": experts.parts, "shared_expert": int(experts.shared_gate is not None)}
         attributes["expert_size"] = experts.size  # shared by every layer, like the rest
-        attributes |= {name: attribute_value(experts.node, name) for name in moe._PASSED if attribute_value(experts.node, name) is not None}
+        attributes |= {name: attribute_value(experts.node, name) for name in moe.PASSED_ATTRIBUTES if attribute_value(experts.node, name) is not None}
     before = walk.producer.get(qkv.input[0])
     if before is None or before.op_type not in (_SKIP_NORM, "SimplifiedLayerNormalization") or before.output[0] != qkv.input[0]:
         raise _NoMatch(f"{qkv.name}: its input is not a norm")
@@ -424,8 +424,8 @@ def _mixer(model: onnx.ModelProto, nodes: list[onnx.NodeProto], layer: _Layer) -
     the router's E columns, the shared expert's gate and zeros up to a panel (a Concat that ONNX Runtime folds
     into a constant when the session loads): the router and the gate would each be a product of a few columns."""
     experts = layer.experts
-    parts = [weights.name for weights in (layer.gate_up, experts.router, experts.shared_gate) if weights]
-    columns = sum(weights.columns for weights in (layer.gate_up, experts.router, experts.shared_gate) if weights)
+    joined = [weights for weights in (layer.gate_up, experts.router, experts.shared_gate) if weights]
+    parts, columns = [weights.name for weights in joined], sum(weights.columns for weights in joined)
     padding = -columns % PANEL
     if padding:
         model.graph.initializer.append(numpy_helper.from_array(np.zeros((experts.router.inner, padding), np.float32), f"{experts.router.name}.padding"))

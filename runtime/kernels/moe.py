@@ -24,7 +24,8 @@ _MOE_INPUTS = (
 _ATTRIBUTES = {"k": None, "normalize_routing_weights": {0, 1}, "activation_alpha": None, "activation_beta": None, "swiglu_limit": None,
                "activation_type": {b"swiglu"}, "swiglu_fusion": {1}, "use_sparse_mixer": {0}}  # fmt: skip
 _REQUIRED = ("k", "activation_type", "swiglu_fusion")  # ONNX Runtime's defaults (no activation named, fusion 0) are not ours
-_PASSED = ("k", "normalize_routing_weights", "activation_alpha", "activation_beta", "swiglu_limit")
+# The MoE attributes moecc.MoE (and moecc.FusedDecoder for its experts) take over from the node.
+PASSED_ATTRIBUTES = ("k", "normalize_routing_weights", "activation_alpha", "activation_beta", "swiglu_limit")
 # QMoE's inputs, by position (of those after fc2's scales moecc.QMoE takes the router weights; not biases, fc3 or zero points).
 _QMOE_INPUTS = (
     "input", "router_probs", "fc1_experts_weights", "fc1_scales", "fc1_experts_bias", "fc2_experts_weights", "fc2_scales", "fc2_experts_bias",
@@ -157,7 +158,7 @@ def swap(model: onnx.ModelProto) -> int:
         if fc2 not in swapped_weights:
             swapped_weights[fc2] = transposed(nodes, fc2)
         ours = onnx.helper.make_node("MoE", [names["input"], names["router_probs"], names["fc1_experts_weights"], swapped_weights[fc2]], node.output, name=node.name, domain=DOMAIN)
-        ours.attribute.extend(attribute for attribute in node.attribute if attribute.name in _PASSED)
+        ours.attribute.extend(attribute for attribute in node.attribute if attribute.name in PASSED_ATTRIBUTES)
         nodes.append(ours)
         swapped += 1
     model.graph.ClearField("node")
@@ -220,7 +221,7 @@ def swap_quantized(model: onnx.ModelProto) -> int:
         mixing = [names["router_weights"]] if names.get("router_weights") else []
         inputs = [names["input"], names["router_probs"], *(prepared[names[kind]] for kind in _PREPARED), *mixing]
         ours = helper.make_node("QMoE", inputs, node.output, name=node.name, domain=DOMAIN)
-        ours.attribute.extend(attribute for attribute in node.attribute if attribute.name in (*_PASSED, "expert_weight_bits"))
+        ours.attribute.extend(attribute for attribute in node.attribute if attribute.name in (*PASSED_ATTRIBUTES, "expert_weight_bits"))
         nodes.append(ours)
         swapped += 1
     model.graph.ClearField("node")
