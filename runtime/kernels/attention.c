@@ -45,6 +45,9 @@ verify's up to 33) get bit for bit what each token's own decode step of its row 
 enum { QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS_K, COS, SIN, QUERY_SEQLENS, KEY_SCALE, VALUE_SCALE, QUERY_NORM, KEY_NORM, INPUT_COUNT };
 enum { OUTPUT, PRESENT_KEY, PRESENT_VALUE, OUTPUT_COUNT };
 enum { QUERY_BLOCK = 16 }; /* query positions one work item takes, so a prefill spreads over the threads */
+/* A step's calls (attend_block): up to STEP_TOKENS new tokens a row, walks of up to STEP_ROWS query rows, parts of
+   SPLIT_KEYS cached rows where the heads are fewer than TARGET_ITEMS. */
+enum { STEP_TOKENS = 33, TARGET_ITEMS = 8, SPLIT_KEYS = 256, STEP_ROWS = 32 };
 
 typedef struct {
   int64_t num_heads, kv_num_heads;
@@ -163,6 +166,30 @@ static inline f8 multiply_add(f8 a, f8 b, f8 c) {
 
 static inline f8 splat(float x) { return (f8){0} + x; }
 
+/* The weighted sums' vectors (weigh_float, weigh_int8, column_weigh): on AVX-512, 16 floats, elsewhere the 8
+   above. Each sum is a column's, adding its row's terms one after another at any width: the numbers are the
+   same. AVX-512's 32 registers hold a decode step's group of 4 across a 64-wide head (16 sums beside a value
+   row's 4 vectors), and column_weigh's 6 rows (24 sums), where 8-float passes read each value row once per 16
+   columns. On a 2-core AVX-512 Xeon, small-coder's verify of 7 tokens after 150 cached spent 0.86x the time in
+   its attention, and its prefill of 70 tokens took 0.955x as long. */
+#if defined(__AVX512F__)
+typedef float wv __attribute__((vector_size(64)));
+enum { WEIGH_LANES = 16, WEIGH_VECTORS = 4 };
+/* Loads and stores by value: copied through an array element, the vectors went by the stack where GCC tunes for
+   Skylake-SP to Ice Lake (two 32-byte halves, then one 64-byte load). */
+static inline wv load_wv(const float *x) { return (wv)_mm512_loadu_ps(x); }
+static inline void store_wv(float *x, wv v) { _mm512_storeu_ps(x, (__m512)v); }
+static inline wv weigh_multiply_add(wv a, wv b, wv c) { return (wv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+static inline wv load_int8_wv(const int8_t *x) { return (wv)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x))); }
+#else
+typedef f8 wv;
+enum { WEIGH_LANES = LANES, WEIGH_VECTORS = 2 };
+static inline wv load_wv(const float *x) { return load_float(x); }
+static inline void store_wv(float *x, wv v) { memcpy(x, &v, sizeof v); }
+static inline wv weigh_multiply_add(wv a, wv b, wv c) { return multiply_add(a, b, c); }
+static inline wv load_int8_wv(const int8_t *x) { return load_int8(x); }
+#endif
+
 /* out[g * stride] = the total of sums[g]: four at a time with horizontal adds, which is most of what a dot
    product of a 64-wide head costs beyond its multiplications */
 static inline __attribute__((always_inline)) void store_totals(const f8 *sums, int64_t group, float *out, int64_t stride) {
@@ -182,9 +209,9 @@ static inline __attribute__((always_inline)) void store_totals(const f8 *sums, i
    stay in registers, beside the query's vector and a key's, and come out as one vector of 8 scores. Two rows
    at a time for the whole group, as below, kept 2 * 12 sums for a verify's 4 tokens of 3 heads, which
    spilled: on one core of an AVX2 EPYC, with small-coder's heads, 5 and 9 new tokens after 512 or 1,536
-   cached take 0.85-0.96 of their time that way, a decode step 0.95 (medians of 8 runs). An int8 cache keeps
-   the loop below, which widens each cached row once for the whole group rather than once per query; so does
-   AVX-512, whose 32 registers hold those sums, as measured when it was written. */
+   cached take 0.85-0.96 of their time that way, a decode step 0.95 (medians of 8 runs). AVX-512 keeps the
+   loop below, whose 32 registers hold those sums, as measured when it was written. (An int8 cache's scores
+   are scores_int8's.) */
 #if defined(__AVX__) && !defined(__AVX512F__)
 #define EIGHT_KEYS 1
 /* The totals of a[0] .. a[7], in order, in one vector. */
@@ -205,66 +232,209 @@ static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
    (a verify's tokens together) two rows against four keys, and in column_weigh's passes. */
 enum { FEW_ROWS = 4 };
 
-/* scores[g * stride + t] = queries[g] . keys[t] for t < length; two rows at a time, so that twice as many
+/* A float cache's scores: scores[g * stride + t] = queries[g] . keys[t] for t < length; two rows at a time, so that twice as many
    sums are in flight as one row's group has (a row's sums alone wait on each other's latency). Both loops
    prefetch the rows 16 ahead: a long cache comes from memory, one stream per thread (measured 4 % faster per
    token on the benchmark-size model at 2048 tokens). */
-#define SCORES(TYPE, LOAD)                                                                                        \
-  static inline __attribute__((always_inline)) void scores_##TYPE(const TYPE *keys, int64_t length, const float *queries, \
-                                                                   int64_t group, int64_t dim, float *scores, int64_t stride) { \
-    int64_t t = 0;                                                                                                \
-    for (; EIGHT_KEYS && sizeof(TYPE) == sizeof(float) && t + 8 <= length; t += 8) {                              \
-      const TYPE *k = keys + t * dim;                                                                             \
-      for (int64_t p = 0; p < 8 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(k + 16 * dim) + p); \
-      int64_t g = 0;                                                                                              \
-      for (; group > FEW_ROWS && g + 2 <= group; g += 2) /* two rows against four keys, each key loaded once for both */ \
-        for (int half = 0; half < 8; half += 4) {                                                                 \
-          f8 one[4] = {0}, two[4] = {0};                                                                          \
-          for (int64_t d = 0; d < dim; d += LANES) {                                                              \
-            f8 query = load_float(queries + g * dim + d), next = load_float(queries + (g + 1) * dim + d);        \
-            KEEP(query);                                                                                          \
-            KEEP(next);                                                                                           \
-            for (int j = 0; j < 4; ++j) {                                                                         \
-              f8 key = LOAD(k + (half + j) * dim + d);                                                            \
-              one[j] = multiply_add(query, key, one[j]);                                                          \
-              two[j] = multiply_add(next, key, two[j]);                                                           \
-            }                                                                                                     \
-          }                                                                                                       \
-          store_totals(one, 4, scores + g * stride + t + half, 1);                                                \
-          store_totals(two, 4, scores + (g + 1) * stride + t + half, 1);                                          \
-        }                                                                                                         \
-      for (; g < group; ++g) {                                                                                    \
-        f8 sums[8] = {0};                                                                                         \
-        for (int64_t d = 0; d < dim; d += LANES) {                                                                \
-          f8 query = load_float(queries + g * dim + d);                                                           \
-          for (int j = 0; j < 8; ++j) sums[j] = multiply_add(query, LOAD(k + j * dim + d), sums[j]);              \
-        }                                                                                                         \
-        f8 eight = totals8(sums);                                                                                 \
-        memcpy(scores + g * stride + t, &eight, sizeof eight);                                                    \
-      }                                                                                                           \
-    }                                                                                                             \
-    for (; t + 2 <= length; t += 2) {                                                                             \
-      const TYPE *k = keys + t * dim;                                                                             \
-      for (int64_t p = 0; p < 2 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(k + 16 * dim) + p); \
-      f8 first[MAX_GROUP] = {0}, second[MAX_GROUP] = {0};                                                         \
-      for (int64_t d = 0; d < dim; d += LANES) {                                                                  \
-        f8 key = LOAD(k + d), next = LOAD(k + dim + d);                                                           \
-        for (int64_t g = 0; g < group; ++g) {                                                                     \
-          f8 query = load_float(queries + g * dim + d);                                                           \
-          first[g] = multiply_add(query, key, first[g]);                                                          \
-          second[g] = multiply_add(query, next, second[g]);                                                       \
-        }                                                                                                         \
-      }                                                                                                           \
-      store_totals(first, group, scores + t, stride);                                                             \
-      store_totals(second, group, scores + t + 1, stride);                                                        \
-    }                                                                                                             \
-    for (; t < length; ++t) {                                                                                     \
-      f8 sums[MAX_GROUP] = {0};                                                                                   \
-      for (int64_t d = 0; d < dim; d += LANES)                                                                    \
-        for (int64_t g = 0; g < group; ++g) sums[g] = multiply_add(load_float(queries + g * dim + d), LOAD(keys + t * dim + d), sums[g]); \
-      store_totals(sums, group, scores + t, stride);                                                              \
-    }                                                                                                             \
+static inline __attribute__((always_inline)) void scores_float(const float *keys, int64_t length, const float *queries, int64_t group, int64_t dim,
+                                                                float *scores, int64_t stride) {
+  int64_t t = 0;
+  for (; EIGHT_KEYS && t + 8 <= length; t += 8) {
+    const float *k = keys + t * dim;
+    for (int64_t p = 0; p < 8 * dim * (int64_t)sizeof(float); p += 64) __builtin_prefetch((const char *)(k + 16 * dim) + p);
+    int64_t g = 0;
+    for (; group > FEW_ROWS && g + 2 <= group; g += 2) /* two rows against four keys, each key loaded once for both */
+      for (int half = 0; half < 8; half += 4) {
+        f8 one[4] = {0}, two[4] = {0};
+        for (int64_t d = 0; d < dim; d += LANES) {
+          f8 query = load_float(queries + g * dim + d), next = load_float(queries + (g + 1) * dim + d);
+          KEEP(query);
+          KEEP(next);
+          for (int j = 0; j < 4; ++j) {
+            f8 key = load_float(k + (half + j) * dim + d);
+            one[j] = multiply_add(query, key, one[j]);
+            two[j] = multiply_add(next, key, two[j]);
+          }
+        }
+        store_totals(one, 4, scores + g * stride + t + half, 1);
+        store_totals(two, 4, scores + (g + 1) * stride + t + half, 1);
+      }
+    for (; g < group; ++g) {
+      f8 sums[8] = {0};
+      for (int64_t d = 0; d < dim; d += LANES) {
+        f8 query = load_float(queries + g * dim + d);
+        for (int j = 0; j < 8; ++j) sums[j] = multiply_add(query, load_float(k + j * dim + d), sums[j]);
+      }
+      f8 eight = totals8(sums);
+      memcpy(scores + g * stride + t, &eight, sizeof eight);
+    }
   }
+  for (; t + 2 <= length; t += 2) {
+    const float *k = keys + t * dim;
+    for (int64_t p = 0; p < 2 * dim * (int64_t)sizeof(float); p += 64) __builtin_prefetch((const char *)(k + 16 * dim) + p);
+    f8 first[MAX_GROUP] = {0}, second[MAX_GROUP] = {0};
+    for (int64_t d = 0; d < dim; d += LANES) {
+      f8 key = load_float(k + d), next = load_float(k + dim + d);
+      for (int64_t g = 0; g < group; ++g) {
+        f8 query = load_float(queries + g * dim + d);
+        first[g] = multiply_add(query, key, first[g]);
+        second[g] = multiply_add(query, next, second[g]);
+      }
+    }
+    store_totals(first, group, scores + t, stride);
+    store_totals(second, group, scores + t + 1, stride);
+  }
+  for (; t < length; ++t) {
+    f8 sums[MAX_GROUP] = {0};
+    for (int64_t d = 0; d < dim; d += LANES)
+      for (int64_t g = 0; g < group; ++g) sums[g] = multiply_add(load_float(queries + g * dim + d), load_float(keys + t * dim + d), sums[g]);
+    store_totals(sums, group, scores + t, stride);
+  }
+}
+
+/* An int8 cache's scores are exact integer sums. Each query row is rounded to int16 levels of its own scale (its
+   largest magnitude at 32767), and a score is the row's scale times the integer dot product of its levels with a
+   cached key's, whose int8 values widen to 16 bits on the fly: AVX-512's VNNI takes 32 such products in one
+   instruction, where float loops widen every key to floats and sum each dot product across the lanes in a fixed
+   order. Integer sums are the same in any order, so a token gets the same scores in any walk (attend_block) and
+   on any machine, and the loops group keys and rows as suits the vectors. The sums fit an int32:
+   512 * 32767 * 128 < 2^31.
+
+   Rounding a query to 16 bits is an error of the kind the cache already makes, rounding a key to 8 bits, and
+   finer than the bfloat16 queries GPU engines use: on the shipped tiny-coder after 1,500 tokens it moved the
+   logits by up to 0.011, where the int8 cache itself moves them by 0.12 from the float cache's. On a 2-core
+   AVX-512 Xeon a decode step's scores after 2,000 cached rows (the benchmark-size model's 4 heads per key/value
+   head) took 0.57x the time of the float loops (caches hot, one thread). */
+enum { LEVEL_PIECE = 32, LEVEL_BLOCK = 4, PREFETCH_ROWS = 16 }; /* levels padded per row to whole pieces; rows scored 4 at a time */
+
+/* levels[r * width + d] and scales[r]: query row r (of rows, dim floats each) rounded as above, zero past dim and
+   in rows up to a multiple of LEVEL_BLOCK. */
+static void round_queries(const float *queries, int64_t rows, int64_t dim, int64_t width, int16_t *levels, float *scales) {
+  int64_t padded = (rows + LEVEL_BLOCK - 1) / LEVEL_BLOCK * LEVEL_BLOCK;
+  memset(levels, 0, padded * width * sizeof(int16_t));
+  memset(scales, 0, padded * sizeof(float));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *query = queries + r * dim;
+    float top = 0.f;
+    for (int64_t d = 0; d < dim; ++d) top = fmaxf(top, fabsf(query[d]));
+    float inverse = top > 0.f ? 32767.f / top : 0.f;
+    scales[r] = top / 32767.f;
+    for (int64_t d = 0; d < dim; ++d) levels[r * width + d] = (int16_t)lrintf(query[d] * inverse);
+  }
+}
+
+#if defined(__AVX512BW__)
+/* acc + the sums of a's and b's int16 lanes' products, in pairs */
+static inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+/* A key's LEVEL_PIECE int8 values from x as int16 lanes (half a piece where the head size leaves 16, the rest zero). */
+static inline __m512i key_piece(const int8_t *x, int half) {
+  return _mm512_cvtepi8_epi16(half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x)) : _mm256_loadu_si256((const __m256i *)x));
+}
+
+/* Lane i: the total of v[i]'s lanes. */
+static inline __m512i totals16(const __m512i *v) {
+  __m512i pairs[8], quads[4], halves[2];
+  for (int i = 0; i < 8; ++i) pairs[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) quads[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(pairs[2 * i], pairs[2 * i + 1]), _mm512_unpackhi_epi64(pairs[2 * i], pairs[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    halves[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(quads[2 * i], quads[2 * i + 1], 0x44), _mm512_shuffle_i32x4(quads[2 * i], quads[2 * i + 1], 0xEE));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(halves[0], halves[1], 0x88), _mm512_shuffle_i32x4(halves[0], halves[1], 0xDD));
+}
+
+/* The integer dot products of LEVEL_BLOCK rows' levels (width apart) with the key at k, one vector per row. */
+static inline __attribute__((always_inline)) void key_dots(const int8_t *k, const int16_t *levels, int64_t width, int64_t dim, __m512i *sums) {
+  for (int g = 0; g < LEVEL_BLOCK; ++g) sums[g] = _mm512_setzero_si512();
+  for (int64_t d = 0; d < dim; d += LEVEL_PIECE) {
+    __m512i key = key_piece(k + d, d + LEVEL_PIECE > dim);
+    for (int g = 0; g < LEVEL_BLOCK; ++g) sums[g] = dot_pairs(sums[g], _mm512_loadu_si512(levels + g * width + d), key);
+  }
+}
+
+/* scores[g * stride + t] for the block's rows g < rows (at most LEVEL_BLOCK), keys t < length: four keys at a
+   time, whose 16 sums total in one vector, prefetching the keys and values PREFETCH_ROWS ahead (the values for
+   the weighted sums that follow). */
+static void block_scores(const int8_t *keys, const int8_t *values, int64_t length, const int16_t *levels, int64_t width, const float *scales,
+                         int64_t rows, int64_t dim, float *scores, int64_t stride) {
+  __m512 scale = _mm512_setzero_ps();
+  for (int g = 0; g < LEVEL_BLOCK; ++g) scale = _mm512_mask_blend_ps((__mmask16)(0xF << (4 * g)), scale, _mm512_set1_ps(scales[g]));
+  int64_t t = 0;
+  for (; t + 4 <= length; t += 4) {
+    const int8_t *k = keys + t * dim;
+    for (int64_t p = 0; p < 4 * dim; p += 64) {
+      __builtin_prefetch(k + PREFETCH_ROWS * dim + p);
+      __builtin_prefetch(values + (t + PREFETCH_ROWS) * dim + p);
+    }
+    __m512i sums[16], row[LEVEL_BLOCK];
+    for (int j = 0; j < 4; ++j) {
+      key_dots(k + j * dim, levels, width, dim, row);
+      for (int g = 0; g < LEVEL_BLOCK; ++g) sums[4 * g + j] = row[g];
+    }
+    __m512 four = _mm512_mul_ps(_mm512_cvtepi32_ps(totals16(sums)), scale); /* row g's scores in lanes 4g .. 4g + 3 */
+    for (int g = 0; g < rows; ++g) _mm_storeu_ps(scores + g * stride + t, _mm512_extractf32x4_ps(four, g));
+  }
+  for (; t < length; ++t) {
+    __m512i row[LEVEL_BLOCK];
+    key_dots(keys + t * dim, levels, width, dim, row);
+    for (int g = 0; g < rows; ++g) scores[g * stride + t] = (float)_mm512_reduce_add_epi32(row[g]) * scales[g];
+  }
+}
+#elif defined(__AVX2__)
+/* AVX2: a key's 16 values at a time against the rows' levels (_mm256_madd_epi16), one key's LEVEL_BLOCK sums
+   totalled together. */
+static void block_scores(const int8_t *keys, const int8_t *values, int64_t length, const int16_t *levels, int64_t width, const float *scales,
+                         int64_t rows, int64_t dim, float *scores, int64_t stride) {
+  for (int64_t t = 0; t < length; ++t) {
+    const int8_t *k = keys + t * dim;
+    for (int64_t p = 0; p < dim; p += 64) {
+      __builtin_prefetch(k + PREFETCH_ROWS * dim + p);
+      __builtin_prefetch(values + (t + PREFETCH_ROWS) * dim + p);
+    }
+    __m256i sums[LEVEL_BLOCK] = {0};
+    for (int64_t d = 0; d < dim; d += 16) {
+      __m256i key = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(k + d)));
+      for (int g = 0; g < LEVEL_BLOCK; ++g)
+        sums[g] = _mm256_add_epi32(sums[g], _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(levels + g * width + d)), key));
+    }
+    __m256i both = _mm256_hadd_epi32(_mm256_hadd_epi32(sums[0], sums[1]), _mm256_hadd_epi32(sums[2], sums[3]));
+    __m128i four = _mm_add_epi32(_mm256_castsi256_si128(both), _mm256_extracti128_si256(both, 1));
+    int32_t totals[4];
+    memcpy(totals, &four, sizeof totals);
+    for (int g = 0; g < rows; ++g) scores[g * stride + t] = (float)totals[g] * scales[g];
+  }
+}
+#else
+static void block_scores(const int8_t *keys, const int8_t *values, int64_t length, const int16_t *levels, int64_t width, const float *scales,
+                         int64_t rows, int64_t dim, float *scores, int64_t stride) {
+  (void)values;
+  for (int64_t g = 0; g < rows; ++g)
+    for (int64_t t = 0; t < length; ++t) {
+      int32_t sum = 0;
+      for (int64_t d = 0; d < dim; ++d) sum += (int32_t)levels[g * width + d] * keys[t * dim + d];
+      scores[g * stride + t] = (float)sum * scales[g];
+    }
+}
+#endif
+
+/* scores[r * stride + t] for rows r < rows of queries (dim floats each) against an int8 cache's keys t < length,
+   LEVEL_BLOCK rows at a time. */
+static void scores_int8(const int8_t *keys, const int8_t *values, int64_t length, const float *queries, int64_t rows, int64_t dim, float *scores,
+                        int64_t stride) {
+  int64_t width = (dim + LEVEL_PIECE - 1) / LEVEL_PIECE * LEVEL_PIECE;
+  int16_t levels[STEP_ROWS * 512]; /* rows <= STEP_ROWS, width <= 512 */
+  float scales[STEP_ROWS];
+  round_queries(queries, rows, dim, width, levels, scales);
+  for (int64_t r = 0; r < rows; r += LEVEL_BLOCK) {
+    int64_t block = rows - r < LEVEL_BLOCK ? rows - r : LEVEL_BLOCK;
+    block_scores(keys, values, length, levels + r * width, width, scales + r, block, dim, scores + r * stride, stride);
+  }
+}
 
 /* out[g] = inverse[g] * the sum over t < length of weights[g * stride + t] * values[t] (times scale, per
    column, where given), each row's terms added one after another whatever the length (a step's walks,
@@ -277,43 +447,41 @@ enum { FEW_ROWS = 4 };
   static inline __attribute__((always_inline)) void weigh_##TYPE(const TYPE *values, int64_t length, const float *weights, \
                                                                   int64_t group, int64_t dim, int64_t stride,     \
                                                                   const float *inverse, const float *scale, float *out) { \
-    f8 sums[MAX_GROUP][512 / LANES];                                                                              \
-    int64_t vectors = dim / LANES, t = 0;                                                                         \
+    wv sums[MAX_GROUP][512 / WEIGH_LANES];                                                                              \
+    int64_t vectors = dim / WEIGH_LANES, t = 0;                                                                         \
     for (int64_t g = 0; g < group; ++g)                                                                           \
-      for (int64_t c = 0; c < vectors; ++c) sums[g][c] = (f8){0};                                                 \
+      for (int64_t c = 0; c < vectors; ++c) sums[g][c] = (wv){0};                                                 \
     for (; t + 4 <= length; t += 4) {                                                                             \
       const TYPE *rows = values + t * dim;                                                                        \
       for (int64_t p = 0; p < 4 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(rows + 16 * dim) + p); \
       for (int64_t c = 0; c < vectors; ++c) {                                                                     \
-        f8 first = LOAD(rows + c * LANES), second = LOAD(rows + dim + c * LANES);                                 \
-        f8 third = LOAD(rows + 2 * dim + c * LANES), fourth = LOAD(rows + 3 * dim + c * LANES);                   \
+        wv first = LOAD(rows + c * WEIGH_LANES), second = LOAD(rows + dim + c * WEIGH_LANES);                                 \
+        wv third = LOAD(rows + 2 * dim + c * WEIGH_LANES), fourth = LOAD(rows + 3 * dim + c * WEIGH_LANES);                   \
         for (int64_t g = 0; g < group; ++g) {                                                                     \
           const float *w = weights + g * stride + t;                                                              \
-          f8 sum = multiply_add(splat(w[0]), first, sums[g][c]);                                                 \
-          sum = multiply_add(splat(w[1]), second, sum);                                                           \
-          sum = multiply_add(splat(w[2]), third, sum);                                                            \
-          sums[g][c] = multiply_add(splat(w[3]), fourth, sum);                                                    \
+          wv sum = weigh_multiply_add((wv){0} + w[0], first, sums[g][c]);                                                 \
+          sum = weigh_multiply_add((wv){0} + w[1], second, sum);                                                           \
+          sum = weigh_multiply_add((wv){0} + w[2], third, sum);                                                            \
+          sums[g][c] = weigh_multiply_add((wv){0} + w[3], fourth, sum);                                                    \
         }                                                                                                         \
       }                                                                                                           \
     }                                                                                                             \
     for (; t < length; ++t)                                                                                       \
       for (int64_t c = 0; c < vectors; ++c) {                                                                     \
-        f8 value = LOAD(values + t * dim + c * LANES);                                                            \
-        for (int64_t g = 0; g < group; ++g) sums[g][c] = multiply_add(splat(weights[g * stride + t]), value, sums[g][c]); \
+        wv value = LOAD(values + t * dim + c * WEIGH_LANES);                                                            \
+        for (int64_t g = 0; g < group; ++g) sums[g][c] = weigh_multiply_add((wv){0} + weights[g * stride + t], value, sums[g][c]); \
       }                                                                                                           \
     for (int64_t g = 0; g < group; ++g)                                                                           \
       for (int64_t c = 0; c < vectors; ++c) {                                                                     \
-        f8 v = sums[g][c] * inverse[g];                                                                           \
-        if (scale) v *= load_float(scale + c * LANES);                                                            \
-        memcpy(out + g * dim + c * LANES, &v, sizeof v);                                                          \
+        wv v = sums[g][c] * inverse[g];                                                                           \
+        if (scale) v *= load_wv(scale + c * WEIGH_LANES);                                                            \
+        store_wv(out + g * dim + c * WEIGH_LANES, v);                                                          \
       }                                                                                                           \
   }
 
 typedef int8_t int8;
-SCORES(float, load_float)
-SCORES(int8, load_int8)
-WEIGH(float, load_float)
-WEIGH(int8, load_int8)
+WEIGH(float, load_wv)
+WEIGH(int8, load_int8_wv)
 
 /* The dot products and weighted sums of a walk's query rows, with their count a constant where it is one of
    UNROLLED_ROWS (walk_span picks spans that make it one): the sums then stay in registers. With a generic
@@ -342,40 +510,52 @@ static int64_t walk_span(int64_t group) {
   return MAX_GROUP / group;
 }
 
-/* e^x for x <= 0, 8 at a time: 2^n * e^r with n = round(x / ln 2), e^r = 1 + r + r^2 P(r) on |r| <= ln 2 / 2
+/* e^x for x <= 0, a vector at a time: 2^n * e^r with n = round(x / ln 2), e^r = 1 + r + r^2 P(r) on |r| <= ln 2 / 2
    (P of degree 5, Cephes' coefficients). Built with fast-math, it measured within 3e-7 relative with FMA
    and 4e-6 without. Below -87 it gives e^-87 (about 1.6e-38), which a softmax's sum, at least 1, does not
    see. Half the time of the compiler's vectorized expf loop on an AVX2 machine, where GCC ran that 4 at a
    time. */
-static inline f8 exp_nonpositive(f8 x) {
-  typedef uint32_t u8 __attribute__((vector_size(32)));
-  const f8 lowest = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
-  i32x8 below = x < lowest;
-  x = (f8)(((i32x8)x & ~below) | ((i32x8)lowest & below));
-  i32x8 n = __builtin_convertvector(x * 1.44269504f - 0.5f, i32x8); /* truncation: rounds x / ln 2 to nearest, x <= 0 */
-  f8 r = x - __builtin_convertvector(n, f8) * 0.693147181f;
-  f8 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  return (f8)((u8)p + ((u8)n << 23)); /* times 2^n, n >= -126: a normal float */
-}
+#define EXP_NONPOSITIVE(NAME, VECTOR, INTS, BITS)                                                                        \
+  static inline VECTOR NAME(VECTOR x) {                                                                                 \
+    const VECTOR lowest = (VECTOR){0} - 87.f;                                                                           \
+    INTS below = x < lowest;                                                                                            \
+    x = (VECTOR)(((INTS)x & ~below) | ((INTS)lowest & below));                                                          \
+    INTS n = __builtin_convertvector(x * 1.44269504f - 0.5f, INTS); /* truncation: rounds x / ln 2 to nearest, x <= 0 */ \
+    VECTOR r = x - __builtin_convertvector(n, VECTOR) * 0.693147181f;                                                   \
+    VECTOR p = 1.9875691500e-4f * r + 1.3981999507e-3f;                                                                 \
+    p = p * r + 8.3334519073e-3f;                                                                                       \
+    p = p * r + 4.1665795894e-2f;                                                                                       \
+    p = p * r + 1.6666665459e-1f;                                                                                       \
+    p = p * r + 5.0000001201e-1f;                                                                                       \
+    p = p * r * r + r + 1.f;                                                                                            \
+    return (VECTOR)((BITS)p + ((BITS)n << 23)); /* times 2^n, n >= -126: a normal float */                              \
+  }
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+EXP_NONPOSITIVE(exp_nonpositive, f8, i32x8, u32x8)
+/* ... in the weighted sums' vectors, for softmax (AVX-512's 16 floats: half the instructions) */
+#if defined(__AVX512F__)
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+EXP_NONPOSITIVE(exp_nonpositive_wv, wv, i32x16, u32x16)
+static inline float total_wv(wv v) { return _mm512_reduce_add_ps((__m512)v); }
+#else
+#define exp_nonpositive_wv exp_nonpositive
+#define total_wv total
+#endif
 
 /* scores[t] = e^(scores[t] - max) for t < length; returns their sum, whose inverse the caller applies to the
    weighted sum of the values instead of to every weight, and sets *largest to the max. */
 static float softmax(float *scores, int64_t length, float *largest) { /* length >= 1: a token attends at least to itself */
   float top = scores[0];
   for (int64_t t = 1; t < length; ++t) top = scores[t] > top ? scores[t] : top;
-  f8 sums = {0};
+  wv sums = {0};
   int64_t t = 0;
-  for (; t + LANES <= length; t += LANES) {
-    f8 e = exp_nonpositive(load_float(scores + t) - top);
-    memcpy(scores + t, &e, sizeof e);
+  for (; t + WEIGH_LANES <= length; t += WEIGH_LANES) {
+    wv e = exp_nonpositive_wv(load_wv(scores + t) - top);
+    store_wv(scores + t, e);
     sums += e;
   }
-  float sum = total(sums);
+  float sum = total_wv(sums);
   for (; t < length; ++t) sum += scores[t] = expf(scores[t] - top);
   *largest = top;
   return sum;
@@ -448,27 +628,6 @@ static inline __attribute__((always_inline)) void column_scores(const float *key
   }
 }
 
-/* column_weigh's vectors: on AVX-512, 16 floats, whose 32 registers hold 6 rows' sums across a 64-wide head (24
-   sums beside a value row's 4 vectors and a weight), so that each value row is read once per 6 rows rather than
-   once per 6 rows and 16 columns; elsewhere the 8 floats above, 2 vectors a pass, 12 sums beside them in AVX2's
-   16 registers. Each sum adds its row's terms one after another either way: the numbers are the same. On a 2-core
-   AVX-512 Xeon, small-coder's verify of 7 tokens after 150 cached spent 0.86x the time in its attention, and its
-   prefill of 70 tokens took 0.955x as long. */
-#if defined(__AVX512F__)
-typedef float wv __attribute__((vector_size(64)));
-enum { WEIGH_LANES = 16, WEIGH_VECTORS = 4 };
-/* Loads and stores by value: copied through an array element, the vectors went by the stack where GCC tunes for
-   Skylake-SP to Ice Lake (two 32-byte halves, then one 64-byte load). */
-static inline wv load_wv(const float *x) { return (wv)_mm512_loadu_ps(x); }
-static inline void store_wv(float *x, wv v) { _mm512_storeu_ps(x, (__m512)v); }
-static inline wv weigh_multiply_add(wv a, wv b, wv c) { return (wv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
-#else
-typedef f8 wv;
-enum { WEIGH_LANES = LANES, WEIGH_VECTORS = 2 };
-static inline wv load_wv(const float *x) { return load_float(x); }
-static inline void store_wv(float *x, wv v) { memcpy(x, &v, sizeof v); }
-static inline wv weigh_multiply_add(wv a, wv b, wv c) { return multiply_add(a, b, c); }
-#endif
 enum { WEIGH_ROWS = 6 };
 
 /* out[r + i, c .. c + WEIGH_LANES * vectors] += the sum over t < count of weights[t * width + (r + i) * apart] *
@@ -643,7 +802,6 @@ static void scaled_queries(const AttentionCall *call, int64_t row, int64_t head,
    `length` cached rows from element `cache` of the head's cache, the rows' scores into `weights` (rows `stride`
    apart), and their weighted sums, times `inverse`, into `merged`. The loops above hold up to MAX_GROUP rows'
    sums, so more go MAX_GROUP at a time: each row's numbers are its own either way. */
-#define SCORE_INT8(g) scores_int8((const int8_t *)call->cache_key + cache, length, queries + done * dim, g, dim, weights + done * stride, stride)
 #define SCORE_FLOAT(g) scores_float((const float *)call->cache_key + cache, length, queries + done * dim, g, dim, weights + done * stride, stride)
 #define WEIGH_INT8(g) \
   weigh_int8((const int8_t *)call->cache_value + cache, length, weights + done * stride, g, dim, stride, inverse + done, call->value_scale + head * dim, merged + done * dim)
@@ -658,23 +816,22 @@ static int64_t unrolled_part(int64_t rows) {
   return count;
 }
 
-/* INT8 (an int8 cache) or FLOAT for rows `done` .. of `rows`, in walks of counts BY_GROUP unrolls (each row's
+/* CALL for rows `done` .. of `rows`, in walks of counts BY_GROUP unrolls (each row's
    numbers are its own in any walk): a verify of 5 tokens of small-coder's 3 heads per key/value head walks 12
    rows and then 3, with the sums in registers, where one walk of a generic 15 kept them in memory and took 2.4
    times a decode step's attention (40.8 µs against 17.0 per layer, 128 tokens cached, a 2-core Xeon). */
-#define IN_GROUPS(INT8, FLOAT)                                                 \
+#define IN_GROUPS(CALL)                                                        \
   for (int64_t done = 0, count; done < rows; done += count) {                  \
     count = unrolled_part(rows - done);                                        \
-    if (call->quantized) {                                                     \
-      BY_GROUP(INT8, count)                                                    \
-    } else {                                                                   \
-      BY_GROUP(FLOAT, count)                                                   \
-    }                                                                          \
+    BY_GROUP(CALL, count)                                                      \
   }
 
 static void score_rows(const AttentionCall *call, int64_t cache, int64_t length, const float *queries, int64_t rows, float *weights, int64_t stride) {
   int64_t dim = call->dim;
-  IN_GROUPS(SCORE_INT8, SCORE_FLOAT)
+  if (call->quantized)
+    scores_int8((const int8_t *)call->cache_key + cache, (const int8_t *)call->cache_value + cache, length, queries, rows, dim, weights, stride);
+  else
+    IN_GROUPS(SCORE_FLOAT)
 }
 
 static void weigh_rows(const AttentionCall *call, int64_t head, int64_t cache, int64_t length, const float *weights, int64_t rows, int64_t stride,
@@ -684,7 +841,10 @@ static void weigh_rows(const AttentionCall *call, int64_t head, int64_t cache, i
     weigh_float_rows((const float *)call->cache_value + cache, length, weights, rows, dim, stride, inverse, merged);
     return;
   }
-  IN_GROUPS(WEIGH_INT8, WEIGH_FLOAT)
+  if (call->quantized)
+    IN_GROUPS(WEIGH_INT8)
+  else
+    IN_GROUPS(WEIGH_FLOAT)
 }
 
 /* Work item of a prompt's second phase (a call of more than STEP_TOKENS new tokens a row): one row, one
@@ -736,7 +896,8 @@ static void attend(void *data, size_t item) {
    a verify's tokens walked the cache together in column walks, small-coder's verify logits differed from its
    decode steps' by up to 1.4e-5, enough to flip a near-tie. Here a step's tokens still share walks (up to
    step_span's at a time), with arithmetic that gives each query row the same numbers in any walk: a score is
-   its dot product in one order whichever loop computes it (total, multiply_add), each row's softmax runs over
+   its dot product in one order whichever loop computes it (total, multiply_add; an int8 cache's is an exact
+   integer sum, scores_int8), each row's softmax runs over
    its own keys only, and its weighted sum adds one key after another, a zero weight past its own position
    adding nothing.
 
@@ -748,7 +909,6 @@ static void attend(void *data, size_t item) {
    the other waited: small-coder's draft (one key/value head) proposed in 0.20 ms rather than 0.22 after a
    1,536-token prompt on a 2-core AVX2 EPYC, and k = 4 decoding took 0.96 of its time (medians of 14 prompts,
    generators interleaved in one process). */
-enum { STEP_TOKENS = 33, TARGET_ITEMS = 8, SPLIT_KEYS = 256, STEP_ROWS = 32 };
 
 /* Tokens per walk of a step: as many as fit STEP_ROWS query rows, their queries and sums the walk's buffers
    (MAX_GROUP * 512 floats). A verify of 9 tokens of small-coder's 3 heads per key/value head then walks the

@@ -65,8 +65,11 @@ def test_partitioned_artifact_computes_the_whole_model(build_tiny, build_both, w
     assert parallel.main.kernels == single.main.kernels == ("moecc.Attention", experts_kernel), "the segments and workers run moecc's kernels too"
     tokens = [int(t) for t in np.random.default_rng(0).integers(3, 200, 25)]
     reference = _logits(whole, tokens)
+    # Partitions sum the experts in another order, which moves the hidden states by float rounding; an int8 cache's
+    # scores round each query to 16 bits (runtime/kernels/attention.c), where such a move can shift a level.
+    tolerance = 1e-4 if weights == "kv8" else 1e-5
     for parted in (single, parallel):
-        assert np.abs(_logits(parted, tokens) - reference).max() <= 1e-5
+        assert np.abs(_logits(parted, tokens) - reference).max() <= tolerance
     prompt = tokens[:8]
     greedy = [t for step in whole.stream_ids(prompt, max_new_tokens=24, speculative=False, stop_tokens=set()) for t in step]
     for parted in (single, parallel):
