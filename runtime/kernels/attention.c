@@ -46,7 +46,7 @@ enum { QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS_K, COS, SIN, QUERY_SEQLE
 enum { OUTPUT, PRESENT_KEY, PRESENT_VALUE, OUTPUT_COUNT };
 enum { QUERY_BLOCK = 16 }; /* query positions one work item takes, so a prefill spreads over the threads */
 /* A step's calls (attend_block): up to STEP_TOKENS new tokens a row, walks of up to STEP_ROWS query rows, parts of
-   SPLIT_KEYS cached rows where the heads are fewer than TARGET_ITEMS. */
+   SPLIT_KEYS cached rows per key/value head where the heads are fewer than TARGET_ITEMS (part_length). */
 enum { STEP_TOKENS = 33, TARGET_ITEMS = 8, SPLIT_KEYS = 256, STEP_ROWS = 32 };
 
 typedef struct {
@@ -901,14 +901,14 @@ static void attend(void *data, size_t item) {
    its own keys only, and its weighted sum adds one key after another, a zero weight past its own position
    adding nothing.
 
-   A row's cache is cut at fixed multiples of SPLIT_KEYS into parts, where the model's key/value heads are
-   fewer than TARGET_ITEMS (a draft's one, the main model's two), so that a long cache spreads over the
-   threads, flash decoding's way: each part's weighted sums, unnormalized, with their maximum and total, then
-   merged (merge_parts). Fixed cuts keep a token's parts the same in a verify as in its decode step, and the
-   same beside other rows in a batch as alone. One work item per head read a long cache on one thread while
-   the other waited: small-coder's draft (one key/value head) proposed in 0.20 ms rather than 0.22 after a
-   1,536-token prompt on a 2-core AVX2 EPYC, and k = 4 decoding took 0.96 of its time (medians of 14 prompts,
-   generators interleaved in one process). */
+   A row's cache is cut at fixed multiples of part_length into parts, where the model's key/value heads are
+   fewer than TARGET_ITEMS (small-coder's draft's one, its main model's two), so that a long cache spreads over
+   the threads, flash decoding's way: each part's weighted sums, unnormalized, with their maximum and total,
+   then merged (merge_parts). Fixed cuts keep a token's parts the same in a verify as in its decode step, and
+   the same beside other rows in a batch as alone. One work item per head read a long cache on one thread
+   while the other waited: small-coder's draft proposed in 0.20 ms rather than 0.22 after a 1,536-token prompt
+   on a 2-core AVX2 EPYC, and k = 4 decoding took 0.96 of its time (medians of 14 prompts, generators
+   interleaved in one process). */
 
 /* Tokens per walk of a step: as many as fit STEP_ROWS query rows, their queries and sums the walk's buffers
    (MAX_GROUP * 512 floats). A verify of 9 tokens of small-coder's 3 heads per key/value head then walks the
@@ -922,9 +922,15 @@ static int64_t step_span(const AttentionCall *call) {
   return rows / call->group > 1 ? rows / call->group : 1;
 }
 
+/* Cached rows per part: SPLIT_KEYS per key/value head, so that a call has about one work item per SPLIT_KEYS
+   cached rows whatever its heads. Each part's rows pay a softmax, a merge and the loops' set-up: in parts of
+   256 rows for every model, a benchmark-size decode step's attention (4 key/value heads) took 1.08-1.18x its
+   time after 600 to 2,000 cached rows (one thread, a 2-core AVX-512 Xeon). */
+static int64_t part_length(const AttentionCall *call) { return SPLIT_KEYS * call->kv_heads; }
+
 /* Parts of the cache for a token with `total` cached rows up to and including its own. */
 static int64_t token_parts(const AttentionCall *call, int64_t total) {
-  return call->kv_heads < TARGET_ITEMS ? (total + SPLIT_KEYS - 1) / SPLIT_KEYS : 1;
+  return call->kv_heads < TARGET_ITEMS ? (total + part_length(call) - 1) / part_length(call) : 1;
 }
 
 /* Where a token's part leaves its results: its group's sums [group, dim], then their maxima and totals [group]
@@ -943,9 +949,9 @@ static void attend_block(void *data, size_t item) {
   int64_t block = (int64_t)item % blocks, part = (int64_t)item / blocks % parts, head = (int64_t)item / (blocks * parts) % call->kv_heads;
   int64_t row = (int64_t)item / (blocks * parts * call->kv_heads), group = call->group, dim = call->dim, past = past_length(call, row);
   int64_t first = block * span, last = first + span < call->query_seqlens[row] ? first + span : call->query_seqlens[row];
-  int64_t from = parts > 1 ? part * SPLIT_KEYS : 0, end = past + last; /* the block's keys end at its last token's */
+  int64_t from = parts > 1 ? part * part_length(call) : 0, end = past + last; /* the block's keys end at its last token's */
   if (first >= last || from >= end) return; /* padding, or a part past the block's tokens */
-  int64_t to = parts > 1 && from + SPLIT_KEYS < end ? from + SPLIT_KEYS : end;
+  int64_t to = parts > 1 && from + part_length(call) < end ? from + part_length(call) : end;
   int64_t rows = (last - first) * group, length = to - from, stride = length, cache = ((row * call->kv_heads + head) * call->capacity + from) * dim;
   float *weights = malloc(rows * length * sizeof(float)), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512], tops[STEP_ROWS], totals[STEP_ROWS];
   float inverse[STEP_ROWS] = {0}; /* each row's is set below; GCC cannot tell that every row read is one of them */
