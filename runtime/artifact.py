@@ -151,11 +151,6 @@ class Manifest(_Record):
     generation: GenerationEntry
     files: dict[str, FileEntry]
 
-    def model_bytes(self, role: str) -> int:
-        """The bytes of a model's files: its graph and its weights."""
-        folder = PurePosixPath(self.models[role].path).parent
-        return sum(entry.size for name, entry in self.files.items() if PurePosixPath(name).parent == folder)
-
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()

@@ -16,13 +16,6 @@ from runtime.kernels.session import Kernels, open_session
 
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 SPIN_AFTER_CALL_US = 100
-# A model whose files hold at most this many bytes runs in a session of one thread, every call on the calling
-# thread: its arithmetic costs less than handing it to a second thread, and a thread that slept between its
-# calls took up to 1.4 ms to wake on a 2-core VM (small-coder's 1.6 MiB INT8 draft: its prompt's prefill of
-# about 70 tokens 0.32-0.62 ms on one thread, 0.36-2.25 on two, mostly 1.7-1.9 after main-only generations;
-# a prompt of 1,536 tokens 1.10x as long on one). A larger model's weights stream from memory at both cores'
-# rate (small-coder's 64 MiB MoE main model: 1.72 ms a decode step on one thread against 0.88-0.91 on two).
-SMALL_MODEL_BYTES = 8 << 20
 LENGTH_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")  # the lengths GroupQueryAttention reads
 POSITIONS_INPUT = "logit_positions"  # [B, N, 1]: the positions of a call whose logits it returns, N per row
 

@@ -10,7 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.artifact import Manifest, verify_artifact
-from runtime.decoder import SMALL_MODEL_BYTES, BatchKvCache, Decoder
+from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
 from runtime.kernels.session import Kernels
 from runtime.sampling import SamplingParams
@@ -83,8 +83,7 @@ class Generator:
             from runtime.expert_parallel import ExpertParallelDecoder
 
             return ExpertParallelDecoder(self.path, entry, set(self.manifest.files), threads, kernels)
-        small = self.manifest.model_bytes(role) <= SMALL_MODEL_BYTES  # one thread: see SMALL_MODEL_BYTES
-        return Decoder(self.path, entry, set(self.manifest.files), 1 if small else threads, kernels)
+        return Decoder(self.path, entry, set(self.manifest.files), threads, kernels)
 
     def _draft_policy(self, draft_length: int | str, sampling: SamplingParams, proposer: Proposer) -> FixedDraftLength | AdaptiveDraftLength:
         if proposer not in PROPOSERS:

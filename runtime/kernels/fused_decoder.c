@@ -53,6 +53,16 @@ ignored, as in the graph. */
 
 enum { INPUT_IDS, SEQLENS_K, QUERY_SEQLENS, LOGIT_POSITIONS, GREEDY_STEPS, COS, SIN, EMBEDDING, FINAL_NORM, HEAD, HEAD_SCALES, FIXED_INPUTS };
 enum { LOGITS, GREEDY_TOKENS, PRESENTS };
+/* Calls of up to this many tokens (proposals, the catch-up after a verify) run on the calling thread: handing each
+   of a pass's 13 products and attention phases to the session's threads cost more than their arithmetic. On
+   small-coder's INT8 draft (2 threads, a 2-core Xeon, alternating rounds in one process), 3 tokens and a chain
+   of 4 proposals took 129 µs instead of 195, 16 tokens 242 instead of 316; prompts of 24 to 128 tokens took
+   about as long either way, so they keep the threads, which a wider draft's prompts need. */
+enum { SMALL_CALL_TOKENS = 16 };
+/* ... when the model's weights are at most this many bytes: a larger model's stream from memory at both cores'
+   rate (small-coder's MoE main model, 64 MiB, 41 read per token, took 1.72 ms a decode step on one thread
+   against 0.88-0.91 on two). */
+#define SMALL_MODEL_BYTES (8 << 20)
 
 typedef struct {
   int64_t num_heads, kv_num_heads, qk_norm, max_chain, quantized, qkv_bias;
@@ -80,6 +90,7 @@ typedef struct {
   /* An MoE layer's: the columns of its product after the post-attention norm (the shared expert's gate and up,
      2 ffn, then the router's logits, the shared expert's gate, zeros up to a panel), and each expert part's units. */
   int64_t mixer, inter;
+  int small; /* weights few enough that a small call runs on the calling thread (SMALL_MODEL_BYTES) */
   /* The residual stream x, its norm h, an update, q/k/v or gate/up, the attention's output, the gated product,
      the normed rows whose logits are asked for; an MoE layer's routed output and router logits. */
   float *x, *h, *update, *wide, *attended, *gated, *last, *routed, *router;
@@ -214,6 +225,7 @@ static OrtStatus *forward(OrtKernelContext *context, const Model *model, const i
                           const int32_t *query_seqlens, const int64_t *positions, int64_t kept, float *logits) {
   const Kernel *kernel = model->kernel;
   int64_t tokens = batch * width, hidden = model->hidden, dim = model->dim, heads = model->heads;
+  if (model->small && tokens <= SMALL_CALL_TOKENS) context = NULL; /* every phase on this thread */
   float *x = model->x, *h = model->h, *wide = model->wide;
   for (int64_t t = 0; t < tokens; ++t) memcpy(x + t * hidden, model->embedding + ids[t] * hidden, hidden * sizeof(float));
   AttentionCall call = {.batch = batch, .new_width = width, .heads = heads, .kv_heads = model->kv_heads, .group = heads / model->kv_heads,
@@ -316,6 +328,14 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
     status = fail("moecc.FusedDecoder: greedy steps run from 0 to max_chain, on a batch of one row with logits");
   if (status) goto done;
 
+  size_t weight_bytes = (size_t)elements(&in[HEAD]) * (kernel->quantized ? 1 : 4);
+  for (size_t l = 0; l < model.layer_count; ++l) {
+    const Layer *layer = &model.layers[l];
+    const Tensor *weights[] = {&layer->qkv, &layer->out, &layer->gate_up, &layer->down, &layer->fc1, &layer->fc2};
+    for (size_t i = 0; i < sizeof weights / sizeof *weights; ++i)
+      if (weights[i]->value) weight_bytes += (size_t)elements(weights[i]) * (weights[i]->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 1);
+  }
+  model.small = weight_bytes <= SMALL_MODEL_BYTES;
   int64_t tokens = batch * width, widest = model.packed > model.mixer ? model.packed : model.mixer;
   int64_t experts = kernel->experts ? kernel->experts * kernel->expert_parts : 0;
   /* The call's buffers in one allocation, each starting a cache line (rows of a multiple of 16 floats then never

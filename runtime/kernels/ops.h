@@ -43,7 +43,7 @@ int64_t int_attribute(const OrtKernelInfo *info, const char *name, int64_t fallb
 /* Whether the tensor has this rank and these leading dimensions (-1: any; only the first three are checked). */
 int shaped(const Tensor *tensor, size_t rank, int64_t first, int64_t second, int64_t third);
 /* fn(data, item) for every item < items: spread over the session's threads, or where `context` is NULL, in
-   order on the calling thread (for work smaller than what handing it to the threads costs). */
+   order on the calling thread (for calls smaller than what waking the threads costs: moecc.FusedDecoder's). */
 OrtStatus *for_each_item(OrtKernelContext *context, void (*fn)(void *, size_t), size_t items, void *data);
 /* Records the first error of a parallel phase; later ones are released. */
 void fail_once(OrtStatus **error, const char *message);
