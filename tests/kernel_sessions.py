@@ -21,8 +21,9 @@ def compiler_targets_x86() -> bool:
 
 def _marches() -> list[str]:
     """native, and on x86 the narrower vector widths this CPU also runs: SSE2 (x86-64) and, where native takes
-    AVX-512's code, AVX2's (haswell). The kernels pick their loops by vector width at compile time, so a suite
-    run on one kind of machine would otherwise check one width's code only."""
+    AVX-512's code, AVX2's (haswell); where native has AVX-512 VNNI, AVX-512 without it (skylake-avx512), whose
+    integer products take other instructions. The kernels pick their loops by instruction set at compile time,
+    so a suite run on one kind of machine would otherwise check one set's code only."""
     try:
         x86 = platform.machine() in ("x86_64", "AMD64") and compiler_targets_x86()
     except build.KernelUnavailable:  # no compiler: the kernel tests say so when they build
@@ -31,7 +32,8 @@ def _marches() -> list[str]:
         return ["native"]
     flags = set(build._cpu().split())
     haswell = {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"} <= flags and "avx512f" in flags
-    return ["native", "x86-64", *(["haswell"] if haswell else [])]
+    skylake = {"avx512bw", "avx512dq", "avx512vl", "avx512_vnni"} <= flags
+    return ["native", "x86-64", *(["haswell"] if haswell else []), *(["skylake-avx512"] if skylake else [])]
 
 
 MARCHES = _marches()

@@ -164,14 +164,14 @@ static inline f8 multiply_add(f8 a, f8 b, f8 c) {
 #endif
 }
 
-static inline f8 splat(float x) { return (f8){0} + x; }
-
-/* The weighted sums' vectors (weigh_float, weigh_int8, column_weigh): on AVX-512, 16 floats, elsewhere the 8
-   above. Each sum is a column's, adding its row's terms one after another at any width: the numbers are the
-   same. AVX-512's 32 registers hold a decode step's group of 4 across a 64-wide head (16 sums beside a value
-   row's 4 vectors), and column_weigh's 6 rows (24 sums), where 8-float passes read each value row once per 16
-   columns. On a 2-core AVX-512 Xeon, small-coder's verify of 7 tokens after 150 cached spent 0.86x the time in
-   its attention, and its prefill of 70 tokens took 0.955x as long. */
+/* The weighted sums' vectors (weigh_float, weigh_int8, column_weigh; and softmax's): on AVX-512, 16 floats,
+   elsewhere the 8 above. Each sum is a column's, adding its row's terms one after another at any width: the
+   numbers are the same. With 16, weigh_float and weigh_int8 make half the loads and multiply-adds (an int8
+   cache's 4 rows over 2,000 cached rows: 0.68x the time, caches hot, one thread of a 2-core AVX-512 Xeon), and
+   column_weigh's passes keep 6 rows' sums across a 64-wide head in AVX-512's 32 registers (24 sums), reading
+   each value row once per 6 rows where 8 floats read it once per 6 rows and 16 columns: small-coder's verify of
+   7 tokens after 150 cached spent 0.86x the time in its attention, its prefill of 70 tokens 0.955x (measured
+   when column_weigh alone took 16 floats). */
 #if defined(__AVX512F__)
 typedef float wv __attribute__((vector_size(64)));
 enum { WEIGH_LANES = 16, WEIGH_VECTORS = 4 };
@@ -306,6 +306,8 @@ static inline __attribute__((always_inline)) void scores_float(const float *keys
    AVX-512 Xeon a decode step's scores after 2,000 cached rows (the benchmark-size model's 4 heads per key/value
    head) took 0.57x the time of the float loops (caches hot, one thread). */
 enum { LEVEL_PIECE = 32, LEVEL_BLOCK = 4, PREFETCH_ROWS = 16 }; /* levels padded per row to whole pieces; rows scored 4 at a time */
+_Static_assert(512LL * 32767 * 128 < 2147483648LL, "a head of 512 (check_call's most) sums in an int32");
+_Static_assert((int)STEP_ROWS >= (int)MAX_GROUP && STEP_ROWS % LEVEL_BLOCK == 0, "scores_int8's buffers hold a walk's rows, padded");
 
 /* levels[r * width + d] and scales[r]: query row r (of rows, dim floats each) rounded as above, zero past dim and
    in rows up to a multiple of LEVEL_BLOCK. */
@@ -362,6 +364,7 @@ static inline __attribute__((always_inline)) void key_dots(const int8_t *k, cons
    the weighted sums that follow). */
 static void block_scores(const int8_t *keys, const int8_t *values, int64_t length, const int16_t *levels, int64_t width, const float *scales,
                          int64_t rows, int64_t dim, float *scores, int64_t stride) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
   __m512 scale = _mm512_setzero_ps();
   for (int g = 0; g < LEVEL_BLOCK; ++g) scale = _mm512_mask_blend_ps((__mmask16)(0xF << (4 * g)), scale, _mm512_set1_ps(scales[g]));
   int64_t t = 0;
@@ -371,18 +374,19 @@ static void block_scores(const int8_t *keys, const int8_t *values, int64_t lengt
       __builtin_prefetch(k + PREFETCH_ROWS * dim + p);
       __builtin_prefetch(values + (t + PREFETCH_ROWS) * dim + p);
     }
-    __m512i sums[16], row[LEVEL_BLOCK];
+    __m512i sums[16], dots[LEVEL_BLOCK];
     for (int j = 0; j < 4; ++j) {
-      key_dots(k + j * dim, levels, width, dim, row);
-      for (int g = 0; g < LEVEL_BLOCK; ++g) sums[4 * g + j] = row[g];
+      key_dots(k + j * dim, levels, width, dim, dots);
+      for (int g = 0; g < LEVEL_BLOCK; ++g) sums[4 * g + j] = dots[g];
     }
     __m512 four = _mm512_mul_ps(_mm512_cvtepi32_ps(totals16(sums)), scale); /* row g's scores in lanes 4g .. 4g + 3 */
-    for (int g = 0; g < rows; ++g) _mm_storeu_ps(scores + g * stride + t, _mm512_extractf32x4_ps(four, g));
+    for (int g = 0; g < rows; ++g) /* moved to the low lanes by a permutation: extracting takes a constant lane index */
+      _mm_storeu_ps(scores + g * stride + t, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(4 * g), lanes), four)));
   }
   for (; t < length; ++t) {
-    __m512i row[LEVEL_BLOCK];
-    key_dots(keys + t * dim, levels, width, dim, row);
-    for (int g = 0; g < rows; ++g) scores[g * stride + t] = (float)_mm512_reduce_add_epi32(row[g]) * scales[g];
+    __m512i dots[LEVEL_BLOCK];
+    key_dots(keys + t * dim, levels, width, dim, dots);
+    for (int g = 0; g < rows; ++g) scores[g * stride + t] = (float)_mm512_reduce_add_epi32(dots[g]) * scales[g];
   }
 }
 #elif defined(__AVX2__)
@@ -443,40 +447,40 @@ static void scores_int8(const int8_t *keys, const int8_t *values, int64_t length
    2048-token call in 0.79 of the time of the earlier loop, which took 16 columns of every row per pass (each
    row read four times, with gaps). The sums stay local: kept in the caller's array, which may alias the
    weights as far as the compiler knows, the call took twice as long. */
-#define WEIGH(TYPE, LOAD)                                                                                         \
-  static inline __attribute__((always_inline)) void weigh_##TYPE(const TYPE *values, int64_t length, const float *weights, \
-                                                                  int64_t group, int64_t dim, int64_t stride,     \
-                                                                  const float *inverse, const float *scale, float *out) { \
-    wv sums[MAX_GROUP][512 / WEIGH_LANES];                                                                              \
-    int64_t vectors = dim / WEIGH_LANES, t = 0;                                                                         \
-    for (int64_t g = 0; g < group; ++g)                                                                           \
-      for (int64_t c = 0; c < vectors; ++c) sums[g][c] = (wv){0};                                                 \
-    for (; t + 4 <= length; t += 4) {                                                                             \
-      const TYPE *rows = values + t * dim;                                                                        \
-      for (int64_t p = 0; p < 4 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(rows + 16 * dim) + p); \
-      for (int64_t c = 0; c < vectors; ++c) {                                                                     \
-        wv first = LOAD(rows + c * WEIGH_LANES), second = LOAD(rows + dim + c * WEIGH_LANES);                                 \
-        wv third = LOAD(rows + 2 * dim + c * WEIGH_LANES), fourth = LOAD(rows + 3 * dim + c * WEIGH_LANES);                   \
-        for (int64_t g = 0; g < group; ++g) {                                                                     \
-          const float *w = weights + g * stride + t;                                                              \
-          wv sum = weigh_multiply_add((wv){0} + w[0], first, sums[g][c]);                                                 \
-          sum = weigh_multiply_add((wv){0} + w[1], second, sum);                                                           \
-          sum = weigh_multiply_add((wv){0} + w[2], third, sum);                                                            \
-          sums[g][c] = weigh_multiply_add((wv){0} + w[3], fourth, sum);                                                    \
-        }                                                                                                         \
-      }                                                                                                           \
-    }                                                                                                             \
-    for (; t < length; ++t)                                                                                       \
-      for (int64_t c = 0; c < vectors; ++c) {                                                                     \
-        wv value = LOAD(values + t * dim + c * WEIGH_LANES);                                                            \
+#define WEIGH(TYPE, LOAD)                                                                                                          \
+  static inline __attribute__((always_inline)) void weigh_##TYPE(const TYPE *values, int64_t length, const float *weights,         \
+                                                                  int64_t group, int64_t dim, int64_t stride,                      \
+                                                                  const float *inverse, const float *scale, float *out) {          \
+    wv sums[MAX_GROUP][512 / WEIGH_LANES];                                                                                         \
+    int64_t vectors = dim / WEIGH_LANES, t = 0;                                                                                    \
+    for (int64_t g = 0; g < group; ++g)                                                                                            \
+      for (int64_t c = 0; c < vectors; ++c) sums[g][c] = (wv){0};                                                                  \
+    for (; t + 4 <= length; t += 4) {                                                                                              \
+      const TYPE *rows = values + t * dim;                                                                                         \
+      for (int64_t p = 0; p < 4 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(rows + 16 * dim) + p);   \
+      for (int64_t c = 0; c < vectors; ++c) {                                                                                      \
+        wv first = LOAD(rows + c * WEIGH_LANES), second = LOAD(rows + dim + c * WEIGH_LANES);                                      \
+        wv third = LOAD(rows + 2 * dim + c * WEIGH_LANES), fourth = LOAD(rows + 3 * dim + c * WEIGH_LANES);                        \
+        for (int64_t g = 0; g < group; ++g) {                                                                                      \
+          const float *w = weights + g * stride + t;                                                                               \
+          wv sum = weigh_multiply_add((wv){0} + w[0], first, sums[g][c]);                                                          \
+          sum = weigh_multiply_add((wv){0} + w[1], second, sum);                                                                   \
+          sum = weigh_multiply_add((wv){0} + w[2], third, sum);                                                                    \
+          sums[g][c] = weigh_multiply_add((wv){0} + w[3], fourth, sum);                                                            \
+        }                                                                                                                          \
+      }                                                                                                                            \
+    }                                                                                                                              \
+    for (; t < length; ++t)                                                                                                        \
+      for (int64_t c = 0; c < vectors; ++c) {                                                                                      \
+        wv value = LOAD(values + t * dim + c * WEIGH_LANES);                                                                       \
         for (int64_t g = 0; g < group; ++g) sums[g][c] = weigh_multiply_add((wv){0} + weights[g * stride + t], value, sums[g][c]); \
-      }                                                                                                           \
-    for (int64_t g = 0; g < group; ++g)                                                                           \
-      for (int64_t c = 0; c < vectors; ++c) {                                                                     \
-        wv v = sums[g][c] * inverse[g];                                                                           \
-        if (scale) v *= load_wv(scale + c * WEIGH_LANES);                                                            \
-        store_wv(out + g * dim + c * WEIGH_LANES, v);                                                          \
-      }                                                                                                           \
+      }                                                                                                                            \
+    for (int64_t g = 0; g < group; ++g)                                                                                            \
+      for (int64_t c = 0; c < vectors; ++c) {                                                                                      \
+        wv v = sums[g][c] * inverse[g];                                                                                            \
+        if (scale) v *= load_wv(scale + c * WEIGH_LANES);                                                                          \
+        store_wv(out + g * dim + c * WEIGH_LANES, v);                                                                              \
+      }                                                                                                                            \
   }
 
 typedef int8_t int8;
@@ -800,8 +804,9 @@ static void scaled_queries(const AttentionCall *call, int64_t row, int64_t head,
 
 /* A walk's products for `rows` query rows of one key/value head, as attend and attend_block call them: over
    `length` cached rows from element `cache` of the head's cache, the rows' scores into `weights` (rows `stride`
-   apart), and their weighted sums, times `inverse`, into `merged`. The loops above hold up to MAX_GROUP rows'
-   sums, so more go MAX_GROUP at a time: each row's numbers are its own either way. */
+   apart), and their weighted sums, times `inverse`, into `merged`. A float cache's score loops and the weighted
+   sums hold up to MAX_GROUP rows' sums, so more go MAX_GROUP at a time (scores_int8 takes them all, LEVEL_BLOCK at
+   a time): each row's numbers are its own either way. */
 #define SCORE_FLOAT(g) scores_float((const float *)call->cache_key + cache, length, queries + done * dim, g, dim, weights + done * stride, stride)
 #define WEIGH_INT8(g) \
   weigh_int8((const int8_t *)call->cache_value + cache, length, weights + done * stride, g, dim, stride, inverse + done, call->value_scale + head * dim, merged + done * dim)
@@ -908,7 +913,7 @@ static void attend(void *data, size_t item) {
    the same beside other rows in a batch as alone. One work item per head read a long cache on one thread
    while the other waited: small-coder's draft proposed in 0.20 ms rather than 0.22 after a 1,536-token prompt
    on a 2-core AVX2 EPYC, and k = 4 decoding took 0.96 of its time (medians of 14 prompts, generators
-   interleaved in one process). */
+   interleaved in one process; parts of 256 rows for every model then, before part_length). */
 
 /* Tokens per walk of a step: as many as fit STEP_ROWS query rows, their queries and sums the walk's buffers
    (MAX_GROUP * 512 floats). A verify of 9 tokens of small-coder's 3 heads per key/value head then walks the
