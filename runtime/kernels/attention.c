@@ -228,20 +228,23 @@ static inline f8 totals8(const f8 *a) {
 static inline f8 totals8(const f8 *a) { return a[0]; } /* not called */
 #endif
 
+/* Cached rows the walks prefetch ahead of the one they read: a long cache comes from memory, one stream per
+   thread (measured 4 % faster per token on the benchmark-size model at 2048 tokens). */
+enum { PREFETCH_ROWS = 16 };
+
 /* Walks of up to FEW_ROWS query rows (a decode step's group of heads) score and weigh one row at a time; more
    (a verify's tokens together) two rows against four keys, and in column_weigh's passes. */
 enum { FEW_ROWS = 4 };
 
-/* A float cache's scores: scores[g * stride + t] = queries[g] . keys[t] for t < length; two rows at a time, so that twice as many
-   sums are in flight as one row's group has (a row's sums alone wait on each other's latency). Both loops
-   prefetch the rows 16 ahead: a long cache comes from memory, one stream per thread (measured 4 % faster per
-   token on the benchmark-size model at 2048 tokens). */
+/* A float cache's scores: scores[g * stride + t] = queries[g] . keys[t] for t < length; two rows at a time, so
+   that twice as many sums are in flight as one row's group has (a row's sums alone wait on each other's
+   latency). Both loops prefetch the rows PREFETCH_ROWS ahead. */
 static inline __attribute__((always_inline)) void scores_float(const float *keys, int64_t length, const float *queries, int64_t group, int64_t dim,
                                                                 float *scores, int64_t stride) {
   int64_t t = 0;
   for (; EIGHT_KEYS && t + 8 <= length; t += 8) {
     const float *k = keys + t * dim;
-    for (int64_t p = 0; p < 8 * dim * (int64_t)sizeof(float); p += 64) __builtin_prefetch((const char *)(k + 16 * dim) + p);
+    for (int64_t p = 0; p < 8 * dim * (int64_t)sizeof(float); p += 64) __builtin_prefetch((const char *)(k + PREFETCH_ROWS * dim) + p);
     int64_t g = 0;
     for (; group > FEW_ROWS && g + 2 <= group; g += 2) /* two rows against four keys, each key loaded once for both */
       for (int half = 0; half < 8; half += 4) {
@@ -271,7 +274,7 @@ static inline __attribute__((always_inline)) void scores_float(const float *keys
   }
   for (; t + 2 <= length; t += 2) {
     const float *k = keys + t * dim;
-    for (int64_t p = 0; p < 2 * dim * (int64_t)sizeof(float); p += 64) __builtin_prefetch((const char *)(k + 16 * dim) + p);
+    for (int64_t p = 0; p < 2 * dim * (int64_t)sizeof(float); p += 64) __builtin_prefetch((const char *)(k + PREFETCH_ROWS * dim) + p);
     f8 first[MAX_GROUP] = {0}, second[MAX_GROUP] = {0};
     for (int64_t d = 0; d < dim; d += LANES) {
       f8 key = load_float(k + d), next = load_float(k + dim + d);
@@ -305,7 +308,7 @@ static inline __attribute__((always_inline)) void scores_float(const float *keys
    logits by up to 0.011, where the int8 cache itself moves them by 0.12 from the float cache's. On a 2-core
    AVX-512 Xeon a decode step's scores after 2,000 cached rows (the benchmark-size model's 4 heads per key/value
    head) took 0.57x the time of the float loops (caches hot, one thread). */
-enum { LEVEL_PIECE = 32, LEVEL_BLOCK = 4, PREFETCH_ROWS = 16 }; /* levels padded per row to whole pieces; rows scored 4 at a time */
+enum { LEVEL_PIECE = 32, LEVEL_BLOCK = 4 }; /* levels padded per row to whole pieces; rows scored 4 at a time */
 _Static_assert(512LL * 32767 * 128 < 2147483648LL, "a head of 512 (check_call's most) sums in an int32");
 _Static_assert((int)STEP_ROWS >= (int)MAX_GROUP && STEP_ROWS % LEVEL_BLOCK == 0, "scores_int8's buffers hold a walk's rows, padded");
 
@@ -447,40 +450,40 @@ static void scores_int8(const int8_t *keys, const int8_t *values, int64_t length
    2048-token call in 0.79 of the time of the earlier loop, which took 16 columns of every row per pass (each
    row read four times, with gaps). The sums stay local: kept in the caller's array, which may alias the
    weights as far as the compiler knows, the call took twice as long. */
-#define WEIGH(TYPE, LOAD)                                                                                                          \
-  static inline __attribute__((always_inline)) void weigh_##TYPE(const TYPE *values, int64_t length, const float *weights,         \
-                                                                  int64_t group, int64_t dim, int64_t stride,                      \
-                                                                  const float *inverse, const float *scale, float *out) {          \
-    wv sums[MAX_GROUP][512 / WEIGH_LANES];                                                                                         \
-    int64_t vectors = dim / WEIGH_LANES, t = 0;                                                                                    \
-    for (int64_t g = 0; g < group; ++g)                                                                                            \
-      for (int64_t c = 0; c < vectors; ++c) sums[g][c] = (wv){0};                                                                  \
-    for (; t + 4 <= length; t += 4) {                                                                                              \
-      const TYPE *rows = values + t * dim;                                                                                         \
-      for (int64_t p = 0; p < 4 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(rows + 16 * dim) + p);   \
-      for (int64_t c = 0; c < vectors; ++c) {                                                                                      \
-        wv first = LOAD(rows + c * WEIGH_LANES), second = LOAD(rows + dim + c * WEIGH_LANES);                                      \
-        wv third = LOAD(rows + 2 * dim + c * WEIGH_LANES), fourth = LOAD(rows + 3 * dim + c * WEIGH_LANES);                        \
-        for (int64_t g = 0; g < group; ++g) {                                                                                      \
-          const float *w = weights + g * stride + t;                                                                               \
-          wv sum = weigh_multiply_add((wv){0} + w[0], first, sums[g][c]);                                                          \
-          sum = weigh_multiply_add((wv){0} + w[1], second, sum);                                                                   \
-          sum = weigh_multiply_add((wv){0} + w[2], third, sum);                                                                    \
-          sums[g][c] = weigh_multiply_add((wv){0} + w[3], fourth, sum);                                                            \
-        }                                                                                                                          \
-      }                                                                                                                            \
-    }                                                                                                                              \
-    for (; t < length; ++t)                                                                                                        \
-      for (int64_t c = 0; c < vectors; ++c) {                                                                                      \
-        wv value = LOAD(values + t * dim + c * WEIGH_LANES);                                                                       \
-        for (int64_t g = 0; g < group; ++g) sums[g][c] = weigh_multiply_add((wv){0} + weights[g * stride + t], value, sums[g][c]); \
-      }                                                                                                                            \
-    for (int64_t g = 0; g < group; ++g)                                                                                            \
-      for (int64_t c = 0; c < vectors; ++c) {                                                                                      \
-        wv v = sums[g][c] * inverse[g];                                                                                            \
-        if (scale) v *= load_wv(scale + c * WEIGH_LANES);                                                                          \
-        store_wv(out + g * dim + c * WEIGH_LANES, v);                                                                              \
-      }                                                                                                                            \
+#define WEIGH(TYPE, LOAD)                                                                                                                   \
+  static inline __attribute__((always_inline)) void weigh_##TYPE(const TYPE *values, int64_t length, const float *weights,                  \
+                                                                  int64_t group, int64_t dim, int64_t stride,                               \
+                                                                  const float *inverse, const float *scale, float *out) {                   \
+    wv sums[MAX_GROUP][512 / WEIGH_LANES];                                                                                                  \
+    int64_t vectors = dim / WEIGH_LANES, t = 0;                                                                                             \
+    for (int64_t g = 0; g < group; ++g)                                                                                                     \
+      for (int64_t c = 0; c < vectors; ++c) sums[g][c] = (wv){0};                                                                           \
+    for (; t + 4 <= length; t += 4) {                                                                                                       \
+      const TYPE *rows = values + t * dim;                                                                                                  \
+      for (int64_t p = 0; p < 4 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(rows + PREFETCH_ROWS * dim) + p); \
+      for (int64_t c = 0; c < vectors; ++c) {                                                                                               \
+        wv first = LOAD(rows + c * WEIGH_LANES), second = LOAD(rows + dim + c * WEIGH_LANES);                                               \
+        wv third = LOAD(rows + 2 * dim + c * WEIGH_LANES), fourth = LOAD(rows + 3 * dim + c * WEIGH_LANES);                                 \
+        for (int64_t g = 0; g < group; ++g) {                                                                                               \
+          const float *w = weights + g * stride + t;                                                                                        \
+          wv sum = weigh_multiply_add((wv){0} + w[0], first, sums[g][c]);                                                                   \
+          sum = weigh_multiply_add((wv){0} + w[1], second, sum);                                                                            \
+          sum = weigh_multiply_add((wv){0} + w[2], third, sum);                                                                             \
+          sums[g][c] = weigh_multiply_add((wv){0} + w[3], fourth, sum);                                                                     \
+        }                                                                                                                                   \
+      }                                                                                                                                     \
+    }                                                                                                                                       \
+    for (; t < length; ++t)                                                                                                                 \
+      for (int64_t c = 0; c < vectors; ++c) {                                                                                               \
+        wv value = LOAD(values + t * dim + c * WEIGH_LANES);                                                                                \
+        for (int64_t g = 0; g < group; ++g) sums[g][c] = weigh_multiply_add((wv){0} + weights[g * stride + t], value, sums[g][c]);          \
+      }                                                                                                                                     \
+    for (int64_t g = 0; g < group; ++g)                                                                                                     \
+      for (int64_t c = 0; c < vectors; ++c) {                                                                                               \
+        wv v = sums[g][c] * inverse[g];                                                                                                     \
+        if (scale) v *= load_wv(scale + c * WEIGH_LANES);                                                                                   \
+        store_wv(out + g * dim + c * WEIGH_LANES, v);                                                                                       \
+      }                                                                                                                                     \
   }
 
 typedef int8_t int8;
@@ -636,8 +639,8 @@ enum { WEIGH_ROWS = 6 };
 
 /* out[r + i, c .. c + WEIGH_LANES * vectors] += the sum over t < count of weights[t * width + (r + i) * apart] *
    values[t, c ..], for i < rows (at most WEIGH_ROWS), each row's terms in turn (rows and vectors constants where
-   it is called). With `prefetch`, the values 16 rows ahead are fetched (a walk's first pass, where nothing
-   fetched them before). */
+   it is called). With `prefetch`, the values PREFETCH_ROWS rows ahead are fetched (a walk's first pass, where
+   nothing fetched them before). */
 static inline __attribute__((always_inline)) void column_weigh_pass(const float *values, int64_t count, const float *weights, int64_t width,
                                                                      int64_t apart, int64_t r, int64_t c, int64_t dim, float *out, const int rows,
                                                                      const int vectors, int prefetch) {
@@ -646,7 +649,7 @@ static inline __attribute__((always_inline)) void column_weigh_pass(const float 
     for (int v = 0; v < vectors; ++v) sums[i][v] = load_wv(out + (r + i) * dim + c + WEIGH_LANES * v);
   for (int64_t t = 0; t < count; ++t) {
     if (prefetch)
-      for (int64_t p = 0; p < dim; p += 16) __builtin_prefetch(values + (t + 16) * dim + p);
+      for (int64_t p = 0; p < dim; p += 16) __builtin_prefetch(values + (t + PREFETCH_ROWS) * dim + p);
     wv value[WEIGH_VECTORS];
     for (int v = 0; v < vectors; ++v) {
       value[v] = load_wv(values + t * dim + c + WEIGH_LANES * v);

@@ -119,7 +119,8 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scal
     peaked case's scores spread over hundreds, so that some weights in most rows fall below the kernel's
     exponential's floor (without the floor, their exponent wraps around)."""
     rng = np.random.default_rng(heads * dim + width)
-    model = _attention_model(heads, kv_heads, dim, packed, int8, **({"scale": scale} if scale else {}))
+    attributes = {"scale": scale} if scale else {}
+    model = _attention_model(heads, kv_heads, dim, packed, int8, **attributes)
     cached, new = np.array([5, 37]), np.array([width, max(width - 2, 0)])
     feeds = {"query": rng.standard_normal((2, width, (heads + 2 * kv_heads) * dim if packed else heads * dim), dtype=np.float32)}
     if not packed:
@@ -130,7 +131,7 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scal
         "query_seqlens": new.astype(np.int32),
     }
     caches = {name: rng.standard_normal((2, kv_heads, CAPACITY, dim), dtype=np.float32) for name in ("past_key", "past_value")}
-    unrounded = _run(_session(_attention_model(heads, kv_heads, dim, packed, False, **({"scale": scale} if scale else {})), dim, fused=False), feeds, caches, bound)[0] if int8 else None
+    unrounded = _run(_session(_attention_model(heads, kv_heads, dim, packed, False, **attributes), dim, fused=False), feeds, caches, bound)[0] if int8 else None
     if int8:
         caches = _quantized(caches, kv_heads, dim)
     expected = _run(_session(model, dim, fused=False), feeds, caches, bound)
@@ -156,9 +157,9 @@ def test_kernel_matches_group_query_attention(heads, kv_heads, dim, packed, scal
 def test_a_call_after_a_long_cache_matches_group_query_attention(heads, kv_heads, width, int8, march):
     """Hundreds of cached rows, small-coder's heads (main and draft). A decode step's or a verify's tokens, with
     these few key/value heads, split the cache into parts at multiples of 256 rows per key/value head (4 and 2
-    parts after 900 with one head, 2 and 1 with two), whose sums are merged. The AVX2 kernel walks a prompt's in blocks of 60 with a running softmax, and the keys grow
-    along the cache, so that nearly every block's scores rise above the maxima so far and the sums are
-    rescaled; the last block is ragged."""
+    parts after 900 with one head, 2 and 1 with two), whose sums are merged. The AVX2 kernel walks a prompt's in
+    blocks of 60 with a running softmax, and the keys grow along the cache, so that nearly every block's scores
+    rise above the maxima so far and the sums are rescaled; the last block is ragged."""
     dim, capacity = 64, 1024
     rng = np.random.default_rng(width + kv_heads)
     model = _attention_model(heads, kv_heads, dim, False, int8, capacity)
