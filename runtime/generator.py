@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, get_args
@@ -10,12 +11,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.artifact import Manifest, verify_artifact
+from runtime.cache_pool import CachePool
 from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
 from runtime.kernels.session import Kernels
 from runtime.sampling import SamplingParams
 from runtime.speculative import (
-    MAX_DRAFT_LENGTH, AdaptiveDraftLength, BatchDraft, BatchLookupDraft, BatchLookupThenDraft, BatchModelDraft, Draft, FixedDraftLength,
+    MAX_DRAFT_LENGTH, AdaptiveDraftLength, BatchDraft, BatchLookupDraft, BatchLookupThenDraft, BatchModelDraft, Draft, DraftLengthPolicy, FixedDraftLength,
     GenerationStats, LookupDraft, LookupThenDraft, ModelDraft, decode, decode_batch,
 )  # fmt: skip
 
@@ -72,6 +74,7 @@ class Generator:
         eos = self.manifest.generation.eos_token_id
         self.stop_tokens = {eos} if eos is not None else set()
         self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)  # shared by all draft-model "auto" generations
+        self._caches = {role: CachePool(decoder) for role, decoder in (("main", self.main), ("draft", self.draft)) if decoder is not None}
 
     def _decoder(self, role: str, threads: int | None, kernels: Kernels):
         entry = self.manifest.models[role]
@@ -137,26 +140,30 @@ class Generator:
         defaults = self.manifest.generation
         sampling = sampling or SamplingParams(temperature=defaults.temperature)
         policy = self._draft_policy(draft_length or defaults.draft_length, sampling, proposer)
-        main_cache = self.main.new_cache()
-        if len(prompt_ids) > main_cache.capacity:
-            raise MoeccError(f"prompt of {len(prompt_ids)} tokens exceeds the maximum sequence length {main_cache.capacity}")
-        draft: Draft | None = None
-        if speculative and proposer == "prompt-lookup":
-            draft = LookupDraft(self.main.entry.vocab_size)
-        elif speculative and proposer == "lookup-then-draft":
-            draft = LookupThenDraft(self._required_draft(proposer).new_cache(), self.main.entry.vocab_size, defaults.max_draft_length)
-        elif speculative and self.draft is not None:
-            draft = ModelDraft(self.draft.new_cache())
-        return decode(
-            main_cache,
-            draft,
-            prompt_ids,
-            max_new_tokens or defaults.max_new_tokens,
-            policy,
-            sampling,
-            self.stop_tokens if stop_tokens is None else set(stop_tokens),
-            stats if stats is not None else GenerationStats(),
-        )
+        capacity = self.main.entry.max_sequence_length
+        if len(prompt_ids) > capacity:
+            raise MoeccError(f"prompt of {len(prompt_ids)} tokens exceeds the maximum sequence length {capacity}")
+        if speculative and proposer == "lookup-then-draft":
+            self._required_draft(proposer)  # refused here, not at the stream's first step
+        stops = self.stop_tokens if stop_tokens is None else set(stop_tokens)
+        stats = stats if stats is not None else GenerationStats()
+        return self._stream_ids(prompt_ids, max_new_tokens or defaults.max_new_tokens, policy, sampling, stops, stats, proposer if speculative else None)
+
+    def _stream_ids(
+        self, prompt_ids: list[int], max_new_tokens: int, policy: DraftLengthPolicy, sampling: SamplingParams, stop_tokens: set[int],
+        stats: GenerationStats, proposer: Proposer | None,
+    ) -> Iterator[list[int]]:  # fmt: skip
+        """stream_ids()'s loop (proposer None: the main model alone), on caches taken from the pools while it runs."""
+        with ExitStack() as caches:
+            main = caches.enter_context(self._caches["main"].cache())
+            draft: Draft | None = None
+            if proposer == "prompt-lookup":
+                draft = LookupDraft(self.main.entry.vocab_size)
+            elif proposer == "lookup-then-draft":
+                draft = LookupThenDraft(caches.enter_context(self._caches["draft"].cache()), self.main.entry.vocab_size, self.manifest.generation.max_draft_length)
+            elif proposer == "draft" and self.draft is not None:
+                draft = ModelDraft(caches.enter_context(self._caches["draft"].cache()))
+            yield from decode(main, draft, prompt_ids, max_new_tokens, policy, sampling, stop_tokens, stats)
 
     def stream(self, prompt: str, **options) -> Stream:
         stats = GenerationStats()
