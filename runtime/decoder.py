@@ -198,6 +198,7 @@ class BoundBuffers:
             self.binding.bind_ortvalue_input(GREEDY_STEPS, self._values[-2])
             self.binding.bind_ortvalue_output(GREEDY_TOKENS, self._values[-1])
             self._steps = memoryview(steps)
+            self._greedy_tokens = memoryview(self.chained).cast("B").cast("q")  # read without a numpy call
 
     def _bound_view(self, name: str, size: int) -> np.ndarray:
         """The leading [B, size(, V or 1)] view of a flat buffer (contiguous at every size, so one buffer serves
@@ -226,6 +227,17 @@ class BoundBuffers:
         logits [B,N,V] at each row's last[row] last new tokens, N = max(last) or 1 (the caller's to keep; a row's
         positions beyond its own last[row] hold nothing it asked for). With `greedy_steps` (a model that chains
         them, one row), the call then proposes that many tokens greedily into `chained` [0, :greedy_steps]."""
+        logits = self._call(rows, cached, last, greedy_steps)
+        return logits.copy() if logits is not None else self.binding.get_outputs()[0].numpy()  # the buffer is refilled by the next call
+
+    def greedy(self, tokens: list[int], cached: int, last: int, greedy_steps: int = 0) -> list[int]:
+        """run() for one row of a model that chains greedily, for its greedy tokens alone: the argmax at each of its
+        `last` (at most MAX_CHAIN) last new tokens, or with `greedy_steps`, its proposals. No logits are copied out."""
+        self._call([tokens], [cached], [last], greedy_steps)
+        return self._greedy_tokens[: greedy_steps or last].tolist()
+
+    def _call(self, rows: list[list[int]], cached: list[int], last: list[int], greedy_steps: int) -> np.ndarray | None:
+        """run()'s call; returns a small call's logits in the bound buffer, None where ONNX Runtime allocated them."""
         new = [len(tokens) for tokens in rows]
         check_last(new, last)
         if self._steps is not None:
@@ -248,7 +260,7 @@ class BoundBuffers:
                 fill_positions(positions[..., 0], new, last)
                 self._filled = (kept, new, list(last))
             self.decoder.session.run_with_iobinding(self.binding)
-            return logits.copy()  # the buffer is refilled by the next call
+            return logits
         for name, values in (("input_ids", right_padded(rows, width)), (POSITIONS_INPUT, positions_input(new, last))):  # a prompt: arrays of its own
             self.binding.bind_cpu_input(name, values)
             self._bound[name] = -1
@@ -256,7 +268,7 @@ class BoundBuffers:
         self._bound["logits"] = -1
         self._small_call = None
         self.decoder.session.run_with_iobinding(self.binding)
-        return self.binding.get_outputs()[0].numpy()
+        return None
 
 
 def shared_prefix_length(cached: list[int], tokens: list[int]) -> int:
@@ -296,6 +308,10 @@ class TokenLedger:
         (all by default): a prompt's prefill asks for one, a verify block for k + 1."""
         raise NotImplementedError
 
+    def greedy_tokens(self, tokens: list[int], last: int) -> list[int]:
+        """feed(), for the argmax after each of the `last` last tokens alone (a greedy verify's judge)."""
+        return self.feed(tokens, last).argmax(axis=-1).tolist()
+
     def greedy_chain(self, tokens: list[int], count: int) -> list[int]:
         """Run `tokens` after the cached ones, then propose `count` tokens greedily (each the argmax after the
         one before), caching each but the last; returns the proposals."""
@@ -324,6 +340,13 @@ class KvCache(TokenLedger):
         self.ids.extend(tokens)
         return logits[0, :last]
 
+    def greedy_tokens(self, tokens: list[int], last: int) -> list[int]:
+        if not self.buffers.decoder.chains_greedily or last > MAX_CHAIN:
+            return super().greedy_tokens(tokens, last)
+        chosen = self.buffers.greedy(tokens, len(self.ids), last)
+        self.ids.extend(tokens)
+        return chosen
+
     def greedy_chain(self, tokens: list[int], count: int) -> list[int]:
         if not self.buffers.decoder.chains_greedily:
             return super().greedy_chain(tokens, count)
@@ -331,8 +354,7 @@ class KvCache(TokenLedger):
         while len(chain) < count:  # MAX_CHAIN proposals per call
             steps = min(count - len(chain), MAX_CHAIN)
             check_capacity(len(self.ids) + len(tokens) + steps - 1, self.capacity)
-            self.buffers.run([tokens], [len(self.ids)], [1], greedy_steps=steps)
-            proposed = self.buffers.chained[0, :steps].tolist()
+            proposed = self.buffers.greedy(tokens, len(self.ids), 1, greedy_steps=steps)
             self.ids.extend(tokens + proposed[:-1])
             chain += proposed
             tokens = proposed[-1:]

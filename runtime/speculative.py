@@ -437,6 +437,11 @@ def score(main: TokenLedger, unread: list[int], proposal: Proposal) -> np.ndarra
     return main.feed(unread + proposal.tokens, last=len(proposal.tokens) + 1)
 
 
+def score_greedy(main: TokenLedger, unread: list[int], proposal: Proposal) -> list[int]:
+    """score()'s positions' argmaxes alone, all a greedy judge reads."""
+    return main.greedy_tokens(unread + proposal.tokens, last=len(proposal.tokens) + 1)
+
+
 class ModelDraft:
     """Proposals drawn from a draft model's logits; its cache first reads the sequence's tokens it lacks."""
 
@@ -607,14 +612,19 @@ def judge(proposal: Proposal, logits: np.ndarray, params: SamplingParams, rng: n
     the argmaxes agree, then the main model's argmax) without building a distribution over the vocabulary for
     every position."""
     if params.greedy:
-        best = logits.argmax(axis=-1).tolist()  # Python ints: compared without a numpy call each
-        kept = 0
-        for token, main_token in zip(proposal.tokens, best):
-            if token != main_token:
-                break
-            kept += 1
-        return kept, best[kept]
+        return agree(proposal.tokens, logits.argmax(axis=-1).tolist())  # Python ints: compared without a numpy call each
     return accept(proposal, [distribution(row, params) for row in logits], rng)
+
+
+def agree(proposed: list[int], best: list[int]) -> tuple[int, int]:
+    """Greedy acceptance on the main model's argmax at each verified position: keep the proposals while they
+    agree with it, then take its argmax."""
+    kept = 0
+    for token, main_token in zip(proposed, best):
+        if token != main_token:
+            break
+        kept += 1
+    return kept, best[kept]
 
 
 def agreed_length(length_before: int, kept: int, committed: int) -> int:
@@ -691,6 +701,8 @@ def decode(
             steps = min(MAIN_ONLY_STEPS, limit + 1) if stats.new_tokens else 1
             *own, next_token = main.greedy_chain(unread_tokens(main.ids, tokens), steps)
             proposal, kept = Proposal(own, []), len(own)
+        elif params.greedy:
+            kept, next_token = agree(proposal.tokens, score_greedy(main, unread_tokens(main.ids, tokens), proposal))
         else:
             kept, next_token = judge(proposal, score(main, unread_tokens(main.ids, tokens), proposal), params, rng)
         verified = time.perf_counter()

@@ -27,7 +27,8 @@ moecc.MoE's code for the attention, the products and the routed experts. Its con
              and up (F = 0 without one), then the router's E columns, the shared expert's gate (one column) and
              zeros to R, a multiple of 32; the shared expert's down in panels [H / 32, F, 32], if it has one;
              the experts' fc1 [E P, 2I, H] and fc2 transposed [E P, I, H], as moecc.MoE takes them
-  outputs  0 logits [B, N, V]   1 greedy_tokens [B, max_chain] int64: the greedy proposals, then -1
+  outputs  0 logits [B, N, V]   1 greedy_tokens [B, max_chain] int64: with greedy steps, the greedy proposals;
+             without, each row's argmax at each of its N returned positions (N <= max_chain); then -1
            2... per layer: present_key, present_value (in place when bound to the past)
   attrs    num_heads, kv_num_heads, qk_norm (0 or 1), epsilon (every RMS norm's), scale (0: 1/sqrt(D)), max_chain,
            quantized (0 or 1: 8-bit weights), qkv_bias (0 or 1); an MoE's experts (E, the router's columns; 0:
@@ -374,6 +375,11 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   if (!status && steps) {
     int32_t length = ((const int32_t *)in[SEQLENS_K].data)[0] + 1;
     status = chain_greedily(context, &model, (const float *)logits.data + (kept - 1) * model.vocab, length, steps, proposed, next);
+  } else if (!status && kept <= kernel->max_chain) {
+    /* A greedy verify's judge needs only these: read from here, not from the logits copied into numpy and
+       reduced there, each a call into code the model's call left cold (decode() in runtime/speculative.py). */
+    for (int64_t row = 0; row < batch; ++row)
+      for (int64_t n = 0; n < kept; ++n) proposed[row * kernel->max_chain + n] = argmax((const float *)logits.data + (row * kept + n) * model.vocab, model.vocab);
   }
 done:
   free(scratch);

@@ -150,6 +150,27 @@ def test_greedy_proposals_chained_in_one_call_are_those_of_one_call_each(fused_a
         BatchKvCache(fused, 2, 64).buffers.run([[1], [2]], [0, 0], [1, 1], greedy_steps=2)
 
 
+@pytest.mark.parametrize("role", ["main", "draft"])
+def test_a_greedy_verify_reads_the_kernels_argmax_of_each_position(fused_and_unfused, role):
+    """Up to MAX_CHAIN positions the kernel writes each one's argmax beside the logits, which a greedy judge reads
+    instead of the logits; a longer block's come from its logits."""
+    fused = getattr(fused_and_unfused[0], role)
+    rng = np.random.default_rng(9)
+    prompt = rng.integers(1, VOCAB, size=13).tolist()
+    cache = fused.new_cache(128)
+    cache.feed(prompt, last=1)
+    for count in (1, 9, fused_decoder.MAX_CHAIN, fused_decoder.MAX_CHAIN + 1):
+        block = rng.integers(1, VOCAB, size=count).tolist()
+        chosen = cache.greedy_tokens(block, last=count)
+        written = cache.buffers.chained[0, : min(count, fused_decoder.MAX_CHAIN)].tolist()
+        assert cache.ids == prompt + block
+        cache.keep(len(prompt))
+        assert chosen == cache.feed(block).argmax(axis=-1).tolist()
+        if count <= fused_decoder.MAX_CHAIN:
+            assert written == chosen
+        cache.keep(len(prompt))
+
+
 @pytest.mark.parametrize("march", MARCHES)  # AVX2's byte-pair products, and the plain loops of a machine without them
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_quantized_draft_runs_as_one_node_with_integer_products(request, bits, tmp_path, monkeypatch, march):
