@@ -95,6 +95,9 @@ def test_bench_writes_table_json_and_chart(tiny_artifact, tmp_path):
     for prompt, fraction in report["main_only_bandwidth_fraction"].items():
         weights_and_kv = report["main_active_weight_bytes_per_token"] + report["main_only_kv_bytes_per_token"][prompt]
         assert report["main_only_bandwidth_fraction_with_kv"][prompt] == pytest.approx(fraction * weights_and_kv / report["main_active_weight_bytes_per_token"])
+    reads = {prompt: report["main_active_weight_bytes_per_token"] + kv for prompt, kv in report["main_only_kv_bytes_per_token"].items()}
+    growth = report["main_only_cost_growth"]
+    assert (growth["from"], growth["to"]) == (16, 40) and growth["bytes_growth"] == round(reads["40"] / reads["16"] - 1, 4) > 0
 
     code, out, _ = _moecc("bench", str(tiny_artifact), "--prompt-tokens", "100000", "--json")
     assert code == 1 and "exceed the maximum sequence length" in json.loads(out)["error"]
