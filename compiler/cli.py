@@ -408,8 +408,8 @@ def speculation_line(cost: dict[str, Any]) -> str:
 
 def _cost_growth(main_only: list, active_weight_bytes: int, kv_bytes: dict[int, int]) -> dict[str, Any] | None:
     """How much longer a main-only decode step (batch 1) takes after the longest prompt than after the shortest; and
-    how much more it reads (its active weights and the KV cache), the growth a step bound by its reads cannot beat:
-    the benchmark-size model's float cache adds 22 % to its reads from 128 to 2,048 prompt tokens, its INT8 cache 6 %."""
+    how much more it reads (its active weights and the KV cache): the growth a step bound by its reads cannot beat,
+    so that a figure above it says what the attention's arithmetic adds, not what the cache's size does."""
     single = sorted(main_only, key=lambda case: case.prompt_tokens)
     if len(single) < 2:
         return None

@@ -11,7 +11,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.artifact import Manifest, verify_artifact
-from runtime.cache_pool import CachePool
+from runtime.cache_pool import CacheMaker, CachePool
 from runtime.decoder import BatchKvCache, Decoder
 from runtime.errors import MoeccError
 from runtime.kernels.session import Kernels
@@ -61,7 +61,9 @@ PROPOSERS: tuple[str, ...] = get_args(Proposer)
 
 
 class Generator:
-    """Holds one session per model; each call gets its own KV caches, so threads may share a Generator."""
+    """Holds one session per model; each generation runs on KV caches of its own, so threads may share a Generator.
+    A stream takes its caches when it starts and gives them back when it ends or is closed, for the next
+    generations to reuse (runtime.cache_pool)."""
 
     def __init__(self, path: str | Path, threads: int | None = None, target: str = "cpu", placement: str = "single", kernels: Kernels = "auto"):
         self.path = Path(path)
@@ -74,7 +76,7 @@ class Generator:
         eos = self.manifest.generation.eos_token_id
         self.stop_tokens = {eos} if eos is not None else set()
         self.adaptive_draft_length = AdaptiveDraftLength(self.manifest.generation.max_draft_length)  # shared by all draft-model "auto" generations
-        self._caches = {role: CachePool(decoder) for role, decoder in (("main", self.main), ("draft", self.draft)) if decoder is not None}
+        self._pools: dict[CacheMaker, CachePool] = {}  # by decoder: main and draft are attributes a caller may set
 
     def _decoder(self, role: str, threads: int | None, kernels: Kernels):
         entry = self.manifest.models[role]
@@ -103,6 +105,11 @@ class Generator:
         if not isinstance(draft_length, int) or isinstance(draft_length, bool) or not 1 <= draft_length <= MAX_DRAFT_LENGTH:
             raise MoeccError(f"draft_length must be an integer from 1 to {MAX_DRAFT_LENGTH} or 'auto', not {draft_length!r}")
         return FixedDraftLength(draft_length)
+
+    def _pool(self, decoder: CacheMaker) -> CachePool:
+        """The pool of `decoder`'s caches, made on first use (setdefault: two threads making it at once keep one)."""
+        pool = self._pools.get(decoder)
+        return pool if pool is not None else self._pools.setdefault(decoder, CachePool(decoder))
 
     def _required_draft(self, proposer: str):
         """The draft model's decoder, which `proposer` cannot do without."""
@@ -155,14 +162,14 @@ class Generator:
     ) -> Iterator[list[int]]:  # fmt: skip
         """stream_ids()'s loop (proposer None: the main model alone), on caches taken from the pools while it runs."""
         with ExitStack() as caches:
-            main = caches.enter_context(self._caches["main"].cache())
+            main = caches.enter_context(self._pool(self.main).cache())
             draft: Draft | None = None
             if proposer == "prompt-lookup":
                 draft = LookupDraft(self.main.entry.vocab_size)
             elif proposer == "lookup-then-draft":
-                draft = LookupThenDraft(caches.enter_context(self._caches["draft"].cache()), self.main.entry.vocab_size, self.manifest.generation.max_draft_length)
+                draft = LookupThenDraft(caches.enter_context(self._pool(self.draft).cache()), self.main.entry.vocab_size, self.manifest.generation.max_draft_length)
             elif proposer == "draft" and self.draft is not None:
-                draft = ModelDraft(caches.enter_context(self._caches["draft"].cache()))
+                draft = ModelDraft(caches.enter_context(self._pool(self.draft).cache()))
             yield from decode(main, draft, prompt_ids, max_new_tokens, policy, sampling, stop_tokens, stats)
 
     def stream(self, prompt: str, **options) -> Stream:

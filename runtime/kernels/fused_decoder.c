@@ -28,7 +28,7 @@ moecc.MoE's code for the attention, the products and the routed experts. Its con
              zeros to R, a multiple of 32; the shared expert's down in panels [H / 32, F, 32], if it has one;
              the experts' fc1 [E P, 2I, H] and fc2 transposed [E P, I, H], as moecc.MoE takes them
   outputs  0 logits [B, N, V]   1 greedy_tokens [B, max_chain] int64: with greedy steps, the greedy proposals;
-             without, each row's argmax at each of its N returned positions (N <= max_chain); then -1
+             without, in a call of one row, its argmax at each of its N returned positions (N <= max_chain); then -1
            2... per layer: present_key, present_value (in place when bound to the past)
   attrs    num_heads, kv_num_heads, qk_norm (0 or 1), epsilon (every RMS norm's), scale (0: 1/sqrt(D)), max_chain,
            quantized (0 or 1: 8-bit weights), qkv_bias (0 or 1); an MoE's experts (E, the router's columns; 0:
@@ -37,7 +37,7 @@ moecc.MoE's code for the attention, the products and the routed experts. Its con
            k, normalize_routing_weights, activation_alpha, activation_beta and swiglu_limit
 
 The greedy proposals continue from the last logits the call returns: the argmax of each, the first index of
-the largest as numpy's, is the next token, and each but the last is run through the model in turn (its keys
+the largest as numpy's (of finite logits), is the next token, and each but the last is run through the model in turn (its keys
 and values cached after the call's tokens). A draft's k proposals are then one call, not k: each of ONNX
 Runtime's calls and the Python around it costs more than the draft's own arithmetic.
 
@@ -131,7 +131,8 @@ static void gate_rows(void *data, size_t item) {
   for (int64_t t = first; t < last; ++t) gated_silu(model->wide + t * model->mixer, model->wide + t * model->mixer + model->ffn, model->ffn, model->gated + t * model->ffn);
 }
 
-/* The first index of the largest value, as numpy's argmax: the largest found in one vectorized pass, then its
+/* The first index of the largest value, as numpy's argmax for finite values (the kernels are built with fast-math,
+   NaNs are not told apart): the largest found in one vectorized pass, then its
    first place (a loop keeping the index of the best so far stays scalar). */
 static int64_t argmax(const float *values, int64_t count) {
   float top = values[0];
@@ -375,11 +376,10 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   if (!status && steps) {
     int32_t length = ((const int32_t *)in[SEQLENS_K].data)[0] + 1;
     status = chain_greedily(context, &model, (const float *)logits.data + (kept - 1) * model.vocab, length, steps, proposed, next);
-  } else if (!status && kept <= kernel->max_chain) {
+  } else if (!status && batch == 1 && kept <= kernel->max_chain) {
     /* A greedy verify's judge needs only these: read from here, not from the logits copied into numpy and
        reduced there, each a call into code the model's call left cold (decode() in runtime/speculative.py). */
-    for (int64_t row = 0; row < batch; ++row)
-      for (int64_t n = 0; n < kept; ++n) proposed[row * kernel->max_chain + n] = argmax((const float *)logits.data + (row * kept + n) * model.vocab, model.vocab);
+    for (int64_t n = 0; n < kept; ++n) proposed[n] = argmax((const float *)logits.data + n * model.vocab, model.vocab);
   }
 done:
   free(scratch);

@@ -52,8 +52,8 @@ def test_streams_running_at_once_take_caches_of_their_own_and_an_abandoned_one_g
     first.close()  # abandoned halfway: its caches go back
     interleaved[1] += [token for step in second for token in step]
     assert interleaved[1] == _tokens(runtime.load(tiny_artifact), PROMPTS[1], draft_length=4)
-    _tokens(generator, PROMPTS[2], draft_length=4)
-    _tokens(generator, PROMPTS[3], draft_length=4)
+    third, fourth = (generator.stream_ids(generator.encode(prompt), max_new_tokens=24, stop_tokens=set(), draft_length=4) for prompt in PROMPTS[2:])
+    next(third), next(fourth)  # at once again: the closed stream's caches and the finished one's
     assert counts == {"main": 2, "draft": 2}
 
 
