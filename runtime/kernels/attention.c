@@ -1051,10 +1051,17 @@ OrtStatus *check_call(const AttentionCall *call, int64_t positions) {
   return NULL;
 }
 
+/* Tokens up to which the first phase runs on the calling thread: a token's rotations and stores take a fraction of a
+   microsecond, less than handing it to the threads costs. A verify of 9 tokens on small-coder's main model spent
+   81-86 µs in its attention instead of 86-95 (4 layers, an instrumented build, four runs each, 2 threads of a
+   2-core Xeon); its decode steps, 22 µs, as before. */
+enum { APPEND_INLINE_TOKENS = STEP_TOKENS };
+
 OrtStatus *attention_run(OrtKernelContext *context, AttentionCall *call) {
   call->span = walk_span(call->group);
   call->column_span = column_span(call);
-  CHECK(for_each_item(context, append, (size_t)(call->batch * call->new_width), call));
+  size_t tokens = (size_t)(call->batch * call->new_width);
+  CHECK(for_each_item(tokens <= APPEND_INLINE_TOKENS ? NULL : context, append, tokens, call));
   if (call->new_width <= STEP_TOKENS) return attend_step(context, call);
   int64_t blocks = (call->new_width + QUERY_BLOCK - 1) / QUERY_BLOCK;
   CHECK(for_each_item(context, attend, (size_t)(call->batch * call->kv_heads * blocks), call));
