@@ -74,6 +74,13 @@ def shipped_artifact(tmp_path_factory, shipped_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shipped_kv8_artifact(tmp_path_factory, shipped_cache) -> Path:
+    """The shipped pair with an INT8 KV cache (recipes/tiny-coder-kv8.yaml)."""
+    output = tmp_path_factory.mktemp("shipped-kv8")
+    return build(load_recipe(REPO / "recipes" / "tiny-coder-kv8.yaml"), output, cache_root=shipped_cache).artifact
+
+
+@pytest.fixture(scope="session")
 def small_coder_artifact(tmp_path_factory) -> Path:
     return build(load_recipe(REPO / "recipes" / "small-coder.yaml"), tmp_path_factory.mktemp("small-coder")).artifact
 

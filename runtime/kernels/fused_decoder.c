@@ -15,7 +15,8 @@ moecc.MoE's code for the attention, the products and the routed experts. Its con
            4 greedy_steps [] int64: after the call, propose this many tokens greedily (batch 1 only)
            5 cos, 6 sin [positions, D/2]: rotary tables   7 embedding [V, H]   8 the final norm's weight [H]
            9 the head's weights in panels [V / 32, H, 32]   10 with quantized, their scales, else empty
-           11... per layer: past_key, past_value [B, KVH, capacity, D]; the input norm's weight [H]; q, k and v
+           11... per layer: past_key, past_value [B, KVH, capacity, D] (float, or int8 in the op registered for an
+             int8 cache, then followed by their scales [1, KVH, 1, D], as moecc.Attention's); the input norm's weight [H]; q, k and v
              packed in panels [(H_q + 2 KVH) D / 32, H, 32]; with qkv_bias, their bias [(H_q + 2 KVH) D]; with
              qk_norm, the query and key norms' weights [D]; the output projection in panels [H / 32, H_q D, 32];
              the post-attention norm's weight [H]; then the MLP's:
@@ -29,7 +30,7 @@ moecc.MoE's code for the attention, the products and the routed experts. Its con
              the experts' fc1 [E P, 2I, H] and fc2 transposed [E P, I, H], as moecc.MoE takes them
   outputs  0 logits [B, N, V]   1 greedy_tokens [B, max_chain] int64: with greedy steps, the greedy proposals;
              without, in a call of one row, its argmax at each of its N returned positions (N <= max_chain); then -1
-           2... per layer: present_key, present_value (in place when bound to the past)
+           2... per layer: present_key, present_value, of the past's type (in place when bound to the past)
   attrs    num_heads, kv_num_heads, qk_norm (0 or 1), epsilon (every RMS norm's), scale (0: 1/sqrt(D)), max_chain,
            quantized (0 or 1: 8-bit weights), qkv_bias (0 or 1); an MoE's experts (E, the router's columns; 0:
            a dense MLP), expert_parts (P: the lowering's parts of each expert, part p of expert e the MoE's
@@ -67,6 +68,7 @@ enum { SMALL_CALL_TOKENS = 16 };
 
 typedef struct {
   int64_t num_heads, kv_num_heads, qk_norm, max_chain, quantized, qkv_bias;
+  int int8_cache; /* the op's registration: an int8 cache with its scales, else a float one */
   int64_t experts, expert_parts, shared_expert; /* experts 0: a dense MLP */
   ExpertMix mix;
   float epsilon, scale;
@@ -74,9 +76,9 @@ typedef struct {
 
 /* One layer's inputs, by name, and its cache as the call writes it. */
 typedef struct {
-  Tensor past_key, past_value, input_norm, qkv, qkv_bias, query_norm, key_norm, out, post_norm, gate_up, down, fc1, fc2;
+  Tensor past_key, past_value, key_scale, value_scale, input_norm, qkv, qkv_bias, query_norm, key_norm, out, post_norm, gate_up, down, fc1, fc2;
   Tensor qkv_scales, out_scales, gate_up_scales, down_scales; /* 8-bit weights' (quantized) */
-  float *cache_key, *cache_value;
+  void *cache_key, *cache_value; /* float or int8 */
 } Layer;
 
 /* The model's weights and sizes, and room for the activations of the call's tokens. */
@@ -157,11 +159,12 @@ static int vector_of(const Tensor *tensor, int64_t size) { return tensor->type =
 static OrtStatus *read_layers(OrtKernelContext *context, const Kernel *kernel, Layer *layers, size_t count) {
   for (size_t l = 0, index = FIXED_INPUTS; l < count; ++l) {
     Layer *layer = &layers[l];
-    Tensor *order[] = {&layer->past_key, &layer->past_value, &layer->input_norm, &layer->qkv, &layer->qkv_scales, &layer->qkv_bias,
+    Tensor *order[] = {&layer->past_key, &layer->past_value, &layer->key_scale, &layer->value_scale, &layer->input_norm, &layer->qkv, &layer->qkv_scales, &layer->qkv_bias,
                        &layer->query_norm, &layer->key_norm, &layer->out, &layer->out_scales, &layer->post_norm, &layer->gate_up,
                        &layer->gate_up_scales, &layer->down, &layer->down_scales, &layer->fc1, &layer->fc2};
     for (size_t i = 0; i < sizeof order / sizeof *order; ++i) {
       Tensor *tensor = order[i];
+      if (!kernel->int8_cache && (tensor == &layer->key_scale || tensor == &layer->value_scale)) continue;
       if (!kernel->qk_norm && (tensor == &layer->query_norm || tensor == &layer->key_norm)) continue;
       if (!kernel->quantized && (tensor == &layer->qkv_scales || tensor == &layer->out_scales || tensor == &layer->gate_up_scales || tensor == &layer->down_scales))
         continue;
@@ -174,12 +177,19 @@ static OrtStatus *read_layers(OrtKernelContext *context, const Kernel *kernel, L
   return NULL;
 }
 
+/* Whether `tensor` holds an int8 cache's scales [1, KVH, 1, D]. */
+static int cache_scales(const Model *model, const Tensor *tensor) {
+  return tensor->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && shaped(tensor, 4, 1, model->kv_heads, 1) && tensor->shape[3] == model->dim;
+}
+
 /* Whether every layer's cache and weights have the model's sizes, for a batch of `batch`. */
 static int layers_fit(const Model *model, int64_t batch) {
+  ONNXTensorElementDataType cache = model->kernel->int8_cache ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   for (size_t l = 0; l < model->layer_count; ++l) {
     const Layer *layer = &model->layers[l];
-    if (!(shaped(&layer->past_key, 4, batch, model->kv_heads, model->capacity) && layer->past_key.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
-          layer->past_value.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && layer->past_key.shape[3] == model->dim &&
+    if (model->kernel->int8_cache && !(cache_scales(model, &layer->key_scale) && cache_scales(model, &layer->value_scale))) return 0;
+    if (!(shaped(&layer->past_key, 4, batch, model->kv_heads, model->capacity) && layer->past_key.type == cache &&
+          layer->past_value.type == cache && layer->past_key.shape[3] == model->dim &&
           !memcmp(layer->past_value.shape, layer->past_key.shape, sizeof(int64_t) * 4) && vector_of(&layer->input_norm, model->hidden) &&
           panels(model->kernel, &layer->qkv, &layer->qkv_scales, model->packed, model->hidden) &&
           panels(model->kernel, &layer->out, &layer->out_scales, model->hidden, model->heads * model->dim) &&
@@ -235,12 +245,14 @@ static OrtStatus *forward(OrtKernelContext *context, const Model *model, const i
                         .epsilon = kernel->epsilon, .query_stride = model->packed, .key_stride = model->packed, .seqlens_k = seqlens_k,
                         .query_seqlens = query_seqlens, .cos = model->cos, .sin = model->sin, .output = model->attended,
                         .query = wide, .key = wide + heads * dim, .value = wide + (heads + model->kv_heads) * dim};
+  call.quantized = kernel->int8_cache;
   CHECK(check_call(&call, model->rotary_positions));
   for (size_t l = 0; l < model->layer_count; ++l) {
     const Layer *layer = &model->layers[l];
     call.query_norm = layer->query_norm.value ? layer->query_norm.data : NULL;
     call.key_norm = layer->key_norm.value ? layer->key_norm.data : NULL;
     call.cache_key = layer->cache_key, call.cache_value = layer->cache_value;
+    call.key_scale = kernel->int8_cache ? layer->key_scale.data : NULL, call.value_scale = kernel->int8_cache ? layer->value_scale.data : NULL;
     rms_norm(x, layer->input_norm.data, tokens, hidden, kernel->epsilon, h);
     CHECK(matmul_run(context, h, tokens, hidden, layer->qkv.data, layer->qkv_scales.data, model->packed, wide));
     if (kernel->qkv_bias)
@@ -284,8 +296,9 @@ __attribute__((noinline)) static OrtStatus *chain_greedily(OrtKernelContext *con
 static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
   const Kernel *kernel = state;
   /* per layer: caches, norms, q/k/v, output, gate/up (an MoE layer's mixer), down (absent in an MoE layer without a
-     shared expert); query and key norms, the scales, the q/k/v bias and the experts' fc1 and fc2 where there are */
-  size_t given, per_layer = 8 + (kernel->qk_norm ? 2 : 0) + (kernel->quantized ? 4 : 0) + (kernel->qkv_bias ? 1 : 0) + (kernel->experts ? 2 - !kernel->shared_expert : 0);
+     shared expert); an int8 cache's scales, query and key norms, the weights' scales, the q/k/v bias and the experts'
+     fc1 and fc2 where there are */
+  size_t given, per_layer = 8 + (kernel->int8_cache ? 2 : 0) + (kernel->qk_norm ? 2 : 0) + (kernel->quantized ? 4 : 0) + (kernel->qkv_bias ? 1 : 0) + (kernel->experts ? 2 - !kernel->shared_expert : 0);
   CHECK(ort->KernelContext_GetInputCount(context, &given));
   if (given <= FIXED_INPUTS || (given - FIXED_INPUTS) % per_layer) return fail("moecc.FusedDecoder: the inputs are not whole layers");
   Tensor in[FIXED_INPUTS];
@@ -366,7 +379,7 @@ static OrtStatus *ORT_API_CALL compute(void *state, OrtKernelContext *context) {
       const Tensor *past = kind ? &layer->past_value : &layer->past_key;
       status = output(context, PRESENTS + 2 * l + kind, past->shape, 4, &present[kind]);
       if (!status && present[kind].data != past->data) /* not bound to the past: start from a copy of it */
-        memcpy(present[kind].data, past->data, (size_t)elements(past) * sizeof(float));
+        memcpy(present[kind].data, past->data, (size_t)elements(past) * (kernel->int8_cache ? 1 : sizeof(float)));
     }
     layer->cache_key = present[0].data, layer->cache_value = present[1].data;
   }
@@ -387,10 +400,19 @@ done:
   return status;
 }
 
+/* The op, once per cache type, under a name of its own: ONNX Runtime infers a custom op's output types from the
+   first registration whose declared inputs match the node's, and the two differ only in their outputs' type. */
+typedef struct {
+  OrtCustomOp op; /* first: ONNX Runtime hands back a pointer to it */
+  const char *name;
+  ONNXTensorElementDataType cache;
+} FusedDecoderOp;
+
 static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **state) {
-  (void)op, (void)api;
+  (void)api;
   Kernel *kernel = calloc(1, sizeof(Kernel));
   if (!kernel) return fail("moecc.FusedDecoder: out of memory");
+  kernel->int8_cache = ((const FusedDecoderOp *)op)->cache == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
   OrtStatus *status = read_heads(info, "moecc.FusedDecoder", &kernel->num_heads, &kernel->kv_num_heads);
   kernel->qk_norm = int_attribute(info, "qk_norm", 0);
   kernel->max_chain = int_attribute(info, "max_chain", 0);
@@ -417,7 +439,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
   return NULL;
 }
 
-static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "FusedDecoder"; }
+static const char *ORT_API_CALL name(const OrtCustomOp *op) { return ((const FusedDecoderOp *)op)->name; }
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return FIXED_INPUTS + 1; }
 static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return PRESENTS + 1; }
 
@@ -425,17 +447,17 @@ static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, 
   (void)op;
   if (index == INPUT_IDS || index == LOGIT_POSITIONS || index == GREEDY_STEPS) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   if (index == SEQLENS_K || index == QUERY_SEQLENS) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-  /* the head and the layers' weights: float, or 8-bit (quantized), checked by the kernel */
+  /* the head and the layers' weights and caches: float, or 8-bit (quantized weights, an int8 cache), checked by the kernel */
   if (index == HEAD || index == FIXED_INPUTS) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
 static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t index) {
-  (void)op;
+  if (index == PRESENTS) return ((const FusedDecoderOp *)op)->cache;
   return index == GREEDY_TOKENS ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
-/* The last input (the layers': float, or float and 8-bit) and output (their caches, float) repeat: one or more tensors. */
+/* The last input (the layers': float, or float and 8-bit, or int8 caches) and output (their caches) repeat: one or more tensors. */
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp *op, size_t index) {
   (void)op;
   return index == FIXED_INPUTS ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
@@ -449,13 +471,20 @@ static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(c
 static int ORT_API_CALL one_or_more(const OrtCustomOp *op) { (void)op; return 1; }
 static int ORT_API_CALL mixed(const OrtCustomOp *op) { (void)op; return 0; }
 
-/* Written once, at load: sessions registering the library concurrently only read it. */
-static const OrtCustomOp fused_decoder_op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider,
-                                     .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
-                                     .GetOutputTypeCount = output_count, .KernelDestroy = free_state, .GetInputCharacteristic = input_characteristic,
-                                     .GetOutputCharacteristic = output_characteristic, .GetInputMemoryType = cpu_memory,
-                                     .GetVariadicInputMinArity = one_or_more, .GetVariadicInputHomogeneity = mixed,
-                                     .GetVariadicOutputMinArity = one_or_more, .GetVariadicOutputHomogeneity = one_or_more,
-                                     .CreateKernelV2 = create, .KernelComputeV2 = compute};
+/* Written once, at load: sessions registering the library concurrently only read them. */
+#define FUSED_DECODER_OP(NAME, CACHE)                                                                                                            \
+  {                                                                                                                                          \
+    .op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider, .GetInputType = input_type,               \
+           .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count, .KernelDestroy = free_state, \
+           .GetInputCharacteristic = input_characteristic, .GetOutputCharacteristic = output_characteristic, .GetInputMemoryType = cpu_memory, \
+           .GetVariadicInputMinArity = one_or_more, .GetVariadicInputHomogeneity = mixed, .GetVariadicOutputMinArity = one_or_more,         \
+           .GetVariadicOutputHomogeneity = one_or_more, .CreateKernelV2 = create, .KernelComputeV2 = compute},                               \
+    .name = NAME, .cache = CACHE                                                                                                                         \
+  }
+static const FusedDecoderOp fused_decoder_ops[] = {FUSED_DECODER_OP("FusedDecoder", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+                                                   FUSED_DECODER_OP("FusedDecoderInt8Cache", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)};
 
-OrtStatus *add_fused_decoder_ops(OrtCustomOpDomain *domain) { return ort->CustomOpDomain_Add(domain, &fused_decoder_op); }
+OrtStatus *add_fused_decoder_ops(OrtCustomOpDomain *domain) {
+  for (size_t i = 0; i < sizeof fused_decoder_ops / sizeof *fused_decoder_ops; ++i) CHECK(ort->CustomOpDomain_Add(domain, &fused_decoder_ops[i].op));
+  return NULL;
+}

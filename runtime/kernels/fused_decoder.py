@@ -1,7 +1,7 @@
 """moecc.FusedDecoder (fused_decoder.c) in place of a whole decoder's graph, as moecc's export writes it: a dense
 Qwen3 or Llama draft (float32 weights, or 8-bit ones as the quantize stage writes them: MatMulNBits, blocks of
-32) or a float32 Qwen3-MoE, Qwen2-MoE or Mixtral main model, with a float32 cache (session.py decides when to
-swap).
+32) or a float32 Qwen3-MoE, Qwen2-MoE or Mixtral main model, with a float32 cache or an int8 one with per-channel
+scales, as moecc.Attention takes them (session.py decides when to swap).
 
 Why a whole graph in one node: a draft's call is small (small-coder's 2-layer draft reads 2 MiB of weights),
 and the decoding loop makes it right after the main model's verify has filled the caches with other data.
@@ -100,6 +100,7 @@ class _Experts:
 @dataclass
 class _Layer:
     past: list[str]  # past key, past value
+    cache_scales: list[str]  # an int8 cache's key and value scales [1, KVH, 1, D], or none
     present: list[str]  # present key, present value
     input_norm: str
     qkv: _Weights
@@ -121,6 +122,7 @@ class _Decoder:
     sin: str
     attributes: dict
     layers: list[_Layer]
+    int8_cache: bool
 
 
 class _Walk:
@@ -129,6 +131,7 @@ class _Walk:
     def __init__(self, model: onnx.ModelProto):
         self.producer = {name: node for node in model.graph.node for name in node.output}
         self.constants = {tensor.name: tensor for tensor in model.graph.initializer}
+        self.cache_types = {value.name: value.type.tensor_type.elem_type for value in model.graph.input}
         self.seen: set[int] = set()
         self.epsilons: set[float] = set()
 
@@ -268,8 +271,8 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     out, out_weights = walk.product(post.input[0])
     attend = walk.node(out.input[0], "Attention", DOMAIN)
     names = dict(zip(attention._OURS, attend.input))
-    if any(names.get(name) for name in ("key", "value", "k_scale", "v_scale")) or attend.output[0] != out.input[0]:
-        raise _NoMatch(f"{attend.name}: q, k and v not packed, or an int8 cache")
+    if any(names.get(name) for name in ("key", "value")) or attend.output[0] != out.input[0]:
+        raise _NoMatch(f"{attend.name}: q, k and v not packed")
     norms = [names.get("q_norm_weight", ""), names.get("k_norm_weight", "")]
     if any(norms) and not all(norms):
         raise _NoMatch(f"{attend.name}: a query norm without a key norm")
@@ -284,12 +287,17 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     attributes = {name: attribute_value(attend, name) for name in ("num_heads", "kv_num_heads", "scale") if attribute_value(attend, name) is not None}
     heads, kv_heads = attributes["num_heads"], attributes["kv_num_heads"]
     qkv_weights.fit(hidden, (heads + 2 * kv_heads) * head_dim)
+    int8_cache = walk.cache_types.get(names["past_key"]) == onnx.TensorProto.INT8
+    cache_scales = [names["k_scale"], names["v_scale"]] if int8_cache else []  # moecc.Attention takes an int8 cache only with both
+    for scales in cache_scales:
+        walk.weights(scales, [1, kv_heads, 1, head_dim])
     if bias is not None:
         walk.weights(bias, [qkv_weights.columns])
     out_weights.fit(heads * head_dim, hidden)
     attributes["ffn"] = gate_up_weights.columns // 2 if gate_up_weights else 0
     attributes["qk_norm"] = int(all(norms))
     attributes["qkv_bias"] = int(bias is not None)
+    attributes["int8_cache"] = int(int8_cache)  # for the layers to agree on; the op's registration takes it, not an attribute
     if experts:
         attributes |= {"experts": experts.router.columns, "expert_parts": experts.parts, "shared_expert": int(experts.shared_gate is not None)}
         attributes["expert_size"] = experts.size  # shared by every layer, like the rest
@@ -302,7 +310,7 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     if post.input[1] != residual:
         raise _NoMatch(f"{post.name}: its residual is not the layer's input")
     layer = _Layer(
-        past=[names["past_key"], names["past_value"]], present=list(attend.output[1:3]), input_norm="", qkv=qkv_weights, qkv_bias=bias,
+        past=[names["past_key"], names["past_value"]], cache_scales=cache_scales, present=list(attend.output[1:3]), input_norm="", qkv=qkv_weights, qkv_bias=bias,
         qk_norms=norms if all(norms) else [], out=out_weights, post_norm=walk.norm(post, 3, hidden), gate_up=gate_up_weights, down=down_weights,
         experts=experts,
     )  # fmt: skip
@@ -333,7 +341,7 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
         layer.input_norm = walk.norm(before, 3, hidden)
         closing = before
     if len(shared) != 1:
-        raise _NoMatch("the layers differ in heads, scale, MLP width, query and key norms, biases, experts, rotary tables or lengths")
+        raise _NoMatch("the layers differ in heads, scale, MLP width, query and key norms, biases, experts, caches, rotary tables or lengths")
     found = dict(shared.pop())
     embed = walk.node(before.input[0], "Gather")
     walk.weights(embed.input[0], [vocab, hidden])
@@ -351,7 +359,7 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
     (seqlens_k, query_seqlens), (cos, sin) = found["lengths"], found["rotary"]
     if (seqlens_k, query_seqlens) != ("seqlens_k", "query_seqlens"):
         raise _NoMatch("the attention does not read the graph's lengths")
-    attributes = {name: value for name, value in found.items() if name not in ("ffn", "expert_size", "rotary", "lengths")}
+    attributes = {name: value for name, value in found.items() if name not in ("ffn", "expert_size", "int8_cache", "rotary", "lengths")}
     attributes["epsilon"] = walk.epsilons.pop()
     products = [head_weights, *(weights for layer in layers for weights in (layer.qkv, layer.out, layer.gate_up, layer.down) if weights)]
     quantized = {weights.scales is not None for weights in products}
@@ -360,7 +368,8 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
     attributes["quantized"] = int(quantized.pop())
     if attributes["quantized"] and "experts" in found:
         raise _NoMatch("an MoE with 8-bit products (the kernel takes float ones)")
-    return _Decoder(embedding=embed.input[0], final_norm=final_norm, head=head_weights, cos=cos, sin=sin, attributes=attributes, layers=layers)
+    return _Decoder(embedding=embed.input[0], final_norm=final_norm, head=head_weights, cos=cos, sin=sin, attributes=attributes, layers=layers,
+                    int8_cache=bool(found["int8_cache"]))
 
 
 def _attention_in_place(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProto:
@@ -446,7 +455,7 @@ def swap(model: onnx.ModelProto, head_dim: int) -> None:
         model.graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), "fused_decoder.no_scales"))
         inputs.append("fused_decoder.no_scales")
     for layer in decoder.layers:
-        inputs += [*layer.past, layer.input_norm, *_panels(model, nodes, layer.qkv), *([layer.qkv_bias] if layer.qkv_bias else []), *layer.qk_norms]
+        inputs += [*layer.past, *layer.cache_scales, layer.input_norm, *_panels(model, nodes, layer.qkv), *([layer.qkv_bias] if layer.qkv_bias else []), *layer.qk_norms]
         inputs += [*_panels(model, nodes, layer.out), layer.post_norm]
         if layer.experts is None:
             inputs += [*_panels(model, nodes, layer.gate_up), *_panels(model, nodes, layer.down)]
@@ -455,7 +464,8 @@ def swap(model: onnx.ModelProto, head_dim: int) -> None:
         inputs += _panels(model, nodes, layer.down) if layer.down else []
         inputs += [layer.experts.node.input[2], moe.transposed(nodes, layer.experts.node.input[4])]
     outputs = ["logits", GREEDY_TOKENS, *(name for layer in decoder.layers for name in layer.present)]
-    nodes.append(helper.make_node("FusedDecoder", inputs, outputs, name="fused_decoder", domain=DOMAIN, max_chain=MAX_CHAIN, **decoder.attributes))
+    op_type = "FusedDecoderInt8Cache" if decoder.int8_cache else "FusedDecoder"  # fused_decoder.c registers one per cache type
+    nodes.append(helper.make_node(op_type, inputs, outputs, name="fused_decoder", domain=DOMAIN, max_chain=MAX_CHAIN, **decoder.attributes))
     model.graph.input.append(helper.make_tensor_value_info(GREEDY_STEPS, onnx.TensorProto.INT64, []))
     model.graph.output.append(helper.make_tensor_value_info(GREEDY_TOKENS, onnx.TensorProto.INT64, ["batch", MAX_CHAIN]))
     model.graph.ClearField("node")
