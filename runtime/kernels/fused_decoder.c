@@ -472,14 +472,14 @@ static int ORT_API_CALL one_or_more(const OrtCustomOp *op) { (void)op; return 1;
 static int ORT_API_CALL mixed(const OrtCustomOp *op) { (void)op; return 0; }
 
 /* Written once, at load: sessions registering the library concurrently only read them. */
-#define FUSED_DECODER_OP(NAME, CACHE)                                                                                                            \
-  {                                                                                                                                          \
-    .op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider, .GetInputType = input_type,               \
-           .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count, .KernelDestroy = free_state, \
+#define FUSED_DECODER_OP(NAME, CACHE)                                                                                                          \
+  {                                                                                                                                            \
+    .op = {.version = ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = cpu_provider, .GetInputType = input_type,                  \
+           .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count, .KernelDestroy = free_state,    \
            .GetInputCharacteristic = input_characteristic, .GetOutputCharacteristic = output_characteristic, .GetInputMemoryType = cpu_memory, \
-           .GetVariadicInputMinArity = one_or_more, .GetVariadicInputHomogeneity = mixed, .GetVariadicOutputMinArity = one_or_more,         \
-           .GetVariadicOutputHomogeneity = one_or_more, .CreateKernelV2 = create, .KernelComputeV2 = compute},                               \
-    .name = NAME, .cache = CACHE                                                                                                                         \
+           .GetVariadicInputMinArity = one_or_more, .GetVariadicInputHomogeneity = mixed, .GetVariadicOutputMinArity = one_or_more,            \
+           .GetVariadicOutputHomogeneity = one_or_more, .CreateKernelV2 = create, .KernelComputeV2 = compute},                                 \
+    .name = NAME, .cache = CACHE                                                                                                               \
   }
 static const FusedDecoderOp fused_decoder_ops[] = {FUSED_DECODER_OP("FusedDecoder", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
                                                    FUSED_DECODER_OP("FusedDecoderInt8Cache", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)};

@@ -1,6 +1,6 @@
 """moecc.FusedDecoder (runtime/kernels/fused_decoder.c): a decoder's whole graph in one node computes what the
 node-by-node kernels do (dense and MoE, with and without per-head query and key norms, a q/k/v bias, a shared
-expert, experts cut into parts; a batch of uneven rows, verify blocks, rollbacks), and stands aside with its
+expert, experts cut into parts, a float or an int8 cache; a batch of uneven rows, verify blocks, rollbacks), and stands aside with its
 reason from a graph it does not run."""
 
 from __future__ import annotations
