@@ -441,6 +441,19 @@ def with_generated_weights(loaded: LoadedRecipe, cache_root: Path) -> LoadedReci
     return loaded.model_copy(update=folders)
 
 
+def check_built_from(manifest: Manifest, loaded: LoadedRecipe, artifact: Path) -> None:
+    """Refuse an artifact built from other checkpoints than the recipe's (`loaded`, with_generated_weights'): a
+    benchmark would compare two different models (with small-coder's recipe and tiny-coder's artifact, greedy
+    agreement was 0.07 against transformers, 0.03 against onnxruntime-genai)."""
+    for role in ROLES:
+        source = getattr(loaded.recipe, role)
+        checkpoint = Checkpoint(getattr(loaded, f"{role}_checkpoint"), source.allow_pickle, source.layers, source.experts_per_token)
+        differing = sorted(name for name, digest in checkpoint.digests().items() if manifest.inputs.get(role, {}).get(name) != digest)
+        if differing:  # the identity the build records: config.json, weight files, and what a derived draft cuts
+            raise MoeccError(f"{artifact} was not built from {loaded.path}'s {role} checkpoint ({', '.join(differing)} differ)",
+                             hint=f"build it with `moecc build {loaded.path}`, or name one built from it with --artifact")
+
+
 def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | None = None, cache_root: Path | None = None) -> BuildReport:
     """Run every stage for the main and draft models, then assemble and publish the artifact."""
     observer = observer or _Silent()

@@ -1,7 +1,9 @@
 """Benchmark one model of a built artifact against onnxruntime-genai on the same checkpoint, same precision.
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python scripts/bench_vs_genai.py --recipe recipes/tiny-coder.yaml --artifact artifacts/tiny-coder --model draft
+    .venv/bin/python scripts/bench_vs_genai.py --recipe recipes/small-coder-float-draft.yaml --model draft
+
+The artifact (default: artifacts/NAME, NAME the recipe's) must have been built from the recipe's checkpoints.
 
 onnxruntime-genai's own model builder converts the Hugging Face checkpoint (fp32, CPU) into its cache
 folder; both runtimes then decode the same held-out prompts greedily for the same number of new tokens
@@ -31,9 +33,10 @@ from rich.table import Table
 
 import runtime
 from compiler import corpus
-from compiler.pipeline import with_generated_weights
+from compiler.pipeline import check_built_from, with_generated_weights
 from compiler.recipe import load_recipe
 from runtime.benchmark import wait_until_idle
+from runtime.errors import MoeccError
 from runtime.sampling import SamplingParams
 from runtime.speculative import FixedDraftLength, GenerationStats, LookupDraft, decode
 
@@ -81,7 +84,7 @@ def ours_decode(decoder, prompt: list[int], new_tokens: int, lookup_tokens: int 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny-coder.yaml"))
-    parser.add_argument("--artifact", type=Path, default=Path("artifacts/tiny-coder"))
+    parser.add_argument("--artifact", type=Path, help="default: artifacts/NAME, NAME the recipe's")
     parser.add_argument("--model", choices=("main", "draft"), default="draft", help="the genai builder covers dense models")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -95,11 +98,16 @@ def main() -> None:
 
     loaded = with_generated_weights(load_recipe(args.recipe), Path("artifacts/.cache"))
     checkpoint = loaded.main_checkpoint if args.model == "main" else loaded.draft_checkpoint
-    generator = runtime.load(args.artifact, threads=args.threads, kernels=args.kernels)
+    artifact = args.artifact or Path("artifacts") / loaded.recipe.name
+    generator = runtime.load(artifact, threads=args.threads, kernels=args.kernels)
+    try:
+        check_built_from(generator.manifest, loaded, artifact)
+    except MoeccError as error:
+        raise SystemExit(str(error)) from None
     decoder = getattr(generator, args.model)
     if decoder.entry.precision != "fp32":  # the builder converts the checkpoint in float32
-        raise SystemExit(f"{args.artifact}'s {args.model} model is {decoder.entry.precision}, onnxruntime-genai's here fp32: compare the same "
-                         f"precision, e.g. --recipe recipes/small-coder-float-draft.yaml --artifact artifacts/small-coder-float-draft")
+        raise SystemExit(f"{artifact}'s {args.model} model is {decoder.entry.precision}, onnxruntime-genai's here fp32: compare the same "
+                         f"precision, e.g. --recipe recipes/small-coder-float-draft.yaml")
     config = og.Config(str(build_genai_model(checkpoint, Path("artifacts/.cache/genai") / f"{loaded.recipe.name}-{args.model}")))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
     genai = og.Model(config)

@@ -41,11 +41,11 @@ from transformers.generation.streamers import BaseStreamer
 
 import runtime
 from compiler import corpus
-from compiler.checkpoint import Checkpoint
-from compiler.pipeline import with_generated_weights
+from compiler.pipeline import check_built_from, with_generated_weights
 from compiler.recipe import load_recipe
 from compiler.reference_weights import take_exported_weights
 from runtime.benchmark import wait_until_idle
+from runtime.errors import MoeccError
 from runtime.evaluate import perplexity
 from runtime.prompt_lookup import MAX_NGRAM
 from runtime.speculative import GenerationStats
@@ -175,18 +175,6 @@ def assistant_weights(draft_model, generator, artifact: Path) -> str:
     return f"the artifact's, {generator.manifest.models['draft'].precision} dequantized"
 
 
-def check_built_from(manifest, loaded, artifact: Path) -> None:
-    """Refuse an artifact built from other checkpoints than the recipe's: every figure would compare two
-    different models (with small-coder's recipe and tiny-coder's artifact, greedy agreement was 0.07)."""
-    for role in ("main", "draft"):
-        source = getattr(loaded.recipe, role)
-        checkpoint = Checkpoint(getattr(loaded, f"{role}_checkpoint"), source.allow_pickle, source.layers, source.experts_per_token)
-        differing = sorted(name for name, digest in checkpoint.digests().items() if manifest.inputs.get(role, {}).get(name) != digest)
-        if differing:  # the identity the build records: config.json, weight files, and what a derived draft cuts
-            raise SystemExit(f"{artifact} was not built from {loaded.path}'s {role} checkpoint ({', '.join(differing)} differ): "
-                             f"build it with `moecc build {loaded.path}`, or name one built from it with --artifact")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny-coder.yaml"))
@@ -206,7 +194,10 @@ def main() -> None:
     loaded = with_generated_weights(load_recipe(args.recipe), Path("artifacts/.cache"))  # random-init recipes: their generated weights
     artifact = args.artifact or Path("artifacts") / loaded.recipe.name
     generator = runtime.load(artifact, threads=args.threads)
-    check_built_from(generator.manifest, loaded, artifact)
+    try:
+        check_built_from(generator.manifest, loaded, artifact)
+    except MoeccError as error:
+        raise SystemExit(str(error)) from None
     prompts = [generator.encode(text) for text in corpus.heldout_prompts(args.prompts)]
     results: dict = {"threads": args.threads, "prompts": len(prompts), "new_tokens": args.new_tokens}
 

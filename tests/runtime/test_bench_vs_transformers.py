@@ -10,19 +10,22 @@ from transformers import AutoModelForCausalLM
 
 import runtime
 from compiler import corpus
+from compiler.pipeline import check_built_from
 from compiler.recipe import load_recipe
 from conftest import REPO, SHIPPED_RECIPE, full_precision_decoder
 from runtime.artifact import verify_artifact
+from runtime.errors import MoeccError
 from script_modules import load_script
 
 bench_vs_transformers = load_script("bench_vs_transformers")
 
 
 def test_an_artifact_built_from_other_checkpoints_is_refused(shipped_artifact):
+    """(compiler.pipeline.check_built_from, which scripts/bench_vs_genai.py calls too)"""
     manifest = verify_artifact(shipped_artifact)
-    bench_vs_transformers.check_built_from(manifest, load_recipe(SHIPPED_RECIPE), shipped_artifact)  # its own recipe
-    with pytest.raises(SystemExit, match=r"was not built from .*small-coder.yaml's main checkpoint .*moecc build"):
-        bench_vs_transformers.check_built_from(manifest, load_recipe(REPO / "recipes" / "small-coder.yaml"), shipped_artifact)
+    check_built_from(manifest, load_recipe(SHIPPED_RECIPE), shipped_artifact)  # its own recipe
+    with pytest.raises(MoeccError, match=r"was not built from .*small-coder.yaml's main checkpoint .*moecc build"):
+        check_built_from(manifest, load_recipe(REPO / "recipes" / "small-coder.yaml"), shipped_artifact)
 
 
 def test_the_assistant_is_the_draft_the_runtime_runs(small_coder_artifact, shipped_artifact, tmp_path):
