@@ -442,8 +442,8 @@ def with_generated_weights(loaded: LoadedRecipe, cache_root: Path) -> LoadedReci
 
 
 def check_built_from(manifest: Manifest, loaded: LoadedRecipe, artifact: Path) -> None:
-    """Refuse an artifact built from other checkpoints than the recipe's (`loaded`, with_generated_weights'): a
-    benchmark would compare two different models (with small-coder's recipe and tiny-coder's artifact, greedy
+    """Refuse an artifact built from other checkpoints than those of `loaded` (a recipe after with_generated_weights):
+    a benchmark would compare two different models (with small-coder's recipe and tiny-coder's artifact, greedy
     agreement was 0.07 against transformers, 0.03 against onnxruntime-genai)."""
     for role in ROLES:
         source = getattr(loaded.recipe, role)
@@ -451,7 +451,7 @@ def check_built_from(manifest: Manifest, loaded: LoadedRecipe, artifact: Path) -
         differing = sorted(name for name, digest in checkpoint.digests().items() if manifest.inputs.get(role, {}).get(name) != digest)
         if differing:  # the identity the build records: config.json, weight files, and what a derived draft cuts
             raise MoeccError(f"{artifact} was not built from {loaded.path}'s {role} checkpoint ({', '.join(differing)} differ)",
-                             hint=f"build it with `moecc build {loaded.path}`, or name one built from it with --artifact")
+                             hint=f"build it with `moecc build {loaded.path}`, or name one built from it with --artifact")  # both callers, benchmark scripts, take --artifact
 
 
 def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | None = None, cache_root: Path | None = None) -> BuildReport:

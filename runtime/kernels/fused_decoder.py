@@ -131,7 +131,7 @@ class _Walk:
     def __init__(self, model: onnx.ModelProto):
         self.producer = {name: node for node in model.graph.node for name in node.output}
         self.constants = {tensor.name: tensor for tensor in model.graph.initializer}
-        self.cache_types = {value.name: value.type.tensor_type.elem_type for value in model.graph.input}
+        self.input_types = {value.name: value.type.tensor_type.elem_type for value in model.graph.input}
         self.seen: set[int] = set()
         self.epsilons: set[float] = set()
 
@@ -287,7 +287,9 @@ def _layer(walk: _Walk, closing: onnx.NodeProto, hidden: int, head_dim: int) -> 
     attributes = {name: attribute_value(attend, name) for name in ("num_heads", "kv_num_heads", "scale") if attribute_value(attend, name) is not None}
     heads, kv_heads = attributes["num_heads"], attributes["kv_num_heads"]
     qkv_weights.fit(hidden, (heads + 2 * kv_heads) * head_dim)
-    int8_cache = walk.cache_types.get(names["past_key"]) == onnx.TensorProto.INT8
+    if walk.input_types.get(names["past_key"]) != walk.input_types.get(names["past_value"]):
+        raise _NoMatch(f"{attend.name}: its past keys and values differ in type")
+    int8_cache = walk.input_types.get(names["past_key"]) == onnx.TensorProto.INT8
     cache_scales = [names["k_scale"], names["v_scale"]] if int8_cache else []  # moecc.Attention takes an int8 cache only with both
     for scales in cache_scales:
         walk.weights(scales, [1, kv_heads, 1, head_dim])
