@@ -313,7 +313,8 @@ def test_adaptive_draft_length_follows_acceptance_and_costs():
     middle = _policy(0.8, 0.2, lambda n: 1.0 + 0.5 * n).choose()
     assert 1 <= middle < 8
     rates = _policy(0.8, 0.2, lambda n: 1.0 + 0.5 * n).rates()
-    assert rates[middle] == max(rates)
+    within = [k for k in range(1, 9) if rates[k] >= (1 - AdaptiveDraftLength.LONGER_WITHIN) * max(rates)]
+    assert middle == max(within) > rates.index(max(rates))  # the longest length near the best rate: 3, where 2 is best
     acceptance, draft, verify = 0.8, 0.2, lambda n: 1.0 + 0.5 * n
     assert rates == pytest.approx([(1 - acceptance ** (k + 1)) / (1 - acceptance) / (k * draft + verify(k + 1)) for k in range(9)], rel=1e-2)
 
