@@ -122,7 +122,6 @@ class _Decoder:
     sin: str
     attributes: dict
     layers: list[_Layer]
-    int8_cache: bool
 
 
 class _Walk:
@@ -370,8 +369,7 @@ def _match(model: onnx.ModelProto, head_dim: int) -> _Decoder:
     attributes["quantized"] = int(quantized.pop())
     if attributes["quantized"] and "experts" in found:
         raise _NoMatch("an MoE with 8-bit products (the kernel takes float ones)")
-    return _Decoder(embedding=embed.input[0], final_norm=final_norm, head=head_weights, cos=cos, sin=sin, attributes=attributes, layers=layers,
-                    int8_cache=bool(found["int8_cache"]))
+    return _Decoder(embedding=embed.input[0], final_norm=final_norm, head=head_weights, cos=cos, sin=sin, attributes=attributes, layers=layers)
 
 
 def _attention_in_place(model: onnx.ModelProto, head_dim: int) -> onnx.ModelProto:
@@ -466,7 +464,7 @@ def swap(model: onnx.ModelProto, head_dim: int) -> None:
         inputs += _panels(model, nodes, layer.down) if layer.down else []
         inputs += [layer.experts.node.input[2], moe.transposed(nodes, layer.experts.node.input[4])]
     outputs = ["logits", GREEDY_TOKENS, *(name for layer in decoder.layers for name in layer.present)]
-    op_type = "FusedDecoderInt8Cache" if decoder.int8_cache else "FusedDecoder"  # fused_decoder.c registers one per cache type
+    op_type = "FusedDecoderInt8Cache" if decoder.layers[0].cache_scales else "FusedDecoder"  # one per cache type, every layer's alike
     nodes.append(helper.make_node(op_type, inputs, outputs, name="fused_decoder", domain=DOMAIN, max_chain=MAX_CHAIN, **decoder.attributes))
     model.graph.input.append(helper.make_tensor_value_info(GREEDY_STEPS, onnx.TensorProto.INT64, []))
     model.graph.output.append(helper.make_tensor_value_info(GREEDY_TOKENS, onnx.TensorProto.INT64, ["batch", MAX_CHAIN]))
