@@ -25,7 +25,7 @@ from compiler.errors import BuildError
 from compiler.recipe import LoadedRecipe, ModelSource, Recipe, calibration_text, recipe_json
 from compiler.stages import build_engine, calibrate, export, load, lower, lower_tensorrt, partition, quantize, quantize_experts, verify
 from runtime import tensorrt_library
-from runtime.artifact import MANIFEST_NAME, EngineEntry, EngineProfile, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, sha256_of
+from runtime.artifact import MANIFEST_NAME, EngineEntry, EngineProfile, FileEntry, GenerationEntry, Manifest, ModelEntry, StageRecord, read_manifest, sha256_of
 from runtime.errors import MoeccError
 
 ROLES = ("main", "draft")
@@ -441,10 +441,12 @@ def with_generated_weights(loaded: LoadedRecipe, cache_root: Path) -> LoadedReci
     return loaded.model_copy(update=folders)
 
 
-def check_built_from(manifest: Manifest, loaded: LoadedRecipe, artifact: Path) -> None:
-    """Refuse an artifact built from other checkpoints than those of `loaded` (a recipe after with_generated_weights):
-    a benchmark would compare two different models (with small-coder's recipe and tiny-coder's artifact, greedy
-    agreement was 0.07 against transformers, 0.03 against onnxruntime-genai)."""
+def check_built_from(artifact: Path, loaded: LoadedRecipe) -> Manifest:
+    """The manifest of an artifact built from the checkpoints of `loaded` (a recipe after with_generated_weights);
+    one built from others is refused, before any of its models is opened: a benchmark would compare two different
+    models (with small-coder's recipe and tiny-coder's artifact, greedy agreement was 0.07 against transformers,
+    0.03 against onnxruntime-genai)."""
+    manifest = read_manifest(artifact)
     for role in ROLES:
         source = getattr(loaded.recipe, role)
         checkpoint = Checkpoint(getattr(loaded, f"{role}_checkpoint"), source.allow_pickle, source.layers, source.experts_per_token)
@@ -452,6 +454,7 @@ def check_built_from(manifest: Manifest, loaded: LoadedRecipe, artifact: Path) -
         if differing:  # the identity the build records: config.json, weight files, and what a derived draft cuts
             raise MoeccError(f"{artifact} was not built from {loaded.path}'s {role} checkpoint ({', '.join(differing)} differ)",
                              hint=f"build it with `moecc build {loaded.path}`, or name one built from it with --artifact")  # both callers, benchmark scripts, take --artifact
+    return manifest
 
 
 def build(loaded: LoadedRecipe, output_root: Path, observer: BuildObserver | None = None, cache_root: Path | None = None) -> BuildReport:

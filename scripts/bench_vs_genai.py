@@ -99,15 +99,16 @@ def main() -> None:
     loaded = with_generated_weights(load_recipe(args.recipe), Path("artifacts/.cache"))
     checkpoint = loaded.main_checkpoint if args.model == "main" else loaded.draft_checkpoint
     artifact = args.artifact or Path("artifacts") / loaded.recipe.name
-    generator = runtime.load(artifact, threads=args.threads, kernels=args.kernels)
     try:
-        check_built_from(generator.manifest, loaded, artifact)
+        manifest = check_built_from(artifact, loaded)
     except MoeccError as error:
         raise SystemExit(str(error)) from None
-    decoder = getattr(generator, args.model)
-    if decoder.entry.precision != "fp32":  # the builder converts the checkpoint in float32
-        raise SystemExit(f"{artifact}'s {args.model} model is {decoder.entry.precision}, onnxruntime-genai's here fp32: compare the same "
+    precision = manifest.models[args.model].precision
+    if precision != "fp32":  # the builder converts the checkpoint in float32
+        raise SystemExit(f"{artifact}'s {args.model} model is {precision}, onnxruntime-genai's here fp32: compare the same "
                          f"precision, e.g. --recipe recipes/small-coder-float-draft.yaml")
+    generator = runtime.load(artifact, threads=args.threads, kernels=args.kernels)
+    decoder = getattr(generator, args.model)
     config = og.Config(str(build_genai_model(checkpoint, Path("artifacts/.cache/genai") / f"{loaded.recipe.name}-{args.model}")))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
     genai = og.Model(config)

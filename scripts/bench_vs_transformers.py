@@ -193,11 +193,11 @@ def main() -> None:
 
     loaded = with_generated_weights(load_recipe(args.recipe), Path("artifacts/.cache"))  # random-init recipes: their generated weights
     artifact = args.artifact or Path("artifacts") / loaded.recipe.name
-    generator = runtime.load(artifact, threads=args.threads)
     try:
-        check_built_from(generator.manifest, loaded, artifact)
+        check_built_from(artifact, loaded)
     except MoeccError as error:
         raise SystemExit(str(error)) from None
+    generator = runtime.load(artifact, threads=args.threads)
     prompts = [generator.encode(text) for text in corpus.heldout_prompts(args.prompts)]
     results: dict = {"threads": args.threads, "prompts": len(prompts), "new_tokens": args.new_tokens}
 

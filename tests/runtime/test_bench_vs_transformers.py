@@ -22,10 +22,11 @@ bench_vs_transformers = load_script("bench_vs_transformers")
 
 def test_an_artifact_built_from_other_checkpoints_is_refused(shipped_artifact):
     """(compiler.pipeline.check_built_from, which scripts/bench_vs_genai.py calls too)"""
-    manifest = verify_artifact(shipped_artifact)
-    check_built_from(manifest, load_recipe(SHIPPED_RECIPE), shipped_artifact)  # its own recipe
+    assert check_built_from(shipped_artifact, load_recipe(SHIPPED_RECIPE)) == verify_artifact(shipped_artifact)  # its own recipe
     with pytest.raises(MoeccError, match=r"was not built from .*small-coder.yaml's main checkpoint .*moecc build"):
-        check_built_from(manifest, load_recipe(REPO / "recipes" / "small-coder.yaml"), shipped_artifact)
+        check_built_from(shipped_artifact, load_recipe(REPO / "recipes" / "small-coder.yaml"))
+    with pytest.raises(MoeccError, match="no such artifact directory"):  # refused before anything is opened
+        check_built_from(shipped_artifact.parent / "no-such-artifact", load_recipe(SHIPPED_RECIPE))
 
 
 def test_the_assistant_is_the_draft_the_runtime_runs(small_coder_artifact, shipped_artifact, tmp_path):
