@@ -130,17 +130,6 @@ static inline f8 load_float(const float *x) {
   return v;
 }
 
-static inline f8 load_int8(const int8_t *x) {
-#ifdef __AVX2__
-  return (f8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)x)));
-#else
-  typedef int8_t i8x8 __attribute__((vector_size(8)));
-  i8x8 v;
-  memcpy(&v, x, sizeof v);
-  return __builtin_convertvector(v, f8);
-#endif
-}
-
 /* The sum of v's lanes in the order every horizontal add below takes them (the halves' pairs, then the halves):
    a score is then the same number whichever loop computes it. */
 static inline float total(f8 v) {
@@ -164,10 +153,11 @@ static inline f8 multiply_add(f8 a, f8 b, f8 c) {
 #endif
 }
 
-/* The weighted sums' vectors (weigh_float, weigh_int8, column_weigh; and softmax's): on AVX-512, 16 floats,
+/* A float cache's weighted sums' vectors (weigh_float, column_weigh; and softmax's): on AVX-512, 16 floats,
    elsewhere the 8 above. Each sum is a column's, adding its row's terms one after another at any width: the
-   numbers are the same. With 16, weigh_float and weigh_int8 make half the loads and multiply-adds (an int8
-   cache's 4 rows over 2,000 cached rows: 0.68x the time, caches hot, one thread of a 2-core AVX-512 Xeon), and
+   numbers are the same. With 16, the weighted sums make half the loads and multiply-adds (an int8 cache's 4 rows,
+   when its values were summed in floats, over 2,000 cached rows: 0.68x the time, caches hot, one thread of a
+   2-core AVX-512 Xeon), and
    column_weigh's passes keep 6 rows' sums across a 64-wide head in AVX-512's 32 registers (24 sums), reading
    each value row once per 6 rows where 8 floats read it once per 6 rows and 16 columns: small-coder's verify of
    7 tokens after 150 cached spent 0.86x the time in its attention, its prefill of 70 tokens 0.955x (measured
@@ -180,14 +170,12 @@ enum { WEIGH_LANES = 16, WEIGH_VECTORS = 4 };
 static inline wv load_wv(const float *x) { return (wv)_mm512_loadu_ps(x); }
 static inline void store_wv(float *x, wv v) { _mm512_storeu_ps(x, (__m512)v); }
 static inline wv weigh_multiply_add(wv a, wv b, wv c) { return (wv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
-static inline wv load_int8_wv(const int8_t *x) { return (wv)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x))); }
 #else
 typedef f8 wv;
 enum { WEIGH_LANES = LANES, WEIGH_VECTORS = 2 };
 static inline wv load_wv(const float *x) { return load_float(x); }
 static inline void store_wv(float *x, wv v) { memcpy(x, &v, sizeof v); }
 static inline wv weigh_multiply_add(wv a, wv b, wv c) { return multiply_add(a, b, c); }
-static inline wv load_int8_wv(const int8_t *x) { return load_int8(x); }
 #endif
 
 /* out[g * stride] = the total of sums[g]: four at a time with horizontal adds, which is most of what a dot
@@ -443,52 +431,167 @@ static void scores_int8(const int8_t *keys, const int8_t *values, int64_t length
   }
 }
 
-/* out[g] = inverse[g] * the sum over t < length of weights[g * stride + t] * values[t] (times scale, per
-   column, where given), each row's terms added one after another whatever the length (a step's walks,
-   attend_block). Whole cached rows, four at a time, each read once and in order, with the group's
+/* out[g] = inverse[g] * the sum over t < length of weights[g * stride + t] * values[t] (a float cache's), each
+   row's terms added one after another whatever the length (a step's walks, attend_block). Whole cached rows, four at a time, each read once and in order, with the group's
    sums in a local array in the core's first cache, updated once per four rows: an AVX2 machine ran a
    2048-token call in 0.79 of the time of the earlier loop, which took 16 columns of every row per pass (each
    row read four times, with gaps). The sums stay local: kept in the caller's array, which may alias the
    weights as far as the compiler knows, the call took twice as long. */
-#define WEIGH(TYPE, LOAD)                                                                                                                   \
-  static inline __attribute__((always_inline)) void weigh_##TYPE(const TYPE *values, int64_t length, const float *weights,                  \
-                                                                  int64_t group, int64_t dim, int64_t stride,                               \
-                                                                  const float *inverse, const float *scale, float *out) {                   \
-    wv sums[MAX_GROUP][512 / WEIGH_LANES];                                                                                                  \
-    int64_t vectors = dim / WEIGH_LANES, t = 0;                                                                                             \
-    for (int64_t g = 0; g < group; ++g)                                                                                                     \
-      for (int64_t c = 0; c < vectors; ++c) sums[g][c] = (wv){0};                                                                           \
-    for (; t + 4 <= length; t += 4) {                                                                                                       \
-      const TYPE *rows = values + t * dim;                                                                                                  \
-      for (int64_t p = 0; p < 4 * dim * (int64_t)sizeof(TYPE); p += 64) __builtin_prefetch((const char *)(rows + PREFETCH_ROWS * dim) + p); \
-      for (int64_t c = 0; c < vectors; ++c) {                                                                                               \
-        wv first = LOAD(rows + c * WEIGH_LANES), second = LOAD(rows + dim + c * WEIGH_LANES);                                               \
-        wv third = LOAD(rows + 2 * dim + c * WEIGH_LANES), fourth = LOAD(rows + 3 * dim + c * WEIGH_LANES);                                 \
-        for (int64_t g = 0; g < group; ++g) {                                                                                               \
-          const float *w = weights + g * stride + t;                                                                                        \
-          wv sum = weigh_multiply_add((wv){0} + w[0], first, sums[g][c]);                                                                   \
-          sum = weigh_multiply_add((wv){0} + w[1], second, sum);                                                                            \
-          sum = weigh_multiply_add((wv){0} + w[2], third, sum);                                                                             \
-          sums[g][c] = weigh_multiply_add((wv){0} + w[3], fourth, sum);                                                                     \
-        }                                                                                                                                   \
-      }                                                                                                                                     \
-    }                                                                                                                                       \
-    for (; t < length; ++t)                                                                                                                 \
-      for (int64_t c = 0; c < vectors; ++c) {                                                                                               \
-        wv value = LOAD(values + t * dim + c * WEIGH_LANES);                                                                                \
-        for (int64_t g = 0; g < group; ++g) sums[g][c] = weigh_multiply_add((wv){0} + weights[g * stride + t], value, sums[g][c]);          \
-      }                                                                                                                                     \
-    for (int64_t g = 0; g < group; ++g)                                                                                                     \
-      for (int64_t c = 0; c < vectors; ++c) {                                                                                               \
-        wv v = sums[g][c] * inverse[g];                                                                                                     \
-        if (scale) v *= load_wv(scale + c * WEIGH_LANES);                                                                                   \
-        store_wv(out + g * dim + c * WEIGH_LANES, v);                                                                                       \
-      }                                                                                                                                     \
+static inline __attribute__((always_inline)) void weigh_float(const float *values, int64_t length, const float *weights, int64_t group, int64_t dim,
+                                                              int64_t stride, const float *inverse, float *out) {
+  wv sums[MAX_GROUP][512 / WEIGH_LANES];
+  int64_t vectors = dim / WEIGH_LANES, t = 0;
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < vectors; ++c) sums[g][c] = (wv){0};
+  for (; t + 4 <= length; t += 4) {
+    const float *rows = values + t * dim;
+    for (int64_t p = 0; p < 4 * dim * (int64_t)sizeof(float); p += 64) __builtin_prefetch((const char *)(rows + PREFETCH_ROWS * dim) + p);
+    for (int64_t c = 0; c < vectors; ++c) {
+      wv first = load_wv(rows + c * WEIGH_LANES), second = load_wv(rows + dim + c * WEIGH_LANES);
+      wv third = load_wv(rows + 2 * dim + c * WEIGH_LANES), fourth = load_wv(rows + 3 * dim + c * WEIGH_LANES);
+      for (int64_t g = 0; g < group; ++g) {
+        const float *w = weights + g * stride + t;
+        wv sum = weigh_multiply_add((wv){0} + w[0], first, sums[g][c]);
+        sum = weigh_multiply_add((wv){0} + w[1], second, sum);
+        sum = weigh_multiply_add((wv){0} + w[2], third, sum);
+        sums[g][c] = weigh_multiply_add((wv){0} + w[3], fourth, sum);
+      }
+    }
   }
+  for (; t < length; ++t)
+    for (int64_t c = 0; c < vectors; ++c) {
+      wv value = load_wv(values + t * dim + c * WEIGH_LANES);
+      for (int64_t g = 0; g < group; ++g) sums[g][c] = weigh_multiply_add((wv){0} + weights[g * stride + t], value, sums[g][c]);
+    }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < vectors; ++c) {
+      store_wv(out + g * dim + c * WEIGH_LANES, sums[g][c] * inverse[g]);
+    }
+}
 
-typedef int8_t int8;
-WEIGH(float, load_wv)
-WEIGH(int8, load_int8_wv)
+
+/* An int8 cache's weighted sums, in integers: each row's weights (e^(score - max), at most 1) rounded to 16-bit
+   levels of 1/32767, times the cached values, summed exactly in an int32 per column over PAIR_KEYS keys at a
+   time, then in floats at those fixed offsets from the walk's start; out[g] = the float sums times inverse[g] /
+   32767, times the column's scale. Integer sums are the same in any order and at any vector width, so a token's
+   numbers are its decode step's in any walk (weights past its position are zeros, adding nothing), with the
+   same integers on any machine: AVX-512 VNNI multiplies two keys' levels with their two values in one lane (the
+   two value rows interleaved byte by byte, widened to 16 bits; pairs_64), AVX2 the same through 16-bit
+   multiply-adds (pairs_16), plain C one product at a time. A weight's rounding, half a level at most, is finer
+   than a cached value's, half of 1/127 of its channel's range: the outputs moved by up to 4e-4 (of values up to
+   1.6) from the float loop's. That loop (every value turned into a float, a multiply-add per weight) took 37 % of
+   a decode step's attention. After 2,048 cached rows on a 2-core AVX-512 Xeon, the benchmark-size model's
+   attention took 0.85x the time on one thread (a decode step's and a verify's of 9 tokens alike), and in its
+   decode steps on two threads 339-366 µs against 394-414 (8 layers, an instrumented build). PAIR_ROWS rows at a
+   time keep their sums in registers. */
+enum { PAIR_KEYS = 512, PAIR_ROWS = 4 };
+_Static_assert(PAIR_ROWS == 4, "weigh_rows' cases");
+_Static_assert(PAIR_KEYS * 32767LL * 128 < 2147483648LL, "PAIR_KEYS keys' products of a level and a value sum in an int32");
+
+/* levels[t] = weights[t] rounded to 1/32767, t < count, and a zero after them (an odd count's last pair). */
+static void round_weights(const float *weights, int64_t count, int16_t *levels) {
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  for (; t + 16 <= count; t += 16) /* rounded to nearest, ties to even, as lrintf */
+    _mm256_storeu_si256((__m256i *)(levels + t), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(weights + t), _mm512_set1_ps(32767.f)))));
+#endif
+  for (; t < count; ++t) levels[t] = (int16_t)lrintf(weights[t] * 32767.f);
+  levels[count] = 0;
+}
+
+/* Two keys' levels of row g, as one int32 lane: the first in its low half. */
+static inline int32_t level_pair(const int16_t *levels, int64_t t) {
+  int32_t pair;
+  memcpy(&pair, levels + t, sizeof pair);
+  return pair;
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* sums[g][c ..] += columns c .. c + 63 of the rows' products with the `count` value rows at `rows` (dim apart). */
+static inline __attribute__((always_inline)) void pairs_64(const int8_t *rows, int64_t count, int64_t dim, int16_t (*levels)[PAIR_KEYS + 2],
+                                                            int64_t group, float (*sums)[512], int64_t c) {
+  __m512i acc[PAIR_ROWS][4];
+  for (int64_t g = 0; g < group; ++g)
+    for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < count; t += 2) {
+    const int8_t *row = rows + t * dim + c;
+    __builtin_prefetch(row + PREFETCH_ROWS * dim);
+    __builtin_prefetch(row + (PREFETCH_ROWS + 1) * dim);
+    __m512i first = _mm512_loadu_si512(row), second = t + 1 < count ? _mm512_loadu_si512(row + dim) : _mm512_setzero_si512();
+    /* the two rows' values in pairs: columns 0-7 of each 16 (low), 8-15 (high) */
+    __m512i low = _mm512_unpacklo_epi8(first, second), high = _mm512_unpackhi_epi8(first, second);
+    __m512i pairs[4] = {_mm512_cvtepi8_epi16(_mm512_castsi512_si256(low)), _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(low, 1)),
+                        _mm512_cvtepi8_epi16(_mm512_castsi512_si256(high)), _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(high, 1))};
+    for (int64_t g = 0; g < group; ++g) {
+      __m512i both = _mm512_set1_epi32(level_pair(levels[g], t));
+      for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_dpwssd_epi32(acc[g][j], pairs[j], both);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) { /* acc[g][0]: columns 0-7 and 16-23; [1]: 32-39, 48-55; [2]: 8-15, 24-31; [3]: 40-47, 56-63 */
+    __m512i ordered[4] = {_mm512_shuffle_i32x4(acc[g][0], acc[g][2], 0x44), _mm512_shuffle_i32x4(acc[g][0], acc[g][2], 0xEE),
+                          _mm512_shuffle_i32x4(acc[g][1], acc[g][3], 0x44), _mm512_shuffle_i32x4(acc[g][1], acc[g][3], 0xEE)};
+    for (int j = 0; j < 4; ++j) {
+      float *sum = sums[g] + c + 16 * j;
+      _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), _mm512_cvtepi32_ps(ordered[j])));
+    }
+  }
+}
+#endif
+
+#if defined(__AVX2__)
+/* pairs_64 for columns c .. c + 15, in 16-bit multiply-adds: the same integers. */
+static inline __attribute__((always_inline)) void pairs_16(const int8_t *rows, int64_t count, int64_t dim, int16_t (*levels)[PAIR_KEYS + 2],
+                                                            int64_t group, float (*sums)[512], int64_t c) {
+  __m256i acc[PAIR_ROWS][2];
+  for (int64_t g = 0; g < group; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < count; t += 2) {
+    const int8_t *row = rows + t * dim + c;
+    __builtin_prefetch(row + PREFETCH_ROWS * dim);
+    __builtin_prefetch(row + (PREFETCH_ROWS + 1) * dim);
+    __m128i first = _mm_loadu_si128((const __m128i *)row), second = t + 1 < count ? _mm_loadu_si128((const __m128i *)(row + dim)) : _mm_setzero_si128();
+    __m256i low = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(first, second)), high = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(first, second));
+    for (int64_t g = 0; g < group; ++g) {
+      __m256i both = _mm256_set1_epi32(level_pair(levels[g], t));
+      acc[g][0] = _mm256_add_epi32(acc[g][0], _mm256_madd_epi16(low, both));
+      acc[g][1] = _mm256_add_epi32(acc[g][1], _mm256_madd_epi16(high, both));
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int j = 0; j < 2; ++j) {
+      float *sum = sums[g] + c + 8 * j;
+      _mm256_storeu_ps(sum, _mm256_add_ps(_mm256_loadu_ps(sum), _mm256_cvtepi32_ps(acc[g][j])));
+    }
+}
+#endif
+
+static inline __attribute__((always_inline)) void weigh_int8(const int8_t *values, int64_t length, const float *weights, int64_t group, int64_t dim,
+                                                             int64_t stride, const float *inverse, const float *scale, float *out) {
+  int16_t levels[PAIR_ROWS][PAIR_KEYS + 2];
+  float sums[PAIR_ROWS][512];
+  for (int64_t g = 0; g < group; ++g) memset(sums[g], 0, dim * sizeof(float));
+  for (int64_t from = 0; from < length; from += PAIR_KEYS) {
+    int64_t count = length - from < PAIR_KEYS ? length - from : PAIR_KEYS, c = 0;
+    const int8_t *rows = values + from * dim;
+    for (int64_t g = 0; g < group; ++g) round_weights(weights + g * stride + from, count, levels[g]);
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    for (; c + 64 <= dim; c += 64) pairs_64(rows, count, dim, levels, group, sums, c);
+#endif
+#if defined(__AVX2__)
+    for (; c < dim; c += 16) pairs_16(rows, count, dim, levels, group, sums, c);
+#else
+    for (; c < dim; ++c)
+      for (int64_t g = 0; g < group; ++g) {
+        int32_t sum = 0;
+        for (int64_t t = 0; t < count; ++t) sum += levels[g][t] * rows[t * dim + c];
+        sums[g][c] += (float)sum;
+      }
+#endif
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float factor = inverse[g] * (1.f / 32767.f);
+    for (int64_t c = 0; c < dim; ++c) out[g * dim + c] = sums[g][c] * factor * scale[c];
+  }
+}
 
 /* The dot products and weighted sums of a walk's query rows, with their count a constant where it is one of
    UNROLLED_ROWS (walk_span picks spans that make it one): the sums then stay in registers. With a generic
@@ -814,7 +917,7 @@ static void scaled_queries(const AttentionCall *call, int64_t row, int64_t head,
 #define WEIGH_INT8(g) \
   weigh_int8((const int8_t *)call->cache_value + cache, length, weights + done * stride, g, dim, stride, inverse + done, call->value_scale + head * dim, merged + done * dim)
 #define WEIGH_FLOAT(g) \
-  weigh_float((const float *)call->cache_value + cache, length, weights + done * stride, g, dim, stride, inverse + done, NULL, merged + done * dim)
+  weigh_float((const float *)call->cache_value + cache, length, weights + done * stride, g, dim, stride, inverse + done, merged + done * dim)
 
 /* The most of `rows` rows one unrolled walk takes: the largest of UNROLLED_ROWS not above it. */
 static int64_t unrolled_part(int64_t rows) {
@@ -850,7 +953,15 @@ static void weigh_rows(const AttentionCall *call, int64_t head, int64_t cache, i
     return;
   }
   if (call->quantized)
-    IN_GROUPS(WEIGH_INT8)
+    for (int64_t done = 0, count; done < rows; done += count) { /* PAIR_ROWS at a time */
+      count = rows - done < PAIR_ROWS ? rows - done : PAIR_ROWS;
+      switch (count) {
+        case 4: WEIGH_INT8(4); break;
+        case 3: WEIGH_INT8(3); break;
+        case 2: WEIGH_INT8(2); break;
+        default: WEIGH_INT8(1); break;
+      }
+    }
   else
     IN_GROUPS(WEIGH_FLOAT)
 }
