@@ -470,36 +470,44 @@ static inline __attribute__((always_inline)) void weigh_float(const float *value
 }
 
 
-/* An int8 cache's weighted sums, in integers: each row's weights (e^(score - max), at most 1) rounded to 16-bit
-   levels of 1/32767, times the cached values, summed exactly in an int32 per column over PAIR_KEYS keys at a
-   time, then in floats at those fixed offsets from the walk's start; out[g] = the float sums times inverse[g] /
-   32767, times the column's scale. Integer sums are the same in any order and at any vector width, so a token's
-   numbers are its decode step's in any walk (weights past its position are zeros, adding nothing), with the
-   same integers on any machine: AVX-512 VNNI multiplies two keys' levels with their two values in one lane (the
-   two value rows interleaved byte by byte, widened to 16 bits; pairs_64), AVX2 the same through 16-bit
-   multiply-adds (pairs_16), plain C one product at a time. A weight's rounding, half a level at most, is finer
-   than a cached value's, half of 1/127 of its channel's range: the outputs moved by up to 4e-4 (of values up to
-   1.6) from the float loop's. That loop (every value turned into a float, a multiply-add per weight) took 37 % of
-   a decode step's attention. After 2,048 cached rows on a 2-core AVX-512 Xeon, the benchmark-size model's
-   attention took 0.85x the time on one thread (a decode step's and a verify's of 9 tokens alike), and in its
-   decode steps on two threads 339-366 µs against 394-414 (8 layers, an instrumented build). PAIR_ROWS rows at a
-   time keep their sums in registers. */
-enum { PAIR_KEYS = 512, PAIR_ROWS = 4 };
+/* An int8 cache's weighted sums, in integers: a row's weights over each block of PAIR_KEYS keys (counted from the
+   walk's start) rounded to 16-bit levels of the block's largest, times the cached values, summed exactly in an
+   int32 per column, and the block's integer sums times its level's size added to the row's float sums; out[g] =
+   those times inverse[g] times the column's scale. Integer sums are the same in any order and at any vector
+   width, and a block's largest weight the same in a step's walk as in the token's decode step's (weights past its
+   position are zeros, adding nothing), so a token's numbers stay its decode step's in any walk, and the integers
+   are the same on any machine: AVX-512 VNNI multiplies two keys' levels with their two values in one lane (the two
+   value rows interleaved byte by byte, widened to 16 bits; pairs_64), AVX2 the same through 16-bit multiply-adds
+   (pairs_16), plain C one product at a time. A weight rounds by half a level at most, 1/65534 of its block's
+   largest: the 127 other keys of a block beside one of weight 1 lose at most 0.002 of the total. Levels of a fixed
+   size (1/32767 of the row's largest weight, 1, over blocks of 512) lost 5 % of an output's weight to 4,095 keys
+   of 1.4e-5 each beside one of weight 1 (found in review), a long context's tail behind an attention sink; blocks
+   of 64 keys took 0.87x the float loop's time where blocks of 128 take 0.85x. The float loop these sums replaced
+   (every value turned into a float, a multiply-add per weight) took 37 % of a decode step's attention; after
+   2,048 cached rows on a 2-core AVX-512 Xeon, the benchmark-size model's attention takes 0.85x the time on one
+   thread (a decode step's and a verify's of 9 tokens alike), and PAIR_ROWS rows at a time keep their sums in
+   registers. */
+enum { PAIR_KEYS = 128, PAIR_ROWS = 4 };
 _Static_assert(PAIR_ROWS == 4, "weigh_rows' cases");
-_Static_assert(PAIR_KEYS * 32767LL * 128 < 2147483648LL, "PAIR_KEYS keys' products of a level and a value sum in an int32");
+_Static_assert(PAIR_KEYS * 32767LL * 128 < 2147483648LL, "a block's products of a level and a value sum in an int32");
 
-/* levels[t] = weights[t] rounded to 1/32767, t < count, and a zero after them (an odd count's last pair). */
-static void round_weights(const float *weights, int64_t count, int16_t *levels) {
+/* levels[t] = weights[t] rounded to levels of 1/32767 of their largest, t < count, and a zero after them (an odd
+   count's last pair); returns a level's size (0: every weight 0). */
+static float round_weights(const float *weights, int64_t count, int16_t *levels) {
+  float top = 0.f;
+  for (int64_t t = 0; t < count; ++t) top = weights[t] > top ? weights[t] : top;
+  float inverse = top > 0.f ? 32767.f / top : 0.f;
   int64_t t = 0;
 #if defined(__AVX512F__)
   for (; t + 16 <= count; t += 16) /* rounded to nearest, ties to even, as lrintf */
-    _mm256_storeu_si256((__m256i *)(levels + t), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(weights + t), _mm512_set1_ps(32767.f)))));
+    _mm256_storeu_si256((__m256i *)(levels + t), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(weights + t), _mm512_set1_ps(inverse)))));
 #endif
-  for (; t < count; ++t) levels[t] = (int16_t)lrintf(weights[t] * 32767.f);
+  for (; t < count; ++t) levels[t] = (int16_t)lrintf(weights[t] * inverse);
   levels[count] = 0;
+  return top / 32767.f;
 }
 
-/* Two keys' levels of row g, as one int32 lane: the first in its low half. */
+/* Two keys' levels as one int32 lane: the first in its low half. */
 static inline int32_t level_pair(const int16_t *levels, int64_t t) {
   int32_t pair;
   memcpy(&pair, levels + t, sizeof pair);
@@ -507,9 +515,10 @@ static inline int32_t level_pair(const int16_t *levels, int64_t t) {
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-/* sums[g][c ..] += columns c .. c + 63 of the rows' products with the `count` value rows at `rows` (dim apart). */
+/* sums[g][c ..] += step[g] times columns c .. c + 63 of the integer sums of row g's levels times the `count` value
+   rows at `rows` (dim apart). */
 static inline __attribute__((always_inline)) void pairs_64(const int8_t *rows, int64_t count, int64_t dim, int16_t (*levels)[PAIR_KEYS + 2],
-                                                            int64_t group, float (*sums)[512], int64_t c) {
+                                                            const float *step, int64_t group, float (*sums)[512], int64_t c) {
   __m512i acc[PAIR_ROWS][4];
   for (int64_t g = 0; g < group; ++g)
     for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_setzero_si512();
@@ -532,16 +541,16 @@ static inline __attribute__((always_inline)) void pairs_64(const int8_t *rows, i
                           _mm512_shuffle_i32x4(acc[g][1], acc[g][3], 0x44), _mm512_shuffle_i32x4(acc[g][1], acc[g][3], 0xEE)};
     for (int j = 0; j < 4; ++j) {
       float *sum = sums[g] + c + 16 * j;
-      _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), _mm512_cvtepi32_ps(ordered[j])));
+      _mm512_storeu_ps(sum, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ordered[j]), _mm512_set1_ps(step[g]), _mm512_loadu_ps(sum)));
     }
   }
 }
 #endif
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__FMA__)
 /* pairs_64 for columns c .. c + 15, in 16-bit multiply-adds: the same integers. */
 static inline __attribute__((always_inline)) void pairs_16(const int8_t *rows, int64_t count, int64_t dim, int16_t (*levels)[PAIR_KEYS + 2],
-                                                            int64_t group, float (*sums)[512], int64_t c) {
+                                                            const float *step, int64_t group, float (*sums)[512], int64_t c) {
   __m256i acc[PAIR_ROWS][2];
   for (int64_t g = 0; g < group; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_si256();
   for (int64_t t = 0; t < count; t += 2) {
@@ -559,41 +568,46 @@ static inline __attribute__((always_inline)) void pairs_16(const int8_t *rows, i
   for (int64_t g = 0; g < group; ++g)
     for (int j = 0; j < 2; ++j) {
       float *sum = sums[g] + c + 8 * j;
-      _mm256_storeu_ps(sum, _mm256_add_ps(_mm256_loadu_ps(sum), _mm256_cvtepi32_ps(acc[g][j])));
+      _mm256_storeu_ps(sum, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[g][j]), _mm256_set1_ps(step[g]), _mm256_loadu_ps(sum)));
     }
+}
+#else
+/* pairs_16 one product at a time, row after row; fmaf rounds once, as the vector loops' multiply-adds do. */
+static void pairs_16(const int8_t *rows, int64_t count, int64_t dim, int16_t (*levels)[PAIR_KEYS + 2], const float *step, int64_t group,
+                     float (*sums)[512], int64_t c) {
+  int32_t acc[PAIR_ROWS][16] = {{0}};
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t g = 0; g < group; ++g)
+      for (int j = 0; j < 16; ++j) acc[g][j] += levels[g][t] * rows[t * dim + c + j];
+  for (int64_t g = 0; g < group; ++g)
+    for (int j = 0; j < 16; ++j) sums[g][c + j] = fmaf((float)acc[g][j], step[g], sums[g][c + j]);
 }
 #endif
 
 static inline __attribute__((always_inline)) void weigh_int8(const int8_t *values, int64_t length, const float *weights, int64_t group, int64_t dim,
                                                              int64_t stride, const float *inverse, const float *scale, float *out) {
   int16_t levels[PAIR_ROWS][PAIR_KEYS + 2];
-  float sums[PAIR_ROWS][512];
+  float sums[PAIR_ROWS][512], step[PAIR_ROWS];
   for (int64_t g = 0; g < group; ++g) memset(sums[g], 0, dim * sizeof(float));
   for (int64_t from = 0; from < length; from += PAIR_KEYS) {
     int64_t count = length - from < PAIR_KEYS ? length - from : PAIR_KEYS, c = 0;
     const int8_t *rows = values + from * dim;
-    for (int64_t g = 0; g < group; ++g) round_weights(weights + g * stride + from, count, levels[g]);
+    int any = 0;
+    for (int64_t g = 0; g < group; ++g) any |= (step[g] = round_weights(weights + g * stride + from, count, levels[g])) > 0.f;
+    if (!any) continue; /* keys past every row's position: they add nothing */
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    for (; c + 64 <= dim; c += 64) pairs_64(rows, count, dim, levels, group, sums, c);
+    for (; c + 64 <= dim; c += 64) pairs_64(rows, count, dim, levels, step, group, sums, c);
 #endif
-#if defined(__AVX2__)
-    for (; c < dim; c += 16) pairs_16(rows, count, dim, levels, group, sums, c);
-#else
-    for (; c < dim; ++c)
-      for (int64_t g = 0; g < group; ++g) {
-        int32_t sum = 0;
-        for (int64_t t = 0; t < count; ++t) sum += levels[g][t] * rows[t * dim + c];
-        sums[g][c] += (float)sum;
-      }
-#endif
+    for (; c < dim; c += 16) pairs_16(rows, count, dim, levels, step, group, sums, c);
   }
   for (int64_t g = 0; g < group; ++g) {
-    float factor = inverse[g] * (1.f / 32767.f);
-    for (int64_t c = 0; c < dim; ++c) out[g * dim + c] = sums[g][c] * factor * scale[c];
+    float factors[512]; /* one product per statement: the order fast-math might otherwise choose differs between builds */
+    for (int64_t c = 0; c < dim; ++c) factors[c] = inverse[g] * scale[c];
+    for (int64_t c = 0; c < dim; ++c) out[g * dim + c] = sums[g][c] * factors[c];
   }
 }
 
-/* The dot products and weighted sums of a walk's query rows, with their count a constant where it is one of
+/* A float cache's dot products and weighted sums of a walk's query rows, with their count a constant where it is one of
    UNROLLED_ROWS (walk_span picks spans that make it one): the sums then stay in registers. With a generic
    count they live in memory: a verify's 6 tokens of 3 heads per key/value head (small-coder, 256 tokens
    cached) took 2.3 times a 1-token call's attention, 1.7 times since. */
@@ -912,7 +926,7 @@ static void scaled_queries(const AttentionCall *call, int64_t row, int64_t head,
    `length` cached rows from element `cache` of the head's cache, the rows' scores into `weights` (rows `stride`
    apart), and their weighted sums, times `inverse`, into `merged`. A float cache's score loops and the weighted
    sums hold up to MAX_GROUP rows' sums, so more go MAX_GROUP at a time (scores_int8 takes them all, LEVEL_BLOCK at
-   a time): each row's numbers are its own either way. */
+   a time; an int8 cache's weighted sums go PAIR_ROWS at a time): each row's numbers are its own either way. */
 #define SCORE_FLOAT(g) scores_float((const float *)call->cache_key + cache, length, queries + done * dim, g, dim, weights + done * stride, stride)
 #define WEIGH_INT8(g) \
   weigh_int8((const int8_t *)call->cache_value + cache, length, weights + done * stride, g, dim, stride, inverse + done, call->value_scale + head * dim, merged + done * dim)
@@ -1017,8 +1031,8 @@ static void attend(void *data, size_t item) {
    step_span's at a time), with arithmetic that gives each query row the same numbers in any walk: a score is
    its dot product in one order whichever loop computes it (total, multiply_add; an int8 cache's is an exact
    integer sum, scores_int8), each row's softmax runs over
-   its own keys only, and its weighted sum adds one key after another, a zero weight past its own position
-   adding nothing.
+   its own keys only, and its weighted sum adds one key after another (an int8 cache's, exact integer sums over
+   fixed blocks of keys: weigh_int8), a zero weight past its own position adding nothing.
 
    A row's cache is cut at fixed multiples of part_length into parts, where the model's key/value heads are
    fewer than TARGET_ITEMS (small-coder's draft's one, its main model's two), so that a long cache spreads over
