@@ -157,11 +157,10 @@ static inline f8 multiply_add(f8 a, f8 b, f8 c) {
    elsewhere the 8 above. Each sum is a column's, adding its row's terms one after another at any width: the
    numbers are the same. With 16, the weighted sums make half the loads and multiply-adds (an int8 cache's 4 rows,
    when its values were summed in floats, over 2,000 cached rows: 0.68x the time, caches hot, one thread of a
-   2-core AVX-512 Xeon), and
-   column_weigh's passes keep 6 rows' sums across a 64-wide head in AVX-512's 32 registers (24 sums), reading
-   each value row once per 6 rows where 8 floats read it once per 6 rows and 16 columns: small-coder's verify of
-   7 tokens after 150 cached spent 0.86x the time in its attention, its prefill of 70 tokens 0.955x (measured
-   when column_weigh alone took 16 floats). */
+   2-core AVX-512 Xeon), and column_weigh's passes keep 6 rows' sums across a 64-wide head in AVX-512's 32
+   registers (24 sums), reading each value row once per 6 rows where 8 floats read it once per 6 rows and 16
+   columns: small-coder's verify of 7 tokens after 150 cached spent 0.86x the time in its attention, its prefill
+   of 70 tokens 0.955x (measured when column_weigh alone took 16 floats). */
 #if defined(__AVX512F__)
 typedef float wv __attribute__((vector_size(64)));
 enum { WEIGH_LANES = 16, WEIGH_VECTORS = 4 };
@@ -432,11 +431,12 @@ static void scores_int8(const int8_t *keys, const int8_t *values, int64_t length
 }
 
 /* out[g] = inverse[g] * the sum over t < length of weights[g * stride + t] * values[t] (a float cache's), each
-   row's terms added one after another whatever the length (a step's walks, attend_block). Whole cached rows, four at a time, each read once and in order, with the group's
-   sums in a local array in the core's first cache, updated once per four rows: an AVX2 machine ran a
-   2048-token call in 0.79 of the time of the earlier loop, which took 16 columns of every row per pass (each
-   row read four times, with gaps). The sums stay local: kept in the caller's array, which may alias the
-   weights as far as the compiler knows, the call took twice as long. */
+   row's terms added one after another whatever the length (a step's walks, attend_block). Whole cached rows,
+   four at a time, each read once and in order, with the group's sums in a local array in the core's first
+   cache, updated once per four rows: an AVX2 machine ran a 2048-token call in 0.79 of the time of the earlier
+   loop, which took 16 columns of every row per pass (each row read four times, with gaps). The sums stay local:
+   kept in the caller's array, which may alias the weights as far as the compiler knows, the call took twice as
+   long. */
 static inline __attribute__((always_inline)) void weigh_float(const float *values, int64_t length, const float *weights, int64_t group, int64_t dim,
                                                               int64_t stride, const float *inverse, float *out) {
   wv sums[MAX_GROUP][512 / WEIGH_LANES];
@@ -464,11 +464,8 @@ static inline __attribute__((always_inline)) void weigh_float(const float *value
       for (int64_t g = 0; g < group; ++g) sums[g][c] = weigh_multiply_add((wv){0} + weights[g * stride + t], value, sums[g][c]);
     }
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < vectors; ++c) {
-      store_wv(out + g * dim + c * WEIGH_LANES, sums[g][c] * inverse[g]);
-    }
+    for (int64_t c = 0; c < vectors; ++c) store_wv(out + g * dim + c * WEIGH_LANES, sums[g][c] * inverse[g]);
 }
-
 
 /* An int8 cache's weighted sums, in integers: a row's weights over each block of PAIR_KEYS keys (counted from the
    walk's start) rounded to 16-bit levels of the block's largest, times the cached values, summed exactly in an
