@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -98,6 +99,9 @@ def test_bench_writes_table_json_and_chart(tiny_artifact, tmp_path):
     reads = {prompt: report["main_active_weight_bytes_per_token"] + kv for prompt, kv in report["main_only_kv_bytes_per_token"].items()}
     growth = report["main_only_cost_growth"]
     assert (growth["from"], growth["to"]) == (16, 40) and growth["bytes_growth"] == round(reads["40"] / reads["16"] - 1, 4) > 0
+    single_runs = {case["prompt_tokens"]: case["decode_by_run"] for case in report["cases"] if case["mode"] == "main only"}
+    by_round = sorted(short / long - 1 for short, long in zip(single_runs[16], single_runs[40]))  # paired within each round
+    assert growth["growth_by_round"] == {"median": round(statistics.median(by_round), 4), "low": round(by_round[0], 4), "high": round(by_round[-1], 4)}
 
     code, out, _ = _moecc("bench", str(tiny_artifact), "--prompt-tokens", "100000", "--json")
     assert code == 1 and "exceed the maximum sequence length" in json.loads(out)["error"]
