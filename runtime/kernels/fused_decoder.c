@@ -50,6 +50,9 @@ ignored, as in the graph. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "ops.h"
 
@@ -134,14 +137,54 @@ static void gate_rows(void *data, size_t item) {
 }
 
 /* The first index of the largest value, as numpy's argmax for finite values (the kernels are built with fast-math,
-   NaNs are not told apart): the largest found in one vectorized pass, then its
-   first place (a loop keeping the index of the best so far stays scalar). */
+   NaNs are not told apart). With AVX-512 or AVX2, count a multiple of the lanes (the head's panels make the
+   vocabulary a multiple of 32): each lane keeps its largest and where it first saw it, in one pass, then the
+   lanes' firsts of the largest give the first overall. The plain loop's second pass, a scalar search for the
+   largest, took 12 µs of a 9-position verify of small-coder after its logits (1,024 a row), the one pass 1.5. */
+#if defined(__AVX512F__) || defined(__AVX2__)
+static int64_t first_of_largest(const float *best, const int32_t *where, int lanes) {
+  float top = best[0];
+  int64_t first = where[0];
+  for (int lane = 1; lane < lanes; ++lane)
+    if (best[lane] > top || (best[lane] == top && where[lane] < first)) top = best[lane], first = where[lane];
+  return first;
+}
+#endif
+
 static int64_t argmax(const float *values, int64_t count) {
+#if defined(__AVX512F__)
+  __m512 best = _mm512_loadu_ps(values);
+  __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), where = index;
+  for (int64_t i = 16; i < count; i += 16) {
+    index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
+    __m512 next = _mm512_loadu_ps(values + i);
+    __mmask16 larger = _mm512_cmp_ps_mask(next, best, _CMP_GT_OQ); /* strictly: a lane keeps its first */
+    best = _mm512_mask_mov_ps(best, larger, next), where = _mm512_mask_mov_epi32(where, larger, index);
+  }
+  float lane_best[16];
+  int32_t lane_where[16];
+  _mm512_storeu_ps(lane_best, best), _mm512_storeu_si512(lane_where, where);
+  return first_of_largest(lane_best, lane_where, 16);
+#elif defined(__AVX2__)
+  __m256 best = _mm256_loadu_ps(values);
+  __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), where = index;
+  for (int64_t i = 8; i < count; i += 8) {
+    index = _mm256_add_epi32(index, _mm256_set1_epi32(8));
+    __m256 next = _mm256_loadu_ps(values + i), larger = _mm256_cmp_ps(next, best, _CMP_GT_OQ);
+    best = _mm256_blendv_ps(best, next, larger);
+    where = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(where), _mm256_castsi256_ps(index), larger));
+  }
+  float lane_best[8];
+  int32_t lane_where[8];
+  _mm256_storeu_ps(lane_best, best), _mm256_storeu_si256((__m256i *)lane_where, where);
+  return first_of_largest(lane_best, lane_where, 8);
+#else
   float top = values[0];
   for (int64_t i = 1; i < count; ++i) top = values[i] > top ? values[i] : top;
   int64_t best = 0;
   while (best + 1 < count && values[best] != top) ++best; /* bounded: a NaN first value is no one's equal */
   return best;
+#endif
 }
 
 /* Whether `tensor` holds weights in panels for these columns and inner size: float ones [columns / 32, inner, 32],

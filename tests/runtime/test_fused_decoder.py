@@ -5,10 +5,13 @@ stands aside with its reason from a graph it does not run."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import runtime
@@ -183,6 +186,56 @@ def test_a_greedy_verify_reads_the_kernels_argmax_of_each_position(fused_and_unf
         if count <= fused_decoder.MAX_CHAIN:
             assert written == chosen
         cache.keep(len(prompt))
+
+
+# Tokens whose head rows are the largest and the smallest multiple of one vector: the first of each pair shares its
+# lane with the second in passes of 16 and of 8, and the rest lie in other lanes and at the vocabulary's end.
+TIED_TOP, TIED_BOTTOM = [37, 53, 200, VOCAB - 1], [5, 21, 150, VOCAB - 2]
+
+
+@pytest.fixture(scope="module")
+def tied_head_pair(dense_checkpoints, tokenizer, tmp_path_factory):
+    """The dense pair with a main model whose head rows are multiples of one vector: each logit is its token's
+    multiple times one number, so the top logit always comes tied, at TIED_TOP's tokens where that number is
+    positive and at TIED_BOTTOM's where it is negative."""
+    root = tmp_path_factory.mktemp("tied-head")
+    model = LlamaForCausalLM(LlamaConfig(**SIZES, num_key_value_heads=2, intermediate_size=96))
+    save_model(model, tokenizer, root / "main", seed=5)
+    rng = np.random.default_rng(11)
+    multiples = rng.uniform(-2.0, 2.0, VOCAB)
+    multiples[TIED_TOP], multiples[TIED_BOTTOM] = 3.0, -3.0
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.from_numpy(np.outer(multiples, rng.normal(0.0, 0.2, SIZES["hidden_size"])).astype(np.float32)))
+    model.save_pretrained(root / "main", safe_serialization=True)
+    shutil.copytree(dense_checkpoints / "draft", root / "draft")
+    return build(load_recipe(write_recipe(root, name="tied-head")), root / "out").artifact
+
+
+@pytest.mark.parametrize("march", MARCHES)  # AVX-512's passes of 16, AVX2's of 8, the plain loops' two passes
+def test_tied_top_logits_give_the_first_of_their_tokens(tied_head_pair, monkeypatch, march):
+    """The kernel's argmax is numpy's where the top logit is tied: the first of the tied tokens, in a greedy
+    chain and in a verify's argmax of each position."""
+    monkeypatch.setattr(session, "library", lambda: kernel_library(march))
+    main = runtime.load(tied_head_pair, target="cpu", threads=2).main
+    assert main.chains_greedily
+    cache = main.new_cache(128)
+    prompt = np.random.default_rng(12).integers(1, VOCAB, size=13).tolist()
+
+    def firsts(logits: np.ndarray) -> list[int]:
+        for row in logits:  # the ties are exact, whichever way the sums ran
+            assert len({*row[TIED_TOP].tolist()}) == 1 and len({*row[TIED_BOTTOM].tolist()}) == 1
+        return [TIED_TOP[0] if row[TIED_TOP[0]] > 0 else TIED_BOTTOM[0] for row in logits]
+
+    chain = cache.greedy_chain(prompt, 6)
+    cache.keep(0)
+    assert chain == firsts(cache.feed(prompt + chain[:-1])[len(prompt) - 1 :])
+    cache.keep(len(prompt))
+    block = np.random.default_rng(13).integers(1, VOCAB, size=24).tolist()
+    chosen = cache.greedy_tokens(block, last=len(block))
+    cache.keep(len(prompt))
+    logits = cache.feed(block)
+    assert chosen == firsts(logits) == logits.argmax(axis=-1).tolist()
+    assert {TIED_TOP[0], TIED_BOTTOM[0]} <= set(chosen + chain)  # both signs met
 
 
 @pytest.mark.parametrize("march", MARCHES)  # AVX2's byte-pair products, and the plain loops of a machine without them
