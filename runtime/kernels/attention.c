@@ -604,10 +604,14 @@ static inline __attribute__((always_inline)) void weigh_int8(const int8_t *value
   }
 }
 
-/* A float cache's dot products and weighted sums of a walk's query rows, with their count a constant where it is one of
-   UNROLLED_ROWS (walk_span picks spans that make it one): the sums then stay in registers. With a generic
+/* A float cache's dot products and weighted sums of a walk's query rows, with their count a constant where it is one
+   of UNROLLED_ROWS (walk_span picks spans that make it one): the sums then stay in registers. With a generic
    count they live in memory: a verify's 6 tokens of 3 heads per key/value head (small-coder, 256 tokens
-   cached) took 2.3 times a 1-token call's attention, 1.7 times since. */
+   cached) took 2.3 times a 1-token call's attention, 1.7 times since. At most 12 rows: the scores' sums of 16
+   rows for two keys, 32 vectors, do not fit AVX-512's 32 registers beside a key and a query, and the spills cost
+   most where the cache streams from memory. The benchmark-size model's verify of 9 tokens (36 rows) after 2,048
+   cached took 1.29x as long in walks of 16, 16 and 4 rows as in walks of 12, 12, 8 and 4 (one thread), a whole
+   verify call 1.05x; a group of 16 heads walks 12 and 4 rows in the time of one walk of 16. */
 #define BY_GROUP(CALL, group)          \
   switch (group) {                     \
     case 1: CALL(1); break;            \
@@ -617,10 +621,9 @@ static inline __attribute__((always_inline)) void weigh_int8(const int8_t *value
     case 6: CALL(6); break;            \
     case 8: CALL(8); break;            \
     case 12: CALL(12); break;          \
-    case 16: CALL(16); break;          \
     default: CALL(group); break;       \
   }
-static const int64_t UNROLLED_ROWS[] = {1, 2, 3, 4, 6, 8, 12, 16};
+static const int64_t UNROLLED_ROWS[] = {1, 2, 3, 4, 6, 8, 12};
 
 /* Tokens per walk of the cache: as many as fit MAX_GROUP query rows, fewer where that makes the rows a count
    BY_GROUP unrolls (3 heads per group: 4 tokens, 12 rows, rather than 5 and a generic 15). */
