@@ -50,9 +50,6 @@ ignored, as in the graph. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 #include "ops.h"
 
@@ -142,50 +139,42 @@ static void gate_rows(void *data, size_t item) {
    lanes' firsts of the largest give the first overall. The plain loop's second pass, a scalar search for the
    largest, took 12 µs of a 9-position verify of small-coder after its logits (1,024 a row), the one pass 1.5. */
 #if defined(__AVX512F__) || defined(__AVX2__)
-static int64_t first_of_largest(const float *best, const int32_t *where, int lanes) {
+#if defined(__AVX512F__)
+enum { ARGMAX_LANES = 16 };
+#else
+enum { ARGMAX_LANES = 8 };
+#endif
+typedef float argmax_floats __attribute__((vector_size(4 * ARGMAX_LANES)));
+typedef int32_t argmax_ints __attribute__((vector_size(4 * ARGMAX_LANES)));
+
+static int64_t argmax(const float *values, int64_t count) {
+  argmax_floats best, next;
+  argmax_ints index, where;
+  memcpy(&best, values, sizeof best);
+  for (int lane = 0; lane < ARGMAX_LANES; ++lane) index[lane] = lane;
+  where = index;
+  for (int64_t i = ARGMAX_LANES; i < count; i += ARGMAX_LANES) {
+    memcpy(&next, values + i, sizeof next);
+    index += ARGMAX_LANES;
+    argmax_ints larger = next > best; /* strictly: a lane keeps its first */
+    best = (argmax_floats)(((argmax_ints)next & larger) | ((argmax_ints)best & ~larger));
+    where = (index & larger) | (where & ~larger);
+  }
   float top = best[0];
   int64_t first = where[0];
-  for (int lane = 1; lane < lanes; ++lane)
+  for (int lane = 1; lane < ARGMAX_LANES; ++lane)
     if (best[lane] > top || (best[lane] == top && where[lane] < first)) top = best[lane], first = where[lane];
   return first;
 }
-#endif
-
-static int64_t argmax(const float *values, int64_t count) {
-#if defined(__AVX512F__)
-  __m512 best = _mm512_loadu_ps(values);
-  __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), where = index;
-  for (int64_t i = 16; i < count; i += 16) {
-    index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
-    __m512 next = _mm512_loadu_ps(values + i);
-    __mmask16 larger = _mm512_cmp_ps_mask(next, best, _CMP_GT_OQ); /* strictly: a lane keeps its first */
-    best = _mm512_mask_mov_ps(best, larger, next), where = _mm512_mask_mov_epi32(where, larger, index);
-  }
-  float lane_best[16];
-  int32_t lane_where[16];
-  _mm512_storeu_ps(lane_best, best), _mm512_storeu_si512(lane_where, where);
-  return first_of_largest(lane_best, lane_where, 16);
-#elif defined(__AVX2__)
-  __m256 best = _mm256_loadu_ps(values);
-  __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), where = index;
-  for (int64_t i = 8; i < count; i += 8) {
-    index = _mm256_add_epi32(index, _mm256_set1_epi32(8));
-    __m256 next = _mm256_loadu_ps(values + i), larger = _mm256_cmp_ps(next, best, _CMP_GT_OQ);
-    best = _mm256_blendv_ps(best, next, larger);
-    where = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(where), _mm256_castsi256_ps(index), larger));
-  }
-  float lane_best[8];
-  int32_t lane_where[8];
-  _mm256_storeu_ps(lane_best, best), _mm256_storeu_si256((__m256i *)lane_where, where);
-  return first_of_largest(lane_best, lane_where, 8);
 #else
+static int64_t argmax(const float *values, int64_t count) {
   float top = values[0];
   for (int64_t i = 1; i < count; ++i) top = values[i] > top ? values[i] : top;
   int64_t best = 0;
   while (best + 1 < count && values[best] != top) ++best; /* bounded: a NaN first value is no one's equal */
   return best;
-#endif
 }
+#endif
 
 /* Whether `tensor` holds weights in panels for these columns and inner size: float ones [columns / 32, inner, 32],
    or where the kernel is quantized 8-bit ones in quads [columns / 32, inner / 4, 32, 4] with `scales`
