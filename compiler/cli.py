@@ -387,9 +387,10 @@ def cmd_bench(args, out: Console, err: Console) -> dict[str, Any]:
         for cost in report["speculation"]:
             out.print(speculation_line(cost))
         if growth := report["main_only_cost_growth"]:
+            by_round = growth["growth_by_round"]
             out.print(
                 f"main-only decode time per token at prompt {growth['to']} against {growth['from']}: {growth['growth']:+.1%} (by round: median "
-                f"{growth['growth_by_round']['median']:+.1%}, {growth['growth_by_round']['low']:+.1%} to {growth['growth_by_round']['high']:+.1%}); the bytes a step reads "
+                f"{by_round['median']:+.1%}, {by_round['low']:+.1%} to {by_round['high']:+.1%}); the bytes a step reads "
                 f"(weights and KV cache): {growth['bytes_growth']:+.1%} (kernels: {', '.join(report['kernels']) or 'ONNX Runtime'})"
             )
         out.print(f"peak RSS {_size(report['peak_rss_bytes'])}; wrote {json_out} and {chart}")
@@ -410,7 +411,8 @@ def speculation_line(cost: dict[str, Any]) -> str:
 def _cost_growth(main_only: list, active_weight_bytes: int, kv_bytes: dict[int, int]) -> dict[str, Any] | None:
     """How much longer a main-only decode step (batch 1) takes after the longest prompt than after the shortest; and
     how much more it reads (its active weights and the KV cache): the growth a step bound by its reads cannot beat,
-    so that a figure above it says what the attention's arithmetic adds, not what the cache's size does."""
+    so that a figure above it says what the attention's arithmetic adds, not what the cache's size does. Beside the
+    medians' ratio, each round's own (growth_by_round: median, low, high)."""
     from runtime.benchmark import Spread
 
     single = sorted(main_only, key=lambda case: case.prompt_tokens)
@@ -419,9 +421,9 @@ def _cost_growth(main_only: list, active_weight_bytes: int, kv_bytes: dict[int, 
     first, last = single[0], single[-1]
     growth = last.milliseconds_per_token.median / first.milliseconds_per_token.median - 1
     reads = (active_weight_bytes + kv_bytes[last.prompt_tokens]) / (active_weight_bytes + kv_bytes[first.prompt_tokens]) - 1
-    # Each round's growth, its two runs a few seconds apart: the machine's drift over the whole benchmark (10-15 %
+    # Each round's growth, its two runs in the same round: the machine's drift over the whole benchmark (10-15 %
     # within minutes on a shared 2-core Xeon) moves the medians' ratio, not these; their range shows what is left.
-    by_round = Spread.of([short / long - 1 for short, long in zip(first.decode_by_run, last.decode_by_run)])
+    by_round = Spread.of([short / long - 1 for short, long in zip(first.decode_by_run, last.decode_by_run, strict=True)])
     return {
         "from": first.prompt_tokens, "to": last.prompt_tokens, "growth": round(growth, 4), "bytes_growth": round(reads, 4),
         "growth_by_round": {"median": round(by_round.median, 4), "low": round(by_round.low, 4), "high": round(by_round.high, 4)},

@@ -626,7 +626,8 @@ static inline __attribute__((always_inline)) void weigh_int8(const int8_t *value
 static const int64_t UNROLLED_ROWS[] = {1, 2, 3, 4, 6, 8, 12};
 
 /* Tokens per walk of the cache: as many as fit MAX_GROUP query rows, fewer where that makes the rows a count
-   BY_GROUP unrolls (3 heads per group: 4 tokens, 12 rows, rather than 5 and a generic 15). */
+   BY_GROUP unrolls (3 heads per group: 4 tokens, 12 rows, rather than 5 and a generic 15). Where no span of two
+   or more does (8 heads: 16 rows), MAX_GROUP / group, whose rows IN_GROUPS takes in unrolled walks (12 and 4). */
 static int64_t walk_span(int64_t group) {
   for (int64_t span = MAX_GROUP / group; span > 1; --span)
     for (size_t i = 0; i < sizeof UNROLLED_ROWS / sizeof *UNROLLED_ROWS; ++i)
@@ -924,9 +925,9 @@ static void scaled_queries(const AttentionCall *call, int64_t row, int64_t head,
 
 /* A walk's products for `rows` query rows of one key/value head, as attend and attend_block call them: over
    `length` cached rows from element `cache` of the head's cache, the rows' scores into `weights` (rows `stride`
-   apart), and their weighted sums, times `inverse`, into `merged`. A float cache's score loops and the weighted
-   sums hold up to MAX_GROUP rows' sums, so more go MAX_GROUP at a time (scores_int8 takes them all, LEVEL_BLOCK at
-   a time; an int8 cache's weighted sums go PAIR_ROWS at a time): each row's numbers are its own either way. */
+   apart), and their weighted sums, times `inverse`, into `merged`. A float cache's score loops and weighted sums
+   take the rows in walks of UNROLLED_ROWS' counts, at most 12 (scores_int8 takes them all, LEVEL_BLOCK at a time;
+   an int8 cache's weighted sums go PAIR_ROWS at a time): each row's numbers are its own either way. */
 #define SCORE_FLOAT(g) scores_float((const float *)call->cache_key + cache, length, queries + done * dim, g, dim, weights + done * stride, stride)
 #define WEIGH_INT8(g) \
   weigh_int8((const int8_t *)call->cache_value + cache, length, weights + done * stride, g, dim, stride, inverse + done, call->value_scale + head * dim, merged + done * dim)

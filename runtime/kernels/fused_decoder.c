@@ -136,8 +136,9 @@ static void gate_rows(void *data, size_t item) {
 /* The first index of the largest value, as numpy's argmax for finite values (the kernels are built with fast-math,
    NaNs are not told apart). With AVX-512 or AVX2, count a multiple of the lanes (the head's panels make the
    vocabulary a multiple of 32): each lane keeps its largest and where it first saw it, in one pass, then the
-   lanes' firsts of the largest give the first overall. The plain loop's second pass, a scalar search for the
-   largest, took 12 µs of a 9-position verify of small-coder after its logits (1,024 a row), the one pass 1.5. */
+   lanes' firsts of the largest give the first overall. The plain loop finds the largest, then its first place in
+   a scalar search, which took 12 µs of a 9-position verify of small-coder after its logits (1,024 a row), where
+   the one pass takes 2. */
 #if defined(__AVX512F__) || defined(__AVX2__)
 #if defined(__AVX512F__)
 enum { ARGMAX_LANES = 16 };

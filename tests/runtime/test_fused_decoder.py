@@ -188,9 +188,10 @@ def test_a_greedy_verify_reads_the_kernels_argmax_of_each_position(fused_and_unf
         cache.keep(len(prompt))
 
 
-# Tokens whose head rows are the largest and the smallest multiple of one vector: the first of each pair shares its
-# lane with the second in passes of 16 and of 8, and the rest lie in other lanes and at the vocabulary's end.
-TIED_TOP, TIED_BOTTOM = [37, 53, 200, VOCAB - 1], [5, 21, 150, VOCAB - 2]
+# Tokens whose head rows are the largest and the smallest multiple of one vector: the first of each shares its lane
+# with the second in passes of 16 and of 8, the third lies in lane 0 of both (a lower lane than the first's), and
+# the rest in other lanes and at the vocabulary's end.
+TIED_TOP, TIED_BOTTOM = [37, 53, 64, 200, VOCAB - 1], [5, 21, 160, 150, VOCAB - 2]
 
 
 @pytest.fixture(scope="module")
