@@ -195,20 +195,20 @@ TIED_TOP, TIED_BOTTOM = [37, 53, 64, 200, VOCAB - 1], [5, 21, 160, 150, VOCAB - 
 
 
 @pytest.fixture(scope="module")
-def tied_head_pair(dense_checkpoints, tokenizer, tmp_path_factory):
-    """The dense pair with a main model whose head rows are multiples of one vector: each logit is its token's
+def tied_head_pair(dense_checkpoints, tmp_path_factory):
+    """The dense pair with its main model's head rows made multiples of one vector: each logit is its token's
     multiple times one number, so the top logit always comes tied, at TIED_TOP's tokens where that number is
     positive and at TIED_BOTTOM's where it is negative."""
     root = tmp_path_factory.mktemp("tied-head")
-    model = LlamaForCausalLM(LlamaConfig(**SIZES, num_key_value_heads=2, intermediate_size=96))
-    save_model(model, tokenizer, root / "main", seed=5)
+    for role in ("main", "draft"):
+        shutil.copytree(dense_checkpoints / role, root / role)
+    model = LlamaForCausalLM.from_pretrained(root / "main")
     rng = np.random.default_rng(11)
     multiples = rng.uniform(-2.0, 2.0, VOCAB)
     multiples[TIED_TOP], multiples[TIED_BOTTOM] = 3.0, -3.0
     with torch.no_grad():
         model.lm_head.weight.copy_(torch.from_numpy(np.outer(multiples, rng.normal(0.0, 0.2, SIZES["hidden_size"])).astype(np.float32)))
     model.save_pretrained(root / "main", safe_serialization=True)
-    shutil.copytree(dense_checkpoints / "draft", root / "draft")
     return build(load_recipe(write_recipe(root, name="tied-head")), root / "out").artifact
 
 
