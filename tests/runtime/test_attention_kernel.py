@@ -190,13 +190,16 @@ def test_a_call_after_a_long_cache_matches_group_query_attention(heads, kv_heads
 def test_a_token_gets_the_same_bits_in_a_step_as_in_its_own_decode_step(heads, kv_heads, dim, int8, march):
     """A verify's tokens (up to 33, the most a step takes), each bit for bit what its own decode step of the row
     alone gives: greedy speculation is lossless only if the main model's verify scores a position exactly as
-    its decode step would. Two rows, the second padded, after 250 and 500 cached rows, so that tokens cross
-    the cache's parts (multiples of 256 rows per key/value head: 256 with one, 512 with two) within the call."""
+    its decode step would. Two rows, the second padded, after 370 and 500 cached rows, so that the second's
+    tokens cross the cache's parts (multiples of 256 rows per key/value head: 512 with one or two) within the
+    call, and the first's keys straddle the length from which an int8 cache's scores are tile multiplies where
+    the machine has AMX (attention.c, AMX_MIN_KEYS: 384 keys of a head's part): its decode steps below it score
+    in vectors, its verify's walk in tiles."""
     capacity, width = 600, 33
     rng = np.random.default_rng(heads + kv_heads)
     model = _attention_model(heads, kv_heads, dim, True, int8, capacity)
     session = _session(model, dim, fused=True, march=march)
-    cached, new = np.array([250, 500]), np.array([width, width - 4])
+    cached, new = np.array([370, 500]), np.array([width, width - 4])
     query = rng.standard_normal((2, width, (heads + 2 * kv_heads) * dim), dtype=np.float32)
     caches = {name: rng.standard_normal((2, kv_heads, capacity, dim), dtype=np.float32) for name in ("past_key", "past_value")}
     if int8:
