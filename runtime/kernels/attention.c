@@ -427,15 +427,15 @@ static void block_scores(const int8_t *keys, const int8_t *values, int64_t lengt
 #if TILES
 /* With AMX, a long walk's scores are tile multiplies, which leave VNNI's one port (the limit of block_scores, 2
    multiply-adds a score) and the shuffles that total its sums free for the weighted sums. A tile of TILE_KEYS
-   cached keys, TILE_DEPTH of each key's values a row, is read from the cache as it lies; the rows' levels go in as
+   cached keys, TILE_DEPTH of each key's channels a row, is read from the cache as it lies; the rows' levels go in as
    their signed high bytes (TDPBSSD) and unsigned low bytes (TDPBSUD), and a score is 256 times the first sum plus
    the second: the same integers as the vector loops' (wrapping int32 arithmetic; the true sum fits), so the same
    scores, and a token's numbers do not depend on which loop took its keys. After 2,048 cached rows, the
    benchmark-size model's attention took 0.87-0.90x its time in a decode step (330-335 µs a step against 368-382;
    three processes of each, alternating, an instrumented build, 2 threads of a 2-core Xeon with AMX), and on one
    thread 0.90x, its verify of 9 tokens 0.78x. Shorter walks keep the vector loops: on one thread the tiles took
-   1.11x their time over 128 keys, 1.02x over 256, 0.97x over 384 (the tile set-up, the levels' rearranging, and a
-   tile's sums waited on before they are stored). */
+   1.11x their time over 128 keys, 1.02x over 256, 0.97x over 384 (the tile set-up, the levels' rearranging, and each
+   tile's sums read back from memory once it has stored them). */
 enum { TILE_KEYS = 16, TILE_DEPTH = 64, AMX_MIN_KEYS = 384, ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
 /* tile registers: numbers, not enumerators, which GCC's tile intrinsics paste into their assembly */
 #define KEY_TILE 0
@@ -488,8 +488,8 @@ static void amx_scores(const int8_t *keys, const int8_t *values, int64_t length,
   int64_t whole = length / TILE_KEYS * TILE_KEYS;
   for (int64_t r = 0; r < rows; r += LEVEL_BLOCK) {
     int64_t block = rows - r < LEVEL_BLOCK ? rows - r : LEVEL_BLOCK;
-    /* the block's levels as a tile multiply takes its right operand: row i, bytes 4n .. 4n + 3 = row n's values
-       4i .. 4i + 3 (padded rows' levels are zeros) */
+    /* the block's levels as a tile multiply takes its right operand: row i, bytes 4n .. 4n + 3 = row n's levels
+       of channels 4i .. 4i + 3 (padded rows' levels are zeros) */
     int8_t high[512 / 4][4 * LEVEL_BLOCK];
     uint8_t low[512 / 4][4 * LEVEL_BLOCK];
     for (int64_t d = 0; d < dim; ++d)
