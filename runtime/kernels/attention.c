@@ -319,7 +319,12 @@ static void round_queries(const float *queries, int64_t rows, int64_t dim, int64
     for (int64_t d = 0; d < dim; ++d) top = fmaxf(top, fabsf(query[d]));
     float inverse = top > 0.f ? 32767.f / top : 0.f;
     scales[r] = top / 32767.f;
-    for (int64_t d = 0; d < dim; ++d) levels[r * width + d] = (int16_t)lrintf(query[d] * inverse);
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    for (; d + 16 <= dim; d += 16) /* rounded to nearest, ties to even, as lrintf */
+      _mm256_storeu_si256((__m256i *)(levels + r * width + d), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(query + d), _mm512_set1_ps(inverse)))));
+#endif
+    for (; d < dim; ++d) levels[r * width + d] = (int16_t)lrintf(query[d] * inverse);
   }
 }
 
@@ -492,11 +497,18 @@ static void amx_scores(const int8_t *keys, const int8_t *values, int64_t length,
        of channels 4i .. 4i + 3 (padded rows' levels are zeros) */
     int8_t high[512 / 4][4 * LEVEL_BLOCK];
     uint8_t low[512 / 4][4 * LEVEL_BLOCK];
-    for (int64_t d = 0; d < dim; ++d)
-      for (int n = 0; n < LEVEL_BLOCK; ++n) {
-        int16_t level = levels[(r + n) * width + d];
-        high[d / 4][4 * n + d % 4] = (int8_t)(level >> 8), low[d / 4][4 * n + d % 4] = (uint8_t)(level & 0xFF);
+    for (int n = 0; n < LEVEL_BLOCK; ++n) { /* each row's bytes by vector conversions, then 4 at a time into place */
+      uint32_t row_high[512 / 4], row_low[512 / 4];
+      for (int64_t d = 0; d < dim; d += 32) {
+        __m512i level = _mm512_loadu_si512(levels + (r + n) * width + d);
+        _mm256_storeu_si256((__m256i *)((int8_t *)row_high + d), _mm512_cvtepi16_epi8(_mm512_srai_epi16(level, 8)));
+        _mm256_storeu_si256((__m256i *)((int8_t *)row_low + d), _mm512_cvtepi16_epi8(level));
       }
+      for (int64_t i = 0; i < dim / 4; ++i) {
+        memcpy(high[i] + 4 * n, row_high + i, 4);
+        memcpy(low[i] + 4 * n, row_low + i, 4);
+      }
+    }
     for (int64_t t = 0; t < whole; t += TILE_KEYS) {
       const int8_t *k = keys + t * dim;
       /* the keys two tiles ahead; the values are left to the weighted sums' own prefetches: fetched here too, they
