@@ -22,7 +22,7 @@ session loads):
 Padding positions of a row produce zeros and write nothing to the cache. A step's tokens (a decode step's one, a
 verify's up to 33) get bit for bit what each token's own decode step of its row alone gets (attend_block). */
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__linux__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__x86_64__) && defined(__linux__)
 #define TILES 1      /* AMX: an int8 cache's scores in tile multiplies (amx_scores) */
 #define _GNU_SOURCE /* syscall, to ask Linux for the tiles' state */
 #include <sys/syscall.h>
@@ -431,7 +431,7 @@ static void block_scores(const int8_t *keys, const int8_t *values, int64_t lengt
 
 #if TILES
 /* With AMX, a long walk's scores are tile multiplies, which leave VNNI's one port (the limit of block_scores, 2
-   multiply-adds a score) and the shuffles that total its sums free for the weighted sums. A tile of TILE_KEYS
+   multiply-adds a score for a head of 64) and the shuffles that total its sums free for the weighted sums. A tile of TILE_KEYS
    cached keys, TILE_DEPTH of each key's channels a row, is read from the cache as it lies; the rows' levels go in as
    their signed high bytes (TDPBSSD) and unsigned low bytes (TDPBSUD), and a score is 256 times the first sum plus
    the second: the same integers as the vector loops' (wrapping int32 arithmetic; the true sum fits), so the same
@@ -450,7 +450,8 @@ enum { TILE_KEYS = 16, TILE_DEPTH = 64, AMX_MIN_KEYS = 384, ARCH_REQ_XCOMP_PERM 
 #define LOW_SUMS 4
 
 /* Whether Linux lets this process use the tiles: it lends their state only to a process that asks (Linux 5.16
-   on); refused, the vector loops stay. Asked once; two threads asking at once get the same answer. */
+   on); refused, the vector loops stay. Asked until an answer is stored: threads asking at once before that each
+   ask, and get the same answer. */
 static int tiles_granted(void) {
   static int state; /* 0 not asked yet, 1 granted, -1 refused */
   int known = __atomic_load_n(&state, __ATOMIC_RELAXED);
@@ -466,6 +467,14 @@ typedef struct { /* LDTILECFG's operand, palette 1 */
   uint16_t bytes_per_row[16];
   uint8_t rows[16];
 } TileConfig;
+
+/* amx_scores' tiles: constant, so the whole operand is in memory before LDTILECFG reads it (GCC's intrinsic tells
+   the compiler of its first 8 bytes only) */
+static const TileConfig SCORE_TILES = {
+    .palette = 1,
+    .bytes_per_row = {[KEY_TILE] = TILE_DEPTH, [HIGH_TILE] = 4 * LEVEL_BLOCK, [LOW_TILE] = 4 * LEVEL_BLOCK, [HIGH_SUMS] = 4 * LEVEL_BLOCK, [LOW_SUMS] = 4 * LEVEL_BLOCK},
+    .rows = {[KEY_TILE] = TILE_KEYS, [HIGH_TILE] = TILE_DEPTH / 4, [LOW_TILE] = TILE_DEPTH / 4, [HIGH_SUMS] = TILE_KEYS, [LOW_SUMS] = TILE_KEYS},
+};
 
 /* scores[n * stride + t .. + 15] for the block's rows n < rows: high and low, a tile's two sums [key][row]. */
 static inline void store_tile_scores(const int32_t *high, const int32_t *low, const float *scales, int64_t rows, float *scores, int64_t stride) {
@@ -485,11 +494,7 @@ static inline void store_tile_scores(const int32_t *high, const int32_t *low, co
 /* block_scores for every LEVEL_BLOCK rows of `rows` in tiles of TILE_KEYS keys, the last keys in block_scores. */
 static void amx_scores(const int8_t *keys, const int8_t *values, int64_t length, const int16_t *levels, int64_t width, const float *scales,
                        int64_t rows, int64_t dim, float *scores, int64_t stride) {
-  TileConfig config = {.palette = 1};
-  config.rows[KEY_TILE] = TILE_KEYS, config.bytes_per_row[KEY_TILE] = TILE_DEPTH;
-  for (int tile = HIGH_TILE; tile <= LOW_TILE; ++tile) config.rows[tile] = TILE_DEPTH / 4, config.bytes_per_row[tile] = 4 * LEVEL_BLOCK;
-  for (int tile = HIGH_SUMS; tile <= LOW_SUMS; ++tile) config.rows[tile] = TILE_KEYS, config.bytes_per_row[tile] = 4 * LEVEL_BLOCK;
-  _tile_loadconfig(&config);
+  _tile_loadconfig(&SCORE_TILES);
   int64_t whole = length / TILE_KEYS * TILE_KEYS;
   for (int64_t r = 0; r < rows; r += LEVEL_BLOCK) {
     int64_t block = rows - r < LEVEL_BLOCK ? rows - r : LEVEL_BLOCK;

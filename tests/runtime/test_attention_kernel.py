@@ -183,30 +183,31 @@ def test_a_call_after_a_long_cache_matches_group_query_attention(heads, kv_heads
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float-cache", "int8-cache"])
 @pytest.mark.parametrize(
-    "heads, kv_heads, dim", [(6, 2, 64), (2, 1, 64), (8, 2, 64), (16, 1, 64), (8, 8, 64), (6, 2, 80)],
-    ids=["group3", "group2", "group4", "group16", "group1", "group3-dim80"],  # 80: a head wider than whole passes of the weighted sums
+    "heads, kv_heads, dim", [(6, 2, 64), (2, 1, 64), (8, 2, 64), (16, 1, 64), (8, 8, 64), (6, 2, 80), (8, 2, 128)],
+    ids=["group3", "group2", "group4", "group16", "group1", "group3-dim80", "group4-dim128"],  # 80: a head wider than whole passes of the weighted sums
 )  # fmt: skip
 @pytest.mark.parametrize("march", MARCHES)
 def test_a_token_gets_the_same_bits_in_a_step_as_in_its_own_decode_step(heads, kv_heads, dim, int8, march):
     """A verify's tokens (up to 33, the most a step takes), each bit for bit what its own decode step of the row
     alone gives: greedy speculation is lossless only if the main model's verify scores a position exactly as
-    its decode step would. Two rows, the second padded, after 370 and 500 cached rows, so that the second's
-    tokens cross the cache's parts (multiples of 256 rows per key/value head: 512 with one or two) within the
-    call, and the first's keys straddle the length from which an int8 cache's scores are tile multiplies where
-    the machine has AMX (attention.c, AMX_MIN_KEYS: 384 keys of a head's part): its decode steps below it score
-    in vectors, its verify's walk in tiles."""
+    its decode step would. Three rows, the last padded, after 250, 370 and 500 cached rows. The first's and the
+    last's tokens cross the cache's parts within the call (multiples of 256 rows per key/value head: 256 with
+    one, 512 with two). The second's keys straddle the length from which an int8 cache's scores are tile
+    multiplies where the machine has AMX (attention.c, AMX_MIN_KEYS: 384 keys of a part, a head size a multiple
+    of 64), which parts of two key/value heads or more reach (group3, group4, group1, group4-dim128): the decode
+    steps of its first tokens score in vectors, its verify's walk in tiles."""
     capacity, width = 600, 33
     rng = np.random.default_rng(heads + kv_heads)
     model = _attention_model(heads, kv_heads, dim, True, int8, capacity)
     session = _session(model, dim, fused=True, march=march)
-    cached, new = np.array([370, 500]), np.array([width, width - 4])
-    query = rng.standard_normal((2, width, (heads + 2 * kv_heads) * dim), dtype=np.float32)
-    caches = {name: rng.standard_normal((2, kv_heads, capacity, dim), dtype=np.float32) for name in ("past_key", "past_value")}
+    cached, new = np.array([250, 370, 500]), np.array([width, width, width - 4])
+    query = rng.standard_normal((3, width, (heads + 2 * kv_heads) * dim), dtype=np.float32)
+    caches = {name: rng.standard_normal((3, kv_heads, capacity, dim), dtype=np.float32) for name in ("past_key", "past_value")}
     if int8:
         caches = _quantized(caches, kv_heads, dim)
     lengths = {"seqlens_k": (cached + new - 1).astype(np.int32), "total_sequence_length": np.array((cached + new).max(), np.int32), "query_seqlens": new.astype(np.int32)}
     step = _run(session, {"query": query} | lengths, caches, True)[0]
-    for row in range(2):
+    for row in range(3):
         cache = {name: array[row : row + 1] for name, array in caches.items()}
         for token in range(new[row]):
             length = cached[row] + token + 1
