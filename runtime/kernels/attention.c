@@ -431,11 +431,11 @@ static void block_scores(const int8_t *keys, const int8_t *values, int64_t lengt
 
 #if TILES
 /* With AMX, a long walk's scores are tile multiplies, which leave VNNI's one port (the limit of block_scores, 2
-   multiply-adds a score for a head of 64) and the shuffles that total its sums free for the weighted sums. A tile of TILE_KEYS
-   cached keys, TILE_DEPTH of each key's channels a row, is read from the cache as it lies; the rows' levels go in as
-   their signed high bytes (TDPBSSD) and unsigned low bytes (TDPBSUD), and a score is 256 times the first sum plus
-   the second: the same integers as the vector loops' (wrapping int32 arithmetic; the true sum fits), so the same
-   scores, and a token's numbers do not depend on which loop took its keys. After 2,048 cached rows, the
+   multiply-adds a score for a head of 64) and the shuffles that total its sums free for the weighted sums. A tile
+   of TILE_KEYS cached keys, TILE_DEPTH of each key's channels a row, is read from the cache as it lies; the rows'
+   levels go in as their signed high bytes (TDPBSSD) and unsigned low bytes (TDPBSUD), and a score is 256 times the
+   first sum plus the second: the same integers as the vector loops' (wrapping int32 arithmetic; the true sum
+   fits), so the same scores, and a token's numbers do not depend on which loop took its keys. After 2,048 cached rows, the
    benchmark-size model's attention took 0.87-0.90x its time in a decode step (330-335 µs a step against 368-382;
    three processes of each, alternating, an instrumented build, 2 threads of a 2-core Xeon with AMX), and on one
    thread 0.90x, its verify of 9 tokens 0.78x. Shorter walks keep the vector loops: on one thread the tiles took
