@@ -307,6 +307,17 @@ enum { LEVEL_PIECE = 32, LEVEL_BLOCK = 4 }; /* levels padded per row to whole pi
 _Static_assert(512LL * 32767 * 128 < 2147483648LL, "a head of 512 (check_call's most) sums in an int32");
 _Static_assert((int)STEP_ROWS >= (int)MAX_GROUP && STEP_ROWS % LEVEL_BLOCK == 0, "scores_int8's buffers hold a walk's rows, padded");
 
+/* levels[t] = x[t] * inverse rounded to nearest, ties to even (as lrintf), for t < count: a query row's or a block
+   of weights' 16-bit levels */
+static void to_levels(const float *x, int64_t count, float inverse, int16_t *levels) {
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  for (; t + 16 <= count; t += 16)
+    _mm256_storeu_si256((__m256i *)(levels + t), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + t), _mm512_set1_ps(inverse)))));
+#endif
+  for (; t < count; ++t) levels[t] = (int16_t)lrintf(x[t] * inverse);
+}
+
 /* levels[r * width + d] and scales[r]: query row r (of rows, dim floats each) rounded as above, zero past dim and
    in rows up to a multiple of LEVEL_BLOCK. */
 static void round_queries(const float *queries, int64_t rows, int64_t dim, int64_t width, int16_t *levels, float *scales) {
@@ -317,14 +328,8 @@ static void round_queries(const float *queries, int64_t rows, int64_t dim, int64
     const float *query = queries + r * dim;
     float top = 0.f;
     for (int64_t d = 0; d < dim; ++d) top = fmaxf(top, fabsf(query[d]));
-    float inverse = top > 0.f ? 32767.f / top : 0.f;
     scales[r] = top / 32767.f;
-    int64_t d = 0;
-#if defined(__AVX512F__)
-    for (; d + 16 <= dim; d += 16) /* rounded to nearest, ties to even, as lrintf */
-      _mm256_storeu_si256((__m256i *)(levels + r * width + d), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(query + d), _mm512_set1_ps(inverse)))));
-#endif
-    for (; d < dim; ++d) levels[r * width + d] = (int16_t)lrintf(query[d] * inverse);
+    to_levels(query, dim, top > 0.f ? 32767.f / top : 0.f, levels + r * width);
   }
 }
 
@@ -435,12 +440,12 @@ static void block_scores(const int8_t *keys, const int8_t *values, int64_t lengt
    of TILE_KEYS cached keys, TILE_DEPTH of each key's channels a row, is read from the cache as it lies; the rows'
    levels go in as their signed high bytes (TDPBSSD) and unsigned low bytes (TDPBSUD), and a score is 256 times the
    first sum plus the second: the same integers as the vector loops' (wrapping int32 arithmetic; the true sum
-   fits), so the same scores, and a token's numbers do not depend on which loop took its keys. After 2,048 cached rows, the
-   benchmark-size model's attention took 0.87-0.90x its time in a decode step (330-335 µs a step against 368-382;
-   three processes of each, alternating, an instrumented build, 2 threads of a 2-core Xeon with AMX), and on one
-   thread 0.90x, its verify of 9 tokens 0.78x. Shorter walks keep the vector loops: on one thread the tiles took
-   1.11x their time over 128 keys, 1.02x over 256, 0.97x over 384 (the tile set-up, the levels' rearranging, and each
-   tile's sums read back from memory once it has stored them). */
+   fits), so the same scores, and a token's numbers do not depend on which loop took its keys. After 2,048 cached
+   rows, the benchmark-size model's attention took 0.87-0.90x its time in a decode step (330-335 µs a step against
+   368-382; three processes of each, alternating, an instrumented build, 2 threads of a 2-core Xeon with AMX), and
+   on one thread 0.90x, its verify of 9 tokens 0.78x. Shorter walks keep the vector loops: on one thread the tiles
+   took 1.11x their time over 128 keys, 1.02x over 256, 0.97x over 384 (the tile set-up, the levels' rearranging,
+   and each tile's sums read back from memory once it has stored them). */
 enum { TILE_KEYS = 16, TILE_DEPTH = 64, AMX_MIN_KEYS = 384, ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
 /* tile registers: numbers, not enumerators, which GCC's tile intrinsics paste into their assembly */
 #define KEY_TILE 0
@@ -623,13 +628,7 @@ _Static_assert(PAIR_KEYS * 32767LL * 128 < 2147483648LL, "a block's products of 
 static float round_weights(const float *weights, int64_t count, int16_t *levels) {
   float top = 0.f;
   for (int64_t t = 0; t < count; ++t) top = weights[t] > top ? weights[t] : top;
-  float inverse = top > 0.f ? 32767.f / top : 0.f;
-  int64_t t = 0;
-#if defined(__AVX512F__)
-  for (; t + 16 <= count; t += 16) /* rounded to nearest, ties to even, as lrintf */
-    _mm256_storeu_si256((__m256i *)(levels + t), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(weights + t), _mm512_set1_ps(inverse)))));
-#endif
-  for (; t < count; ++t) levels[t] = (int16_t)lrintf(weights[t] * inverse);
+  to_levels(weights, count, top > 0.f ? 32767.f / top : 0.f, levels);
   levels[count] = 0;
   return top / 32767.f;
 }
