@@ -1110,6 +1110,10 @@ static void weigh_rows(const AttentionCall *call, int64_t head, int64_t cache, i
     IN_GROUPS(WEIGH_FLOAT)
 }
 
+/* A work item's scores: room for the most rows a walk takes (STEP_ROWS, at least attend's MAX_GROUP) over the
+   whole cache, so that the buffer does not grow with the context. */
+static float *scores_scratch(const AttentionCall *call) { return thread_scratch(SCRATCH_SCORES, (size_t)(STEP_ROWS * call->capacity) * sizeof(float)); }
+
 /* Work item of a prompt's second phase (a call of more than STEP_TOKENS new tokens a row): one row, one
    key/value head, a block of new tokens; each token's `group` queries attend to the cache up to and including
    its own position. The block's tokens go a few at a time (walk_span's), their queries together as one larger
@@ -1128,7 +1132,7 @@ static void attend(void *data, size_t item) {
     attend_columns(call, row, head, first, last);
     return;
   }
-  float *weights = malloc(MAX_GROUP * stride * sizeof(float)), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512];
+  float *weights = scores_scratch(call), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512];
   if (!weights) {
     fail_once(&call->error, "moecc.Attention: out of memory");
     return;
@@ -1150,7 +1154,6 @@ static void attend(void *data, size_t item) {
       memcpy(head_output(call, row, token, head * group), merged + (token - start) * group * dim,
              group * dim * sizeof(float));
   }
-  free(weights);
 }
 
 /* A step's tokens (a decode step's one, a verify's k + 1: calls of up to STEP_TOKENS new tokens a row) each get
@@ -1216,7 +1219,7 @@ static void attend_block(void *data, size_t item) {
   if (first >= last || from >= end) return; /* padding, or a part past the block's tokens */
   int64_t to = parts > 1 && from + part_length(call) < end ? from + part_length(call) : end;
   int64_t rows = (last - first) * group, length = to - from, stride = length, cache = ((row * call->kv_heads + head) * call->capacity + from) * dim;
-  float *weights = malloc(rows * length * sizeof(float)), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512], tops[STEP_ROWS], totals[STEP_ROWS];
+  float *weights = scores_scratch(call), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512], tops[STEP_ROWS], totals[STEP_ROWS];
   float inverse[STEP_ROWS] = {0}; /* each row's is set below; GCC cannot tell that every row read is one of them */
   if (!weights) {
     fail_once(&call->error, "moecc.Attention: out of memory");
@@ -1235,7 +1238,6 @@ static void attend_block(void *data, size_t item) {
     memset(weights + r * stride + keys, 0, (length - keys) * sizeof(float));
   }
   weigh_rows(call, head, cache, length, weights, rows, stride, inverse, merged);
-  free(weights);
   for (int64_t token = first; token < last; ++token) {
     int64_t own = past + token + 1, g0 = (token - first) * group;
     if (own <= from) continue; /* the part lies past this token */
@@ -1285,13 +1287,14 @@ static OrtStatus *attend_step(OrtKernelContext *context, AttentionCall *call) {
   }
   int64_t blocks = (call->new_width + step_span(call) - 1) / step_span(call);
   if (call->parts > 1) {
-    call->parts_results = malloc((size_t)(call->batch * call->new_width * call->kv_heads * call->parts * call->group * (call->dim + 2)) * sizeof(float));
+    /* room for the most parts a token of this cache can have, so that the buffer does not grow with the context */
+    int64_t parts = token_parts(call, call->capacity);
+    call->parts_results = thread_scratch(SCRATCH_PARTS, (size_t)(call->batch * call->new_width * call->kv_heads * parts * call->group * (call->dim + 2)) * sizeof(float));
     if (!call->parts_results) return fail("moecc.Attention: out of memory");
   }
   size_t items = (size_t)(call->batch * call->kv_heads * call->parts * blocks);
   OrtStatus *status = for_each_item(context, attend_block, items, call);
   if (!status && !call->error && call->parts > 1) merge_parts(call);
-  free(call->parts_results);
   return status ? status : call->error;
 }
 

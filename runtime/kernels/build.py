@@ -95,7 +95,7 @@ def _compile(march: str) -> Path:
         # Compiled with fast-math but linked without it: linking with it would add a constructor that sets the
         # CPU to flush subnormal floats to zero, for the whole process that loads the library.
         steps = [[*compiler, *flags, "-I", str(HEADERS), "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
-        steps.append([*compiler, "-shared", *objects, "-o", str(Path(building) / target.name), "-lm"])
+        steps.append([*compiler, "-shared", *objects, "-o", str(Path(building) / target.name), "-lm", "-ldl", "-lpthread"])
         for step in steps:
             result = subprocess.run(step, capture_output=True, text=True, timeout=300)
             if result.returncode:

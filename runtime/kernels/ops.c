@@ -1,6 +1,9 @@
 /* The custom-op library's entry point and the helpers its kernels share. */
+#define _GNU_SOURCE /* dladdr, RTLD_NODELETE */
 #include "ops.h"
 
+#include <dlfcn.h>
+#include <pthread.h>
 #include <stdlib.h>
 
 const OrtApi *ort;
@@ -11,6 +14,48 @@ OrtStatus *for_each_item(OrtKernelContext *context, void (*fn)(void *, size_t), 
   if (context) return ort->KernelContext_ParallelFor(context, fn, items, 0, data);
   for (size_t item = 0; item < items; ++item) fn(data, item);
   return NULL;
+}
+
+typedef struct {
+  void *data[SCRATCH_USES];
+  size_t size[SCRATCH_USES];
+} Scratch;
+
+static pthread_key_t scratch_key;
+static int scratch_key_made;
+
+static void free_scratch(void *memory) {
+  Scratch *scratch = memory;
+  for (int use = 0; use < SCRATCH_USES; ++use) free(scratch->data[use]);
+  free(scratch);
+}
+
+static void make_scratch_key(void) {
+  /* A thread's exit calls free_scratch: the library stays loaded (RTLD_NODELETE) when ONNX Runtime lets go of it
+     with the session options that registered it, so that later exits do not call into unmapped code. */
+  Dl_info self;
+  if (dladdr((void *)make_scratch_key, &self) && self.dli_fname) dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+  scratch_key_made = pthread_key_create(&scratch_key, free_scratch) == 0;
+}
+
+void *thread_scratch(int use, size_t bytes) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, make_scratch_key);
+  if (!scratch_key_made) return NULL;
+  Scratch *scratch = pthread_getspecific(scratch_key);
+  if (!scratch) {
+    scratch = calloc(1, sizeof *scratch);
+    if (!scratch || pthread_setspecific(scratch_key, scratch)) {
+      free(scratch);
+      return NULL;
+    }
+  }
+  if (scratch->size[use] < bytes) {
+    free(scratch->data[use]);
+    scratch->data[use] = malloc(bytes);
+    scratch->size[use] = scratch->data[use] ? bytes : 0;
+  }
+  return scratch->data[use];
 }
 
 void fail_once(OrtStatus **error, const char *message) {

@@ -47,6 +47,12 @@ int shaped(const Tensor *tensor, size_t rank, int64_t first, int64_t second, int
 OrtStatus *for_each_item(OrtKernelContext *context, void (*fn)(void *, size_t), size_t items, void *data);
 /* Records the first error of a parallel phase; later ones are released. */
 void fail_once(OrtStatus **error, const char *message);
+/* At least `bytes` of memory that the calling thread keeps for `use` from call to call, grown when a call asks for
+   more and freed when the thread exits; NULL if memory runs out. Buffers whose size follows the context (the
+   attention's scores) come from here, asked for at the most a call on the cache can need, so that decoding
+   allocates nothing that grows with the context. */
+enum { SCRATCH_SCORES, SCRATCH_PARTS, SCRATCH_USES };
+void *thread_scratch(int use, size_t bytes);
 
 /* The callbacks every op of the library gives ONNX Runtime alike: a kernel state freed with free(), the CPU
    provider, inputs in CPU memory, every input and output required (where an op has optional ones, its own). */
