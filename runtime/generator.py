@@ -39,18 +39,27 @@ class Stream:
         self.token_ids: list[int] = []
 
     def __iter__(self) -> Iterator[str]:
-        emitted = ""
+        # Each step decodes a window, the tokens since the last piece (from `read`) after those of the piece before
+        # (from `start`), and yields what it adds to the earlier ones' text: a step's work stays the size of a
+        # step, where decoding the whole output again grew with it. Starting the window at a token already shown
+        # keeps what a tokenizer does to a text's first token (dropping a leading space) out of the pieces.
+        start = read = 0
         for new in self._steps:
             self.token_ids.extend(new)
-            text = self._tokenizer.decode(self.token_ids)
             # A byte-level token can end inside a UTF-8 character: hold it back until the character is whole.
-            if text.endswith("\ufffd"):
-                continue
-            yield text[len(emitted) :]
-            emitted = text
-        text = self._tokenizer.decode(self.token_ids)
-        if text != emitted:
-            yield text[len(emitted) :]
+            if piece := self._piece(start, read, hold_partial=True):
+                yield piece
+                start, read = read, len(self.token_ids)
+        if piece := self._piece(start, read, hold_partial=False):
+            yield piece
+
+    def _piece(self, start: int, read: int, hold_partial: bool) -> str:
+        """The text that token_ids[read:] add after token_ids[start:read]; "" where there is none yet."""
+        shown = self._tokenizer.decode(self.token_ids[start:read])
+        text = self._tokenizer.decode(self.token_ids[start:])
+        if len(text) <= len(shown) or (hold_partial and text.endswith("\ufffd")):
+            return ""
+        return text[len(shown) :]
 
 
 SEEDED_DRAFT_LENGTH = 4  # what "auto" means for seeded sampling, which must repeat itself

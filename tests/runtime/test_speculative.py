@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import runtime
 from compiler import corpus
 from compiler.pipeline import build
 from compiler.recipe import load_recipe
+from runtime.generator import Stream
 from runtime.sampling import SamplingParams
 from runtime.decoder import BatchKvCache, TokenLedger
 from runtime.speculative import (
@@ -236,6 +238,52 @@ def test_stream_matches_generate_and_reports_stats(tiny_artifact):
     assert stream.token_ids == whole.token_ids
     assert whole.stats.new_tokens == len(whole.token_ids) <= 20
     assert whole.stats.tokens_per_second > 0 and whole.stats.verify_calls >= 1
+
+
+def _metaspace_tokenizer() -> Tokenizer:
+    """A SentencePiece-style tokenizer (Llama's and Mixtral's kind): spaces as "▁", and a text's first one dropped
+    in decoding."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(["def parse(text): return text.split()  # naïve café"] * 20, trainers.BpeTrainer(vocab_size=120, show_progress=False))
+    return tokenizer
+
+
+STREAMED_TEXT = "naïve café — 日本語 🙂 def f(x):\n    return x ** 2  # ✓\n"
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_stream_pieces_add_up_to_the_text_however_steps_cut_it(tiny_artifact, kind):
+    """Steps of 1 to 5 tokens that cut multi-byte characters (a byte-level tokenizer splits them into byte tokens)
+    and words: the pieces join into the whole output's text, and none holds half a character."""
+    tokenizer = runtime.load(tiny_artifact).tokenizer if kind == "byte-level" else _metaspace_tokenizer()
+    ids = tokenizer.encode(STREAMED_TEXT * 3).ids
+    whole = tokenizer.decode(ids)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        cuts = np.cumsum(rng.integers(1, 6, size=len(ids)))
+        steps = [ids[start:end] for start, end in zip([0, *cuts], cuts) if start < len(ids)]
+        pieces = list(Stream(tokenizer, iter(steps), GenerationStats()))
+        assert "".join(pieces) == whole
+        assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_a_stream_decodes_a_window_per_step_not_the_whole_output(tiny_artifact):
+    """2,000 tokens in steps of 4: each step decodes its own tokens and the previous piece's, however long the
+    output (decoding the whole output at every step made each step cost more as the output grew)."""
+    tokenizer = runtime.load(tiny_artifact).tokenizer
+    decoded: list[int] = []
+
+    class Counting:
+        def decode(self, ids: list[int]) -> str:
+            decoded.append(len(ids))
+            return tokenizer.decode(ids)
+
+    ids = (tokenizer.encode(STREAMED_TEXT).ids * 200)[:2000]
+    text = "".join(Stream(Counting(), iter(ids[i : i + 4] for i in range(0, len(ids), 4)), GenerationStats()))
+    assert text == tokenizer.decode(ids)
+    assert max(decoded) <= 32, max(decoded)  # a few steps' tokens: more only while steps keep ending inside a character
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_artifact):
