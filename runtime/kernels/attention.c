@@ -82,6 +82,15 @@ static void rotate(const float *x, const float *norm, float epsilon, const float
 
 static int64_t past_length(const AttentionCall *call, int64_t row) { return (int64_t)call->seqlens_k[row] + 1 - call->query_seqlens[row]; }
 
+/* The first of a row's new tokens whose output the call needs (AttentionCall's needed): blocks of tokens before it
+   are skipped whole, so that every block computed gets the numbers it gets in a call needing them all. */
+static int64_t first_needed(const AttentionCall *call, int64_t row) {
+  if (!call->needed) return 0;
+  int64_t first = call->new_width;
+  for (int64_t n = 0; n < call->needed_count; ++n) first = call->needed[row * call->needed_count + n] < first ? call->needed[row * call->needed_count + n] : first;
+  return first;
+}
+
 static void store(const AttentionCall *call, void *cache, const float *scale, int64_t row, int64_t head, int64_t position, const float *x) {
   int64_t offset = ((row * call->kv_heads + head) * call->capacity + position) * call->dim;
   if (!call->quantized) {
@@ -1126,7 +1135,7 @@ static void attend(void *data, size_t item) {
   int64_t first = (int64_t)item % blocks * QUERY_BLOCK, group = call->group, dim = call->dim;
   int64_t count = call->query_seqlens[row], past = past_length(call, row);
   int64_t last = first + QUERY_BLOCK < count ? first + QUERY_BLOCK : count;
-  if (first >= last) return;
+  if (first >= last || last <= first_needed(call, row)) return;
   int64_t stride = past + last, span = call->span;
   if (call->column_span && (last - first) * group >= COLUMN_MIN_ROWS) {
     attend_columns(call, row, head, first, last);
@@ -1216,7 +1225,7 @@ static void attend_block(void *data, size_t item) {
   int64_t row = (int64_t)item / (blocks * parts * call->kv_heads), group = call->group, dim = call->dim, past = past_length(call, row);
   int64_t first = block * span, last = first + span < call->query_seqlens[row] ? first + span : call->query_seqlens[row];
   int64_t from = parts > 1 ? part * part_length(call) : 0, end = past + last; /* the block's keys end at its last token's */
-  if (first >= last || from >= end) return; /* padding, or a part past the block's tokens */
+  if (first >= last || from >= end || last <= first_needed(call, row)) return; /* padding, a part past the block's tokens, or tokens not needed */
   int64_t to = parts > 1 && from + part_length(call) < end ? from + part_length(call) : end;
   int64_t rows = (last - first) * group, length = to - from, stride = length, cache = ((row * call->kv_heads + head) * call->capacity + from) * dim;
   float *weights = scores_scratch(call), queries[MAX_GROUP * 512], merged[MAX_GROUP * 512], tops[STEP_ROWS], totals[STEP_ROWS];
@@ -1256,7 +1265,7 @@ static void attend_block(void *data, size_t item) {
 static void merge_parts(AttentionCall *call) {
   int64_t group = call->group, dim = call->dim;
   for (int64_t row = 0; row < call->batch; ++row)
-    for (int64_t token = 0; token < call->query_seqlens[row]; ++token) {
+    for (int64_t token = first_needed(call, row); token < call->query_seqlens[row]; ++token) {
       int64_t parts = token_parts(call, past_length(call, row) + token + 1);
       if (parts == 1) continue;
       for (int64_t head = 0; head < call->kv_heads; ++head)

@@ -80,6 +80,10 @@ typedef struct {
   float *output;
   void *cache_key, *cache_value; /* float or int8 */
   int quantized;
+  /* Where set, the only new tokens whose outputs the call needs: row r's needed[r * needed_count ...]; every token
+     is still cached, and a block of tokens wholly before a row's first needed one gets no attention. */
+  const int64_t *needed;
+  int64_t needed_count;
   OrtStatus *error;
 } AttentionCall;
 

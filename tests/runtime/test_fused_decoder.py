@@ -141,19 +141,25 @@ def test_a_call_of_up_to_33_tokens_scores_each_as_its_decode_step(request, model
 
 @pytest.mark.parametrize("model", ["dense Llama", "dense Qwen3", "Qwen3-MoE", "Qwen2-MoE", "Qwen3-MoE, int8 cache"])
 def test_a_call_returning_some_positions_gives_the_logits_and_cache_of_one_returning_all(request, model):
-    """Past its attention, the last layer runs only the rows whose logits the call returns: their logits keep their
-    bits, rows asking for fewer than others (their last position repeated) included, and every token's keys and
-    values are cached as by a call returning them all; on the session's threads and, for a small model's short
-    call, on the calling one."""
+    """The last layer runs only the rows whose logits the call returns through its attention (their blocks of
+    tokens) and what follows: their logits keep their bits, rows asking for fewer than others (their last position
+    repeated) included, and every token's keys and values are cached as by a call returning them all; a prompt's
+    blocks on the session's threads, a small model's short call on the calling one, and a step after a cache long
+    enough to be read in parts."""
     fixture, role, _ = ONE_NODE_MODELS[model]
     decoder = getattr(runtime.load(request.getfixturevalue(fixture), target="cpu", threads=2), role)
     rng = np.random.default_rng(12)
-    for lengths, last in (([37, 20, 29], [5, 1, 12]), ([9], [2])):
+    long_cache = min(600, decoder.entry.max_sequence_length - 40)  # in parts where the model's key/value heads read 600 rows in parts
+    for cached, lengths, last in ((0, [37, 20, 29], [5, 1, 12]), (0, [9], [2]), (long_cache, [20], [1])):
+        every, some = (decoder.bind(len(lengths), decoder.entry.max_sequence_length) for _ in range(2))
+        if cached:
+            prefix = [rng.integers(1, decoder.entry.vocab_size, size=cached).tolist() for _ in lengths]
+            for binding in (every, some):
+                binding.run(prefix, [0] * len(lengths), [1] * len(lengths))
         prompts = [rng.integers(1, decoder.entry.vocab_size, size=n).tolist() for n in lengths]
-        every, some = (decoder.bind(len(prompts), 64) for _ in range(2))
-        returned, everything = some.run(prompts, [0] * len(prompts), last), every.run(prompts, [0] * len(prompts), lengths)
+        returned, everything = some.run(prompts, [cached] * len(prompts), last), every.run(prompts, [cached] * len(prompts), lengths)
         for row, (length, wanted) in enumerate(zip(lengths, last)):
-            assert np.array_equal(returned[row, :wanted], everything[row, length - wanted : length]), f"row {row} of {lengths}"
+            assert np.array_equal(returned[row, :wanted], everything[row, length - wanted : length]), f"row {row} of {lengths} after {cached}"
         for layer_cache, reference in zip(some.state.kv.values(), every.state.kv.values()):
             assert np.array_equal(layer_cache.numpy(), reference.numpy())
 
