@@ -86,8 +86,9 @@ static int64_t past_length(const AttentionCall *call, int64_t row) { return (int
    are skipped whole, so that every block computed gets the numbers it gets in a call needing them all. */
 static int64_t first_needed(const AttentionCall *call, int64_t row) {
   if (!call->needed) return 0;
+  const int64_t *needed = call->needed + row * call->needed_count;
   int64_t first = call->new_width;
-  for (int64_t n = 0; n < call->needed_count; ++n) first = call->needed[row * call->needed_count + n] < first ? call->needed[row * call->needed_count + n] : first;
+  for (int64_t n = 0; n < call->needed_count; ++n) first = needed[n] < first ? needed[n] : first;
   return first;
 }
 

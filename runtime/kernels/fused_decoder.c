@@ -297,6 +297,7 @@ static OrtStatus *forward(OrtKernelContext *context, const Model *model, const i
                         .query = wide, .key = wide + heads * dim, .value = wide + (heads + model->kv_heads) * dim};
   call.quantized = kernel->int8_cache;
   CHECK(check_call(&call, model->rotary_positions));
+  int gathered = batch * kept < tokens; /* the last layer takes the returned rows only, moved to the front */
   for (size_t l = 0; l < model->layer_count; ++l) {
     const Layer *layer = &model->layers[l];
     call.query_norm = layer->query_norm.value ? layer->query_norm.data : NULL;
@@ -308,7 +309,7 @@ static OrtStatus *forward(OrtKernelContext *context, const Model *model, const i
     if (kernel->qkv_bias)
       for (int64_t t = 0; t < tokens; ++t) add(wide + t * model->packed, layer->qkv_bias.data, model->packed);
     int64_t rows = tokens; /* that go on through the layer */
-    if (l + 1 == model->layer_count && batch * kept < tokens) call.needed = positions, call.needed_count = kept, rows = batch * kept;
+    if (l + 1 == model->layer_count && gathered) call.needed = positions, call.needed_count = kept, rows = batch * kept;
     CHECK(attention_run(context, &call));
     if (rows < tokens) {
       keep_returned(x, hidden, batch, width, positions, kept, h);
@@ -329,10 +330,9 @@ static OrtStatus *forward(OrtKernelContext *context, const Model *model, const i
     if (kernel->experts) mix_shared(model, rows);
     add(x, kernel->experts ? model->routed : model->update, rows * hidden);
   }
-  int returned_in_place = batch * kept == tokens; /* a call returning every row's every token keeps them where they are */
   for (int64_t row = 0; row < batch; ++row)
     for (int64_t n = 0; n < kept; ++n) {
-      int64_t at = returned_in_place ? row * width + positions[row * kept + n] : row * kept + n;
+      int64_t at = gathered ? row * kept + n : row * width + positions[row * kept + n];
       rms_norm(x + at * hidden, model->final_norm, 1, hidden, kernel->epsilon, model->last + (row * kept + n) * hidden);
     }
   return matmul_run(context, model->last, batch * kept, hidden, model->head, model->head_scales, model->vocab, logits);
